@@ -1,0 +1,248 @@
+"""The lake's contract: every table, its pyarrow schema, partition keys and meaning.
+
+Each table is declared once here. The writer validates every batch against
+these schemas, the catalog builds one DuckDB view per table from them, and
+``tests/test_schema.py`` pins the full list so that a change to the contract is
+a visible diff.
+
+Conventions (see DESIGN.md): ``weight = A[query, key]``; layers and heads are
+0-based; in ``attention`` ``layer`` is the block index, in ``hidden_states``
+``layer`` 0 is the embedding output and ``l + 1`` the output of block ``l``;
+``patch_row`` 0 is the top row, ``patch_col`` 0 the left column; boxes are
+pixels of the original image, x to the right, y down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Table:
+    """One lake table.
+
+    Parameters
+    ----------
+    name : folder name under the lake root and DuckDB view name.
+    schema : columns stored in the Parquet files (partition keys excluded).
+    partition : hive partition keys, outermost first; they come back as
+        columns through the views.
+    doc : what a row means.
+    """
+
+    name: str
+    schema: pa.Schema
+    partition: tuple[str, ...]
+    doc: str
+
+    @property
+    def partition_types(self) -> dict[str, pa.DataType]:
+        return {k: PARTITION_TYPES[k] for k in self.partition}
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column a view of this table shows, partition keys first."""
+        return list(self.partition) + [f.name for f in self.schema]
+
+
+PARTITION_TYPES: dict[str, pa.DataType] = {
+    "run": pa.string(),
+    "stream": pa.string(),
+    "layer": pa.int32(),
+}
+
+RUNS = Table(
+    "runs",
+    pa.schema(
+        [
+            ("run", pa.string()),
+            ("model", pa.string()),
+            ("model_family", pa.string()),
+            ("revision", pa.string()),
+            ("dtype", pa.string()),
+            ("attn_implementation", pa.string()),
+            ("streams", pa.string()),  # JSON {stream: {layers, heads, hidden_size}}
+            ("manifest", pa.string()),
+            ("n_examples", pa.int64()),
+            ("capture", pa.string()),  # JSON of the CaptureConfig
+            ("status", pa.string()),  # running / complete
+            ("created_at", pa.timestamp("us", tz="UTC")),
+            ("software_version", pa.string()),
+        ]
+    ),
+    (),
+    "One row per run: one model over one manifest with one capture configuration.",
+)
+
+EXAMPLES = Table(
+    "examples",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("source_id", pa.string()),
+            ("split", pa.string()),
+            ("text", pa.string()),
+            ("answer", pa.string()),
+            ("prediction", pa.string()),
+            ("correct", pa.bool_()),
+            ("image_id", pa.string()),
+            ("image_width", pa.int32()),
+            ("image_height", pa.int32()),
+            ("grid_h", pa.int32()),
+            ("grid_w", pa.int32()),
+            ("n_tokens", pa.int32()),
+            ("boxes", pa.string()),  # JSON, as in the manifest
+            ("meta", pa.string()),  # JSON
+        ]
+    ),
+    ("run",),
+    "One row per example that was extracted; example_id is its 0-based row in the manifest.",
+)
+
+TOKENS = Table(
+    "tokens",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("token_idx", pa.int32()),
+            ("stream", pa.string()),
+            ("modality", pa.string()),  # text / image
+            ("role", pa.string()),  # cls, sep, pad, bos, word, patch, image_cls, generated
+            ("token", pa.string()),  # word piece; null for patches
+            ("seq_pos", pa.int32()),
+            ("text_pos", pa.int32()),
+            ("patch_row", pa.int32()),
+            ("patch_col", pa.int32()),
+            ("x0", pa.float32()),
+            ("y0", pa.float32()),
+            ("x1", pa.float32()),
+            ("y1", pa.float32()),
+        ]
+    ),
+    ("run",),
+    "The token table: every token of every stream of an example in one index space.",
+)
+
+ATTENTION = Table(
+    "attention",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("head", pa.int16()),
+            ("query_idx", pa.int32()),
+            ("key_idx", pa.int32()),
+            ("weight", pa.float16()),
+        ]
+    ),
+    ("run", "stream", "layer"),
+    "weight = A[query, key] of one head; query_idx and key_idx index the token table. "
+    "Possibly pruned: see the run's capture config and the kept_mass statistic.",
+)
+
+HEAD_STATS = Table(
+    "head_stats",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("stream", pa.string()),
+            ("layer", pa.int32()),
+            ("head", pa.int16()),
+            ("stat", pa.string()),
+            ("value", pa.float32()),  # null where the statistic has no rows to average
+        ]
+    ),
+    ("run",),
+    "Per-example head statistics, computed on the full attention before pruning.",
+)
+
+HIDDEN_STATES = Table(
+    "hidden_states",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("token_idx", pa.int32()),
+            ("norm", pa.float32()),  # L2 norm of the float32 vector
+            ("vec", pa.list_(pa.float16())),
+        ]
+    ),
+    ("run", "stream", "layer"),
+    "Hidden state of each token; layer 0 is the embedding output, l + 1 the output of block l.",
+)
+
+EMBEDDINGS = Table(
+    "embeddings",
+    pa.schema(
+        [
+            ("stream", pa.string()),
+            ("layer", pa.int32()),
+            ("example_id", pa.int64()),
+            ("token_idx", pa.int32()),
+            ("method", pa.string()),
+            ("x", pa.float32()),
+            ("y", pa.float32()),
+        ]
+    ),
+    ("run",),
+    "2-D maps (openTSNE) of hidden states, one per stream and layer, aligned across layers.",
+)
+
+IMAGES = Table(
+    "images",
+    pa.schema(
+        [
+            ("image_id", pa.string()),  # sha256 of the file
+            ("png", pa.binary()),  # longest side <= 512
+            ("width", pa.int32()),  # of the original image
+            ("height", pa.int32()),
+        ]
+    ),
+    (),
+    "Images by content hash, shared across runs, stored as PNG thumbnails.",
+)
+
+ERRORS = Table(
+    "errors",
+    pa.schema(
+        [
+            ("source_id", pa.string()),
+            ("stage", pa.string()),
+            ("message", pa.string()),
+        ]
+    ),
+    ("run",),
+    "Rows that were skipped (or altered, e.g. truncated) and why.",
+)
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (RUNS, EXAMPLES, TOKENS, ATTENTION, HEAD_STATS, HIDDEN_STATES, EMBEDDINGS, IMAGES, ERRORS)
+}
+
+# Head statistics (DESIGN.md). The formulas live in pipeline/stats.py.
+STATS: tuple[str, ...] = (
+    "t2i",
+    "t2t",
+    "i2t",
+    "i2i",
+    "i2i_noself",
+    "entropy",
+    "sink",
+    "max",
+    "img_entropy",
+    "grounding",
+    "kept_mass",
+)
+
+STREAMS = ("self", "vision", "text", "cross", "lm")
+ROLES_SPECIAL = ("cls", "sep", "bos", "eos", "image_cls")
+
+
+def table(name: str) -> Table:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise KeyError(f"unknown lake table {name!r}; the tables are {', '.join(TABLES)}") from None

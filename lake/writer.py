@@ -1,0 +1,192 @@
+"""Atomic, resumable writes of lake partitions.
+
+A run is written in *chunks*: a chunk holds the examples whose manifest
+positions fall in ``[chunk * chunk_size, (chunk + 1) * chunk_size)``. Every
+table's rows of a chunk go into files named ``part-<chunk>.parquet`` inside
+their partition folders, each written aside (``.part-<chunk>.parquet.tmp``) and
+renamed into place, so a reader never sees half a file. When all files of a
+chunk are in place, a marker ``_state/<run>/chunk-<chunk>.done`` is written.
+
+Resuming a run (the same command again) first deletes every file of a chunk
+that has no marker, then skips the chunks that have one; since file names are
+fixed by chunk and partition, redoing a chunk can never duplicate rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lake.schema import IMAGES, RUNS, TABLES, Table
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+STATE_DIR = "_state"
+
+
+def check_run_name(run: str) -> str:
+    if not RUN_NAME.match(run or ""):
+        raise ValueError(
+            f"run name {run!r} is not allowed: use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit (at most 100 characters)"
+        )
+    return run
+
+
+def partition_dir(root: Path, table: Table, values: Mapping[str, object]) -> Path:
+    """Folder of one partition: ``root/table/run=R/stream=S/layer=L``."""
+    d = Path(root) / table.name
+    for key in table.partition:
+        if key not in values:
+            raise KeyError(f"partition key {key!r} missing for table {table.name}")
+        d = d / f"{key}={values[key]}"
+    return d
+
+
+def conform(table: Table, data: pa.Table) -> pa.Table:
+    """Check ``data`` has exactly the table's columns and cast to its types."""
+    want = [f.name for f in table.schema]
+    have = data.column_names
+    if sorted(have) != sorted(want):
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        raise ValueError(f"table {table.name}: missing columns {missing}, unexpected columns {extra}")
+    return data.select(want).cast(table.schema)
+
+
+def write_parquet_atomic(path: Path, data: pa.Table, metadata: Mapping[str, str] | None = None,
+                         row_group_size: int = 256 * 1024) -> None:
+    """Write ``data`` to ``path`` so that the file appears whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    if metadata:
+        meta = dict(data.schema.metadata or {})
+        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+        data = data.replace_schema_metadata(meta)
+    pq.write_table(data, tmp, compression="zstd", row_group_size=row_group_size,
+                   write_statistics=True)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class LakeWriter:
+    """Writes one run's chunks into a lake root.
+
+    Parameters
+    ----------
+    root : the lake's root folder.
+    run : the run's name (also its partition value).
+    metadata : key/value pairs recorded in every Parquet file's metadata
+        (the run's model and capture configuration).
+    """
+
+    def __init__(self, root: str | Path, run: str, metadata: Mapping[str, str] | None = None):
+        self.root = Path(root)
+        self.run = check_run_name(run)
+        self.metadata = {"vlatlas.run": run, **(metadata or {})}
+        self.state = self.root / STATE_DIR / run
+        self.state.mkdir(parents=True, exist_ok=True)
+
+    # -- chunks -----------------------------------------------------------------
+    def _marker(self, chunk: int) -> Path:
+        return self.state / f"chunk-{chunk:06d}.done"
+
+    def done_chunks(self) -> set[int]:
+        return {int(p.stem.split("-")[1].split(".")[0]) for p in self.state.glob("chunk-*.done")}
+
+    def _own_image_file(self, path: Path) -> bool:
+        return re.match(rf"^\.?part-{re.escape(self.run)}-\d{{6}}\.parquet(\.tmp)?$", path.name) is not None
+
+    def _run_files(self) -> Iterable[Path]:
+        """Every data file (and leftover temp file) this run owns in partitioned tables.
+
+        Image files are content-addressed and may be referenced by other runs
+        (which skip images already in the lake), so they are never deleted;
+        redoing a chunk rewrites its image file under the same name.
+        """
+        for t in TABLES.values():
+            if t.partition:
+                base = self.root / t.name / f"run={self.run}"
+                if base.exists():
+                    yield from (p for p in base.rglob("*") if p.is_file())
+
+    @staticmethod
+    def _chunk_of(path: Path) -> int | None:
+        m = re.search(r"part-(?:.*-)?(\d{6})\.parquet(?:\.tmp)?$", path.name)
+        return int(m.group(1)) if m else None
+
+    def purge_incomplete(self) -> int:
+        """Delete the files of every chunk without a done marker; return how many."""
+        done = self.done_chunks()
+        n = 0
+        for p in list(self._run_files()):
+            c = self._chunk_of(p)
+            if p.name.endswith(".tmp") or c is None or c not in done:
+                p.unlink()
+                n += 1
+        return n
+
+    def known_image_ids(self) -> set[str]:
+        """Image ids other runs have already stored."""
+        base = self.root / IMAGES.name
+        ids: set[str] = set()
+        for p in base.glob("*.parquet") if base.exists() else []:
+            if self._own_image_file(p):
+                continue  # this run rewrites its own image files in full
+            ids.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+        return ids
+
+    def write_chunk(self, chunk: int, parts: Mapping[str, Iterable[tuple[Mapping[str, object], pa.Table]]]) -> None:
+        """Write every table's rows of one chunk, then mark the chunk done.
+
+        Parameters
+        ----------
+        chunk : the chunk number.
+        parts : ``{table name: [(partition values without run, rows), ...]}``;
+            rows must carry exactly the table's columns.
+        """
+        for name, items in parts.items():
+            t = TABLES[name]
+            for values, data in items:
+                data = conform(t, data)
+                if t.partition:
+                    d = partition_dir(self.root, t, {"run": self.run, **values})
+                    path = d / f"part-{chunk:06d}.parquet"
+                else:
+                    path = self.root / t.name / f"part-{self.run}-{chunk:06d}.parquet"
+                write_parquet_atomic(path, data, self.metadata)
+        tmp = self._marker(chunk).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"chunk": chunk}))
+        os.replace(tmp, self._marker(chunk))
+
+    # -- the runs table -----------------------------------------------------------
+    def write_run_row(self, row: Mapping[str, object]) -> None:
+        data = pa.Table.from_pylist([dict(row)], schema=RUNS.schema)
+        write_parquet_atomic(self.root / RUNS.name / f"{self.run}.parquet", data, self.metadata)
+
+    def read_run_row(self) -> dict | None:
+        return read_run_row(self.root, self.run)
+
+    def delete_run(self) -> None:
+        """Remove every file of this run (used by ``--overwrite``)."""
+        for t in TABLES.values():
+            if t.partition:
+                shutil.rmtree(self.root / t.name / f"run={self.run}", ignore_errors=True)
+        (self.root / RUNS.name / f"{self.run}.parquet").unlink(missing_ok=True)
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+
+
+def read_run_row(root: str | Path, run: str) -> dict | None:
+    p = Path(root) / RUNS.name / f"{run}.parquet"
+    if not p.exists():
+        return None
+    rows = pq.read_table(p).to_pylist()
+    return rows[0] if rows else None
