@@ -234,6 +234,7 @@ STATS: tuple[str, ...] = (
     "max",
     "img_entropy",
     "grounding",
+    "pointing",
     "kept_mass",
 )
 

@@ -1,0 +1,48 @@
+"""Model adapters, one per family, behind the protocol in ``base.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# config.model_type -> (family, adapter module, class)
+FAMILIES = {
+    "vilt": ("vilt", "pipeline.models.vilt", "ViltAdapter"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def load_adapter(model_id: str, device: str = "cpu", dtype: str = "float32", revision: str | None = None):
+    """Load ``model_id`` (a Hugging Face id or a local folder) with its family's adapter."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but torch sees no CUDA device here; use --device cpu")
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError) as e:
+        where = "local folder" if Path(model_id).exists() else "model id"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load a model config from {where} {model_id!r}: {first}") from None
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ModelLoadError(
+            f"model {model_id!r} is of type {config.model_type!r}, which VL-Atlas has no adapter for; "
+            f"supported: {', '.join(sorted(FAMILIES))}. See the README, 'Adding a model family'."
+        )
+    _, module, cls = family
+    adapter_cls = getattr(importlib.import_module(module), cls)
+    try:
+        return adapter_cls.load(model_id, device=device, dtype=DTYPES[dtype], revision=revision)
+    except NotImplementedError as e:
+        raise ModelLoadError(str(e)) from None

@@ -1,0 +1,143 @@
+"""Head statistics, pure torch, computed on the device from the full attention.
+
+Every statistic is, for one example and one head, a mean over a set of query
+rows of a per-row quantity. ``A[q, k]`` is the weight query ``q`` puts on key
+``k``; each valid row sums to 1 over the valid keys. Text (t) and image (i)
+name the modality of a token; *patches* are the image tokens with role
+``patch`` (an image ``[CLS]`` is an image token but not a patch); *special*
+tokens are those with role ``cls``, ``sep``, ``bos``, ``eos`` or ``image_cls``.
+
+The formulas (quoted by the app's help text, see :data:`STAT_HELP`):
+
+- ``t2i`` / ``t2t``: over text queries, ``sum_{k image} A[q,k]`` / ``sum_{k text} A[q,k]``.
+- ``i2t`` / ``i2i``: over image queries, ``sum_{k text} A[q,k]`` / ``sum_{k image} A[q,k]``.
+- ``i2i_noself``: over image queries, ``sum_{k image, k != q} A[q,k]``.
+- ``entropy``: over all queries, ``-sum_k A[q,k] log A[q,k] / log(n_keys)``.
+- ``sink``: over all queries, ``sum_{k special} A[q,k]``.
+- ``max``: over all queries, ``max_k A[q,k]``.
+- ``img_entropy``: over text queries, with ``p_k = A[q,k] / sum_{j patch} A[q,j]`` over
+  patch keys, ``-sum_k p_k log p_k / log(n_patches)``.
+- ``grounding``: over the text tokens of words that have a ground-truth box,
+  ``sum_{k patch in box} A[q,k] / sum_{k patch} A[q,k]``. A patch is in the box
+  when its centre is; when no patch centre is, the patch holding the box's
+  centre stands for the box.
+- ``pointing``: over the same tokens, 1 when the patch with the largest
+  ``A[q,k]`` is in the box, else 0 (the pointing game).
+- ``kept_mass``: over all queries, the share of the row's mass kept in the
+  ``attention`` table after pruning.
+
+A statistic whose query set is empty (an example without image tokens, a
+text without boxed words) is NaN here and null in the lake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STAT_HELP: dict[str, str] = {
+    "t2i": "mass that text queries put on image keys",
+    "t2t": "mass that text queries put on text keys",
+    "i2t": "mass that image queries put on text keys",
+    "i2i": "mass that image queries put on image keys",
+    "i2i_noself": "mass that image queries put on image keys other than themselves",
+    "entropy": "row entropy divided by log(number of keys)",
+    "sink": "mass on special tokens (cls, sep, bos, eos, image_cls)",
+    "max": "largest weight in the row",
+    "img_entropy": "entropy of a text query's attention renormalised over image patches, "
+    "divided by log(number of patches)",
+    "grounding": "for words with a ground-truth box: mass on patches inside the box, "
+    "renormalised over image patches",
+    "pointing": "for words with a ground-truth box: 1 when the patch with the most attention "
+    "lies inside the box, else 0 (the pointing game)",
+    "kept_mass": "share of the row's mass kept in the attention table",
+}
+
+
+@dataclass
+class TokenMasks:
+    """Boolean masks over the token axis of a batch in token-table order.
+
+    All are ``[batch, token]`` except ``in_box`` (``[batch, query, key]``: patch
+    key ``k`` lies in the box of the word of text query ``q``) and ``boxed``
+    (``[batch, query]``: query ``q`` belongs to a word with a box).
+    """
+
+    valid: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+    patch: torch.Tensor
+    special: torch.Tensor
+    in_box: torch.Tensor | None = None
+    boxed: torch.Tensor | None = None
+
+
+def _row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` [batch, head, query] over the query rows ``rows`` [batch, query]; NaN if none."""
+    w = rows[:, None, :].to(x.dtype)  # [batch, 1, query]
+    n = w.sum(-1)  # [batch, 1]
+    s = (torch.nan_to_num(x) * w).sum(-1)  # [batch, head]
+    return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
+
+
+def _entropy(p: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of rows ``p`` [batch, head, query, key], ``n_keys`` [batch, 1, 1]."""
+    h = -(p * torch.log(p.clamp(min=1e-30))).sum(-1)  # [batch, head, query]
+    denom = torch.log(n_keys.to(p.dtype))
+    return torch.where(n_keys > 1, h / denom.clamp(min=1e-30), torch.full_like(h, float("nan")))
+
+
+def head_stats(attn: torch.Tensor, m: TokenMasks) -> dict[str, torch.Tensor]:
+    """Every head statistic of one layer.
+
+    Parameters
+    ----------
+    attn : ``[batch, head, query, key]`` attention in token-table order, rows of
+        invalid tokens and columns of invalid keys already zero.
+    m : the token masks of the batch.
+
+    Returns
+    -------
+    ``{stat: [batch, head]}`` float32 tensors on ``attn``'s device (NaN where
+    the statistic's query set is empty). ``kept_mass`` is added by the pruning
+    step, which knows what is kept.
+    """
+    a = attn.float()  # [batch, head, query, key]
+    key = lambda mask: mask[:, None, None, :].to(a.dtype)  # noqa: E731  [batch, 1, 1, key]
+    mass_img = (a * key(m.image)).sum(-1)  # [batch, head, query]
+    mass_txt = (a * key(m.text)).sum(-1)
+    diag = torch.diagonal(a, dim1=-2, dim2=-1)  # [batch, head, query]
+    out = {
+        "t2i": _row_mean(mass_img, m.text),
+        "t2t": _row_mean(mass_txt, m.text),
+        "i2t": _row_mean(mass_txt, m.image),
+        "i2i": _row_mean(mass_img, m.image),
+        "i2i_noself": _row_mean(mass_img - diag, m.image),
+        "sink": _row_mean((a * key(m.special)).sum(-1), m.valid),
+        "max": _row_mean(a.amax(-1), m.valid),
+    }
+    n_keys = m.valid.sum(-1)[:, None, None]  # [batch, 1, 1]
+    out["entropy"] = _row_mean(_entropy(a, n_keys), m.valid)
+
+    patch_mass = (a * key(m.patch)).sum(-1, keepdim=True)  # [batch, head, query, 1]
+    p_img = a * key(m.patch) / patch_mass.clamp(min=1e-30)  # renormalised over patches
+    n_patch = m.patch.sum(-1)[:, None, None]
+    has_patch_mass = patch_mass[..., 0] > 0
+    img_ent = torch.where(has_patch_mass, _entropy(p_img, n_patch), torch.full_like(mass_img, float("nan")))
+    out["img_entropy"] = _row_mean(img_ent, m.text & (m.patch.sum(-1, keepdim=True) > 0))
+
+    if m.in_box is not None and m.boxed is not None and bool(m.boxed.any()):
+        box = m.in_box[:, None, :, :].to(a.dtype)  # [batch, 1, query, key]
+        in_box_mass = (p_img * box).sum(-1)  # [batch, head, query]
+        out["grounding"] = _row_mean(in_box_mass, m.boxed)
+        # pointing: is the argmax over patch keys inside the box?
+        scores = a.masked_fill(~m.patch[:, None, None, :], -1.0)
+        top = scores.argmax(-1, keepdim=True)  # [batch, head, query, 1]
+        hit = torch.gather(m.in_box[:, None, :, :].expand(-1, a.shape[1], -1, -1), -1, top)[..., 0]
+        out["pointing"] = _row_mean(hit.to(a.dtype), m.boxed)
+    else:
+        nan = torch.full(a.shape[:2], float("nan"), device=a.device)
+        out["grounding"] = nan
+        out["pointing"] = nan.clone()
+    return out

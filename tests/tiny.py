@@ -1,0 +1,82 @@
+"""Tiny models and manifests for tests: random weights from small configs, nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+WORDS = ["what", "color", "is", "the", "circle", "square", "triangle", "red", "green", "blue",
+         "left", "of", "a", "there", "how", "many", "shape", "?", "yes", "no"]
+ANSWERS = ["red", "green", "blue", "yes", "no", "circle", "square"]
+
+
+def write_vocab(path: Path) -> Path:
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    return path
+
+
+def make_tiny_vilt(out: Path, *, layers: int = 2, heads: int = 2, hidden: int = 32, image_size: int = 64,
+                   patch_size: int = 16, max_text: int = 16, head: str = "vqa", seed: int = 0) -> Path:
+    """Save a random-weight ViLT with its processor (tokenizer + image processor) to ``out``."""
+    import torch
+    from transformers import (BertTokenizer, ViltConfig, ViltForImageAndTextRetrieval,
+                              ViltForQuestionAnswering, ViltImageProcessor, ViltModel, ViltProcessor)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = write_vocab(out / "vocab_src.txt")
+    tok = BertTokenizer(vocab=str(vocab), do_lower_case=True)
+    ip = ViltImageProcessor(size={"shortest_edge": image_size}, size_divisor=patch_size)
+    proc = ViltProcessor(image_processor=ip, tokenizer=tok)
+    cfg = ViltConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+        image_size=image_size, patch_size=patch_size, vocab_size=tok.vocab_size,
+        max_position_embeddings=max_text, num_labels=len(ANSWERS),
+        id2label=dict(enumerate(ANSWERS)), label2id={a: i for i, a in enumerate(ANSWERS)},
+    )
+    cfg.vlatlas_random_weights = True
+    torch.manual_seed(seed)
+    cls = {"vqa": ViltForQuestionAnswering, "retrieval": ViltForImageAndTextRetrieval, "base": ViltModel}[head]
+    model = cls(cfg).eval()
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    vocab.unlink()
+    return out
+
+
+def draw_scene(path: Path, size: tuple[int, int], shapes: list[tuple[str, str, tuple[int, int, int, int]]],
+               mode: str = "RGB") -> None:
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    for kind, color, box in shapes:
+        if kind == "circle":
+            d.ellipse(box, fill=color)
+        elif kind == "square":
+            d.rectangle(box, fill=color)
+        else:
+            x0, y0, x1, y1 = box
+            d.polygon([(x0, y1), ((x0 + x1) / 2, y0), (x1, y1)], fill=color)
+    img.convert(mode).save(path)
+
+
+def make_manifest(out: Path, n: int = 6, *, seed: int = 0, sizes=((64, 64), (96, 64), (64, 80))) -> Path:
+    """JSONL manifest of ``n`` small scenes with a boxed circle and a question about it."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        x0, y0 = int(rng.integers(0, w - 24)), int(rng.integers(0, h - 24))
+        box = (x0, y0, x0 + 20, y0 + 20)
+        color = ["red", "green", "blue"][i % 3]
+        draw_scene(out / "images" / f"{i}.png", (w, h), [("circle", color, box)])
+        rows.append({"id": f"q{i}", "image": f"images/{i}.png", "text": "what color is the circle ?",
+                     "answer": color, "split": "val" if i % 2 else "train",
+                     "boxes": [{"label": "circle", "box": list(box)}], "qtype": "color"})
+    path = out / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
