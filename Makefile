@@ -1,0 +1,48 @@
+# VL-Atlas: `make demo` starts the app on the demo lake, `make test` runs the whole suite.
+# Both create .venv and install what they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
+TORCH  ?= torch==2.13.0
+LAKE   ?= demo_lake
+PORT   ?= 8501
+
+.PHONY: install demo lake test browser bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Builds the demo lake when it is missing (about 1,000 held-out scenes), then serves the app.
+demo: install
+	$(BIN)/vlatlas demo --lake $(LAKE) --port $(PORT)
+
+lake: install
+	$(BIN)/vlatlas demo --lake $(LAKE) --no-app
+
+# The browser test drives Debian's chromium with Playwright (never a downloaded browser).
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install Debian's chromium (/usr/bin/chromium) to run the browser test"; fi; }
+
+test: $(VENV)/.test-installed browser
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/bench_queries.py
+
+clean:
+	rm -rf $(VENV) $(LAKE) .pytest_cache

@@ -1,0 +1,437 @@
+"""DuckDB over the lake: one view per table, and the read-only sandbox for user SQL.
+
+A :class:`Catalog` owns one in-memory DuckDB database holding one VIEW per table
+of ``lake.schema.TABLES``, named as the table, with the partition keys as typed
+columns (run VARCHAR, stream VARCHAR, layer INTEGER) in ``Table.columns`` order.
+A table with no files yet is an empty view of the right types, so a query never
+fails on a fresh lake.
+
+Two ways in:
+
+- :meth:`Catalog.df` runs the trusted, parameterised queries of
+  ``lake/queries.py`` and returns a pandas DataFrame.
+- :meth:`Catalog.user_sql` runs what a person typed (``vlatlas sql``, the SQL
+  page): one read-only SELECT over the views, with a time and a row limit.
+
+The sandbox has two layers. The statement is parsed by DuckDB's own parser and
+refused unless it is exactly one SELECT (which includes ``WITH … SELECT``,
+``FROM …``, ``VALUES``, ``DESCRIBE``, ``SUMMARIZE`` and ``SHOW``). Under that, the
+database itself is locked down for every query, trusted or not: no file outside
+the lake root can be opened, no extension installed or loaded, no spill files
+written, Python objects cannot be scanned, and ``lock_configuration`` stops any
+setting from changing afterwards. The settings layer cannot stop a ``COPY … TO``
+*inside* the lake root (DuckDB's ``allowed_directories`` grants writes as well as
+reads), nor DDL on the in-memory views; the parser layer does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from lake.schema import IMAGES, PARTITION_TYPES, TABLES, Table
+
+# DuckDB threads per catalog; the app and the CLI share the machine with the user.
+THREADS = max(1, min(4, os.cpu_count() or 1))
+# After interrupt(), how long to wait for DuckDB to unwind before giving up on the worker.
+INTERRUPT_GRACE_S = 5.0
+
+ALLOWED = "only read-only SELECT queries over the lake's views are allowed"
+
+
+class LakeError(Exception):
+    """The root is not a lake (missing, or no ``runs/`` folder); the message says what to do."""
+
+
+class SandboxError(Exception):
+    """A user query was refused; the message names what was refused and why."""
+
+
+class QueryError(Exception):
+    """A query failed (syntax, binder, time or memory limit); the message says why."""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    df: pd.DataFrame
+    truncated: bool  # more rows than max_rows existed
+    elapsed_s: float
+
+
+# -- types and views ------------------------------------------------------------------
+
+
+def duckdb_type(t: pa.DataType) -> str:
+    """The DuckDB type a Parquet column written from pyarrow type ``t`` reads back as."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "VARCHAR"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    ints = {8: "TINYINT", 16: "SMALLINT", 32: "INTEGER", 64: "BIGINT"}
+    if pa.types.is_signed_integer(t):
+        return ints[t.bit_width]
+    if pa.types.is_unsigned_integer(t):
+        return "U" + ints[t.bit_width]
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return "FLOAT"  # DuckDB has no half type; Parquet FLOAT16 reads as FLOAT
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP WITH TIME ZONE" if t.tz else "TIMESTAMP"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "BLOB"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return duckdb_type(t.value_type) + "[]"
+    raise TypeError(f"no DuckDB type declared for pyarrow type {t}")
+
+
+def column_types(table: Table) -> dict[str, str]:
+    """``{column: DuckDB type}`` of a table's view, in view order (partition keys first)."""
+    types = {k: duckdb_type(PARTITION_TYPES[k]) for k in table.partition}
+    types.update({f.name: duckdb_type(f.type) for f in table.schema})
+    return types
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_sql(table: Table, root: Path, has_files: bool) -> str:
+    """The SELECT behind one table's view."""
+    types = column_types(table)
+    if not has_files:
+        cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in types.items())
+        return f"SELECT {cols} WHERE false"
+    # Casting to the declared type pins the view's types to the schema (a no-op,
+    # so filters still push down into the Parquet scan).
+    cols = ", ".join(f"CAST({_ident(c)} AS {t}) AS {_ident(c)}" for c, t in types.items())
+    glob = _literal(f"{root}/{table.name}/**/*.parquet")
+    if table.partition:
+        hive = ", ".join(f"{_literal(k)}: {types[k]}" for k in table.partition)
+        src = f"read_parquet({glob}, hive_partitioning = true, hive_types = {{{hive}}})"
+    else:
+        src = f"read_parquet({glob}, hive_partitioning = false, filename = true)"
+    sql = f"SELECT {cols} FROM {src}"
+    if table is IMAGES:
+        # Two runs may store the same image (content-addressed); keep one row per id.
+        sql += " QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY filename) = 1"
+    return sql
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- the catalog ----------------------------------------------------------------------
+
+
+class Catalog:
+    """The lake's tables as DuckDB views, with the sandbox for user SQL.
+
+    Parameters
+    ----------
+    root : the lake's root folder (it must hold a ``runs/`` folder).
+    timeout_s : time limit of every query, trusted or not, in seconds.
+    memory_limit : DuckDB's memory limit, e.g. ``"2GB"``.
+    max_rows : row limit of :meth:`user_sql` results.
+    """
+
+    def __init__(self, root: str | Path, *, timeout_s: float = 10.0, memory_limit: str = "2GB",
+                 max_rows: int = 10_000):
+        self.root = Path(root).expanduser().resolve()
+        if not (self.root / "runs").is_dir():
+            raise LakeError(
+                f"{self.root} is not a VL-Atlas lake: no runs/ folder. "
+                "Build one with `vlatlas extract ...` or `vlatlas demo`"
+            )
+        self.timeout_s = float(timeout_s)
+        self.memory_limit = memory_limit
+        self.max_rows = int(max_rows)
+        self._lock = threading.RLock()
+        self._con = self._connect()
+        self._empty: set[str] = set()
+        self.refresh()
+
+    # -- setup ------------------------------------------------------------------------
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        # Extension autoloading must be off from the start, before any query runs.
+        con = duckdb.connect(":memory:", config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        })
+        # Order matters: allowed_directories and temp_directory can no longer
+        # change once external access is off, and nothing can after the lock.
+        # GLOBAL, because each query runs on a cursor, which starts from the
+        # global values and does not inherit this connection's local ones.
+        for stmt in (
+            "SET temp_directory = ''",  # no spill files (the default .tmp would also be readable)
+            f"SET allowed_directories = [{_literal(str(self.root) + os.sep)}]",
+            "SET enable_external_access = false",
+            "SET GLOBAL python_enable_replacements = false",  # no scans of Python variables by name
+            "SET allow_community_extensions = false",
+            f"SET memory_limit = {_literal(self.memory_limit)}",
+            f"SET threads = {THREADS}",
+            "SET lock_configuration = true",
+        ):
+            con.execute(stmt)
+        return con
+
+    def _has_files(self, table: Table) -> bool:
+        d = self.root / table.name
+        return d.is_dir() and any(p.is_file() for p in d.rglob("*.parquet"))
+
+    def refresh(self) -> None:
+        """Recreate every view (a table may have gained or lost its first files)."""
+        with self._lock:
+            empty = set()
+            for t in TABLES.values():
+                has = self._has_files(t)
+                if not has:
+                    empty.add(t.name)
+                self._con.execute(f"CREATE OR REPLACE VIEW {_ident(t.name)} AS {view_sql(t, self.root, has)}")
+            self._empty = empty
+
+    def _refresh_if_stale(self) -> None:
+        if any(self._has_files(TABLES[name]) for name in self._empty):
+            self.refresh()
+
+    def tables(self) -> list[str]:
+        """The views' names, one per lake table."""
+        return list(TABLES)
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running ----------------------------------------------------------------------
+    def _run(self, sql: str | duckdb.Statement, params, trusted: bool) -> tuple[pd.DataFrame, float]:
+        """Run one statement on a fresh cursor in a worker thread, under the time limit."""
+        self._refresh_if_stale()
+        for attempt in (0, 1):
+            try:
+                return self._run_once(sql, params)
+            except duckdb.IOException as e:
+                # A table lost its last file (a run was deleted): rebuild its view once.
+                if attempt == 0 and "No files found" in str(e):
+                    self.refresh()
+                    continue
+                raise self._explain(e, trusted) from None
+            except duckdb.Error as e:
+                raise self._explain(e, trusted) from None
+        raise AssertionError("unreachable")
+
+    def _run_once(self, sql, params) -> tuple[pd.DataFrame, float]:
+        with self._lock:
+            cur = self._con.cursor()
+        box: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                box["df"] = cur.execute(sql, params).df()
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=work, name="vlatlas-query", daemon=True)
+        t0 = time.perf_counter()
+        worker.start()
+        timed_out = False
+        try:
+            worker.join(self.timeout_s)
+            if worker.is_alive():
+                timed_out = True
+                cur.interrupt()
+                worker.join(INTERRUPT_GRACE_S)
+        except BaseException:  # e.g. Ctrl-C in `vlatlas sql`: stop the query too
+            cur.interrupt()
+            raise
+        finally:
+            if not worker.is_alive():
+                cur.close()
+        elapsed = time.perf_counter() - t0
+        if timed_out and "df" not in box:
+            raise QueryError(
+                f"query stopped after {self.timeout_s:g} s (the time limit). Read less: filter on "
+                "run, stream, layer or example_id, aggregate, or add a LIMIT"
+            )
+        if "error" in box:
+            raise box["error"]  # type: ignore[misc]
+        return box["df"], elapsed  # type: ignore[return-value]
+
+    def _explain(self, e: duckdb.Error, trusted: bool) -> Exception:
+        """A DuckDB error as the sentence a user sees."""
+        said = _first_line(e)
+        if isinstance(e, duckdb.PermissionException) or "configuration has been locked" in said:
+            return SandboxError(
+                f"refused: {said}. The SQL sandbox sees only the lake's views (and Parquet files "
+                f"under {self.root}); reading other files, writing, extensions and settings are off"
+            )
+        if isinstance(e, duckdb.OutOfMemoryException):
+            return QueryError(
+                f"query stopped: it needs more than the memory limit ({self.memory_limit}). Read less: "
+                f"filter on run, stream, layer or example_id, or aggregate. DuckDB said: {said}"
+            )
+        if isinstance(e, duckdb.InterruptException):
+            return QueryError(f"query interrupted: {said}")
+        # Trusted queries are ours: keep DuckDB's whole message (LINE/caret context) for debugging.
+        return QueryError(str(e).strip() if trusted else said)
+
+    def df(self, sql: str, params: list | dict | None = None) -> pd.DataFrame:
+        """Run a trusted query (``lake/queries.py``) over the views; thread-safe.
+
+        Parameters
+        ----------
+        sql : one statement, with ``?`` or ``$name`` placeholders.
+        params : the placeholders' values.
+        """
+        out, _ = self._run(sql, params, trusted=True)
+        return out
+
+    def check_user_sql(self, sql: str) -> str:
+        """The text of the one read-only SELECT in ``sql``; SandboxError or QueryError otherwise."""
+        if not isinstance(sql, str):
+            raise TypeError(f"sql must be a string, not {type(sql).__name__}")
+        try:
+            with self._lock:
+                stmts = self._con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise QueryError(_first_line(e)) from None
+        if not stmts:
+            raise QueryError("empty query: write one SELECT over the lake's views, e.g. SELECT * FROM runs")
+        kinds = [_statement_type(s) for s in stmts]
+        if len(stmts) > 1:
+            raise SandboxError(
+                f"refused: {len(stmts)} statements ({', '.join(kinds)}); "
+                f"send one statement at a time: {ALLOWED}"
+            )
+        stmt, kind = stmts[0], kinds[0]
+        if kind != "SELECT":
+            kw = _keyword(stmt.query)
+            a = "an" if kind[0] in "AEIOU" else "a"
+            what = f"{a} {kind} statement" if kw == kind else f"{kw} ({a} {kind} statement)"
+            raise SandboxError(f"refused {what}: {ALLOWED}")
+        return _strip_tail(stmt.query)
+
+    def user_sql(self, sql: str) -> QueryResult:
+        """Run what a person typed in the sandbox: one read-only SELECT, time and row limits.
+
+        Raises SandboxError when the statement is refused, QueryError when it fails.
+        """
+        body = self.check_user_sql(sql)
+        # The row limit is a LIMIT around the user's query, so DuckDB stops early.
+        limited = f"SELECT * FROM (\n{body}\n) AS user_query LIMIT {self.max_rows + 1}"
+        try:
+            with self._lock:
+                stmts = self._con.extract_statements(limited)
+        except duckdb.Error:
+            stmts = []
+        if len(stmts) != 1 or _statement_type(stmts[0]) != "SELECT":
+            raise QueryError("could not apply the row limit to this query; write it as one plain SELECT")
+        out, elapsed = self._run(stmts[0], None, trusted=False)
+        truncated = len(out) > self.max_rows
+        if truncated:
+            out = out.iloc[: self.max_rows]
+        return QueryResult(df=out, truncated=truncated, elapsed_s=elapsed)
+
+
+def open_catalog(root: str | Path) -> Catalog:
+    """A :class:`Catalog` over the lake at ``root`` with the default limits."""
+    return Catalog(root)
+
+
+def _statement_type(stmt: duckdb.Statement) -> str:
+    """The statement's type name; the Python client cannot name some (UPDATE EXTENSIONS in 2.0)."""
+    try:
+        return stmt.type.name
+    except ValueError:
+        return "UNKNOWN"
+
+
+def _keyword(sql: str) -> str:
+    words = sql.strip().split(None, 1)
+    return words[0].upper().rstrip(";") if words else ""
+
+
+def _strip_tail(sql: str) -> str:
+    """``sql`` without its trailing semicolons and comments (so it can sit in a subquery)."""
+    tokens = duckdb.tokenize(sql)
+    cut = len(sql)
+    for pos, kind in reversed(tokens):
+        if kind == duckdb.token_type.comment or (kind == duckdb.token_type.operator and sql[pos] == ";"):
+            cut = pos
+        else:
+            break
+    return sql[:cut].rstrip()
+
+
+# -- plain-text tables -------------------------------------------------------------------
+
+
+def _cell(v: object, max_width: int) -> str:
+    if v is None or v is pd.NA or v is pd.NaT:
+        s = "NULL"
+    elif isinstance(v, (float, np.floating)):
+        s = "NULL" if math.isnan(v) else f"{v:.6g}"
+    elif isinstance(v, (bytes, bytearray, memoryview)):
+        s = f"<{len(v)} bytes>"
+    elif isinstance(v, (list, tuple, np.ndarray)):
+        items = list(v[: max_width // 2 + 1])
+        s = "[" + ", ".join(_cell(x, max_width) for x in items)
+        s += (", …]" if len(v) > len(items) else "]")
+    elif isinstance(v, dict):
+        s = "{" + ", ".join(f"{k}: {_cell(x, max_width)}" for k, x in v.items()) + "}"
+    else:
+        s = str(v)
+    s = " ".join(s.split()) if any(c in s for c in "\n\r\t") else s
+    return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+
+def format_table(df: pd.DataFrame, *, max_width: int = 40, truncated: bool = False) -> str:
+    """Render a DataFrame as a plain-text table (for ``vlatlas sql``).
+
+    Parameters
+    ----------
+    df : the rows to show.
+    max_width : longest cell (and header), in characters; longer ones are cut with "…".
+    truncated : whether the query had more rows than ``df`` holds (adds a note).
+    """
+    max_width = max(2, int(max_width))
+    headers = [_cell(str(c), max_width) for c in df.columns]
+    columns = [[_cell(v, max_width) for v in df.iloc[:, i].tolist()] for i in range(df.shape[1])]
+    right = [pd.api.types.is_numeric_dtype(df.dtypes.iloc[i]) and not pd.api.types.is_bool_dtype(df.dtypes.iloc[i])
+             for i in range(df.shape[1])]
+    widths = [max([len(h)] + [len(s) for s in col]) for h, col in zip(headers, columns)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(s.rjust(w) if r else s.ljust(w) for s, w, r in zip(cells, widths, right)).rstrip()
+
+    lines = []
+    if headers:
+        lines.append(line(headers))
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend(line([col[r] for col in columns]) for r in range(len(df)))
+    n = len(df)
+    footer = f"{n} row" + ("" if n == 1 else "s")
+    if truncated:
+        footer += f" (truncated at {n} rows)"
+    lines.append(footer)
+    return "\n".join(lines)

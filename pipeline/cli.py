@@ -1,0 +1,204 @@
+"""The ``vlatlas`` command: extract, embed, sql, app, demo.
+
+Every failure a user can cause (a bad manifest, an unknown model family, a
+refused query, a lake that isn't one) ends in one sentence on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"vlatlas: error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from pipeline.extract import RunConflict, extract
+
+    try:
+        s = extract(a.model, a.data, a.lake, a.run, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
+                    limit=a.limit, keep_attention=a.keep_attention, keep_hidden=a.keep_hidden,
+                    chunk_size=a.chunk_size, overwrite=a.overwrite, progress=not a.quiet, revision=a.revision)
+    except KeyboardInterrupt:
+        print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume run {a.run!r}.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RunConflict as e:
+        return _fail(str(e))
+    print(s.line())
+    return 0
+
+
+def cmd_sql(a: argparse.Namespace) -> int:
+    from lake.catalog import Catalog, format_table
+
+    cat = Catalog(a.lake, timeout_s=a.timeout, max_rows=a.max_rows)
+    res = cat.user_sql(a.query)
+    if a.format == "csv":
+        res.df.to_csv(sys.stdout, index=False)
+    elif a.format == "json":
+        print(res.df.to_json(orient="records", force_ascii=False))
+    else:
+        print(format_table(res.df, truncated=res.truncated))
+    return 0
+
+
+def _streamlit(lake: Path, port: int, headless: bool, extra: list[str] | None = None) -> int:
+    app = Path(__file__).resolve().parent.parent / "streamlit_app" / "app.py"
+    env = dict(os.environ, VLATLAS_LAKE=str(Path(lake).resolve()))
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+           "--server.headless", "true" if headless else "false", "--browser.gatherUsageStats", "false",
+           *(extra or [])]
+    print(f"vlatlas: serving {lake} at http://localhost:{port}  (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_app(a: argparse.Namespace) -> int:
+    from lake.catalog import open_catalog
+
+    open_catalog(a.lake)  # a clear error now rather than in the browser
+    return _streamlit(Path(a.lake), a.port, a.headless)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from pipeline.demo.build import build_demo_lake
+
+    lake = build_demo_lake(Path(a.lake), n=a.n, progress=not a.quiet, rebuild=a.rebuild)
+    if a.no_app:
+        return 0
+    return _streamlit(lake, a.port, a.headless)
+
+
+def cmd_demo_data(a: argparse.Namespace) -> int:
+    from pipeline.demo.shapes import write_dataset
+
+    if a.n < 1:
+        raise ValueError("--n must be at least 1")
+    print(f"wrote {write_dataset(a.out, a.n, a.seed)}")
+    return 0
+
+
+def cmd_demo_train(a: argparse.Namespace) -> int:
+    from pipeline.demo.train import TrainConfig, train
+
+    m = train(a.out, TrainConfig(seed=a.seed, epochs=a.epochs, n_train=a.n_train, threads=a.threads))
+    print(f"saved the model to {a.out}: held-out accuracy {m['heldout_accuracy']['overall']:.3f} "
+          f"after {m['train_seconds'] / 60:.1f} min (model card: {Path(a.out) / 'README.md'})")
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from pipeline.embed import embed
+
+    print(embed(a.lake, a.run, n_tokens=a.sample, seed=a.seed, progress=not a.quiet).line())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlatlas", description="Dataset-scale interpretability for "
+                                "vision-language transformers: attention and hidden states in a Parquet lake.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    e = sub.add_parser("extract", help="run a model over a manifest into the lake")
+    e.add_argument("--model", required=True, help="Hugging Face id or local folder (loaded offline if local)")
+    e.add_argument("--data", required=True, help="manifest: JSONL, CSV or Parquet with id, image, text")
+    e.add_argument("--lake", required=True, help="lake root folder (created if missing)")
+    e.add_argument("--run", required=True, help="run name: letters, digits, _ - .")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
+    e.add_argument("--keep-attention", default="all", help="all (default), topk:K, mass:P, cross or none")
+    e.add_argument("--keep-hidden", default="all", help="all (default), none, or layers such as 0,4,12")
+    e.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
+    e.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(fn=cmd_extract)
+
+    m = sub.add_parser("embed", help="add openTSNE maps of the hidden states to a run")
+    m.add_argument("--lake", required=True)
+    m.add_argument("--run", required=True)
+    m.add_argument("--sample", type=int, default=20_000, help="tokens per map (drawn from all examples)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--quiet", action="store_true")
+    m.set_defaults(fn=cmd_embed)
+
+    q = sub.add_parser("sql", help="run a read-only SQL query over the lake's views")
+    q.add_argument("--lake", required=True)
+    q.add_argument("query", help='e.g. "SELECT * FROM runs"')
+    q.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    q.add_argument("--max-rows", type=int, default=1000)
+    q.add_argument("--timeout", type=float, default=30.0, help="seconds before the query is stopped")
+    q.set_defaults(fn=cmd_sql)
+
+    s = sub.add_parser("app", help="start the web app on a lake")
+    s.add_argument("--lake", required=True)
+    s.add_argument("--port", type=int, default=8501)
+    s.add_argument("--headless", action="store_true", help="don't open a browser")
+    s.set_defaults(fn=cmd_app)
+
+    d = sub.add_parser("demo", help="build the demo lake if missing and start the app on it")
+    d.add_argument("--lake", default="demo_lake")
+    d.add_argument("--n", type=int, default=1000, help="held-out scenes in the demo lake")
+    d.add_argument("--port", type=int, default=8501)
+    d.add_argument("--headless", action="store_true")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the demo lake even if it exists")
+    d.add_argument("--no-app", action="store_true", help="only build the lake")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    dsub = d.add_subparsers(dest="demo_command", metavar="{data,train}")
+    dd = dsub.add_parser("data", help="write shapes scenes and a manifest")
+    dd.add_argument("--n", type=int, default=1000)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--out", required=True)
+    dd.set_defaults(fn=cmd_demo_data)
+    dt = dsub.add_parser("train", help="train the demo model on the shapes world (CPU, ~15 min)")
+    dt.add_argument("--out", default=str(Path(__file__).resolve().parent / "demo" / "model"))
+    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--epochs", type=int, default=15)
+    dt.add_argument("--n-train", type=int, default=30_000)
+    dt.add_argument("--threads", type=int, default=2)
+    dt.set_defaults(fn=cmd_demo_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    a = p.parse_args(argv)
+    if not getattr(a, "fn", None):
+        p.print_help()
+        return EXIT_USAGE
+    from lake.catalog import LakeError, QueryError, SandboxError
+    from pipeline.data import ManifestError
+    from pipeline.models import ModelLoadError
+
+    try:
+        return a.fn(a)
+    except (ManifestError, ModelLoadError, LakeError, SandboxError, QueryError, ValueError,
+            FileNotFoundError, NotImplementedError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a bug: still one sentence, with the way to the traceback
+        if os.environ.get("VLATLAS_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(e).__name__}: {e} (set VLATLAS_DEBUG=1 to see the traceback, "
+                     "and please report it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
