@@ -1,0 +1,112 @@
+"""VL-Atlas web app: ``streamlit run streamlit_app/app.py`` (or ``vlatlas app --lake DIR``).
+
+The frame of every page: the sidebar picks the lake, the run and the example
+(filtered on the Examples page); the pages under ``app_pages/`` draw the views.
+Selections live in the URL's query parameters (see ``state.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # `streamlit run streamlit_app/app.py` from anywhere
+    sys.path.insert(0, str(HERE.parent))
+
+import streamlit as st  # noqa: E402
+
+from lake.catalog import LakeError  # noqa: E402
+from lake.queries import parse_json  # noqa: E402
+from streamlit_app import state  # noqa: E402
+
+MAX_PICK = 1000  # examples offered by the sidebar picker; the Examples page finds the rest
+
+st.set_page_config(page_title="VL-Atlas", page_icon="🔭", layout="wide")
+state.init()
+page = st.navigation([
+    st.Page(HERE / "app_pages" / "examples.py", title="Examples", icon="🗂️", default=True),
+    st.Page(HERE / "app_pages" / "head_summary.py", title="Head summary", icon="🧠"),
+    st.Page(HERE / "app_pages" / "attention.py", title="Attention", icon="🔍"),
+])
+
+
+def _short(text, n: int = 48) -> str:
+    text = str(text or "")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
+    """Draw the sidebar; return the context, or a (level, message) saying why there is none."""
+    ss = st.session_state
+    with st.sidebar:
+        st.markdown("## 🔭 VL-Atlas")
+        st.text_input("Lake", placeholder="/path/to/lake", help=f"the lake's root folder (default: ${state.ENV_LAKE})",
+                      **state.bind("lake"))
+        root = (ss["lake"] or "").strip()
+        if not root:
+            return None, ("info", f"Choose a lake: type its folder in the sidebar, or start the app with "
+                                  f"`{state.ENV_LAKE}=/path/to/lake`. Build one with `vlatlas demo` or "
+                                  "`vlatlas extract --model … --data … --lake DIR --run NAME`.")
+        try:
+            state.catalog(root)
+            runs = state.q("list_runs")
+        except LakeError as e:
+            return None, ("error", str(e))
+        except Exception as e:  # noqa: BLE001 - any unreadable lake is a message, not a traceback
+            return None, ("error", f"Could not read the lake at {root}: {e}")
+        if runs.empty:
+            return None, ("info", f"The lake at {root} has no runs yet: add one with "
+                                  f"`vlatlas extract --lake {root} --run NAME …`.")
+        names = runs.run.tolist()
+        status = dict(zip(runs.run, runs.status))
+        state.choose("run", names)
+        st.selectbox("Run", names, format_func=lambda r: r if status.get(r) == "complete" else f"{r} ({status.get(r)})",
+                     **state.bind("run"))
+        run = ss["run"]
+        info = state.q("run_info", run).iloc[0].to_dict()
+        st.caption(f"**{info.get('model')}** · {info.get('model_family')} · {info.get('dtype')} · "
+                   f"{info.get('status')}")
+        flt = state.example_filter()
+        n_all = state.q("count_examples", run)
+        n_f = n_all if flt.is_empty() else state.q("count_examples", run, flt)
+        example = None
+        if n_all:
+            opts = state.q("examples", run, flt, limit=MAX_PICK)
+            if opts.empty:
+                opts = state.q("examples", run, None, limit=MAX_PICK)
+            ids = [int(i) for i in opts.example_id]
+            labels = dict(zip(ids, opts.text))
+            cur = ss.get("ex")
+            if cur not in ids:
+                row = state.q("example", run, cur) if isinstance(cur, int) else None
+                if row is not None and len(row):  # chosen elsewhere (URL, Examples page): keep it
+                    ids, labels[cur] = [cur, *ids], row.text.iloc[0]
+                else:
+                    ss["ex"] = ids[0]
+            st.selectbox("Example", ids, format_func=lambda i: f"#{i} · {_short(labels.get(i))}",
+                         **state.bind("ex"))
+            if not flt.is_empty():
+                st.caption(f"Filter: {flt.describe()} — {n_f} of {n_all} examples")
+            example = state.q("example", run, ss["ex"]).iloc[0].to_dict()
+        st.button("↻ Reload lake", on_click=state.reload_lake, help="pick up runs and chunks written since")
+    c = state.Ctx(lake=root, run=run, info=info, capture=parse_json(info.get("capture")),
+                  streams=state.q("run_streams", run), flt=flt, n_examples=n_all, n_filtered=n_f, example=example)
+    return c, None
+
+
+ctx, problem = sidebar()
+state.set_ctx(ctx)
+state.to_url()
+if ctx is None:
+    st.title("🔭 VL-Atlas")
+    level, message = problem
+    (st.error if level == "error" else st.info)(message)
+    st.stop()
+if ctx.random_weights:
+    st.warning("⚠️ This run's model has **random weights** (its capture config says `random_weights: true`): "
+               "the attention shown here is not learned behaviour.")
+try:
+    page.run()
+finally:
+    state.to_url()

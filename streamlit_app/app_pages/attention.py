@@ -1,0 +1,150 @@
+"""Attention of one example at one (stream, layer, head): text → image, image → image, image → text, text → text."""
+
+import time
+
+import streamlit as st
+
+from streamlit_app import charts, state, views
+
+DISPLAY_W = 440
+
+c = state.ctx()
+st.title("🔍 Attention")
+if not c.n_examples:
+    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so no attention to show.")
+    st.stop()
+ex = c.example
+ex_id = int(ex["example_id"])
+
+t1, t2, t3, t4 = st.columns([1.2, 1.5, 4, 1])
+stream = state.pick_stream(c, t1)
+n_layers, n_heads = c.stream_shape(stream) if stream else (0, 0)
+if not n_layers or not n_heads:
+    st.info(f"Run **{c.run}** declares no layers or heads for stream `{stream}`.")
+    st.stop()
+state.choose("layer", list(range(n_layers)), default=0)
+heads = [*range(n_heads), "mean"]
+state.choose("head", heads, default=0)
+t2.selectbox("Head", heads, format_func=lambda h: "mean over heads" if h == "mean" else f"head {h}",
+             **state.bind("head"))
+if n_layers > 1:
+    t3.slider("Layer", 0, n_layers - 1, **state.bind("layer"))
+state.choose("play", [False, True], default=False)
+
+
+def _play() -> None:
+    state.set_value("play", st.session_state["w_play"])
+    if st.session_state["w_play"] and state.get("layer") >= n_layers - 1:
+        state.set_value("layer", 0)
+
+
+st.session_state["w_play"] = state.get("play")
+t4.toggle("▶ play", key="w_play", on_change=_play, disabled=n_layers < 2, help="step through the layers")
+layer, head = int(state.get("layer")), state.get("head")
+head_text = "mean over heads" if head == "mean" else f"head {head}"
+
+tokens = state.q("example_tokens", c.run, ex_id)
+block = state.q("attention_block", c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads)
+keep = c.capture.get("keep_attention", "all")
+st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · layer **{layer}** of {n_layers} · "
+           f"**{head_text}** of {n_heads} · attention read query → key, `weight = A[query, key]`"
+           + ("; mean over heads = Σₕ Aₕ[query, key] / heads, pruned weights counting as 0" if head == "mean" else "")
+           + (f" · stored weights pruned (`{keep}`): missing weights show as 0" if keep != "all" else ""))
+if block.empty:
+    st.info(f"No attention weights are stored for example #{ex_id} at stream `{stream}`, layer {layer} "
+            f"(capture keeps `{keep}`). The Head summary page still has its statistics.")
+    st.stop()
+
+qt, kt = views.stream_tokens(tokens, stream)
+text_q, text_k = views.text_tokens(qt), views.text_tokens(kt)
+patch_q, patch_k = views.patch_tokens(qt), views.patch_tokens(kt)
+png = state.image_bytes(ex["image_id"]) if ex.get("has_image") else None
+width, height = views.image_size(ex, patch_k)
+
+
+def image_chart(patches, description, select=False):
+    jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W)
+    return charts.image_map(views.data_uri(jpeg), width, height, (dw, dh), patches, weight_title="weight",
+                            select=select, description=description)
+
+
+left, right = st.columns(2, gap="large")
+with left:
+    st.subheader("Text → image")
+    if text_q.empty or patch_k.empty:
+        st.info(f"Stream `{stream}` has no text queries or no image keys.")
+    else:
+        pos = [int(p) for p in text_q.text_pos]
+        labels = {int(t.text_pos): views.token_label(t) for t in text_q.itertuples()}
+        first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
+        valid = [p for p in (state.get("tokens") or []) if p in pos]
+        state.set_value("tokens", valid or [first_word])
+        st.pills("Query text tokens", pos, selection_mode="multi", format_func=labels.get, **state.bind("tokens"))
+        sel_text = text_q[text_q.text_pos.isin(state.get("tokens") or [])].token_idx.astype(int).tolist()
+        ti = views.mean_rows(block, sel_text, patch_k)
+        st.altair_chart(image_chart(ti, "text-image"), key="ti_chart", width="content")
+        if png is None:
+            st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
+        st.caption(f"**text → image**: attention from the selected text token(s) (query) to each image patch "
+                   f"(key), averaged over the {len(sel_text)} selected queries; total mass on patches "
+                   f"{ti.weight.sum():.3f}. Patch weights sit at their (row, col) on the grid and are "
+                   f"interpolated bilinearly; colour scaled to the largest weight ({ti.weight.max():.3f}).")
+
+with right:
+    st.subheader("Image → image")
+    if patch_q.empty or patch_k.empty:
+        st.info(f"Stream `{stream}` has no image-patch queries.")
+        sel_patch = []
+    else:
+        keys = {views.patch_label(t): int(t.token_idx) for t in patch_q.itertuples()}
+        centre = views.patch_label(patch_q.iloc[((patch_q.patch_row - patch_q.patch_row.median()).abs()
+                                                 + (patch_q.patch_col - patch_q.patch_col.median()).abs()).argmin()])
+        valid = [p for p in (state.get("patches") or []) if p in keys]
+        state.set_value("patches", valid or [centre])
+        sel_patch = [keys[p] for p in state.get("patches")]
+
+        def _pick_patches() -> None:
+            sel = st.session_state["ii_chart"].selection
+            ids = [int(p["token_idx"]) for p in (sel.get("patch") or []) if "token_idx" in p]
+            if not ids and sel.get("box"):
+                ids = views.patches_in_box(patch_q, sel["box"])
+            names = {v: k for k, v in keys.items()}
+            if ids:
+                state.set_value("patches", [names[i] for i in ids if i in names])
+
+        ii = views.mean_rows(block, sel_patch, patch_k)
+        ii["selected"] = ii.token_idx.isin(sel_patch)
+        st.altair_chart(image_chart(ii, "image-image", select=True), key="ii_chart", width="content",
+                        on_select=_pick_patches,
+                        selection_mode=["patch", "box"])
+        st.caption(f"**image → image**: attention from the selected patch(es) {', '.join(state.get('patches'))} "
+                   f"(query, outlined) to every patch (key). Click a patch to choose it, shift-click to add, "
+                   f"or drag a box.")
+    st.subheader("Image → text")
+    if not sel_patch or text_k.empty:
+        st.info(f"Stream `{stream}` has no image queries or no text keys.")
+    else:
+        it = views.mean_rows(block, sel_patch, text_k)
+        st.altair_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, description="image-text"),
+                        key="it_chart", width="content")
+        st.caption(f"**image → text**: each text token (key) coloured by the attention the selected patch(es) "
+                   f"(query) put on it; total mass on text {it.weight.sum():.3f}.")
+
+st.subheader("Text → text")
+if text_q.empty or text_k.empty:
+    st.info(f"Stream `{stream}` has no text queries or no text keys.")
+else:
+    st.altair_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
+                    key="tt_chart", width="content")
+    st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
+               "weights over text keys need not sum to 1: the rest of its mass goes to image keys.")
+with st.expander("Token table (modality, role, positions)"):
+    st.dataframe(qt, hide_index=True, width="stretch")
+
+if state.get("play"):
+    time.sleep(0.8)
+    if layer + 1 >= n_layers:
+        state.set_value("play", False)
+    else:
+        state.set_value("layer", layer + 1)
+    st.rerun()

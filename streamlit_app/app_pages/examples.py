@@ -1,0 +1,99 @@
+"""Examples: search and filter the run's examples; picking one selects it on every page."""
+
+import pandas as pd
+import streamlit as st
+
+from lake.queries import parse_json
+from streamlit_app import state
+
+PAGE = 50
+
+c = state.ctx()
+st.title("🗂️ Examples")
+st.caption(f"Run **{c.run}** · {c.info.get('model')} · manifest `{c.info.get('manifest')}`")
+if not c.n_examples:
+    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}). "
+            "If it is still being extracted, press ↻ Reload lake in the sidebar later.")
+    st.stop()
+
+any_ = "any"
+f1, f2, f3, f4 = st.columns([3, 2, 2, 2])
+f1.text_input("Search text", placeholder="words in the text…", **state.bind("q"))
+for col, name, column, label in ((f2, "answer", "answer", "Answer"), (f3, "pred", "prediction", "Prediction")):
+    values = [None, *state.q("distinct_values", c.run, column).value.tolist()]
+    state.choose(name, values, default=None)
+    col.selectbox(label, values, format_func=lambda v: any_ if v is None else v, placeholder=any_,
+                  **state.bind(name))
+state.choose("correct", [None, True, False], default=None)
+f4.selectbox("Prediction is", [None, True, False], placeholder=any_, **state.bind("correct"),
+             format_func=lambda v: any_ if v is None else "✅ correct" if v else "❌ wrong")
+g1, g2, g3, _ = st.columns([2, 2, 3, 2])
+splits = [None, *state.q("distinct_values", c.run, "split").value.tolist()]
+state.choose("split", splits, default=None)
+g1.selectbox("Split", splits, format_func=lambda v: any_ if v is None else v, placeholder=any_,
+             **state.bind("split"))
+keys = [None, *state.q("meta_keys", c.run).key.tolist()]
+state.choose("mkey", keys, default=None)
+g2.selectbox("Metadata key", keys, format_func=lambda v: "—" if v is None else v, placeholder="—",
+             **state.bind("mkey"))
+mvals = [None] + (state.q("meta_values", c.run, state.get("mkey")).value.tolist() if state.get("mkey") else [])
+state.choose("mval", mvals, default=None)
+g3.selectbox("Metadata value", mvals, format_func=lambda v: any_ if v is None else v, placeholder=any_,
+             disabled=not state.get("mkey"), **state.bind("mval"))
+
+flt = state.example_filter()
+n = state.q("count_examples", c.run, flt)
+pages = max(1, -(-n // PAGE))
+h1, h2 = st.columns([4, 1])
+if st.session_state.get("ex_page", 1) > pages:  # the filter shrank the table
+    st.session_state["ex_page"] = 1
+page = h2.number_input("Page", min_value=1, max_value=pages, step=1, key="ex_page") if pages > 1 else 1
+h1.markdown(f"**{n}** of {c.n_examples} examples match ({flt.describe()}). Click a row to select it everywhere.")
+if n == 0:
+    st.info("No example matches these filters; loosen them.")
+    st.stop()
+
+rows = state.q("examples", c.run, flt, limit=PAGE, offset=(int(page) - 1) * PAGE)
+table = state.examples_table(rows)
+
+
+def _pick() -> None:
+    sel = st.session_state["ex_table"].selection.rows
+    if sel:
+        state.set_value("ex", int(table.example_id.iloc[sel[0]]))
+
+
+st.dataframe(
+    table, key="ex_table", on_select=_pick, selection_mode="single-row", hide_index=True,
+    width="stretch", height=min(42 + 61 * len(table), 640), row_height=60,
+    column_config={
+        "image": st.column_config.ImageColumn("image", width="small"),
+        "example_id": st.column_config.NumberColumn("id", format="%d", width="small"),
+        "text": st.column_config.TextColumn("text", width="large"),
+        "correct": st.column_config.CheckboxColumn("correct"),
+    },
+)
+
+ex = c.example
+st.subheader(f"Selected: #{ex['example_id']}")
+a, b = st.columns([1, 2])
+img = state.image_bytes(ex["image_id"]) if ex.get("image_id") else None
+if img:
+    a.image(img, width="stretch", caption=f"{ex['image_width']} × {ex['image_height']} px, "
+                                          f"{ex['grid_h']} × {ex['grid_w']} patches")
+else:
+    a.info("This example's image is not in the lake.")
+b.markdown(f"> {ex['text']}")
+mark = "" if pd.isna(ex["correct"]) else "✅" if ex["correct"] else "❌"
+b.markdown(f"answer **{ex['answer']}** · prediction **{ex['prediction']}** {mark} · split {ex['split']} · "
+           f"source id `{ex['source_id']}`")
+meta = parse_json(ex.get("meta"))
+if meta:
+    b.markdown(" · ".join(f"{k} **{v}**" for k, v in meta.items()))
+b.page_link("app_pages/head_summary.py", label="Head summary of this example", icon="🧠")
+b.page_link("app_pages/attention.py", label="Attention of this example", icon="🔍")
+
+errors = state.q("run_errors", c.run)
+if len(errors):
+    with st.expander(f"⚠️ {len(errors)} manifest rows were skipped or altered by the run"):
+        st.dataframe(errors, hide_index=True, width="stretch")

@@ -1,0 +1,76 @@
+"""Head summary: one statistic for every layer × head, of one example or the mean over filtered examples."""
+
+import streamlit as st
+
+from lake.queries import NORM_LABELS, NORMS
+from streamlit_app import charts, state
+
+c = state.ctx()
+st.title("🧠 Head summary")
+if not c.n_examples:
+    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so no statistics to show.")
+    st.stop()
+
+s1, s2, s3, s4 = st.columns([1.2, 2, 2.2, 3])
+stream = state.pick_stream(c, s1)
+avail = state.q("stats_available", c.run, stream) if stream else None
+if avail is None or avail.empty:
+    st.info(f"Run **{c.run}** has no head statistics for stream `{stream}`.")
+    st.stop()
+counts = dict(zip(avail.stat, avail.n_values))
+help_ = state.stat_help()
+stats = avail.stat.tolist()
+state.choose("stat", stats, default="t2i" if counts.get("t2i") else next((s for s in stats if counts[s]), stats[0]))
+s2.selectbox("Statistic", stats, format_func=lambda s: s if counts[s] else f"{s} (no values)",
+             help="\n".join(f"- **{s}**: {help_.get(s, '')}" for s in stats), **state.bind("stat"))
+state.choose("scope", ["example", "filtered"])
+s3.radio("Of", ["example", "filtered"], horizontal=True, **state.bind("scope"),
+         format_func=lambda s: f"example #{c.example['example_id']}" if s == "example"
+         else f"mean of {c.n_filtered} filtered")
+state.choose("norm", list(NORMS))
+s4.radio("Normalisation", list(NORMS), format_func=NORM_LABELS.get, horizontal=True, **state.bind("norm"))
+stat, scope, norm = state.get("stat"), state.get("scope"), state.get("norm")
+
+if scope == "example":
+    m = state.q("head_stat_matrix", c.run, stream, stat, example_id=int(c.example["example_id"]), norm=norm)
+    what = f"example #{c.example['example_id']}"
+else:
+    m = state.q("head_stat_matrix", c.run, stream, stat, flt=c.flt, norm=norm)
+    what = f"the mean over the {c.n_filtered} examples that pass the filter ({c.flt.describe()})"
+definition = help_.get(stat, stat)
+if m.empty or m.raw.notna().sum() == 0:
+    st.info(f"**{stat}** has no values for {what} in stream `{stream}`: {definition}. "
+            "Statistics over a query set that is empty (e.g. `grounding` without boxes in the manifest) are null.")
+    st.stop()
+
+
+def _clicked() -> None:
+    cell = st.session_state["hs_chart"].selection.get("cell") or []
+    if cell:
+        state.set_value("layer", int(cell[0]["layer"]))
+        state.set_value("head", "mean" if cell[0]["col"] == "mean" else int(cell[0]["col"]))
+
+
+legend = stat if norm == "raw" else f"{stat} (z)"
+left, right = st.columns([3, 2])
+with left:
+    st.altair_chart(charts.head_heatmap(m, value_title=legend, diverging=norm != "raw",
+                                        selected=(state.get("layer"), state.get("head"))),
+                    on_select=_clicked, selection_mode="cell", key="hs_chart", width="content")
+    st.caption(f"Each cell is one head `(stream {stream}, layer, head)` — rows are layers (0 at the top), "
+               f"columns heads; the last column is the layer's mean over heads. Colour: **{stat}** — {definition} — "
+               f"for {what}; {NORM_LABELS[norm]}. Attention is read query → key: `weight = A[query, key]`.")
+with right:
+    st.markdown(f"#### `{stat}`\n{definition}.")
+    st.markdown({"raw": "Values as stored.",
+                 "z_example": "Each cell minus the mean over all layers × heads shown, divided by their standard "
+                              "deviation: which heads stand out *within* this selection.",
+                 "z_dataset": "Each cell minus that head's mean over every example of the run, divided by that "
+                              "head's standard deviation: how unusual this selection is *for that head*."}[norm])
+    layer, head = state.get("layer"), state.get("head")
+    shown = m[(m.layer == layer) & ((m["head"] == head) if head != "mean" else True)]
+    if len(shown):
+        st.metric(f"layer {layer}, {'mean over heads' if head == 'mean' else f'head {head}'}",
+                  f"{shown.value.mean():.4f}", help=f"raw {stat}: {shown.raw.mean():.4f}")
+    st.caption("Click a cell to select that head (the *mean* column selects the mean over heads).")
+    st.page_link("app_pages/attention.py", label=f"Open layer {layer}, head {head} on the Attention page", icon="🔍")

@@ -1,0 +1,280 @@
+"""The app's shared state: URL query parameters <-> session state, cached lake access.
+
+Every selection lives in ``st.session_state`` under a *canonical* key that is
+also its URL query parameter, so a view can be shared by its URL:
+
+==========  =================================================================
+``lake``    lake root (only in the URL when it differs from ``$VLATLAS_LAKE``)
+``run``     run name
+``ex``      example_id
+``stream``  attention stream (``self``, ``vision``, ``text``, ``cross``, ``lm``)
+``layer``   0-based layer
+``head``    0-based head, or ``mean`` (mean over heads)
+``stat``    head statistic (``t2i`` …)
+``norm``    ``raw`` / ``z_example`` / ``z_dataset``
+``scope``   head summary of the ``example`` or the mean over the ``filtered`` examples
+``tokens``  selected query text tokens, by text_pos, e.g. ``1,2``
+``patches`` selected query patches, by position, e.g. ``r1c2,r0c3``
+``q`` ``answer`` ``pred`` ``correct`` ``split`` ``mkey`` ``mval``
+            the example filter (text search, answer, prediction, true/false,
+            split, meta key and value)
+==========  =================================================================
+
+Widgets never own a canonical key (Streamlit deletes the state of widgets
+that are not on the current page): :func:`bind` gives a widget its own key
+``w_<name>``, seeded from the canonical value, and copies changes back.
+
+The lake's default root comes from the environment variable ``VLATLAS_LAKE``,
+read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+import streamlit as st
+
+from lake import queries
+from lake.catalog import Catalog, open_catalog
+from lake.queries import ExampleFilter
+from streamlit_app import views
+
+ENV_LAKE = "VLATLAS_LAKE"
+PATCH_KEY = re.compile(r"^r(\d+)c(\d+)$")
+
+DEFAULTS: dict[str, object] = {
+    "lake": None, "run": None, "ex": None, "stream": None, "layer": 0, "head": 0, "stat": "t2i",
+    "norm": "raw", "scope": "example", "tokens": [], "patches": [], "q": None, "answer": None,
+    "pred": None, "correct": None, "split": None, "mkey": None, "mval": None,
+}
+URL_KEYS = tuple(DEFAULTS)
+ALWAYS_IN_URL = ("run", "ex")
+
+
+def default_lake() -> str:
+    """The lake root given by ``$VLATLAS_LAKE`` ("" when unset)."""
+    return os.environ.get(ENV_LAKE, "").strip()
+
+
+# -- URL <-> state ----------------------------------------------------------------------
+def _int_list(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip() != ""]
+
+
+def _patch_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if PATCH_KEY.match(x.strip())]
+
+
+def _bool(s: str) -> bool | None:
+    return {"true": True, "false": False}.get(s.strip().lower())
+
+
+PARSE = {
+    "ex": int, "layer": int, "head": lambda s: "mean" if s == "mean" else int(s),
+    "tokens": _int_list, "patches": _patch_list, "correct": _bool,
+    "norm": lambda s: s if s in queries.NORMS else "raw",
+    "scope": lambda s: s if s in ("example", "filtered") else "example",
+}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def init() -> None:
+    """Fill the canonical keys: from the URL on a session's first run, else keep them."""
+    ss = st.session_state
+    if ss.get("_url_loaded"):
+        return
+    for k, d in DEFAULTS.items():
+        if k not in ss:
+            ss[k] = list(d) if isinstance(d, list) else d
+    for k in URL_KEYS:
+        raw = st.query_params.get(k)
+        if raw is None or raw == "":
+            continue
+        try:
+            ss[k] = PARSE.get(k, str)(raw)
+        except (TypeError, ValueError):
+            pass  # a malformed parameter falls back to the default
+    if not ss["lake"]:
+        ss["lake"] = default_lake()
+    ss["_url_loaded"] = True
+
+
+def to_url() -> None:
+    """Write the canonical keys into the URL's query parameters (defaults left out)."""
+    ss = st.session_state
+    want: dict[str, str] = {}
+    for k in URL_KEYS:
+        v = ss.get(k)
+        if v is None or v == "" or v == []:
+            continue
+        if k == "lake" and v == default_lake():
+            continue
+        if k not in ALWAYS_IN_URL and k != "lake" and v == DEFAULTS[k]:
+            continue
+        want[k] = _fmt(v)
+    have = {k: st.query_params.get(k) for k in st.query_params}
+    if have != want:
+        st.query_params.from_dict(want)
+
+
+def _commit(name: str) -> None:
+    st.session_state[name] = st.session_state[f"w_{name}"]
+
+
+def bind(name: str) -> dict:
+    """Widget kwargs (``key``, ``on_change``, ``args``) tying a widget to canonical key ``name``.
+
+    Validate the canonical value against the widget's options before calling.
+    """
+    wk = f"w_{name}"
+    st.session_state[wk] = st.session_state.get(name)
+    return dict(key=wk, on_change=_commit, args=(name,))
+
+
+def set_value(name: str, value) -> None:
+    """Set a canonical key (from a callback or before its widget is drawn)."""
+    st.session_state[name] = value
+
+
+def get(name: str):
+    return st.session_state.get(name, DEFAULTS.get(name))
+
+
+def choose(name: str, options: list, default=None):
+    """Keep canonical ``name`` among ``options`` (else ``default`` or the first); return it."""
+    v = st.session_state.get(name)
+    if v not in options:
+        v = default if default in options else (options[0] if options else None)
+        st.session_state[name] = v
+    return v
+
+
+def example_filter() -> ExampleFilter:
+    g = st.session_state.get
+    return ExampleFilter(text=g("q") or None, answer=g("answer"), prediction=g("pred"), correct=g("correct"),
+                         split=g("split"), meta_key=g("mkey"), meta_value=g("mval"))
+
+
+# -- cached lake access -------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def catalog(root: str) -> Catalog:
+    """One DuckDB catalog per lake root, shared by every session."""
+    return open_catalog(root)
+
+
+@st.cache_data(show_spinner=False, ttl=120, max_entries=4096)
+def _query(root: str, name: str, args: tuple, kwargs: tuple):
+    return getattr(queries, name)(catalog(root), *args, **dict(kwargs))
+
+
+def q(name: str, *args, **kwargs):
+    """``lake.queries.<name>(catalog, *args, **kwargs)`` on the current lake, cached."""
+    return _query(st.session_state["lake"], name, args, tuple(sorted(kwargs.items())))
+
+
+def reload_lake() -> None:
+    """Forget cached results and re-scan the lake's files (new runs, new chunks)."""
+    _query.clear()
+    root = st.session_state.get("lake")
+    if root:
+        try:
+            catalog(root).refresh()
+        except Exception:  # noqa: BLE001 - a broken lake is reported by the sidebar
+            catalog.clear()
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def stat_help() -> dict[str, str]:
+    """The statistics' one-line definitions, quoted from ``pipeline.stats`` (the formulas' home)."""
+    try:
+        from pipeline.stats import STAT_HELP
+    except Exception:  # noqa: BLE001 - the app can run without the pipeline's torch
+        return {}
+    return dict(STAT_HELP)
+
+
+# -- the shared context ---------------------------------------------------------------------
+@dataclass
+class Ctx:
+    """What every page needs: the lake, the run and the selected example.
+
+    ``example`` is None when the run has no examples (pages say so).
+    """
+
+    lake: str
+    run: str
+    info: dict
+    capture: dict
+    streams: pd.DataFrame
+    flt: ExampleFilter
+    n_examples: int
+    n_filtered: int
+    example: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.capture.get("random_weights"))
+
+    def stream_shape(self, stream: str) -> tuple[int, int]:
+        """(layers, heads) of a stream."""
+        s = self.streams[self.streams.stream == stream]
+        return (int(s.layers.iloc[0]), int(s.heads.iloc[0])) if len(s) else (0, 0)
+
+
+def set_ctx(ctx: Ctx | None) -> None:
+    st.session_state["_ctx"] = ctx
+
+
+def ctx() -> Ctx | None:
+    """The context the sidebar built for this script run (None when no lake/run is usable)."""
+    return st.session_state.get("_ctx")
+
+
+def pick_stream(c: Ctx, where=st) -> str | None:
+    """A stream selectbox (disabled for a single-stream run); returns the stream."""
+    streams = c.streams.stream.tolist()
+    if not streams:
+        return None
+    choose("stream", streams)
+    where.selectbox("Stream", streams, help="the attention sublayer the weights come from",
+                    disabled=len(streams) < 2, **bind("stream"))
+    return get("stream")
+
+
+def patch_key(row, col) -> str:
+    return f"r{int(row)}c{int(col)}"
+
+
+# -- images ----------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=64)
+def _thumbnails(root: str, image_ids: tuple[str, ...], longest: int) -> dict[str, str]:
+    pngs = queries.images_png(catalog(root), list(image_ids))
+    return {i: views.thumbnail_uri(p, longest) for i, p in zip(pngs.image_id, pngs.png)}
+
+
+def thumbnails(image_ids, longest: int = 96) -> dict[str, str]:
+    """``{image_id: data URI}`` of small thumbnails (images missing from the lake are left out)."""
+    ids = tuple(sorted({i for i in image_ids if isinstance(i, str)}))
+    return _thumbnails(st.session_state["lake"], ids, longest) if ids else {}
+
+
+def image_bytes(image_id: str) -> bytes | None:
+    """The stored PNG of an image, or None when it is not in the lake."""
+    d = q("image_png", image_id)
+    return bytes(d.png.iloc[0]) if len(d) else None
+
+
+def examples_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """The Examples page's table: a thumbnail, the example's fields and its meta keys as columns."""
+    return views.examples_table(rows, thumbnails(rows.image_id))

@@ -1,0 +1,208 @@
+"""Pure transformations behind the attention views: no SQL, no Streamlit.
+
+An attention *block* is the sparse long DataFrame ``query_idx, key_idx,
+weight`` of one example at ``(stream, layer, head)`` (``weight = A[query,
+key]``); pairs that are absent were pruned and count as 0. Token tables are
+the example's rows of ``tokens``. Patch positions always come from
+``patch_row``/``patch_col`` and the pixel boxes ``x0..y1``, never from the
+sequence order (ViLT permutes its patches).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+# viridis at 0, 0.1, ..., 1: the sequential scale of every weight in the app
+VIRIDIS = np.array([
+    [68, 1, 84], [72, 36, 117], [65, 68, 135], [53, 95, 141], [42, 120, 142], [33, 145, 140],
+    [34, 168, 132], [68, 191, 112], [122, 209, 81], [189, 223, 38], [253, 231, 37]], dtype=np.float64)
+
+
+def colormap(v: np.ndarray) -> np.ndarray:
+    """RGB in [0, 255] of values ``v`` in [0, 1] on the viridis scale; shape ``v.shape + (3,)``."""
+    v = np.clip(np.nan_to_num(np.asarray(v, dtype=np.float64)), 0, 1)
+    xs = np.linspace(0, 1, len(VIRIDIS))
+    return np.stack([np.interp(v, xs, VIRIDIS[:, c]) for c in range(3)], axis=-1)
+
+
+# -- which tokens a stream's queries and keys are --------------------------------------
+def stream_tokens(tokens: pd.DataFrame, stream: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(query tokens, key tokens) of a stream.
+
+    ``cross`` attention has the ``text`` stream's tokens as queries and the
+    ``vision`` stream's as keys (DESIGN.md); every other stream attends within
+    its own tokens.
+    """
+    if stream == "cross":
+        q, k = tokens[tokens.stream == "text"], tokens[tokens.stream == "vision"]
+    else:
+        q = k = tokens[tokens.stream == stream]
+    if q.empty or k.empty:  # token table without this stream's rows: use them all
+        q = k = tokens
+    return q, k
+
+
+def text_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
+    """The text tokens (those with a text position), in text order."""
+    return tokens[(tokens.modality == "text") & tokens.text_pos.notna()].sort_values(["text_pos", "token_idx"])
+
+
+def patch_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
+    return tokens[(tokens.role == "patch") & tokens.patch_row.notna() & tokens.patch_col.notna()]
+
+
+def token_label(t: pd.Series | tuple) -> str:
+    """``"3 · red"``: text position and word piece (or the role of a token with no text)."""
+    pos = t.text_pos if pd.notna(t.text_pos) else t.seq_pos
+    return f"{int(pos)} · {t.token if isinstance(t.token, str) else t.role}"
+
+
+def patch_label(t) -> str:
+    return f"r{int(t.patch_row)}c{int(t.patch_col)}"
+
+
+# -- slicing a block ------------------------------------------------------------------
+def mean_rows(block: pd.DataFrame, queries: list[int], keys: pd.DataFrame) -> pd.DataFrame:
+    """``keys`` with a ``weight`` column: the mean over ``queries`` of ``A[q, key]``.
+
+    A query without a stored weight on a key contributes 0, so the mean is the
+    sum divided by the number of queries.
+    """
+    out = keys.copy()
+    if not len(queries):
+        out["weight"] = 0.0
+        return out
+    sel = block[block.query_idx.isin(queries) & block.key_idx.isin(keys.token_idx)]
+    s = sel.groupby("key_idx").weight.sum() / len(queries)
+    out["weight"] = out.token_idx.map(s).fillna(0.0).astype(float)
+    return out
+
+
+def matrix(block: pd.DataFrame, queries: pd.DataFrame, keys: pd.DataFrame) -> pd.DataFrame:
+    """Long DataFrame of every (query, key) pair of two token sets with its weight (0 where absent).
+
+    Columns: query_idx, key_idx, query, key (labels), query_order, key_order, weight.
+    """
+    q = queries.assign(query=[token_label(t) for t in queries.itertuples()], query_order=range(len(queries)))
+    k = keys.assign(key=[token_label(t) for t in keys.itertuples()], key_order=range(len(keys)))
+    grid = q[["token_idx", "query", "query_order"]].rename(columns={"token_idx": "query_idx"}).merge(
+        k[["token_idx", "key", "key_order"]].rename(columns={"token_idx": "key_idx"}), how="cross")
+    w = block.set_index(["query_idx", "key_idx"]).weight
+    idx = pd.MultiIndex.from_arrays([grid.query_idx, grid.key_idx])
+    grid["weight"] = w.reindex(idx).fillna(0.0).to_numpy() if len(w) else 0.0
+    return grid
+
+
+# -- the image side ---------------------------------------------------------------------
+def image_size(example: dict, patches: pd.DataFrame) -> tuple[int, int]:
+    """(width, height) of the original image: the example's, else the extent of the patch boxes."""
+    def ok(v) -> bool:
+        return v is not None and not pd.isna(v) and v > 0
+
+    w, h = example.get("image_width"), example.get("image_height")
+    if ok(w) and ok(h):
+        return int(w), int(h)
+    if len(patches):
+        return max(1, int(patches.x1.max())), max(1, int(patches.y1.max()))
+    return 1, 1
+
+
+def patch_grid(patches: pd.DataFrame, grid_h: int | None = None, grid_w: int | None = None) -> np.ndarray:
+    """``[grid_h, grid_w]`` array with each patch's ``weight`` at ``(patch_row, patch_col)`` (0 elsewhere)."""
+    rows = patches.patch_row.astype(int).to_numpy()
+    cols = patches.patch_col.astype(int).to_numpy()
+    gh = max(int(grid_h or 0), int(rows.max()) + 1 if len(rows) else 1)
+    gw = max(int(grid_w or 0), int(cols.max()) + 1 if len(cols) else 1)
+    g = np.zeros((gh, gw))  # [grid_h, grid_w]
+    g[rows, cols] = patches.weight.to_numpy(dtype=np.float64)
+    return g
+
+
+def overlay(png: bytes | None, patches: pd.DataFrame, width: int, height: int, display_width: int = 420,
+            vmax: float | None = None, max_alpha: float = 0.8) -> tuple[bytes, int, int]:
+    """The image with a smooth heatmap of the patches' ``weight`` laid over it.
+
+    Each patch's weight is placed at its ``(patch_row, patch_col)`` on the grid;
+    the grid, spanning the patches' pixel boxes (``x0..y1``, pixels of the
+    original ``width`` × ``height`` image), is upsampled bilinearly to display
+    pixels, coloured with viridis and alpha-blended (alpha grows with the
+    weight) over the dimmed image.
+
+    Returns JPEG bytes and the display size (w, h).
+    """
+    dw = int(display_width)
+    dh = max(1, round(dw * height / max(width, 1)))
+    if png is None:  # no image in the lake: the heatmap on a neutral canvas
+        img = Image.new("RGB", (dw, dh), (128, 128, 128))
+    else:
+        img = Image.open(io.BytesIO(png)).convert("RGB").resize((dw, dh), Image.Resampling.LANCZOS)
+    base = np.asarray(img, dtype=np.float64) * 0.75  # [dh, dw, 3], dimmed so the heat stands out
+    if len(patches):
+        g = patch_grid(patches).astype(np.float32)  # [grid_h, grid_w]
+        sx, sy = dw / width, dh / height
+        # cell size and the grid's origin in display pixels, from the boxes (robust to missing patches)
+        pw = float((patches.x1 - patches.x0).median()) * sx
+        ph = float((patches.y1 - patches.y0).median()) * sy
+        x0 = float((patches.x0 * sx - patches.patch_col * pw).median())
+        y0 = float((patches.y0 * sy - patches.patch_row * ph).median())
+        ew, eh = max(1, round(g.shape[1] * pw)), max(1, round(g.shape[0] * ph))
+        heat = np.asarray(Image.fromarray(g, mode="F").resize((ew, eh), Image.Resampling.BILINEAR))  # [eh, ew]
+        vmax = float(vmax if vmax is not None else g.max())
+        v = heat / vmax if vmax > 0 else np.zeros_like(heat)
+        rgb = colormap(v)  # [eh, ew, 3]
+        alpha = (max_alpha * np.clip(v, 0, 1))[..., None]  # [eh, ew, 1]
+        ox, oy = round(x0), round(y0)
+        # clip the heat's extent to the image
+        cx0, cy0 = max(0, -ox), max(0, -oy)
+        region = base[max(oy, 0): oy + eh, max(ox, 0): ox + ew]
+        h_, w_ = region.shape[:2]
+        a, c = alpha[cy0: cy0 + h_, cx0: cx0 + w_], rgb[cy0: cy0 + h_, cx0: cx0 + w_]
+        base[max(oy, 0): max(oy, 0) + h_, max(ox, 0): max(ox, 0) + w_] = region * (1 - a) + c * a
+    buf = io.BytesIO()
+    Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=88)
+    return buf.getvalue(), dw, dh
+
+
+def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def thumbnail_uri(png: bytes, longest: int = 96) -> str:
+    """A small JPEG data URI of an image, for tables."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img.thumbnail((longest, longest))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return data_uri(buf.getvalue())
+
+
+def patches_in_box(patches: pd.DataFrame, box: dict) -> list[int]:
+    """token_idx of the patches whose centre lies in an interval selection ``{"x0": [a, b], "y0": [c, d]}``."""
+    xs = next((v for k, v in box.items() if k.startswith("x")), None)
+    ys = next((v for k, v in box.items() if k.startswith("y")), None)
+    cx = (patches.x0 + patches.x1) / 2
+    cy = (patches.y0 + patches.y1) / 2
+    m = pd.Series(True, index=patches.index)
+    if xs:
+        m &= cx.between(min(xs), max(xs))
+    if ys:
+        m &= cy.between(min(ys), max(ys))
+    return patches[m].token_idx.astype(int).tolist()
+
+
+def examples_table(rows: pd.DataFrame, thumbs: dict[str, str]) -> pd.DataFrame:
+    """Rows of ``examples`` for display: image thumbnail first, meta JSON keys as ``meta.<key>`` columns."""
+    t = pd.DataFrame({"image": [thumbs.get(i) for i in rows.image_id]})
+    for col in ("example_id", "text", "answer", "prediction", "correct", "split", "source_id"):
+        t[col] = rows[col].to_numpy()
+    metas = [json.loads(m) if isinstance(m, str) and m.strip().startswith("{") else {} for m in rows.meta]
+    for key in sorted({k for m in metas for k in m}):
+        t[f"meta.{key}"] = [None if m.get(key) is None else m[key] if isinstance(m[key], str) else json.dumps(m[key])
+                            for m in metas]
+    return t

@@ -1,0 +1,143 @@
+"""The app in a real browser: `streamlit run` on a lake built from a tiny random ViLT, every page
+opened in headless Chromium (Debian's package, driven by Playwright; no browser is downloaded).
+
+Set VLATLAS_SCREENSHOTS=DIR to keep a PNG of every page.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = {"": "Examples", "head_summary": "Head summary", "attention": "Attention"}
+
+pytestmark = pytest.mark.browser
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{CHROMIUM} is missing: `make test` installs Debian's chromium for this test")
+    pytest.skip("Debian's chromium is not installed (make test installs it)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vilt_lake(tmp_path_factory):
+    from pipeline.extract import extract
+    from tests.tiny import make_manifest, make_tiny_vilt
+
+    tmp = tmp_path_factory.mktemp("browser")
+    model = make_tiny_vilt(tmp / "model")
+    manifest = make_manifest(tmp / "data", 6)
+    extract(str(model), manifest, tmp / "lake", "tiny", batch_size=3, progress=False)
+    return tmp / "lake"
+
+
+@pytest.fixture(scope="module")
+def server(vilt_lake):
+    port = _free_port()
+    env = dict(os.environ, VLATLAS_LAKE=str(vilt_lake))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"),
+         "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + (proc.stdout.read() if proc.stdout else ""))
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def _settle(page, timeout_ms: int = 60_000) -> None:
+    """Wait for the app's script run to finish (the status widget disappears)."""
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
+    page.wait_for_selector('[data-testid="stSidebar"]', timeout=timeout_ms)
+    deadline = time.time() + timeout_ms / 1000
+    while time.time() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count()
+        if not running:
+            time.sleep(0.5)
+            if not page.locator('[data-testid="stStatusWidget"]').count():
+                return
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("path,title", list(PAGES.items()))
+def test_every_page_draws_its_charts(server, browser, path, title, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/{path}?run=tiny&ex=1")
+    _settle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
+    if path:  # the chart pages: vega draws into a canvas or an svg inside each chart element
+        page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
+                               timeout=30_000)
+        drawn = page.locator('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg')
+        assert drawn.count() >= 1
+        box = drawn.first.bounding_box()
+        assert box and box["width"] > 50 and box["height"] > 50
+    else:  # the examples table
+        page.wait_for_selector('[data-testid="stDataFrame"], [data-testid="stTable"]', timeout=30_000)
+    if path == "attention":  # the image with its heatmap overlay
+        page.wait_for_selector('[data-testid="stImage"] img, [data-testid="stVegaLiteChart"] canvas',
+                               timeout=30_000)
+    assert "random weights" in page.inner_text("body")
+    assert not errors, errors
+    out = os.environ.get("VLATLAS_SCREENSHOTS")
+    shot = (Path(out) if out else tmp_path) / f"page-{path or 'examples'}.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def test_shared_url_restores_the_view(server, browser):
+    """A URL with run, example, layer and head opens the attention page on that view."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/attention?run=tiny&ex=2&layer=1&head=1")
+    _settle(page)
+    body = page.inner_text("body")
+    assert page.locator('[data-testid="stException"]').count() == 0, body[:2000]
+    assert "#2" in body
+    assert "ex=2" in page.url and "layer=1" in page.url and "head=1" in page.url
+    page.close()
