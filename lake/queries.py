@@ -352,3 +352,63 @@ def attention_layers(cat, run: str, stream: str) -> pd.DataFrame:
     """layer: the layers of a stream that have attention stored."""
     return cat.df("SELECT DISTINCT layer FROM attention WHERE run = ? AND stream = ? ORDER BY layer",
                   [run, stream])
+
+
+# -- dataset summaries (the demo's findings, the README) --------------------------------
+def accuracy_by(cat, run: str, meta_key: str) -> pd.DataFrame:
+    """group (the value of ``meta[meta_key]``), n, accuracy over examples with a known ``correct``."""
+    return cat.df(
+        "SELECT json_extract_string(meta, ?) AS \"group\", count(*) AS n, avg(correct::INT) AS accuracy "
+        "FROM examples WHERE run = ? AND correct IS NOT NULL GROUP BY 1 ORDER BY 1",
+        [_json_pointer(meta_key), run],
+    )
+
+
+def head_means(cat, run: str, stats: list[str], stream: str = "self") -> pd.DataFrame:
+    """layer, head and one column per statistic: its mean over the run's examples (nulls skipped)."""
+    d = cat.df(
+        "SELECT layer, head, stat, avg(value) AS mean FROM head_stats "
+        "WHERE run = ? AND stream = ? AND list_contains(?, stat) GROUP BY ALL",
+        [run, stream, list(stats)],
+    )
+    return d.pivot_table(index=["layer", "head"], columns="stat", values="mean").reset_index()
+
+
+def layer_means(cat, run: str, stats: list[str], stream: str = "self") -> pd.DataFrame:
+    """layer and one column per statistic: its mean over heads and examples."""
+    d = cat.df(
+        "SELECT layer, stat, avg(value) AS mean FROM head_stats "
+        "WHERE run = ? AND stream = ? AND list_contains(?, stat) GROUP BY ALL",
+        [run, stream, list(stats)],
+    )
+    return d.pivot_table(index="layer", columns="stat", values="mean").reset_index()
+
+
+def stat_by_correctness(cat, run: str, stat: str, stream: str = "self") -> pd.DataFrame:
+    """layer, head, correct, wrong, diff: a statistic's mean over right and over wrong answers."""
+    return cat.df(
+        "SELECT h.layer, h.head, avg(value) FILTER (WHERE e.correct) AS correct, "
+        "avg(value) FILTER (WHERE NOT e.correct) AS wrong, "
+        "avg(value) FILTER (WHERE e.correct) - avg(value) FILTER (WHERE NOT e.correct) AS diff "
+        "FROM head_stats h JOIN examples e ON e.run = h.run AND e.example_id = h.example_id "
+        "WHERE h.run = ? AND h.stream = ? AND h.stat = ? AND e.correct IS NOT NULL "
+        "GROUP BY h.layer, h.head ORDER BY h.layer, h.head",
+        [run, stream, stat],
+    )
+
+
+def pointing_chance(cat, run: str) -> float:
+    """The pointing score of a uniformly random patch: the mean, over the boxes of the run's
+    examples, of the share of the example's patches whose centre lies in the box."""
+    d = cat.df(
+        "WITH b AS (SELECT example_id, unnest(from_json(boxes, '[{\"label\": \"VARCHAR\", \"box\": [\"DOUBLE\"]}]')) "
+        "AS bx FROM examples WHERE run = ? AND boxes IS NOT NULL), "
+        "p AS (SELECT example_id, (x0 + x1) / 2 AS cx, (y0 + y1) / 2 AS cy FROM tokens "
+        "WHERE run = ? AND role = 'patch'), "
+        "f AS (SELECT b.example_id, b.bx, avg(CASE WHEN cx BETWEEN bx.box[1] AND bx.box[3] "
+        "AND cy BETWEEN bx.box[2] AND bx.box[4] THEN 1.0 ELSE 0.0 END) AS frac "
+        "FROM b JOIN p ON p.example_id = b.example_id GROUP BY ALL) "
+        "SELECT avg(frac) AS chance FROM f",
+        [run, run],
+    )
+    return float(d.chance.iloc[0]) if len(d) and pd.notna(d.chance.iloc[0]) else float("nan")

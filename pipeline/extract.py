@@ -175,6 +175,11 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
     cfg = CaptureConfig(str(policy), keep_hidden, chunk_size,
                         bool(getattr(adapter.model.config, "vlatlas_random_weights", False)))
     hidden_layers = cfg.hidden_layers()
+    top = max(s["layers"] for s in adapter.streams().values())  # hidden states run 0..layers
+    if hidden_layers and max(hidden_layers) > top:
+        raise ValueError(f"--keep-hidden {keep_hidden!r} asks for hidden-state layer(s) "
+                         f"{sorted(x for x in hidden_layers if x > top)}, but this model has hidden states "
+                         f"0..{top} (0 is the embedding output, l + 1 the output of block l)")
     lake = Path(lake)
     lake.mkdir(parents=True, exist_ok=True)
     writer = LakeWriter(lake, run, {"vlatlas.model": model, "vlatlas.capture": cfg.to_json(),
@@ -253,9 +258,13 @@ def _extract_chunk(adapter, rows: list[Row], chunk: int, batch_size: int, policy
                    points: list[HookPoint], known_images: set[str], device: str, bar) -> dict:
     errors: list[tuple[str, str, str]] = []
     ok: list[tuple[Row, LoadedImage]] = []
+    check = getattr(adapter, "check_image", None)  # model-specific limits (optional in the protocol)
     for r in rows:
         try:
-            ok.append((r, load_image(r.image_path)))
+            li = load_image(r.image_path)
+            if check is not None:
+                check(li.image)
+            ok.append((r, li))
         except BadInput as e:
             errors.append((r.source_id, e.stage, e.message))
             bar.update(1)

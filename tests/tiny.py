@@ -41,6 +41,18 @@ def make_tiny_vilt(out: Path, *, layers: int = 2, heads: int = 2, hidden: int = 
     torch.manual_seed(seed)
     cls = {"vqa": ViltForQuestionAnswering, "retrieval": ViltForImageAndTextRetrieval, "base": ViltModel}[head]
     model = cls(cfg).eval()
+    # HF initialises ViLT's patch position embeddings and image [CLS] to zeros; a trained
+    # model's are not, and tests of patch positions are only meaningful when they differ.
+    # Likewise, HF's small init gives near-uniform attention (every weight ~1/n), under which
+    # a wrongly permuted attention matrix would still look right; larger query/key weights
+    # give peaked, distinct rows.
+    base = model if head == "base" else model.vilt
+    with torch.no_grad():
+        base.embeddings.position_embeddings.normal_(0.0, 0.5)
+        base.embeddings.cls_token.normal_(0.0, 0.5)
+        for block in base.encoder.layer:
+            block.attention.attention.query.weight.normal_(0.0, 0.25)
+            block.attention.attention.key.weight.normal_(0.0, 0.25)
     model.save_pretrained(out)
     proc.save_pretrained(out)
     vocab.unlink()
@@ -79,4 +91,29 @@ def make_manifest(out: Path, n: int = 6, *, seed: int = 0, sizes=((64, 64), (96,
                      "boxes": [{"label": "circle", "box": list(box)}], "qtype": "color"})
     path = out / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def noise_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """An RGB image of uniform noise: every patch differs from every other."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def write_manifest(out: Path, rows: list[dict], name: str = "manifest.jsonl") -> Path:
+    """Write ``rows`` as a JSONL manifest in ``out``; an ``image`` given as a PIL image is
+    saved as PNG under ``out/images`` and replaced by its relative path."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, r in enumerate(rows):
+        r = dict(r)
+        if isinstance(r.get("image"), Image.Image):
+            rel = f"images/{r.get('id', i)}.png"
+            r["image"].save(out / rel)
+            r["image"] = rel
+        lines.append(json.dumps(r) + "\n")
+    path = out / name
+    path.write_text("".join(lines))
     return path

@@ -28,6 +28,12 @@ def load_adapter(model_id: str, device: str = "cpu", dtype: str = "float32", rev
         raise ModelLoadError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device} was asked for, but torch sees no CUDA device here; use --device cpu")
+    path = Path(model_id).expanduser()
+    if not path.exists() and (path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1):
+        # A Hugging Face id is "name" or "owner/name"; this is a local path that is not there,
+        # and asking the Hub about it only gives a confusing "Repo id must be ..." error.
+        raise ModelLoadError(f"model folder {model_id!r} does not exist; give a folder holding the model's "
+                             "config.json (e.g. from save_pretrained) or a Hugging Face model id")
     try:
         config = AutoConfig.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError) as e:

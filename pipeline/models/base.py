@@ -72,6 +72,10 @@ class Adapter(Protocol):
     def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
         """The tensors to capture; hidden states only for layers in ``keep_hidden`` (None = all)."""
 
+    def check_image(self, image) -> None:
+        """Raise ``pipeline.data.BadInput`` (stage ``image``) for an image this model's
+        processor cannot prepare, so that one example is skipped instead of its batch failing."""
+
     def encode(self, texts: list[str], images: list) -> tuple[dict[str, torch.Tensor], list[list[tuple[str, str]]]]:
         """Model inputs for a batch, and notes per example (e.g. truncation)."""
 

@@ -28,6 +28,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
+from pipeline.data import BadInput
 from pipeline.models.base import BatchLayout, Prediction, StreamLayout, boxed_masks, normalise_answer, token_rows
 from pipeline.stats import TokenMasks
 
@@ -112,6 +113,27 @@ class ViltAdapter:
         return pts
 
     # -- inputs ---------------------------------------------------------------------
+    def check_image(self, image) -> None:
+        """Reject an image the processor would leave without a whole patch on a side.
+
+        ViLT's processor resizes the shorter side to ``shortest_edge``, caps the longer
+        one and rounds both *down* to a multiple of the patch size, so an elongated image
+        that :func:`pipeline.data.load_image` accepts can end up 0 pixels high and fail
+        the whole batch. Runs the processor on the image alone.
+        """
+        w, h = image.size
+        try:
+            px = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        except Exception as e:  # noqa: BLE001 - any failure of the processor on this one image
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput("image", f"the model's image processor cannot prepare this {w}x{h} image "
+                                    f"(an aspect ratio of {max(w, h) / min(w, h):.0f}:1 may be too extreme "
+                                    f"for its {self.patch_size} px patches): {first}") from None
+        ph, pw = px.shape[-2:]  # [batch, channel, height, width]
+        if ph < self.patch_size or pw < self.patch_size:
+            raise BadInput("image", f"a {w}x{h} image is too elongated for this model: its processor resizes "
+                                    f"it to {pw}x{ph} px, less than one {self.patch_size} px patch on a side")
+
     def encode(self, texts: list[str], images: list):
         notes: list[list[tuple[str, str]]] = []
         for t in texts:
