@@ -12,6 +12,7 @@ Conventions (DESIGN.md): ``weight = A[query, key]``; layers and heads are
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
 
 import pandas as pd
@@ -316,6 +317,128 @@ def head_stat_dataset(cat, run: str, stream: str, stat: str) -> pd.DataFrame:
     )
 
 
+def top_examples(cat, run: str, stream: str, layer: int, head: int | None, stat: str, n: int = 20,
+                 flt: ExampleFilter | None = None, ascending: bool = False) -> pd.DataFrame:
+    """The ``n`` examples with the largest (``ascending``: smallest) value of a statistic at one head.
+
+    Returns example_id, value, text, answer, prediction, correct, best first
+    (ties by example_id). ``head=None`` ranks by the mean over the layer's heads.
+    Only examples passing ``flt`` compete; null values never do.
+    """
+    params: list = [run, stream, int(layer), stat]
+    head_sql = ""
+    if head is not None:
+        head_sql = " AND head = ?"
+        params.append(int(head))
+    in_sql = ""
+    if flt is not None and not flt.is_empty():
+        where, wp = _example_where(run, flt)
+        in_sql = f" AND example_id IN (SELECT example_id FROM examples WHERE {where})"
+        params += wp
+    order = "ASC" if ascending else "DESC"  # one of two constants
+    # Rank inside head_stats first (a top-n over one column), then fetch only the winners' rows.
+    inner = (f"SELECT example_id, avg(value) AS value FROM head_stats WHERE run = ? AND stream = ? AND layer = ? "
+             f"AND stat = ?{head_sql} AND value IS NOT NULL{in_sql} GROUP BY example_id "
+             f"ORDER BY value {order}, example_id LIMIT ?")
+    params.append(int(n))
+    return cat.df(
+        f"SELECT t.example_id, t.value, e.text, e.answer, e.prediction, e.correct FROM ({inner}) t "
+        f"JOIN examples e ON e.run = ? AND e.example_id = t.example_id ORDER BY t.value {order}, t.example_id",
+        [*params, run],
+    )
+
+
+# -- worked examples for the SQL page (user SQL: they run in the sandbox, Catalog.user_sql) ------
+# Templates with {run} {stream} {layer} {head} {stat} {example_id}; example_sql() fills them with
+# SQL literals (strings quoted by doubling single quotes, numbers through int()), so the text a
+# person sees and edits is plain, parameter-free SQL.
+EXAMPLE_SQL: dict[str, str] = {
+    "Top examples for a head": """\
+-- The 20 examples on which head (layer {layer}, head {head}) scores highest on {stat_name}
+SELECT h.example_id, h.value AS {stat_ident}, e.text, e.answer, e.prediction, e.correct
+FROM head_stats h JOIN examples e ON e.run = h.run AND e.example_id = h.example_id
+WHERE h.run = {run} AND h.stream = {stream} AND h.layer = {layer} AND h.head = {head}
+  AND h.stat = {stat} AND h.value IS NOT NULL
+ORDER BY h.value DESC, h.example_id
+LIMIT 20""",
+    "Heads that ground words": """\
+-- Heads whose words look inside their ground-truth boxes (needs boxes in the manifest)
+SELECT stream, layer, head,
+       avg(value) FILTER (WHERE stat = 'grounding') AS grounding,
+       avg(value) FILTER (WHERE stat = 'pointing') AS pointing,
+       count(value) FILTER (WHERE stat = 'grounding') AS examples
+FROM head_stats
+WHERE run = {run} AND stat IN ('grounding', 'pointing')
+GROUP BY stream, layer, head
+ORDER BY grounding DESC NULLS LAST, pointing DESC NULLS LAST
+LIMIT 20""",
+    "Statistics per question type": """\
+-- Accuracy and mean head statistics (over all heads) for each meta.qtype
+WITH e AS (
+  SELECT example_id, json_extract_string(meta, '$.qtype') AS qtype, correct
+  FROM examples WHERE run = {run}
+), s AS (
+  SELECT example_id,
+         avg(value) FILTER (WHERE stat = 't2i') AS t2i,
+         avg(value) FILTER (WHERE stat = 'entropy') AS entropy,
+         avg(value) FILTER (WHERE stat = 'sink') AS sink
+  FROM head_stats WHERE run = {run} AND stream = {stream}
+  GROUP BY example_id
+)
+SELECT qtype, count(*) AS examples, avg(CAST(correct AS INTEGER)) AS accuracy,
+       avg(t2i) AS t2i, avg(entropy) AS entropy, avg(sink) AS sink
+FROM e LEFT JOIN s USING (example_id)
+GROUP BY qtype
+ORDER BY qtype""",
+    "Wrong answers": """\
+-- What the model answered instead, most frequent mistakes first
+SELECT answer, prediction, count(*) AS examples, min(example_id) AS first_example
+FROM examples
+WHERE run = {run} AND NOT correct
+GROUP BY answer, prediction
+ORDER BY examples DESC, answer, prediction""",
+    "Skipped rows and why": """\
+-- Manifest rows the run skipped or altered, grouped by reason
+SELECT stage, message, count(*) AS rows, min(source_id) AS first_source_id
+FROM errors
+WHERE run = {run}
+GROUP BY stage, message
+ORDER BY rows DESC, stage""",
+    "Tokens of an example": """\
+-- The token table of example {example_id}: every token of every stream, in one index space
+SELECT token_idx, stream, modality, role, token, seq_pos, text_pos, patch_row, patch_col
+FROM tokens
+WHERE run = {run} AND example_id = {example_id}
+ORDER BY stream, token_idx""",
+    "Where a word looks": """\
+-- Attention from the first word of example {example_id} to each patch (query -> key), head {head}, layer {layer}
+WITH t AS (SELECT * FROM tokens WHERE run = {run} AND example_id = {example_id} AND stream = {stream}),
+q AS (SELECT token_idx, token FROM t WHERE role = 'word' ORDER BY text_pos LIMIT 1)
+SELECT q.token AS query, k.patch_row, k.patch_col, a.weight
+FROM attention a
+JOIN q ON a.query_idx = q.token_idx
+JOIN t k ON a.key_idx = k.token_idx AND k.role = 'patch'
+WHERE a.run = {run} AND a.stream = {stream} AND a.layer = {layer} AND a.head = {head}
+  AND a.example_id = {example_id}
+ORDER BY a.weight DESC""",
+}
+
+
+def sql_literal(text: str) -> str:
+    """``text`` as a SQL string literal (single quotes doubled)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def example_sql(run: str, *, stream: str = "self", layer: int = 0, head: int = 0, stat: str = "t2i",
+                example_id: int = 0) -> dict[str, str]:
+    """``{title: SQL}`` of :data:`EXAMPLE_SQL` for one run and head, ready for ``Catalog.user_sql``."""
+    stat_name = re.sub(r"[^A-Za-z0-9_]+", "_", stat)  # for comments: nothing that could end one
+    values = dict(run=sql_literal(run), stream=sql_literal(stream), layer=int(layer), head=int(head),
+                  stat=sql_literal(stat), stat_name=stat_name, stat_ident='"' + stat.replace('"', '""') + '"',
+                  example_id=int(example_id))
+    return {title: sql.format(**values) for title, sql in EXAMPLE_SQL.items()}
+
+
 # -- attention ----------------------------------------------------------------------
 def n_heads(cat, run: str, stream: str) -> int:
     """Heads of a stream: from ``runs.streams``, else the largest head index stored + 1."""
@@ -412,3 +535,300 @@ def pointing_chance(cat, run: str) -> float:
         [run, run],
     )
     return float(d.chance.iloc[0]) if len(d) and pd.notna(d.chance.iloc[0]) else float("nan")
+
+
+# -- comparing two groups of examples (the Compare page; the statistics are lake/compare.py) ------
+def runs_same_manifest(cat, run: str) -> pd.DataFrame:
+    """run, model, status, n_examples of the *other* runs whose ``runs.manifest`` equals ``run``'s."""
+    return cat.df(
+        "SELECT run, model, status, n_examples FROM runs WHERE run <> ? "
+        "AND manifest = (SELECT any_value(manifest) FROM runs WHERE run = ?) "
+        "ORDER BY created_at DESC NULLS LAST, run",
+        [run, run],
+    )
+
+
+def _groups_sql(run: str, flt_a: ExampleFilter | None, flt_b: ExampleFilter | None) -> tuple[str, list]:
+    """SQL of (example_id, grp): the run's examples passing ``flt_a`` (grp 'A') or ``flt_b`` ('B');
+    an example passing both belongs to neither (independent samples share no member)."""
+    wa, pa_ = _example_where(run, flt_a)
+    wb, pb = _example_where(run, flt_b)
+    return (f"SELECT example_id, 'A' AS grp FROM examples WHERE {wa} AND example_id NOT IN "
+            f"(SELECT example_id FROM examples WHERE {wb}) UNION ALL "
+            f"SELECT example_id, 'B' AS grp FROM examples WHERE {wb} AND example_id NOT IN "
+            f"(SELECT example_id FROM examples WHERE {wa})",
+            [*pa_, *pb, *pb, *pa_])
+
+
+def compare_sizes(cat, run: str, flt_a: ExampleFilter | None, flt_b: ExampleFilter | None) -> pd.DataFrame:
+    """One row: n_a, n_b (examples passing each filter), n_both (passing both; left out of both groups)."""
+    wa, pa_ = _example_where(run, flt_a)
+    wb, pb = _example_where(run, flt_b)
+    return cat.df(
+        f"WITH a AS (SELECT example_id FROM examples WHERE {wa}), b AS (SELECT example_id FROM examples WHERE {wb}) "
+        "SELECT (SELECT count(*) FROM a) AS n_a, (SELECT count(*) FROM b) AS n_b, "
+        "(SELECT count(*) FROM a JOIN b USING (example_id)) AS n_both",
+        [*pa_, *pb],
+    )
+
+
+def compare_moments(cat, run: str, flt_a: ExampleFilter | None, flt_b: ExampleFilter | None, stream: str,
+                    stat: str) -> pd.DataFrame:
+    """layer, head, group ('A'/'B'), n, mean, var (sample variance) of a statistic per head and group.
+
+    The groups are :func:`_groups_sql`'s (the overlap of the filters left out); null values are skipped.
+    """
+    g, gp = _groups_sql(run, flt_a, flt_b)
+    return cat.df(
+        f"WITH g AS ({g}) SELECT h.layer, h.head, g.grp AS \"group\", count(h.value) AS n, "
+        "avg(CAST(h.value AS DOUBLE)) AS mean, var_samp(CAST(h.value AS DOUBLE)) AS var "
+        "FROM head_stats h JOIN g ON h.example_id = g.example_id "
+        "WHERE h.run = ? AND h.stream = ? AND h.stat = ? GROUP BY ALL ORDER BY 1, 2, 3",
+        [*gp, run, stream, stat],
+    )
+
+
+def compare_values(cat, run: str, flt_a: ExampleFilter | None, flt_b: ExampleFilter | None, stream: str,
+                   stat: str, layer: int | None = None, head: int | None = None) -> pd.DataFrame:
+    """layer, head, example_id, group, value: the per-example values behind :func:`compare_moments`
+    (one head with ``layer`` and ``head``, else all); null values left out."""
+    g, gp = _groups_sql(run, flt_a, flt_b)
+    sql = (f"WITH g AS ({g}) SELECT h.layer, h.head, h.example_id, g.grp AS \"group\", "
+           "CAST(h.value AS DOUBLE) AS value FROM head_stats h JOIN g ON h.example_id = g.example_id "
+           "WHERE h.run = ? AND h.stream = ? AND h.stat = ? AND h.value IS NOT NULL")
+    params = [*gp, run, stream, stat]
+    if layer is not None and head is not None:
+        sql += " AND h.layer = ? AND h.head = ?"
+        params += [int(layer), int(head)]
+    return cat.df(sql + " ORDER BY 1, 2, 4, 3", params)
+
+
+def _pairs_sql(run_a: str, run_b: str, flt: ExampleFilter | None, stream: str, stat: str) -> tuple[str, list]:
+    """SQL of (layer, head, example_id, a, b): a statistic of the same example and head in two runs,
+    for examples passing ``flt`` in both runs (same example_id and source_id) with a value in both."""
+    wa, pa_ = _example_where(run_a, flt)
+    wb, pb = _example_where(run_b, flt)
+    return (f"WITH e AS (SELECT example_id, source_id FROM examples WHERE {wa} INTERSECT "
+            f"SELECT example_id, source_id FROM examples WHERE {wb}), "
+            "ha AS (SELECT layer, head, example_id, CAST(value AS DOUBLE) AS value FROM head_stats "
+            "WHERE run = ? AND stream = ? AND stat = ? AND value IS NOT NULL), "
+            "hb AS (SELECT layer, head, example_id, CAST(value AS DOUBLE) AS value FROM head_stats "
+            "WHERE run = ? AND stream = ? AND stat = ? AND value IS NOT NULL), "
+            "p AS (SELECT ha.layer, ha.head, ha.example_id, ha.value AS a, hb.value AS b FROM ha "
+            "JOIN hb USING (layer, head, example_id) WHERE ha.example_id IN (SELECT example_id FROM e)) ",
+            [*pa_, *pb, run_a, stream, stat, run_b, stream, stat])
+
+
+def paired_sizes(cat, run_a: str, run_b: str, flt: ExampleFilter | None) -> pd.DataFrame:
+    """One row: n_a, n_b (examples passing ``flt`` in each run), n_both (in both: the pairs)."""
+    wa, pa_ = _example_where(run_a, flt)
+    wb, pb = _example_where(run_b, flt)
+    return cat.df(
+        f"WITH a AS (SELECT example_id, source_id FROM examples WHERE {wa}), "
+        f"b AS (SELECT example_id, source_id FROM examples WHERE {wb}) "
+        "SELECT (SELECT count(*) FROM a) AS n_a, (SELECT count(*) FROM b) AS n_b, "
+        "(SELECT count(*) FROM (SELECT * FROM a INTERSECT SELECT * FROM b)) AS n_both",
+        [*pa_, *pb],
+    )
+
+
+def paired_moments(cat, run_a: str, run_b: str, flt: ExampleFilter | None, stream: str, stat: str) -> pd.DataFrame:
+    """layer, head, n (pairs), mean_a, mean_b, mean_d, var_d (sample variance of d = b − a) per head."""
+    p, params = _pairs_sql(run_a, run_b, flt, stream, stat)
+    return cat.df(
+        p + "SELECT layer, head, count(*) AS n, avg(a) AS mean_a, avg(b) AS mean_b, avg(b - a) AS mean_d, "
+        "var_samp(b - a) AS var_d FROM p GROUP BY ALL ORDER BY 1, 2",
+        params,
+    )
+
+
+def paired_values(cat, run_a: str, run_b: str, flt: ExampleFilter | None, stream: str, stat: str,
+                  layer: int | None = None, head: int | None = None) -> pd.DataFrame:
+    """layer, head, example_id, a, b: the pairs behind :func:`paired_moments` (one head, or all)."""
+    p, params = _pairs_sql(run_a, run_b, flt, stream, stat)
+    sql = p + "SELECT layer, head, example_id, a, b FROM p"
+    if layer is not None and head is not None:
+        sql += " WHERE layer = ? AND head = ?"
+        params += [int(layer), int(head)]
+    return cat.df(sql + " ORDER BY 1, 2, 3", params)
+
+
+def examples_by_id(cat, run: str, ids: list[int]) -> pd.DataFrame:
+    """example_id, text, answer, prediction, correct, split of the given examples of a run."""
+    return cat.df(
+        "SELECT example_id, text, answer, prediction, correct, split FROM examples "
+        "WHERE run = ? AND list_contains(?, example_id) ORDER BY example_id",
+        [run, [int(i) for i in ids]],
+    )
+
+
+# -- hidden states and their maps (pipeline/embed.py, the Hidden states page) ------------------------
+def hidden_layers(cat, run: str, stream: str | None = None) -> pd.DataFrame:
+    """stream, layer, n (tokens) of every hidden-state layer stored for a run (0 = embedding output)."""
+    sql = "SELECT stream, layer, count(*) AS n FROM hidden_states WHERE run = ?"
+    params: list = [run]
+    if stream is not None:
+        sql += " AND stream = ?"
+        params.append(stream)
+    return cat.df(sql + " GROUP BY stream, layer ORDER BY stream, layer", params)
+
+
+def hidden_token_keys(cat, run: str, stream: str, n_layers: int) -> pd.DataFrame:
+    """example_id, token_idx, modality, role of the tokens with a hidden state at all ``n_layers``
+    stored layers of a stream, by (example_id, token_idx)."""
+    return cat.df(
+        "WITH k AS (SELECT example_id, token_idx FROM hidden_states WHERE run = ? AND stream = ? "
+        "GROUP BY example_id, token_idx HAVING count(*) = ?) "
+        "SELECT k.example_id, k.token_idx, t.modality, t.role FROM k LEFT JOIN tokens t "
+        "ON t.run = ? AND t.example_id = k.example_id AND t.token_idx = k.token_idx "
+        "ORDER BY k.example_id, k.token_idx",
+        [run, stream, int(n_layers), run],
+    )
+
+
+def hidden_vectors(cat, run: str, stream: str, layer: int, *, pairs: tuple[list, list] | None = None,
+                   example_ids: list[int] | None = None) -> pd.DataFrame:
+    """example_id, token_idx, norm, vec (FLOAT[]) of hidden states at ``(stream, layer)``, by
+    (example_id, token_idx).
+
+    Parameters
+    ----------
+    pairs : ``(example_ids, token_idxs)``, two equally long lists: only these tokens.
+    example_ids : only the tokens of these examples.
+    """
+    base = "FROM hidden_states h WHERE h.run = ? AND h.stream = ? AND h.layer = ?"
+    params: list = [run, stream, int(layer)]
+    if pairs is not None:
+        ex, tok = [int(i) for i in pairs[0]], [int(i) for i in pairs[1]]
+        if len(ex) != len(tok):
+            raise ValueError("hidden_vectors: pairs must be two lists of equal length")
+        lo, hi = (min(ex), max(ex)) if ex else (0, -1)
+        return cat.df(
+            "WITH p AS (SELECT unnest(?::BIGINT[]) AS example_id, unnest(?::INTEGER[]) AS token_idx) "
+            "SELECT h.example_id, h.token_idx, h.norm, h.vec FROM hidden_states h "
+            "JOIN p ON p.example_id = h.example_id AND p.token_idx = h.token_idx "
+            "WHERE h.run = ? AND h.stream = ? AND h.layer = ? AND h.example_id BETWEEN ? AND ? "
+            "ORDER BY h.example_id, h.token_idx",
+            [ex, tok, *params, lo, hi],
+        )
+    if example_ids is not None:
+        base += " AND list_contains(?, h.example_id)"
+        params.append([int(i) for i in example_ids])
+    return cat.df(f"SELECT h.example_id, h.token_idx, h.norm, h.vec {base} ORDER BY h.example_id, h.token_idx",
+                  params)
+
+
+def example_hidden(cat, run: str, stream: str, example_id: int) -> pd.DataFrame:
+    """layer, token_idx, modality, role, norm, vec of every hidden state of one example, by layer, token_idx."""
+    return cat.df(
+        "SELECT h.layer, h.token_idx, t.modality, t.role, h.norm, h.vec FROM hidden_states h "
+        "LEFT JOIN tokens t ON t.run = h.run AND t.example_id = h.example_id AND t.token_idx = h.token_idx "
+        "WHERE h.run = ? AND h.stream = ? AND h.example_id = ? ORDER BY h.layer, h.token_idx",
+        [run, stream, int(example_id)],
+    )
+
+
+def embedding_layers(cat, run: str, stream: str | None = None, method: str = "tsne") -> pd.DataFrame:
+    """stream, layer, n (tokens) of the maps stored for a run."""
+    sql = "SELECT stream, layer, count(*) AS n FROM embeddings WHERE run = ? AND method = ?"
+    params: list = [run, method]
+    if stream is not None:
+        sql += " AND stream = ?"
+        params.append(stream)
+    return cat.df(sql + " GROUP BY stream, layer ORDER BY stream, layer", params)
+
+
+def embedding_map(cat, run: str, stream: str, layer: int, method: str = "tsne") -> pd.DataFrame:
+    """One map: example_id, token_idx, x, y with the token's modality, role, token, patch_row,
+    patch_col, x0..y1 and its example's text, answer, prediction, correct, image_id."""
+    return cat.df(
+        "SELECT m.example_id, m.token_idx, m.x, m.y, t.modality, t.role, t.token, t.text_pos, t.patch_row, "
+        "t.patch_col, t.x0, t.y0, t.x1, t.y1, e.text, e.answer, e.prediction, e.correct, e.image_id "
+        "FROM embeddings m "
+        "LEFT JOIN tokens t ON t.run = m.run AND t.example_id = m.example_id AND t.token_idx = m.token_idx "
+        "LEFT JOIN examples e ON e.run = m.run AND e.example_id = m.example_id "
+        "WHERE m.run = ? AND m.stream = ? AND m.layer = ? AND m.method = ? ORDER BY m.example_id, m.token_idx",
+        [run, stream, int(layer), method],
+    )
+
+
+def embedding_tokens(cat, run: str, stream: str, layer: int, example_ids: list[int],
+                     method: str = "tsne") -> pd.DataFrame:
+    """example_id, token_idx, x, y of the given examples' tokens that are on a map."""
+    return cat.df(
+        "SELECT example_id, token_idx, x, y FROM embeddings WHERE run = ? AND stream = ? AND layer = ? "
+        "AND method = ? AND list_contains(?, example_id) ORDER BY example_id, token_idx",
+        [run, stream, int(layer), method, [int(i) for i in example_ids]],
+    )
+
+
+def embedding_path(cat, run: str, stream: str, example_id: int, token_idx: int,
+                   method: str = "tsne") -> pd.DataFrame:
+    """layer, x, y of one token on the maps of every layer (empty when it is not in the sample)."""
+    return cat.df(
+        "SELECT layer, x, y FROM embeddings WHERE run = ? AND stream = ? AND example_id = ? AND token_idx = ? "
+        "AND method = ? ORDER BY layer",
+        [run, stream, int(example_id), int(token_idx), method],
+    )
+
+
+def map_vectors(cat, run: str, stream: str, layer: int, method: str = "tsne") -> pd.DataFrame:
+    """The sample of a map with its hidden vectors: example_id, token_idx, x, y, modality, role, token,
+    vec, by (example_id, token_idx) (the map's row order)."""
+    return cat.df(
+        "SELECT m.example_id, m.token_idx, m.x, m.y, t.modality, t.role, t.token, h.vec FROM embeddings m "
+        "JOIN hidden_states h ON h.run = m.run AND h.stream = m.stream AND h.layer = m.layer "
+        "AND h.example_id = m.example_id AND h.token_idx = m.token_idx "
+        "LEFT JOIN tokens t ON t.run = m.run AND t.example_id = m.example_id AND t.token_idx = m.token_idx "
+        "WHERE m.run = ? AND m.stream = ? AND m.layer = ? AND m.method = ? "
+        "AND h.run = ? AND h.stream = ? AND h.layer = ? ORDER BY m.example_id, m.token_idx",
+        [run, stream, int(layer), method, run, stream, int(layer)],
+    )
+
+
+def hidden_norms(cat, run: str, stream: str, example_id: int | None = None,
+                 flt: ExampleFilter | None = None) -> pd.DataFrame:
+    """layer, modality, norm, n: the mean L2 norm of the hidden states of each modality per layer,
+    over one example's tokens, or over the tokens of all examples passing ``flt``."""
+    sql = ("SELECT h.layer, t.modality, avg(h.norm) AS norm, count(*) AS n FROM hidden_states h "
+           "JOIN tokens t ON t.run = h.run AND t.example_id = h.example_id AND t.token_idx = h.token_idx "
+           "WHERE h.run = ? AND h.stream = ?")
+    params: list = [run, stream]
+    if example_id is not None:
+        sql += " AND h.example_id = ?"
+        params.append(int(example_id))
+    elif flt is not None and not flt.is_empty():
+        where, p = _example_where(run, flt)
+        sql += f" AND h.example_id IN (SELECT example_id FROM examples WHERE {where})"
+        params += p
+    return cat.df(sql + " GROUP BY h.layer, t.modality ORDER BY h.layer, t.modality", params)
+
+
+def text_image_cosine(cat, run: str, stream: str, example_id: int | None = None,
+                      flt: ExampleFilter | None = None, max_examples: int = 500) -> pd.DataFrame:
+    """layer, cosine, n_examples: the mean cosine similarity between the text and the image tokens'
+    hidden states, per layer.
+
+    For each example, ``cos(h_t, h_i)`` is averaged over every pair of a text
+    token ``t`` and an image token ``i`` (special tokens included, by their
+    modality); ``cosine`` is that value for ``example_id``, or its mean over the
+    examples passing ``flt`` (at most ``max_examples`` of them, a fixed
+    pseudo-random choice: ``ORDER BY hash(example_id)``).
+    """
+    if example_id is not None:
+        ex_sql, params = "SELECT ?::BIGINT AS example_id", [int(example_id)]
+    else:
+        where, params = _example_where(run, flt)
+        ex_sql = f"SELECT example_id FROM examples WHERE {where} ORDER BY hash(example_id), example_id LIMIT ?"
+        params = [*params, int(max_examples)]
+    return cat.df(
+        f"WITH ex AS ({ex_sql}), "
+        "h AS (SELECT h.example_id, h.layer, t.modality, h.vec FROM hidden_states h "
+        "JOIN tokens t ON t.run = h.run AND t.example_id = h.example_id AND t.token_idx = h.token_idx "
+        "WHERE h.run = ? AND h.stream = ? AND h.example_id IN (SELECT example_id FROM ex)), "
+        "p AS (SELECT a.example_id, a.layer, avg(list_cosine_similarity(a.vec, b.vec)) AS cosine "
+        "FROM h a JOIN h b ON a.example_id = b.example_id AND a.layer = b.layer "
+        "WHERE a.modality = 'text' AND b.modality = 'image' GROUP BY a.example_id, a.layer) "
+        "SELECT layer, avg(cosine) AS cosine, count(*) AS n_examples FROM p GROUP BY layer ORDER BY layer",
+        [*params, run, stream],
+    )

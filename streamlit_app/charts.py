@@ -196,3 +196,176 @@ def token_matrix(m: pd.DataFrame, *, weight_title: str = "weight", cell: int = 2
         tooltip=[alt.Tooltip("query:N"), alt.Tooltip("key:N"), alt.Tooltip("weight:Q", format=".4f")],
     ).properties(width=max(160, cell * len(k_order)), height=max(120, cell * len(q_order)),
                  description=description, autosize=PAD)
+
+
+# -- compare two groups ----------------------------------------------------------------------
+def compare_heatmap(result: pd.DataFrame, *, value: str = "diff", value_title: str = "B − A",
+                    selected: tuple[int, int] | None = None, alpha: float = 0.05, cell: int = 34,
+                    description: str = "compare-diff") -> alt.Chart:
+    """Layers × heads map of a comparison (``lake.compare``): B − A on a diverging scale centred on 0.
+
+    Parameters
+    ----------
+    result : layer, head, n_a, n_b, mean_a, mean_b, diff, effect, p, p_adj (one row per head).
+    value : the column coloured: ``diff`` (difference of means) or ``effect`` (effect size).
+    selected : ``(layer, head)`` to outline.
+    alpha : heads with adjusted p below it are marked ``∗``.
+    description : the spec's description, which names the chart.
+    """
+    d = result.copy()
+    d["layer"] = d["layer"].astype(int)
+    d["head"] = d["head"].astype(int)
+    d["col"] = d["head"].astype(str)
+    d["value"] = d[value].astype(float)
+    d["significant"] = (d.p_adj < alpha).fillna(False).astype(bool)
+    d["mark"] = np.where(d.significant, "∗", "")
+    d["selected"] = ((d.layer == int(selected[0])) & (d["head"] == int(selected[1]))) if selected else False
+    heads = sorted(d["head"].unique().tolist())
+    layers = sorted(d.layer.unique().tolist())
+    v = d.value.abs().dropna()
+    a = float(v.max()) if len(v) and v.max() > 0 else 1.0
+    d["ink"] = np.where(d.value.abs() > 0.6 * a, "white", "black")  # the ∗ stays readable on dark cells
+    click = alt.selection_point(name="cell", fields=["layer", "head"], on="click", clear=False)
+    fmt = ".4f"
+    base = alt.Chart(d).encode(
+        x=alt.X("col:N", sort=[str(h) for h in heads], title="head",
+                axis=alt.Axis(labelAngle=0, orient="top")),
+        y=alt.Y("layer:O", sort="ascending", title="layer"),
+    )
+    rect = base.mark_rect(stroke="white", strokeWidth=0.5).encode(
+        color=alt.Color("value:Q", title=value_title,
+                        scale=alt.Scale(scheme=DIVERGING, reverse=True, domain=[-a, a], domainMid=0),
+                        legend=alt.Legend(orient="right", gradientLength=max(60, cell * len(layers)))),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("head:O"),
+                 alt.Tooltip("mean_a:Q", format=fmt, title="mean A"), alt.Tooltip("mean_b:Q", format=fmt,
+                                                                                   title="mean B"),
+                 alt.Tooltip("diff:Q", format=fmt, title="B − A"), alt.Tooltip("effect:Q", format=".3f",
+                                                                               title="effect size"),
+                 alt.Tooltip("p:Q", format=".3g"), alt.Tooltip("p_adj:Q", format=".3g", title="adjusted p"),
+                 alt.Tooltip("n_a:Q", title="n A"), alt.Tooltip("n_b:Q", title="n B")],
+        opacity=alt.condition(click, alt.value(1.0), alt.value(0.85)),
+    ).add_params(click)
+    stars = base.mark_text(fontSize=16, fontWeight="bold").encode(text="mark:N", color=alt.Color("ink:N", scale=None))
+    outline = base.transform_filter("datum.selected").mark_rect(fill=None, stroke=SELECT_COLOR, strokeWidth=3)
+    return alt.layer(rect, stars, outline).properties(
+        width=cell * len(heads) + 10, height=cell * len(layers), description=description, autosize=PAD)
+
+
+def group_values(values: pd.DataFrame, *, value_title: str, width: int = 420,
+                 description: str = "compare-values") -> alt.Chart:
+    """One head's per-example values, a row of dots per group, with each group's mean as a tick.
+
+    ``values``: example_id, group (label), value.
+    """
+    d = values.copy()
+    means = d.groupby("group", as_index=False).value.mean()
+    y = alt.Y("group:N", title=None, sort=sorted(d.group.unique().tolist()))
+    dots = alt.Chart(d).mark_circle(size=40, opacity=0.55).encode(
+        x=alt.X("value:Q", title=value_title, scale=alt.Scale(zero=False)), y=y, yOffset="jitter:Q",
+        color=alt.Color("group:N", legend=None),
+        tooltip=[alt.Tooltip("example_id:Q"), alt.Tooltip("group:N"), alt.Tooltip("value:Q", format=".4f")],
+    ).transform_calculate(jitter="random() * 16 - 8")
+    ticks = alt.Chart(means).mark_tick(thickness=3, size=30, color="black").encode(
+        x="value:Q", y=y, tooltip=[alt.Tooltip("group:N"), alt.Tooltip("value:Q", format=".4f", title="mean")])
+    return alt.layer(dots, ticks).properties(width=width, height=110, description=description, autosize=PAD)
+
+
+# -- the SQL page's quick chart -----------------------------------------------------------------
+QUICK_MARKS = ("auto", "bar", "line", "point", "area", "heatmap")
+QUICK_MAX_ROWS = 5000  # Altair refuses to inline more rows than this
+
+
+def _field(name: str) -> str:
+    """A column name as a Vega-Lite field (dots and brackets would otherwise mean nesting)."""
+    return "".join("\\" + c if c in ".[]\\" else c for c in str(name))
+
+
+def column_kind(s: pd.Series) -> str:
+    """``quantitative``, ``temporal`` or ``nominal``: how a result column is charted."""
+    if pd.api.types.is_bool_dtype(s):
+        return "nominal"
+    if pd.api.types.is_numeric_dtype(s):
+        return "quantitative"
+    if pd.api.types.is_datetime64_any_dtype(s):
+        return "temporal"
+    return "nominal"
+
+
+def chartable_columns(df: pd.DataFrame) -> list[str]:
+    """Columns with scalar values (numbers, text, booleans, times): lists, structs and blobs are left out."""
+    out = []
+    for c in df.columns:
+        s = df[c]
+        if s.dtype == object and s.map(lambda v: isinstance(v, (list, dict, tuple, bytes, bytearray, np.ndarray))).any():
+            continue
+        out.append(str(c))
+    return out
+
+
+def _discrete(s: pd.Series) -> bool:
+    kind = column_kind(s)
+    return kind == "nominal" or (pd.api.types.is_integer_dtype(s) and s.nunique() <= 60)
+
+
+def quick_defaults(df: pd.DataFrame) -> tuple[str | None, str | None, str | None]:
+    """Sensible (x, y, colour) for a result: a layer × head heatmap when it has both, else the first
+    text-like column against the first measured (float) one."""
+    cols = chartable_columns(df)
+    if not cols:
+        return None, None, None
+    floats = [c for c in cols if pd.api.types.is_float_dtype(df[c])]
+    numeric = [c for c in cols if column_kind(df[c]) == "quantitative"]
+    for x, y in (("head", "layer"), ("patch_col", "patch_row"), ("key_idx", "query_idx"), ("key", "query")):
+        if x in cols and y in cols:  # a grid: heads of layers, patches of an image, keys of queries
+            return x, y, next((c for c in floats if c not in (x, y)), None)
+    x = next((c for c in cols if not pd.api.types.is_float_dtype(df[c])), cols[0])
+    y = next((c for c in floats if c != x), next((c for c in numeric if c != x), None))
+    return x, y, None
+
+
+def quick_mark(df: pd.DataFrame, x: str, y: str | None, color: str | None, mark: str) -> str:
+    """The mark ``auto`` stands for: heatmap (two discrete axes and a colour), line (time on x),
+    bar (discrete x), point (otherwise)."""
+    if mark != "auto":
+        return mark
+    if y is not None and _discrete(df[x]) and _discrete(df[y]) and color is not None:
+        return "heatmap"
+    if column_kind(df[x]) == "temporal":
+        return "line"
+    if _discrete(df[x]):
+        return "bar"
+    return "point"
+
+
+def quick_chart(df: pd.DataFrame, x: str, y: str | None, color: str | None = None, mark: str = "auto", *,
+                width: int = 640, height: int = 320, description: str = "sql-chart") -> alt.Chart:
+    """A chart of a query result: ``x`` against ``y`` (None: the number of rows), coloured by ``color``.
+
+    ``mark``: one of :data:`QUICK_MARKS` (``auto`` picks one, see :func:`quick_mark`).
+    Only the columns used are kept, and at most :data:`QUICK_MAX_ROWS` rows.
+    """
+    used = list(dict.fromkeys(c for c in (x, y, color) if c is not None))
+    d = df[used].head(QUICK_MAX_ROWS).reset_index(drop=True)
+    mark = quick_mark(d, x, y, color, mark)
+
+    def enc(col: str, axis: str):
+        kind = column_kind(d[col])
+        if axis in ("x", "y") and mark in ("bar", "heatmap") and _discrete(d[col]):
+            kind = "ordinal" if kind == "quantitative" else kind
+        if axis in ("x", "y") and mark == "heatmap":
+            kind = "ordinal" if kind == "quantitative" else kind
+        cls = {"x": alt.X, "y": alt.Y, "color": alt.Color}[axis]
+        return cls(field=_field(col), type=kind, title=str(col))
+
+    base = alt.Chart(d)
+    m = {"bar": base.mark_bar(), "line": base.mark_line(point=True), "point": base.mark_point(filled=True),
+         "area": base.mark_area(opacity=0.7), "heatmap": base.mark_rect()}[mark]
+    y_enc = enc(y, "y") if y is not None else alt.Y("count()", title="rows")
+    e = dict(x=enc(x, "x"), y=y_enc,
+             tooltip=[alt.Tooltip(field=_field(c), type=column_kind(d[c]), title=str(c)) for c in used])
+    if color is not None:
+        e["color"] = enc(color, "color")
+        if mark == "heatmap" and column_kind(d[color]) == "quantitative":
+            e["color"] = alt.Color(field=_field(color), type="quantitative", title=str(color),
+                                   scale=alt.Scale(scheme=SEQUENTIAL))
+    return m.encode(**e).properties(width=width, height=height, description=description)

@@ -18,6 +18,14 @@ also its URL query parameter, so a view can be shared by its URL:
 ``q`` ``answer`` ``pred`` ``correct`` ``split`` ``mkey`` ``mval``
             the example filter (text search, answer, prediction, true/false,
             split, meta key and value)
+``cmp_stat`` ``cmp_b_run`` ``cmp_test`` ``cmp_corr`` ``cmp_map`` ``cmp_head``
+            the Compare page: statistic, run B (empty: B is a slice of this
+            run), ``t``/``rank`` test, ``holm``/``bh`` correction, map colour
+            ``diff``/``effect``, drilled head as ``layer,head``
+``a_q`` … ``a_mval``, ``b_q`` … ``b_mval``
+            the Compare page's filters of groups A and B (keys as above)
+``sql``      the SQL page's query; ``sql_x`` ``sql_y`` ``sql_color`` ``sql_mark`` its quick chart
+``expage``  the page of the Examples table (1-based)
 ==========  =================================================================
 
 Widgets never own a canonical key (Streamlit deletes the state of widgets
@@ -50,6 +58,14 @@ DEFAULTS: dict[str, object] = {
     "norm": "raw", "scope": "example", "tokens": [], "patches": [], "q": None, "answer": None,
     "pred": None, "correct": None, "split": None, "mkey": None, "mval": None,
 }
+# the Compare page: its own statistic, run B, test, correction, map colour, drilled head, and a
+# filter per group (the example filter's keys prefixed a_ / b_)
+FILTER_KEYS = ("q", "answer", "pred", "correct", "split", "mkey", "mval")
+DEFAULTS.update({"cmp_stat": "t2i", "cmp_b_run": None, "cmp_test": "t", "cmp_corr": "holm", "cmp_map": "diff",
+                 "cmp_head": []})
+DEFAULTS.update({f"{g}_{k}": None for g in ("a", "b") for k in FILTER_KEYS})
+# the SQL page: the query, the quick chart's x / y / colour columns and mark; the Examples page's table page
+DEFAULTS.update({"sql": None, "sql_x": None, "sql_y": None, "sql_color": None, "sql_mark": "auto", "expage": 1})
 URL_KEYS = tuple(DEFAULTS)
 ALWAYS_IN_URL = ("run", "ex")
 
@@ -78,6 +94,13 @@ PARSE = {
     "norm": lambda s: s if s in queries.NORMS else "raw",
     "scope": lambda s: s if s in ("example", "filtered") else "example",
 }
+PARSE.update({"expage": lambda s: max(1, int(s))})
+PARSE.update({
+    "a_correct": _bool, "b_correct": _bool, "cmp_head": _int_list,
+    "cmp_test": lambda s: s if s in ("t", "rank") else "t",
+    "cmp_corr": lambda s: s if s in ("holm", "bh") else "holm",
+    "cmp_map": lambda s: s if s in ("diff", "effect") else "diff",
+})
 
 
 def _fmt(v) -> str:
@@ -159,8 +182,11 @@ def choose(name: str, options: list, default=None):
     return v
 
 
-def example_filter() -> ExampleFilter:
-    g = st.session_state.get
+def example_filter(prefix: str = "") -> ExampleFilter:
+    """The example filter held in the canonical keys ``q`` … ``mval`` (with ``prefix``: ``a_q`` …)."""
+    def g(k):
+        return st.session_state.get(prefix + k)
+
     return ExampleFilter(text=g("q") or None, answer=g("answer"), prediction=g("pred"), correct=g("correct"),
                          split=g("split"), meta_key=g("mkey"), meta_value=g("mval"))
 
@@ -182,9 +208,28 @@ def q(name: str, *args, **kwargs):
     return _query(st.session_state["lake"], name, args, tuple(sorted(kwargs.items())))
 
 
+@st.cache_data(show_spinner=False, ttl=120, max_entries=256)
+def _user_sql(root: str, sql: str):
+    return catalog(root).user_sql(sql)
+
+
+def user_sql(sql: str):
+    """``Catalog.user_sql(sql)`` on the current lake (the sandbox of ``vlatlas sql``), cached.
+
+    Raises SandboxError / QueryError (never cached) when the query is refused or fails.
+    """
+    return _user_sql(st.session_state["lake"], sql)
+
+
+def user_sql_clear(sql: str) -> None:
+    """Forget the cached result of one query (so it runs again)."""
+    _user_sql.clear(st.session_state["lake"], sql)
+
+
 def reload_lake() -> None:
     """Forget cached results and re-scan the lake's files (new runs, new chunks)."""
     _query.clear()
+    _user_sql.clear()
     root = st.session_state.get("lake")
     if root:
         try:

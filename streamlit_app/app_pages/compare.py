@@ -1,0 +1,312 @@
+"""Compare: two groups of examples, head by head — B − A, an effect size, and a test per head
+corrected for the number of heads; drill into a head to see the examples that drive it."""
+
+import pandas as pd
+import streamlit as st
+
+from lake import compare as cmp
+from lake.queries import ExampleFilter
+from streamlit_app import charts, export, state
+
+TOP = 5  # driving examples listed per group
+ATTENTION = "app_pages/attention.py"
+
+c = state.ctx()
+st.title("⚖️ Compare")
+if not c.n_examples:
+    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so nothing to compare.")
+    st.stop()
+
+# -- group B: a slice of this run, or another run over the same manifest ------------------------
+others = state.q("runs_same_manifest", c.run)
+other_runs = [r for r, n in zip(others.run, others.n_examples) if pd.notna(n) and n > 0]
+state.choose("cmp_b_run", [None, *other_runs], default=None)
+if not st.session_state.get("_cmp_seeded"):  # a first visit with nothing chosen: right vs wrong answers
+    st.session_state["_cmp_seeded"] = True
+    if (state.get("cmp_b_run") is None and state.example_filter("a_").is_empty()
+            and state.example_filter("b_").is_empty()
+            and state.q("count_examples", c.run, ExampleFilter(correct=True))
+            and state.q("count_examples", c.run, ExampleFilter(correct=False))):
+        state.set_value("a_correct", True)
+        state.set_value("b_correct", False)
+b_run = state.get("cmp_b_run")
+paired = b_run is not None
+mode = "paired" if paired else "independent"
+
+
+def filter_widgets(prefix: str, where, run: str) -> None:
+    """The Examples page's filters, bound to the canonical keys ``<prefix>_q`` … ``<prefix>_mval``."""
+    any_ = "any"
+
+    def k(name):
+        return f"{prefix}_{name}"
+
+    where.text_input("Search text", placeholder="words in the text…", **state.bind(k("q")))
+    f1, f2, f3 = where.columns(3)
+    for col, name, column, label in ((f1, "answer", "answer", "Answer"), (f2, "pred", "prediction", "Prediction"),
+                                     (f3, "split", "split", "Split")):
+        values = [None, *state.q("distinct_values", run, column).value.tolist()]
+        state.choose(k(name), values, default=None)
+        col.selectbox(label, values, format_func=lambda v: any_ if v is None else v, placeholder=any_,
+                      **state.bind(k(name)))
+    g1, g2, g3 = where.columns(3)
+    state.choose(k("correct"), [None, True, False], default=None)
+    g1.selectbox("Prediction is", [None, True, False], placeholder=any_, **state.bind(k("correct")),
+                 format_func=lambda v: any_ if v is None else "✅ correct" if v else "❌ wrong")
+    keys = [None, *state.q("meta_keys", run).key.tolist()]
+    state.choose(k("mkey"), keys, default=None)
+    g2.selectbox("Metadata key", keys, format_func=lambda v: "—" if v is None else v, placeholder="—",
+                 **state.bind(k("mkey")))
+    mkey = state.get(k("mkey"))
+    mvals = [None] + (state.q("meta_values", run, mkey).value.tolist() if mkey else [])
+    state.choose(k("mval"), mvals, default=None)
+    g3.selectbox("Metadata value", mvals, format_func=lambda v: any_ if v is None else v, placeholder=any_,
+                 disabled=not mkey, **state.bind(k("mval")))
+
+
+def _mode_changed() -> None:
+    state.set_value("cmp_b_run", other_runs[0] if st.session_state["w_cmp_mode"] == "run" and other_runs else None)
+    state.set_value("cmp_head", [])
+
+
+left, right = st.columns(2, gap="large")
+with left:
+    box_a = st.container(border=True)
+with right:
+    box_b = st.container(border=True)
+box_b.markdown("#### Group B")
+st.session_state["w_cmp_mode"] = "run" if paired else "slice"
+box_b.radio("B is", ["slice", "run"], key="w_cmp_mode", on_change=_mode_changed, horizontal=True,
+            disabled=not other_runs,
+            format_func=lambda m: "a slice of this run" if m == "slice" else "another run over the same manifest",
+            help="Another run: another model or checkpoint over the same manifest (`runs.manifest`), compared "
+                 "example by example." + ("" if other_runs else " No other run in this lake has this run's "
+                                                                 "manifest."))
+if paired:
+    box_a.markdown(f"#### Group A: run `{c.run}`")
+    box_a.caption("Filter (applied to both runs; an example is compared when it passes it in both)")
+    filter_widgets("a", box_a, c.run)
+    box_b.selectbox("Run B", other_runs, **state.bind("cmp_b_run"),
+                    format_func=lambda r: f"{r} · {dict(zip(others.run, others.model)).get(r)}")
+    box_b.caption(f"Run B's examples are paired with run A's by example_id (same manifest: "
+                  f"`{c.info.get('manifest')}`).")
+    flt_a = flt_b = state.example_filter("a_")
+else:
+    box_a.markdown("#### Group A")
+    filter_widgets("a", box_a, c.run)
+    filter_widgets("b", box_b, c.run)
+    flt_a, flt_b = state.example_filter("a_"), state.example_filter("b_")
+
+# -- what to compare ------------------------------------------------------------------------------
+s1, s2, s3, s4, s5 = st.columns([1.2, 1.6, 2, 2.4, 2.6])
+stream = state.pick_stream(c, s1)
+if stream is None:
+    st.info(f"Run **{c.run}** has no head statistics.")
+    st.stop()
+avail = state.q("stats_available", c.run, stream)
+if paired:
+    avail_b = state.q("stats_available", b_run, stream)
+    avail = avail[avail.stat.isin(avail_b[avail_b.n_values > 0].stat)]
+stats = avail[avail.n_values > 0].stat.tolist()
+if not stats:
+    st.info(f"No statistic has values in stream `{stream}`" + (f" in both runs `{c.run}` and `{b_run}`."
+                                                                 if paired else f" of run `{c.run}`."))
+    st.stop()
+help_ = state.stat_help()
+state.choose("cmp_stat", stats, default="t2i")
+s2.selectbox("Statistic", stats, help="\n".join(f"- **{s}**: {help_.get(s, '')}" for s in stats),
+             **state.bind("cmp_stat"))
+state.choose("cmp_test", list(cmp.TESTS))
+test_help = (f"**{cmp.TEST_LABELS[(mode, 't')]}**: {cmp.HELP['welch' if not paired else 'paired_t']}\n\n"
+             f"**{cmp.TEST_LABELS[(mode, 'rank')]}**: {cmp.HELP['mannwhitney' if not paired else 'wilcoxon']}")
+s3.radio("Test", list(cmp.TESTS), format_func=lambda t: cmp.TEST_LABELS[(mode, t)], horizontal=True,
+         help=test_help, **state.bind("cmp_test"))
+state.choose("cmp_corr", list(cmp.CORRECTIONS))
+s4.radio("Correction for the number of heads", list(cmp.CORRECTIONS), horizontal=True,
+         format_func=lambda k: cmp.CORRECTION_LABELS[k],
+         help="\n\n".join(f"**{cmp.CORRECTION_LABELS[k]}**: {cmp.HELP[k]}" for k in cmp.CORRECTIONS),
+         **state.bind("cmp_corr"))
+effect_name = "d_z" if paired else "Hedges' g"
+state.choose("cmp_map", ["diff", "effect"])
+s5.radio("Colour", ["diff", "effect"], horizontal=True, **state.bind("cmp_map"),
+         format_func=lambda v: "difference of means" if v == "diff" else f"effect size ({effect_name})",
+         help=cmp.HELP["d_z" if paired else "hedges_g"])
+stat, test, corr = state.get("cmp_stat"), state.get("cmp_test"), state.get("cmp_corr")
+
+# -- the groups' sizes ------------------------------------------------------------------------------
+if paired:
+    sizes = state.q("paired_sizes", c.run, b_run, flt_a).iloc[0]
+    label_a, label_b = f"run {c.run}", f"run {b_run}"
+    st.markdown(f"**A** = run `{c.run}`, **B** = run `{b_run}`, paired by example: **{int(sizes.n_both)}** "
+                f"examples pass the filter ({flt_a.describe()}) in both runs (of {int(sizes.n_a)} in A, "
+                f"{int(sizes.n_b)} in B).")
+    enough = sizes.n_both >= 2
+else:
+    sizes = state.q("compare_sizes", c.run, flt_a, flt_b).iloc[0]
+    n_a, n_b, n_both = int(sizes.n_a) - int(sizes.n_both), int(sizes.n_b) - int(sizes.n_both), int(sizes.n_both)
+    label_a = flt_a.describe() if not flt_a.is_empty() else "every example not in B"
+    label_b = flt_b.describe() if not flt_b.is_empty() else "every example not in A"
+    st.markdown(f"**A** = {label_a} (**{n_a}** examples) · **B** = {label_b} (**{n_b}** examples) · "
+                f"run `{c.run}`, independent groups.")
+    if n_both:
+        st.caption(f"⚠️ {n_both} examples pass both filters and are left out of both groups: independent samples "
+                   "share no example (so B with no filter is every example not in A).")
+    enough = n_a >= 2 and n_b >= 2
+if not enough:
+    st.info("Each group needs at least 2 examples" + (" (pairs)" if paired else "") + " to be compared; "
+            + ("the two filters select the same examples — " if not paired and n_a == 0 and n_b == 0 else "")
+            + "change the filters.")
+    st.stop()
+
+# -- the comparison ------------------------------------------------------------------------------------
+if paired:
+    mom = state.q("paired_moments", c.run, b_run, flt_a, stream, stat)
+    vals = state.q("paired_values", c.run, b_run, flt_a, stream, stat) if test == "rank" else None
+    res = cmp.compare_paired(mom, vals, test, corr)
+else:
+    mom = state.q("compare_moments", c.run, flt_a, flt_b, stream, stat)
+    vals = state.q("compare_values", c.run, flt_a, flt_b, stream, stat) if test == "rank" else None
+    res = cmp.compare_independent(mom, vals, test, corr)
+if res.empty or res["diff"].notna().sum() == 0:
+    st.info(f"**{stat}** has no values in both groups for stream `{stream}`.")
+    st.stop()
+ranked = cmp.ranked(res)
+tested = int(res.p.notna().sum())
+n_sig = int((res.p_adj < cmp.ALPHA).sum())
+heads = set(zip(res.layer, res["head"]))
+sel = tuple(state.get("cmp_head") or ())
+if len(sel) != 2 or sel not in heads:
+    sel = (int(ranked.layer.iloc[0]), int(ranked["head"].iloc[0]))  # the head that differs most
+
+
+def _cell_clicked() -> None:
+    cell = st.session_state["cmp_chart"].selection.get("cell") or []
+    if cell:
+        state.set_value("cmp_head", [int(cell[0]["layer"]), int(cell[0]["head"])])
+
+
+map_left, map_right = st.columns([3, 2])
+with map_left:
+    value = state.get("cmp_map")
+    title = f"{stat}: B − A" if value == "diff" else f"{effect_name} (B vs A)"
+    chart = charts.compare_heatmap(res, value=value, value_title=title, selected=sel, alpha=cmp.ALPHA)
+    export.show_chart(chart, f"compare-{stat}-{value}", res, on_select=_cell_clicked, selection_mode="cell",
+                      key="cmp_chart", width="content")
+    st.caption(f"Each cell is one head `(stream {stream}, layer, head)`; colour: "
+               + (f"the difference of the mean **{stat}** of B and of A (red: higher in B, blue: higher in A)"
+                  if value == "diff" else f"the effect size {effect_name} of B against A")
+               + f". ∗ marks heads whose {cmp.CORRECTION_LABELS[corr]}-adjusted p is below {cmp.ALPHA}. "
+               "Click a cell to see the examples behind it.")
+with map_right:
+    st.markdown(f"#### `{stat}`\n{help_.get(stat, '')}.")
+    st.markdown(f"**{n_sig}** of {tested} heads tested differ at adjusted p < {cmp.ALPHA} "
+                f"({cmp.TEST_LABELS[(mode, test)]}, {cmp.CORRECTION_LABELS[corr]}, m = {tested})."
+                + (f" {len(res) - tested} heads could not be tested (fewer than 2 values in a group, or no "
+                   "variance) and are left out of m." if len(res) > tested else ""))
+    with st.expander("How these numbers are computed"):
+        if paired:
+            st.markdown(f"Paired by example: d = value in B − value in A.\n\n"
+                        f"- **effect size** {cmp.HELP['d_z']}\n- **{cmp.TEST_LABELS[(mode, 't')]}**: "
+                        f"{cmp.HELP['paired_t']}\n- **{cmp.TEST_LABELS[(mode, 'rank')]}**: {cmp.HELP['wilcoxon']}")
+        else:
+            st.markdown(f"Independent groups.\n\n- **effect size** {cmp.HELP['hedges_g']}\n"
+                        f"- **{cmp.TEST_LABELS[(mode, 't')]}**: {cmp.HELP['welch']}\n"
+                        f"- **{cmp.TEST_LABELS[(mode, 'rank')]}**: {cmp.HELP['mannwhitney']}")
+        st.markdown("\n".join(f"- **{cmp.CORRECTION_LABELS[k]}**: {cmp.HELP[k]}" for k in cmp.CORRECTIONS))
+
+# -- the ranked list ------------------------------------------------------------------------------------
+st.subheader("Heads that differ most")
+table = ranked.rename(columns={"mean_a": "mean A", "mean_b": "mean B", "diff": "B − A", "effect": effect_name,
+                               "p_adj": "adjusted p", "n_a": "n A", "n_b": "n B"})
+table = table[["layer", "head", "mean A", "mean B", "B − A", effect_name, "p", "adjusted p", "n A", "n B"]]
+
+
+def _row_picked() -> None:
+    rows = st.session_state["cmp_table"].selection.rows
+    if rows:
+        state.set_value("cmp_head", [int(table.layer.iloc[rows[0]]), int(table["head"].iloc[rows[0]])])
+
+
+st.dataframe(table, key="cmp_table", on_select=_row_picked, selection_mode="single-row", hide_index=True,
+             width="stretch", height=min(38 + 35 * len(table), 400),
+             column_config={c_: st.column_config.NumberColumn(c_, format="%.4f")
+                            for c_ in ("mean A", "mean B", "B − A", effect_name)}
+             | {c_: st.column_config.NumberColumn(c_, format="%.2e") for c_ in ("p", "adjusted p")})
+st.caption(f"By |{effect_name}|, largest first. Click a row to see the examples behind that head.")
+
+# -- one head: the examples that drive its difference --------------------------------------------------------
+layer, head = sel
+row = res[(res.layer == layer) & (res["head"] == head)].iloc[0]
+st.subheader(f"Layer {layer}, head {head}")
+m = st.columns(6)
+m[0].metric("mean A", f"{row.mean_a:.4f}", help=label_a)
+m[1].metric("mean B", f"{row.mean_b:.4f}", help=label_b)
+m[2].metric("B − A", f"{row['diff']:+.4f}")
+m[3].metric(effect_name, "—" if pd.isna(row.effect) else f"{row.effect:+.3f}")
+m[4].metric("p", "—" if pd.isna(row.p) else f"{row.p:.2e}")
+m[5].metric("adjusted p", "—" if pd.isna(row.p_adj) else f"{row.p_adj:.2e}")
+
+
+def _open(run: str, example_id: int) -> None:
+    """Select this example at the drilled head; the Attention page opens it."""
+    if run != c.run:  # opening run B's example makes B the sidebar's run: keep the comparison, swapped
+        state.set_value("cmp_b_run", c.run)
+    for k, v in (("run", run), ("ex", int(example_id)), ("stream", stream), ("layer", int(layer)),
+                 ("head", int(head))):
+        state.set_value(k, v)
+
+
+if paired:
+    hv = state.q("paired_values", c.run, b_run, flt_a, stream, stat, layer, head)
+    drv = cmp.drivers_paired(hv)
+    long = pd.concat([hv.assign(group=f"A · {c.run}", value=hv.a), hv.assign(group=f"B · {b_run}", value=hv.b)])
+else:
+    hv = state.q("compare_values", c.run, flt_a, flt_b, stream, stat, layer, head)
+    drv = cmp.drivers_independent(hv)
+    long = hv.assign(group=hv.group.map({"A": "A", "B": "B"}))
+export.show_chart(charts.group_values(long[["example_id", "group", "value"]], value_title=stat),
+                  f"compare-values-l{layer}h{head}", key="cmp_values")
+st.markdown("**Examples that drive the difference** — "
+            + (cmp.HELP["share_paired"] if paired else cmp.HELP["share_independent"]))
+
+info = {}
+if len(drv):
+    shown = drv.groupby("group").head(TOP) if not paired else drv.head(2 * TOP)
+    ex = state.q("examples_by_id", c.run, sorted({int(i) for i in shown.example_id}))
+    info = {int(r.example_id): r for r in ex.itertuples()}
+
+
+def _line(r) -> str:
+    e = info.get(int(r.example_id))
+    if e is None:
+        return f"#{int(r.example_id)}"
+    mark = "" if pd.isna(e.correct) else " ✅" if e.correct else " ❌"
+    pred = f"prediction in A ({c.run})" if paired else "prediction"
+    return f"#{int(r.example_id)} · {e.text} · answer **{e.answer}** · {pred} **{e.prediction}**{mark}"
+
+
+def _button(where, label: str, run: str, example_id: int, key: str) -> None:
+    if where.button(label, key=key, help=f"open example #{example_id} of run {run} on the Attention page at "
+                                         f"stream {stream}, layer {layer}, head {head}"):
+        _open(run, example_id)
+        st.switch_page(ATTENTION)
+
+
+if paired:
+    st.caption(f"Largest differences B − A in the direction of the mean difference; "
+               f"🔍 A / 🔍 B opens the example in run `{c.run}` / `{b_run}`.")
+    for r in drv.head(2 * TOP).itertuples():
+        a, b, t = st.columns([0.6, 0.6, 8])
+        _button(a, "🔍 A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
+        _button(b, "🔍 B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
+        t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {r.share:.0%})")
+else:
+    col_a, col_b = st.columns(2, gap="large")
+    for where, g, other in ((col_a, "A", "B"), (col_b, "B", "A")):
+        where.markdown(f"##### {g}: {label_a if g == 'A' else label_b}")
+        where.caption(f"furthest from the mean of {other} ({row.mean_b if g == 'A' else row.mean_a:.4f}) "
+                      f"in the direction of B − A")
+        for r in drv[drv.group == g].head(TOP).itertuples():
+            b, t = where.columns([1, 6])
+            _button(b, "🔍", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
+            t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {r.share:.0%})")
