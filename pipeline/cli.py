@@ -101,8 +101,15 @@ def cmd_demo_train(a: argparse.Namespace) -> int:
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
-    from pipeline.embed import embed
+    from pipeline.embed import embed, place_all
 
+    if a.place:
+        try:
+            ids = [int(x) for x in a.place.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--place {a.place!r}: give example ids separated by commas, e.g. --place 3,17") from None
+        place_all(a.lake, a.run, ids).to_csv(sys.stdout, index=False)
+        return 0
     print(embed(a.lake, a.run, n_tokens=a.sample, seed=a.seed, progress=not a.quiet).line())
     return 0
 
@@ -132,9 +139,13 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("embed", help="add openTSNE maps of the hidden states to a run")
     m.add_argument("--lake", required=True)
     m.add_argument("--run", required=True)
-    m.add_argument("--sample", type=int, default=20_000, help="tokens per map (drawn from all examples)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--quiet", action="store_true")
+    m.add_argument("--sample", type=int, default=None,
+                   help="tokens per map, drawn from all examples, stratified by modality (default 5000)")
+    m.add_argument("--seed", type=int, default=0, help="seeds the sample and the fit (same seed, same maps)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--place", metavar="EXAMPLE_IDS", default=None,
+                   help="instead of fitting: place these examples' tokens (e.g. 3,17) on the finished maps "
+                        "of every layer and print them as CSV")
     m.set_defaults(fn=cmd_embed)
 
     q = sub.add_parser("sql", help="run a read-only SQL query over the lake's views")
@@ -169,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     dt = dsub.add_parser("train", help="train the demo model on the shapes world (CPU, ~15 min)")
     dt.add_argument("--out", default=str(Path(__file__).resolve().parent / "demo" / "model"))
     dt.add_argument("--seed", type=int, default=0)
-    dt.add_argument("--epochs", type=int, default=15)
+    dt.add_argument("--epochs", type=int, default=20)
     dt.add_argument("--n-train", type=int, default=30_000)
     dt.add_argument("--threads", type=int, default=2)
     dt.set_defaults(fn=cmd_demo_train)

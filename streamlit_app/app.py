@@ -28,6 +28,7 @@ page = st.navigation([
     st.Page(HERE / "app_pages" / "examples.py", title="Examples", icon="🗂️", default=True),
     st.Page(HERE / "app_pages" / "head_summary.py", title="Head summary", icon="🧠"),
     st.Page(HERE / "app_pages" / "attention.py", title="Attention", icon="🔍"),
+    st.Page(HERE / "app_pages" / "hidden_states.py", title="Hidden states", icon="🧬"),
     st.Page(HERE / "app_pages" / "compare.py", title="Compare", icon="⚖️"),
     st.Page(HERE / "app_pages" / "sql.py", title="SQL", icon="🧮"),
 ])

@@ -369,3 +369,109 @@ def quick_chart(df: pd.DataFrame, x: str, y: str | None, color: str | None = Non
             e["color"] = alt.Color(field=_field(color), type="quantitative", title=str(color),
                                    scale=alt.Scale(scheme=SEQUENTIAL))
     return m.encode(**e).properties(width=width, height=height, description=description)
+
+
+# -- hidden states: the t-SNE map and per-layer profiles ---------------------------------------------
+MODALITY_COLORS = {"text": "#1f77b4", "image": "#ff7f0e"}
+CORRECT_COLORS = {"correct": "#2ca02c", "wrong": "#d62728", "unknown": "#b0b0b0"}
+
+
+def _map_color(p: pd.DataFrame, field: str, title: str) -> alt.Color:
+    values = sorted(p["color"].dropna().unique().tolist())
+    legend = alt.Legend(orient="right", symbolLimit=40, symbolStrokeWidth=0)
+    if field == "modality" and set(values) <= set(MODALITY_COLORS) | {"(none)"}:
+        dom = [v for v in MODALITY_COLORS if v in values] + [v for v in values if v not in MODALITY_COLORS]
+        rng = [MODALITY_COLORS.get(v, "#b0b0b0") for v in dom]
+        return alt.Color("color:N", title=title, scale=alt.Scale(domain=dom, range=rng), legend=legend)
+    if field == "correct":
+        dom = [v for v in CORRECT_COLORS if v in values]
+        return alt.Color("color:N", title=title, scale=alt.Scale(domain=dom, range=[CORRECT_COLORS[v] for v in dom]),
+                         legend=legend)
+    scheme = "tableau10" if len(values) <= 10 else "tableau20"
+    return alt.Color("color:N", title=title, scale=alt.Scale(scheme=scheme),
+                     legend=None if field == "example_id" or len(values) > 40 else legend)
+
+
+def hidden_map(points: pd.DataFrame, *, color_field: str, color_title: str, path: pd.DataFrame | None = None,
+               layer: int | None = None, width: int = 560, height: int = 500,
+               description: str = "hidden-map") -> alt.LayerChart:
+    """A 2-D map (t-SNE) of hidden states, one point per token; click a point to select it.
+
+    Parameters
+    ----------
+    points : x, y, color (text of the colouring field), label (the token), group (``sample`` or
+        ``this example``: the selected example's tokens, drawn larger and outlined), example_id,
+        token_idx, role, modality, text, answer, correct_text and optionally image (a data URI of a
+        patch's crop: the tooltip shows it).
+    color_field, color_title : the colouring field's name (``modality``, ``role``, ``example_id``,
+        ``answer``, ``correct``) and legend title.
+    path : the selected token's positions on the maps of every layer: layer, x, y. Drawn as a
+        line through the layers with each point labelled by its layer; the point of ``layer`` is
+        ringed.
+    description : the spec's description, which names the chart.
+    """
+    p = points.copy()
+    p["z"] = (p["group"] != "sample").astype(int)
+    if "image" not in p:
+        p["image"] = None
+    click = alt.selection_point(name="tok", fields=["example_id", "token_idx"], on="click", clear=False)
+    zoom = alt.selection_interval(name="zoom", bind="scales")
+    xs, ys = alt.X("x:Q", axis=None), alt.Y("y:Q", axis=None)
+    # The tooltip is one object per point, so that only patches carry an ``image`` key (vega-tooltip
+    # draws that key as a picture; a text token's missing image would show as a broken one).
+    rows = {"token": "datum.label", "role": "datum.role", "modality": "datum.modality",
+            "example": "datum.example_id", "text": "datum.text", "answer": "datum.answer",
+            "prediction": "datum.correct_text", "on the map as": "datum.group"}
+    fields = ", ".join(f"'{k}': {v}" for k, v in rows.items())
+    tip = f"isValid(datum.image) ? {{{fields}, 'image': datum.image}} : {{{fields}}}"
+    dots = alt.Chart(p).transform_calculate(tip=tip).mark_circle().encode(
+        x=xs, y=ys, color=_map_color(p, color_field, color_title),
+        size=alt.condition("datum.group != 'sample'", alt.value(90), alt.value(18)),
+        opacity=alt.condition("datum.group != 'sample'", alt.value(1.0), alt.value(0.55)),
+        stroke=alt.condition("datum.group != 'sample'", alt.value("black"), alt.value(None)),
+        strokeWidth=alt.value(1.2), order=alt.Order("z:Q"), tooltip=alt.Tooltip("tip:N"),
+    ).add_params(click, zoom)
+    layers: list = [dots]
+    if path is not None and len(path):
+        q = path.copy()
+        q["layer"] = q["layer"].astype(int)
+        q["tag"] = "L" + q["layer"].astype(str)
+        q["current"] = q["layer"] == (layer if layer is not None else -1)
+        base = alt.Chart(q).encode(x=xs, y=ys)
+        layers += [
+            base.mark_line(color=SELECT_COLOR, strokeWidth=2, opacity=0.9).encode(order=alt.Order("layer:Q")),
+            base.mark_point(filled=True, color=SELECT_COLOR, opacity=1).encode(
+                size=alt.condition("datum.current", alt.value(160), alt.value(50)),
+                tooltip=[alt.Tooltip("layer:Q"), alt.Tooltip("x:Q", format=".2f"), alt.Tooltip("y:Q", format=".2f")]),
+            base.mark_text(dx=9, dy=-9, fontSize=12, fontWeight="bold", color=SELECT_COLOR).encode(text="tag:N"),
+        ]
+    return alt.layer(*layers).properties(width=width, height=height, description=description, autosize=PAD)
+
+
+def layer_profile(d: pd.DataFrame, *, value: str, value_title: str, color: str = "scope",
+                  dash: str | None = None, layer: int | None = None, width: int = 280, height: int = 170,
+                  description: str = "layer-profile") -> alt.LayerChart:
+    """A value per layer as lines with points (x: hidden-state layer, 0 = embedding output).
+
+    ``d`` has layer, ``value``, ``color`` and (optionally) ``dash`` columns: one line per
+    (color, dash) pair, e.g. a modality's mean norm for the selected example (solid) and over all
+    examples (dashed). ``layer`` marks the layer shown elsewhere with a dotted rule.
+    """
+    legend = alt.Legend(orient="bottom", direction="vertical", labelLimit=260, symbolType="stroke")
+    scale = (alt.Scale(domain=list(MODALITY_COLORS), range=list(MODALITY_COLORS.values()))
+             if color == "modality" else alt.Undefined)
+    x = alt.X("layer:O", title="hidden-state layer (0 = embeddings)", axis=alt.Axis(labelAngle=0))
+    y = alt.Y(f"{value}:Q", title=value_title, scale=alt.Scale(zero=False))
+    enc = dict(x=x, y=y, color=alt.Color(f"{color}:N", title=None, legend=legend, scale=scale))
+    if dash:
+        enc["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None, legend=legend)
+    # points in their own layer: a line mark with points would draw its legend as dots, hiding the dashes
+    dots = alt.Chart(d).mark_point(filled=True, size=30).encode(
+        x=x, y=y, color=alt.Color(f"{color}:N", legend=None, scale=scale),
+        tooltip=[alt.Tooltip("layer:O"), alt.Tooltip(f"{value}:Q", format=".4f", title=value_title),
+                 alt.Tooltip(f"{color}:N")] + ([alt.Tooltip(f"{dash}:N")] if dash else []))
+    layers = [alt.Chart(d).mark_line().encode(**enc), dots]
+    if layer is not None:
+        layers.insert(0, alt.Chart(pd.DataFrame({"layer": [int(layer)]})).mark_rule(
+            color="grey", strokeDash=[3, 3]).encode(x="layer:O"))
+    return alt.layer(*layers).properties(width=width, height=height, description=description, autosize=PAD)

@@ -26,6 +26,9 @@ also its URL query parameter, so a view can be shared by its URL:
             the Compare page's filters of groups A and B (keys as above)
 ``sql``      the SQL page's query; ``sql_x`` ``sql_y`` ``sql_color`` ``sql_mark`` its quick chart
 ``expage``  the page of the Examples table (1-based)
+``hlayer`` ``color`` ``tok`` ``nn``
+            the Hidden states page: map layer (hidden-state layer, 0 = embeddings), point
+            colour, selected token (token_idx in the selected example), neighbour scope
 ==========  =================================================================
 
 Widgets never own a canonical key (Streamlit deletes the state of widgets
@@ -100,6 +103,16 @@ PARSE.update({
     "cmp_test": lambda s: s if s in ("t", "rank") else "t",
     "cmp_corr": lambda s: s if s in ("holm", "bh") else "holm",
     "cmp_map": lambda s: s if s in ("diff", "effect") else "diff",
+})
+
+# the Hidden states page: hidden-state layer of the map, colour of its points, selected token
+# (token_idx of the selected example), scope of the nearest neighbours
+DEFAULTS.update({"hlayer": 0, "color": "modality", "tok": None, "nn": "example"})
+URL_KEYS = tuple(DEFAULTS)
+PARSE.update({
+    "hlayer": int, "tok": int,
+    "color": lambda s: s if s in ("modality", "role", "example", "answer", "correct") else "modality",
+    "nn": lambda s: s if s in ("example", "sample") else "example",
 })
 
 

@@ -1,0 +1,238 @@
+"""Hidden states: the t-SNE map of a layer, a token's path through the layers, its nearest neighbours
+of the other modality, and per-layer norms and text-image similarity."""
+
+import pandas as pd
+import streamlit as st
+
+from pipeline.embed import maps_stamp
+from streamlit_app import charts, export, hidden, state
+
+MAX_TOOLTIP_IMAGES = 1500  # patch crops in the map's tooltips when its sample shows at most this many images
+MAX_NORM_EXAMPLES = 2000  # the run-wide norms average over at most this many examples
+MAX_COS_EXAMPLES = 200  # the run-wide text-image similarity (every text x image pair) over at most this many
+N_NEIGHBOURS = 10
+
+c = state.ctx()
+st.title("🧬 Hidden states")
+if not c.n_examples:
+    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so no hidden states to show.")
+    st.stop()
+hl = state.q("hidden_layers", c.run)
+if hl.empty:
+    keep = c.capture.get("keep_hidden", "?")
+    st.info(f"Run **{c.run}** stores no hidden states (it was extracted with `--keep-hidden {keep}`). "
+            f"Extract the model again with `--keep-hidden all` (the default) under another run name to see them.")
+    st.stop()
+ex = c.example
+ex_id = int(ex["example_id"])
+
+
+# -- cached work that is not a query: placing the example on a map, patch crops ------------------
+@st.cache_data(show_spinner=False, max_entries=256)
+def placed(root: str, run: str, stream: str, layer: int, example_id: int, stamp) -> pd.DataFrame:
+    """The example's tokens on the map of ``layer`` (sampled ones where stored, the rest placed)."""
+    from pipeline.embed import place
+
+    return place(root, run, stream, layer, [example_id], catalog=state.catalog(root))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def sample_crops(root: str, run: str, stream: str, layer: int, stamp) -> dict:
+    """{(example_id, token_idx): data URI} of the patch crops of a map's sample ({} when it spans too
+    many images: the tooltips then show the patch's row and column only)."""
+    pts = state.q("embedding_map", run, stream, layer)
+    pts = pts[pts.x0.notna()]
+    ids = pts.image_id.dropna().unique().tolist()
+    if not ids or len(ids) > MAX_TOOLTIP_IMAGES:
+        return {}
+    pngs = state.q("images_png", ids)
+    sizes = {i: (int(w), int(h)) for i, w, h in zip(pts.image_id, pts.image_width, pts.image_height)}
+    uris = hidden.patch_crops(pts, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)}, sizes)
+    return {(int(e), int(t)): u for e, t, u in zip(pts.example_id, pts.token_idx, uris) if u}
+
+
+def example_crops(tokens: pd.DataFrame) -> pd.Series:
+    """Patch crops of the selected example's tokens (None where there is no box or no image)."""
+    png = state.image_bytes(ex["image_id"]) if ex.get("has_image") else None
+    if png is None or tokens.empty:
+        return pd.Series([None] * len(tokens), index=tokens.index, dtype=object)
+    t = tokens.assign(image_id=ex["image_id"])
+    size = (int(ex["image_width"] or 1), int(ex["image_height"] or 1))
+    return hidden.patch_crops(t, {ex["image_id"]: png}, {ex["image_id"]: size})
+
+
+# -- controls ----------------------------------------------------------------------------------
+streams = sorted(hl.stream.unique().tolist())
+k1, k2, k3, k4 = st.columns([1.2, 4, 1.6, 2.2])
+state.choose("stream", streams)
+k1.selectbox("Stream", streams, disabled=len(streams) < 2, help="the stream whose hidden states are shown",
+             **state.bind("stream"))
+stream = state.get("stream")
+layers = sorted(int(x) for x in hl[hl.stream == stream].layer)
+state.choose("hlayer", layers, default=layers[0])
+if len(layers) > 1:
+    k2.select_slider("Layer (hidden state)", layers, help="0 is the embedding output, l + 1 the output of block l",
+                     **state.bind("hlayer"))
+else:
+    k2.caption(f"Hidden-state layer {layers[0]} (the only one stored)")
+layer = int(state.get("hlayer"))
+colors = list(hidden.COLOR_BY)
+state.choose("color", colors)
+k3.selectbox("Colour by", colors, **state.bind("color"))
+state.choose("nn", list(hidden.NN_SCOPES))
+k4.radio("Neighbours among", list(hidden.NN_SCOPES), horizontal=True, **state.bind("nn"),
+         format_func=lambda s: "this example" if s == "example" else "the map's sample",
+         help="where the nearest tokens of the other modality are looked for (cosine similarity of the full "
+              "hidden vectors at this layer, not distances on the map)")
+color, nn_scope = state.get("color"), state.get("nn")
+
+# the selected example's tokens at this layer, and the selected token
+eh = state.q("example_hidden", c.run, stream, ex_id)
+tok_table = state.q("example_tokens", c.run, ex_id)
+cur = eh[eh.layer == layer].drop(columns=["modality", "role"]).merge(tok_table, on="token_idx", how="left")
+if cur.empty:
+    st.info(f"Example #{ex_id} has no hidden states at layer {layer} of stream `{stream}`.")
+    st.stop()
+cur["label"] = hidden.token_labels(cur)
+cur_ids = cur.token_idx.astype(int).tolist()
+labels = dict(zip(cur_ids, cur.label))
+roles = dict(zip(cur_ids, cur.role))
+first_word = next((int(t) for t, r in zip(cur.token_idx, cur.role) if r == "word"), cur_ids[0])
+state.choose("tok", cur_ids, default=first_word)
+tok = int(state.get("tok"))
+trow = cur[cur.token_idx == tok].iloc[0]
+
+maps = state.q("embedding_layers", c.run, stream)
+map_layers = sorted(int(x) for x in maps.layer)
+stamp = maps_stamp(c.lake, c.run)
+
+
+def _pick_token() -> None:
+    sel = st.session_state["hmap_chart"].selection.get("tok") or []
+    if sel and "example_id" in sel[0] and "token_idx" in sel[0]:
+        state.set_value("ex", int(sel[0]["example_id"]))
+        state.set_value("tok", int(sel[0]["token_idx"]))
+
+
+left, right = st.columns([3, 2], gap="large")
+with left:
+    st.selectbox(f"Token of example #{ex_id}", cur_ids, help="or click a point on the map",
+                 format_func=lambda t: f"{t} · {labels.get(t)} ({roles.get(t)})", **state.bind("tok"))
+    if not map_layers:
+        st.info(f"Run **{c.run}** has no maps of its hidden states yet. Add them (a few seconds to a minute; "
+                f"a seeded sample of tokens from all examples, one t-SNE map per layer, aligned across layers), "
+                f"then press ↻ Reload lake:")
+        st.code(f"vlatlas embed --lake {c.lake} --run {c.run}", language="bash")
+    elif layer not in map_layers:
+        st.info(f"Stream `{stream}` has maps of layers {', '.join(map(str, map_layers))}, not of layer {layer}.")
+    else:
+        pts = state.q("embedding_map", c.run, stream, layer)
+        with st.spinner(f"Placing example #{ex_id} on the map…"):
+            mine = placed(c.lake, c.run, stream, layer, ex_id, stamp)
+        crops = sample_crops(c.lake, c.run, stream, map_layers[0], stamp)  # the same sample on every layer
+        pts = pts[pts.example_id != ex_id].copy()
+        pts["group"] = "sample"
+        pts["image"] = [crops.get((int(e), int(t))) for e, t in zip(pts.example_id, pts.token_idx)]
+        me = mine.merge(tok_table, on=["token_idx"], how="left")
+        me["group"] = ["this example (placed)" if p else "this example (sampled)" for p in me.placed]
+        for col in ("text", "answer", "prediction", "correct", "image_id"):
+            me[col] = ex.get(col)
+        me["image"] = example_crops(me).to_numpy()
+        allp = hidden.map_points(pd.concat([pts, me.drop(columns=["placed"])], ignore_index=True), color)
+        allp["correct_text"] = allp.correct.map({True: "correct", False: "wrong"}).fillna("—")
+        allp["answer"] = allp.answer.astype(object).where(allp.answer.notna(), None)
+        # the selected token's path: its stored positions when it is in the sample, else placed on every map
+        path = state.q("embedding_path", c.run, stream, ex_id, tok)
+        if len(path) < len(map_layers):
+            with st.spinner(f"Placing example #{ex_id} on the maps of every layer…"):
+                rows = []
+                for lay in map_layers:
+                    pl = placed(c.lake, c.run, stream, lay, ex_id, stamp)
+                    r = pl[pl.token_idx == tok]
+                    if len(r):
+                        rows.append(dict(layer=lay, x=float(r.x.iloc[0]), y=float(r.y.iloc[0])))
+                path = pd.DataFrame(rows, columns=["layer", "x", "y"])
+        field, title = hidden.COLOR_BY[color]
+        cols = ["x", "y", "color", "label", "group", "example_id", "token_idx", "role", "modality", "text",
+                "answer", "correct_text", "image"]
+        chart = charts.hidden_map(allp[cols], color_field=field, color_title=title, path=path, layer=layer)
+        export.show_chart(chart, f"hidden-map-{c.run}-{stream}-L{layer}", allp[cols[:-1]], key="hmap_chart",
+                          on_select=_pick_token, selection_mode="tok", width="content")
+        n_sample = int(maps[maps.layer == layer].n.iloc[0])
+        st.caption(f"t-SNE map of stream `{stream}`, hidden-state layer **{layer}**: {n_sample} tokens sampled "
+                   f"from all examples (the same tokens on every layer's map; each map starts from the previous "
+                   f"layer's, so a token moves only as much as its neighbourhood changed). Example #{ex_id}'s "
+                   f"tokens are outlined ({int(mine.placed.sum())} of {len(mine)} placed onto the finished map "
+                   f"with openTSNE's `transform`). The red line is **{labels.get(tok)}**'s path through layers "
+                   f"{', '.join(map(str, path.layer))}. Hover a point for its token (a patch shows its crop); "
+                   f"click one to select it; scroll to zoom.")
+
+    # nearest neighbours of the other modality, in the hidden space
+    qvec = trow.vec
+    qmod = trow.modality
+    other = "image" if qmod == "text" else "text"
+    if nn_scope == "sample" and layer in map_layers:
+        cands = state.q("map_vectors", c.run, stream, layer)
+        where = f"the {len(cands)} tokens of the map's sample (all examples)"
+    else:
+        cands = cur.assign(example_id=ex_id)[["example_id", "token_idx", "modality", "role", "token", "patch_row",
+                                              "patch_col", "vec"]]
+        where = f"the tokens of example #{ex_id}" + (" (this layer has no map, so no sample)"
+                                                     if nn_scope == "sample" else "")
+    nn = hidden.nearest_other_modality(cands, qvec, qmod, N_NEIGHBOURS, exclude=(ex_id, tok))
+    st.subheader(f"Nearest {other} tokens to “{labels.get(tok)}”")
+    if nn.empty:
+        st.info(f"No {other} tokens among {where}.")
+    else:
+        nn["token"] = hidden.token_labels(nn)
+        if nn_scope == "sample" and layer in map_layers:
+            info = state.q("embedding_map", c.run, stream, layer)
+            boxes = nn[["example_id", "token_idx"]].merge(info, on=["example_id", "token_idx"], how="left")
+            ids = boxes.image_id.dropna().unique().tolist()
+            pngs = state.q("images_png", ids) if ids else pd.DataFrame(columns=["image_id", "png"])
+            sizes = {i: (int(w), int(h)) for i, w, h in zip(boxes.image_id, boxes.image_width, boxes.image_height)
+                     if isinstance(i, str)}
+            nn["crop"] = hidden.patch_crops(boxes, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)},
+                                            sizes).to_numpy()
+        else:
+            nn["crop"] = example_crops(nn.merge(tok_table[["token_idx", "x0", "y0", "x1", "y1"]], on="token_idx",
+                                                how="left")).to_numpy()
+        show = nn[["rank", "cosine", "token", "crop", "example_id", "token_idx", "role"]]
+        st.dataframe(show, hide_index=True, width="stretch",
+                     column_config={"crop": st.column_config.ImageColumn("patch"),
+                                    "cosine": st.column_config.NumberColumn(format="%.4f")})
+        st.caption(f"cos(h, h′) = h·h′ / (|h| |h′|) of the full hidden vectors at layer {layer}, between "
+                   f"**{labels.get(tok)}** ({qmod}) and the {other} tokens among {where}.")
+
+with right:
+    st.subheader(f"“{labels.get(tok)}”")
+    st.caption(f"example #{ex_id} · token {tok} · {trow.modality} · {trow.role} · |h| = {float(trow.norm):.3f} "
+               f"at layer {layer}")
+    if pd.notna(trow.get("x0")):
+        crop = example_crops(cur[cur.token_idx == tok])
+        if crop.iloc[0]:
+            st.image(crop.iloc[0], caption=f"{labels.get(tok)} of example #{ex_id}", width=96)
+    flt_label = "all examples" if c.flt.is_empty() else f"filtered examples ({c.flt.describe()})"
+    norm_all = state.q("hidden_norms", c.run, stream, flt=c.flt, max_examples=MAX_NORM_EXAMPLES)
+    n_norm = int(norm_all.n_examples.max()) if len(norm_all) else 0
+    norm_label = flt_label if n_norm < MAX_NORM_EXAMPLES else f"{n_norm} of the {flt_label}"
+    norms = hidden.profile(state.q("hidden_norms", c.run, stream, example_id=ex_id), norm_all, "norm",
+                           f"example #{ex_id}", norm_label)
+    export.show_chart(charts.layer_profile(norms, value="norm", value_title="mean |h|", color="modality",
+                                           dash="scope", layer=layer, description="hidden-norms"),
+                      f"hidden-norms-{c.run}-{stream}", key="hnorm_chart", width="content")
+    st.caption("Mean L2 norm of the hidden states of each modality's tokens per layer, for the selected example "
+               f"(solid) and over the tokens of {norm_label} (dashed"
+               + (", a fixed sample" if n_norm >= MAX_NORM_EXAMPLES else "") + ").")
+    cos_all = state.q("text_image_cosine", c.run, stream, flt=c.flt, max_examples=MAX_COS_EXAMPLES)
+    n_cos = int(cos_all.n_examples.max()) if len(cos_all) else 0
+    cos = hidden.profile(state.q("text_image_cosine", c.run, stream, example_id=ex_id), cos_all, "cosine",
+                         f"example #{ex_id}", f"mean of {n_cos} examples")
+    export.show_chart(charts.layer_profile(cos, value="cosine", value_title="mean cos(text, image)", color="scope",
+                                           layer=layer, description="text-image-cosine"),
+                      f"text-image-cosine-{c.run}-{stream}", key="hcos_chart", width="content")
+    st.caption("Mean cosine similarity between every text token and every image token of an example (special "
+               f"tokens included), per layer: the selected example, and the mean over {n_cos} examples ("
+               + (f"a fixed sample of {MAX_COS_EXAMPLES} of the {flt_label}" if n_cos >= MAX_COS_EXAMPLES
+                  else flt_label)
+               + "). Rising similarity means the two modalities' representations draw together.")
