@@ -247,7 +247,9 @@ def compare_heatmap(result: pd.DataFrame, *, value: str = "diff", value_title: s
     ).add_params(click)
     stars = base.mark_text(fontSize=16, fontWeight="bold").encode(text="mark:N", color=alt.Color("ink:N", scale=None))
     outline = base.transform_filter("datum.selected").mark_rect(fill=None, stroke=SELECT_COLOR, strokeWidth=3)
-    return alt.layer(rect, stars, outline).properties(
+    # the stars' colours are literal (scale=None): independent colour scales, else Vega-Lite fails to
+    # compile the layer ("Cannot read properties of null") and the map is blank in the browser too
+    return alt.layer(rect, stars, outline).resolve_scale(color="independent").properties(
         width=cell * len(heads) + 10, height=cell * len(layers), description=description, autosize=PAD)
 
 

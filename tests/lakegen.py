@@ -207,7 +207,7 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
     rng = np.random.default_rng(seed)
     w = LakeWriter(root, run, metadata={"vlatlas.synthetic": "1"})
     capture = {"keep_attention": keep_attention, "keep_hidden": "all", "random_weights": random_weights,
-               "dtype": "float32"}
+               "dtype": "float32", "chunk_size": chunk_size}
     w.write_run_row(dict(
         run=run, model="synthetic/tiny-vilt", model_family="vilt", revision="synthetic", dtype="float32",
         attn_implementation="eager",

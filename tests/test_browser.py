@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -119,8 +120,9 @@ def test_every_page_draws_its_charts(server, browser, path, title, tmp_path):
     else:  # the examples table
         page.wait_for_selector('[data-testid="stDataFrame"], [data-testid="stTable"]', timeout=30_000)
     if path == "attention":  # the image with its heatmap overlay
-        page.wait_for_selector('[data-testid="stImage"] img, [data-testid="stVegaLiteChart"] canvas',
-                               timeout=30_000)
+        # (Streamlit draws small charts as SVG: the picture is an <image> inside the chart's svg)
+        page.wait_for_selector('[data-testid="stImage"] img, [data-testid="stVegaLiteChart"] canvas, '
+                               '[data-testid="stVegaLiteChart"] svg image', timeout=30_000)
     assert "random weights" in page.inner_text("body")
     assert not errors, errors
     out = os.environ.get("VLATLAS_SCREENSHOTS")
@@ -140,4 +142,65 @@ def test_shared_url_restores_the_view(server, browser):
     assert page.locator('[data-testid="stException"]').count() == 0, body[:2000]
     assert "#2" in body
     assert "ex=2" in page.url and "layer=1" in page.url and "head=1" in page.url
+    page.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    _settle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
+    page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
+                           timeout=30_000)
+    return page, errors
+
+
+def _selectbox_value(page, label: str) -> str:
+    return page.locator(f'input[role="combobox"][aria-label="{label}"]').first.input_value()
+
+
+def _checked_radio(page, label: str) -> str:
+    return page.locator(f'[role="radiogroup"][aria-label="{label}"] label[data-selected="true"]').first.inner_text()
+
+
+def _pressed_pills(page, label: str) -> list[str]:
+    return [b.inner_text() for b in page.locator(f'[role="toolbar"][aria-label="{label}"] '
+                                                 'button[aria-pressed="true"]').all()]
+
+
+def test_shared_url_restores_every_selection(server, browser):
+    """URLs naming a statistic, a normalisation, a scope, a head, query tokens and patches open
+    with exactly those selections shown by the widgets (as another person's browser would)."""
+    page, errors = _open(browser, f"{server}/head_summary?run=tiny&ex=1&stat=entropy&norm=z_example"
+                                  f"&scope=filtered&layer=1&head=1")
+    assert _selectbox_value(page, "Statistic") == "entropy"
+    assert _checked_radio(page, "Normalisation").startswith("z-score across layers")
+    assert _checked_radio(page, "Of").startswith("mean of")
+    body = page.inner_text("body")
+    assert "layer 1, head 1" in body and "Top examples for layer 1, head 1" in body
+    for key, value in (("stat", "entropy"), ("norm", "z_example"), ("scope", "filtered"), ("layer", "1"),
+                       ("head", "1")):
+        assert f"{key}={value}" in page.url, page.url
+    assert not errors, errors
+    page.close()
+
+    page, errors = _open(browser, f"{server}/attention?run=tiny&ex=2&layer=1&head=1&tokens=1,2&patches=r0c1,r1c2")
+    assert _selectbox_value(page, "Head") == "head 1"
+    assert [p.split(" ·")[0] for p in _pressed_pills(page, "Query text tokens")] == ["1", "2"]
+    assert page.locator('input[type="range"][aria-label="Layer"]').first.input_value() == "1"
+    body = page.inner_text("body")
+    assert "#2" in body and "the selected patch(es) r0c1, r1c2" in body
+    assert "averaged over the 2 selected queries" in body  # the two query tokens of the URL
+    assert "tokens=1%2C2" in page.url or "tokens=1,2" in page.url, page.url
+    assert not errors, errors
+    page.close()
+
+    sql = "SELECT layer, head, avg(value) AS t2i FROM head_stats WHERE stat = 't2i' GROUP BY ALL ORDER BY ALL"
+    page, errors = _open(browser, f"{server}/sql?run=tiny&sql={urllib.parse.quote(sql)}")
+    assert page.locator("textarea").first.input_value() == sql
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    assert "⬇ PNG" in page.inner_text("body") and "⬇ Parquet" in page.inner_text("body")
+    assert not errors, errors
     page.close()

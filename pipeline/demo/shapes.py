@@ -3,7 +3,7 @@
 A scene is a 64 x 64 image on a plain background, cut into a 4 x 4 grid of
 16-pixel cells (ViLT's patches, for the demo model); each object (a circle,
 square or triangle, in red, green, blue or yellow, small or large) sits
-inside one cell, so a patch holds at most one object and we know which
+centred in one cell, so a patch holds at most one object and we know which
 patches a word ought to look at.
 
 Questions, one type each (the manifest's ``meta.qtype``):
@@ -41,6 +41,7 @@ VOCAB = sorted(set(
     + list(COLORS) + list(SHAPES) + list(PLURAL.values()) + ["yes", "no", "0", "1", "2", "3", "4", "?"]
 ))
 BACKGROUND = (235, 235, 235)
+SIDES = (10, 14)  # small, large (pixels)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,9 @@ def make_scene(rng: np.random.Generator) -> list[Obj]:
     objs = []
     for c in cells:
         r, col = divmod(int(c), GRID)
-        side = int(rng.integers(9, 15))  # 9..14 px: small to large
-        x0 = col * CELL + int(rng.integers(0, CELL - side + 1))
-        y0 = r * CELL + int(rng.integers(0, CELL - side + 1))
+        side = SIDES[int(rng.integers(0, len(SIDES)))]  # small or large, centred in its cell
+        x0 = col * CELL + (CELL - side) // 2
+        y0 = r * CELL + (CELL - side) // 2
         objs.append(Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), r, col,
                         (x0, y0, x0 + side, y0 + side)))
     return objs

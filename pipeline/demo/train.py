@@ -26,7 +26,7 @@ from pipeline.demo import shapes
 @dataclass(frozen=True)
 class TrainConfig:
     n_train: int = 30_000
-    epochs: int = 15
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 500
@@ -66,7 +66,13 @@ def build_model(cfg: TrainConfig, vocab_size: int):
         max_image_length=-1,
     )
     torch.manual_seed(cfg.seed)
-    return ViltForQuestionAnswering(mc)
+    model = ViltForQuestionAnswering(mc)
+    # Hugging Face starts ViLT's patch position embeddings and image [CLS] at zero; a small random
+    # start (as ViT's) breaks the symmetry between patches from the first step.
+    with torch.no_grad():
+        model.vilt.embeddings.position_embeddings.normal_(0.0, 0.02)
+        model.vilt.embeddings.cls_token.normal_(0.0, 0.02)
+    return model
 
 
 def encode(examples: list[dict], processor, max_text: int) -> dict[str, torch.Tensor]:

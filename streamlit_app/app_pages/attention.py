@@ -4,7 +4,7 @@ import time
 
 import streamlit as st
 
-from streamlit_app import charts, state, views
+from streamlit_app import charts, export, state, views
 
 DISPLAY_W = 440
 
@@ -42,6 +42,7 @@ st.session_state["w_play"] = state.get("play")
 t4.toggle("▶ play", key="w_play", on_change=_play, disabled=n_layers < 2, help="step through the layers")
 layer, head = int(state.get("layer")), state.get("head")
 head_text = "mean over heads" if head == "mean" else f"head {head}"
+view_name = f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}"  # download file names
 
 tokens = state.q("example_tokens", c.run, ex_id)
 block = state.q("attention_block", c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads)
@@ -82,7 +83,8 @@ with left:
         st.pills("Query text tokens", pos, selection_mode="multi", format_func=labels.get, **state.bind("tokens"))
         sel_text = text_q[text_q.text_pos.isin(state.get("tokens") or [])].token_idx.astype(int).tolist()
         ti = views.mean_rows(block, sel_text, patch_k)
-        st.altair_chart(image_chart(ti, "text-image"), key="ti_chart", width="content")
+        export.show_chart(image_chart(ti, "text-image"), f"{view_name}-text-image", key="ti_chart",
+                          width="content")
         if png is None:
             st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
         st.caption(f"**text → image**: attention from the selected text token(s) (query) to each image patch "
@@ -114,9 +116,9 @@ with right:
 
         ii = views.mean_rows(block, sel_patch, patch_k)
         ii["selected"] = ii.token_idx.isin(sel_patch)
-        st.altair_chart(image_chart(ii, "image-image", select=True), key="ii_chart", width="content",
-                        on_select=_pick_patches,
-                        selection_mode=["patch", "box"])
+        export.show_chart(image_chart(ii, "image-image", select=True), f"{view_name}-image-image",
+                          key="ii_chart", width="content", on_select=_pick_patches,
+                          selection_mode=["patch", "box"])
         st.caption(f"**image → image**: attention from the selected patch(es) {', '.join(state.get('patches'))} "
                    f"(query, outlined) to every patch (key). Click a patch to choose it, shift-click to add, "
                    f"or drag a box.")
@@ -125,8 +127,8 @@ with right:
         st.info(f"Stream `{stream}` has no image queries or no text keys.")
     else:
         it = views.mean_rows(block, sel_patch, text_k)
-        st.altair_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, description="image-text"),
-                        key="it_chart", width="content")
+        export.show_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, description="image-text"),
+                          f"{view_name}-image-text", key="it_chart", width="content")
         st.caption(f"**image → text**: each text token (key) coloured by the attention the selected patch(es) "
                    f"(query) put on it; total mass on text {it.weight.sum():.3f}.")
 
@@ -134,8 +136,8 @@ st.subheader("Text → text")
 if text_q.empty or text_k.empty:
     st.info(f"Stream `{stream}` has no text queries or no text keys.")
 else:
-    st.altair_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
-                    key="tt_chart", width="content")
+    export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
+                      f"{view_name}-text-text", key="tt_chart", width="content")
     st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
                "weights over text keys need not sum to 1: the rest of its mass goes to image keys.")
 with st.expander("Token table (modality, role, positions)"):

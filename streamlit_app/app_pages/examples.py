@@ -45,9 +45,14 @@ flt = state.example_filter()
 n = state.q("count_examples", c.run, flt)
 pages = max(1, -(-n // PAGE))
 h1, h2 = st.columns([4, 1])
-if st.session_state.get("ex_page", 1) > pages:  # the filter shrank the table
-    st.session_state["ex_page"] = 1
-page = h2.number_input("Page", min_value=1, max_value=pages, step=1, key="ex_page") if pages > 1 else 1
+expage = state.get("expage") if isinstance(state.get("expage"), int) else 1
+if not 1 <= expage <= pages:  # the filter shrank the table
+    expage = 1
+state.set_value("expage", expage)  # the page is in the URL (``expage``); the widget mirrors it
+st.session_state["ex_page"] = expage
+page = h2.number_input("Page", min_value=1, max_value=pages, step=1, key="ex_page",
+                       on_change=lambda: state.set_value("expage", int(st.session_state["ex_page"]))) \
+    if pages > 1 else 1
 h1.markdown(f"**{n}** of {c.n_examples} examples match ({flt.describe()}). Click a row to select it everywhere.")
 if n == 0:
     st.info("No example matches these filters; loosen them.")

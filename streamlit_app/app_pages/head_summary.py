@@ -3,7 +3,7 @@
 import streamlit as st
 
 from lake.queries import NORM_LABELS, NORMS
-from streamlit_app import charts, state
+from streamlit_app import charts, export, state
 
 c = state.ctx()
 st.title("🧠 Head summary")
@@ -54,9 +54,10 @@ def _clicked() -> None:
 legend = stat if norm == "raw" else f"{stat} (z)"
 left, right = st.columns([3, 2])
 with left:
-    st.altair_chart(charts.head_heatmap(m, value_title=legend, diverging=norm != "raw",
-                                        selected=(state.get("layer"), state.get("head"))),
-                    on_select=_clicked, selection_mode="cell", key="hs_chart", width="content")
+    export.show_chart(charts.head_heatmap(m, value_title=legend, diverging=norm != "raw",
+                                          selected=(state.get("layer"), state.get("head"))),
+                      f"head-summary-{c.run}-{stream}-{stat}-{norm}", on_select=_clicked, selection_mode="cell",
+                      key="hs_chart", width="content")
     st.caption(f"Each cell is one head `(stream {stream}, layer, head)` — rows are layers (0 at the top), "
                f"columns heads; the last column is the layer's mean over heads. Colour: **{stat}** — {definition} — "
                f"for {what}; {NORM_LABELS[norm]}. Attention is read query → key: `weight = A[query, key]`.")
@@ -74,3 +75,26 @@ with right:
                   f"{shown.value.mean():.4f}", help=f"raw {stat}: {shown.raw.mean():.4f}")
     st.caption("Click a cell to select that head (the *mean* column selects the mean over heads).")
     st.page_link("app_pages/attention.py", label=f"Open layer {layer}, head {head} on the Attention page", icon="🔍")
+
+# -- the examples on which the selected head scores highest ---------------------------------------
+layer, head = state.get("layer"), state.get("head")
+among = c.flt if scope == "filtered" else None
+who = f"the {c.n_filtered} filtered examples" if among is not None and not among.is_empty() else "all examples"
+head_name = "the mean over heads" if head == "mean" else f"head {head}"
+st.markdown(f"#### Top examples for layer {layer}, {head_name}")
+top = state.q("top_examples", c.run, stream, int(layer), None if head == "mean" else int(head), stat, n=20,
+              flt=among)
+if top.empty:
+    st.info(f"No example has a value of **{stat}** at layer {layer}, {head_name}.")
+else:
+    def _pick_top() -> None:
+        rows = st.session_state["hs_top"].selection.rows
+        if rows:
+            state.set_value("ex", int(top.example_id.iloc[rows[0]]))
+
+    st.dataframe(top.rename(columns={"value": stat}), key="hs_top", on_select=_pick_top,
+                 selection_mode="single-row", hide_index=True, width="stretch",
+                 column_config={"example_id": st.column_config.NumberColumn("id", format="%d", width="small"),
+                                "correct": st.column_config.CheckboxColumn("correct")})
+    st.caption(f"The 20 of {who} with the highest raw **{stat}** at layer {layer}, {head_name} "
+               f"(stream `{stream}`). Click a row to select that example.")

@@ -1,0 +1,99 @@
+"""SQL: read-only queries over the lake's views (the sandbox of ``vlatlas sql``), worked examples,
+the result as a table and a quick chart, and downloads."""
+
+import streamlit as st
+
+from lake.catalog import QueryError, SandboxError, column_types
+from lake.queries import example_sql
+from lake.schema import TABLES
+from streamlit_app import charts, export, state
+
+COUNT, NONE = "(row count)", "(none)"
+
+c = state.ctx()
+st.title("🧮 SQL")
+cat = state.catalog(c.lake)
+st.caption(f"One read-only `SELECT` over the lake's views — the same sandbox as `vlatlas sql`: nothing else "
+           f"can be read, nothing written; a query stops after {cat.timeout_s:g} s and returns at most "
+           f"{cat.max_rows:,} rows. Conventions: `weight = A[query, key]` (query → key), layers and heads "
+           f"0-based, `(stream, layer, head)` names a head.")
+
+# -- worked examples, filled in with the current run, example and head ---------------------------
+streams = c.streams.stream.tolist() or ["self"]
+stream = state.get("stream") if state.get("stream") in streams else streams[0]
+layer = state.get("layer") if isinstance(state.get("layer"), int) else 0
+head = state.get("head") if isinstance(state.get("head"), int) else 0
+ex_id = int(c.example["example_id"]) if c.example else 0
+worked = example_sql(c.run, stream=stream, layer=layer, head=head, stat=state.get("stat") or "t2i",
+                     example_id=ex_id)
+st.markdown(f"**Worked examples** — click one to load it (run `{c.run}`, example #{ex_id}, "
+            f"layer {layer}, head {head}, statistic `{state.get('stat') or 't2i'}`)")
+
+
+def _load(sql: str | None) -> None:
+    """A new query: its chart starts again from the defaults."""
+    state.set_value("sql", sql)
+    for k in ("sql_x", "sql_y", "sql_color", "sql_mark"):
+        state.set_value(k, None)
+
+
+cols = st.columns(4)
+for i, (title, sql) in enumerate(worked.items()):
+    cols[i % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
+
+with st.expander("Views and columns"):
+    st.markdown("\n".join(
+        f"- **{t.name}** — {t.doc}  \n  " + ", ".join(f"`{col}` {typ.lower()}" for col, typ in column_types(t).items())
+        for t in TABLES.values()))
+
+typed = state.bind("sql")
+typed.update(on_change=lambda: _load(st.session_state["w_sql"]), args=())
+st.text_area("Query", height=220, placeholder="SELECT * FROM runs", help="Ctrl+Enter runs it", **typed)
+sql = (state.get("sql") or "").strip()
+run_col, _ = st.columns([1, 5])
+if run_col.button("▶ Run again", disabled=not sql, help="run the query again (results are cached for 2 minutes)"):
+    state.user_sql_clear(sql)
+if not sql:
+    st.info("Type a query (Ctrl+Enter runs it), or load one of the worked examples above.")
+    st.stop()
+
+try:
+    res = state.user_sql(sql)
+except (SandboxError, QueryError) as e:
+    st.error(str(e))
+    st.stop()
+except Exception as e:  # noqa: BLE001 - anything else is a message too, never a traceback
+    st.error(f"the query failed: {e}")
+    st.stop()
+
+df = res.df
+st.caption(f"**{len(df):,}** row{'s' if len(df) != 1 else ''} · {df.shape[1]} column"
+           f"{'s' if df.shape[1] != 1 else ''} · {res.elapsed_s * 1000:.0f} ms")
+if res.truncated:
+    st.warning(f"Truncated at {len(df):,} rows (the row limit): aggregate, filter or add a LIMIT to see the rest.")
+st.dataframe(df, hide_index=True, width="stretch", height=min(38 + 35 * len(df), 420))
+export.download_table(df, "query-result", key="sql_result")
+
+# -- a quick chart of the result -------------------------------------------------------------------
+st.subheader("Chart")
+usable = charts.chartable_columns(df)
+if df.empty or not usable:
+    st.info("Nothing to chart: the result has no rows, or no columns of numbers, text or times.")
+    st.stop()
+dx, dy, dc = charts.quick_defaults(df)
+state.choose("sql_x", usable, default=dx)
+state.choose("sql_y", [*usable, COUNT], default=dy if dy is not None else COUNT)
+state.choose("sql_color", [NONE, *usable], default=dc if dc is not None else NONE)
+state.choose("sql_mark", list(charts.QUICK_MARKS), default="auto")
+k1, k2, k3, k4 = st.columns(4)
+k1.selectbox("x", usable, **state.bind("sql_x"))
+k2.selectbox("y", [*usable, COUNT], **state.bind("sql_y"))
+k3.selectbox("Colour", [NONE, *usable], **state.bind("sql_color"))
+k4.selectbox("Mark", list(charts.QUICK_MARKS), **state.bind("sql_mark"))
+x, y, color, mark = state.get("sql_x"), state.get("sql_y"), state.get("sql_color"), state.get("sql_mark")
+y = None if y == COUNT else y
+color = None if color == NONE else color
+chart = charts.quick_chart(df, x, y, color, mark)
+export.show_chart(chart, "sql-chart", key="sql_chart", width="content")
+if len(df) > charts.QUICK_MAX_ROWS:
+    st.caption(f"The chart draws the first {charts.QUICK_MAX_ROWS:,} rows.")
