@@ -61,3 +61,8 @@ def test_correct_versus_wrong_matches(fresh, committed):
     for k in ("correct", "wrong"):
         assert fresh["t2i_correct_vs_wrong_mean"][k] == pytest.approx(committed["t2i_correct_vs_wrong_mean"][k],
                                                                       abs=MARGIN)
+
+
+def test_wrong_answers_by_type_match(fresh, committed):
+    for q, v in committed["wrong_share"].items():
+        assert fresh["wrong_share"][q] == pytest.approx(v, abs=MARGIN), q
