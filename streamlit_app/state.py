@@ -336,3 +336,10 @@ def image_bytes(image_id: str) -> bytes | None:
 def examples_table(rows: pd.DataFrame) -> pd.DataFrame:
     """The Examples page's table: a thumbnail, the example's fields and its meta keys as columns."""
     return views.examples_table(rows, thumbnails(rows.image_id))
+
+
+def require_examples(c: "Ctx", consequence: str) -> None:
+    """Stop the page with a note when the run has no examples yet; ``consequence`` ends the sentence."""
+    if not c.n_examples:
+        st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so {consequence}.")
+        st.stop()

@@ -58,3 +58,18 @@ def lake_df():
     """``lake_df(root, sql, params=None)``: run ``sql`` over the lake's DuckDB views (the
     ones the app uses, lake/catalog.py) and return a pandas DataFrame."""
     return _lake_df
+
+
+@pytest.fixture(scope="session")
+def tiny_lake(tmp_path_factory, tiny_vilt):
+    """A lake built by the real pipeline: the tiny random ViLT over six scenes (run ``tiny``),
+    with t-SNE maps of its hidden states. Page tests run against it as well as ``synth_lake``."""
+    from pipeline.embed import embed
+    from pipeline.extract import extract
+    from tests.tiny import make_manifest
+
+    tmp = tmp_path_factory.mktemp("tiny_lake")
+    manifest = make_manifest(tmp / "data", 6)
+    extract(str(tiny_vilt), manifest, tmp / "lake", "tiny", batch_size=3, progress=False)
+    embed(tmp / "lake", "tiny", n_tokens=120, progress=False)
+    return tmp / "lake"

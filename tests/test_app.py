@@ -405,6 +405,10 @@ def test_every_page_renders(any_lake, monkeypatch):
         ("app_pages/head_summary.py", {"scope": "filtered", "norm": "z_dataset"}, ["head-summary"]),
         ("app_pages/attention.py", {}, ["text-image", "image-image", "image-text", "text-text"]),
         ("app_pages/attention.py", {"head": "mean", "layer": streams[stream]["layers"] - 1}, ["text-image"]),
+        ("app_pages/hidden_states.py", {}, []),
+        ("app_pages/compare.py", {"a_correct": "true", "b_correct": "false"}, []),
+        ("app_pages/sql.py", {"sql": "SELECT layer, head, avg(value) AS v FROM head_stats GROUP BY ALL"},
+         ["sql-chart"]),
     ]:
         at = open_app(any_lake, monkeypatch, page=page, run=run, stream=stream, **params)
         assert not at.error, [e.value for e in at.error]

@@ -10,9 +10,7 @@ DISPLAY_W = 440
 
 c = state.ctx()
 st.title("🔍 Attention")
-if not c.n_examples:
-    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so no attention to show.")
-    st.stop()
+state.require_examples(c, "no attention to show")
 ex = c.example
 ex_id = int(ex["example_id"])
 

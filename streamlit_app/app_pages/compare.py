@@ -13,9 +13,7 @@ ATTENTION = "app_pages/attention.py"
 
 c = state.ctx()
 st.title("⚖️ Compare")
-if not c.n_examples:
-    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so nothing to compare.")
-    st.stop()
+state.require_examples(c, "nothing to compare")
 
 # -- group B: a slice of this run, or another run over the same manifest ------------------------
 others = state.q("runs_same_manifest", c.run)

@@ -7,9 +7,7 @@ from streamlit_app import charts, export, state
 
 c = state.ctx()
 st.title("🧠 Head summary")
-if not c.n_examples:
-    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so no statistics to show.")
-    st.stop()
+state.require_examples(c, "no statistics to show")
 
 s1, s2, s3, s4 = st.columns([1.2, 2, 2.2, 3])
 stream = state.pick_stream(c, s1)

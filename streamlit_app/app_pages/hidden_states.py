@@ -14,9 +14,7 @@ N_NEIGHBOURS = 10
 
 c = state.ctx()
 st.title("🧬 Hidden states")
-if not c.n_examples:
-    st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}), so no hidden states to show.")
-    st.stop()
+state.require_examples(c, "no hidden states to show")
 hl = state.q("hidden_layers", c.run)
 if hl.empty:
     keep = c.capture.get("keep_hidden", "?")
