@@ -131,10 +131,10 @@ class _BatchSink:
             stats["kept_mass"] = kept_mass(a, keep, sl.valid)
             self.stats.append(head_stats_table(stats, self.example_ids, point.stream, point.layer))
             if self.policy.kind != "none":
-                self.attention.append((part, attention_table(a, keep, self.example_ids)))
+                self.attention.append((part, attention_table(a, keep, self.example_ids, sl.token_offset)))
         else:
             h = tensor.gather(1, sl.seq_index[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
-            self.hidden.append((part, hidden_table(h, sl.valid, self.example_ids)))
+            self.hidden.append((part, hidden_table(h, sl.valid, self.example_ids, sl.token_offset)))
 
 
 def _merge(parts: list[tuple[dict, pa.Table]]) -> list[tuple[dict, pa.Table]]:
@@ -167,9 +167,8 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
     policy = KeepPolicy.parse(keep_attention)
     data = Path(data).resolve()
     rows, manifest_errors = read_manifest(data)
-    if limit is not None:
+    if limit is not None:  # manifest errors are kept whole: they describe the manifest
         rows = [r for r in rows if r.example_id < limit]
-        manifest_errors = manifest_errors  # kept whole: they describe the manifest
     if adapter is None:
         adapter = load_adapter(model, device=device, dtype=dtype, revision=revision)
     cfg = CaptureConfig(str(policy), keep_hidden, chunk_size,
@@ -238,7 +237,6 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
             _write_chunk(writer, c, parts)
     finally:
         bar.close()
-    done = writer.done_chunks()
     if summary.resumed_chunks:
         summary.extracted = _count_examples(lake, run)
     run_row.update(status="complete", n_examples=_count_examples(lake, run))

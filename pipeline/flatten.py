@@ -101,20 +101,25 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     raise ValueError(f"unknown policy {policy}")
 
 
-def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[int]) -> pa.Table:
+def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[int],
+                    token_offset: list[int] | None = None) -> pa.Table:
     """Long-format rows of the ``attention`` table (one layer, one stream).
 
+    ``token_offset[b]`` (default 0) is the ``token_idx`` of the stream's first token in
+    example ``b``'s token table: slot ``j`` of the stream is token ``token_offset[b] + j``.
     Rows come out sorted by example, head, query, key.
     """
     b, h, q, k = torch.nonzero(keep, as_tuple=True)
     w = attn[b, h, q, k].to(torch.float16).cpu().numpy()
-    ex = np.asarray(example_ids, dtype=np.int64)[b.cpu().numpy()]
+    bn = b.cpu().numpy()
+    ex = np.asarray(example_ids, dtype=np.int64)[bn]
+    off = np.zeros(len(example_ids), np.int64) if token_offset is None else np.asarray(token_offset, np.int64)
     return pa.table(
         {
             "example_id": pa.array(ex, pa.int64()),
             "head": pa.array(h.cpu().numpy().astype(np.int16), pa.int16()),
-            "query_idx": pa.array(q.cpu().numpy().astype(np.int32), pa.int32()),
-            "key_idx": pa.array(k.cpu().numpy().astype(np.int32), pa.int32()),
+            "query_idx": pa.array((q.cpu().numpy() + off[bn]).astype(np.int32), pa.int32()),
+            "key_idx": pa.array((k.cpu().numpy() + off[bn]).astype(np.int32), pa.int32()),
             "weight": pa.array(w, pa.float16()),
         },
         schema=ATTENTION.schema,
@@ -150,9 +155,12 @@ def head_stats_table(stats: dict[str, torch.Tensor], example_ids: list[int], str
     )
 
 
-def hidden_table(hidden: torch.Tensor, valid: torch.Tensor, example_ids: list[int]) -> pa.Table:
-    """Rows of ``hidden_states`` from ``[batch, token, dim]`` in token order."""
+def hidden_table(hidden: torch.Tensor, valid: torch.Tensor, example_ids: list[int],
+                 token_offset: list[int] | None = None) -> pa.Table:
+    """Rows of ``hidden_states`` from ``[batch, token, dim]`` in the stream's token order;
+    ``token_offset`` as in :func:`attention_table`."""
     b, t = torch.nonzero(valid, as_tuple=True)
+    off = np.zeros(len(example_ids), np.int64) if token_offset is None else np.asarray(token_offset, np.int64)
     vec = hidden[b, t].float()  # [rows, dim]
     norm = vec.norm(dim=-1).cpu().numpy().astype(np.float32)
     flat = vec.to(torch.float16).cpu().numpy().reshape(-1)
@@ -162,7 +170,7 @@ def hidden_table(hidden: torch.Tensor, valid: torch.Tensor, example_ids: list[in
     return pa.table(
         {
             "example_id": pa.array(np.asarray(example_ids, np.int64)[b.cpu().numpy()], pa.int64()),
-            "token_idx": pa.array(t.cpu().numpy().astype(np.int32), pa.int32()),
+            "token_idx": pa.array((t.cpu().numpy() + off[b.cpu().numpy()]).astype(np.int32), pa.int32()),
             "norm": pa.array(norm, pa.float32()),
             "vec": vecs,
         },

@@ -8,7 +8,6 @@ the callables then).
 
 from __future__ import annotations
 
-import json
 import re
 
 import altair as alt
@@ -87,10 +86,6 @@ def show_chart(chart: alt.TopLevelMixin, name: str, data: pd.DataFrame | None = 
     if downloads:
         download_row(chart, name, data, key=kwargs.get("key"))
     return event
-
-
-def spec_json(chart: alt.TopLevelMixin) -> str:
-    return json.dumps(_spec(chart))
 
 
 # -- tables (the SQL page's results) ----------------------------------------------------------
