@@ -9,6 +9,8 @@ import torch
 # config.model_type -> (family, adapter module, class)
 FAMILIES = {
     "vilt": ("vilt", "pipeline.models.vilt", "ViltAdapter"),
+    "clip": ("clip", "pipeline.models.dual", "DualEncoderAdapter"),
+    "siglip": ("siglip", "pipeline.models.dual", "DualEncoderAdapter"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -142,3 +142,35 @@ def boxed_masks(tokens: pa.Table, boxes: list[dict] | None, pieces_of) -> tuple[
                     for k in inside:
                         in_box[j][k] = True
     return boxed, in_box
+
+
+def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at a dotted path such as ``vilt.encoder.layer.3.attention``."""
+    m = root
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
+    """Pad per-example orders into ``[batch, token]`` tensors and build the masks."""
+    B = len(tables)
+    N = max(len(o) for o in orders)
+    seq = torch.zeros(B, N, dtype=torch.long)
+    valid = torch.zeros(B, N, dtype=torch.bool)
+    text, image, patch, special = (torch.zeros(B, N, dtype=torch.bool) for _ in range(4))
+    in_box = torch.zeros(B, N, N, dtype=torch.bool)
+    boxed = torch.zeros(B, N, dtype=torch.bool)
+    for b, (t, o) in enumerate(zip(tables, orders)):
+        n = len(o)
+        seq[b, :n] = torch.tensor(o)
+        valid[b, :n] = True
+        d = t.to_pydict()
+        text[b, :n] = torch.tensor([m == "text" for m in d["modality"]])
+        image[b, :n] = torch.tensor([m == "image" for m in d["modality"]])
+        patch[b, :n] = torch.tensor([r == "patch" for r in d["role"]])
+        special[b, :n] = torch.tensor([role_is_special(r) for r in d["role"]])
+        bx, ib = boxed_masks(t, boxes[b], pieces_of)
+        boxed[b, :n] = torch.tensor(bx)
+        in_box[b, :n, :n] = torch.tensor(ib)
+    return StreamLayout(seq, valid, TokenMasks(valid, text, image, patch, special, in_box, boxed), [0] * B)

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.data import BadInput
-from pipeline.models.base import BatchLayout, Prediction, StreamLayout, boxed_masks, normalise_answer, token_rows
+from pipeline.models.base import BatchLayout, Prediction, module_at, normalise_answer, stream_layout, token_rows
 from pipeline.stats import TokenMasks
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md).
@@ -48,13 +48,6 @@ HEADS = {
     "ViltForTokenClassification": None,
     "ViltForImagesAndTextClassification": "nlvr",
 }
-
-
-def _module(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    m = root
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
 
 
 class ViltAdapter:
@@ -103,13 +96,13 @@ class ViltAdapter:
 
     def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
         n = self.model.config.num_hidden_layers
-        pts = [HookPoint(STREAM, i, "attention", _module(self.model, self._path("attention", layer=i)), index=1)
+        pts = [HookPoint(STREAM, i, "attention", module_at(self.model, self._path("attention", layer=i)), index=1)
                for i in range(n)]
         if keep_hidden is None or 0 in keep_hidden:
-            pts.append(HookPoint(STREAM, 0, "hidden", _module(self.model, self._path("hidden_0")), index=0))
+            pts.append(HookPoint(STREAM, 0, "hidden", module_at(self.model, self._path("hidden_0")), index=0))
         for i in range(n):
             if keep_hidden is None or i + 1 in keep_hidden:
-                pts.append(HookPoint(STREAM, i + 1, "hidden", _module(self.model, self._path("hidden", layer=i))))
+                pts.append(HookPoint(STREAM, i + 1, "hidden", module_at(self.model, self._path("hidden", layer=i))))
         return pts
 
     # -- inputs ---------------------------------------------------------------------
@@ -147,7 +140,7 @@ class ViltAdapter:
     @contextmanager
     def _bookkeeping(self):
         """Record ``visual_embed``'s patch positions while the model runs."""
-        emb = _module(self.model, self._path("hidden_0"))
+        emb = module_at(self.model, self._path("hidden_0"))
         original = emb.visual_embed
 
         def visual_embed(*args, **kwargs):
@@ -215,7 +208,7 @@ class ViltAdapter:
             ))
             orders.append(text_pos + [T] + [T + 1 + j for j in real])
             grids.append((-(-valid_h // ps), -(-valid_w // ps)))
-        return BatchLayout(tables, {STREAM: _stream_layout(tables, orders, boxes, self._pieces)}, grids)
+        return BatchLayout(tables, {STREAM: stream_layout(tables, orders, boxes, self._pieces)}, grids)
 
     def _pieces(self, label: str) -> list[str]:
         return self.tokenizer.tokenize(label)
@@ -236,27 +229,3 @@ class ViltAdapter:
             scores = outputs.logits.float()[:, 0].tolist()
             return [Prediction(f"{s:.4f}", None, {"score": s}) for s in scores]
         return [Prediction() for _ in answers]
-
-
-def _stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
-    """Pad per-example orders into ``[batch, token]`` tensors and build the masks."""
-    B = len(tables)
-    N = max(len(o) for o in orders)
-    seq = torch.zeros(B, N, dtype=torch.long)
-    valid = torch.zeros(B, N, dtype=torch.bool)
-    text, image, patch, special = (torch.zeros(B, N, dtype=torch.bool) for _ in range(4))
-    in_box = torch.zeros(B, N, N, dtype=torch.bool)
-    boxed = torch.zeros(B, N, dtype=torch.bool)
-    for b, (t, o) in enumerate(zip(tables, orders)):
-        n = len(o)
-        seq[b, :n] = torch.tensor(o)
-        valid[b, :n] = True
-        d = t.to_pydict()
-        text[b, :n] = torch.tensor([m == "text" for m in d["modality"]])
-        image[b, :n] = torch.tensor([m == "image" for m in d["modality"]])
-        patch[b, :n] = torch.tensor([r == "patch" for r in d["role"]])
-        special[b, :n] = torch.tensor([r in ("cls", "sep", "bos", "eos", "image_cls") for r in d["role"]])
-        bx, ib = boxed_masks(t, boxes[b], pieces_of)
-        boxed[b, :n] = torch.tensor(bx)
-        in_box[b, :n, :n] = torch.tensor(ib)
-    return StreamLayout(seq, valid, TokenMasks(valid, text, image, patch, special, in_box, boxed), [0] * B)
