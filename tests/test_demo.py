@@ -115,3 +115,16 @@ def test_processor_path_matches_training_inputs():
     pix = torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1, 2)
     assert enc["pixel_values"].shape == (4, 3, shapes.SIZE, shapes.SIZE)
     assert torch.allclose(enc["pixel_values"], _pixel_values(pix), atol=1e-5)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    from pipeline.demo.train import TrainConfig, train
+
+    cfg = TrainConfig(n_train=256, epochs=1, batch_size=32, warmup_steps=5, hidden=32, layers=1, heads=2,
+                      n_eval=40, max_steps=6)
+    a = train(tmp_path / "a", cfg, log=lambda s: None)
+    b = train(tmp_path / "b", cfg, log=lambda s: None)
+    c = train(tmp_path / "c", TrainConfig(**{**cfg.__dict__, "seed": 1}), log=lambda s: None)
+    assert a["last_loss"] == b["last_loss"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
