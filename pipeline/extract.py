@@ -89,14 +89,18 @@ class Summary:
         return s
 
 
-def _gather_tokens(attn: torch.Tensor, sl: StreamLayout) -> torch.Tensor:
-    """``[batch, head, seq, seq]`` in sequence order -> ``[batch, head, token, token]`` in token order."""
-    B, H, S, _ = attn.shape
-    idx = sl.seq_index  # [batch, token]
-    N = idx.shape[1]
-    rows = attn.gather(2, idx[:, None, :, None].expand(B, H, N, S))  # [batch, head, token, seq]
-    a = rows.gather(3, idx[:, None, None, :].expand(B, H, N, N))  # [batch, head, token, token]
-    pair = (sl.valid[:, :, None] & sl.valid[:, None, :])[:, None]  # [batch, 1, token, token]
+def _gather_tokens(attn: torch.Tensor, sl: StreamLayout, key_sl: StreamLayout | None = None) -> torch.Tensor:
+    """``[batch, head, seq, seq_k]`` in sequence order -> ``[batch, head, token, token_k]`` in token order.
+
+    Rows follow ``sl``, columns ``key_sl`` (``sl`` itself unless a cross stream's keys are another's).
+    """
+    key_sl = sl if key_sl is None else key_sl
+    B, H, _, Sk = attn.shape
+    idx, kidx = sl.seq_index, key_sl.seq_index  # [batch, token], [batch, token_k]
+    N, Nk = idx.shape[1], kidx.shape[1]
+    rows = attn.gather(2, idx[:, None, :, None].expand(B, H, N, Sk))  # [batch, head, token, seq_k]
+    a = rows.gather(3, kidx[:, None, None, :].expand(B, H, N, Nk))  # [batch, head, token, token_k]
+    pair = (sl.valid[:, :, None] & key_sl.valid[:, None, :])[:, None]  # [batch, 1, token, token_k]
     return a * pair
 
 
@@ -125,13 +129,16 @@ class _BatchSink:
         sl = self.stream(point.stream)
         part = {"stream": point.stream, "layer": point.layer}
         if point.kind == "attention":
-            a = _gather_tokens(tensor.float(), sl)  # [batch, head, token, token]
-            stats = head_stats(a, sl.masks)
-            keep = keep_mask(a, sl.valid, sl.masks.image, self.policy)
+            key_stream = self.layout.keys.get(point.stream)  # cross attention: keys of another stream
+            ksl = sl if key_stream is None else self.stream(key_stream)
+            a = _gather_tokens(tensor.float(), sl, ksl)  # [batch, head, token, token_k]
+            stats = head_stats(a, sl.masks, None if key_stream is None else ksl.masks)
+            keep = keep_mask(a, sl.valid, sl.masks.image, self.policy, ksl.valid, ksl.masks.image)
             stats["kept_mass"] = kept_mass(a, keep, sl.valid)
             self.stats.append(head_stats_table(stats, self.example_ids, point.stream, point.layer))
             if self.policy.kind != "none":
-                self.attention.append((part, attention_table(a, keep, self.example_ids, sl.token_offset)))
+                self.attention.append((part, attention_table(a, keep, self.example_ids, sl.token_offset,
+                                                             ksl.token_offset)))
         else:
             h = tensor.gather(1, sl.seq_index[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
             self.hidden.append((part, hidden_table(h, sl.valid, self.example_ids, sl.token_offset)))
@@ -277,6 +284,8 @@ def _extract_chunk(adapter, rows: list[Row], chunk: int, batch_size: int, policy
         pics = [li.image for _, li in batch]
         ids = [r.example_id for r, _ in batch]
         inputs, notes = adapter.encode(texts, pics)
+        if hasattr(adapter, "prepare"):  # e.g. a decoder LVLM generates its answer first, uncaptured
+            inputs = adapter.prepare(inputs)
         sink = _BatchSink(adapter, inputs, pics, [r.boxes for r, _ in batch], ids, policy, device)
         torch.manual_seed(chunk * 1_000_003 + bi)  # ViLT samples patches: same rows on every run
         with capture(points, sink):

@@ -64,7 +64,8 @@ class KeepPolicy:
 
 
 def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor,
-              policy: KeepPolicy) -> torch.Tensor:
+              policy: KeepPolicy, key_valid: torch.Tensor | None = None,
+              key_image: torch.Tensor | None = None) -> torch.Tensor:
     """Which weights to store.
 
     Parameters
@@ -73,18 +74,22 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     valid : ``[batch, token]`` real tokens of each example.
     modality_image : ``[batch, token]`` True for image tokens.
     policy : the pruning policy.
+    key_valid, key_image : ``[batch, key]`` the same for the keys, when they are another
+        stream's tokens (cross attention); default ``valid`` / ``modality_image``.
 
     Returns
     -------
     ``[batch, head, query, key]`` bool.
     """
-    pair = (valid[:, :, None] & valid[:, None, :])[:, None]  # [batch, 1, query, key]
+    key_valid = valid if key_valid is None else key_valid
+    key_image = modality_image if key_image is None else key_image
+    pair = (valid[:, :, None] & key_valid[:, None, :])[:, None]  # [batch, 1, query, key]
     if policy.kind == "all":
         return pair.expand_as(attn)
     if policy.kind == "none":
         return torch.zeros_like(attn, dtype=torch.bool)
     if policy.kind == "cross":
-        cross = modality_image[:, :, None] != modality_image[:, None, :]  # [batch, query, key]
+        cross = modality_image[:, :, None] != key_image[:, None, :]  # [batch, query, key]
         return pair & cross[:, None]
     scores = attn.masked_fill(~pair, -1.0)  # invalid keys sort last
     if policy.kind == "topk":
@@ -102,11 +107,13 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
 
 
 def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[int],
-                    token_offset: list[int] | None = None) -> pa.Table:
+                    token_offset: list[int] | None = None, key_offset: list[int] | None = None) -> pa.Table:
     """Long-format rows of the ``attention`` table (one layer, one stream).
 
     ``token_offset[b]`` (default 0) is the ``token_idx`` of the stream's first token in
     example ``b``'s token table: slot ``j`` of the stream is token ``token_offset[b] + j``.
+    ``key_offset`` (default ``token_offset``) is the same for the keys, when they are another
+    stream's tokens (cross attention).
     Rows come out sorted by example, head, query, key.
     """
     b, h, q, k = torch.nonzero(keep, as_tuple=True)
@@ -114,12 +121,13 @@ def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[in
     bn = b.cpu().numpy()
     ex = np.asarray(example_ids, dtype=np.int64)[bn]
     off = np.zeros(len(example_ids), np.int64) if token_offset is None else np.asarray(token_offset, np.int64)
+    koff = off if key_offset is None else np.asarray(key_offset, np.int64)
     return pa.table(
         {
             "example_id": pa.array(ex, pa.int64()),
             "head": pa.array(h.cpu().numpy().astype(np.int16), pa.int16()),
             "query_idx": pa.array((q.cpu().numpy() + off[bn]).astype(np.int32), pa.int32()),
-            "key_idx": pa.array((k.cpu().numpy() + off[bn]).astype(np.int32), pa.int32()),
+            "key_idx": pa.array((k.cpu().numpy() + koff[bn]).astype(np.int32), pa.int32()),
             "weight": pa.array(w, pa.float16()),
         },
         schema=ATTENTION.schema,

@@ -74,9 +74,10 @@ class TokenMasks:
 
 
 def _row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` [batch, head, query] over the query rows ``rows`` [batch, query]; NaN if none."""
-    w = rows[:, None, :].to(x.dtype)  # [batch, 1, query]
-    n = w.sum(-1)  # [batch, 1]
+    """Mean of ``x`` [batch, head, query] over the query rows ``rows`` [batch, query] (or per head,
+    [batch, head, query]); NaN if none."""
+    w = (rows if rows.dim() == 3 else rows[:, None, :]).to(x.dtype)  # [batch, 1 or head, query]
+    n = w.sum(-1)  # [batch, 1 or head]
     s = (torch.nan_to_num(x) * w).sum(-1)  # [batch, head]
     return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
 
@@ -88,14 +89,18 @@ def _entropy(p: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
     return torch.where(n_keys > 1, h / denom.clamp(min=1e-30), torch.full_like(h, float("nan")))
 
 
-def head_stats(attn: torch.Tensor, m: TokenMasks) -> dict[str, torch.Tensor]:
+def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) -> dict[str, torch.Tensor]:
     """Every head statistic of one layer.
 
     Parameters
     ----------
     attn : ``[batch, head, query, key]`` attention in token-table order, rows of
         invalid tokens and columns of invalid keys already zero.
-    m : the token masks of the batch.
+    m : the token masks of the batch (of the queries).
+    km : the masks of the keys when they are another stream's tokens (cross attention,
+        ``attn`` then ``[batch, head, query, key]`` with ``m.in_box`` ``[batch, query, key]``);
+        default ``m``. Query sets are then ``m``'s, key sets ``km``'s: for text queries over
+        image keys ``t2i`` is 1, ``t2t`` 0 and the image-query statistics have no rows (NaN).
 
     Returns
     -------
@@ -104,35 +109,38 @@ def head_stats(attn: torch.Tensor, m: TokenMasks) -> dict[str, torch.Tensor]:
     step, which knows what is kept.
     """
     a = attn.float()  # [batch, head, query, key]
+    square = km is None
+    km = m if km is None else km
     key = lambda mask: mask[:, None, None, :].to(a.dtype)  # noqa: E731  [batch, 1, 1, key]
-    mass_img = (a * key(m.image)).sum(-1)  # [batch, head, query]
-    mass_txt = (a * key(m.text)).sum(-1)
-    diag = torch.diagonal(a, dim1=-2, dim2=-1)  # [batch, head, query]
+    mass_img = (a * key(km.image)).sum(-1)  # [batch, head, query]
+    mass_txt = (a * key(km.text)).sum(-1)
+    diag = torch.diagonal(a, dim1=-2, dim2=-1) if square else torch.zeros_like(mass_img)  # [batch, head, query]
     out = {
         "t2i": _row_mean(mass_img, m.text),
         "t2t": _row_mean(mass_txt, m.text),
         "i2t": _row_mean(mass_txt, m.image),
         "i2i": _row_mean(mass_img, m.image),
         "i2i_noself": _row_mean(mass_img - diag, m.image),
-        "sink": _row_mean((a * key(m.special)).sum(-1), m.valid),
+        "sink": _row_mean((a * key(km.special)).sum(-1), m.valid),
         "max": _row_mean(a.amax(-1), m.valid),
     }
-    n_keys = m.valid.sum(-1)[:, None, None]  # [batch, 1, 1]
+    n_keys = km.valid.sum(-1)[:, None, None]  # [batch, 1, 1]
     out["entropy"] = _row_mean(_entropy(a, n_keys), m.valid)
 
-    patch_mass = (a * key(m.patch)).sum(-1, keepdim=True)  # [batch, head, query, 1]
-    p_img = a * key(m.patch) / patch_mass.clamp(min=1e-30)  # renormalised over patches
-    n_patch = m.patch.sum(-1)[:, None, None]
+    patch_mass = (a * key(km.patch)).sum(-1, keepdim=True)  # [batch, head, query, 1]
+    p_img = a * key(km.patch) / patch_mass.clamp(min=1e-30)  # renormalised over patches
+    n_patch = km.patch.sum(-1)[:, None, None]
     has_patch_mass = patch_mass[..., 0] > 0
     img_ent = torch.where(has_patch_mass, _entropy(p_img, n_patch), torch.full_like(mass_img, float("nan")))
-    out["img_entropy"] = _row_mean(img_ent, m.text & (m.patch.sum(-1, keepdim=True) > 0))
+    # only rows that put mass on patches (a causal LM's text before the image puts none)
+    out["img_entropy"] = _row_mean(img_ent, m.text[:, None, :] & has_patch_mass)
 
     if m.in_box is not None and m.boxed is not None and bool(m.boxed.any()):
         box = m.in_box[:, None, :, :].to(a.dtype)  # [batch, 1, query, key]
         in_box_mass = (p_img * box).sum(-1)  # [batch, head, query]
         out["grounding"] = _row_mean(in_box_mass, m.boxed)
         # pointing: is the argmax over patch keys inside the box?
-        scores = a.masked_fill(~m.patch[:, None, None, :], -1.0)
+        scores = a.masked_fill(~km.patch[:, None, None, :], -1.0)
         top = scores.argmax(-1, keepdim=True)  # [batch, head, query, 1]
         hit = torch.gather(m.in_box[:, None, :, :].expand(-1, a.shape[1], -1, -1), -1, top)[..., 0]
         out["pointing"] = _row_mean(hit.to(a.dtype), m.boxed)

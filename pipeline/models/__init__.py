@@ -11,6 +11,7 @@ FAMILIES = {
     "vilt": ("vilt", "pipeline.models.vilt", "ViltAdapter"),
     "clip": ("clip", "pipeline.models.dual", "DualEncoderAdapter"),
     "siglip": ("siglip", "pipeline.models.dual", "DualEncoderAdapter"),
+    "blip": ("blip", "pipeline.models.blip", "BlipAdapter"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -53,6 +53,11 @@ class BatchLayout:
     streams: dict[str, StreamLayout]
     grid: list[tuple[int | None, int | None]]  # (grid_h, grid_w) per example
     notes: list[list[tuple[str, str]]] = field(default_factory=list)
+    # Streams whose keys are another stream's tokens (cross attention): ``{"cross": "vision"}``
+    # means stream ``cross``'s own layout gives its queries (rows) and the ``vision`` stream's
+    # layout its keys (columns); its attention is ``[batch, head, query, key]``, not square, and
+    # its ``masks.in_box`` is ``[batch, query, key]`` over those two token sets.
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,240 @@
+"""BLIP with a cross-attention text encoder: ``BlipForQuestionAnswering``, ``BlipForImageTextRetrieval``.
+
+Three streams (DESIGN.md): ``vision`` (the ViT's self-attention), ``text`` (the self-attention of
+the text encoder that reads the image: for VQA the question encoder ``text_encoder``, for
+retrieval its ITM text encoder) and ``cross`` (that encoder's cross-attention: text queries over
+image keys). Layers are counted within each stream; ``cross`` layer ``l`` sits in text layer ``l``.
+
+Token table of one example, one index space::
+
+    text encoder:  [CLS] w1 ... wn [SEP]                token_idx 0 .. T-1   (pads left out)
+    vision tower:  [image CLS] p(0,0) ... p(g-1,g-1)    token_idx T .. T+V-1
+
+- The text is the text encoder's own ``input_ids`` (BLIP's HF processor starts it with
+  ``[CLS]``; an ``[ENC]`` or ``[DEC]`` first token, as in the original BLIP, is role ``cls`` too).
+  Padding gets no weight from the encoder's attention mask and is left out of the table.
+- Patch ``(r, c)`` is vision sequence position ``1 + r * grid + c``; boxes are mapped back
+  through the image processor's resize to a square (no crop), x and y scales differ.
+- ``cross`` rows are text queries over the vision tokens as keys: its attention is
+  ``[batch, head, n_text, n_vision]`` (``BatchLayout.keys = {"cross": "vision"}``); stored rows
+  have ``query_idx`` = the text token's ``token_idx`` and ``key_idx`` = the vision token's.
+  Its statistics are ``head_stats`` with query masks from the text tokens and key masks from the
+  vision tokens: ``t2i`` is 1, ``t2t`` 0, the image-query statistics (``i2t``, ``i2i``,
+  ``i2i_noself``) NaN; ``entropy`` is normalised by log(number of vision tokens); ``grounding``
+  and ``pointing`` use the boxes of the text words over the patches.
+
+Attention weights: ``BlipAttention`` (vision) and ``BlipTextSelfAttention`` (text self- and
+cross-attention, the ``.self`` submodule of ``attention`` / ``crossattention``) return
+``(context, attention_probs)``; the hooks read index 1.
+
+Prediction: VQA generates the answer greedily (``model.generate``, at most
+:data:`MAX_NEW_TOKENS` tokens) from each example's own unpadded inputs, so it does not depend on
+the batch (BLIP's answer decoder attends to every question position, pads included);
+``correct`` compares it with the manifest's answer. Retrieval stores the ITM head's probability
+of "match" (``softmax(itm_score)[1]``) as the prediction and in ``meta``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor
+
+from pipeline.capture import HookPoint
+from pipeline.models.base import (BatchLayout, Prediction, boxed_masks, module_at, normalise_answer,
+                                  stream_layout, token_rows)
+from pipeline.models.dual import crop_geometry
+
+MODULES = {
+    "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
+               "hidden_0": "vision_model.embeddings",
+               "hidden": "vision_model.encoder.layers.{layer}"},
+    "text": {"attention": "text_encoder.encoder.layer.{layer}.attention.self",
+             "hidden_0": "text_encoder.embeddings",
+             "hidden": "text_encoder.encoder.layer.{layer}"},
+    "cross": {"attention": "text_encoder.encoder.layer.{layer}.crossattention.self"},
+}
+HEADS = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "retrieval"}
+MAX_NEW_TOKENS = 10
+
+
+class BlipAdapter:
+    """BLIP VQA / ITM: streams ``vision``, ``text`` and ``cross``."""
+
+    family = "blip"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu"):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.head = HEADS.get(type(model).__name__)
+        if self.head is None:
+            raise NotImplementedError(f"VL-Atlas supports BLIP as {', '.join(HEADS)}, not {type(model).__name__}")
+        tc, vc = model.config.text_config, model.config.vision_config
+        if not hasattr(module_at(model, "text_encoder.encoder.layer.0"), "crossattention"):
+            raise NotImplementedError("this BLIP text encoder has no cross-attention (text_config.is_decoder "
+                                      "is False); VL-Atlas needs the image-grounded text encoder")
+        self.max_text = int(tc.max_position_embeddings)
+        self.patch_size = int(vc.patch_size)
+        self.configs = {"vision": vc, "text": tc, "cross": tc}
+
+    @classmethod
+    def load(cls, model_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None):
+        import transformers
+
+        config = AutoConfig.from_pretrained(model_id, revision=revision)
+        arch = next((a for a in (config.architectures or []) if a in HEADS), None)
+        if arch is None:
+            raise NotImplementedError(
+                f"BLIP model {model_id!r} is a {', '.join(config.architectures or ['(no architecture)'])}; "
+                f"VL-Atlas supports {', '.join(HEADS)} (their text encoder attends to the image)")
+        model = getattr(transformers, arch).from_pretrained(model_id, revision=revision,
+                                                            attn_implementation="eager", dtype=dtype)
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        return cls(model.to(device).eval(), processor, device)
+
+    def streams(self) -> dict[str, dict[str, int]]:
+        return {s: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}
+                for s, c in self.configs.items()}
+
+    def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
+        pts = []
+        for stream, paths in MODULES.items():
+            n = self.configs[stream].num_hidden_layers
+            pts += [HookPoint(stream, i, "attention", module_at(self.model, paths["attention"].format(layer=i)),
+                              index=1) for i in range(n)]
+            if "hidden" not in paths:
+                continue
+            if keep_hidden is None or 0 in keep_hidden:
+                pts.append(HookPoint(stream, 0, "hidden", module_at(self.model, paths["hidden_0"])))
+            for i in range(n):
+                if keep_hidden is None or i + 1 in keep_hidden:
+                    pts.append(HookPoint(stream, i + 1, "hidden",
+                                         module_at(self.model, paths["hidden"].format(layer=i))))
+        return pts
+
+    # -- inputs ---------------------------------------------------------------------
+    def check_image(self, image) -> None:
+        """Every image the loader accepts can be resized to the tower's square."""
+
+    def encode(self, texts: list[str], images: list):
+        notes = []
+        for t in texts:
+            n = len(self.tokenizer(t, add_special_tokens=True)["input_ids"])
+            notes.append([("text", f"text truncated from {n} to {self.max_text} tokens (the model's limit)")]
+                         if n > self.max_text else [])
+        enc = dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True,
+                                  truncation=True, max_length=self.max_text))
+        if "attention_mask" not in enc:
+            enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+        return {k: v.to(self.device) for k, v in enc.items()}, notes
+
+    def _model_inputs(self, inputs):
+        return {k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+
+    def forward(self, inputs: dict[str, torch.Tensor]):
+        """One pass of the vision tower and the image-grounded text encoder (the hooked modules)."""
+        kw = self._model_inputs(inputs)
+        with torch.no_grad():
+            if self.head == "vqa":  # forward needs decoder input: one start token (the decoder is not hooked)
+                start = torch.full((kw["input_ids"].shape[0], 1), self.model.decoder_start_token_id,
+                                   dtype=torch.long, device=kw["input_ids"].device)
+                out = self.model(**kw, decoder_input_ids=start, return_dict=True)
+            else:
+                out = self.model(**kw, use_itm_head=True, return_dict=True)
+        return {"outputs": out, "inputs": kw}
+
+    # -- layout ---------------------------------------------------------------------
+    def _text_role(self, i: int, piece: str) -> str:
+        tok = self.tokenizer
+        if i == tok.cls_token_id or piece in ("[ENC]", "[DEC]"):
+            return "cls"
+        if i == tok.sep_token_id:
+            return "sep"
+        if i == tok.pad_token_id:
+            return "pad"
+        return "word"
+
+    def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
+        ids = inputs["input_ids"].cpu()
+        seen = inputs["attention_mask"].cpu().bool()
+        ph, pw = inputs["pixel_values"].shape[-2:]
+        ps = self.patch_size
+        gh, gw = ph // ps, pw // ps
+        tables, text_orders, vis_orders, offsets, grids = [], [], [], [], []
+        for b in range(ids.shape[0]):
+            text_pos = torch.nonzero(seen[b]).flatten().tolist()
+            tid = ids[b, text_pos].tolist()
+            pieces = self.tokenizer.convert_ids_to_tokens(tid)
+            roles = [self._text_role(i, p) for i, p in zip(tid, pieces)]
+            W, H = images[b].size
+            sx, sy, left, top, ow, oh = crop_geometry(self.processor.image_processor, W, H)
+            if (ow, oh) != (pw, ph):
+                raise RuntimeError(f"the image processor made a {pw}x{ph} image where its settings say "
+                                   f"{ow}x{oh}; VL-Atlas cannot place patches on the original image")
+
+            def px(u, v):
+                return min(max((u + left) / sx, 0.0), float(W)), min(max((v + top) / sy, 0.0), float(H))
+
+            rc = [(r, c) for r in range(gh) for c in range(gw)]
+            bx = [px(0, 0) + px(pw, ph)] + [px(c * ps, r * ps) + px((c + 1) * ps, (r + 1) * ps) for r, c in rc]
+            nt, nv = len(text_pos), 1 + len(rc)
+            none_t, none_v = [None] * nt, [None] * nv
+            vis_seq = [0] + [1 + r * gw + c for r, c in rc]
+            tables.append(token_rows(
+                token_idx=list(range(nt + nv)),
+                stream=["text"] * nt + ["vision"] * nv,
+                modality=["text"] * nt + ["image"] * nv,
+                role=roles + ["image_cls"] + ["patch"] * len(rc),
+                token=pieces + none_v,
+                seq_pos=text_pos + vis_seq,
+                text_pos=list(range(nt)) + none_v,
+                patch_row=none_t + [None] + [r for r, _ in rc],
+                patch_col=none_t + [None] + [c for _, c in rc],
+                x0=none_t + [q[0] for q in bx], y0=none_t + [q[1] for q in bx],
+                x1=none_t + [q[2] for q in bx], y1=none_t + [q[3] for q in bx],
+            ))
+            text_orders.append(text_pos)
+            vis_orders.append(vis_seq)
+            offsets.append(nt)
+            grids.append((gh, gw))
+        text_tabs = [t.slice(0, o) for t, o in zip(tables, offsets)]
+        vis_tabs = [t.slice(o) for t, o in zip(tables, offsets)]
+        text_sl = stream_layout(text_tabs, text_orders, boxes, self._pieces)
+        vis_sl = stream_layout(vis_tabs, vis_orders, boxes, self._pieces)
+        vis_sl.token_offset = offsets
+        # cross: the text layout for the queries, with word boxes over the vision tokens (keys)
+        cross_sl = stream_layout(text_tabs, text_orders, boxes, self._pieces)
+        nq, nk = text_sl.valid.shape[1], vis_sl.valid.shape[1]
+        in_box = torch.zeros(len(tables), nq, nk, dtype=torch.bool)
+        boxed = torch.zeros(len(tables), nq, dtype=torch.bool)
+        for b, (t, nt) in enumerate(zip(tables, offsets)):
+            bx, ib = boxed_masks(t, boxes[b], self._pieces)  # over the whole table: text then vision
+            boxed[b, :nt] = torch.tensor(bx[:nt], dtype=torch.bool)
+            in_box[b, :nt, :t.num_rows - nt] = torch.tensor([row[nt:] for row in ib[:nt]], dtype=torch.bool)
+        cross_sl.masks.in_box, cross_sl.masks.boxed = in_box, boxed
+        return BatchLayout(tables, {"text": text_sl, "vision": vis_sl, "cross": cross_sl}, grids,
+                           keys={"cross": "vision"})
+
+    def _pieces(self, label: str) -> list[str]:
+        return self.tokenizer.tokenize(label)
+
+    # -- predictions ----------------------------------------------------------------
+    def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:
+        out, kw = outputs["outputs"], outputs["inputs"]
+        if self.head == "retrieval":
+            p = torch.softmax(out.itm_score.float(), dim=-1)[:, 1].tolist()
+            return [Prediction(f"{x:.4f}", None, {"itm_match_probability": x}) for x in p]
+        preds = []
+        for b, ans in enumerate(answers):
+            real = kw["attention_mask"][b].bool()
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=kw["input_ids"][b:b + 1, real],
+                                          pixel_values=kw["pixel_values"][b:b + 1],
+                                          max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1)
+            text = self.tokenizer.decode(gen[0], skip_special_tokens=True).strip()
+            correct = None if ans is None else normalise_answer(text) == normalise_answer(ans)
+            preds.append(Prediction(text, correct, {}))
+        return preds
