@@ -15,7 +15,8 @@ The formulas (quoted by the app's help text, see :data:`STAT_HELP`):
 - ``entropy``: over all queries, ``-sum_k A[q,k] log A[q,k] / log(n_keys)``.
 - ``sink``: over all queries, ``sum_{k special} A[q,k]``.
 - ``max``: over all queries, ``max_k A[q,k]``.
-- ``img_entropy``: over text queries, with ``p_k = A[q,k] / sum_{j patch} A[q,j]`` over
+- ``img_entropy``: over text queries that put mass on patches (under causal attention, text
+  before the image puts none), with ``p_k = A[q,k] / sum_{j patch} A[q,j]`` over
   patch keys, ``-sum_k p_k log p_k / log(n_patches)``.
 - ``grounding``: over the text tokens of words that have a ground-truth box,
   ``sum_{k patch in box} A[q,k] / sum_{k patch} A[q,k]``. A patch is in the box

@@ -11,6 +11,7 @@ FAMILIES = {
     "vilt": ("vilt", "pipeline.models.vilt", "ViltAdapter"),
     "clip": ("clip", "pipeline.models.dual", "DualEncoderAdapter"),
     "siglip": ("siglip", "pipeline.models.dual", "DualEncoderAdapter"),
+    "llava": ("llava", "pipeline.models.llava", "LlavaAdapter"),
     "blip": ("blip", "pipeline.models.blip", "BlipAdapter"),
 }
 

@@ -1,0 +1,323 @@
+"""LLaVA (decoder LVLM): token table, generated tokens, attention and statistics checked against the model.
+
+A tiny random LlavaForConditionalGeneration (CLIP vision tower: 32 px images, 8 px patches -> a
+4 x 4 grid, 2 layers; Llama language model: 2 layers, 2 heads) with a LlavaProcessor made of a
+CLIPImageProcessor and a word-level tokenizer with an ``<image>`` special token, all built from
+files; nothing is downloaded. Expected values come from the model's own ``generate`` and outputs
+run without hooks, one example at a time (no batch padding), never from pipeline code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.extract import extract
+from pipeline.models import load_adapter
+from pipeline.models.llava import MAX_NEW_TOKENS
+from tests.tiny import WORDS, noise_image, write_manifest
+
+IMG, PS, G = 32, 8, 4
+IMAGE_ID = 4
+SCENES = [  # (original size (w, h), question, answer)
+    ((32, 32), "what color is the circle ?", "red"),
+    ((96, 64), "is there a red square left of the circle ?", "yes"),  # scaled by 1/2, cropped 8 px from the left
+    ((40, 80), "how many ?", None),
+    ((64, 48), "what shape is the blue triangle ?", "triangle"),
+]
+
+
+def make_tiny_llava(out, strategy: str = "default", seed: int = 0):
+    import transformers as tf
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": IMAGE_ID,
+             **{w: i + 5 for i, w in enumerate(WORDS)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>", padding_side="left")
+    ip = tf.CLIPImageProcessor(size={"shortest_edge": IMG}, crop_size={"height": IMG, "width": IMG})
+    proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PS,
+                             vision_feature_select_strategy=strategy, num_additional_image_tokens=1)
+    vision = dict(model_type="clip_vision_model", image_size=IMG, patch_size=PS, hidden_size=32,
+                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
+                         vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+                         image_seq_length=G * G + (strategy == "full"))
+    cfg.vlatlas_random_weights = True
+    torch.manual_seed(seed)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
+        for layer in list(model.model.vision_tower.encoder.layers) + list(model.model.language_model.layers):
+            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
+            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
+        model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.5)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 3
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["default", "full"])
+def llava(request, tmp_path_factory):
+    """(strategy, model dir, lake root, reference model, processor, images, texts)."""
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    strategy = request.param
+    tmp = tmp_path_factory.mktemp(f"llava-{strategy}")
+    mdir = make_tiny_llava(tmp / "model", strategy)
+    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
+            for i, (size, t, a) in enumerate(SCENES)]
+    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
+    manifest = write_manifest(tmp / "data", rows)
+    lake = tmp / "lake"
+    extract(str(mdir), manifest, lake, "llava", batch_size=2, progress=False)  # batches pad on the left
+    model = LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    proc = AutoProcessor.from_pretrained(mdir)
+    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
+    return strategy, mdir, lake, model, proc, images, [t for _, t, _ in SCENES]
+
+
+def reference(model, proc, image, text):
+    """The model alone on one example: its inputs and its own greedy generation with attentions."""
+    enc = proc(images=[image], text=[f"<image> {text}"], return_tensors="pt")
+    with torch.no_grad():
+        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID],
+                           output_attentions=True, return_dict_in_generate=True)
+    return enc, g
+
+
+def tokens(lake_df, lake, ex):
+    return lake_df(lake, "SELECT * FROM tokens WHERE run = 'llava' AND example_id = ? ORDER BY token_idx", [ex])
+
+
+def test_registered_and_streams(llava):
+    _, mdir, *_ = llava
+    from pipeline.models import FAMILIES
+
+    assert "llava" in FAMILIES
+    a = load_adapter(str(mdir))
+    assert a.streams() == {"lm": {"layers": 2, "heads": 2, "hidden_size": 32},
+                           "vision": {"layers": 2, "heads": 2, "hidden_size": 32}}
+    assert a.model.config._attn_implementation == "eager"
+
+
+def test_token_table_matches_the_models_inputs(llava, lake_df):
+    strategy, mdir, lake, model, proc, images, texts = llava
+    full = strategy == "full"
+    for ex, (im, text) in enumerate(zip(images, texts)):
+        enc, g = reference(model, proc, im, text)
+        t = tokens(lake_df, lake, ex)
+        assert list(t.token_idx) == list(range(len(t)))
+        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
+        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)  # lm first
+        ids = enc["input_ids"][0].tolist()
+        P = len(ids)
+        gen = g.sequences[0, P:].tolist()
+        gen = gen[:gen.index(2) + 1] if 2 in gen else gen
+        assert len(lm) == P + len(gen)  # no left pads from the batch
+        assert list(lm.seq_pos) == list(range(P + len(gen)))
+        img = lm[lm.modality == "image"]
+        assert list(img.seq_pos) == [p for p, i in enumerate(ids) if i == IMAGE_ID]
+        assert len(img) == G * G + full
+        if full:
+            assert img.role.iloc[0] == "image_cls" and pd_isnull(img.patch_row.iloc[0])
+        p = img[img.role == "patch"]
+        assert list(zip(p.patch_row, p.patch_col)) == [(r, c) for r in range(G) for c in range(G)]
+        txt = lm[(lm.modality == "text") & (lm.role != "generated")]
+        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens([i for i in ids if i != IMAGE_ID])
+        assert txt.role.iloc[0] == "bos" and set(txt.role.iloc[1:]) == {"word"}
+        assert list(lm.text_pos.dropna().astype(int)) == list(range(len(lm) - len(img)))
+        # the generated tokens are the model's own greedy answer
+        gl = lm[lm.role == "generated"]
+        assert len(gen) >= 2
+        assert list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        assert list(gl.seq_pos) == list(range(P, P + len(gen)))
+        # the vision tower: CLS then the patches in raster order; lm image tokens share their boxes
+        assert vis.role.iloc[0] == "image_cls" and len(vis) == 1 + G * G
+        vp = vis[vis.role == "patch"]
+        assert list(zip(vp.patch_row, vp.patch_col)) == [(r, c) for r in range(G) for c in range(G)]
+        assert list(vp.seq_pos) == [1 + r * G + c for r in range(G) for c in range(G)]
+        np.testing.assert_allclose(p[["x0", "y0", "x1", "y1"]].to_numpy(float),
+                                   vp[["x0", "y0", "x1", "y1"]].to_numpy(float))
+
+
+def pd_isnull(x):
+    import pandas as pd
+
+    return pd.isna(x)
+
+
+def test_patch_boxes_in_original_pixels(llava, lake_df):
+    lake = llava[2]
+    # example 1 is 96 x 64: shortest side 64 -> 32 (scale 1/2), 48 x 32 cropped at x 8..40, so
+    # patch (0, 0) covers original x 16..32, y 0..16
+    t = tokens(lake_df, lake, 1)
+    for stream in ("lm", "vision"):
+        p = t[(t.stream == stream) & (t.role == "patch")]
+        box = p[["x0", "y0", "x1", "y1"]].to_numpy(float)
+        assert box[0] == pytest.approx([16, 0, 32, 16])
+        assert box[G * G - 1] == pytest.approx([64, 48, 80, 64])
+
+
+def test_prediction_is_the_generated_text(llava, lake_df):
+    strategy, mdir, lake, model, proc, images, texts = llava
+    ex = lake_df(lake, "SELECT example_id, answer, prediction, correct, meta FROM examples WHERE run = 'llava' "
+                 "ORDER BY example_id")
+    assert len(ex) == len(SCENES)
+    for (im, text), row in zip(zip(images, texts), ex.itertuples()):
+        enc, g = reference(model, proc, im, text)
+        exp = proc.tokenizer.decode(g.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert row.prediction == exp
+        if pd_isnull(row.answer):
+            assert pd_isnull(row.correct)
+        else:
+            assert bool(row.correct) == (" ".join(exp.lower().split()) == row.answer)
+    runs = lake_df(lake, "SELECT model_family, streams FROM runs WHERE run = 'llava'")
+    assert runs.model_family.iloc[0] == "llava"
+    assert set(json.loads(runs.streams.iloc[0])) == {"lm", "vision"}
+
+
+def test_attention_equals_generates_own_and_rows_sum_to_one(llava, lake_df):
+    """Teacher forcing reproduces generation: prompt rows = generate's prefill step, the row of
+    generated token s = generate's step s + 1 (the step that fed it back in)."""
+    strategy, mdir, lake, model, proc, images, texts = llava
+    for ex, (im, text) in enumerate(zip(images, texts)):
+        enc, g = reference(model, proc, im, text)
+        P = enc["input_ids"].shape[1]
+        t = tokens(lake_df, lake, ex)
+        lm = t[t.stream == "lm"]
+        n = len(lm)
+        for stream in ("lm", "vision"):
+            for layer in range(2):
+                a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'llava' AND "
+                            "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
+                sums = a.groupby(["head", "query_idx"]).weight.sum()
+                np.testing.assert_allclose(sums.to_numpy(dtype=np.float32), 1.0, atol=1e-2)
+                if stream == "vision":
+                    assert a.query_idx.min() >= n and a.key_idx.min() >= n
+                    continue
+                assert a.query_idx.max() < n and a.key_idx.max() < n
+                A = np.zeros((2, n, n), np.float32)
+                A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
+                pre = g.attentions[0][layer][0].numpy()  # [head, P, P]
+                np.testing.assert_allclose(A[:, :P, :P], pre, atol=2e-3)
+                for s in range(1, len(g.attentions)):  # step s: query = generated token s - 1
+                    if P + s - 1 >= n:
+                        break
+                    step = g.attentions[s][layer][0, :, 0].numpy()  # [head, P + s]
+                    np.testing.assert_allclose(A[:, P + s - 1, :P + s], step, atol=2e-3)
+                    assert np.abs(A[:, P + s - 1, P + s:]).max() < 1e-6  # causal
+
+
+def test_vision_attention_equals_the_towers_own(llava, lake_df):
+    strategy, mdir, lake, model, proc, images, texts = llava
+    ex = 1
+    enc = proc(images=[images[ex]], text=[f"<image> {texts[ex]}"], return_tensors="pt")
+    with torch.no_grad():
+        o = model.model.vision_tower(enc["pixel_values"], output_attentions=True)
+    t = tokens(lake_df, lake, ex)
+    vis = t[t.stream == "vision"].set_index("token_idx").seq_pos
+    a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'llava' AND "
+                "example_id = ? AND stream = 'vision' AND layer = 1", [ex])
+    exp = o.attentions[1][0].numpy()[a["head"].to_numpy(), vis[a.query_idx].to_numpy(), vis[a.key_idx].to_numpy()]
+    np.testing.assert_allclose(a.weight.to_numpy(np.float32), exp, atol=2e-3)
+
+
+def test_lm_hidden_state_0_is_the_projected_patch_or_the_word_embedding(llava, lake_df):
+    """hidden 0 of ``lm`` is the language model's input: image token k carries the projector's
+    output for patch k (``default``) or tower position k (``full``, token 0 the CLS)."""
+    strategy, mdir, lake, model, proc, images, texts = llava
+    ex = 3
+    enc = proc(images=[images[ex]], text=[f"<image> {texts[ex]}"], return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(enc["pixel_values"]).pooler_output[0]  # [n_image_tokens, dim]
+        emb = model.model.language_model.embed_tokens.weight
+    h = lake_df(lake, "SELECT t.role, t.modality, t.token, t.patch_row, t.patch_col, h.vec FROM hidden_states h "
+                "JOIN tokens t USING (run, example_id, token_idx) WHERE h.run = 'llava' AND h.example_id = ? "
+                "AND h.stream = 'lm' AND h.layer = 0 ORDER BY h.token_idx", [ex])
+    img = h[h.modality == "image"]
+    got = np.stack(img.vec.to_list()).astype(np.float32)
+    np.testing.assert_allclose(got, feats.numpy(), atol=2e-2, rtol=2e-2)
+    p = img[img.role == "patch"]
+    k = (p.patch_row * G + p.patch_col).astype(int).to_numpy() + (strategy == "full")
+    np.testing.assert_allclose(np.stack(p.vec.to_list()).astype(np.float32), feats.numpy()[k], atol=2e-2, rtol=2e-2)
+    txt = h[h.modality == "text"]
+    ids = proc.tokenizer.convert_tokens_to_ids(list(txt.token))
+    np.testing.assert_allclose(np.stack(txt.vec.to_list()).astype(np.float32), emb[ids].detach().numpy(), atol=2e-2)
+
+
+def test_head_stats_by_hand(llava, lake_df):
+    strategy, mdir, lake, model, proc, images, texts = llava
+    ex, layer, head = 1, 1, 1
+    enc, g = reference(model, proc, images[ex], texts[ex])
+    t = tokens(lake_df, lake, ex)
+    lm = t[t.stream == "lm"]
+    ids = g.sequences[0].tolist()[:len(lm)]
+    with torch.no_grad():  # the teacher-forced pass, by transformers alone
+        o = model(input_ids=torch.tensor([ids]), pixel_values=enc["pixel_values"], output_attentions=True)
+    A = o.attentions[layer][0, head].numpy().astype(np.float64)  # [query, key], sequence = token order here
+    text = (lm.modality == "text").to_numpy()
+    image = (lm.modality == "image").to_numpy()
+    patch = (lm.role == "patch").to_numpy()
+    st = lake_df(lake, "SELECT stat, value FROM head_stats WHERE run = 'llava' AND example_id = ? AND "
+                 "stream = 'lm' AND layer = ? AND head = ?", [ex, layer, head])
+    got = dict(zip(st.stat, st.value))
+    assert got["t2i"] == pytest.approx(A[text][:, image].sum(1).mean(), abs=2e-4)
+    assert got["i2t"] == pytest.approx(A[image][:, text].sum(1).mean(), abs=2e-4)
+    gen = (lm.role == "generated").to_numpy()
+    # generated tokens are text queries: t2i includes them
+    assert gen.sum() >= 2 and text[gen].all()
+    q = A[text]
+    q = q[q[:, patch].sum(1) > 0]  # causal: text before the image (the bos) sees no patch
+    assert len(q) < text.sum()
+    pm = q[:, patch]
+    p = pm / pm.sum(1, keepdims=True)
+    ent = -(p * np.log(np.clip(p, 1e-30, None))).sum(1) / math.log(patch.sum())
+    assert got["img_entropy"] == pytest.approx(ent.mean(), abs=2e-4)
+
+
+def test_app_pages_on_the_llava_lake(llava, monkeypatch):
+    from tests.test_app import open_app
+
+    strategy, mdir, lake, *_ = llava
+    if strategy != "default":
+        pytest.skip("the pages once are enough")
+    for page in ("app_pages/examples.py", "app_pages/head_summary.py", "app_pages/attention.py",
+                 "app_pages/hidden_states.py", "app_pages/sql.py", "app_pages/compare.py"):
+        at = open_app(lake, monkeypatch, page=page, run="llava", ex=1)
+        assert not at.exception, (page, at.exception)
+    for stream in ("lm", "vision"):
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run="llava", ex=1, stream=stream)
+        box = at.selectbox(key="stream") if any(w.key == "stream" for w in at.selectbox) else \
+            next(w for w in at.selectbox if w.label == "Stream")
+        assert set(box.options) == {"lm", "vision"} and not box.disabled
+        assert box.value == stream
+
+
+def test_prompt_uses_the_processors_chat_template(llava):
+    from transformers import AutoProcessor
+
+    from pipeline.models.llava import LlavaAdapter
+
+    _, mdir, _, model, *_ = llava
+    proc = AutoProcessor.from_pretrained(mdir)
+    a = LlavaAdapter(model, proc)
+    assert a.prompt("how many ?") == "<image> how many ?"  # no template: "<image> question"
+    proc.chat_template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                          "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                          "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    assert a.prompt("how many ?") == "USER: <image>\nhow many ? ASSISTANT:"
