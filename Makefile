@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 LAKE   ?= demo_lake
 PORT   ?= 8501
 
-.PHONY: install demo lake test browser bench clean
+.PHONY: install demo lake test browser bench bench-extract clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: $(VENV)/.test-installed browser
 # Times the app's queries on a synthetic ViLT-B-shaped lake under /tmp (about 10 minutes; see the script).
 bench: install
 	nice -n 10 $(BIN)/python bench/bench_queries.py
+
+# Peak memory and throughput of extraction vs a bare forward pass, per family, tiny and base-sized
+# random models (see the script; add e.g. ARGS="--device cuda --dtype bfloat16").
+bench-extract: $(VENV)/.test-installed
+	nice -n 10 $(BIN)/python bench/bench_extract.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LAKE) .pytest_cache

@@ -58,9 +58,11 @@ def patch_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
 
 
 def token_label(t: pd.Series | tuple) -> str:
-    """``"3 · red"``: text position and word piece (or the role of a token with no text)."""
+    """``"3 · red"``: text position and word piece (or the role of a token with no text); a token the
+    model generated (a decoder's answer) is marked ``"12 · red ✦"``."""
     pos = t.text_pos if pd.notna(t.text_pos) else t.seq_pos
-    return f"{int(pos)} · {t.token if isinstance(t.token, str) else t.role}"
+    mark = " ✦" if t.role == "generated" else ""
+    return f"{int(pos)} · {t.token if isinstance(t.token, str) else t.role}{mark}"
 
 
 def patch_label(t) -> str:

@@ -321,3 +321,23 @@ def test_prompt_uses_the_processors_chat_template(llava):
                           "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
                           "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
     assert a.prompt("how many ?") == "USER: <image>\nhow many ? ASSISTANT:"
+
+
+def test_attention_page_marks_the_generated_tokens(llava, monkeypatch, lake_df):
+    """Generated word -> image and generated word -> question word are offered on the Attention page."""
+    from tests.test_app import open_app
+
+    strategy, mdir, lake, *_ = llava
+    if strategy != "default":
+        pytest.skip("the pages once are enough")
+    gen = lake_df(lake, "SELECT text_pos, token FROM tokens WHERE run = 'llava' AND example_id = 1 "
+                        "AND stream = 'lm' AND role = 'generated' ORDER BY text_pos")
+    if gen.empty:
+        pytest.skip("the tiny model generated nothing for this example")
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="llava", ex=1, stream="lm")
+    assert not at.exception
+    (pills,) = [w for w in at.get("button_group") if "Query text tokens" in str(w.proto.label)]
+    labels = list(pills.proto.options) if hasattr(pills.proto, "options") else []
+    text = " ".join(str(o) for o in labels) or str(pills.proto)
+    marked = [f"{int(p)} · {t} ✦" for p, t in zip(gen.text_pos, gen.token)]
+    assert all(m in text for m in marked), (marked, text[:500])

@@ -19,7 +19,8 @@ def write_vocab(path: Path) -> Path:
 
 
 def make_tiny_vilt(out: Path, *, layers: int = 2, heads: int = 2, hidden: int = 32, image_size: int = 64,
-                   patch_size: int = 16, max_text: int = 16, head: str = "vqa", seed: int = 0) -> Path:
+                   patch_size: int = 16, max_text: int = 16, head: str = "vqa", seed: int = 0,
+                   intermediate: int | None = None) -> Path:
     """Save a random-weight ViLT with its processor (tokenizer + image processor) to ``out``."""
     import torch
     from transformers import (BertTokenizer, ViltConfig, ViltForImageAndTextRetrieval,
@@ -32,7 +33,7 @@ def make_tiny_vilt(out: Path, *, layers: int = 2, heads: int = 2, hidden: int = 
     ip = ViltImageProcessor(size={"shortest_edge": image_size}, size_divisor=patch_size)
     proc = ViltProcessor(image_processor=ip, tokenizer=tok)
     cfg = ViltConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate or 2 * hidden,
         image_size=image_size, patch_size=patch_size, vocab_size=tok.vocab_size,
         max_position_embeddings=max_text, num_labels=len(ANSWERS),
         id2label=dict(enumerate(ANSWERS)), label2id={a: i for i, a in enumerate(ANSWERS)},

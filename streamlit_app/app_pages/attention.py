@@ -78,7 +78,11 @@ with left:
         first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
         valid = [p for p in (state.get("tokens") or []) if p in pos]
         state.set_value("tokens", valid or [first_word])
-        st.pills("Query text tokens", pos, selection_mode="multi", format_func=labels.get, **state.bind("tokens"))
+        generated = bool((text_q.role == "generated").any())
+        st.pills("Query text tokens", pos, selection_mode="multi", format_func=labels.get,
+                 help="✦ marks the tokens the model generated (its answer): pick them for generated word → "
+                      "image, question words for question word → image" if generated else None,
+                 **state.bind("tokens"))
         sel_text = text_q[text_q.text_pos.isin(state.get("tokens") or [])].token_idx.astype(int).tolist()
         ti = views.mean_rows(block, sel_text, patch_k)
         export.show_chart(image_chart(ti, "text-image"), f"{view_name}-text-image", key="ti_chart",
@@ -137,7 +141,9 @@ else:
     export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
                       f"{view_name}-text-text", key="tt_chart", width="content")
     st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
-               "weights over text keys need not sum to 1: the rest of its mass goes to image keys.")
+               "weights over text keys need not sum to 1: the rest of its mass goes to image keys."
+               + (" Rows marked ✦ are generated tokens: generated word → question word." if
+                  (text_q.role == "generated").any() else ""))
 with st.expander("Token table (modality, role, positions)"):
     st.dataframe(qt, hide_index=True, width="stretch")
 
