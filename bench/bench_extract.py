@@ -310,7 +310,7 @@ def main(argv=None) -> None:
         if not a.out:
             shutil.rmtree(work, ignore_errors=True)
     print("\nex/s: examples per second of the whole measurement; peak MB: peak RSS above the RSS after "
-          "import, load and warm-up\n(* = the peak could not be reset and includes loading); "
+          "import, load and encoding\n(* = the peak could not be reset and includes loading); "
           "time x / mem x: this mode / bare.")
 
 
