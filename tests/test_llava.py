@@ -290,12 +290,11 @@ def test_head_stats_by_hand(llava, lake_df):
     assert got["img_entropy"] == pytest.approx(ent.mean(), abs=2e-4)
 
 
+@pytest.mark.parametrize("llava", ["default"], indirect=True)  # the pages once are enough
 def test_app_pages_on_the_llava_lake(llava, monkeypatch):
     from tests.test_app import open_app
 
     strategy, mdir, lake, *_ = llava
-    if strategy != "default":
-        pytest.skip("the pages once are enough")
     for page in ("app_pages/examples.py", "app_pages/head_summary.py", "app_pages/attention.py",
                  "app_pages/hidden_states.py", "app_pages/sql.py", "app_pages/compare.py"):
         at = open_app(lake, monkeypatch, page=page, run="llava", ex=1)
@@ -323,13 +322,12 @@ def test_prompt_uses_the_processors_chat_template(llava):
     assert a.prompt("how many ?") == "USER: <image>\nhow many ? ASSISTANT:"
 
 
+@pytest.mark.parametrize("llava", ["default"], indirect=True)  # the pages once are enough
 def test_attention_page_marks_the_generated_tokens(llava, monkeypatch, lake_df):
     """Generated word -> image and generated word -> question word are offered on the Attention page."""
     from tests.test_app import open_app
 
     strategy, mdir, lake, *_ = llava
-    if strategy != "default":
-        pytest.skip("the pages once are enough")
     gen = lake_df(lake, "SELECT text_pos, token FROM tokens WHERE run = 'llava' AND example_id = 1 "
                         "AND stream = 'lm' AND role = 'generated' ORDER BY text_pos")
     if gen.empty:
