@@ -179,3 +179,46 @@ def stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
         boxed[b, :n] = torch.tensor(bx)
         in_box[b, :n, :n] = torch.tensor(ib)
     return StreamLayout(seq, valid, TokenMasks(valid, text, image, patch, special, in_box, boxed), [0] * B)
+
+
+def stream_shapes(configs: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """``{stream: {"layers", "heads", "hidden_size"}}`` from each stream's (sub-)config."""
+    return {s: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}
+            for s, c in configs.items()}
+
+
+def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: dict[str, dict[str, str]],
+                       keep_hidden: set[int] | None,
+                       first_hidden: dict[str, torch.nn.Module] | None = None) -> list[HookPoint]:
+    """Hook points of every stream: each layer's attention (index 1 of its module's output) and the
+    hidden states kept (``keep_hidden``: hidden-state layers, None = all).
+
+    ``paths[stream]`` maps ``attention`` and ``hidden`` (formatted with ``layer``) and ``hidden_0``
+    (the module whose output is hidden state 0) to module paths; a stream without ``hidden`` keeps
+    no hidden states. ``first_hidden[stream]`` replaces the ``hidden_0`` module.
+    """
+    pts: list[HookPoint] = []
+    for stream, p in paths.items():
+        n = configs[stream].num_hidden_layers
+        pts += [HookPoint(stream, i, "attention", module_at(model, p["attention"].format(layer=i)), index=1)
+                for i in range(n)]
+        if "hidden" not in p:
+            continue
+        if keep_hidden is None or 0 in keep_hidden:
+            first = (first_hidden or {}).get(stream) or module_at(model, p["hidden_0"])
+            pts.append(HookPoint(stream, 0, "hidden", first))
+        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)))
+                for i in range(n) if keep_hidden is None or i + 1 in keep_hidden]
+    return pts
+
+
+def require_eager(model: torch.nn.Module, model_id: str, label: str,
+                  parts: tuple[str, ...] = ("text_config", "vision_config")) -> None:
+    """Refuse a model whose towers did not load with eager attention (SDPA and flash attention
+    compute no weights)."""
+    for name in parts:
+        impl = getattr(getattr(model.config, name, None), "_attn_implementation", "eager")
+        if impl not in (None, "eager"):
+            raise NotImplementedError(
+                f"{label} {model_id!r} loaded its {name.split('_')[0]} part with attn_implementation={impl!r}, "
+                "which returns no attention weights; VL-Atlas needs attn_implementation='eager'")

@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (BatchLayout, Prediction, boxed_masks, module_at, normalise_answer,
-                                  stream_layout, token_rows)
+                                  stream_hook_points, stream_layout, stream_shapes, token_rows)
 from pipeline.models.dual import crop_geometry
 
 MODULES = {
@@ -96,24 +96,10 @@ class BlipAdapter:
         return cls(model.to(device).eval(), processor, device)
 
     def streams(self) -> dict[str, dict[str, int]]:
-        return {s: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}
-                for s, c in self.configs.items()}
+        return stream_shapes(self.configs)
 
     def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
-        pts = []
-        for stream, paths in MODULES.items():
-            n = self.configs[stream].num_hidden_layers
-            pts += [HookPoint(stream, i, "attention", module_at(self.model, paths["attention"].format(layer=i)),
-                              index=1) for i in range(n)]
-            if "hidden" not in paths:
-                continue
-            if keep_hidden is None or 0 in keep_hidden:
-                pts.append(HookPoint(stream, 0, "hidden", module_at(self.model, paths["hidden_0"])))
-            for i in range(n):
-                if keep_hidden is None or i + 1 in keep_hidden:
-                    pts.append(HookPoint(stream, i + 1, "hidden",
-                                         module_at(self.model, paths["hidden"].format(layer=i))))
-        return pts
+        return stream_hook_points(self.model, self.configs, MODULES, keep_hidden)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:

@@ -36,7 +36,8 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import BatchLayout, Prediction, module_at, stream_layout, token_rows
+from pipeline.models.base import (BatchLayout, Prediction, require_eager, stream_hook_points,
+                                  stream_layout, stream_shapes, token_rows)
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md). Attention modules
 # (CLIPAttention / SiglipAttention) return (attn_output, attn_weights); encoder layers return
@@ -141,34 +142,15 @@ class DualEncoderAdapter:
         kind = "siglip" if config.model_type == "siglip" else "clip"
         model = getattr(transformers, MODEL_CLASS[kind]).from_pretrained(
             model_id, revision=revision, attn_implementation="eager", dtype=dtype)
-        for name in ("text_config", "vision_config"):
-            impl = getattr(getattr(model.config, name), "_attn_implementation", "eager")
-            if impl not in (None, "eager"):
-                raise NotImplementedError(
-                    f"{MODEL_CLASS[kind]} {model_id!r} loaded its {name.split('_')[0]} tower with "
-                    f"attn_implementation={impl!r}, which returns no attention weights; "
-                    "VL-Atlas needs attn_implementation='eager'")
+        require_eager(model, model_id, MODEL_CLASS[kind])
         processor = AutoProcessor.from_pretrained(model_id, revision=revision)
         return cls(model.to(device).eval(), processor, device)
 
     def streams(self) -> dict[str, dict[str, int]]:
-        return {s: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}
-                for s, c in self.configs.items()}
+        return stream_shapes(self.configs)
 
     def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
-        pts = []
-        for stream in STREAMS:
-            paths = MODULES[self.kind][stream]
-            n = self.configs[stream].num_hidden_layers
-            pts += [HookPoint(stream, i, "attention", module_at(self.model, paths["attention"].format(layer=i)),
-                              index=1) for i in range(n)]
-            if keep_hidden is None or 0 in keep_hidden:
-                pts.append(HookPoint(stream, 0, "hidden", module_at(self.model, paths["hidden_0"])))
-            for i in range(n):
-                if keep_hidden is None or i + 1 in keep_hidden:
-                    pts.append(HookPoint(stream, i + 1, "hidden",
-                                         module_at(self.model, paths["hidden"].format(layer=i))))
-        return pts
+        return stream_hook_points(self.model, self.configs, {s: MODULES[self.kind][s] for s in STREAMS}, keep_hidden)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:

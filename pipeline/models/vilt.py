@@ -29,7 +29,8 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.data import BadInput
-from pipeline.models.base import BatchLayout, Prediction, module_at, normalise_answer, stream_layout, token_rows
+from pipeline.models.base import (BatchLayout, Prediction, module_at, normalise_answer, stream_hook_points,
+                                  stream_layout, stream_shapes, token_rows)
 from pipeline.stats import TokenMasks
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md).
@@ -91,19 +92,11 @@ class ViltAdapter:
         return path[len("vilt."):] if not self.prefix else path
 
     def streams(self) -> dict[str, dict[str, int]]:
-        c = self.model.config
-        return {STREAM: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}}
+        return stream_shapes({STREAM: self.model.config})
 
     def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
-        n = self.model.config.num_hidden_layers
-        pts = [HookPoint(STREAM, i, "attention", module_at(self.model, self._path("attention", layer=i)), index=1)
-               for i in range(n)]
-        if keep_hidden is None or 0 in keep_hidden:
-            pts.append(HookPoint(STREAM, 0, "hidden", module_at(self.model, self._path("hidden_0")), index=0))
-        for i in range(n):
-            if keep_hidden is None or i + 1 in keep_hidden:
-                pts.append(HookPoint(STREAM, i + 1, "hidden", module_at(self.model, self._path("hidden", layer=i))))
-        return pts
+        paths = {k: self._path(k, layer="{layer}") for k in MODULES}
+        return stream_hook_points(self.model, {STREAM: self.model.config}, {STREAM: paths}, keep_hidden)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:
