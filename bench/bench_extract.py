@@ -113,19 +113,8 @@ def build(family: str, size: str, out: Path) -> Path:
         model = tf.BlipForQuestionAnswering(cfg).eval()
         vocab.unlink()
     else:  # llava
-        from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-
-        from tests.tiny import WORDS
-
         img, ps, image_id = 224, 16, test_llava.IMAGE_ID
-        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": image_id,
-                 **{w: i + 5 for i, w in enumerate(WORDS)}}
-        t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        t.pre_tokenizer = pre_tokenizers.Whitespace()
-        t.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
-        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-        tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                         pad_token="<pad>", padding_side="left")
+        tok, vocab = test_llava.llava_tokenizer()
         ip = tf.CLIPImageProcessor(size={"shortest_edge": img}, crop_size={"height": img, "width": img})
         proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=ps,
                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)

@@ -31,11 +31,11 @@ SCENES = [  # (original size (w, h), question, answer)
 ]
 
 
-def make_tiny_llava(out, strategy: str = "default", seed: int = 0):
+def llava_tokenizer():
+    """A word-level fast tokenizer with ``<image>`` at IMAGE_ID, padding on the left; and its vocab."""
     import transformers as tf
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
-    out.mkdir(parents=True, exist_ok=True)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": IMAGE_ID,
              **{w: i + 5 for i, w in enumerate(WORDS)}}
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -44,6 +44,14 @@ def make_tiny_llava(out, strategy: str = "default", seed: int = 0):
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                      pad_token="<pad>", padding_side="left")
+    return tok, vocab
+
+
+def make_tiny_llava(out, strategy: str = "default", seed: int = 0):
+    import transformers as tf
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok, vocab = llava_tokenizer()
     ip = tf.CLIPImageProcessor(size={"shortest_edge": IMG}, crop_size={"height": IMG, "width": IMG})
     proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PS,
                              vision_feature_select_strategy=strategy, num_additional_image_tokens=1)

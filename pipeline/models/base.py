@@ -222,3 +222,14 @@ def require_eager(model: torch.nn.Module, model_id: str, label: str,
             raise NotImplementedError(
                 f"{label} {model_id!r} loaded its {name.split('_')[0]} part with attn_implementation={impl!r}, "
                 "which returns no attention weights; VL-Atlas needs attn_implementation='eager'")
+
+
+def split_stream_layouts(tables: list[pa.Table], offsets: list[int], first_orders, second_orders, boxes,
+                         pieces_of) -> tuple[StreamLayout, StreamLayout]:
+    """Layouts of two streams whose tokens share each example's token table: the first stream's
+    tokens are rows ``[0, offsets[b])`` and the second's the rest, so the second stream's
+    ``token_offset`` is ``offsets``."""
+    first = stream_layout([t.slice(0, o) for t, o in zip(tables, offsets)], first_orders, boxes, pieces_of)
+    second = stream_layout([t.slice(o) for t, o in zip(tables, offsets)], second_orders, boxes, pieces_of)
+    second.token_offset = list(offsets)
+    return first, second

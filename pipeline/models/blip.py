@@ -36,6 +36,7 @@ of "match" (``softmax(itm_score)[1]``) as the prediction and in ``meta``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (BatchLayout, Prediction, boxed_masks, module_at, normalise_answer,
-                                  stream_hook_points, stream_layout, stream_shapes, token_rows)
+                                  split_stream_layouts, stream_hook_points, stream_shapes, token_rows)
 from pipeline.models.dual import crop_geometry
 
 MODULES = {
@@ -186,13 +187,7 @@ class BlipAdapter:
             vis_orders.append(vis_seq)
             offsets.append(nt)
             grids.append((gh, gw))
-        text_tabs = [t.slice(0, o) for t, o in zip(tables, offsets)]
-        vis_tabs = [t.slice(o) for t, o in zip(tables, offsets)]
-        text_sl = stream_layout(text_tabs, text_orders, boxes, self._pieces)
-        vis_sl = stream_layout(vis_tabs, vis_orders, boxes, self._pieces)
-        vis_sl.token_offset = offsets
-        # cross: the text layout for the queries, with word boxes over the vision tokens (keys)
-        cross_sl = stream_layout(text_tabs, text_orders, boxes, self._pieces)
+        text_sl, vis_sl = split_stream_layouts(tables, offsets, text_orders, vis_orders, boxes, self._pieces)
         nq, nk = text_sl.valid.shape[1], vis_sl.valid.shape[1]
         in_box = torch.zeros(len(tables), nq, nk, dtype=torch.bool)
         boxed = torch.zeros(len(tables), nq, dtype=torch.bool)
@@ -200,7 +195,8 @@ class BlipAdapter:
             bx, ib = boxed_masks(t, boxes[b], self._pieces)  # over the whole table: text then vision
             boxed[b, :nt] = torch.tensor(bx[:nt], dtype=torch.bool)
             in_box[b, :nt, :t.num_rows - nt] = torch.tensor([row[nt:] for row in ib[:nt]], dtype=torch.bool)
-        cross_sl.masks.in_box, cross_sl.masks.boxed = in_box, boxed
+        # cross: the text layout for the queries, with word boxes over the vision tokens (keys)
+        cross_sl = replace(text_sl, masks=replace(text_sl.masks, in_box=in_box, boxed=boxed))
         return BatchLayout(tables, {"text": text_sl, "vision": vis_sl, "cross": cross_sl}, grids,
                            keys={"cross": "vision"})
 

@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (BatchLayout, Prediction, require_eager, stream_hook_points,
-                                  stream_layout, stream_shapes, token_rows)
+                                  split_stream_layouts, stream_shapes, token_rows)
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md). Attention modules
 # (CLIPAttention / SiglipAttention) return (attn_output, attn_weights); encoder layers return
@@ -233,11 +233,7 @@ class DualEncoderAdapter:
             vis_orders.append(vis_seq)
             offsets.append(nt)
             grids.append((gh, gw))
-        text_tabs = [t.slice(0, o) for t, o in zip(tables, offsets)]
-        vis_tabs = [t.slice(o) for t, o in zip(tables, offsets)]
-        text_sl = stream_layout(text_tabs, text_orders, boxes, self._pieces)
-        vis_sl = stream_layout(vis_tabs, vis_orders, boxes, self._pieces)
-        vis_sl.token_offset = offsets
+        text_sl, vis_sl = split_stream_layouts(tables, offsets, text_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"text": text_sl, "vision": vis_sl}, grids)
 
     def _pieces(self, label: str) -> list[str]:

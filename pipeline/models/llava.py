@@ -53,7 +53,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (BatchLayout, Prediction, module_at, normalise_answer, require_eager,
-                                  stream_hook_points, stream_layout, stream_shapes, token_rows)
+                                  split_stream_layouts, stream_hook_points, stream_shapes, token_rows)
 from pipeline.models.dual import crop_geometry
 
 # Native module paths -> (stream, layer). Attention modules return (attn_output, attn_weights).
@@ -304,11 +304,7 @@ class LlavaAdapter:
             vis_orders.append(vis_seq)
             offsets.append(n_lm)
             grids.append((gh, gw))
-        lm_tabs = [t.slice(0, o) for t, o in zip(tables, offsets)]
-        vis_tabs = [t.slice(o) for t, o in zip(tables, offsets)]
-        lm_sl = stream_layout(lm_tabs, lm_orders, boxes, self._pieces)
-        vis_sl = stream_layout(vis_tabs, vis_orders, boxes, self._pieces)
-        vis_sl.token_offset = offsets
+        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
 
     def _pieces(self, label: str) -> list[str]:
