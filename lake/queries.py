@@ -698,12 +698,31 @@ def hidden_layers(cat, run: str, stream: str | None = None) -> pd.DataFrame:
     return cat.df(sql + " GROUP BY stream, layer ORDER BY stream, layer", params)
 
 
+def hidden_vector_examples(cat, run: str, stream: str | None = None) -> pd.DataFrame:
+    """example_id of the examples whose hidden *vectors* are stored (``vec`` not null), by example_id.
+
+    A run extracted with ``--keep-hidden sample:N`` stores the norm of every token but the
+    vectors of a seeded sample of N examples only; any other run has the vectors of every
+    example it has hidden states of. Read at the lowest stored layer of the stream (the
+    first stream when none is given): every layer of an example holds the same tokens.
+    """
+    layers = hidden_layers(cat, run, stream)
+    if layers.empty:
+        return pd.DataFrame({"example_id": pd.Series(dtype="int64")})
+    first = layers.iloc[0]
+    return cat.df(
+        "SELECT DISTINCT example_id FROM hidden_states WHERE run = ? AND stream = ? AND layer = ? "
+        "AND vec IS NOT NULL ORDER BY example_id",
+        [run, str(first.stream), int(first.layer)],
+    )
+
+
 def hidden_token_keys(cat, run: str, stream: str, n_layers: int) -> pd.DataFrame:
-    """example_id, token_idx, modality, role of the tokens with a hidden state at all ``n_layers``
-    stored layers of a stream, by (example_id, token_idx)."""
+    """example_id, token_idx, modality, role of the tokens with a hidden *vector* (``vec`` not
+    null) at all ``n_layers`` stored layers of a stream, by (example_id, token_idx)."""
     return cat.df(
         "WITH k AS (SELECT example_id, token_idx FROM hidden_states WHERE run = ? AND stream = ? "
-        "GROUP BY example_id, token_idx HAVING count(*) = ?) "
+        "AND vec IS NOT NULL GROUP BY example_id, token_idx HAVING count(*) = ?) "
         "SELECT k.example_id, k.token_idx, t.modality, t.role FROM k LEFT JOIN tokens t "
         "ON t.run = ? AND t.example_id = k.example_id AND t.token_idx = k.token_idx "
         "ORDER BY k.example_id, k.token_idx",
@@ -713,15 +732,15 @@ def hidden_token_keys(cat, run: str, stream: str, n_layers: int) -> pd.DataFrame
 
 def hidden_vectors(cat, run: str, stream: str, layer: int, *, pairs: tuple[list, list] | None = None,
                    example_ids: list[int] | None = None) -> pd.DataFrame:
-    """example_id, token_idx, norm, vec (FLOAT[]) of hidden states at ``(stream, layer)``, by
-    (example_id, token_idx).
+    """example_id, token_idx, norm, vec (FLOAT[]) of the hidden states at ``(stream, layer)`` that
+    have a stored vector (``vec`` not null: see :func:`hidden_vector_examples`), by (example_id, token_idx).
 
     Parameters
     ----------
     pairs : ``(example_ids, token_idxs)``, two equally long lists: only these tokens.
     example_ids : only the tokens of these examples.
     """
-    base = "FROM hidden_states h WHERE h.run = ? AND h.stream = ? AND h.layer = ?"
+    base = "FROM hidden_states h WHERE h.run = ? AND h.stream = ? AND h.layer = ? AND h.vec IS NOT NULL"
     params: list = [run, stream, int(layer)]
     if pairs is not None:
         ex, tok = [int(i) for i in pairs[0]], [int(i) for i in pairs[1]]
@@ -733,7 +752,7 @@ def hidden_vectors(cat, run: str, stream: str, layer: int, *, pairs: tuple[list,
             "SELECT h.example_id, h.token_idx, h.norm, h.vec FROM hidden_states h "
             "JOIN p ON p.example_id = h.example_id AND p.token_idx = h.token_idx "
             "WHERE h.run = ? AND h.stream = ? AND h.layer = ? AND h.example_id BETWEEN ? AND ? "
-            "ORDER BY h.example_id, h.token_idx",
+            "AND h.vec IS NOT NULL ORDER BY h.example_id, h.token_idx",
             [ex, tok, *params, lo, hi],
         )
     if example_ids is not None:
@@ -743,8 +762,19 @@ def hidden_vectors(cat, run: str, stream: str, layer: int, *, pairs: tuple[list,
                   params)
 
 
+def hidden_norm_examples(cat, run: str, stream: str, layer: int, example_ids: list[int]) -> pd.DataFrame:
+    """example_id of the given examples that have hidden states (a norm, with or without a vector) at
+    ``(stream, layer)``, by example_id."""
+    return cat.df(
+        "SELECT DISTINCT example_id FROM hidden_states WHERE run = ? AND stream = ? AND layer = ? "
+        "AND list_contains(?, example_id) ORDER BY example_id",
+        [run, stream, int(layer), [int(i) for i in example_ids]],
+    )
+
+
 def example_hidden(cat, run: str, stream: str, example_id: int) -> pd.DataFrame:
-    """layer, token_idx, modality, role, norm, vec of every hidden state of one example, by layer, token_idx."""
+    """layer, token_idx, modality, role, norm, vec of every hidden state of one example, by layer, token_idx
+    (``vec`` is null where only the norm is stored: see :func:`hidden_vector_examples`)."""
     return cat.df(
         "SELECT h.layer, h.token_idx, t.modality, t.role, h.norm, h.vec FROM hidden_states h "
         "LEFT JOIN tokens t ON t.run = h.run AND t.example_id = h.example_id AND t.token_idx = h.token_idx "
@@ -808,7 +838,7 @@ def map_vectors(cat, run: str, stream: str, layer: int, method: str = "tsne") ->
         "AND h.example_id = m.example_id AND h.token_idx = m.token_idx "
         "LEFT JOIN tokens t ON t.run = m.run AND t.example_id = m.example_id AND t.token_idx = m.token_idx "
         "WHERE m.run = ? AND m.stream = ? AND m.layer = ? AND m.method = ? "
-        "AND h.run = ? AND h.stream = ? AND h.layer = ? ORDER BY m.example_id, m.token_idx",
+        "AND h.run = ? AND h.stream = ? AND h.layer = ? AND h.vec IS NOT NULL ORDER BY m.example_id, m.token_idx",
         [run, stream, int(layer), method, run, stream, int(layer)],
     )
 
@@ -847,18 +877,24 @@ def text_image_cosine(cat, run: str, stream: str, example_id: int | None = None,
     modality); ``cosine`` is that value for ``example_id``, or its mean over the
     examples passing ``flt`` (at most ``max_examples`` of them, a fixed
     pseudo-random choice: ``ORDER BY hash(example_id)``).
+
+    Only stored vectors count (``vec`` not null): an example without vectors
+    (``--keep-hidden sample:N``) has no row, and the mean is over the examples
+    that have them, so ``n_examples`` counts those.
     """
     if example_id is not None:
         ex_sql, params = "SELECT ?::BIGINT AS example_id", [int(example_id)]
     else:
         where, params = _example_where(run, flt)
-        ex_sql = f"SELECT example_id FROM examples WHERE {where} ORDER BY hash(example_id), example_id LIMIT ?"
-        params = [*params, int(max_examples)]
+        with_vec = [int(i) for i in hidden_vector_examples(cat, run, stream).example_id]
+        ex_sql = (f"SELECT example_id FROM examples WHERE {where} AND list_contains(?, example_id) "
+                  "ORDER BY hash(example_id), example_id LIMIT ?")
+        params = [*params, with_vec, int(max_examples)]
     return cat.df(
         f"WITH ex AS ({ex_sql}), "
         "h AS (SELECT h.example_id, h.layer, t.modality, h.vec FROM hidden_states h "
         "JOIN tokens t ON t.run = h.run AND t.example_id = h.example_id AND t.token_idx = h.token_idx "
-        "WHERE h.run = ? AND h.stream = ? AND h.example_id IN (SELECT example_id FROM ex)), "
+        "WHERE h.run = ? AND h.stream = ? AND h.vec IS NOT NULL AND h.example_id IN (SELECT example_id FROM ex)), "
         "p AS (SELECT a.example_id, a.layer, avg(list_cosine_similarity(a.vec, b.vec)) AS cosine "
         "FROM h a JOIN h b ON a.example_id = b.example_id AND a.layer = b.layer "
         "WHERE a.modality = 'text' AND b.modality = 'image' GROUP BY a.example_id, a.layer) "

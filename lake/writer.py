@@ -190,7 +190,8 @@ class LakeWriter:
             ids.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
         return ids
 
-    def write_chunk(self, chunk: int, parts: Mapping[str, Iterable[tuple[Mapping[str, object], pa.Table]]]) -> None:
+    def write_chunk(self, chunk: int, parts: Mapping[str, Iterable[tuple[Mapping[str, object], pa.Table]]],
+                    stop=None) -> bool:
         """Write every table's rows of one chunk, then mark the chunk done.
 
         Parameters
@@ -198,10 +199,18 @@ class LakeWriter:
         chunk : the chunk number.
         parts : ``{table name: [(partition values without run, rows), ...]}``;
             rows must carry exactly the table's columns.
+        stop : a callable checked before each file; when it returns True the chunk is left
+            unfinished (no marker: a resumed run deletes its files and redoes it).
+
+        Returns
+        -------
+        True when the chunk was written and marked done.
         """
         for name, items in parts.items():
             t = TABLES[name]
             for values, data in items:
+                if stop is not None and stop():
+                    return False
                 data, groups = arrange(t, conform(t, data))
                 if t.partition:
                     path = chunk_file(self.root, t, {"run": self.run, **values}, chunk)
@@ -211,6 +220,7 @@ class LakeWriter:
         tmp = self._marker(chunk).with_suffix(".tmp")
         tmp.write_text(json.dumps({"chunk": chunk}))
         os.replace(tmp, self._marker(chunk))
+        return True
 
     # -- the runs table -----------------------------------------------------------
     def write_run_row(self, row: Mapping[str, object]) -> None:

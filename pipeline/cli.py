@@ -23,12 +23,13 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from pipeline.extract import RunConflict, extract
+    from pipeline.extract import DEFAULT_KEEP_ATTENTION, DEFAULT_KEEP_HIDDEN, RunConflict, extract
 
     try:
         s = extract(a.model, a.data, a.lake, a.run, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                    limit=a.limit, keep_attention=a.keep_attention, keep_hidden=a.keep_hidden,
-                    chunk_size=a.chunk_size, overwrite=a.overwrite, progress=not a.quiet, revision=a.revision)
+                    limit=a.limit, keep_attention=a.keep_attention or DEFAULT_KEEP_ATTENTION,
+                    keep_hidden=a.keep_hidden or DEFAULT_KEEP_HIDDEN, chunk_size=a.chunk_size,
+                    overwrite=a.overwrite, progress=not a.quiet, revision=a.revision, workers=a.workers)
     except KeyboardInterrupt:
         print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume run {a.run!r}.",
               file=sys.stderr)
@@ -128,8 +129,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--limit", type=int, default=None, help="only the first N manifest rows")
-    e.add_argument("--keep-attention", default="all", help="all (default), topk:K, mass:P, cross or none")
-    e.add_argument("--keep-hidden", default="all", help="all (default), none, or layers such as 0,4,12")
+    e.add_argument("--keep-attention", default=None,
+                   help="budget:K:P:C (default budget:8:0.9:2: per query row the largest weights up to 90%% of "
+                        "its mass, at most 8, plus the 2 largest on the other modality), all, topk:K, mass:P, "
+                        "cross or none")
+    e.add_argument("--keep-hidden", default=None,
+                   help="sample:N (default sample:256: norms of every token, vectors of 256 sampled examples), "
+                        "all, none, or layers such as 0,4,12")
+    e.add_argument("--workers", type=int, default=None,
+                   help="processes that read and encode images ahead of the model (default: from the core count; "
+                        "0 = in the main process)")
     e.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
     e.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")

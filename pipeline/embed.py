@@ -1,7 +1,9 @@
 """openTSNE maps of hidden states, aligned across layers: the lake's ``embeddings`` table.
 
 ``vlatlas embed --lake DIR --run NAME`` draws, for every stream of a run, one
-sample of tokens from all examples (seeded, stratified by modality) and fits a
+sample of tokens from all examples with stored hidden vectors (seeded, stratified
+by modality; a run extracted with ``--keep-hidden sample:N`` stores the vectors
+of N examples and only the norms of the others) and fits a
 t-SNE map of their hidden states at every stored hidden-state layer. The same
 tokens are mapped at every layer of a stream, and the maps are *aligned*:
 
@@ -118,12 +120,14 @@ class EmbedSummary:
     lake: str
     seed: int
     path: str = ""
-    streams: dict[str, dict] = field(default_factory=dict)  # stream -> {n_tokens, n_text, n_image, layers}
+    streams: dict[str, dict] = field(default_factory=dict)  # stream -> {n_tokens, n_text, n_image, layers, n_examples}
     seconds: float = 0.0
 
     def line(self) -> str:
         parts = [f"stream {s!r}: {d['n_tokens']} tokens ({d['n_text']} text, {d['n_image']} image) "
-                 f"x {len(d['layers'])} layers" for s, d in self.streams.items()]
+                 f"x {len(d['layers'])} layers" + (f", from the {d['n_examples']} examples with hidden vectors"
+                                                   if d.get("n_examples") is not None else "")
+                 for s, d in self.streams.items()]
         return (f"mapped run {self.run!r} in {self.lake} with t-SNE (seed {self.seed}): {'; '.join(parts)} "
                 f"in {self.seconds:.1f} s -> {self.path}")
 
@@ -316,11 +320,27 @@ def check_run(cat: Catalog, run: str) -> pd.DataFrame:
         raise EmbedError(f"run {run!r} is not complete (status {info.status.iloc[0]}): finish it by running "
                          "the same `vlatlas extract` command again, then map it")
     layers = queries.hidden_layers(cat, run)
+    keep = queries.parse_json(info.capture.iloc[0]).get("keep_hidden", "?")
     if layers.empty:
-        keep = queries.parse_json(info.capture.iloc[0]).get("keep_hidden", "?")
         raise EmbedError(f"run {run!r} has no hidden states to map (it was extracted with --keep-hidden {keep}); "
                          "extract it again with --keep-hidden all (or a list of layers) under another --run name")
+    if all(queries.hidden_vector_examples(cat, run, s).empty for s in sorted(layers.stream.unique())):
+        raise EmbedError(f"run {run!r} stores hidden-state norms but no hidden vectors to map (it was extracted "
+                         f"with --keep-hidden {keep}); extract it again with --keep-hidden sample:N (N > 0) or all "
+                         "under another --run name")
     return layers
+
+
+def no_vectors_message(cat: Catalog, run: str, stream: str, missing: Iterable[int]) -> str:
+    """One sentence: these examples have no stored hidden vectors, and which examples do."""
+    keep = queries.run_capture(cat, run).get("keep_hidden", "?")
+    have = [int(i) for i in queries.hidden_vector_examples(cat, run, stream).example_id]
+    shown = ", ".join(map(str, have[:20])) + (", …" if len(have) > 20 else "")
+    ids = ", ".join(map(str, sorted(missing)))
+    return (f"run {run!r} stores no hidden vectors of example(s) {ids} (it keeps vectors for a sample of "
+            f"examples only: --keep-hidden {keep}); "
+            + (f"pick one of the {len(have)} examples with vectors: {shown}" if have
+               else "no example of this run has them"))
 
 
 def embed(lake: str | Path, run: str, *, n_tokens: int | None = None, seed: int = 0, progress: bool = True,
@@ -361,11 +381,11 @@ def embed(lake: str | Path, run: str, *, n_tokens: int | None = None, seed: int 
                    disable=not progress, dynamic_ncols=True)
         try:
             for stream, stream_layers in todo.items():
-                keys = queries.hidden_token_keys(cat, run, stream, len(stream_layers))
+                keys = queries.hidden_token_keys(cat, run, stream, len(stream_layers))  # tokens with vectors
                 sample = sample_tokens(keys, n_tokens, seed)
                 if len(sample) < 4:
                     raise EmbedError(f"run {run!r}, stream {stream!r} has only {len(sample)} tokens with hidden "
-                                     "states at every layer; t-SNE needs at least 4")
+                                     "vectors at every layer; t-SNE needs at least 4")
                 pairs = (sample.example_id.tolist(), sample.token_idx.tolist())
 
                 def mats() -> Iterator[np.ndarray]:
@@ -390,9 +410,10 @@ def embed(lake: str | Path, run: str, *, n_tokens: int | None = None, seed: int 
                 n_text = int((sample.modality == "text").sum())
                 n_image = int((sample.modality == "image").sum())
                 summary.streams[stream] = dict(n_tokens=len(sample), n_text=n_text, n_image=n_image,
-                                               layers=stream_layers)
+                                               layers=stream_layers, n_examples=int(keys.example_id.nunique()))
                 n = len(sample)
                 fits[stream] = dict(n_tokens=n, n_text=n_text, n_image=n_image, layers=stream_layers,
+                                    n_examples_with_vectors=int(keys.example_id.nunique()),
                                     knn_method=config.knn_method(n), gradient=config.gradient_method(n),
                                     perplexity=config.effective_perplexity(n))
         finally:
@@ -497,6 +518,11 @@ def place(lake: str | Path, run: str, stream: str, layer: int, example_ids: Iter
     Returns
     -------
     DataFrame with example_id, token_idx, x, y, placed (False for sampled tokens).
+
+    Raises
+    ------
+    EmbedError : when some of the examples have hidden states but no stored vectors
+        (``--keep-hidden sample:N``); the message names the examples that have them.
     """
     cols = ["example_id", "token_idx", "x", "y", "placed"]
     ids = sorted({int(i) for i in example_ids})
@@ -506,6 +532,10 @@ def place(lake: str | Path, run: str, stream: str, layer: int, example_ids: Iter
         if not ids:
             return pd.DataFrame(columns=cols)
         new = queries.hidden_vectors(cat, run, stream, int(layer), example_ids=ids)
+        have_hidden = set(queries.hidden_norm_examples(cat, run, stream, int(layer), ids).example_id.astype(int))
+        missing = have_hidden - set(new.example_id.astype(int))
+        if missing:
+            raise EmbedError(no_vectors_message(cat, run, stream, missing))
         if new.empty:
             return pd.DataFrame(columns=cols)
         stored = queries.embedding_tokens(cat, run, stream, int(layer), ids)

@@ -1,65 +1,127 @@
 """model + manifest -> lake: the extraction driver behind ``vlatlas extract``.
 
+Extraction is a three-stage pipeline, so that the model is what sets the pace:
+
+1. **Inputs, ahead of the model** (:class:`_InputBatches`, run by a torch
+   ``DataLoader`` in ``--workers`` processes): read and validate each image once,
+   hash it, make its thumbnail, and encode the batch with the model's processor
+   (pinned memory on CUDA). Batches come back in manifest order whatever the
+   number of workers.
+2. **The model, hooked** (:class:`_BatchSink`): each layer's attention is
+   gathered into token order, its statistics and the weights to keep are
+   computed on the device, and nothing comes to the host until the batch is
+   done; then everything crosses in one transfer.
+3. **Rows and Parquet, behind the model** (:class:`_WriteStage`, a background
+   thread with a bounded queue): host arrays become Arrow tables, chunk by
+   chunk, and each chunk's files are written atomically with its done marker.
+   The queue's depth bounds memory; the model never waits for the disk unless
+   the disk is slower than the model (then the queue is full and the model waits,
+   instead of memory growing).
+
 Examples are processed in chunks of ``chunk_size`` manifest rows (see
-``lake/writer.py``); each chunk's tables are written when the chunk is done,
-so stopping (Ctrl-C, kill -9) loses at most one chunk, and running the same
-command again resumes where it stopped.
+``lake/writer.py``); stopping (Ctrl-C, kill -9, even with the writer mid-file)
+loses at most the chunks not yet marked done, and running the same command again
+resumes where it stopped, with exactly the rows of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
 import pipeline
-from lake.schema import ERRORS, EXAMPLES, IMAGES
+from lake.schema import ERRORS, EXAMPLES, IMAGES, STATS
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
-from pipeline.data import BadInput, LoadedImage, Row, load_image, read_manifest, thumbnail_png
-from pipeline.flatten import KeepPolicy, attention_table, head_stats_table, hidden_table, keep_mask, kept_mass
+from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
+from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, attention_arrow, head_stats_arrow,
+                              hidden_arrow, kept_rows, row_mean_mass, select)
 from pipeline.models import load_adapter
 from pipeline.models.base import BatchLayout, StreamLayout
 from pipeline.stats import head_stats
+
+DEFAULT_KEEP_HIDDEN = "sample:256"
+HIDDEN_SAMPLE_SEED = 0
+STAT_ORDER = sorted(STATS)  # rows of the per-layer statistics block
 
 
 class RunConflict(Exception):
     """A run of that name exists with another model, manifest or capture configuration."""
 
 
+def default_workers(device: str = "cpu") -> int:
+    """Input worker processes: half the cores (the model's own threads need the rest on a CPU),
+    at least 1, at most 8; on CUDA all but one core, at most 8."""
+    n = os.cpu_count() or 2
+    return max(1, min(8, n - 1 if str(device).startswith("cuda") else n // 2))
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """What a run stores; recorded in ``runs.capture`` and every file's metadata."""
 
-    keep_attention: str = "all"
-    keep_hidden: str = "all"  # all / none / comma-separated hidden-state layers
+    keep_attention: str = DEFAULT_KEEP_ATTENTION
+    keep_hidden: str = DEFAULT_KEEP_HIDDEN  # sample:N / all / none / comma-separated hidden-state layers
     chunk_size: int = 64
     random_weights: bool = False
 
     def hidden_layers(self) -> set[int] | None:
         """None for all layers, else the set of hidden-state layers to keep."""
         k = self.keep_hidden.strip().lower()
-        if k == "all":
+        if k == "all" or k.startswith("sample:"):
+            if k.startswith("sample:"):
+                self.hidden_sample()
             return None
         if k == "none":
             return set()
         try:
             layers = {int(x) for x in k.split(",") if x.strip()}
         except ValueError:
-            raise ValueError(f"--keep-hidden {self.keep_hidden!r} is not understood: use all, none or "
-                             "a comma-separated list of layers such as 0,4,12") from None
+            raise ValueError(f"--keep-hidden {self.keep_hidden!r} is not understood: use sample:N (norms of every "
+                             "token, vectors of N sampled examples), all, none or a comma-separated list of layers "
+                             "such as 0,4,12") from None
         if any(x < 0 for x in layers):
             raise ValueError("--keep-hidden layers are 0 (embeddings) or more")
         return layers
 
+    def hidden_sample(self) -> int | None:
+        """N of ``sample:N`` (vectors for N examples, norms for all), None when every kept row has its vector."""
+        k = self.keep_hidden.strip().lower()
+        if not k.startswith("sample:"):
+            return None
+        try:
+            n = int(k.partition(":")[2])
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"--keep-hidden {self.keep_hidden!r} is not understood: sample:N needs a whole "
+                             "number of examples N >= 0")
+        return n
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+def hidden_vector_examples(rows: list[Row], n: int | None, seed: int = HIDDEN_SAMPLE_SEED) -> set[int] | None:
+    """The example ids whose hidden vectors are stored: a seeded sample of ``n`` of the manifest's
+    accepted rows (None = all). It depends on the manifest alone, not on batches, workers or chunks."""
+    if n is None:
+        return None
+    ids = np.array(sorted(r.example_id for r in rows), dtype=np.int64)
+    if n >= len(ids):
+        return set(ids.tolist())
+    return set(np.random.default_rng(seed).choice(ids, size=n, replace=False).tolist())
 
 
 @dataclass
@@ -72,6 +134,8 @@ class Summary:
     resumed_chunks: int = 0
     seconds: float = 0.0
     already_complete: bool = False
+    workers: int = 0
+    peak_rss_mb: float | None = None
     errors: list[tuple[str, str, str]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -86,9 +150,112 @@ class Summary:
             s += f" (see: vlatlas sql --lake {self.lake} \"SELECT * FROM errors WHERE run = '{self.run}'\")"
         if self.resumed_chunks:
             s += f"; resumed after {self.resumed_chunks} finished chunks"
+        if self.peak_rss_mb is not None:
+            s += f"; peak memory {self.peak_rss_mb:.0f} MB"
         return s
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux/macOS), MB."""
+    try:
+        import resource
+        import sys
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+# ---------------------------------------------------------------------------- stage 1: inputs
+@dataclass
+class _Job:
+    chunk: int
+    rows: list[Row]
+    last: bool  # the chunk's last batch
+    first_chunk: bool
+
+
+class _InputBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of the plan: rows read, validated and encoded (one item = one batch)."""
+
+    def __init__(self, adapter, jobs: list[_Job], known_images: set[str]):
+        self.adapter, self.jobs, self.known = adapter, jobs, known_images
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict:
+        job = self.jobs[i]
+        return {"job": i, **prepare_batch(self.adapter, job.rows, self.known)}
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # the model's process owns the cores' threads
+
+
+def prepare_batch(adapter, rows: list[Row], known_images: set[str]) -> dict:
+    """Read, validate and encode one batch; every image is decoded and processed once.
+
+    The processor runs on the whole batch; only when it fails (or yields an image without a whole
+    patch) are the images checked one by one, and the bad ones recorded and left out.
+    """
+    errors: list[tuple[str, str, str]] = []
+    ok, images = [], []
+    for r in rows:
+        try:
+            li = load_image(r.image_path)
+        except BadInput as e:
+            errors.append((r.source_id, e.stage, e.message))
+            continue
+        png = None if li.image_id in known_images else thumbnail_png(li.image)
+        ok.append((r, li))
+        images.append(png)
+    inputs, notes = None, []
+    while ok:
+        texts, pics = [r.text for r, _ in ok], [li.image for _, li in ok]
+        try:
+            inputs, notes = adapter.encode(texts, pics)
+        except Exception as e:  # noqa: BLE001 - find the image(s) the processor cannot take
+            bad = _check_each(adapter, pics)
+            if not bad:
+                raise
+            inputs = None
+        else:
+            rejects = getattr(adapter, "rejects", None)
+            bad = rejects(inputs, pics) if rejects is not None else {}
+            if not bad:
+                break
+        for j in sorted(bad, reverse=True):
+            r, _ = ok.pop(j)
+            images.pop(j)
+            errors.append((r.source_id, "image", bad[j]))
+        inputs = None
+    return {
+        "rows": [r for r, _ in ok],
+        "images": [li.image for _, li in ok],
+        "image_info": [(li.image_id, li.width, li.height, li.mode, png) for (_, li), png in zip(ok, images)],
+        "inputs": inputs, "notes": notes, "errors": errors, "n_rows": len(rows),
+    }
+
+
+def _check_each(adapter, pics) -> dict[int, str]:
+    check = getattr(adapter, "check_image", None)
+    bad = {}
+    for j, im in enumerate(pics):
+        try:
+            if check is not None:
+                check(im)
+        except BadInput as e:
+            bad[j] = e.message
+    return bad
+
+
+# ---------------------------------------------------------------------------- stage 2: the model
 def _gather_tokens(attn: torch.Tensor, sl: StreamLayout, key_sl: StreamLayout | None = None) -> torch.Tensor:
     """``[batch, head, seq, seq_k]`` in sequence order -> ``[batch, head, token, token_k]`` in token order.
 
@@ -104,19 +271,33 @@ def _gather_tokens(attn: torch.Tensor, sl: StreamLayout, key_sl: StreamLayout | 
     return a * pair
 
 
-class _BatchSink:
-    """Receives each layer's tensors during the forward pass and turns them into rows."""
+@dataclass
+class _LayerOut:
+    """One layer's results of one batch, on the device until :meth:`_BatchSink.finish`."""
 
-    def __init__(self, adapter, inputs, images, boxes, example_ids, policy: KeepPolicy, device):
+    stream: str
+    layer: int
+    kind: str  # attention / hidden
+    stats: torch.Tensor | None = None  # [stat, batch, head] in STAT_ORDER
+    kept: Kept | None = None
+    norm: torch.Tensor | None = None  # [batch, token]
+    vectors: torch.Tensor | None = None  # [n with vectors, token, dim] float16
+
+
+class _BatchSink:
+    """Receives each layer's tensors during the forward pass; keeps every result on the device."""
+
+    def __init__(self, adapter, inputs, images, boxes, example_ids, policy: KeepPolicy, device,
+                 with_vec: np.ndarray):
         self.adapter, self.inputs, self.images, self.boxes = adapter, inputs, images, boxes
         self.example_ids = example_ids
         self.policy = policy
         self.device = device
+        self.with_vec = with_vec  # [batch] bool: this example's hidden vectors are stored
+        self._vec_rows = torch.as_tensor(np.flatnonzero(with_vec), dtype=torch.long)
         self.layout: BatchLayout | None = None
         self._streams: dict[str, StreamLayout] = {}
-        self.attention: list[tuple[dict, pa.Table]] = []
-        self.hidden: list[tuple[dict, pa.Table]] = []
-        self.stats: list[pa.Table] = []
+        self.out: list[_LayerOut] = []
 
     def stream(self, name: str) -> StreamLayout:
         if self.layout is None:
@@ -127,55 +308,205 @@ class _BatchSink:
 
     def __call__(self, point: HookPoint, tensor: torch.Tensor) -> None:
         sl = self.stream(point.stream)
-        part = {"stream": point.stream, "layer": point.layer}
         if point.kind == "attention":
             key_stream = self.layout.keys.get(point.stream)  # cross attention: keys of another stream
             ksl = sl if key_stream is None else self.stream(key_stream)
             a = _gather_tokens(tensor.float(), sl, ksl)  # [batch, head, token, token_k]
             stats = head_stats(a, sl.masks, None if key_stream is None else ksl.masks)
-            keep = keep_mask(a, sl.valid, sl.masks.image, self.policy, ksl.valid, ksl.masks.image)
-            stats["kept_mass"] = kept_mass(a, keep, sl.valid)
-            self.stats.append(head_stats_table(stats, self.example_ids, point.stream, point.layer))
+            kept = None
             if self.policy.kind != "none":
-                self.attention.append((part, attention_table(a, keep, self.example_ids, sl.token_offset,
-                                                             ksl.token_offset)))
+                kept = select(a, sl.valid, sl.masks.image, self.policy, ksl.valid, ksl.masks.image)
+                stats["kept_mass"] = row_mean_mass(kept.mass, sl.valid)
+            else:
+                stats["kept_mass"] = torch.zeros_like(stats["t2i"])
+            block = torch.stack([stats[s].float() for s in STAT_ORDER], 0)  # [stat, batch, head]
+            self.out.append(_LayerOut(point.stream, point.layer, "attention", stats=block, kept=kept))
         else:
             h = tensor.gather(1, sl.seq_index[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
-            self.hidden.append((part, hidden_table(h, sl.valid, self.example_ids, sl.token_offset)))
+            norm = h.float().norm(dim=-1)  # [batch, token]
+            vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
+            self.out.append(_LayerOut(point.stream, point.layer, "hidden", norm=norm, vectors=vec))
+
+    def finish(self) -> list[_LayerOut]:
+        """Bring every layer's results to the host in one go (one synchronisation)."""
+        def host(t):
+            return None if t is None else t.to("cpu", non_blocking=True)
+
+        moved = []
+        for o in self.out:
+            k = o.kept
+            hk = None if k is None else Kept(host(k.weight), host(k.keep), None, host(k.index))
+            moved.append(_LayerOut(o.stream, o.layer, o.kind, host(o.stats), hk, host(o.norm), host(o.vectors)))
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        for o in moved:
+            o.stats = None if o.stats is None else o.stats.numpy()
+            if o.kept is not None:
+                o.kept = Kept(o.kept.weight.numpy(), o.kept.keep.numpy(), None,
+                              None if o.kept.index is None else o.kept.index.numpy())
+            o.norm = None if o.norm is None else o.norm.numpy()
+            o.vectors = None if o.vectors is None else o.vectors.numpy()
+        return moved
 
 
-def _merge(parts: list[tuple[dict, pa.Table]]) -> list[tuple[dict, pa.Table]]:
-    """Concatenate the tables of equal partitions, keeping first-seen order."""
-    groups: dict[tuple, list[pa.Table]] = {}
-    keys: dict[tuple, dict] = {}
-    for values, t in parts:
-        k = tuple(sorted(values.items()))
-        groups.setdefault(k, []).append(t)
-        keys[k] = values
-    return [(keys[k], pa.concat_tables(v)) for k, v in groups.items()]
+# ---------------------------------------------------------------------------- stage 3: rows and Parquet
+@dataclass
+class _BatchRows:
+    """What the write stage turns into rows for one batch (host data only)."""
+
+    chunk: int
+    example_ids: list[int]
+    layers: list[_LayerOut]
+    valid: dict[str, np.ndarray]  # stream -> [batch, token]
+    offsets: dict[str, list[int]]  # stream -> token_offset
+    keys: dict[str, str]
+    with_vec: np.ndarray
+    examples: list[dict]
+    tokens: list[pa.Table]
+    images: list[dict]
+    errors: list[tuple[str, str, str]]
 
 
+class _ChunkParts:
+    def __init__(self):
+        self.examples, self.tokens, self.stats, self.images = [], [], [], []
+        self.attention: dict[tuple, list[pa.Table]] = {}
+        self.hidden: dict[tuple, list[pa.Table]] = {}
+        self.errors: list[tuple[str, str, str]] = []
+
+
+class _WriteStage:
+    """Flattening, Parquet encoding and writing, in a background thread behind the model.
+
+    ``put`` blocks when ``depth`` batches are waiting: that bounds the host memory held for
+    writing. An error in the thread is raised in the caller at its next ``put`` or ``close``.
+    """
+
+    def __init__(self, writer: LakeWriter, depth: int = 4):
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._abandon = threading.Event()
+        self.chunks_written = 0
+        self._t = threading.Thread(target=self._run, name="vlatlas-writer", daemon=True)
+        self._t.start()
+
+    def put(self, item) -> None:
+        while True:
+            self._raise()
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing the lake failed: {self.error}") from self.error
+
+    def close(self, abandon: bool = False) -> None:
+        """Finish every queued chunk (or, with ``abandon``, stop after the current file)."""
+        if abandon:
+            self._abandon.set()
+            while True:  # make room for the stop signal
+                try:
+                    self.q.get_nowait()
+                except queue.Empty:
+                    break
+        while self._t.is_alive():
+            try:
+                self.q.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._t.join()
+        if not abandon:
+            self._raise()
+
+    def _run(self) -> None:
+        parts: dict[int, _ChunkParts] = {}
+        try:
+            while True:
+                item = self.q.get()
+                if item is None or self._abandon.is_set():
+                    return
+                kind, chunk, payload = item
+                p = parts.setdefault(chunk, _ChunkParts())
+                if kind == "batch":
+                    _flatten_batch(payload, p)
+                else:  # "end": payload = chunk-level errors (the manifest's, for the first chunk)
+                    p.errors.extend(payload)
+                    _write_chunk(self.writer, chunk, parts.pop(chunk), self._abandon)
+                    self.chunks_written += 1
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+
+
+def _flatten_batch(b: _BatchRows, p: _ChunkParts) -> None:
+    p.examples.extend(b.examples)
+    p.tokens.extend(b.tokens)
+    p.images.extend(b.images)
+    p.errors.extend(b.errors)
+    for o in b.layers:
+        key = (o.stream, o.layer)
+        if o.kind == "attention":
+            p.stats.append(head_stats_arrow(STAT_ORDER, o.stats, b.example_ids, o.stream, o.layer))
+            if o.kept is not None:
+                koff = b.offsets[b.keys.get(o.stream, o.stream)]
+                cols = kept_rows(o.kept, b.example_ids, b.offsets[o.stream], koff)
+                p.attention.setdefault(key, []).append(attention_arrow(cols))
+        else:
+            p.hidden.setdefault(key, []).append(
+                hidden_arrow(o.norm, b.valid[o.stream], b.example_ids, b.offsets[o.stream], o.vectors, b.with_vec))
+
+
+def _write_chunk(writer: LakeWriter, chunk: int, p: _ChunkParts, abandon: threading.Event) -> None:
+    def one(tables):
+        return [({}, pa.concat_tables(tables))] if tables else []
+
+    def parts(groups):
+        return [({"stream": s, "layer": l}, pa.concat_tables(v)) for (s, l), v in groups.items()]
+
+    out = {
+        "examples": [({}, pa.Table.from_pylist(p.examples, schema=EXAMPLES.schema))],
+        "tokens": one(p.tokens),
+        "head_stats": one(p.stats),
+        "attention": parts(p.attention),
+        "hidden_states": parts(p.hidden),
+        "errors": [({}, pa.Table.from_pylist(
+            [{"source_id": s, "stage": st, "message": m} for s, st, m in p.errors], schema=ERRORS.schema))],
+    }
+    if p.images:
+        out["images"] = [({}, pa.Table.from_pylist(p.images, schema=IMAGES.schema))]
+    writer.write_chunk(chunk, out, stop=abandon.is_set)
+
+
+# ---------------------------------------------------------------------------- the driver
 def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_size: int = 8,
             device: str = "cpu", dtype: str = "float32", limit: int | None = None,
-            keep_attention: str = "all", keep_hidden: str = "all", chunk_size: int = 64,
-            overwrite: bool = False, progress: bool = True, revision: str | None = None,
-            adapter=None) -> Summary:
+            keep_attention: str = DEFAULT_KEEP_ATTENTION, keep_hidden: str = DEFAULT_KEEP_HIDDEN,
+            chunk_size: int = 64, overwrite: bool = False, progress: bool = True, revision: str | None = None,
+            workers: int | None = None, adapter=None) -> Summary:
     """Run ``model`` over the manifest ``data`` and write run ``run`` into ``lake``.
 
     Everything about the arguments is checked (manifest columns, run name,
     capture options, the model) before any example is processed. Bad rows are
     recorded in ``errors`` and skipped; running the same command again resumes
-    an interrupted run.
+    an interrupted run. ``workers``: input processes (None = :func:`default_workers`,
+    0 = read and encode in this process); results do not depend on it.
     """
     t0 = time.perf_counter()
     check_run_name(run)
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("--batch-size and --chunk-size must be at least 1")
+    if workers is not None and workers < 0:
+        raise ValueError("--workers must be 0 (read and encode in the main process) or more")
     policy = KeepPolicy.parse(keep_attention)
     data = Path(data).resolve()
     rows, manifest_errors = read_manifest(data)
     if limit is not None:  # manifest errors are kept whole: they describe the manifest
         rows = [r for r in rows if r.example_id < limit]
+    CaptureConfig(keep_hidden=keep_hidden).hidden_layers()  # a bad option fails before the model loads
     if adapter is None:
         adapter = load_adapter(model, device=device, dtype=dtype, revision=revision)
     cfg = CaptureConfig(str(policy), keep_hidden, chunk_size,
@@ -186,6 +517,7 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
         raise ValueError(f"--keep-hidden {keep_hidden!r} asks for hidden-state layer(s) "
                          f"{sorted(x for x in hidden_layers if x > top)}, but this model has hidden states "
                          f"0..{top} (0 is the embedding output, l + 1 the output of block l)")
+    vec_ids = hidden_vector_examples(rows, cfg.hidden_sample())
     lake = Path(lake)
     lake.mkdir(parents=True, exist_ok=True)
     writer = LakeWriter(lake, run, {"vlatlas.model": model, "vlatlas.capture": cfg.to_json(),
@@ -226,30 +558,121 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
         chunks[0] = []
     done = writer.done_chunks()
     summary.resumed_chunks = len(done & set(chunks))
-    todo = [c for c in sorted(chunks) if c not in done]
-    known_images = writer.known_image_ids()
-    points = adapter.hook_points(hidden_layers)
+    first = min(chunks)
+    jobs = []
+    for c in sorted(chunks):
+        if c in done:
+            continue
+        rs = chunks[c]
+        starts = list(range(0, len(rs), batch_size)) or [0]
+        jobs += [_Job(c, rs[i:i + batch_size], i == starts[-1], c == first) for i in starts]
+    workers = default_workers(device) if workers is None else workers
+    summary.workers = workers
     bar = tqdm(total=len(rows), initial=sum(len(chunks[c]) for c in chunks if c in done), unit="ex",
                desc=f"extract {run}", disable=not progress, dynamic_ncols=True)
-    first = min(chunks)
+    stage = _WriteStage(writer)
+    ok = False
     try:
-        for c in todo:
-            parts = _extract_chunk(adapter, chunks[c], c, batch_size, policy, points, known_images, device, bar)
-            if c == first:
-                parts["errors"].extend(manifest_errors)
-            summary.extracted += parts.pop("_n_ok")
-            summary.truncated += parts.pop("_n_truncated")
-            summary.skipped += sum(1 for e in parts["errors"] if e[1] not in ("text",))
-            summary.errors.extend(e for e in parts["errors"] if e not in manifest_errors)
-            _write_chunk(writer, c, parts)
+        _run_jobs(adapter, jobs, writer.known_image_ids(), policy, adapter.hook_points(hidden_layers), vec_ids,
+                  device, workers, stage, bar, summary, manifest_errors)
+        ok = True
     finally:
         bar.close()
+        stage.close(abandon=not ok)
     if summary.resumed_chunks:
         summary.extracted = _count_examples(lake, run)
     run_row.update(status="complete", n_examples=_count_examples(lake, run))
     writer.write_run_row(run_row)
     summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_mb = peak_rss_mb()
     return summary
+
+
+def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPolicy, points: list[HookPoint],
+              vec_ids: set[int] | None, device: str, workers: int, stage: _WriteStage, bar, summary: Summary,
+              manifest_errors) -> None:
+    if not jobs:
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize on their own
+    cuda = str(device).startswith("cuda")
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        workers = 0  # workers inherit the loaded adapter; without fork they would have to load it again
+    loader = torch.utils.data.DataLoader(
+        _InputBatches(adapter, jobs, known_images), batch_size=None, shuffle=False, num_workers=workers,
+        collate_fn=_identity, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=2 if workers else None, persistent_workers=False,
+        multiprocessing_context="fork" if workers else None)
+    chunk_images: set[str] = set()
+    for item in loader:
+        job = jobs[item["job"]]
+        bad = item["errors"]
+        summary.skipped += len(bad)
+        summary.errors.extend(bad)
+        batch_rows = item["rows"]
+        if batch_rows:
+            payload = _run_batch(adapter, item, job.chunk, policy, points, vec_ids, device, known_images,
+                                 chunk_images, summary)
+            payload.errors = bad + payload.errors
+            stage.put(("batch", job.chunk, payload))
+        elif bad:
+            stage.put(("batch", job.chunk, _BatchRows(job.chunk, [], [], {}, {}, {}, np.zeros(0, bool),
+                                                      [], [], [], bad)))
+        bar.update(item["n_rows"])
+        if job.last:
+            if job.first_chunk:  # the manifest's own rejects are recorded with the first chunk
+                summary.skipped += len(manifest_errors)
+            stage.put(("end", job.chunk, list(manifest_errors) if job.first_chunk else []))
+            chunk_images.clear()
+
+
+def _run_batch(adapter, item: dict, chunk: int, policy: KeepPolicy, points, vec_ids, device,
+               known_images: set[str], chunk_images: set[str], summary: Summary) -> _BatchRows:
+    rows: list[Row] = item["rows"]
+    pics = item["images"]
+    ids = [r.example_id for r in rows]
+    boxes = [r.boxes for r in rows]
+    inputs = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+              for k, v in item["inputs"].items()}
+    if hasattr(adapter, "prepare"):  # e.g. a decoder LVLM generates its answer first, uncaptured
+        inputs = adapter.prepare(inputs)
+    with_vec = np.array([vec_ids is None or i in vec_ids for i in ids], dtype=bool)
+    sink = _BatchSink(adapter, inputs, pics, boxes, ids, policy, device, with_vec)
+    with capture(points, sink):
+        outputs = adapter.forward(inputs, example_ids=ids)
+    layout = sink.layout or adapter.layout(inputs, pics, boxes)
+    layers = sink.finish()
+    preds = adapter.predict(outputs, [r.answer for r in rows])
+    examples, tokens, images, errors = [], [], [], []
+    for r, info, note, pred, tok, grid in zip(rows, item["image_info"], item["notes"], preds, layout.tokens,
+                                              layout.grid):
+        image_id, width, height, mode, png = info
+        meta = dict(r.meta)
+        if mode != "RGB":
+            meta["image_mode"] = mode
+        for stage_name, msg in note:
+            errors.append((r.source_id, stage_name, msg))
+            meta["truncated"] = True
+            summary.truncated += 1
+        meta.update(pred.meta)
+        examples.append({
+            "example_id": r.example_id, "source_id": r.source_id, "split": r.split, "text": r.text,
+            "answer": r.answer, "prediction": pred.prediction, "correct": pred.correct,
+            "image_id": image_id, "image_width": width, "image_height": height,
+            "grid_h": grid[0], "grid_w": grid[1], "n_tokens": tok.num_rows,
+            "boxes": json.dumps(r.boxes) if r.boxes is not None else None,
+            "meta": json.dumps(meta, default=str),
+        })
+        tokens.append(tok.add_column(0, "example_id", pa.array(np.full(tok.num_rows, r.example_id), pa.int64())))
+        if png is not None and image_id not in known_images and image_id not in chunk_images:
+            chunk_images.add(image_id)
+            images.append({"image_id": image_id, "png": png, "width": width, "height": height})
+    summary.extracted += len(examples)
+    streams = {name: sl for name, sl in layout.streams.items()}
+    return _BatchRows(chunk, ids, layers, {n: sl.valid.cpu().numpy() for n, sl in streams.items()},
+                      {n: list(sl.token_offset) for n, sl in streams.items()}, dict(layout.keys), with_vec,
+                      examples, tokens, images, errors)
 
 
 def _count_examples(lake: Path, run: str) -> int:
@@ -257,87 +680,3 @@ def _count_examples(lake: Path, run: str) -> int:
 
     base = lake / EXAMPLES.name / f"run={run}"
     return sum(pq.ParquetFile(p).metadata.num_rows for p in base.glob("*.parquet")) if base.exists() else 0
-
-
-def _extract_chunk(adapter, rows: list[Row], chunk: int, batch_size: int, policy: KeepPolicy,
-                   points: list[HookPoint], known_images: set[str], device: str, bar) -> dict:
-    errors: list[tuple[str, str, str]] = []
-    ok: list[tuple[Row, LoadedImage]] = []
-    check = getattr(adapter, "check_image", None)  # model-specific limits (optional in the protocol)
-    for r in rows:
-        try:
-            li = load_image(r.image_path)
-            if check is not None:
-                check(li.image)
-            ok.append((r, li))
-        except BadInput as e:
-            errors.append((r.source_id, e.stage, e.message))
-            bar.update(1)
-    examples, tokens, stats, images = [], [], [], []
-    attention: list[tuple[dict, pa.Table]] = []
-    hidden: list[tuple[dict, pa.Table]] = []
-    n_truncated = 0
-    chunk_images: set[str] = set()
-    for bi in range(0, len(ok), batch_size):
-        batch = ok[bi:bi + batch_size]
-        texts = [r.text for r, _ in batch]
-        pics = [li.image for _, li in batch]
-        ids = [r.example_id for r, _ in batch]
-        inputs, notes = adapter.encode(texts, pics)
-        if hasattr(adapter, "prepare"):  # e.g. a decoder LVLM generates its answer first, uncaptured
-            inputs = adapter.prepare(inputs)
-        sink = _BatchSink(adapter, inputs, pics, [r.boxes for r, _ in batch], ids, policy, device)
-        torch.manual_seed(chunk * 1_000_003 + bi)  # ViLT samples patches: same rows on every run
-        with capture(points, sink):
-            outputs = adapter.forward(inputs)
-        layout = sink.layout or adapter.layout(inputs, pics, [r.boxes for r, _ in batch])
-        preds = adapter.predict(outputs, [r.answer for r, _ in batch])
-        for j, ((r, li), note, pred, tok, grid) in enumerate(zip(batch, notes, preds, layout.tokens, layout.grid)):
-            meta = dict(r.meta)
-            if li.mode != "RGB":
-                meta["image_mode"] = li.mode
-            for stage, msg in note:
-                errors.append((r.source_id, stage, msg))
-                meta["truncated"] = True
-                n_truncated += 1
-            meta.update(pred.meta)
-            examples.append({
-                "example_id": r.example_id, "source_id": r.source_id, "split": r.split, "text": r.text,
-                "answer": r.answer, "prediction": pred.prediction, "correct": pred.correct,
-                "image_id": li.image_id, "image_width": li.width, "image_height": li.height,
-                "grid_h": grid[0], "grid_w": grid[1], "n_tokens": tok.num_rows,
-                "boxes": json.dumps(r.boxes) if r.boxes is not None else None,
-                "meta": json.dumps(meta, default=str),
-            })
-            tokens.append(tok.add_column(0, "example_id", pa.array([r.example_id] * tok.num_rows, pa.int64())))
-            if li.image_id not in known_images and li.image_id not in chunk_images:
-                chunk_images.add(li.image_id)
-                images.append({"image_id": li.image_id, "png": thumbnail_png(li.image),
-                               "width": li.width, "height": li.height})
-        stats.extend(sink.stats)
-        attention.extend(sink.attention)
-        hidden.extend(sink.hidden)
-        bar.update(len(batch))
-    return {
-        "examples": examples, "tokens": tokens, "head_stats": stats, "attention": attention,
-        "hidden_states": hidden, "images": images, "errors": errors,
-        "_n_ok": len(examples), "_n_truncated": n_truncated,
-    }
-
-
-def _write_chunk(writer: LakeWriter, chunk: int, parts: dict) -> None:
-    def one(tables):
-        return [({}, pa.concat_tables(tables))] if tables else []
-
-    out = {
-        "examples": [({}, pa.Table.from_pylist(parts["examples"], schema=EXAMPLES.schema))],
-        "tokens": one(parts["tokens"]),
-        "head_stats": one(parts["head_stats"]),
-        "attention": _merge(parts["attention"]),
-        "hidden_states": _merge(parts["hidden_states"]),
-        "errors": [({}, pa.Table.from_pylist(
-            [{"source_id": s, "stage": st, "message": m} for s, st, m in parts["errors"]], schema=ERRORS.schema))],
-    }
-    if parts["images"]:
-        out["images"] = [({}, pa.Table.from_pylist(parts["images"], schema=IMAGES.schema))]
-    writer.write_chunk(chunk, out)

@@ -8,7 +8,21 @@ the ``attention`` table (statistics are always computed before pruning):
 - ``mass:P``: the largest keys of each row, in descending order, until their
   mass reaches ``P`` (the key that crosses ``P`` is kept);
 - ``cross``: only weights between tokens of different modalities;
+- ``budget:K:P:C`` (the default, :data:`DEFAULT_KEEP_ATTENTION`): a bounded
+  budget per query row: the largest keys in descending order until their mass
+  reaches ``P`` (the key that crosses ``P`` is kept), at most ``K`` of them,
+  plus the ``C`` largest keys *of the other modality* with a non-zero weight
+  (text -> image for a text query, image -> text for an image query), so the
+  cross-modal views always have the strongest cross-modal weights even when a
+  row's mass sits on its own modality. At most ``K + C`` weights a row;
 - ``none``: nothing.
+
+Two representations of what is kept leave the device (see :class:`Kept`):
+*dense* (``all``, ``cross``, ``mass``) is the whole ``[batch, head, query,
+key]`` weight block with a keep mask; *sparse* (``topk``, ``budget``) is, per
+query row, ``slots`` key indices in ascending key order with their weights and
+a keep flag, so a bounded policy never moves or scans the full matrix on the
+host.
 """
 
 from __future__ import annotations
@@ -23,11 +37,15 @@ import torch
 from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES
 
 
+DEFAULT_KEEP_ATTENTION = "budget:8:0.9:2"
+
+
 @dataclass(frozen=True)
 class KeepPolicy:
-    kind: str  # all / topk / mass / cross / none
+    kind: str  # all / topk / mass / cross / budget / none
     k: int | None = None
     p: float | None = None
+    c: int | None = None  # budget: cross-modal keys kept on top of the row's own
 
     @classmethod
     def parse(cls, text: str) -> "KeepPolicy":
@@ -45,11 +63,18 @@ class KeepPolicy:
                 p = float(arg)
                 if 0 < p <= 1:
                     return cls("mass", p=p)
+            elif name == "budget":
+                parts = arg.split(":")
+                if len(parts) == 3:
+                    k, p, c = int(parts[0]), float(parts[1]), int(parts[2])
+                    if k >= 1 and 0 < p <= 1 and c >= 0:
+                        return cls("budget", k=k, p=p, c=c)
         except ValueError:
             pass
         raise ValueError(
             f"--keep-attention {text!r} is not understood: use all, topk:K (K >= 1), "
-            "mass:P (0 < P <= 1), cross or none"
+            "mass:P (0 < P <= 1), budget:K:P:C (K >= 1, 0 < P <= 1, C >= 0; the default is "
+            f"{DEFAULT_KEEP_ATTENTION}), cross or none"
         )
 
     def __str__(self) -> str:
@@ -57,7 +82,29 @@ class KeepPolicy:
             return f"topk:{self.k}"
         if self.kind == "mass":
             return f"mass:{self.p:g}"
+        if self.kind == "budget":
+            return f"budget:{self.k}:{self.p:g}:{self.c}"
         return self.kind
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the kept weights leave the device as per-row slots (bounded policies)."""
+        return self.kind in ("topk", "budget")
+
+    def describe(self) -> str:
+        """One sentence for a user: what a query row keeps."""
+        if self.kind == "all":
+            return "every weight is stored"
+        if self.kind == "none":
+            return "no weights are stored (statistics only)"
+        if self.kind == "cross":
+            return "only weights between text and image tokens are stored"
+        if self.kind == "topk":
+            return f"each query row keeps its {self.k} largest weights"
+        if self.kind == "mass":
+            return f"each query row keeps its largest weights until they reach {self.p:g} of its mass"
+        return (f"each query row keeps its largest weights until they reach {self.p:g} of its mass (at most "
+                f"{self.k}), plus its {self.c} largest weights on the other modality")
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -106,9 +153,85 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     raise ValueError(f"unknown policy {policy}")
 
 
+@dataclass
+class Kept:
+    """What one layer keeps of a batch's attention, on the device or (after :meth:`host`) as numpy.
+
+    Dense: ``weight`` ``[batch, head, query, key]`` float16 and ``keep`` of the same shape.
+    Sparse: ``index`` ``[batch, head, query, slots]`` key positions (ascending, unkept slots last),
+    ``weight`` their float16 weights and ``keep`` which slots are stored.
+    ``mass`` ``[batch, head, query]`` is the row mass kept, computed in float32 on the full rows.
+    """
+
+    weight: object
+    keep: object
+    mass: object
+    index: object = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.index is not None
+
+
+def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor, policy: KeepPolicy,
+           key_valid: torch.Tensor | None = None, key_image: torch.Tensor | None = None) -> Kept:
+    """Apply ``policy`` on the device: the weights to store and the row mass they keep.
+
+    Arguments as :func:`keep_mask`. Sparse policies (``topk``, ``budget``) come back as per-row
+    slots, sorted by key; the others as a dense mask.
+    """
+    key_valid = valid if key_valid is None else key_valid
+    key_image = modality_image if key_image is None else key_image
+    a = attn.float()
+    if not policy.sparse:
+        keep = keep_mask(a, valid, modality_image, policy, key_valid, key_image)
+        return Kept(a.to(torch.float16), keep, (a * keep).sum(-1))
+    pair = (valid[:, :, None] & key_valid[:, None, :])[:, None]  # [batch, 1, query, key]
+    n_keys = a.shape[-1]
+    scores = a.masked_fill(~pair, -1.0)  # invalid keys sort last
+    vals, idx = scores.topk(min(policy.k, n_keys), dim=-1)  # [batch, head, query, k], descending
+    if policy.kind == "topk":
+        keep = vals >= 0
+    else:
+        pos = vals.clamp(min=0)
+        before = pos.cumsum(-1) - pos  # mass of the larger keys before each one
+        keep = (vals >= 0) & (before < policy.p - 1e-7)
+        if policy.c:
+            other = (modality_image[:, :, None] != key_image[:, None, :])[:, None]  # [batch, 1, query, key]
+            cvals, cidx = scores.masked_fill(~other, -1.0).topk(min(policy.c, n_keys), dim=-1)
+            ckeep = cvals > 0
+            dup = ((cidx[..., :, None] == idx[..., None, :]) & keep[..., None, :]).any(-1)
+            idx, keep = torch.cat([idx, cidx], -1), torch.cat([keep, ckeep & ~dup], -1)
+    order = torch.where(keep, idx, idx + n_keys).argsort(-1)  # kept slots first, by key
+    idx, keep = idx.gather(-1, order), keep.gather(-1, order)
+    w = a.gather(-1, idx)
+    return Kept(w.to(torch.float16), keep, (w * keep).sum(-1), idx.to(torch.int32))
+
+
+def kept_rows(kept: Kept, example_ids, token_offset, key_offset) -> dict[str, np.ndarray]:
+    """Host side: the ``attention`` rows of one layer as numpy columns, sorted by example, head,
+    query, key. ``kept`` holds numpy arrays; offsets as in :func:`attention_table`."""
+    off = np.asarray(token_offset, np.int64)
+    koff = np.asarray(key_offset, np.int64)
+    if kept.sparse:
+        b, h, q, j = np.nonzero(kept.keep)
+        k = kept.index[b, h, q, j]
+        w = kept.weight[b, h, q, j]
+    else:
+        b, h, q, k = np.nonzero(kept.keep)
+        w = kept.weight[b, h, q, k]
+    return {
+        "example_id": np.asarray(example_ids, np.int64)[b],
+        "head": h.astype(np.int16),
+        "query_idx": (q + off[b]).astype(np.int32),
+        "key_idx": (k + koff[b]).astype(np.int32),
+        "weight": w.astype(np.float16),
+    }
+
+
 def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[int],
                     token_offset: list[int] | None = None, key_offset: list[int] | None = None) -> pa.Table:
-    """Long-format rows of the ``attention`` table (one layer, one stream).
+    """Long-format rows of the ``attention`` table (one layer, one stream) from a dense keep mask.
 
     ``token_offset[b]`` (default 0) is the ``token_idx`` of the stream's first token in
     example ``b``'s token table: slot ``j`` of the stream is token ``token_offset[b] + j``.
@@ -116,30 +239,44 @@ def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[in
     stream's tokens (cross attention).
     Rows come out sorted by example, head, query, key.
     """
-    b, h, q, k = torch.nonzero(keep, as_tuple=True)
-    w = attn[b, h, q, k].to(torch.float16).cpu().numpy()
-    bn = b.cpu().numpy()
-    ex = np.asarray(example_ids, dtype=np.int64)[bn]
-    off = np.zeros(len(example_ids), np.int64) if token_offset is None else np.asarray(token_offset, np.int64)
-    koff = off if key_offset is None else np.asarray(key_offset, np.int64)
-    return pa.table(
-        {
-            "example_id": pa.array(ex, pa.int64()),
-            "head": pa.array(h.cpu().numpy().astype(np.int16), pa.int16()),
-            "query_idx": pa.array((q.cpu().numpy() + off[bn]).astype(np.int32), pa.int32()),
-            "key_idx": pa.array((k.cpu().numpy() + koff[bn]).astype(np.int32), pa.int32()),
-            "weight": pa.array(w, pa.float16()),
-        },
-        schema=ATTENTION.schema,
-    )
+    off = [0] * len(example_ids) if token_offset is None else token_offset
+    kept = Kept(attn.to(torch.float16).cpu().numpy(), keep.cpu().numpy(), None)
+    return attention_arrow(kept_rows(kept, example_ids, off, off if key_offset is None else key_offset))
+
+
+def attention_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
+    return pa.table({k: pa.array(v) for k, v in cols.items()}, schema=ATTENTION.schema)
 
 
 def kept_mass(attn: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over valid query rows of the row mass kept: ``[batch, head]``."""
-    kept = (attn.float() * keep).sum(-1)  # [batch, head, query]
+    return row_mean_mass((attn.float() * keep).sum(-1), valid)
+
+
+def row_mean_mass(mass: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[batch, head, query]`` row masses -> their mean over valid query rows, ``[batch, head]``."""
     w = valid[:, None, :].float()
     n = w.sum(-1).clamp(min=1)
-    return (kept * w).sum(-1) / n
+    return (mass * w).sum(-1) / n
+
+
+def head_stats_arrow(names: list[str], vals: np.ndarray, example_ids: list[int], stream: str,
+                     layer: int) -> pa.Table:
+    """Rows of ``head_stats`` from ``vals`` ``[stat, batch, head]`` (numpy); NaN becomes null."""
+    n_stat, n_b, n_h = vals.shape
+    s_idx, b_idx, h_idx = np.meshgrid(np.arange(n_stat), np.arange(n_b), np.arange(n_h), indexing="ij")
+    v = vals.reshape(-1).astype(np.float32)
+    return pa.table(
+        {
+            "example_id": pa.array(np.asarray(example_ids, np.int64)[b_idx.reshape(-1)], pa.int64()),
+            "stream": pa.array(np.full(v.size, stream, dtype=object), pa.string()),
+            "layer": pa.array(np.full(v.size, layer, np.int32), pa.int32()),
+            "head": pa.array(h_idx.reshape(-1).astype(np.int16), pa.int16()),
+            "stat": pa.array(np.asarray(names, dtype=object)[s_idx.reshape(-1)], pa.string()),
+            "value": pa.array(v, pa.float32(), mask=np.isnan(v)),
+        },
+        schema=HEAD_STATS.schema,
+    )
 
 
 def head_stats_table(stats: dict[str, torch.Tensor], example_ids: list[int], stream: str,
@@ -147,40 +284,48 @@ def head_stats_table(stats: dict[str, torch.Tensor], example_ids: list[int], str
     """Rows of ``head_stats`` from ``{stat: [batch, head]}``; NaN becomes null."""
     names = sorted(stats)
     vals = torch.stack([stats[s].float() for s in names], 0).cpu().numpy()  # [stat, batch, head]
-    n_stat, n_b, n_h = vals.shape
-    s_idx, b_idx, h_idx = np.meshgrid(np.arange(n_stat), np.arange(n_b), np.arange(n_h), indexing="ij")
-    v = vals.reshape(-1)
+    return head_stats_arrow(names, vals, example_ids, stream, layer)
+
+
+def hidden_arrow(norm: np.ndarray, valid: np.ndarray, example_ids: list[int], token_offset: list[int],
+                 vectors: np.ndarray | None, with_vec: np.ndarray) -> pa.Table:
+    """Rows of ``hidden_states`` for one layer (host side).
+
+    norm : ``[batch, token]`` float32 L2 norms; valid : ``[batch, token]`` bool.
+    vectors : ``[n, token, dim]`` float16 vectors of the examples flagged in ``with_vec``
+        (``[batch]`` bool, in batch order), or None when none has them; the other rows' ``vec``
+        is null.
+    """
+    b, t = np.nonzero(valid)
+    off = np.asarray(token_offset, np.int64)
+    has = with_vec[b]
+    if vectors is not None and has.any():
+        slot = np.cumsum(with_vec) - 1  # batch index -> row of ``vectors``
+        flat = vectors[slot[b[has]], t[has]].reshape(-1)
+        dim = vectors.shape[-1]
+    else:
+        flat, dim = np.zeros(0, np.float16), 0
+    lengths = np.where(has, dim, 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    vecs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float16()),
+                                    mask=pa.array(~has))
     return pa.table(
         {
-            "example_id": pa.array(np.asarray(example_ids, np.int64)[b_idx.reshape(-1)], pa.int64()),
-            "stream": pa.array([stream] * v.size, pa.string()),
-            "layer": pa.array(np.full(v.size, layer, np.int32), pa.int32()),
-            "head": pa.array(h_idx.reshape(-1).astype(np.int16), pa.int16()),
-            "stat": pa.array(np.asarray(names, dtype=object)[s_idx.reshape(-1)], pa.string()),
-            "value": pa.array(v.astype(np.float32), pa.float32(), mask=np.isnan(v)),
+            "example_id": pa.array(np.asarray(example_ids, np.int64)[b], pa.int64()),
+            "token_idx": pa.array((t + off[b]).astype(np.int32), pa.int32()),
+            "norm": pa.array(norm[b, t].astype(np.float32), pa.float32()),
+            "vec": vecs,
         },
-        schema=HEAD_STATS.schema,
+        schema=HIDDEN_STATES.schema,
     )
 
 
 def hidden_table(hidden: torch.Tensor, valid: torch.Tensor, example_ids: list[int],
                  token_offset: list[int] | None = None) -> pa.Table:
-    """Rows of ``hidden_states`` from ``[batch, token, dim]`` in the stream's token order;
-    ``token_offset`` as in :func:`attention_table`."""
-    b, t = torch.nonzero(valid, as_tuple=True)
-    off = np.zeros(len(example_ids), np.int64) if token_offset is None else np.asarray(token_offset, np.int64)
-    vec = hidden[b, t].float()  # [rows, dim]
-    norm = vec.norm(dim=-1).cpu().numpy().astype(np.float32)
-    flat = vec.to(torch.float16).cpu().numpy().reshape(-1)
-    dim = hidden.shape[-1]
-    offsets = np.arange(0, (len(norm) + 1) * dim, dim, dtype=np.int32)
-    vecs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float16()))
-    return pa.table(
-        {
-            "example_id": pa.array(np.asarray(example_ids, np.int64)[b.cpu().numpy()], pa.int64()),
-            "token_idx": pa.array((t.cpu().numpy() + off[b.cpu().numpy()]).astype(np.int32), pa.int32()),
-            "norm": pa.array(norm, pa.float32()),
-            "vec": vecs,
-        },
-        schema=HIDDEN_STATES.schema,
-    )
+    """Rows of ``hidden_states`` from ``[batch, token, dim]`` in the stream's token order, every
+    vector kept; ``token_offset`` as in :func:`attention_table`."""
+    vec = hidden.float()
+    norm = vec.norm(dim=-1).cpu().numpy()
+    off = [0] * len(example_ids) if token_offset is None else token_offset
+    return hidden_arrow(norm, valid.cpu().numpy(), example_ids, off, vec.to(torch.float16).cpu().numpy(),
+                        np.ones(len(example_ids), bool))

@@ -75,7 +75,7 @@ def blip(request, tmp_path_factory):
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
     manifest = write_manifest(tmp / "data", rows)
     lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, head, batch_size=2, progress=False)
+    extract(str(mdir), manifest, lake, head, batch_size=2, keep_attention="all", keep_hidden="all", progress=False)
     cls = BlipForQuestionAnswering if head == "vqa" else BlipForImageTextRetrieval
     model = cls.from_pretrained(mdir, attn_implementation="eager").eval()
     proc = AutoProcessor.from_pretrained(mdir)

@@ -64,7 +64,8 @@ def main_run(tiny_vilt, shapes, tmp_path_factory):
     """``vlatlas extract`` as a subprocess: 6 scenes, batches of 2, chunks of 4."""
     lake = tmp_path_factory.mktemp("lake_main")
     p = subprocess.run(VLATLAS + extract_args(tiny_vilt, shapes, lake, "main", "--batch-size", "2",
-                                              "--chunk-size", "4"),
+                                              "--chunk-size", "4", "--keep-attention", "all",
+                                              "--keep-hidden", "all"),
                        capture_output=True, text=True, env=ENV, timeout=300)
     return {"lake": lake, "rc": p.returncode, "out": p.stdout, "err": p.stderr}
 
@@ -142,7 +143,8 @@ def test_tables_are_filled(main_run, lake_df, shapes):
 def test_running_again_says_nothing_to_do(main_run, tiny_vilt, shapes, capsys, lake_df):
     before = lake_df(main_run["lake"], "SELECT count(*) AS n FROM attention").n[0]
     rc, out, err = cli(capsys, *extract_args(tiny_vilt, shapes, main_run["lake"], "main", "--batch-size", "2",
-                                             "--chunk-size", "4", "--quiet"))
+                                             "--chunk-size", "4", "--keep-attention", "all", "--keep-hidden", "all",
+                                             "--quiet"))
     assert rc == 0 and "already complete; nothing to do" in out
     assert lake_df(main_run["lake"], "SELECT count(*) AS n FROM attention").n[0] == before
 
@@ -212,12 +214,92 @@ def test_limit(tiny_vilt, shapes, capsys, lake_df, tmp_path):
 def test_bfloat16(tiny_vilt, shapes, capsys, lake_df, tmp_path):
     lake = tmp_path / "lake"
     rc, out, err = cli(capsys, *extract_args(tiny_vilt, shapes, lake, "bf16", "--dtype", "bfloat16", "--quiet",
-                                             "--limit", "2"))
+                                             "--limit", "2", "--keep-attention", "all"))
     assert rc == 0, err
     assert lake_df(lake, "SELECT dtype FROM runs")["dtype"][0] == "bfloat16"
     sums = lake_df(lake, "SELECT sum(weight) AS s FROM attention GROUP BY example_id, layer, head, query_idx")
     np.testing.assert_allclose(sums.s, 1.0, atol=2e-2)  # bfloat16 keeps 8 bits of mantissa
     assert lake_df(lake, "SELECT count(*) AS n FROM head_stats WHERE value IS NULL").n[0] == 0
+
+
+def expected_budget(w: np.ndarray, other: np.ndarray, k: int, p: float, c: int) -> set[int]:
+    """The keys ``budget:k:p:c`` keeps of one row, computed here from the spec: the largest weights
+    in descending order until their mass reaches ``p`` (at most ``k``), plus the ``c`` largest
+    positive weights on keys of the other modality (``other``)."""
+    order = np.argsort(-w, kind="stable")
+    kept, mass = set(), 0.0
+    for j in order[:k]:
+        if mass >= p - 1e-7:
+            break
+        kept.add(int(j))
+        mass += w[j]
+    cross = [j for j in order if other[j] and w[j] > 0][:c]
+    return kept | {int(j) for j in cross}
+
+
+def test_default_capture_keeps_a_bounded_budget(main_run, tiny_vilt, shapes, capsys, lake_df, tmp_path):
+    lake = tmp_path / "lake"
+    rc, out, err = cli(capsys, *extract_args(tiny_vilt, shapes, lake, "dflt", "--batch-size", "2", "--quiet"))
+    assert rc == 0, err
+    cap = json.loads(lake_df(lake, "SELECT capture FROM runs").capture[0])
+    assert cap["keep_attention"] == "budget:8:0.9:2" and cap["keep_hidden"] == "sample:256"
+    got = lake_df(lake, "SELECT example_id, layer, head, query_idx, key_idx, weight FROM attention")
+    full = lake_df(main_run["lake"], "SELECT example_id, layer, head, query_idx, key_idx, weight FROM attention")
+    tok = lake_df(lake, "SELECT example_id, token_idx, modality FROM tokens")
+    image = {(r.example_id, r.token_idx): r.modality == "image" for r in tok.itertuples()}
+    # stored weights are the true weights of those keys
+    m = got.merge(full, on=["example_id", "layer", "head", "query_idx", "key_idx"], suffixes=("", "_full"))
+    assert len(m) == len(got)
+    np.testing.assert_allclose(m.weight, m.weight_full, atol=2e-3)
+    sizes = got.groupby(["example_id", "layer", "head", "query_idx"]).size()
+    assert sizes.max() <= 10 and len(sizes) == len(full.groupby(["example_id", "layer", "head", "query_idx"]))
+    # the stored key set of every row is the spec's, computed from the full row
+    stored = got.groupby(["example_id", "layer", "head", "query_idx"]).key_idx.apply(set)
+    same = 0
+    for key, row in full.groupby(["example_id", "layer", "head", "query_idx"]):
+        ex, q = key[0], key[3]
+        w = row.weight.to_numpy(np.float64)
+        keys = row.key_idx.to_numpy()
+        other = np.array([image[(ex, int(k))] != image[(ex, q)] for k in keys])
+        want = {int(keys[j]) for j in expected_budget(w, other, 8, 0.9, 2)}
+        same += want == stored[key]
+    assert same >= 0.97 * len(stored), f"{same} of {len(stored)} rows keep the spec's keys"  # float16 near-ties
+    # kept_mass is the mean over query rows of the stored row sums, and below 1 (something was pruned)
+    sums = got.groupby(["example_id", "layer", "head", "query_idx"]).weight.sum().groupby(
+        level=["example_id", "layer", "head"]).mean().rename("stored").reset_index()
+    km = lake_df(lake, "SELECT example_id, layer, head, value FROM head_stats WHERE stat = 'kept_mass'")
+    km = km.merge(sums, on=["example_id", "layer", "head"])
+    assert len(km) == 6 * N_LAYERS * N_HEADS
+    np.testing.assert_allclose(km.value, km.stored, atol=3e-3)
+    assert (km.value < 0.999).any()
+    # statistics are those of the full attention
+    q = "SELECT example_id, layer, head, stat, value FROM head_stats WHERE stat <> 'kept_mass' ORDER BY ALL"
+    a, b = lake_df(lake, q), lake_df(main_run["lake"], q)
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5)
+
+
+def test_hidden_sample_keeps_norms_for_all_and_vectors_for_a_seeded_sample(main_run, tiny_vilt, shapes, capsys,
+                                                                            lake_df, tmp_path):
+    runs = {}
+    for run, extra in (("s2", ()), ("s2b", ("--batch-size", "4", "--workers", "0"))):
+        rc, out, err = cli(capsys, *extract_args(tiny_vilt, shapes, tmp_path / "lake", run, "--keep-hidden",
+                                                 "sample:2", "--keep-attention", "none", "--quiet", *extra))
+        assert rc == 0, err
+        runs[run] = lake_df(tmp_path / "lake", "SELECT layer, example_id, token_idx, norm, vec FROM hidden_states "
+                            f"WHERE run = '{run}' ORDER BY layer, example_id, token_idx")
+    h = runs["s2"]
+    full = lake_df(main_run["lake"], "SELECT layer, example_id, token_idx, norm, vec FROM hidden_states "
+                   "ORDER BY layer, example_id, token_idx")
+    assert len(h) == len(full)  # a row (with its norm) for every token at every layer
+    np.testing.assert_allclose(h.norm, full.norm, rtol=1e-4)
+    with_vec = sorted(set(h.example_id[h.vec.notna()]))
+    assert len(with_vec) == 2
+    assert set(h.example_id[h.vec.isna()]) == set(range(6)) - set(with_vec)
+    assert (h.groupby("example_id").vec.apply(lambda v: v.notna().all() or v.isna().all())).all()
+    has = h.vec.notna().to_numpy()
+    np.testing.assert_allclose(np.stack(h.vec[has].to_numpy()), np.stack(full.vec[has].to_numpy()), atol=2e-3)
+    # the sample depends on the manifest alone, not on batches or workers
+    assert runs["s2b"].vec.notna().equals(h.vec.notna())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -226,6 +308,9 @@ def test_bfloat16(tiny_vilt, shapes, capsys, lake_df, tmp_path):
     (["--run", "bad/name"], "run name 'bad/name' is not allowed"),
     (["--batch-size", "0"], "--batch-size and --chunk-size must be at least 1"),
     (["--keep-hidden", "0,7"], "layer(s) [7], but this model has hidden states 0..2"),  # 2 blocks
+    (["--keep-attention", "budget:8:1.5:2"], "--keep-attention 'budget:8:1.5:2' is not understood"),
+    (["--keep-hidden", "sample:x"], "sample:N needs a whole number of examples"),
+    (["--workers", "-1"], "--workers must be 0"),
 ])
 def test_bad_options_fail_with_one_line(tiny_vilt, shapes, capsys, tmp_path, args, message):
     argv = extract_args(tiny_vilt, shapes, tmp_path / "lake", "r", "--quiet") + args  # a later --run wins
@@ -254,7 +339,7 @@ def test_same_run_other_capture_is_refused(tiny_vilt, shapes, capsys, lake_df, t
 
 # -- resuming ------------------------------------------------------------------------------------
 
-RESUME = ("--batch-size", "2", "--chunk-size", "4")
+RESUME = ("--batch-size", "2", "--chunk-size", "4", "--keep-hidden", "sample:10")  # the default attention budget
 N_BIG = 40
 
 
@@ -316,8 +401,10 @@ def assert_same_lake(lake_df, got_root, want_root):
         assert list(g.columns) == list(w.columns)
         for c in w.columns:
             if c == "vec":
-                np.testing.assert_allclose(np.stack(g[c].to_numpy()), np.stack(w[c].to_numpy()), atol=2e-3,
-                                           err_msg=name)
+                has = w[c].notna().to_numpy()
+                assert (g[c].notna().to_numpy() == has).all(), f"{name}: other rows carry vectors"
+                np.testing.assert_allclose(np.stack(g[c][has].to_numpy()), np.stack(w[c][has].to_numpy()),
+                                           atol=2e-3, err_msg=name)
             elif c in floats:
                 np.testing.assert_allclose(g[c].to_numpy(float), w[c].to_numpy(float), atol=2e-3, rtol=1e-3,
                                            equal_nan=True, err_msg=f"{name}.{c}")

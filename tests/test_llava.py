@@ -92,7 +92,7 @@ def llava(request, tmp_path_factory):
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
     manifest = write_manifest(tmp / "data", rows)
     lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, "llava", batch_size=2, progress=False)  # batches pad on the left
+    extract(str(mdir), manifest, lake, "llava", batch_size=2, keep_attention="all", keep_hidden="all", progress=False)  # batches pad on the left
     model = LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
     proc = AutoProcessor.from_pretrained(mdir)
     images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]

@@ -18,7 +18,7 @@ import torch
 
 from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES
 from pipeline.flatten import KeepPolicy, attention_table, head_stats_table, hidden_table, keep_mask, kept_mass
-from pipeline.models.base import boxed_masks, token_rows
+from pipeline.models.base import boxed_masks as _boxed_masks, token_rows
 from pipeline.stats import STAT_HELP, TokenMasks, head_stats
 
 NAN = float("nan")
@@ -259,6 +259,11 @@ def test_padding_slots_do_not_change_an_example():
 
 def test_stat_help_names_every_stat():
     assert set(STAT_HELP) == set(STATS) | {"kept_mass"}
+
+
+def boxed_masks(*args):
+    """The masks as plain lists, for readable comparisons."""
+    return tuple(x.tolist() for x in _boxed_masks(*args))
 
 
 # -- boxed_masks ---------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def scenes(ref, tmp_path_factory):
 def lake4(tiny_vilt, scenes, tmp_path_factory):
     """The four scenes in one batch of 4 (text and image padding in play)."""
     root = tmp_path_factory.mktemp("lake4")
-    s = extract(str(tiny_vilt), scenes["manifest"], root, "b4", batch_size=4, progress=False)
+    s = extract(str(tiny_vilt), scenes["manifest"], root, "b4", batch_size=4, keep_attention="all", keep_hidden="all", progress=False)
     assert s.extracted == 4 and s.skipped == 0
     return root
 
@@ -258,7 +258,7 @@ def lake4(tiny_vilt, scenes, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lake1(tiny_vilt, scenes, tmp_path_factory):
     root = tmp_path_factory.mktemp("lake1")
-    s = extract(str(tiny_vilt), scenes["manifest"], root, "b1", batch_size=1, progress=False)
+    s = extract(str(tiny_vilt), scenes["manifest"], root, "b1", batch_size=1, keep_attention="all", keep_hidden="all", progress=False)
     assert s.extracted == 4
     return root
 
@@ -448,7 +448,7 @@ def test_other_vilt_heads_extract(head, tmp_path, lake_df, scenes):
     adapter = load_adapter(str(model_dir))
     assert type(adapter.model).__name__ == {"retrieval": "ViltForImageAndTextRetrieval", "base": "ViltModel"}[head]
     s = extract(str(model_dir), scenes["manifest"], tmp_path / "lake", "r", batch_size=2, limit=2,
-                progress=False, adapter=adapter)
+                keep_attention="all", keep_hidden="all", progress=False, adapter=adapter)
     assert s.extracted == 2
     root = tmp_path / "lake"
     ex = lake_df(root, "SELECT * FROM examples ORDER BY example_id")
@@ -482,7 +482,7 @@ def test_other_vilt_heads_extract(head, tmp_path, lake_df, scenes):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_gives_the_cpu_results(tiny_vilt, scenes, lake1, lake_df, tmp_path):
-    s = extract(str(tiny_vilt), scenes["manifest"], tmp_path, "b1", batch_size=1, device="cuda", progress=False)
+    s = extract(str(tiny_vilt), scenes["manifest"], tmp_path, "b1", batch_size=1, device="cuda", keep_attention="all", keep_hidden="all", progress=False)
     assert s.extracted == 4
     q = "SELECT example_id, layer, head, stat, value FROM head_stats ORDER BY ALL"
     a, b = lake_df(lake1, q), lake_df(tmp_path, q)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -82,10 +83,12 @@ class Adapter(Protocol):
         processor cannot prepare, so that one example is skipped instead of its batch failing."""
 
     def encode(self, texts: list[str], images: list) -> tuple[dict[str, torch.Tensor], list[list[tuple[str, str]]]]:
-        """Model inputs for a batch, and notes per example (e.g. truncation)."""
+        """Model inputs for a batch, on the host (it runs in input worker processes; the pipeline
+        moves the tensors to the device), and notes per example (e.g. truncation)."""
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
-        """Run the model with attention on; returns its outputs."""
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids: list[int] | None = None) -> Any:
+        """Run the model with attention on; returns its outputs. ``example_ids`` seed anything random
+        per example (ViLT's patch sampling), so that results do not depend on the batch."""
 
     def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
         """The batch's layout; valid once ``forward`` has embedded the batch."""
@@ -98,6 +101,36 @@ def token_rows(**cols) -> pa.Table:
     return pa.table(cols, schema=TOKEN_SCHEMA)
 
 
+def token_table(*, n_text: int, n_image: int, stream: str, roles_text, roles_image, pieces, seq,
+                patch_row, patch_col, x0, y0, x1, y1) -> pa.Table:
+    """One stream's token table from arrays: ``n_text`` text tokens then ``n_image`` image tokens.
+
+    ``roles_text``/``pieces`` cover the text tokens; ``roles_image``, ``patch_row``/``patch_col``
+    (-1 = none) and the box ``x0..y1`` the image tokens; ``seq`` every token's sequence position.
+    """
+    n = n_text + n_image
+    nulls_t = np.ones(n_text, bool)
+    pr, pc = np.asarray(patch_row, np.int32), np.asarray(patch_col, np.int32)
+
+    def img(values, dtype, mask=None):
+        full = np.concatenate([np.zeros(n_text, dtype), np.asarray(values, dtype)])
+        m = np.concatenate([nulls_t, np.zeros(n_image, bool) if mask is None else mask])
+        return pa.array(full, mask=m)
+
+    return pa.table({
+        "token_idx": pa.array(np.arange(n, dtype=np.int32)),
+        "stream": pa.array([stream] * n, pa.string()),
+        "modality": pa.array(["text"] * n_text + ["image"] * n_image, pa.string()),
+        "role": pa.array(list(roles_text) + list(roles_image), pa.string()),
+        "token": pa.array(list(pieces) + [None] * n_image, pa.string()),
+        "seq_pos": pa.array(np.asarray(seq, np.int32)),
+        "text_pos": pa.array(np.arange(n, dtype=np.int32), mask=np.arange(n) >= n_text),
+        "patch_row": img(pr, np.int32, pr < 0),
+        "patch_col": img(pc, np.int32, pc < 0),
+        "x0": img(x0, np.float32), "y0": img(y0, np.float32), "x1": img(x1, np.float32), "y1": img(y1, np.float32),
+    }, schema=TOKEN_SCHEMA)
+
+
 def role_is_special(role: str) -> bool:
     return role in ROLES_SPECIAL
 
@@ -106,7 +139,12 @@ def normalise_answer(text: str | None) -> str | None:
     return None if text is None else " ".join(str(text).lower().strip().split())
 
 
-def boxed_masks(tokens: pa.Table, boxes: list[dict] | None, pieces_of) -> tuple[list[bool], list[list[bool]]]:
+def _col(t: pa.Table, name: str, dtype=None) -> np.ndarray:
+    a = t.column(name).to_numpy(zero_copy_only=False)
+    return a if dtype is None else a.astype(dtype)
+
+
+def boxed_masks(tokens: pa.Table, boxes: list[dict] | None, pieces_of) -> tuple[np.ndarray, np.ndarray]:
     """Which text tokens belong to a boxed word, and which patches lie in that word's box.
 
     Parameters
@@ -117,35 +155,41 @@ def boxed_masks(tokens: pa.Table, boxes: list[dict] | None, pieces_of) -> tuple[
 
     Returns
     -------
-    ``boxed[j]`` for every token, and ``in_box[j][k]`` (token ``j``'s box
-    contains patch ``k``). A patch is in a box when its centre is; when no
-    patch centre is, the patch holding the box's centre stands for it.
+    ``boxed`` ``[token]`` bool, and ``in_box`` ``[token, token]`` bool (token ``j``'s box
+    contains patch ``k``). A patch is in a box when its centre is; when no patch centre is,
+    the patch holding the box's centre stands for it.
     """
-    t = tokens.to_pydict()
-    n = len(t["role"])
-    boxed = [False] * n
-    in_box = [[False] * n for _ in range(n)]
-    if not boxes:
+    n = tokens.num_rows
+    boxed = np.zeros(n, bool)
+    in_box = np.zeros((n, n), bool)
+    if not boxes or n == 0:
         return boxed, in_box
-    words = [(j, (t["token"][j] or "").lower()) for j in range(n) if t["modality"][j] == "text"]
-    patches = [k for k in range(n) if t["role"][k] == "patch"]
+    role = _col(tokens, "role")
+    modality = _col(tokens, "modality")
+    patches = np.flatnonzero(role == "patch")
+    words_at = np.flatnonzero(modality == "text")
+    words = [(w or "").lower() for w in _col(tokens, "token")[words_at]]
+    if len(patches):
+        x0p, x1p = _col(tokens, "x0", float)[patches], _col(tokens, "x1", float)[patches]
+        y0p, y1p = _col(tokens, "y0", float)[patches], _col(tokens, "y1", float)[patches]
+        cxp, cyp = (x0p + x1p) / 2, (y0p + y1p) / 2
     for b in boxes:
         pieces = [p.lower() for p in pieces_of(b["label"])]
-        x0, y0, x1, y1 = b["box"]
-        inside = [k for k in patches
-                  if x0 <= (t["x0"][k] + t["x1"][k]) / 2 <= x1 and y0 <= (t["y0"][k] + t["y1"][k]) / 2 <= y1]
-        if not inside:
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            inside = [k for k in patches
-                      if t["x0"][k] <= cx < t["x1"][k] and t["y0"][k] <= cy < t["y1"][k]][:1]
-        if not pieces or not inside:
+        if not pieces or not len(patches):
             continue
-        for s in range(len(words) - len(pieces) + 1):
-            if [w for _, w in words[s:s + len(pieces)]] == pieces:
-                for j, _ in words[s:s + len(pieces)]:
-                    boxed[j] = True
-                    for k in inside:
-                        in_box[j][k] = True
+        x0, y0, x1, y1 = b["box"]
+        inside = patches[(x0 <= cxp) & (cxp <= x1) & (y0 <= cyp) & (cyp <= y1)]
+        if not len(inside):
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            inside = patches[(x0p <= cx) & (cx < x1p) & (y0p <= cy) & (cy < y1p)][:1]
+        if not len(inside):
+            continue
+        m = len(pieces)
+        for s in range(len(words) - m + 1):  # word matching: a few dozen text tokens at most
+            if words[s:s + m] == pieces:
+                js = words_at[s:s + m]
+                boxed[js] = True
+                in_box[np.ix_(js, inside)] = True
     return boxed, in_box
 
 
@@ -158,27 +202,28 @@ def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
-    """Pad per-example orders into ``[batch, token]`` tensors and build the masks."""
+    """Pad per-example orders into ``[batch, token]`` tensors and build the masks (array operations
+    on each example's token table; no per-token Python)."""
     B = len(tables)
     N = max(len(o) for o in orders)
-    seq = torch.zeros(B, N, dtype=torch.long)
-    valid = torch.zeros(B, N, dtype=torch.bool)
-    text, image, patch, special = (torch.zeros(B, N, dtype=torch.bool) for _ in range(4))
-    in_box = torch.zeros(B, N, N, dtype=torch.bool)
-    boxed = torch.zeros(B, N, dtype=torch.bool)
+    seq = np.zeros((B, N), np.int64)
+    valid, text, image, patch, special, boxed = (np.zeros((B, N), bool) for _ in range(6))
+    in_box = np.zeros((B, N, N), bool)
     for b, (t, o) in enumerate(zip(tables, orders)):
         n = len(o)
-        seq[b, :n] = torch.tensor(o)
+        seq[b, :n] = np.asarray(o, np.int64)
         valid[b, :n] = True
-        d = t.to_pydict()
-        text[b, :n] = torch.tensor([m == "text" for m in d["modality"]])
-        image[b, :n] = torch.tensor([m == "image" for m in d["modality"]])
-        patch[b, :n] = torch.tensor([r == "patch" for r in d["role"]])
-        special[b, :n] = torch.tensor([role_is_special(r) for r in d["role"]])
+        modality, role = _col(t, "modality"), _col(t, "role")
+        text[b, :n] = modality == "text"
+        image[b, :n] = modality == "image"
+        patch[b, :n] = role == "patch"
+        special[b, :n] = np.isin(role, ROLES_SPECIAL)
         bx, ib = boxed_masks(t, boxes[b], pieces_of)
-        boxed[b, :n] = torch.tensor(bx)
-        in_box[b, :n, :n] = torch.tensor(ib)
-    return StreamLayout(seq, valid, TokenMasks(valid, text, image, patch, special, in_box, boxed), [0] * B)
+        boxed[b, :n] = bx
+        in_box[b, :n, :n] = ib
+    tv = torch.from_numpy
+    return StreamLayout(tv(seq), tv(valid), TokenMasks(tv(valid), tv(text), tv(image), tv(patch), tv(special),
+                                                       tv(in_box), tv(boxed)), [0] * B)
 
 
 def stream_shapes(configs: dict[str, Any]) -> dict[str, dict[str, int]]:

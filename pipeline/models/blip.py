@@ -116,12 +116,12 @@ class BlipAdapter:
                                   truncation=True, max_length=self.max_text))
         if "attention_mask" not in enc:
             enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-        return {k: v.to(self.device) for k, v in enc.items()}, notes
+        return dict(enc), notes  # on the host: the pipeline moves them to the device
 
     def _model_inputs(self, inputs):
         return {k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask")}
 
-    def forward(self, inputs: dict[str, torch.Tensor]):
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None):
         """One pass of the vision tower and the image-grounded text encoder (the hooked modules)."""
         kw = self._model_inputs(inputs)
         with torch.no_grad():
@@ -193,8 +193,8 @@ class BlipAdapter:
         boxed = torch.zeros(len(tables), nq, dtype=torch.bool)
         for b, (t, nt) in enumerate(zip(tables, offsets)):
             bx, ib = boxed_masks(t, boxes[b], self._pieces)  # over the whole table: text then vision
-            boxed[b, :nt] = torch.tensor(bx[:nt], dtype=torch.bool)
-            in_box[b, :nt, :t.num_rows - nt] = torch.tensor([row[nt:] for row in ib[:nt]], dtype=torch.bool)
+            boxed[b, :nt] = torch.from_numpy(bx[:nt])
+            in_box[b, :nt, :t.num_rows - nt] = torch.from_numpy(ib[:nt, nt:])
         # cross: the text layout for the queries, with word boxes over the vision tokens (keys)
         cross_sl = replace(text_sl, masks=replace(text_sl.masks, in_box=in_box, boxed=boxed))
         return BatchLayout(tables, {"text": text_sl, "vision": vis_sl, "cross": cross_sl}, grids,

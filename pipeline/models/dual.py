@@ -168,9 +168,9 @@ class DualEncoderAdapter:
         enc = dict(self.processor(images=images, text=texts, return_tensors="pt", **kw))
         real = self.tokenizer(texts, return_tensors="pt", return_attention_mask=True, **kw)["attention_mask"]
         enc[REAL_MASK] = real  # [batch, T] 1 = not padding (bookkeeping only; not a model input)
-        return {k: v.to(self.device) for k, v in enc.items()}, notes
+        return dict(enc), notes  # on the host: the pipeline moves them to the device
 
-    def forward(self, inputs: dict[str, torch.Tensor]):
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None):
         model_inputs = {k: v for k, v in inputs.items() if k != REAL_MASK}
         with torch.no_grad():
             return self.model(**model_inputs, output_attentions=True, return_dict=True)

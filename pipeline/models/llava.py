@@ -165,7 +165,7 @@ class LlavaAdapter:
     def encode(self, texts: list[str], images: list):
         prompts = [self.prompt(t) for t in texts]
         enc = dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
-        return {k: v.to(self.device) for k, v in enc.items()}, [[] for _ in texts]
+        return dict(enc), [[] for _ in texts]  # on the host
 
     def _model_inputs(self, inputs):
         return {k: v for k, v in inputs.items() if not k.startswith("vlatlas_")}
@@ -197,7 +197,7 @@ class LlavaAdapter:
         out[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> LlavaOutputs:
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None) -> LlavaOutputs:
         """One teacher-forced pass over prompt + generated tokens (``prepare`` must have run)."""
         if GEN_START not in inputs:
             inputs.update(self.prepare(inputs))

@@ -24,13 +24,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.data import BadInput
 from pipeline.models.base import (BatchLayout, Prediction, module_at, normalise_answer, stream_hook_points,
-                                  stream_layout, stream_shapes, token_rows)
+                                  stream_layout, stream_shapes, token_table)
 from pipeline.stats import TokenMasks
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md).
@@ -40,6 +41,7 @@ MODULES = {
     "hidden": "vilt.encoder.layer.{layer}",  # (layer_output, ...): hidden state layer + 1
 }
 STREAM = "self"
+PATCH_SEED = 1_000_003  # + example_id: the generator of an example's patch sampling
 
 HEADS = {
     "ViltModel": None,
@@ -120,6 +122,19 @@ class ViltAdapter:
             raise BadInput("image", f"a {w}x{h} image is too elongated for this model: its processor resizes "
                                     f"it to {pw}x{ph} px, less than one {self.patch_size} px patch on a side")
 
+    def rejects(self, inputs: dict[str, torch.Tensor], images: list) -> dict[int, str]:
+        """The examples of an encoded batch whose image came out of the processor without a whole
+        patch on a side (read from ``pixel_mask``, so the processor runs once per image)."""
+        pm = inputs["pixel_mask"]  # [batch, H, W], 1 = real pixels
+        hs, ws = pm[:, :, 0].sum(-1).tolist(), pm[:, 0, :].sum(-1).tolist()
+        out = {}
+        for j, (ph, pw) in enumerate(zip(hs, ws)):
+            if ph < self.patch_size or pw < self.patch_size:
+                w, h = images[j].size
+                out[j] = (f"a {w}x{h} image is too elongated for this model: its processor resizes it to "
+                          f"{int(pw)}x{int(ph)} px, less than one {self.patch_size} px patch on a side")
+        return out
+
     def encode(self, texts: list[str], images: list):
         notes: list[list[tuple[str, str]]] = []
         for t in texts:
@@ -128,78 +143,87 @@ class ViltAdapter:
                          if n > self.max_text else [])
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True,
                              truncation=True, max_length=self.max_text)
-        return {k: v.to(self.device) for k, v in enc.items()}, notes
+        return dict(enc), notes  # on the host: the pipeline moves them to the device
 
     @contextmanager
-    def _bookkeeping(self):
-        """Record ``visual_embed``'s patch positions while the model runs."""
+    def _bookkeeping(self, example_ids=None):
+        """Record ``visual_embed``'s patch positions while the model runs.
+
+        With ``example_ids``, the patch sampling of example ``b`` (``visual_embed`` calls
+        ``torch.multinomial`` once per example, in batch order) draws from a generator seeded by
+        that example's id, so which patches are kept (and their order) depends on the example alone,
+        never on the batch it shares or its position in it.
+        """
         emb = module_at(self.model, self._path("hidden_0"))
         original = emb.visual_embed
+        multinomial = torch.multinomial
+
+        def seeded(input, num_samples, replacement=False, *, generator=None, out=None):
+            b = next(calls)
+            g = torch.Generator(device=input.device).manual_seed(PATCH_SEED + int(example_ids[b]))
+            return multinomial(input, num_samples, replacement, generator=g)
 
         def visual_embed(*args, **kwargs):
-            x, x_mask, (patch_index, _) = out = original(*args, **kwargs)
+            nonlocal calls
+            calls = iter(range(len(example_ids or ())))
+            if example_ids is not None:
+                torch.multinomial = seeded
+            try:
+                x, x_mask, (patch_index, _) = out = original(*args, **kwargs)
+            finally:
+                torch.multinomial = multinomial
             self._record["patch_index"] = patch_index  # [batch, patches, 2] (row, col)
             self._record["image_mask"] = x_mask  # [batch, 1 + patches], 1 = real
             return out
 
+        calls = iter(())
         emb.visual_embed = visual_embed
         try:
             yield
         finally:
             del emb.visual_embed
 
-    def forward(self, inputs: dict[str, torch.Tensor]):
-        with self._bookkeeping(), torch.no_grad():
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None):
+        with self._bookkeeping(example_ids), torch.no_grad():
             return self.model(**inputs, output_attentions=True, output_hidden_states=False, return_dict=True)
 
     # -- layout ---------------------------------------------------------------------
     def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
         if "patch_index" not in self._record:
             raise RuntimeError("layout() needs the patch positions recorded while the model embedded the batch")
-        ids = inputs["input_ids"].cpu()  # [batch, T]
-        amask = inputs["attention_mask"].cpu().bool()
-        pmask = inputs["pixel_mask"].cpu().bool()  # [batch, H, W]
-        pidx = self._record["patch_index"].cpu()  # [batch, P, 2]
-        imask = self._record["image_mask"].cpu().bool()  # [batch, 1 + P]
+        ids = inputs["input_ids"].cpu().numpy()  # [batch, T]
+        amask = inputs["attention_mask"].cpu().numpy().astype(bool)
+        pmask = inputs["pixel_mask"].cpu().numpy().astype(bool)  # [batch, H, W]
+        pidx = self._record["patch_index"].cpu().numpy()  # [batch, P, 2]
+        imask = self._record["image_mask"].cpu().numpy().astype(bool)  # [batch, 1 + P]
         B, T = ids.shape
         ps = self.patch_size
         tok = self.tokenizer
         tables, orders, grids = [], [], []
         for b in range(B):
-            text_pos = torch.nonzero(amask[b]).flatten().tolist()
-            pieces = tok.convert_ids_to_tokens(ids[b, text_pos].tolist())
-            roles = ["cls" if i == tok.cls_token_id else "sep" if i == tok.sep_token_id else "word"
-                     for i in ids[b, text_pos].tolist()]
+            text_pos = np.flatnonzero(amask[b])
+            tid = ids[b, text_pos]
+            pieces = tok.convert_ids_to_tokens(tid.tolist())
+            roles = np.where(tid == tok.cls_token_id, "cls", np.where(tid == tok.sep_token_id, "sep", "word"))
             # real image region in processed pixels, and the scale back to the original image
-            valid_h = int(pmask[b, :, 0].sum())
-            valid_w = int(pmask[b, 0, :].sum())
+            valid_h, valid_w = int(pmask[b, :, 0].sum()), int(pmask[b, 0, :].sum())
             orig_w, orig_h = images[b].size
             sx, sy = orig_w / valid_w, orig_h / valid_h
-            real = [j for j in range(pidx.shape[1]) if imask[b, 1 + j]]
-            real.sort(key=lambda j: (int(pidx[b, j, 0]), int(pidx[b, j, 1])))  # raster order
-            rc = [(int(pidx[b, j, 0]), int(pidx[b, j, 1])) for j in real]
-            n_text = len(text_pos)
-            n = n_text + 1 + len(real)
-            none_t = [None] * n_text
-            box = lambda r, c: (c * ps * sx, r * ps * sy, min((c + 1) * ps, valid_w) * sx,  # noqa: E731
-                                min((r + 1) * ps, valid_h) * sy)
-            boxes_px = [box(r, c) for r, c in rc]
-            tables.append(token_rows(
-                token_idx=list(range(n)),
-                stream=["self"] * n,
-                modality=["text"] * n_text + ["image"] * (1 + len(real)),
-                role=roles + ["image_cls"] + ["patch"] * len(real),
-                token=pieces + [None] * (1 + len(real)),
-                seq_pos=text_pos + [T] + [T + 1 + j for j in real],
-                text_pos=list(range(n_text)) + [None] * (1 + len(real)),
-                patch_row=none_t + [None] + [r for r, _ in rc],
-                patch_col=none_t + [None] + [c for _, c in rc],
-                x0=none_t + [0.0] + [q[0] for q in boxes_px],
-                y0=none_t + [0.0] + [q[1] for q in boxes_px],
-                x1=none_t + [float(orig_w)] + [q[2] for q in boxes_px],
-                y1=none_t + [float(orig_h)] + [q[3] for q in boxes_px],
-            ))
-            orders.append(text_pos + [T] + [T + 1 + j for j in real])
+            real = np.flatnonzero(imask[b, 1:])
+            rc = pidx[b, real]  # [n_patch, 2] (row, col)
+            order = np.lexsort((rc[:, 1], rc[:, 0]))  # raster order
+            real, rc = real[order], rc[order]
+            r, c = rc[:, 0].astype(np.int64), rc[:, 1].astype(np.int64)
+            n_text, n_img = len(text_pos), 1 + len(real)
+            seq = np.concatenate([text_pos, [T], T + 1 + real]).astype(np.int64)
+            tables.append(token_table(
+                n_text=n_text, n_image=n_img, stream=STREAM, roles_text=roles,
+                roles_image=np.array(["image_cls"] + ["patch"] * len(real), dtype=object), pieces=pieces, seq=seq,
+                patch_row=np.concatenate([[-1], r]), patch_col=np.concatenate([[-1], c]),
+                x0=np.concatenate([[0.0], c * ps * sx]), y0=np.concatenate([[0.0], r * ps * sy]),
+                x1=np.concatenate([[float(orig_w)], np.minimum((c + 1) * ps, valid_w) * sx]),
+                y1=np.concatenate([[float(orig_h)], np.minimum((r + 1) * ps, valid_h) * sy])))
+            orders.append(seq)
             grids.append((-(-valid_h // ps), -(-valid_w // ps)))
         return BatchLayout(tables, {STREAM: stream_layout(tables, orders, boxes, self._pieces)}, grids)
 
