@@ -490,3 +490,39 @@ def test_cuda_gives_the_cpu_results(tiny_vilt, scenes, lake1, lake_df, tmp_path)
     np.testing.assert_allclose(a.value, b.value, rtol=1e-3, atol=1e-4, equal_nan=True)
     q = "SELECT * EXCLUDE (run, seq_pos) FROM tokens ORDER BY example_id, token_idx"
     assert lake_df(lake1, q).equals(lake_df(tmp_path, q))
+
+
+# -- sampled patches, workers and batches ---------------------------------------------------------
+
+
+def test_sampled_patches_and_results_do_not_depend_on_workers_or_batches(tmp_path, lake_df, scenes):
+    """A ViLT that keeps 6 of its 16 patches samples them per example: the same patches, token table,
+    statistics and kept weights whatever the batch size and number of input workers."""
+    from transformers import ViltConfig
+
+    model_dir = make_tiny_vilt(tmp_path / "vilt-sampling")
+    cfg = ViltConfig.from_pretrained(model_dir)
+    cfg.max_image_length = 6
+    cfg.save_pretrained(model_dir)
+    lakes = {}
+    for name, bs, workers in (("b1w0", 1, 0), ("b3w2", 3, 2), ("b4w1", 4, 1)):
+        s = extract(str(model_dir), scenes["manifest"], tmp_path / name, "r", batch_size=bs, workers=workers,
+                    progress=False)
+        assert s.extracted == 4 and s.workers == workers
+        lakes[name] = tmp_path / name
+    tq = "SELECT * EXCLUDE (run, seq_pos) FROM tokens ORDER BY example_id, token_idx"
+    ref = lake_df(lakes["b1w0"], tq)
+    n_patch = ref[ref.role == "patch"].groupby("example_id").size()
+    assert set(n_patch) == {6}  # sampled: 6 of 16
+    # the examples do not all keep the same 6 cells: the sampling is per example, not one draw
+    cells = ref[ref.role == "patch"].groupby("example_id").apply(lambda d: tuple(zip(d.patch_row, d.patch_col)))
+    assert len(set(cells)) > 1
+    sq = "SELECT example_id, layer, head, stat, value FROM head_stats ORDER BY ALL"
+    aq = "SELECT layer, example_id, head, query_idx, key_idx, weight FROM attention ORDER BY ALL"
+    for name in ("b3w2", "b4w1"):
+        assert lake_df(lakes[name], tq).equals(ref), name
+        a, b = lake_df(lakes[name], sq), lake_df(lakes["b1w0"], sq)
+        np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5, equal_nan=True)
+        wa, wb = lake_df(lakes[name], aq), lake_df(lakes["b1w0"], aq)
+        assert (wa.drop(columns="weight") == wb.drop(columns="weight")).all().all(), name
+        np.testing.assert_allclose(wa.weight, wb.weight, atol=2e-3)
