@@ -31,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,8 +45,9 @@ from lake.schema import ERRORS, EXAMPLES, IMAGES, STATS
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
-from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, attention_arrow, head_stats_arrow,
-                              hidden_arrow, kept_rows, row_mean_mass, select)
+from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
+                              head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
+                              seq_in_box, seq_layout)
 from pipeline.models import load_adapter
 from pipeline.models.base import BatchLayout, StreamLayout
 from pipeline.stats import head_stats
@@ -297,6 +298,7 @@ class _BatchSink:
         self._vec_rows = torch.as_tensor(np.flatnonzero(with_vec), dtype=torch.long)
         self.layout: BatchLayout | None = None
         self._streams: dict[str, StreamLayout] = {}
+        self._seq_cache: dict[tuple[str, int], SeqLayout] = {}
         self.out: list[_LayerOut] = []
 
     def stream(self, name: str) -> StreamLayout:
@@ -306,19 +308,31 @@ class _BatchSink:
             self._streams[name] = self.layout.streams[name].to(self.device)
         return self._streams[name]
 
+    def _seq(self, name: str, S: int) -> SeqLayout:
+        """The stream's masks scattered to the model's sequence order (length ``S``), cached."""
+        key = (name, S)
+        if key not in self._seq_cache:
+            self._seq_cache[key] = seq_layout(self.stream(name), S)
+        return self._seq_cache[key]
+
     def __call__(self, point: HookPoint, tensor: torch.Tensor) -> None:
         sl = self.stream(point.stream)
         if point.kind == "attention":
             key_stream = self.layout.keys.get(point.stream)  # cross attention: keys of another stream
             ksl = sl if key_stream is None else self.stream(key_stream)
-            a = _gather_tokens(tensor.float(), sl, ksl)  # [batch, head, token, token_k]
-            stats = head_stats(a, sl.masks, None if key_stream is None else ksl.masks)
+            q_seq = self._seq(point.stream, tensor.shape[2])
+            k_seq = q_seq if key_stream is None else self._seq(key_stream, tensor.shape[3])
+            # statistics in the model's own order: the masks move, not the matrix
+            masks = q_seq.masks if key_stream is None else replace(q_seq.masks, in_box=seq_in_box(sl, ksl, q_seq, k_seq))
+            stats = head_stats(tensor, masks, None if key_stream is None else k_seq.masks)
             kept = None
-            if self.policy.kind != "none":
+            if self.policy.kind == "budget":
+                kept = select_budget_seq(tensor, self.policy, sl, q_seq, k_seq)
+            elif self.policy.kind != "none":
+                a = _gather_tokens(tensor.float(), sl, ksl)  # [batch, head, token, token_k]
                 kept = select(a, sl.valid, sl.masks.image, self.policy, ksl.valid, ksl.masks.image)
-                stats["kept_mass"] = row_mean_mass(kept.mass, sl.valid)
-            else:
-                stats["kept_mass"] = torch.zeros_like(stats["t2i"])
+            stats["kept_mass"] = (row_mean_mass(kept.mass, sl.valid) if kept is not None
+                                  else torch.zeros_like(stats["t2i"]))
             block = torch.stack([stats[s].float() for s in STAT_ORDER], 0)  # [stat, batch, head]
             self.out.append(_LayerOut(point.stream, point.layer, "attention", stats=block, kept=kept))
         else:

@@ -35,6 +35,7 @@ import pyarrow as pa
 import torch
 
 from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES
+from pipeline.stats import TokenMasks
 
 
 DEFAULT_KEEP_ATTENTION = "budget:8:0.9:2"
@@ -206,6 +207,91 @@ def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor
     idx, keep = idx.gather(-1, order), keep.gather(-1, order)
     w = a.gather(-1, idx)
     return Kept(w.to(torch.float16), keep, (w * keep).sum(-1), idx.to(torch.int32))
+
+
+@dataclass
+class SeqLayout:
+    """A stream's token masks scattered to the model's sequence order.
+
+    ``masks`` are ``[batch, seq]`` (``in_box`` ``[batch, seq, seq]``), so the statistics can run on
+    the attention exactly as the model returns it; ``token_of[b, s]`` is the token slot at sequence
+    position ``s`` (-1 for positions that are no token: padding).
+    """
+
+    masks: TokenMasks
+    token_of: torch.Tensor  # [batch, seq] long
+
+
+def seq_layout(sl, S: int) -> SeqLayout:
+    """Scatter the token-order masks of ``sl`` (a ``StreamLayout``) to sequence positions ``0..S-1``."""
+    B = sl.valid.shape[0]
+    dev = sl.valid.device
+    b, j = torch.nonzero(sl.valid, as_tuple=True)
+    pos = sl.seq_index[b, j]
+    token_of = torch.full((B, S), -1, dtype=torch.long, device=dev)
+    token_of[b, pos] = j
+
+    def scatter(mask):
+        out = torch.zeros(B, S, dtype=torch.bool, device=dev)
+        out[b, pos] = mask[b, j]
+        return out
+
+    m = sl.masks
+    in_box = boxed = None
+    if m.in_box is not None and m.boxed is not None and m.in_box.shape[1] == m.in_box.shape[2] == sl.valid.shape[1]:
+        boxed = scatter(m.boxed)
+        in_box = torch.zeros(B, S, S, dtype=torch.bool, device=dev)
+        bb, q, k = torch.nonzero(m.in_box, as_tuple=True)
+        in_box[bb, sl.seq_index[bb, q], sl.seq_index[bb, k]] = True
+    elif m.boxed is not None:
+        boxed = scatter(m.boxed)
+    return SeqLayout(TokenMasks(scatter(m.valid), scatter(m.text), scatter(m.image), scatter(m.patch),
+                                scatter(m.special), in_box, boxed), token_of)
+
+
+def seq_in_box(sl, ksl, q_seq: SeqLayout, k_seq: SeqLayout) -> torch.Tensor | None:
+    """A cross stream's ``in_box`` (queries of ``sl``, keys of ``ksl``) in sequence order."""
+    m = sl.masks
+    if m.in_box is None:
+        return None
+    B, Sq = q_seq.token_of.shape
+    Sk = k_seq.token_of.shape[1]
+    out = torch.zeros(B, Sq, Sk, dtype=torch.bool, device=sl.valid.device)
+    bb, q, k = torch.nonzero(m.in_box, as_tuple=True)
+    out[bb, sl.seq_index[bb, q], ksl.seq_index[bb, k]] = True
+    return out
+
+
+def select_budget_seq(attn: torch.Tensor, policy: KeepPolicy, sl, q_seq: SeqLayout, k_seq: SeqLayout) -> Kept:
+    """``budget:K:P:C`` on the attention in the model's sequence order; the result in token order.
+
+    Only ``[.., K + C]`` slots per row are reordered, never the full matrix. Keys that are no token
+    (padding) have zero weight and are never kept (a kept weight is always > 0).
+    """
+    a = attn.float()  # [batch, head, Sq, Sk]
+    Sk = a.shape[-1]
+    vals, idx = a.topk(min(policy.k, Sk), dim=-1)  # descending
+    pos = vals.clamp(min=0)
+    before = pos.cumsum(-1) - pos
+    keep = (vals > 0) & (before < policy.p - 1e-7)
+    if policy.c:
+        qm, km = q_seq.masks, k_seq.masks
+        other = (qm.image[:, :, None] != km.image[:, None, :]) & km.valid[:, None, :]  # [batch, Sq, Sk]
+        cvals, cidx = (a * other[:, None]).topk(min(policy.c, Sk), dim=-1)
+        dup = ((cidx[..., :, None] == idx[..., None, :]) & keep[..., None, :]).any(-1)
+        vals, idx, keep = torch.cat([vals, cvals], -1), torch.cat([idx, cidx], -1), torch.cat([keep, (cvals > 0) & ~dup], -1)
+    B, H, _, slots = idx.shape
+    # rows: sequence positions -> token order
+    rows = sl.seq_index[:, None, :, None].expand(B, H, -1, slots)
+    vals, idx, keep = vals.gather(2, rows), idx.gather(2, rows), keep.gather(2, rows)
+    keep = keep & sl.valid[:, None, :, None]
+    # keys: sequence positions -> token slots
+    tok = k_seq.token_of.gather(1, idx.reshape(B, -1)).view_as(idx)
+    keep = keep & (tok >= 0)
+    n_tok = int(k_seq.token_of.max()) + 2
+    order = torch.where(keep, tok, tok + n_tok + n_tok).argsort(-1)  # kept slots first, by key
+    tok, keep, vals = tok.gather(-1, order), keep.gather(-1, order), vals.gather(-1, order)
+    return Kept(vals.to(torch.float16), keep, (vals * keep).sum(-1), tok.clamp(min=0).to(torch.int32))
 
 
 def kept_rows(kept: Kept, example_ids, token_offset, key_offset) -> dict[str, np.ndarray]:

@@ -95,8 +95,10 @@ def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) 
 
     Parameters
     ----------
-    attn : ``[batch, head, query, key]`` attention in token-table order, rows of
-        invalid tokens and columns of invalid keys already zero.
+    attn : ``[batch, head, query, key]`` attention, rows of invalid tokens and columns of
+        invalid keys zero (or left out by the masks). Any order of the query and key axes
+        works as long as the masks use the same one: the extractor passes the model's own
+        sequence order with masks scattered to it, which saves reordering the matrix.
     m : the token masks of the batch (of the queries).
     km : the masks of the keys when they are another stream's tokens (cross attention,
         ``attn`` then ``[batch, head, query, key]`` with ``m.in_box`` ``[batch, query, key]``);
@@ -108,13 +110,18 @@ def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) 
     ``{stat: [batch, head]}`` float32 tensors on ``attn``'s device (NaN where
     the statistic's query set is empty). ``kept_mass`` is added by the pruning
     step, which knows what is kept.
+
+    The per-row sums over key sets are batched matrix products with the stacked key masks, and
+    the image entropy comes from the same ``-a log a`` pass as the entropy:
+    ``H(p) = log(m) + (1/m) sum_{k patch} -a_k log a_k`` with ``m = sum_{k patch} a_k``, so the
+    full matrix is read a handful of times per layer.
     """
     a = attn.float()  # [batch, head, query, key]
     square = km is None
     km = m if km is None else km
-    key = lambda mask: mask[:, None, None, :].to(a.dtype)  # noqa: E731  [batch, 1, 1, key]
-    mass_img = (a * key(km.image)).sum(-1)  # [batch, head, query]
-    mass_txt = (a * key(km.text)).sum(-1)
+    keys = torch.stack([km.image, km.text, km.special, km.patch, km.valid], -1).to(a.dtype)  # [batch, key, 5]
+    masses = torch.matmul(a, keys[:, None])  # [batch, head, query, 5]
+    mass_img, mass_txt, mass_spec, patch_mass = (masses[..., i] for i in range(4))
     diag = torch.diagonal(a, dim1=-2, dim2=-1) if square else torch.zeros_like(mass_img)  # [batch, head, query]
     out = {
         "t2i": _row_mean(mass_img, m.text),
@@ -122,29 +129,40 @@ def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) 
         "i2t": _row_mean(mass_txt, m.image),
         "i2i": _row_mean(mass_img, m.image),
         "i2i_noself": _row_mean(mass_img - diag, m.image),
-        "sink": _row_mean((a * key(km.special)).sum(-1), m.valid),
+        "sink": _row_mean(mass_spec, m.valid),
         "max": _row_mean(a.amax(-1), m.valid),
     }
+    ent = torch.matmul(torch.special.entr(a), keys[:, None, :, 3:])  # [batch, head, query, 2]: patch, all keys
     n_keys = km.valid.sum(-1)[:, None, None]  # [batch, 1, 1]
-    out["entropy"] = _row_mean(_entropy(a, n_keys), m.valid)
+    nan = torch.full_like(mass_img, float("nan"))
+    row_ent = torch.where(n_keys > 1, ent[..., 1] / torch.log(n_keys.to(a.dtype)).clamp(min=1e-30), nan)
+    out["entropy"] = _row_mean(row_ent, m.valid)
 
-    patch_mass = (a * key(km.patch)).sum(-1, keepdim=True)  # [batch, head, query, 1]
-    p_img = a * key(km.patch) / patch_mass.clamp(min=1e-30)  # renormalised over patches
     n_patch = km.patch.sum(-1)[:, None, None]
-    has_patch_mass = patch_mass[..., 0] > 0
-    img_ent = torch.where(has_patch_mass, _entropy(p_img, n_patch), torch.full_like(mass_img, float("nan")))
+    has_patch_mass = patch_mass > 0
+    pm = patch_mass.clamp(min=1e-30)
+    h_img = (torch.log(pm) + ent[..., 0] / pm).clamp(min=0)
+    img_ent = torch.where(has_patch_mass & (n_patch > 1),
+                          h_img / torch.log(n_patch.to(a.dtype)).clamp(min=1e-30), nan)
     # only rows that put mass on patches (a causal LM's text before the image puts none)
     out["img_entropy"] = _row_mean(img_ent, m.text[:, None, :] & has_patch_mass)
 
     if m.in_box is not None and m.boxed is not None and bool(m.boxed.any()):
-        box = m.in_box[:, None, :, :].to(a.dtype)  # [batch, 1, query, key]
-        in_box_mass = (p_img * box).sum(-1)  # [batch, head, query]
-        out["grounding"] = _row_mean(in_box_mass, m.boxed)
+        B, H, _, K = a.shape
+        nb = int(m.boxed.sum(-1).max())
+        q = torch.argsort((~m.boxed).to(torch.int8), dim=-1, stable=True)[:, :nb]  # [batch, nb] boxed rows first
+        rows_ok = m.boxed.gather(1, q)  # [batch, nb]
+        rows = a.gather(2, q[:, None, :, None].expand(B, H, nb, K))  # [batch, head, nb, key]
+        box = m.in_box.gather(1, q[:, :, None].expand(-1, -1, K))  # [batch, nb, key]
+        pm_rows = pm.gather(2, q[:, None, :].expand(B, H, nb))
+        in_box_mass = torch.einsum("bhqk,bqk->bhq", rows, box.to(a.dtype)) / pm_rows
+        in_box_mass = torch.where(patch_mass.gather(2, q[:, None, :].expand(B, H, nb)) > 0, in_box_mass,
+                                  torch.zeros_like(in_box_mass))
+        out["grounding"] = _row_mean(in_box_mass, rows_ok)
         # pointing: is the argmax over patch keys inside the box?
-        scores = a.masked_fill(~km.patch[:, None, None, :], -1.0)
-        top = scores.argmax(-1, keepdim=True)  # [batch, head, query, 1]
-        hit = torch.gather(m.in_box[:, None, :, :].expand(-1, a.shape[1], -1, -1), -1, top)[..., 0]
-        out["pointing"] = _row_mean(hit.to(a.dtype), m.boxed)
+        top = rows.masked_fill(~km.patch[:, None, None, :], -1.0).argmax(-1, keepdim=True)  # [batch, head, nb, 1]
+        hit = torch.gather(box[:, None].expand(-1, H, -1, -1), -1, top)[..., 0]
+        out["pointing"] = _row_mean(hit.to(a.dtype), rows_ok)
     else:
         nan = torch.full(a.shape[:2], float("nan"), device=a.device)
         out["grounding"] = nan

@@ -101,6 +101,36 @@ def matrix(block: pd.DataFrame, queries: pd.DataFrame, keys: pd.DataFrame) -> pd
     return grid
 
 
+def row_mass(block: pd.DataFrame, queries: pd.DataFrame) -> pd.DataFrame:
+    """``queries`` (token rows) with ``mass``: the sum of each query row's stored weights over every key.
+
+    Stored weights are the true weights of the kept pairs, so with pruned weights
+    this is exactly the share of the row's attention mass that is stored (1 when
+    nothing was pruned). On a mean-over-heads block it is that share averaged over heads.
+    """
+    out = queries.copy()
+    s = block.groupby("query_idx").weight.sum() if len(block) else pd.Series(dtype=float)
+    out["mass"] = out.token_idx.map(s).fillna(0.0).astype(float)
+    return out
+
+
+def keep_description(keep: str | None) -> str:
+    """One sentence on what a run's ``keep_attention`` policy stores (``pipeline.flatten.KeepPolicy``),
+    or the policy's text when the pipeline (torch) is not importable or the text is not understood."""
+    text = str(keep or "all")
+    try:
+        from pipeline.flatten import KeepPolicy
+
+        return KeepPolicy.parse(text).describe()
+    except Exception:  # noqa: BLE001 - the app can run without the pipeline's torch
+        return f"weights kept by `{text}`"
+
+
+def is_pruned(keep: str | None) -> bool:
+    """Whether a run's ``keep_attention`` leaves out some weights (anything but ``all``)."""
+    return str(keep or "all").strip().lower() != "all"
+
+
 # -- the image side ---------------------------------------------------------------------
 def image_size(example: dict, patches: pd.DataFrame) -> tuple[int, int]:
     """(width, height) of the original image: the example's, else the extent of the patch boxes."""

@@ -417,9 +417,11 @@ def test_every_page_renders(any_lake, monkeypatch):
 
 
 def test_head_summary_and_text_to_image_match_the_attention_table(any_lake, monkeypatch):
+    """With the full attention stored the statistic equals the stored weights' sum; with pruned weights
+    (the default capture) the statistic, computed from the full attention, is at least that sum. The
+    text → image view shows the stored weights either way."""
     run, streams, capture = a_run(any_lake)
-    if capture.get("keep_attention", "all") != "all":
-        pytest.skip("needs the full attention stored")
+    pruned = capture.get("keep_attention", "all") != "all"
     stream = next(iter(streams))
     layer = streams[stream]["layers"] - 1
     ex = int(read_table(any_lake, "examples", run=run).example_id.min())
@@ -433,7 +435,10 @@ def test_head_summary_and_text_to_image_match_the_attention_table(any_lake, monk
     at = open_app(any_lake, monkeypatch, page="app_pages/head_summary.py", run=run, ex=ex, stream=stream)
     d = heatmap(at)
     got = d[d.layer == layer].sort_values("head").value.to_numpy()
-    np.testing.assert_allclose(got, want_t2i, atol=5e-3)  # stats from the float32 attention, weights float16
+    if pruned:
+        assert len(got) == len(want_t2i) and (got >= want_t2i - 5e-3).all(), (got, want_t2i)
+    else:
+        np.testing.assert_allclose(got, want_t2i, atol=5e-3)  # stats from the float32 attention, weights float16
 
     word = text[text.role == "word"].sort_values("text_pos").iloc[0]
     at = open_app(any_lake, monkeypatch, page="app_pages/attention.py", run=run, ex=ex, stream=stream,

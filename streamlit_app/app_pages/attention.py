@@ -2,6 +2,7 @@
 
 import time
 
+import pandas as pd
 import streamlit as st
 
 from streamlit_app import charts, export, state, views
@@ -45,10 +46,15 @@ view_name = f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}"  # download
 tokens = state.q("example_tokens", c.run, ex_id)
 block = state.q("attention_block", c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads)
 keep = c.capture.get("keep_attention", "all")
+pruned = views.is_pruned(keep)
 st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · layer **{layer}** of {n_layers} · "
            f"**{head_text}** of {n_heads} · attention read query → key, `weight = A[query, key]`"
            + ("; mean over heads = Σₕ Aₕ[query, key] / heads, pruned weights counting as 0" if head == "mean" else "")
-           + (f" · stored weights pruned (`{keep}`): missing weights show as 0" if keep != "all" else ""))
+           + (f" · stored weights pruned (`{keep}`): missing weights show as 0" if pruned else ""))
+if pruned:
+    st.info(f"This run stores pruned attention weights (`{keep}`): {views.keep_description(keep)}. Weights that "
+            "were not stored show as 0, so a row's weights can sum to less than 1; the stored share of the "
+            "selected rows' mass is under **Stored mass** below.")
 if block.empty:
     st.info(f"No attention weights are stored for example #{ex_id} at stream `{stream}`, layer {layer} "
             f"(capture keeps `{keep}`). The Head summary page still has its statistics.")
@@ -67,6 +73,8 @@ def image_chart(patches, description, select=False):
                             select=select, description=description)
 
 
+sel_text: list[int] = []
+sel_patch: list[int] = []
 left, right = st.columns(2, gap="large")
 with left:
     st.subheader("Text → image")
@@ -141,9 +149,43 @@ else:
     export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
                       f"{view_name}-text-text", key="tt_chart", width="content")
     st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
-               "weights over text keys need not sum to 1: the rest of its mass goes to image keys."
+               "weights over text keys need not sum to 1: the rest of its mass goes to image keys"
+               + (" and to the weights that were not stored." if pruned else ".")
                + (" Rows marked ✦ are generated tokens: generated word → question word." if
                   (text_q.role == "generated").any() else ""))
+
+
+def kept_mass_stat() -> float | None:
+    """The head's ``kept_mass`` statistic for this example (the mean over heads for ``mean``)."""
+    m = state.q("head_stat_matrix", c.run, stream, "kept_mass", ex_id)
+    m = m[(m.layer == layer) & m.value.notna()]
+    if head != "mean":
+        m = m[m["head"] == int(head)]
+    return float(m.value.mean()) if len(m) else None
+
+
+if pruned:
+    st.subheader("Stored mass")
+    rows = views.row_mass(block, qt[qt.token_idx.isin(sel_text + sel_patch)])
+    rows = rows.assign(query=[views.patch_label(t) if t.role == "patch" and pd.notna(t.patch_row)
+                              else views.token_label(t) for t in rows.itertuples()])
+    stat = kept_mass_stat()
+    m1, m2 = st.columns([1, 3])
+    m1.metric(f"kept_mass, {head_text}", "—" if stat is None else f"{stat:.3f}",
+              help="this head's statistic for this example: the mean over all its query rows of the share of "
+                   "the row's attention mass that is stored")
+    if rows.empty:
+        m2.info("Select query tokens or patches above to see the stored share of their rows.")
+    else:
+        m2.dataframe(rows[["query", "token_idx", "modality", "mass"]].rename(columns={"mass": "stored mass"}),
+                     hide_index=True, width="stretch",
+                     column_config={"stored mass": st.column_config.NumberColumn(format="%.4f")})
+    st.caption("**Stored mass** of a query row = Σ over keys of its stored weights, the share of the row's "
+               "attention (which sums to 1) that the lake keeps: stored weights are the true weights, so this is "
+               "exact" + (" (here averaged over heads)" if head == "mean" else "") + f". The **kept_mass** "
+               f"statistic is its mean over every query row of example #{ex_id} at layer {layer}, computed at "
+               "extraction from the full attention.")
+
 with st.expander("Token table (modality, role, positions)"):
     st.dataframe(qt, hide_index=True, width="stretch")
 

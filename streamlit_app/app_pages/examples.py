@@ -62,6 +62,20 @@ rows = state.q("examples", c.run, flt, limit=PAGE, offset=(int(page) - 1) * PAGE
 table = state.examples_table(rows)
 
 
+def vector_examples() -> set[int] | None:
+    """The examples whose hidden vectors are stored, None when that is every example (or the run has no
+    hidden states: the Hidden states page says so)."""
+    if state.q("hidden_layers", c.run).empty:
+        return None
+    ids = set(int(i) for i in state.q("hidden_vector_examples", c.run).example_id)
+    return None if len(ids) >= c.n_examples else ids
+
+
+with_vec = vector_examples()
+if with_vec is not None:
+    table.insert(table.columns.get_loc("example_id") + 1, "vectors", table.example_id.isin(with_vec))
+
+
 def _pick() -> None:
     sel = st.session_state["ex_table"].selection.rows
     if sel:
@@ -76,8 +90,16 @@ st.dataframe(
         "example_id": st.column_config.NumberColumn("id", format="%d", width="small"),
         "text": st.column_config.TextColumn("text", width="large"),
         "correct": st.column_config.CheckboxColumn("correct"),
+        "vectors": st.column_config.CheckboxColumn(
+            "vectors", help="its hidden vectors are stored (the Hidden states page's map and neighbours need them)"),
     },
 )
+if with_vec is not None:
+    keep = c.capture.get("keep_hidden", "?")
+    st.caption(f"**vectors**: this run stores the hidden-state norms of every example but the hidden vectors of "
+               f"{len(with_vec)} of its {c.n_examples} examples only (`--keep-hidden {keep}`): "
+               + (", ".join(f"#{i}" for i in sorted(with_vec)[:30]) + (" …" if len(with_vec) > 30 else "")
+                  if with_vec else "none") + ".")
 
 ex = c.example
 st.subheader(f"Selected: #{ex['example_id']}")

@@ -1,5 +1,10 @@
 """Hidden states: the t-SNE map of a layer, a token's path through the layers, its nearest neighbours
-of the other modality, and per-layer norms and text-image similarity."""
+of the other modality, and per-layer norms and text-image similarity.
+
+A run extracted with ``--keep-hidden sample:N`` (the default) stores the norm of every token but the
+vectors of N sampled examples only: for an example without vectors the page shows what needs only
+norms, and in place of the map, the path and the neighbours a note with a picker of the examples
+that have vectors."""
 
 import pandas as pd
 import streamlit as st
@@ -11,6 +16,7 @@ MAX_TOOLTIP_IMAGES = 1500  # patch crops in the map's tooltips when its sample s
 MAX_NORM_EXAMPLES = 2000  # the run-wide norms average over at most this many examples
 MAX_COS_EXAMPLES = 200  # the run-wide text-image similarity (every text x image pair) over at most this many
 N_NEIGHBOURS = 10
+MAX_VECTOR_PICK = 1000  # examples with vectors offered when the selected one has none
 
 c = state.ctx()
 st.title("🧬 Hidden states")
@@ -19,7 +25,8 @@ hl = state.q("hidden_layers", c.run)
 if hl.empty:
     keep = c.capture.get("keep_hidden", "?")
     st.info(f"Run **{c.run}** stores no hidden states (it was extracted with `--keep-hidden {keep}`). "
-            f"Extract the model again with `--keep-hidden all` (the default) under another run name to see them.")
+            f"Extract the model again with `--keep-hidden sample:N` (the default, `sample:256`: norms of every "
+            f"token, vectors of N examples) or `--keep-hidden all` under another run name to see them.")
     st.stop()
 ex = c.example
 ex_id = int(ex["example_id"])
@@ -66,6 +73,8 @@ state.choose("stream", streams)
 k1.selectbox("Stream", streams, disabled=len(streams) < 2, help="the stream whose hidden states are shown",
              **state.bind("stream"))
 stream = state.get("stream")
+vec_ids = [int(i) for i in state.q("hidden_vector_examples", c.run, stream).example_id]
+has_vec = ex_id in set(vec_ids)  # the map, the path and the neighbours need the example's vectors
 layers = sorted(int(x) for x in hl[hl.stream == stream].layer)
 state.choose("hlayer", layers, default=layers[0])
 if len(layers) > 1:
@@ -78,7 +87,7 @@ colors = list(hidden.COLOR_BY)
 state.choose("color", colors)
 k3.selectbox("Colour by", colors, **state.bind("color"))
 state.choose("nn", list(hidden.NN_SCOPES))
-k4.radio("Neighbours among", list(hidden.NN_SCOPES), horizontal=True, **state.bind("nn"),
+k4.radio("Neighbours among", list(hidden.NN_SCOPES), horizontal=True, **state.bind("nn"), disabled=not has_vec,
          format_func=lambda s: "this example" if s == "example" else "the map's sample",
          help="where the nearest tokens of the other modality are looked for (cosine similarity of the full "
               "hidden vectors at this layer, not distances on the map)")
@@ -105,6 +114,32 @@ map_layers = sorted(int(x) for x in maps.layer)
 stamp = maps_stamp(c.lake, c.run)
 
 
+def _pick_vector_example() -> None:
+    v = st.session_state.get("w_vec_ex")
+    if v is not None:
+        state.set_value("ex", int(v))
+
+
+def no_vectors_note() -> None:
+    """In place of the map, the token's path and its neighbours: why the example has none, and a picker of
+    the examples whose vectors are stored."""
+    keep = str(c.capture.get("keep_hidden", "?"))
+    n = keep.partition(":")[2] if keep.lower().startswith("sample:") else None
+    how = (f"for a sample of {n} examples" if n else "for some examples") + f" (`--keep-hidden {keep}`)"
+    st.info(f"Example #{ex_id} has no stored hidden vectors: run **{c.run}** keeps the norm of every token but "
+            f"the vectors only {how}, and {len(vec_ids)} of its {c.n_examples} examples have them. The map, the "
+            f"token's path through the layers and its nearest tokens need vectors; the norms on the right do not."
+            + (" Pick an example with vectors:" if vec_ids else ""))
+    if not vec_ids:
+        return
+    shown = vec_ids[:MAX_VECTOR_PICK]
+    texts = dict(zip(*[state.q("examples_by_id", c.run, shown)[k] for k in ("example_id", "text")]))
+    st.session_state["w_vec_ex"] = None
+    st.selectbox("Example with hidden vectors", shown, index=None, key="w_vec_ex", on_change=_pick_vector_example,
+                 placeholder=f"one of the {len(vec_ids)} examples with vectors",
+                 format_func=lambda i: f"#{i} · {texts.get(i, '')}")
+
+
 def _pick_token() -> None:
     sel = st.session_state["hmap_chart"].selection.get("tok") or []
     if sel and "example_id" in sel[0] and "token_idx" in sel[0]:
@@ -116,7 +151,9 @@ left, right = st.columns([3, 2], gap="large")
 with left:
     st.selectbox(f"Token of example #{ex_id}", cur_ids, help="or click a point on the map",
                  format_func=lambda t: f"{t} · {labels.get(t)} ({roles.get(t)})", **state.bind("tok"))
-    if not map_layers:
+    if not has_vec:
+        no_vectors_note()
+    elif not map_layers:
         st.info(f"Run **{c.run}** has no maps of its hidden states yet. Add them (a few seconds to a minute; "
                 f"a seeded sample of tokens from all examples, one t-SNE map per layer, aligned across layers), "
                 f"then press ↻ Reload lake:")
@@ -165,42 +202,43 @@ with left:
                    f"{', '.join(map(str, path.layer))}. Hover a point for its token (a patch shows its crop); "
                    f"click one to select it; scroll to zoom.")
 
-    # nearest neighbours of the other modality, in the hidden space
-    qvec = trow.vec
-    qmod = trow.modality
-    other = "image" if qmod == "text" else "text"
-    if nn_scope == "sample" and layer in map_layers:
-        cands = state.q("map_vectors", c.run, stream, layer)
-        where = f"the {len(cands)} tokens of the map's sample (all examples)"
-    else:
-        cands = cur.assign(example_id=ex_id)[["example_id", "token_idx", "modality", "role", "token", "patch_row",
-                                              "patch_col", "vec"]]
-        where = f"the tokens of example #{ex_id}" + (" (this layer has no map, so no sample)"
-                                                     if nn_scope == "sample" else "")
-    nn = hidden.nearest_other_modality(cands, qvec, qmod, N_NEIGHBOURS, exclude=(ex_id, tok))
-    st.subheader(f"Nearest {other} tokens to “{labels.get(tok)}”")
-    if nn.empty:
-        st.info(f"No {other} tokens among {where}.")
-    else:
-        nn["token"] = hidden.token_labels(nn)
+    if has_vec:
+        # nearest neighbours of the other modality, in the hidden space
+        qvec = trow.vec
+        qmod = trow.modality
+        other = "image" if qmod == "text" else "text"
         if nn_scope == "sample" and layer in map_layers:
-            info = state.q("embedding_map", c.run, stream, layer)
-            boxes = nn[["example_id", "token_idx"]].merge(info, on=["example_id", "token_idx"], how="left")
-            ids = boxes.image_id.dropna().unique().tolist()
-            pngs = state.q("images_png", ids) if ids else pd.DataFrame(columns=["image_id", "png"])
-            sizes = {i: (int(w), int(h)) for i, w, h in zip(boxes.image_id, boxes.image_width, boxes.image_height)
-                     if isinstance(i, str)}
-            nn["crop"] = hidden.patch_crops(boxes, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)},
-                                            sizes).to_numpy()
+            cands = state.q("map_vectors", c.run, stream, layer)
+            where = f"the {len(cands)} tokens of the map's sample (all examples)"
         else:
-            nn["crop"] = example_crops(nn.merge(tok_table[["token_idx", "x0", "y0", "x1", "y1"]], on="token_idx",
-                                                how="left")).to_numpy()
-        show = nn[["rank", "cosine", "token", "crop", "example_id", "token_idx", "role"]]
-        st.dataframe(show, hide_index=True, width="stretch",
-                     column_config={"crop": st.column_config.ImageColumn("patch"),
-                                    "cosine": st.column_config.NumberColumn(format="%.4f")})
-        st.caption(f"cos(h, h′) = h·h′ / (|h| |h′|) of the full hidden vectors at layer {layer}, between "
-                   f"**{labels.get(tok)}** ({qmod}) and the {other} tokens among {where}.")
+            cands = cur.assign(example_id=ex_id)[["example_id", "token_idx", "modality", "role", "token",
+                                                  "patch_row", "patch_col", "vec"]]
+            where = f"the tokens of example #{ex_id}" + (" (this layer has no map, so no sample)"
+                                                         if nn_scope == "sample" else "")
+        nn = hidden.nearest_other_modality(cands, qvec, qmod, N_NEIGHBOURS, exclude=(ex_id, tok))
+        st.subheader(f"Nearest {other} tokens to “{labels.get(tok)}”")
+        if nn.empty:
+            st.info(f"No {other} tokens among {where}.")
+        else:
+            nn["token"] = hidden.token_labels(nn)
+            if nn_scope == "sample" and layer in map_layers:
+                info = state.q("embedding_map", c.run, stream, layer)
+                boxes = nn[["example_id", "token_idx"]].merge(info, on=["example_id", "token_idx"], how="left")
+                ids = boxes.image_id.dropna().unique().tolist()
+                pngs = state.q("images_png", ids) if ids else pd.DataFrame(columns=["image_id", "png"])
+                sizes = {i: (int(w), int(h)) for i, w, h in zip(boxes.image_id, boxes.image_width,
+                                                                 boxes.image_height) if isinstance(i, str)}
+                nn["crop"] = hidden.patch_crops(boxes, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)},
+                                                sizes).to_numpy()
+            else:
+                nn["crop"] = example_crops(nn.merge(tok_table[["token_idx", "x0", "y0", "x1", "y1"]],
+                                                    on="token_idx", how="left")).to_numpy()
+            show = nn[["rank", "cosine", "token", "crop", "example_id", "token_idx", "role"]]
+            st.dataframe(show, hide_index=True, width="stretch",
+                         column_config={"crop": st.column_config.ImageColumn("patch"),
+                                        "cosine": st.column_config.NumberColumn(format="%.4f")})
+            st.caption(f"cos(h, h′) = h·h′ / (|h| |h′|) of the full hidden vectors at layer {layer}, between "
+                       f"**{labels.get(tok)}** ({qmod}) and the {other} tokens among {where}.")
 
 with right:
     st.subheader(f"“{labels.get(tok)}”")
@@ -224,13 +262,21 @@ with right:
                + (", a fixed sample" if n_norm >= MAX_NORM_EXAMPLES else "") + ").")
     cos_all = state.q("text_image_cosine", c.run, stream, flt=c.flt, max_examples=MAX_COS_EXAMPLES)
     n_cos = int(cos_all.n_examples.max()) if len(cos_all) else 0
-    cos = hidden.profile(state.q("text_image_cosine", c.run, stream, example_id=ex_id), cos_all, "cosine",
-                         f"example #{ex_id}", f"mean of {n_cos} examples")
-    export.show_chart(charts.layer_profile(cos, value="cosine", value_title="mean cos(text, image)", color="scope",
-                                           layer=layer, description="text-image-cosine"),
-                      f"text-image-cosine-{c.run}-{stream}", key="hcos_chart", width="content")
-    st.caption("Mean cosine similarity between every text token and every image token of an example (special "
-               f"tokens included), per layer: the selected example, and the mean over {n_cos} examples ("
-               + (f"a fixed sample of {MAX_COS_EXAMPLES} of the {flt_label}" if n_cos >= MAX_COS_EXAMPLES
-                  else flt_label)
-               + "). Rising similarity means the two modalities' representations draw together.")
+    cos_one = state.q("text_image_cosine", c.run, stream, example_id=ex_id) if has_vec else cos_all.iloc[:0]
+    if cos_one.empty and cos_all.empty:
+        st.info("No text-image similarity to show: it needs hidden vectors, and "
+                + (f"none of the {flt_label} has them." if vec_ids else f"run **{c.run}** stores none."))
+    else:
+        cos = hidden.profile(cos_one, cos_all, "cosine", f"example #{ex_id}", f"mean of {n_cos} examples")
+        export.show_chart(charts.layer_profile(cos, value="cosine", value_title="mean cos(text, image)",
+                                               color="scope", layer=layer, description="text-image-cosine"),
+                          f"text-image-cosine-{c.run}-{stream}", key="hcos_chart", width="content")
+        vec_label = flt_label if len(vec_ids) >= c.n_examples else f"{flt_label} with stored hidden vectors"
+        st.caption("Mean cosine similarity between every text token and every image token of an example (special "
+                   "tokens included), per layer: "
+                   + ("the selected example, and " if has_vec else
+                      f"example #{ex_id} has no stored vectors, so only ")
+                   + f"the mean over {n_cos} examples ("
+                   + (f"a fixed sample of {MAX_COS_EXAMPLES} of the {vec_label}" if n_cos >= MAX_COS_EXAMPLES
+                      else vec_label)
+                   + "). Rising similarity means the two modalities' representations draw together.")

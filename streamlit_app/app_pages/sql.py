@@ -6,7 +6,7 @@ import streamlit as st
 from lake.catalog import QueryError, SandboxError, column_types
 from lake.queries import example_sql
 from lake.schema import TABLES
-from streamlit_app import charts, export, state
+from streamlit_app import charts, export, state, views
 
 COUNT, NONE = "(row count)", "(none)"
 
@@ -17,6 +17,12 @@ st.caption(f"One read-only `SELECT` over the lake's views — the same sandbox a
            f"can be read, nothing written; a query stops after {cat.timeout_s:g} s and returns at most "
            f"{cat.max_rows:,} rows. Conventions: `weight = A[query, key]` (query → key), layers and heads "
            f"0-based, `(stream, layer, head)` names a head.")
+keep = c.capture.get("keep_attention", "all")
+if views.is_pruned(keep):
+    st.caption(f"⚠️ Run **{c.run}**'s `attention` rows are pruned weights (`{keep}`): "
+               f"{views.keep_description(keep)}; a pair without a row was not stored (its weight is small, not "
+               "necessarily 0), and a query row's weights sum to the stored share of its mass (its mean per head "
+               "and example is the statistic `kept_mass` in `head_stats`).")
 
 # -- worked examples, filled in with the current run, example and head ---------------------------
 streams = c.streams.stream.tolist() or ["self"]
