@@ -45,8 +45,9 @@ test: $(VENV)/.test-installed browser
 bench: install
 	nice -n 10 $(BIN)/python bench/bench_queries.py
 
-# Peak memory and throughput of extraction vs a bare forward pass, per family, tiny and base-sized
-# random models (see the script; add e.g. ARGS="--device cuda --dtype bfloat16").
+# Extraction (whole process) vs the plain loop a user would write and a bare forward, per family,
+# base-sized random models, with the issue's targets (see the script; e.g. ARGS="--families vilt --n 8",
+# ARGS="--device cuda --dtype bfloat16", ARGS="--lake-size").
 bench-extract: $(VENV)/.test-installed
 	nice -n 10 $(BIN)/python bench/bench_extract.py $(ARGS)
 
