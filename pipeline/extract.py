@@ -196,7 +196,19 @@ def _identity(x):
 
 
 def _worker_init(_):
-    torch.set_num_threads(1)  # the model's process owns the cores' threads
+    """An input worker: one thread (the model's process owns the cores), Ctrl-C left to the main
+    process (which stops the workers itself), and on Linux it dies with the main process even when
+    that is killed with SIGKILL, so nothing is left holding the terminal or the lake."""
+    import signal
+
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the DataLoader's own watchdog stops it
+        pass
 
 
 def prepare_batch(adapter, rows: list[Row], known_images: set[str]) -> dict:
