@@ -28,7 +28,7 @@ host.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -220,6 +220,7 @@ class SeqLayout:
 
     masks: TokenMasks
     token_of: torch.Tensor  # [batch, seq] long
+    plans: dict = field(default_factory=dict)  # cross-key plans of select_budget_seq, by key layout
 
 
 def seq_layout(sl, S: int) -> SeqLayout:
@@ -245,8 +246,9 @@ def seq_layout(sl, S: int) -> SeqLayout:
         in_box[bb, sl.seq_index[bb, q], sl.seq_index[bb, k]] = True
     elif m.boxed is not None:
         boxed = scatter(m.boxed)
+    n_boxed = int(m.boxed.sum(-1).max()) if m.boxed is not None and m.boxed.numel() else 0  # once per batch
     return SeqLayout(TokenMasks(scatter(m.valid), scatter(m.text), scatter(m.image), scatter(m.patch),
-                                scatter(m.special), in_box, boxed), token_of)
+                                scatter(m.special), in_box, boxed, n_boxed), token_of)
 
 
 def seq_in_box(sl, ksl, q_seq: SeqLayout, k_seq: SeqLayout) -> torch.Tensor | None:
@@ -274,10 +276,14 @@ def select_budget_seq(attn: torch.Tensor, policy: KeepPolicy, sl, q_seq: SeqLayo
     pos = vals.clamp(min=0)
     before = pos.cumsum(-1) - pos
     keep = (vals > 0) & (before < policy.p - 1e-7)
+    cross = None
     if policy.c:
-        qm, km = q_seq.masks, k_seq.masks
-        other = (qm.image[:, :, None] != km.image[:, None, :]) & km.valid[:, None, :]  # [batch, Sq, Sk]
-        cvals, cidx = (a * other[:, None]).topk(min(policy.c, Sk), dim=-1)
+        plan = q_seq.plans.get(id(k_seq))
+        if plan is None:
+            plan = q_seq.plans[id(k_seq)] = _cross_plan(q_seq.masks, k_seq.masks, policy.c, vals.shape[-1])
+        cross = _cross_top(a, policy.c, q_seq.masks, k_seq.masks, vals, idx, plan)
+    if cross is not None:
+        cvals, cidx = cross
         dup = ((cidx[..., :, None] == idx[..., None, :]) & keep[..., None, :]).any(-1)
         vals, idx, keep = torch.cat([vals, cvals], -1), torch.cat([idx, cidx], -1), torch.cat([keep, (cvals > 0) & ~dup], -1)
     B, H, _, slots = idx.shape
@@ -288,10 +294,60 @@ def select_budget_seq(attn: torch.Tensor, policy: KeepPolicy, sl, q_seq: SeqLayo
     # keys: sequence positions -> token slots
     tok = k_seq.token_of.gather(1, idx.reshape(B, -1)).view_as(idx)
     keep = keep & (tok >= 0)
-    n_tok = int(k_seq.token_of.max()) + 2
+    n_tok = k_seq.token_of.shape[1] + 1  # more than any token slot
     order = torch.where(keep, tok, tok + n_tok + n_tok).argsort(-1)  # kept slots first, by key
     tok, keep, vals = tok.gather(-1, order), keep.gather(-1, order), vals.gather(-1, order)
     return Kept(vals.to(torch.float16), keep, (vals * keep).sum(-1), tok.clamp(min=0).to(torch.int32))
+
+
+def _cross_plan(qm: TokenMasks, km: TokenMasks, c: int, k: int) -> tuple:
+    """How :func:`_cross_top` finds a batch's cross-modal keys (decided once per batch and stream
+    pair, on the host): ``("none",)``, ``("own", keys_are_image)``, ``("block", first, last)`` or
+    ``("full",)``."""
+    kimg, ktxt = km.image & km.valid, km.text & km.valid  # [batch, Sk]
+    qimg, qtxt = bool((qm.image & qm.valid).any()), bool((qm.text & qm.valid).any())
+    has_img, has_txt = bool(kimg.any()), bool(ktxt.any())
+    if not ((qimg and has_txt) or (qtxt and has_img)):
+        return ("none",)  # no query has a key of the other modality
+    if (not has_img or not has_txt) and c <= k:
+        return ("own", has_img)
+    Sk = kimg.shape[1]
+    cols = torch.arange(Sk, device=kimg.device)
+    first = int(torch.where(kimg, cols, Sk).min())
+    last = int(torch.where(kimg, cols, -1).max()) + 1
+    inside_txt = bool((ktxt & (cols >= first) & (cols < last)).any())
+    if not inside_txt and (last == Sk or first == 0) and min(last - first, Sk - (last - first)) >= c:
+        return ("block", first, last)
+    return ("full",)
+
+
+def _cross_top(a: torch.Tensor, c: int, qm: TokenMasks, km: TokenMasks, vals: torch.Tensor,
+               idx: torch.Tensor, plan: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``c`` largest weights of each row on keys of the other modality (values, key positions),
+    or None when no row has such a key. Non-positive values mark slots that hold no such key.
+
+    Two plans spare a pass over the whole matrix: ``own``, keys all of one modality (queries of that
+    modality have none; for the others every key is "other", so their cross keys are their own top
+    ``c``: ``vals``/``idx`` are each row's descending top keys), and ``block``, image keys in one
+    block at either end of the sequence in every example (text queries look in the block, image
+    queries outside it).
+    """
+    if plan[0] == "none":
+        return None
+    if plan[0] == "own":
+        same = (qm.image if plan[1] else qm.text)[:, None, :, None]  # queries of the keys' one modality
+        v = vals[..., :c]
+        return torch.where(same, torch.zeros_like(v), v), idx[..., :c]
+    if plan[0] == "block":
+        first, last = plan[1], plan[2]
+        Sk = a.shape[-1]
+        iv, ii = a[..., first:last].topk(c, dim=-1)  # for text queries
+        base = 0 if last == Sk else last
+        tv, ti = (a[..., :first] if last == Sk else a[..., last:]).topk(c, dim=-1)  # for image queries
+        q_is_img = qm.image[:, None, :, None]
+        return torch.where(q_is_img, tv, iv), torch.where(q_is_img, ti + base, ii + first)
+    other = (qm.image[:, :, None] != km.image[:, None, :]) & km.valid[:, None, :]  # [batch, Sq, Sk]
+    return (a * other[:, None]).topk(min(c, a.shape[-1]), dim=-1)
 
 
 def kept_rows(kept: Kept, example_ids, token_offset, key_offset) -> dict[str, np.ndarray]:

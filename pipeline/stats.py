@@ -72,6 +72,7 @@ class TokenMasks:
     special: torch.Tensor
     in_box: torch.Tensor | None = None
     boxed: torch.Tensor | None = None
+    n_boxed: int | None = None  # most boxed queries in an example, when known (spares a device sync)
 
 
 def _row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -147,9 +148,11 @@ def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) 
     # only rows that put mass on patches (a causal LM's text before the image puts none)
     out["img_entropy"] = _row_mean(img_ent, m.text[:, None, :] & has_patch_mass)
 
-    if m.in_box is not None and m.boxed is not None and bool(m.boxed.any()):
+    nb = 0
+    if m.in_box is not None and m.boxed is not None:
+        nb = m.n_boxed if m.n_boxed is not None else int(m.boxed.sum(-1).max())
+    if nb > 0:
         B, H, _, K = a.shape
-        nb = int(m.boxed.sum(-1).max())
         q = torch.argsort((~m.boxed).to(torch.int8), dim=-1, stable=True)[:, :nb]  # [batch, nb] boxed rows first
         rows_ok = m.boxed.gather(1, q)  # [batch, nb]
         rows = a.gather(2, q[:, None, :, None].expand(B, H, nb, K))  # [batch, head, nb, key]
