@@ -598,3 +598,27 @@ def test_non_vilt_config(shapes, capsys, tmp_path):
     assert rc == 1 and len(lines) == 1 and "Traceback" not in err
     assert "'bert'" in lines[0] and "no adapter" in lines[0] and "vilt" in lines[0]
     assert not (tmp_path / "lake").exists()
+
+
+def test_a_chunk_stopped_mid_write_is_purged_and_redone(tmp_path):
+    """The write stage abandons a chunk between two files (Ctrl-C, an error, or a kill between
+    files): the chunk has files but no done marker, so a resumed run deletes them and writes it anew."""
+    import pyarrow as pa
+
+    from lake.schema import ERRORS, EXAMPLES
+    from lake.writer import LakeWriter
+
+    ex = pa.Table.from_pylist([{"example_id": 0, "source_id": "a", "text": "t"}], schema=EXAMPLES.schema)
+    err = pa.Table.from_pylist([{"source_id": "b", "stage": "image", "message": "m"}], schema=ERRORS.schema)
+    parts = {"examples": [({}, ex)], "errors": [({}, err)]}
+    w = LakeWriter(tmp_path, "r")
+    checks = iter([False, True])  # go on before the first file, stop before the second
+    assert w.write_chunk(0, parts, stop=lambda: next(checks)) is False
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet"))
+    assert files == ["examples/run=r/part-000000.parquet"] and w.done_chunks() == set()
+    (tmp_path / "errors" / "run=r").mkdir(parents=True)
+    (tmp_path / "errors" / "run=r" / ".part-000000.parquet.tmp").write_bytes(b"half a file")  # killed mid-file
+    assert LakeWriter(tmp_path, "r").purge_incomplete() == 2
+    assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("*.tmp"))
+    assert LakeWriter(tmp_path, "r").write_chunk(0, parts) is True
+    assert w.done_chunks() == {0} and len(list(tmp_path.rglob("*.parquet"))) == 2
