@@ -415,7 +415,12 @@ class _WriteStage:
         self._abandon = threading.Event()
         self.chunks_written = 0
         self._t = threading.Thread(target=self._run, name="vlatlas-writer", daemon=True)
-        self._t.start()
+
+    def start(self) -> None:
+        """Start the thread (after the input workers are forked: a fork copies no running thread's
+        half-held locks that way)."""
+        if not self._t.is_alive() and self._t.ident is None:
+            self._t.start()
 
     def put(self, item) -> None:
         while True:
@@ -432,6 +437,7 @@ class _WriteStage:
 
     def close(self, abandon: bool = False) -> None:
         """Finish every queued chunk (or, with ``abandon``, stop after the current file)."""
+        self.start()  # no-op when running; a stage that never started has nothing queued but the stop
         if abandon:
             self._abandon.set()
             while True:  # make room for the stop signal
@@ -618,6 +624,7 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
               vec_ids: set[int] | None, device: str, workers: int, stage: _WriteStage, bar, summary: Summary,
               manifest_errors) -> None:
     if not jobs:
+        stage.start()
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize on their own
     cuda = str(device).startswith("cuda")
@@ -631,7 +638,9 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
         prefetch_factor=2 if workers else None, persistent_workers=False,
         multiprocessing_context="fork" if workers else None)
     chunk_images: set[str] = set()
-    for item in loader:
+    items = iter(loader)  # forks the input workers
+    stage.start()
+    for item in items:
         job = jobs[item["job"]]
         bad = item["errors"]
         summary.skipped += len(bad)

@@ -84,13 +84,6 @@ def _row_mean(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, s / n.clamp(min=1), torch.full_like(s, float("nan")))
 
 
-def _entropy(p: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:
-    """Normalised entropy of rows ``p`` [batch, head, query, key], ``n_keys`` [batch, 1, 1]."""
-    h = -(p * torch.log(p.clamp(min=1e-30))).sum(-1)  # [batch, head, query]
-    denom = torch.log(n_keys.to(p.dtype))
-    return torch.where(n_keys > 1, h / denom.clamp(min=1e-30), torch.full_like(h, float("nan")))
-
-
 def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) -> dict[str, torch.Tensor]:
     """Every head statistic of one layer.
 
