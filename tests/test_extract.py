@@ -152,6 +152,21 @@ def test_running_again_says_nothing_to_do(main_run, tiny_vilt, shapes, capsys, l
 # -- capture options ---------------------------------------------------------------------------
 
 
+def check_kept_mass_and_full_stats(lake_df, lake, full_lake, row_means, atol: float):
+    """``kept_mass`` equals the mean over query rows of the stored row sums (``row_means``, indexed by
+    example, layer, head), and every other statistic equals the unpruned run's: statistics are
+    computed before pruning. Returns the kept_mass rows."""
+    km = lake_df(lake, "SELECT example_id, layer, head, value FROM head_stats WHERE stat = 'kept_mass'")
+    km = km.merge(row_means.rename("stored").reset_index(), on=["example_id", "layer", "head"])
+    assert len(km) == 6 * N_LAYERS * N_HEADS
+    np.testing.assert_allclose(km.value, km.stored, atol=atol)
+    q = "SELECT example_id, layer, head, stat, value FROM head_stats WHERE stat <> 'kept_mass' ORDER BY ALL"
+    a, b = lake_df(lake, q), lake_df(full_lake, q)
+    assert (a.drop(columns="value") == b.drop(columns="value")).all().all()
+    np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5)
+    return km
+
+
 def test_keep_attention_topk(main_run, tiny_vilt, shapes, capsys, lake_df, tmp_path):
     lake = tmp_path / "lake"
     rc, out, err = cli(capsys, *extract_args(tiny_vilt, shapes, lake, "top3", "--batch-size", "2",
@@ -170,17 +185,9 @@ def test_keep_attention_topk(main_run, tiny_vilt, shapes, capsys, lake_df, tmp_p
     assert len(m) == len(per_row)
     np.testing.assert_allclose(m.s, m.s3, atol=3e-3)
     # kept_mass is the mean over query rows of the stored row sums
-    mean_sum = per_row.groupby(["example_id", "layer", "head"]).s.mean().rename("stored").reset_index()
-    km = lake_df(lake, "SELECT example_id, layer, head, value FROM head_stats WHERE stat = 'kept_mass'")
-    km = km.merge(mean_sum, on=["example_id", "layer", "head"])
-    assert len(km) == 6 * N_LAYERS * N_HEADS
-    np.testing.assert_allclose(km.value, km.stored, atol=2e-3)
+    km = check_kept_mass_and_full_stats(lake_df, lake, main_run["lake"], per_row.groupby(
+        ["example_id", "layer", "head"]).s.mean(), atol=2e-3)
     assert (km.value < 1).all()
-    # statistics are computed before pruning: the same as the unpruned run's
-    q = "SELECT example_id, layer, head, stat, value FROM head_stats WHERE stat <> 'kept_mass' ORDER BY ALL"
-    a, b = lake_df(lake, q), lake_df(main_run["lake"], q)
-    assert (a.drop(columns="value") == b.drop(columns="value")).all().all()
-    np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5)
     cap = json.loads(lake_df(lake, "SELECT capture FROM runs").capture[0])
     assert cap["keep_attention"] == "topk:3"
 
@@ -265,17 +272,10 @@ def test_default_capture_keeps_a_bounded_budget(main_run, tiny_vilt, shapes, cap
         same += want == stored[key]
     assert same >= 0.97 * len(stored), f"{same} of {len(stored)} rows keep the spec's keys"  # float16 near-ties
     # kept_mass is the mean over query rows of the stored row sums, and below 1 (something was pruned)
-    sums = got.groupby(["example_id", "layer", "head", "query_idx"]).weight.sum().groupby(
-        level=["example_id", "layer", "head"]).mean().rename("stored").reset_index()
-    km = lake_df(lake, "SELECT example_id, layer, head, value FROM head_stats WHERE stat = 'kept_mass'")
-    km = km.merge(sums, on=["example_id", "layer", "head"])
-    assert len(km) == 6 * N_LAYERS * N_HEADS
-    np.testing.assert_allclose(km.value, km.stored, atol=3e-3)
+    km = check_kept_mass_and_full_stats(lake_df, lake, main_run["lake"], got.groupby(
+        ["example_id", "layer", "head", "query_idx"]).weight.sum().groupby(level=["example_id", "layer", "head"]).mean(),
+        atol=3e-3)
     assert (km.value < 0.999).any()
-    # statistics are those of the full attention
-    q = "SELECT example_id, layer, head, stat, value FROM head_stats WHERE stat <> 'kept_mass' ORDER BY ALL"
-    a, b = lake_df(lake, q), lake_df(main_run["lake"], q)
-    np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5)
 
 
 def test_hidden_sample_keeps_norms_for_all_and_vectors_for_a_seeded_sample(main_run, tiny_vilt, shapes, capsys,
