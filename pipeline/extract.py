@@ -7,10 +7,11 @@ Extraction is a three-stage pipeline, so that the model is what sets the pace:
    hash it, make its thumbnail, and encode the batch with the model's processor
    (pinned memory on CUDA). Batches come back in manifest order whatever the
    number of workers.
-2. **The model, hooked** (:class:`_BatchSink`): each layer's attention is
-   gathered into token order, its statistics and the weights to keep are
-   computed on the device, and nothing comes to the host until the batch is
-   done; then everything crosses in one transfer.
+2. **The model, hooked** (:class:`_BatchSink`): each layer's statistics are
+   computed on the device from the attention in the model's own sequence order
+   (the token masks are scattered to it once per batch), the weights to keep are
+   selected there too, and nothing comes to the host until the batch is done;
+   then everything crosses in one transfer.
 3. **Rows and Parquet, behind the model** (:class:`_WriteStage`, a background
    thread with a bounded queue): host arrays become Arrow tables, chunk by
    chunk, and each chunk's files are written atomically with its done marker.
@@ -31,6 +32,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,9 +82,10 @@ class CaptureConfig:
     def hidden_layers(self) -> set[int] | None:
         """None for all layers, else the set of hidden-state layers to keep."""
         k = self.keep_hidden.strip().lower()
-        if k == "all" or k.startswith("sample:"):
-            if k.startswith("sample:"):
-                self.hidden_sample()
+        if k == "all":
+            return None
+        if k.startswith("sample:"):
+            self.hidden_sample()  # checks N
             return None
         if k == "none":
             return set()
@@ -178,17 +181,33 @@ class _Job:
 
 
 class _InputBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of the plan: rows read, validated and encoded (one item = one batch)."""
+    """Batch ``i`` of the plan: rows read, validated and encoded (one item = one batch).
+
+    Each process (a worker has its own copy) remembers the thumbnails it made last, so an image
+    that many manifest rows share (several questions about one picture) is shrunk and encoded once.
+    """
+
+    THUMBNAILS_KEPT = 256
 
     def __init__(self, adapter, jobs: list[_Job], known_images: set[str]):
         self.adapter, self.jobs, self.known = adapter, jobs, known_images
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> dict:
         job = self.jobs[i]
-        return {"job": i, **prepare_batch(self.adapter, job.rows, self.known)}
+        return {"job": i, **prepare_batch(self.adapter, job.rows, self.known, self._thumbnail)}
+
+    def _thumbnail(self, li) -> bytes:
+        png = self._thumbs.pop(li.image_id, None)
+        if png is None:
+            png = thumbnail_png(li.image)
+        self._thumbs[li.image_id] = png  # most recent last
+        if len(self._thumbs) > self.THUMBNAILS_KEPT:
+            self._thumbs.popitem(last=False)
+        return png
 
 
 def _identity(x):
@@ -211,12 +230,15 @@ def _worker_init(_):
         pass
 
 
-def prepare_batch(adapter, rows: list[Row], known_images: set[str]) -> dict:
+def prepare_batch(adapter, rows: list[Row], known_images: set[str], thumbnail=None) -> dict:
     """Read, validate and encode one batch; every image is decoded and processed once.
 
     The processor runs on the whole batch; only when it fails (or yields an image without a whole
     patch) are the images checked one by one, and the bad ones recorded and left out.
+    ``thumbnail``: ``LoadedImage -> PNG bytes`` for images not in ``known_images`` (default
+    :func:`pipeline.data.thumbnail_png` of the image).
     """
+    thumbnail = thumbnail or (lambda li: thumbnail_png(li.image))
     errors: list[tuple[str, str, str]] = []
     ok, images = [], []
     for r in rows:
@@ -225,7 +247,7 @@ def prepare_batch(adapter, rows: list[Row], known_images: set[str]) -> dict:
         except BadInput as e:
             errors.append((r.source_id, e.stage, e.message))
             continue
-        png = None if li.image_id in known_images else thumbnail_png(li.image)
+        png = None if li.image_id in known_images else thumbnail(li)
         ok.append((r, li))
         images.append(png)
     inputs, notes = None, []
@@ -233,11 +255,10 @@ def prepare_batch(adapter, rows: list[Row], known_images: set[str]) -> dict:
         texts, pics = [r.text for r, _ in ok], [li.image for _, li in ok]
         try:
             inputs, notes = adapter.encode(texts, pics)
-        except Exception as e:  # noqa: BLE001 - find the image(s) the processor cannot take
+        except Exception:  # noqa: BLE001 - find the image(s) the processor cannot take
             bad = _check_each(adapter, pics)
             if not bad:
                 raise
-            inputs = None
         else:
             rejects = getattr(adapter, "rejects", None)
             bad = rejects(inputs, pics) if rejects is not None else {}
@@ -302,11 +323,11 @@ class _BatchSink:
 
     def __init__(self, adapter, inputs, images, boxes, example_ids, policy: KeepPolicy, device,
                  with_vec: np.ndarray):
+        """``with_vec`` ``[batch]`` bool: the examples whose hidden vectors are stored."""
         self.adapter, self.inputs, self.images, self.boxes = adapter, inputs, images, boxes
         self.example_ids = example_ids
         self.policy = policy
         self.device = device
-        self.with_vec = with_vec  # [batch] bool: this example's hidden vectors are stored
         self._vec_rows = torch.as_tensor(np.flatnonzero(with_vec), dtype=torch.long)
         self.layout: BatchLayout | None = None
         self._streams: dict[str, StreamLayout] = {}
@@ -378,19 +399,19 @@ class _BatchSink:
 # ---------------------------------------------------------------------------- stage 3: rows and Parquet
 @dataclass
 class _BatchRows:
-    """What the write stage turns into rows for one batch (host data only)."""
+    """What the write stage turns into rows for one batch (host data only); a batch whose every
+    image was bad carries only its ``errors``."""
 
-    chunk: int
-    example_ids: list[int]
-    layers: list[_LayerOut]
-    valid: dict[str, np.ndarray]  # stream -> [batch, token]
-    offsets: dict[str, list[int]]  # stream -> token_offset
-    keys: dict[str, str]
-    with_vec: np.ndarray
-    examples: list[dict]
-    tokens: list[pa.Table]
-    images: list[dict]
-    errors: list[tuple[str, str, str]]
+    example_ids: list[int] = field(default_factory=list)
+    layers: list[_LayerOut] = field(default_factory=list)
+    valid: dict[str, np.ndarray] = field(default_factory=dict)  # stream -> [batch, token]
+    offsets: dict[str, list[int]] = field(default_factory=dict)  # stream -> token_offset
+    keys: dict[str, str] = field(default_factory=dict)
+    with_vec: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    examples: list[dict] = field(default_factory=list)
+    tokens: list[pa.Table] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class _ChunkParts:
@@ -413,7 +434,6 @@ class _WriteStage:
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self._abandon = threading.Event()
-        self.chunks_written = 0
         self._t = threading.Thread(target=self._run, name="vlatlas-writer", daemon=True)
 
     def start(self) -> None:
@@ -469,7 +489,6 @@ class _WriteStage:
                 else:  # "end": payload = chunk-level errors (the manifest's, for the first chunk)
                     p.errors.extend(payload)
                     _write_chunk(self.writer, chunk, parts.pop(chunk), self._abandon)
-                    self.chunks_written += 1
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.error = e
 
@@ -647,13 +666,12 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
         summary.errors.extend(bad)
         batch_rows = item["rows"]
         if batch_rows:
-            payload = _run_batch(adapter, item, job.chunk, policy, points, vec_ids, device, known_images,
-                                 chunk_images, summary)
+            payload = _run_batch(adapter, item, policy, points, vec_ids, device, known_images, chunk_images,
+                                 summary)
             payload.errors = bad + payload.errors
             stage.put(("batch", job.chunk, payload))
         elif bad:
-            stage.put(("batch", job.chunk, _BatchRows(job.chunk, [], [], {}, {}, {}, np.zeros(0, bool),
-                                                      [], [], [], bad)))
+            stage.put(("batch", job.chunk, _BatchRows(errors=bad)))
         bar.update(item["n_rows"])
         if job.last:
             if job.first_chunk:  # the manifest's own rejects are recorded with the first chunk
@@ -662,8 +680,8 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
             chunk_images.clear()
 
 
-def _run_batch(adapter, item: dict, chunk: int, policy: KeepPolicy, points, vec_ids, device,
-               known_images: set[str], chunk_images: set[str], summary: Summary) -> _BatchRows:
+def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device, known_images: set[str],
+               chunk_images: set[str], summary: Summary) -> _BatchRows:
     rows: list[Row] = item["rows"]
     pics = item["images"]
     ids = [r.example_id for r in rows]
@@ -704,8 +722,8 @@ def _run_batch(adapter, item: dict, chunk: int, policy: KeepPolicy, points, vec_
             chunk_images.add(image_id)
             images.append({"image_id": image_id, "png": png, "width": width, "height": height})
     summary.extracted += len(examples)
-    streams = {name: sl for name, sl in layout.streams.items()}
-    return _BatchRows(chunk, ids, layers, {n: sl.valid.cpu().numpy() for n, sl in streams.items()},
+    streams = layout.streams
+    return _BatchRows(ids, layers, {n: sl.valid.cpu().numpy() for n, sl in streams.items()},
                       {n: list(sl.token_offset) for n, sl in streams.items()}, dict(layout.keys), with_vec,
                       examples, tokens, images, errors)
 

@@ -156,7 +156,7 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
 
 @dataclass
 class Kept:
-    """What one layer keeps of a batch's attention, on the device or (after :meth:`host`) as numpy.
+    """What one layer keeps of a batch's attention: tensors on the device, numpy arrays on the host.
 
     Dense: ``weight`` ``[batch, head, query, key]`` float16 and ``keep`` of the same shape.
     Sparse: ``index`` ``[batch, head, query, slots]`` key positions (ascending, unkept slots last),
@@ -176,11 +176,15 @@ class Kept:
 
 def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor, policy: KeepPolicy,
            key_valid: torch.Tensor | None = None, key_image: torch.Tensor | None = None) -> Kept:
-    """Apply ``policy`` on the device: the weights to store and the row mass they keep.
+    """Apply ``policy`` on the device to attention in token order: the weights to store and the row
+    mass they keep.
 
-    Arguments as :func:`keep_mask`. Sparse policies (``topk``, ``budget``) come back as per-row
-    slots, sorted by key; the others as a dense mask.
+    Arguments as :func:`keep_mask`. ``topk`` comes back as per-row slots, sorted by key; ``all``,
+    ``cross`` and ``mass`` as a dense mask. ``budget`` is selected on the attention in sequence
+    order, by :func:`select_budget_seq`.
     """
+    if policy.kind == "budget":
+        raise ValueError("budget policies are selected in sequence order: use select_budget_seq")
     key_valid = valid if key_valid is None else key_valid
     key_image = modality_image if key_image is None else key_image
     a = attn.float()
@@ -191,18 +195,7 @@ def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor
     n_keys = a.shape[-1]
     scores = a.masked_fill(~pair, -1.0)  # invalid keys sort last
     vals, idx = scores.topk(min(policy.k, n_keys), dim=-1)  # [batch, head, query, k], descending
-    if policy.kind == "topk":
-        keep = vals >= 0
-    else:
-        pos = vals.clamp(min=0)
-        before = pos.cumsum(-1) - pos  # mass of the larger keys before each one
-        keep = (vals >= 0) & (before < policy.p - 1e-7)
-        if policy.c:
-            other = (modality_image[:, :, None] != key_image[:, None, :])[:, None]  # [batch, 1, query, key]
-            cvals, cidx = scores.masked_fill(~other, -1.0).topk(min(policy.c, n_keys), dim=-1)
-            ckeep = cvals > 0
-            dup = ((cidx[..., :, None] == idx[..., None, :]) & keep[..., None, :]).any(-1)
-            idx, keep = torch.cat([idx, cidx], -1), torch.cat([keep, ckeep & ~dup], -1)
+    keep = vals >= 0  # a valid pair
     order = torch.where(keep, idx, idx + n_keys).argsort(-1)  # kept slots first, by key
     idx, keep = idx.gather(-1, order), keep.gather(-1, order)
     w = a.gather(-1, idx)
@@ -239,13 +232,10 @@ def seq_layout(sl, S: int) -> SeqLayout:
 
     m = sl.masks
     in_box = boxed = None
+    if m.boxed is not None:
+        boxed = scatter(m.boxed)
     if m.in_box is not None and m.boxed is not None and m.in_box.shape[1] == m.in_box.shape[2] == sl.valid.shape[1]:
-        boxed = scatter(m.boxed)
-        in_box = torch.zeros(B, S, S, dtype=torch.bool, device=dev)
-        bb, q, k = torch.nonzero(m.in_box, as_tuple=True)
-        in_box[bb, sl.seq_index[bb, q], sl.seq_index[bb, k]] = True
-    elif m.boxed is not None:
-        boxed = scatter(m.boxed)
+        in_box = _pairs_to_seq(m.in_box, sl.seq_index, sl.seq_index, S, S)
     n_boxed = int(m.boxed.sum(-1).max()) if m.boxed is not None and m.boxed.numel() else 0  # once per batch
     return SeqLayout(TokenMasks(scatter(m.valid), scatter(m.text), scatter(m.image), scatter(m.patch),
                                 scatter(m.special), in_box, boxed, n_boxed), token_of)
@@ -253,14 +243,18 @@ def seq_layout(sl, S: int) -> SeqLayout:
 
 def seq_in_box(sl, ksl, q_seq: SeqLayout, k_seq: SeqLayout) -> torch.Tensor | None:
     """A cross stream's ``in_box`` (queries of ``sl``, keys of ``ksl``) in sequence order."""
-    m = sl.masks
-    if m.in_box is None:
+    if sl.masks.in_box is None:
         return None
-    B, Sq = q_seq.token_of.shape
-    Sk = k_seq.token_of.shape[1]
-    out = torch.zeros(B, Sq, Sk, dtype=torch.bool, device=sl.valid.device)
-    bb, q, k = torch.nonzero(m.in_box, as_tuple=True)
-    out[bb, sl.seq_index[bb, q], ksl.seq_index[bb, k]] = True
+    return _pairs_to_seq(sl.masks.in_box, sl.seq_index, ksl.seq_index, q_seq.token_of.shape[1],
+                         k_seq.token_of.shape[1])
+
+
+def _pairs_to_seq(pairs: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor, Sq: int, Sk: int) -> torch.Tensor:
+    """``[batch, query token, key token]`` bool -> ``[batch, Sq, Sk]`` in sequence positions
+    (``q_index``/``k_index``: ``[batch, token]`` sequence position of each token slot)."""
+    out = torch.zeros(pairs.shape[0], Sq, Sk, dtype=torch.bool, device=pairs.device)
+    bb, q, k = torch.nonzero(pairs, as_tuple=True)
+    out[bb, q_index[bb, q], k_index[bb, k]] = True
     return out
 
 

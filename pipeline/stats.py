@@ -114,7 +114,7 @@ def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) 
     square = km is None
     km = m if km is None else km
     keys = torch.stack([km.image, km.text, km.special, km.patch, km.valid], -1).to(a.dtype)  # [batch, key, 5]
-    masses = torch.matmul(a, keys[:, None])  # [batch, head, query, 5]
+    masses = torch.matmul(a, keys[:, None, :, :4])  # [batch, head, query, 4]
     mass_img, mass_txt, mass_spec, patch_mass = (masses[..., i] for i in range(4))
     diag = torch.diagonal(a, dim1=-2, dim2=-1) if square else torch.zeros_like(mass_img)  # [batch, head, query]
     out = {
