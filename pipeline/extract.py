@@ -187,7 +187,7 @@ class _InputBatches(torch.utils.data.Dataset):
     that many manifest rows share (several questions about one picture) is shrunk and encoded once.
     """
 
-    THUMBNAILS_KEPT = 256
+    THUMBNAILS_KEPT = 32  # a few MB of PNG per worker
 
     def __init__(self, adapter, jobs: list[_Job], known_images: set[str]):
         self.adapter, self.jobs, self.known = adapter, jobs, known_images
