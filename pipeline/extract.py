@@ -198,7 +198,12 @@ class _InputBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         job = self.jobs[i]
-        return {"job": i, **prepare_batch(self.adapter, job.rows, self.known, self._thumbnail)}
+        out = prepare_batch(self.adapter, job.rows, self.known, self._thumbnail)
+        if out["inputs"] is not None:  # as numpy: pickled through the pipe, no file descriptors to share,
+            # so a worker has nothing left to serve (or to complain about) when Ctrl-C stops the main process
+            out["inputs"] = {k: v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v
+                             for k, v in out["inputs"].items()}
+        return {"job": i, **out}
 
     def _thumbnail(self, li) -> bytes:
         png = self._thumbs.pop(li.image_id, None)
@@ -646,38 +651,53 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
         stage.start()
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize on their own
-    cuda = str(device).startswith("cuda")
     import multiprocessing as mp
 
     if "fork" not in mp.get_all_start_methods():
         workers = 0  # workers inherit the loaded adapter; without fork they would have to load it again
     loader = torch.utils.data.DataLoader(
         _InputBatches(adapter, jobs, known_images), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
+        collate_fn=_identity, pin_memory=False, worker_init_fn=_worker_init if workers else None,
         prefetch_factor=2 if workers else None, persistent_workers=False,
         multiprocessing_context="fork" if workers else None)
     chunk_images: set[str] = set()
     items = iter(loader)  # forks the input workers
     stage.start()
-    for item in items:
-        job = jobs[item["job"]]
-        bad = item["errors"]
-        summary.skipped += len(bad)
-        summary.errors.extend(bad)
-        batch_rows = item["rows"]
-        if batch_rows:
-            payload = _run_batch(adapter, item, policy, points, vec_ids, device, known_images, chunk_images,
-                                 summary)
-            payload.errors = bad + payload.errors
-            stage.put(("batch", job.chunk, payload))
-        elif bad:
-            stage.put(("batch", job.chunk, _BatchRows(errors=bad)))
-        bar.update(item["n_rows"])
-        if job.last:
-            if job.first_chunk:  # the manifest's own rejects are recorded with the first chunk
-                summary.skipped += len(manifest_errors)
-            stage.put(("end", job.chunk, list(manifest_errors) if job.first_chunk else []))
-            chunk_images.clear()
+    try:
+        for item in items:
+            job = jobs[item["job"]]
+            bad = item["errors"]
+            summary.skipped += len(bad)
+            summary.errors.extend(bad)
+            batch_rows = item["rows"]
+            if batch_rows:
+                payload = _run_batch(adapter, item, policy, points, vec_ids, device, known_images, chunk_images,
+                                     summary)
+                payload.errors = bad + payload.errors
+                stage.put(("batch", job.chunk, payload))
+            elif bad:
+                stage.put(("batch", job.chunk, _BatchRows(errors=bad)))
+            bar.update(item["n_rows"])
+            if job.last:
+                if job.first_chunk:  # the manifest's own rejects are recorded with the first chunk
+                    summary.skipped += len(manifest_errors)
+                stage.put(("end", job.chunk, list(manifest_errors) if job.first_chunk else []))
+                chunk_images.clear()
+    finally:
+        # stop the input workers now, even on Ctrl-C: left to the garbage collector, the iterator
+        # would shut them down at interpreter exit, where it can hang
+        del items
+
+
+def _to_device(v, device: str):
+    """An input array or tensor on ``device`` (through pinned memory on CUDA, copied asynchronously)."""
+    if isinstance(v, np.ndarray):
+        v = torch.from_numpy(v)
+    if not isinstance(v, torch.Tensor):
+        return v
+    if str(device).startswith("cuda"):
+        return v.pin_memory().to(device, non_blocking=True)
+    return v.to(device)
 
 
 def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device, known_images: set[str],
@@ -686,8 +706,7 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     pics = item["images"]
     ids = [r.example_id for r in rows]
     boxes = [r.boxes for r in rows]
-    inputs = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-              for k, v in item["inputs"].items()}
+    inputs = {k: _to_device(v, device) for k, v in item["inputs"].items()}
     if hasattr(adapter, "prepare"):  # e.g. a decoder LVLM generates its answer first, uncaptured
         inputs = adapter.prepare(inputs)
     with_vec = np.array([vec_ids is None or i in vec_ids for i in ids], dtype=bool)
