@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 LAKE   ?= demo_lake
 PORT   ?= 8501
 
-.PHONY: install demo lake test browser bench bench-extract clean
+.PHONY: install demo lake test browser java bench bench-extract clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,15 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: install Debian's chromium (/usr/bin/chromium) to run the browser test"; fi; }
 
-test: $(VENV)/.test-installed browser
+# tests/test_engines.py reads the lake with PySpark, which needs a Java runtime (Debian's, headless).
+java:
+	@command -v java >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing a Java runtime for the Spark tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; \
+	  else echo "note: install Debian's default-jre-headless (java) to run the Spark tests"; fi; }
+
+test: $(VENV)/.test-installed browser java
 	$(BIN)/python -m pytest
 
 # Times the app's queries on a synthetic ViLT-B-shaped lake under /tmp (about 10 minutes; see the script).

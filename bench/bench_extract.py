@@ -412,7 +412,8 @@ def print_projection(rb: dict, source: str) -> list[dict]:
           f"({rb['attention']['rows']:,} rows), {rb['per_norm_row']:.2f} bytes / hidden-state row without its "
           f"vector ({rb['hidden_states']['rows']:,} rows), {rb['per_head_stats_row']:.2f} bytes / head_stats row.")
     print("projection per example at the policy's worst case (every query row keeps K + C weights); "
-          "vectors: 256 of a 10,000-example run, float16.\n")
+          "vectors: 256 of a 10,000-example run, 2 bytes per element (float32 holding float16-rounded values "
+          "with BYTE_STREAM_SPLIT takes 0.97x the bytes of float16: bench/bench_lake_types.py).\n")
     print("| shape | attention MB | norms MB | vectors MB | head_stats MB | total MB/ex | target | |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     out = []

@@ -16,15 +16,16 @@ and prints the lake's size on disk per example, table by table.
 Shape (ViLT-B/32 on 384 × 384 images): 12 layers × 12 heads, 40 text tokens
 (``[CLS]``, words, ``[SEP]``, padding) + 145 image tokens (an image ``[CLS]``
 and 12 × 12 patches, stored in a shuffled sequence order) = 185 tokens; full
-attention as float16, every query row a softmax (sums to 1); every head
-statistic for every example; examples carry ``meta.qtype`` and ``correct``.
+attention rounded to float16 and stored as float32 (as the extractor writes it), every
+query row a softmax (sums to 1); every head statistic for every example; examples carry
+``meta.qtype`` and ``correct``.
 
-Disk: full attention of ONE example is 12 × 12 × 185² ≈ 4.9 M weights (≈ 10 MB
-as float16, and random weights hardly compress), so 10,000 examples would
-need ~100 GB. ``--examples`` (default 10,000) sets how many examples get
-examples, tokens and head_stats rows; ``--attention-examples`` (default 500)
-how many of the first ones get their full attention; ``--hidden-examples``
-(default 64) how many get hidden states. The sizes printed per example are
+Disk: full attention of ONE example is 12 × 12 × 185² ≈ 4.9 M weights (≈ 10 MB:
+about 2 bytes a weight as dictionary-encoded float16-rounded float32, and random weights
+hardly compress), so 10,000 examples would need ~100 GB. ``--examples`` (default
+10,000) sets how many examples get examples, tokens and head_stats rows;
+``--attention-examples`` (default 500) how many of the first ones get their full
+attention; ``--hidden-examples`` (default 64) how many get hidden states. The sizes printed per example are
 measured; the 10,000-example attention size is extrapolated from them.
 
 The lake goes to ``--out`` (default: a folder under /tmp, deleted at the end
@@ -164,8 +165,9 @@ class AttentionMaker:
     """One (stream, layer) table of full attention for a chunk, rows sorted by example, head, query, key.
 
     Rows are drawn from a pool of softmax rows made once (a chunk-layer's worth, each row summing
-    to 1 as float16), in a fresh random order for every table: as incompressible as fresh random
-    rows, at a fraction of the cost of drawing them.
+    to 1, rounded to float16 precision and held as float32 as the lake stores them), in a fresh
+    random order for every table: as incompressible as fresh random rows, at a fraction of the
+    cost of drawing them.
     """
 
     def __init__(self, max_examples: int, rng: np.random.Generator):
@@ -178,7 +180,7 @@ class AttentionMaker:
         logits *= 2.0
         np.exp(logits, out=logits)
         logits /= logits.sum(-1, keepdims=True)  # each query row sums to 1
-        self.pool = logits.astype(np.float16)  # [row, key]
+        self.pool = logits.astype(np.float16).astype(np.float32)  # [row, key], float16-rounded
 
     def table(self, ids: np.ndarray, seed: int) -> pa.Table:
         rows = len(ids) * HEADS * N_TOK
@@ -188,7 +190,7 @@ class AttentionMaker:
         return pa.table({
             "example_id": np.repeat(ids.astype(np.int64), self.per_ex), "head": self.head[:n],
             "query_idx": self.query[:n], "key_idx": self.key[:n],
-            "weight": pa.array(weight, pa.float16()),
+            "weight": pa.array(weight, pa.float32()),
         }, schema=ATTENTION.schema)
 
 
@@ -199,7 +201,8 @@ def hidden_table(ids: np.ndarray, layer: int, rng: np.random.Generator) -> pa.Ta
         "example_id": np.repeat(ids.astype(np.int64), N_TOK),
         "token_idx": np.tile(np.arange(N_TOK, dtype=np.int32), len(ids)),
         "norm": np.linalg.norm(vec, axis=1).astype(np.float32),
-        "vec": pa.ListArray.from_arrays(pa.array(offsets), pa.array(vec.astype(np.float16).reshape(-1))),
+        "vec": pa.ListArray.from_arrays(  # float16-rounded, stored as float32
+            pa.array(offsets), pa.array(vec.astype(np.float16).astype(np.float32).reshape(-1))),
     }, schema=HIDDEN_STATES.schema)
 
 
@@ -378,7 +381,7 @@ def report_sizes(out: Path, n_examples: int, n_att: int, n_hid: int) -> None:
     print(f"  head_stats      {per['head_stats'] / 1e3:8.1f} kB  ({n_examples:,} examples: {hs / mb:.0f} MB)")
     if n_hid:
         print(f"  hidden_states   {per['hidden_states'] / mb:8.2f} MB  (written for {n_hid:,} examples, "
-              f"{LAYERS + 1} layers x {N_TOK} tokens x {HIDDEN} float16)")
+              f"{LAYERS + 1} layers x {N_TOK} tokens x {HIDDEN} float16-rounded float32)")
     else:
         print("  hidden_states        —     (none written: --hidden-examples 0)")
     print(f"  examples+tokens {per['examples + tokens'] / 1e3:8.1f} kB")
@@ -465,7 +468,8 @@ def report_file_scaling(out: Path, n_examples: int, chunk_size: int, repeats: in
     (~100 row groups each, as a 64-example ViLT-B chunk-layer has at the writer's 256K rows per
     row group) but whose row groups are tiny: what is measured is the cost of many files.
     """
-    from lake.writer import chunk_file, read_run_row, write_parquet_atomic
+    from lake.store import Store
+    from lake.writer import chunk_rel, read_run_row, write_parquet_atomic
     from lake.schema import ATTENTION as ATT, RUNS
 
     n_chunks = -(-n_examples // chunk_size)
@@ -483,10 +487,10 @@ def report_file_scaling(out: Path, n_examples: int, chunk_size: int, repeats: in
             "example_id": np.repeat(ids.astype(np.int64), HEADS * keys),
             "head": np.tile(np.repeat(np.arange(HEADS, dtype=np.int16), keys), len(ids)),
             "query_idx": np.zeros(n, np.int32), "key_idx": np.tile(np.arange(keys, dtype=np.int32), len(ids) * HEADS),
-            "weight": pa.array(np.full(n, 1 / keys, np.float16)),
+            "weight": pa.array(np.full(n, 1 / keys, np.float32)),
         }, schema=ATT.schema)
-        write_parquet_atomic(chunk_file(side, ATT, {"run": RUN, "stream": STREAM, "layer": 0}, c), t,
-                             row_group_size=max(1, -(-n // real_groups)))
+        Store(side).write_parquet(chunk_rel(ATT, {"run": RUN, "stream": STREAM, "layer": 0}, c), t,
+                                  row_group_size=max(1, -(-n // real_groups)))
     rng = np.random.default_rng(2)
     args = lambda: (int(rng.integers(n_examples)), int(rng.integers(HEADS)))  # noqa: E731
     print(f"\nfile count: one layer with {n_chunks} chunk files ({n_examples:,} examples' worth), each with a "

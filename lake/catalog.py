@@ -38,12 +38,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from lake.schema import IMAGES, PARTITION_TYPES, TABLES, Table
+from lake.schema import IMAGES, PARTITION_TYPES, RUNS, TABLES, Table
+from lake.store import Store, open_store
+from lake.writer import (IMAGE_FILE, NOT_CHUNKED, STATE_DIR, chunk_of, chunk_rel, done_chunks, read_run_row,
+                         run_of)
 
 # DuckDB threads per catalog; the app and the CLI share the machine with the user.
 THREADS = max(1, min(4, os.cpu_count() or 1))
 # After interrupt(), how long to wait for DuckDB to unwind before giving up on the worker.
 INTERRUPT_GRACE_S = 5.0
+
+# On an object store, how often (seconds) the catalog lists the lake to see whether it changed.
+STALE_CHECK_S = 2.0
 
 ALLOWED = "only read-only SELECT queries over the lake's views are allowed"
 
@@ -109,26 +115,90 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_sql(table: Table, root: Path, has_files: bool) -> str:
-    """The SELECT behind one table's view."""
+def view_sql(table: Table, sources: list[str]) -> str:
+    """The SELECT behind one table's view over ``sources`` (files or globs DuckDB opens); an
+    empty view of the right types when there are none."""
     types = column_types(table)
-    if not has_files:
+    if not sources:
         cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in types.items())
         return f"SELECT {cols} WHERE false"
     # Casting to the declared type pins the view's types to the schema (a no-op,
     # so filters still push down into the Parquet scan).
     cols = ", ".join(f"CAST({_ident(c)} AS {t}) AS {_ident(c)}" for c, t in types.items())
-    glob = _literal(f"{root}/{table.name}/**/*.parquet")
+    files = "[" + ", ".join(_literal(x) for x in sources) + "]"
     if table.partition:
         hive = ", ".join(f"{_literal(k)}: {types[k]}" for k in table.partition)
-        src = f"read_parquet({glob}, hive_partitioning = true, hive_types = {{{hive}}})"
+        src = f"read_parquet({files}, hive_partitioning = true, hive_types = {{{hive}}})"
     else:
-        src = f"read_parquet({glob}, hive_partitioning = false, filename = true)"
+        src = f"read_parquet({files}, hive_partitioning = false, filename = true)"
     sql = f"SELECT {cols} FROM {src}"
     if table is IMAGES:
         # Two runs may store the same image (content-addressed); keep one row per id.
         sql += " QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY filename) = 1"
     return sql
+
+
+def run_statuses(store: Store) -> dict[str, str | None]:
+    """``{run: status}`` of every run with a ``runs`` row (None while its row is being replaced)."""
+    runs: dict[str, str | None] = {}
+    for rel in store.list(RUNS.name, recursive=False):
+        if rel.endswith(".parquet"):
+            run = rel.rsplit("/", 1)[-1][: -len(".parquet")]
+            try:
+                row = read_run_row(store, run)
+            except (OSError, pa.ArrowInvalid):
+                row = None
+            runs[run] = row.get("status") if row else None
+    return runs
+
+
+def committed_sources(store: Store, runs: dict[str, str | None] | None = None) -> dict[str, list[str]]:
+    """``{table: what its view reads}``: only rows of committed chunks (``lake/writer.py``).
+
+    A complete run's partition folders are read whole through a glob (its chunks are all
+    committed, and a resumed run deleted whatever else was there first); a running or stopped
+    run contributes only the files of chunks that have a done marker, so a chunk being written
+    (or left half-written) is never seen, whether or not the store can rename. Runs without a
+    ``runs`` row are not shown.
+    """
+    runs = run_statuses(store) if runs is None else runs
+    done = {run: done_chunks(store, run) for run, status in runs.items() if status != "complete"}
+    out: dict[str, list[str]] = {}
+    for t in TABLES.values():
+        if t is RUNS:
+            out[t.name] = [store.url(f) for f in store.list(t.name, recursive=False) if f.endswith(".parquet")]
+            continue
+        files = [f for f in store.list(t.name) if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(".")]
+        src: list[str] = []
+        if t is IMAGES:
+            for f in files:
+                m = IMAGE_FILE.match(f.rsplit("/", 1)[-1])
+                if m and m.group(1) in runs and (runs[m.group(1)] == "complete"
+                                                 or int(m.group(2)) in done.get(m.group(1), ())):
+                    src.append(store.url(f))
+        else:
+            by_run: dict[str, list[str]] = {}
+            for f in files:
+                r = run_of(f)
+                if r in runs:
+                    by_run.setdefault(r, []).append(f)
+            for run, fs in sorted(by_run.items()):
+                if runs[run] == "complete" or t.name in NOT_CHUNKED:
+                    src.append(store.url(f"{t.name}/run={run}/**/*.parquet"))
+                else:
+                    src.extend(store.url(f) for f in fs if chunk_of(f) in done[run])
+        out[t.name] = src
+    return out
+
+
+def _fsspec_view(store: Store):
+    """``store``'s pyarrow filesystem as an fsspec filesystem DuckDB can register for its scheme."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    class _Wrapped(ArrowFSWrapper):
+        protocol = store.scheme
+
+    return _Wrapped(store.fs)
 
 
 def _first_line(e: BaseException) -> str:
@@ -150,12 +220,18 @@ class Catalog:
     max_rows : row limit of :meth:`user_sql` results.
     """
 
-    def __init__(self, root: str | Path, *, timeout_s: float = 10.0, memory_limit: str = "2GB",
+    def __init__(self, root: str | Path | Store, *, timeout_s: float = 10.0, memory_limit: str = "2GB",
                  max_rows: int = 10_000):
-        self.root = Path(root).expanduser().resolve()
-        if not (self.root / "runs").is_dir():
+        try:
+            self.store = open_store(root)
+            is_lake = self.store.is_dir(RUNS.name)
+        except (OSError, ValueError) as e:
+            raise LakeError(f"cannot open the lake at {root}: {_first_line(e)}") from None
+        # a local lake's root is a Path (older callers join paths to it); an object store's, its URI
+        self.root = self.store.local_path() if self.store.local else self.store.uri
+        if not is_lake:
             raise LakeError(
-                f"{self.root} is not a VL-Atlas lake: no runs/ folder. "
+                f"{self.store.uri} is not a VL-Atlas lake: no runs/ folder. "
                 "Build one with `vlatlas extract ...` or `vlatlas demo`"
             )
         self.timeout_s = float(timeout_s)
@@ -163,7 +239,10 @@ class Catalog:
         self.max_rows = int(max_rows)
         self._lock = threading.RLock()
         self._con = self._connect()
-        self._empty: set[str] = set()
+        self._signature: tuple | None = None
+        self._checked = 0.0
+        self._incomplete: list[str] = []
+        self._runs: dict[str, str | None] = {}
         self.refresh()
 
     # -- setup ------------------------------------------------------------------------
@@ -173,13 +252,18 @@ class Catalog:
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
         })
+        if not self.store.local:
+            # DuckDB reads the object store through pyarrow's filesystem (the same one the writer
+            # used, with the same credentials), registered before the sandbox below is locked.
+            con.register_filesystem(_fsspec_view(self.store))
+        allowed = self.store.url() + ("/" if not self.store.local else os.sep)
         # Order matters: allowed_directories and temp_directory can no longer
         # change once external access is off, and nothing can after the lock.
         # GLOBAL, because each query runs on a cursor, which starts from the
         # global values and does not inherit this connection's local ones.
         for stmt in (
             "SET temp_directory = ''",  # no spill files (the default .tmp would also be readable)
-            f"SET allowed_directories = [{_literal(str(self.root) + os.sep)}]",
+            f"SET allowed_directories = [{_literal(allowed)}]",
             "SET enable_external_access = false",
             "SET GLOBAL python_enable_replacements = false",  # no scans of Python variables by name
             "SET allow_community_extensions = false",
@@ -190,41 +274,57 @@ class Catalog:
             con.execute(stmt)
         return con
 
-    def _has_files(self, table: Table) -> bool:
-        d = self.root / table.name
-        return d.is_dir() and any(p.is_file() for p in d.rglob("*.parquet"))
+    def _state(self) -> tuple:
+        """What, when it changes, changes what the views must read: the runs' files (a run added,
+        completed, replaced or deleted), the done markers of runs still running (a chunk
+        committed) and the maps of ``vlatlas embed``."""
+        return (tuple(self.store.list_info(RUNS.name, recursive=False)),
+                tuple(tuple(self.store.list(f"{STATE_DIR}/{r}", recursive=False)) for r in self._incomplete),
+                tuple(self.store.list_info("embeddings")))
 
     def refresh(self) -> None:
-        """Recreate every view (a table may have gained or lost its first files)."""
+        """Recreate every view from the lake's committed chunks."""
         with self._lock:
-            empty = set()
+            runs = run_statuses(self.store)
+            sources = committed_sources(self.store, runs)
             for t in TABLES.values():
-                has = self._has_files(t)
-                if not has:
-                    empty.add(t.name)
-                self._con.execute(f"CREATE OR REPLACE VIEW {_ident(t.name)} AS {view_sql(t, self.root, has)}")
-            self._empty = empty
+                self._con.execute(f"CREATE OR REPLACE VIEW {_ident(t.name)} AS {view_sql(t, sources[t.name])}")
+            self._runs = runs
+            self._incomplete = sorted(r for r, status in runs.items() if status != "complete")
+            self._signature = self._state()
+            self._checked = time.monotonic()
 
     def _refresh_if_stale(self) -> None:
-        if any(self._has_files(TABLES[name]) for name in self._empty):
-            self.refresh()
+        """Refresh when the lake changed; on an object store at most every STALE_CHECK_S seconds
+        (each check lists objects)."""
+        if not self.store.local and time.monotonic() - self._checked < STALE_CHECK_S:
+            return
+        with self._lock:
+            now = self._state()
+            self._checked = time.monotonic()
+            if now != self._signature:
+                self.refresh()
 
     def tables(self) -> list[str]:
         """The views' names, one per lake table."""
         return list(TABLES)
 
     def chunk_file(self, table: str, values: dict, chunk: int) -> str | None:
-        """The path of one chunk's file of a partitioned table (``values``: every partition key),
-        or None when there is no such file.
+        """The path (or URI) of one committed chunk's file of a partitioned table (``values``: every
+        partition key), or None when there is no such file.
 
         For trusted queries that know which chunk holds their rows: reading that one file
         (``read_parquet(?)``) spares DuckDB opening every chunk's footer, which is what a view
         scan costs when a run has many chunks (see ``lake.queries.attention_block``).
         """
-        from lake.writer import chunk_file
-
-        path = chunk_file(self.root, TABLES[table], values, int(chunk))
-        return str(path) if path.is_file() else None
+        self._refresh_if_stale()
+        rel = chunk_rel(TABLES[table], values, int(chunk))
+        run = values.get("run")
+        if run not in self._runs:
+            return None
+        if self._runs[run] != "complete" and int(chunk) not in done_chunks(self.store, run):
+            return None  # not committed (yet)
+        return self.store.url(rel) if self.store.is_file(rel) else None
 
     def close(self) -> None:
         with self._lock:
@@ -296,7 +396,7 @@ class Catalog:
         if isinstance(e, duckdb.PermissionException) or "configuration has been locked" in said:
             return SandboxError(
                 f"refused: {said}. The SQL sandbox sees only the lake's views (and Parquet files "
-                f"under {self.root}); reading other files, writing, extensions and settings are off"
+                f"under {self.store.uri}); reading other files, writing, extensions and settings are off"
             )
         if isinstance(e, duckdb.OutOfMemoryException):
             return QueryError(

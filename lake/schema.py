@@ -10,6 +10,13 @@ Conventions (see DESIGN.md): ``weight = A[query, key]``; layers and heads are
 ``layer`` 0 is the embedding output and ``l + 1`` the output of block ``l``;
 ``patch_row`` 0 is the top row, ``patch_col`` 0 the left column; boxes are
 pixels of the original image, x to the right, y down.
+
+Every engine reads every table correctly: stored weights and vectors are rounded to
+float16 precision (that is all the precision they carry) but written as float32, since a
+Parquet FLOAT16 column cannot be opened by Spark, is summed in float16 by polars (wrong
+totals, no error) and has no aggregate kernels in pyarrow. With dictionary encoding for
+weights and BYTE_STREAM_SPLIT for vectors (``lake/writer.py``) this costs little or nothing
+in bytes (``bench/bench_lake_types.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: attention.weight and hidden_states.vec are float32 holding float16-rounded values (1 wrote
+# Parquet FLOAT16, which Spark cannot read, polars sums in float16 and pyarrow cannot aggregate).
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,7 @@ ATTENTION = Table(
             ("head", pa.int16()),
             ("query_idx", pa.int32()),
             ("key_idx", pa.int32()),
-            ("weight", pa.float16()),
+            ("weight", pa.float32()),  # rounded to float16 precision
         ]
     ),
     ("run", "stream", "layer"),
@@ -166,7 +175,7 @@ HIDDEN_STATES = Table(
             ("example_id", pa.int64()),
             ("token_idx", pa.int32()),
             ("norm", pa.float32()),  # L2 norm of the float32 vector
-            ("vec", pa.list_(pa.float16())),
+            ("vec", pa.list_(pa.float32())),  # rounded to float16 precision; null outside the sample
         ]
     ),
     ("run", "stream", "layer"),

@@ -1,59 +1,108 @@
-"""Atomic, resumable writes of lake partitions.
+"""Atomic, resumable writes of lake partitions, on a local disk or an object store.
 
 A run is written in *chunks*: a chunk holds the examples whose manifest
 positions fall in ``[chunk * chunk_size, (chunk + 1) * chunk_size)``. Every
 table's rows of a chunk go into files named ``part-<chunk>.parquet`` inside
-their partition folders, each written aside (``.part-<chunk>.parquet.tmp``) and
-renamed into place, so a reader never sees half a file. When all files of a
-chunk are in place, a marker ``_state/<run>/chunk-<chunk>.done`` is written.
+their partition folders, each appearing whole or not at all (written aside and
+renamed on a disk; an object store shows an object only once its upload is
+complete, ``lake/store.py``). When all files of a chunk are in place, a marker
+``_state/<run>/chunk-<chunk>.done`` is written: that marker is the chunk's
+commit. Readers (``lake/catalog.py``) show a run's rows only from committed
+chunks, so a chunk being written, or left half-written by a crash, is never
+seen, on a disk or on an object store that cannot rename.
 
 Resuming a run (the same command again) first deletes every file of a chunk
 that has no marker, then skips the chunks that have one; since file names are
-fixed by chunk and partition, redoing a chunk can never duplicate rows.
+fixed by chunk and partition, redoing a chunk (a resumed run, or a task that a
+cluster retried) can never duplicate rows.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lake.schema import IMAGES, RUNS, TABLES, Table
+from lake.store import Store, open_store
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+RUN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,99}$")
+# Names that a hive-partition reader would turn into something else than the string (measured:
+# polars reads run=true as a boolean and run=NaN as a float, DuckDB run=infinity or run=Epoch as
+# a date, Spark run=Infinity as a double); refused in any case.
+RESERVED_RUN_NAMES = frozenset({"nan", "inf", "infinity", "true", "false", "null", "none", "na", "nat",
+                                "epoch", "now", "today", "tomorrow", "yesterday", "allballs"})
 STATE_DIR = "_state"
 NOT_CHUNKED = ("embeddings",)  # tables written whole by later steps, never by a chunk
+CHUNK_FILE = re.compile(r"^part-(\d{6})\.parquet$")
+IMAGE_FILE = re.compile(r"^part-(.+)-(\d{6})\.parquet$")
+MARKER_FILE = re.compile(r"^chunk-(\d{6})\.done$")
 
 
 def check_run_name(run: str) -> str:
-    if not RUN_NAME.match(run or ""):
+    """``run`` when it is a valid run name, else ValueError with the rule.
+
+    A run name is also a hive partition value (``run=<name>``) that Spark, polars, pyarrow,
+    pandas and DuckDB parse from the path, each guessing its type: ``001`` would come back as
+    the integer 1 (so ``run = '001'`` matches nothing), ``2024-06-01`` as a date, ``true`` as a
+    boolean. Names therefore start with a letter and are none of the words those readers take
+    for a value.
+    """
+    if not isinstance(run, str) or not RUN_NAME.match(run):
         raise ValueError(
-            f"run name {run!r} is not allowed: use letters, digits, '_', '-' and '.', "
-            "starting with a letter or digit (at most 100 characters)"
+            f"run name {run!r} is not allowed: use letters, digits, '_', '-' and '.', starting with a "
+            "letter (at most 100 characters), e.g. vilt-vqa-001. A name that starts with a digit would "
+            "be read back as a number or a date by Spark, polars, pyarrow and DuckDB"
+        )
+    if run.lower() in RESERVED_RUN_NAMES:
+        raise ValueError(
+            f"run name {run!r} is not allowed: Spark, polars, pyarrow or DuckDB would read it back as a "
+            f"number, a boolean, a date or a null instead of the name; choose another (e.g. {run}-run)"
         )
     return run
 
 
-def partition_dir(root: Path, table: Table, values: Mapping[str, object]) -> Path:
-    """Folder of one partition: ``root/table/run=R/stream=S/layer=L``."""
-    d = Path(root) / table.name
+def partition_rel(table: Table, values: Mapping[str, object]) -> str:
+    """Folder of one partition, relative to the root: ``table/run=R/stream=S/layer=L``."""
+    parts = [table.name]
     for key in table.partition:
         if key not in values:
             raise KeyError(f"partition key {key!r} missing for table {table.name}")
-        d = d / f"{key}={values[key]}"
-    return d
+        parts.append(f"{key}={values[key]}")
+    return "/".join(parts)
 
 
-def chunk_file(root: Path, table: Table, values: Mapping[str, object], chunk: int) -> Path:
-    """The file holding one chunk's rows of a partitioned table (``values`` include ``run``)."""
-    return partition_dir(root, table, values) / f"part-{chunk:06d}.parquet"
+def chunk_rel(table: Table, values: Mapping[str, object], chunk: int) -> str:
+    """The file holding one chunk's rows of a partitioned table, relative to the root."""
+    return f"{partition_rel(table, values)}/part-{chunk:06d}.parquet"
+
+
+def partition_dir(root: str | Path, table: Table, values: Mapping[str, object]) -> Path:
+    """Folder of one partition of a local lake: ``root/table/run=R/stream=S/layer=L``."""
+    return Path(root) / partition_rel(table, values)
+
+
+def chunk_file(root: str | Path, table: Table, values: Mapping[str, object], chunk: int) -> Path:
+    """The file holding one chunk's rows of a partitioned table of a local lake."""
+    return Path(root) / chunk_rel(table, values, chunk)
+
+
+def chunk_of(rel: str) -> int | None:
+    """The chunk number of a data file (a partitioned table's ``part-NNNNNN.parquet``), else None."""
+    m = CHUNK_FILE.match(rel.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def run_of(rel: str) -> str | None:
+    """The ``run=`` partition value in a relative path, else None."""
+    for part in rel.split("/"):
+        if part.startswith("run="):
+            return part[4:]
+    return None
 
 
 # How rows are ordered and grouped inside a chunk's file (the rows themselves are unchanged):
@@ -67,10 +116,18 @@ LAYOUT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-# Columns written without dictionary encoding: their values almost never repeat, so Parquet's
-# dictionary attempt (then fallback) only costs time (measured: writing 64 ViLT-B examples' hidden
-# vectors took 8.2 s with it and 2.7 s without, for the same size).
-NO_DICTIONARY: dict[str, tuple[str, ...]] = {"hidden_states": ("norm", "vec")}
+# Parquet encodings per table (default: dictionary encoding for every column). Hidden states'
+# norms and vectors almost never repeat, so a dictionary attempt only costs time (writing 64
+# ViLT-B examples' vectors took 8.2 s with it, 2.7 s without); BYTE_STREAM_SPLIT groups the bytes
+# of each float, and since the vectors hold float16-rounded values in float32, the low bytes are
+# all zero and compress to nearly nothing: the float32 vectors take fewer bytes than Parquet
+# FLOAT16 did (bench/bench_lake_types.py). Spark, polars, pyarrow and DuckDB all read it.
+ENCODINGS: dict[str, dict] = {
+    "hidden_states": {
+        "use_dictionary": ["example_id", "token_idx"],
+        "column_encoding": {"norm": "BYTE_STREAM_SPLIT", "vec.list.element": "BYTE_STREAM_SPLIT"},
+    },
+}
 
 
 def arrange(table: Table, data: pa.Table) -> tuple[pa.Table, list[int] | None]:
@@ -99,35 +156,26 @@ def conform(table: Table, data: pa.Table) -> pa.Table:
     return data.select(want).cast(table.schema)
 
 
-def write_parquet_atomic(path: Path, data: pa.Table, metadata: Mapping[str, str] | None = None,
-                         row_group_size: int = 256 * 1024, row_groups: list[int] | None = None,
-                         no_dictionary: tuple[str, ...] = ()) -> None:
-    """Write ``data`` to ``path`` so that the file appears whole or not at all.
+def with_metadata(data: pa.Table, metadata: Mapping[str, str] | None) -> pa.Table:
+    if not metadata:
+        return data
+    meta = dict(data.schema.metadata or {})
+    meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+    return data.replace_schema_metadata(meta)
 
-    ``row_groups``: the sizes of consecutive row groups (each still split at ``row_group_size``);
-    by default the rows are cut every ``row_group_size`` rows. ``no_dictionary``: columns written
-    without dictionary encoding.
-    """
-    dictionary = [c for c in data.column_names if c not in no_dictionary] if no_dictionary else True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    if metadata:
-        meta = dict(data.schema.metadata or {})
-        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
-        data = data.replace_schema_metadata(meta)
-    if row_groups is None:
-        pq.write_table(data, tmp, compression="zstd", row_group_size=row_group_size,
-                       write_statistics=True, use_dictionary=dictionary)
-    else:
-        with pq.ParquetWriter(tmp, data.schema, compression="zstd", write_statistics=True,
-                              use_dictionary=dictionary) as w:
-            start = 0
-            for n in row_groups:
-                w.write_table(data.slice(start, n), row_group_size=row_group_size)
-                start += n
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+def write_table(store: Store, rel: str, table: Table, data: pa.Table,
+                metadata: Mapping[str, str] | None = None) -> None:
+    """Conform ``data`` to ``table``, arrange it and write it to ``rel`` atomically."""
+    data, groups = arrange(table, conform(table, data))
+    store.write_parquet(rel, with_metadata(data, metadata), row_groups=groups, **ENCODINGS.get(table.name, {}))
+
+
+def write_parquet_atomic(path: Path, data: pa.Table, metadata: Mapping[str, str] | None = None,
+                         row_groups: list[int] | None = None) -> None:
+    """Write ``data`` to the local file ``path`` so that it appears whole or not at all."""
+    path = Path(path)
+    Store(path.parent).write_parquet(path.name, with_metadata(data, metadata), row_groups=row_groups)
 
 
 class LakeWriter:
@@ -135,30 +183,32 @@ class LakeWriter:
 
     Parameters
     ----------
-    root : the lake's root folder.
+    root : the lake's root: a folder or an object-store URI (``lake/store.py``).
     run : the run's name (also its partition value).
     metadata : key/value pairs recorded in every Parquet file's metadata
         (the run's model and capture configuration).
     """
 
-    def __init__(self, root: str | Path, run: str, metadata: Mapping[str, str] | None = None):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | Store, run: str, metadata: Mapping[str, str] | None = None):
+        self.store = open_store(root)
+        self.root = self.store.uri
         self.run = check_run_name(run)
         self.metadata = {"vlatlas.run": run, **(metadata or {})}
-        self.state = self.root / STATE_DIR / run
-        self.state.mkdir(parents=True, exist_ok=True)
+        self.state = f"{STATE_DIR}/{run}"
+        self.store.ensure_dir(self.state)
 
     # -- chunks -----------------------------------------------------------------
-    def _marker(self, chunk: int) -> Path:
-        return self.state / f"chunk-{chunk:06d}.done"
+    def _marker(self, chunk: int) -> str:
+        return f"{self.state}/chunk-{chunk:06d}.done"
 
     def done_chunks(self) -> set[int]:
-        return {int(p.stem.split("-")[1].split(".")[0]) for p in self.state.glob("chunk-*.done")}
+        return done_chunks(self.store, self.run)
 
-    def _own_image_file(self, path: Path) -> bool:
-        return re.match(rf"^\.?part-{re.escape(self.run)}-\d{{6}}\.parquet(\.tmp)?$", path.name) is not None
+    def _own_image_file(self, rel: str) -> bool:
+        m = IMAGE_FILE.match(rel.rsplit("/", 1)[-1])
+        return m is not None and m.group(1) == self.run
 
-    def _run_files(self) -> Iterable[Path]:
+    def _run_files(self) -> Iterable[str]:
         """Every data file (and leftover temp file) this run owns in partitioned tables.
 
         Image files are content-addressed and may be referenced by other runs
@@ -170,34 +220,36 @@ class LakeWriter:
         """
         for t in TABLES.values():
             if t.partition and t.name not in NOT_CHUNKED:
-                base = self.root / t.name / f"run={self.run}"
-                if base.exists():
-                    yield from (p for p in base.rglob("*") if p.is_file())
-
-    @staticmethod
-    def _chunk_of(path: Path) -> int | None:
-        m = re.search(r"part-(?:.*-)?(\d{6})\.parquet(?:\.tmp)?$", path.name)
-        return int(m.group(1)) if m else None
+                yield from self.store.list(f"{t.name}/run={self.run}")
 
     def purge_incomplete(self) -> int:
         """Delete the files of every chunk without a done marker; return how many."""
         done = self.done_chunks()
         n = 0
-        for p in list(self._run_files()):
-            c = self._chunk_of(p)
-            if p.name.endswith(".tmp") or c is None or c not in done:
-                p.unlink()
+        for rel in list(self._run_files()):
+            c = chunk_of(rel)
+            if c is None or c not in done:  # temp files and files of uncommitted chunks
+                self.store.delete(rel)
+                n += 1
+        return n
+
+    def purge_chunk(self, chunk: int) -> int:
+        """Delete the files an unfinished attempt at ``chunk`` left (before redoing it); return how many."""
+        n = 0
+        for rel in list(self._run_files()):
+            name = rel.rsplit("/", 1)[-1]
+            if chunk_of(rel) == chunk or (name.startswith(f".part-{chunk:06d}.parquet.") and name.endswith(".tmp")):
+                self.store.delete(rel)
                 n += 1
         return n
 
     def known_image_ids(self) -> set[str]:
         """Image ids other runs have already stored."""
-        base = self.root / IMAGES.name
         ids: set[str] = set()
-        for p in base.glob("*.parquet") if base.exists() else []:
-            if self._own_image_file(p):
+        for rel in self.store.list(IMAGES.name, recursive=False):
+            if not rel.endswith(".parquet") or self._own_image_file(rel):
                 continue  # this run rewrites its own image files in full
-            ids.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+            ids.update(self.store.read_parquet(rel, columns=["image_id"]).column("image_id").to_pylist())
         return ids
 
     def write_chunk(self, chunk: int, parts: Mapping[str, Iterable[tuple[Mapping[str, object], pa.Table]]],
@@ -221,39 +273,52 @@ class LakeWriter:
             for values, data in items:
                 if stop is not None and stop():
                     return False
-                data, groups = arrange(t, conform(t, data))
                 if t.partition:
-                    path = chunk_file(self.root, t, {"run": self.run, **values}, chunk)
+                    rel = chunk_rel(t, {"run": self.run, **values}, chunk)
                 else:
-                    path = self.root / t.name / f"part-{self.run}-{chunk:06d}.parquet"
-                write_parquet_atomic(path, data, self.metadata, row_groups=groups,
-                                     no_dictionary=NO_DICTIONARY.get(t.name, ()))
-        tmp = self._marker(chunk).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"chunk": chunk}))
-        os.replace(tmp, self._marker(chunk))
+                    rel = f"{t.name}/part-{self.run}-{chunk:06d}.parquet"
+                write_table(self.store, rel, t, data, self.metadata)
+        self.store.write_text(self._marker(chunk), json.dumps({"chunk": chunk}))
         return True
 
     # -- the runs table -----------------------------------------------------------
     def write_run_row(self, row: Mapping[str, object]) -> None:
         data = pa.Table.from_pylist([dict(row)], schema=RUNS.schema)
-        write_parquet_atomic(self.root / RUNS.name / f"{self.run}.parquet", data, self.metadata)
+        self.store.write_parquet(f"{RUNS.name}/{self.run}.parquet", with_metadata(data, self.metadata))
 
     def read_run_row(self) -> dict | None:
-        return read_run_row(self.root, self.run)
+        return read_run_row(self.store, self.run)
+
+    def count_examples(self) -> int:
+        """Rows of this run's ``examples`` table in committed chunks."""
+        done = self.done_chunks()
+        return sum(self.store.parquet_rows(rel) for rel in self.store.list(f"examples/run={self.run}")
+                   if chunk_of(rel) in done)
 
     def delete_run(self) -> None:
         """Remove every file of this run (used by ``--overwrite``)."""
         for t in TABLES.values():
             if t.partition:
-                shutil.rmtree(self.root / t.name / f"run={self.run}", ignore_errors=True)
-        (self.root / RUNS.name / f"{self.run}.parquet").unlink(missing_ok=True)
-        shutil.rmtree(self.state, ignore_errors=True)
-        self.state.mkdir(parents=True, exist_ok=True)
+                self.store.delete_tree(f"{t.name}/run={self.run}")
+        self.store.delete(f"{RUNS.name}/{self.run}.parquet")
+        self.store.delete_tree(self.state)
+        self.store.ensure_dir(self.state)
 
 
-def read_run_row(root: str | Path, run: str) -> dict | None:
-    p = Path(root) / RUNS.name / f"{run}.parquet"
-    if not p.exists():
+def done_chunks(store: Store, run: str) -> set[int]:
+    """The committed chunks of ``run``: those with a done marker."""
+    out = set()
+    for rel in store.list(f"{STATE_DIR}/{run}", recursive=False):
+        m = MARKER_FILE.match(rel.rsplit("/", 1)[-1])
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+def read_run_row(root: str | Path | Store, run: str) -> dict | None:
+    store = open_store(root)
+    rel = f"{RUNS.name}/{run}.parquet"
+    if not store.is_file(rel):
         return None
-    rows = pq.read_table(p).to_pylist()
+    rows = store.read_parquet(rel).to_pylist()
     return rows[0] if rows else None

@@ -23,18 +23,20 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
+    from pipeline.distributed import RayError
     from pipeline.extract import DEFAULT_KEEP_ATTENTION, DEFAULT_KEEP_HIDDEN, RunConflict, extract
 
     try:
         s = extract(a.model, a.data, a.lake, a.run, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
                     limit=a.limit, keep_attention=a.keep_attention or DEFAULT_KEEP_ATTENTION,
                     keep_hidden=a.keep_hidden or DEFAULT_KEEP_HIDDEN, chunk_size=a.chunk_size,
-                    overwrite=a.overwrite, progress=not a.quiet, revision=a.revision, workers=a.workers)
+                    overwrite=a.overwrite, progress=not a.quiet, revision=a.revision, workers=a.workers,
+                    ray=a.ray, ray_actors=a.ray_actors, ray_cpus=a.ray_cpus)
     except KeyboardInterrupt:
         print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume run {a.run!r}.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except RunConflict as e:
+    except (RunConflict, RayError) as e:
         return _fail(str(e))
     print(s.line())
     return 0
@@ -54,9 +56,11 @@ def cmd_sql(a: argparse.Namespace) -> int:
     return 0
 
 
-def _streamlit(lake: Path, port: int, headless: bool, extra: list[str] | None = None) -> int:
+def _streamlit(lake: str | Path, port: int, headless: bool, extra: list[str] | None = None) -> int:
+    from lake.store import open_store
+
     app = Path(__file__).resolve().parent.parent / "streamlit_app" / "app.py"
-    env = dict(os.environ, VLATLAS_LAKE=str(Path(lake).resolve()))
+    env = dict(os.environ, VLATLAS_LAKE=open_store(lake).uri)
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
            "--server.headless", "true" if headless else "false", "--browser.gatherUsageStats", "false",
            *(extra or [])]
@@ -70,8 +74,8 @@ def _streamlit(lake: Path, port: int, headless: bool, extra: list[str] | None = 
 def cmd_app(a: argparse.Namespace) -> int:
     from lake.catalog import open_catalog
 
-    open_catalog(a.lake)  # a clear error now rather than in the browser
-    return _streamlit(Path(a.lake), a.port, a.headless)
+    open_catalog(a.lake).close()  # a clear error now rather than in the browser
+    return _streamlit(a.lake, a.port, a.headless)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -123,8 +127,9 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("extract", help="run a model over a manifest into the lake")
     e.add_argument("--model", required=True, help="Hugging Face id or local folder (loaded offline if local)")
     e.add_argument("--data", required=True, help="manifest: JSONL, CSV or Parquet with id, image, text")
-    e.add_argument("--lake", required=True, help="lake root folder (created if missing)")
-    e.add_argument("--run", required=True, help="run name: letters, digits, _ - .")
+    e.add_argument("--lake", required=True,
+                   help="lake root: a folder (created if missing) or an object-store URI such as s3://bucket/prefix")
+    e.add_argument("--run", required=True, help="run name: letters, digits, _ - ., starting with a letter")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -140,6 +145,13 @@ def parser() -> argparse.ArgumentParser:
                    help="processes that read and encode images ahead of the model (default: from the core count; "
                         "0 = in the main process)")
     e.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
+    e.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the chunks on a Ray cluster: ADDRESS (HOST:PORT, ray://HOST:10001, auto), or none for "
+                        "$RAY_ADDRESS or a cluster running on this machine (else a private local one); the lake must "
+                        "be reachable from every node (shared folder or object store)")
+    e.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="model-holding actors (default: one per GPU with --device cuda, else cluster CPUs / --ray-cpus)")
+    e.add_argument("--ray-cpus", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default 1)")
     e.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -56,7 +56,8 @@ import pyarrow.parquet as pq
 from lake import queries
 from lake.catalog import Catalog
 from lake.schema import EMBEDDINGS
-from lake.writer import check_run_name, conform, partition_dir, write_parquet_atomic
+from lake.store import Store, open_store
+from lake.writer import check_run_name, conform, partition_rel, with_metadata
 
 METHOD = "tsne"
 FILE_NAME = "part-tsne.parquet"
@@ -364,8 +365,9 @@ def embed(lake: str | Path, run: str, *, n_tokens: int | None = None, seed: int 
     n_tokens = DEFAULT_SAMPLE if n_tokens is None else int(n_tokens)
     if n_tokens < 4:
         raise EmbedError(f"--sample must be at least 4 tokens, not {n_tokens}")
-    root = Path(lake)
-    cat = _catalog(root)
+    store = open_store(lake)
+    root = store.uri
+    cat = _catalog(store)
     try:
         layers = check_run(cat, run)
         todo = {s: sorted(int(x) for x in g.layer) for s, g in layers.groupby("stream", sort=True)}
@@ -419,13 +421,13 @@ def embed(lake: str | Path, run: str, *, n_tokens: int | None = None, seed: int 
         finally:
             bar.close()
         data = conform(EMBEDDINGS, pa.concat_tables(tables))
-        path = partition_dir(root, EMBEDDINGS, {"run": run}) / FILE_NAME
+        rel = _maps_rel(run)
         import openTSNE
 
         meta = {"seed": seed, "sample": n_tokens, "config": asdict(config), "streams": fits,
                 "opentsne": openTSNE.__version__}
-        write_parquet_atomic(path, data, {"vlatlas.run": run, META_KEY: json.dumps(meta)})
-        summary.path = str(path)
+        store.write_parquet(rel, with_metadata(data, {"vlatlas.run": run, META_KEY: json.dumps(meta)}))
+        summary.path = store.url(rel)
     finally:
         cat.close()
     _REFERENCES.clear()
@@ -433,19 +435,26 @@ def embed(lake: str | Path, run: str, *, n_tokens: int | None = None, seed: int 
     return summary
 
 
-def maps_stamp(lake: str | Path, run: str) -> int | None:
+def _maps_rel(run: str) -> str:
+    return f"{partition_rel(EMBEDDINGS, {'run': run})}/{FILE_NAME}"
+
+
+def maps_stamp(lake: str | Path | Store, run: str) -> int | None:
     """The modification time (ns) of a run's maps file, None without maps: a cache key that
     changes when ``vlatlas embed`` runs again."""
-    path = partition_dir(Path(lake), EMBEDDINGS, {"run": run}) / FILE_NAME
-    return path.stat().st_mtime_ns if path.exists() else None
+    store = open_store(lake)
+    rel = _maps_rel(run)
+    return store.mtime_ns(rel) if store.is_file(rel) else None
 
 
-def fit_info(lake: str | Path, run: str) -> dict | None:
+def fit_info(lake: str | Path | Store, run: str) -> dict | None:
     """The ``vlatlas.tsne`` metadata of a run's maps (None when the run has none)."""
-    path = partition_dir(Path(lake), EMBEDDINGS, {"run": run}) / FILE_NAME
-    if not path.exists():
+    store = open_store(lake)
+    rel = _maps_rel(run)
+    if not store.is_file(rel):
         return None
-    meta = pq.read_schema(path).metadata or {}
+    with store.fs.open_input_file(store.path(rel)) as f:
+        meta = pq.read_schema(f).metadata or {}
     raw = meta.get(META_KEY.encode())
     return json.loads(raw) if raw else None
 
@@ -471,12 +480,12 @@ def reference_map(cat: Catalog, run: str, stream: str, layer: int):
     frame, the sample's (example_id, token_idx) in row order, and the fit's
     :class:`TSNEConfig`.
     """
-    path = partition_dir(cat.root, EMBEDDINGS, {"run": run}) / FILE_NAME
-    info = fit_info(cat.root, run)
+    path = cat.store.url(_maps_rel(run))
+    info = fit_info(cat.store, run)
     if info is None or stream not in info.get("streams", {}):
         raise EmbedError(f"run {run!r} has no t-SNE map of stream {stream!r}: add the maps with "
                          f"`vlatlas embed --lake {cat.root} --run {run}`")
-    key = (str(path), path.stat().st_mtime_ns, run, stream, int(layer))
+    key = (path, maps_stamp(cat.store, run), run, stream, int(layer))
     if key in _REFERENCES:
         _REFERENCES.move_to_end(key)
         return _REFERENCES[key]

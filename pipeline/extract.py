@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import pipeline
 from lake.schema import ERRORS, EXAMPLES, IMAGES, STATS
+from lake.store import Store
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
@@ -139,6 +140,7 @@ class Summary:
     seconds: float = 0.0
     already_complete: bool = False
     workers: int = 0
+    ray_actors: int = 0
     peak_rss_mb: float | None = None
     errors: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -152,6 +154,8 @@ class Summary:
             s += f", {self.truncated} truncated"
         if self.skipped or self.truncated:
             s += f" (see: vlatlas sql --lake {self.lake} \"SELECT * FROM errors WHERE run = '{self.run}'\")"
+        if self.ray_actors:
+            s += f"; on {self.ray_actors} Ray actor" + ("" if self.ray_actors == 1 else "s")
         if self.resumed_chunks:
             s += f"; resumed after {self.resumed_chunks} finished chunks"
         if self.peak_rss_mb is not None:
@@ -538,11 +542,49 @@ def _write_chunk(writer: LakeWriter, chunk: int, p: _ChunkParts, abandon: thread
 
 
 # ---------------------------------------------------------------------------- the driver
+def describe(adapter) -> dict:
+    """What the run row needs to know of a loaded model (also asked of a Ray actor's model)."""
+    return {
+        "family": adapter.family,
+        "streams": adapter.streams(),
+        "attn_implementation": adapter.model.config._attn_implementation,
+        "random_weights": bool(getattr(adapter.model.config, "vlatlas_random_weights", False)),
+        "version": pipeline.__version__,
+    }
+
+
+def plan_jobs(chunks: dict[int, list[Row]], batch_size: int, first_chunk: int) -> list[_Job]:
+    """The batches of the given chunks, in order; a chunk always starts a batch, so a chunk's
+    batches (and hence its results) are the same whichever process runs it."""
+    jobs = []
+    for c in sorted(chunks):
+        rs = chunks[c]
+        starts = list(range(0, len(rs), batch_size)) or [0]
+        jobs += [_Job(c, rs[i:i + batch_size], i == starts[-1], c == first_chunk) for i in starts]
+    return jobs
+
+
+def run_chunks(adapter, writer: LakeWriter, jobs: list[_Job], known_images: set[str], policy: KeepPolicy,
+               hidden_layers: set[int] | None, vec_ids: set[int] | None, device: str, workers: int, bar,
+               summary: Summary, manifest_errors) -> None:
+    """Run the planned batches through the three stages; every chunk's files and marker are
+    written before this returns (or, on an error or Ctrl-C, the unfinished chunk is abandoned)."""
+    stage = _WriteStage(writer)
+    ok = False
+    try:
+        _run_jobs(adapter, jobs, known_images, policy, adapter.hook_points(hidden_layers), vec_ids,
+                  device, workers, stage, bar, summary, manifest_errors)
+        ok = True
+    finally:
+        stage.close(abandon=not ok)
+
+
 def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_size: int = 8,
             device: str = "cpu", dtype: str = "float32", limit: int | None = None,
             keep_attention: str = DEFAULT_KEEP_ATTENTION, keep_hidden: str = DEFAULT_KEEP_HIDDEN,
             chunk_size: int = 64, overwrite: bool = False, progress: bool = True, revision: str | None = None,
-            workers: int | None = None, adapter=None) -> Summary:
+            workers: int | None = None, adapter=None, ray: str | None = None, ray_actors: int | None = None,
+            ray_cpus: float = 1.0) -> Summary:
     """Run ``model`` over the manifest ``data`` and write run ``run`` into ``lake``.
 
     Everything about the arguments is checked (manifest columns, run name,
@@ -550,6 +592,12 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
     recorded in ``errors`` and skipped; running the same command again resumes
     an interrupted run. ``workers``: input processes (None = :func:`default_workers`,
     0 = read and encode in this process); results do not depend on it.
+
+    ``lake`` is a folder or an object-store URI (``s3://bucket/prefix``, ``lake/store.py``).
+    ``ray``: run the chunks on a Ray cluster instead of in this process (``""``: the cluster
+    in ``$RAY_ADDRESS`` or one running on this machine, else a new local one; or an address),
+    with ``ray_actors`` model-holding actors of ``ray_cpus`` CPUs each (or one GPU each on
+    CUDA); see :mod:`pipeline.distributed`. The lake is the same as a single-process run's.
     """
     t0 = time.perf_counter()
     check_run_name(run)
@@ -563,21 +611,45 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
     if limit is not None:  # manifest errors are kept whole: they describe the manifest
         rows = [r for r in rows if r.example_id < limit]
     CaptureConfig(keep_hidden=keep_hidden).hidden_layers()  # a bad option fails before the model loads
-    if adapter is None:
-        adapter = load_adapter(model, device=device, dtype=dtype, revision=revision)
-    cfg = CaptureConfig(str(policy), keep_hidden, chunk_size,
-                        bool(getattr(adapter.model.config, "vlatlas_random_weights", False)))
+    store = Store(lake)
+    pool = None
+    if ray is not None:
+        from pipeline.distributed import RayPool
+
+        if store.local:
+            store.ensure_dir()
+        pool = RayPool(ray, model, device=device, dtype=dtype, revision=revision, actors=ray_actors,
+                       cpus=ray_cpus)
+    try:
+        if pool is not None:
+            info = pool.describe()
+        else:
+            if adapter is None:
+                adapter = load_adapter(model, device=device, dtype=dtype, revision=revision)
+            info = describe(adapter)
+        return _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool,
+                        batch_size=batch_size, device=device, dtype=dtype, keep_hidden=keep_hidden,
+                        chunk_size=chunk_size, overwrite=overwrite, progress=progress, revision=revision,
+                        workers=workers, t0=t0)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, *, batch_size, device,
+             dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
+    cfg = CaptureConfig(str(policy), keep_hidden, chunk_size, info["random_weights"])
     hidden_layers = cfg.hidden_layers()
-    top = max(s["layers"] for s in adapter.streams().values())  # hidden states run 0..layers
+    top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
     if hidden_layers and max(hidden_layers) > top:
         raise ValueError(f"--keep-hidden {keep_hidden!r} asks for hidden-state layer(s) "
                          f"{sorted(x for x in hidden_layers if x > top)}, but this model has hidden states "
                          f"0..{top} (0 is the embedding output, l + 1 the output of block l)")
     vec_ids = hidden_vector_examples(rows, cfg.hidden_sample())
-    lake = Path(lake)
-    lake.mkdir(parents=True, exist_ok=True)
-    writer = LakeWriter(lake, run, {"vlatlas.model": model, "vlatlas.capture": cfg.to_json(),
-                                    "vlatlas.version": pipeline.__version__})
+    store.ensure_dir()
+    lake = store.uri
+    metadata = {"vlatlas.model": model, "vlatlas.capture": cfg.to_json(), "vlatlas.version": pipeline.__version__}
+    writer = LakeWriter(store, run, metadata)
     summary = Summary(run, str(lake), errors=list(manifest_errors))
 
     previous = writer.read_run_row()
@@ -599,9 +671,9 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
     writer.purge_incomplete()
     created = previous["created_at"] if previous else datetime.now(timezone.utc)
     run_row = {
-        "run": run, "model": model, "model_family": adapter.family, "revision": revision,
-        "dtype": dtype, "attn_implementation": adapter.model.config._attn_implementation,
-        "streams": json.dumps(adapter.streams()), "manifest": str(data), "n_examples": None,
+        "run": run, "model": model, "model_family": info["family"], "revision": revision,
+        "dtype": dtype, "attn_implementation": info["attn_implementation"],
+        "streams": json.dumps(info["streams"]), "manifest": str(data), "n_examples": None,
         "capture": cfg.to_json(), "status": "running", "created_at": created,
         "software_version": pipeline.__version__,
     }
@@ -614,30 +686,24 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
         chunks[0] = []
     done = writer.done_chunks()
     summary.resumed_chunks = len(done & set(chunks))
-    first = min(chunks)
-    jobs = []
-    for c in sorted(chunks):
-        if c in done:
-            continue
-        rs = chunks[c]
-        starts = list(range(0, len(rs), batch_size)) or [0]
-        jobs += [_Job(c, rs[i:i + batch_size], i == starts[-1], c == first) for i in starts]
-    workers = default_workers(device) if workers is None else workers
-    summary.workers = workers
+    todo = {c: rs for c, rs in chunks.items() if c not in done}
     bar = tqdm(total=len(rows), initial=sum(len(chunks[c]) for c in chunks if c in done), unit="ex",
                desc=f"extract {run}", disable=not progress, dynamic_ncols=True)
-    stage = _WriteStage(writer)
-    ok = False
     try:
-        _run_jobs(adapter, jobs, writer.known_image_ids(), policy, adapter.hook_points(hidden_layers), vec_ids,
-                  device, workers, stage, bar, summary, manifest_errors)
-        ok = True
+        if pool is not None:
+            summary.ray_actors = pool.size
+            pool.run(store.uri, run, metadata, todo, min(chunks), batch_size, writer.known_image_ids(), str(policy),
+                     hidden_layers, vec_ids, manifest_errors, bar, summary)
+        else:
+            workers = default_workers(device) if workers is None else workers
+            summary.workers = workers
+            run_chunks(adapter, writer, plan_jobs(todo, batch_size, min(chunks)), writer.known_image_ids(),
+                       policy, hidden_layers, vec_ids, device, workers, bar, summary, manifest_errors)
     finally:
         bar.close()
-        stage.close(abandon=not ok)
     if summary.resumed_chunks:
-        summary.extracted = _count_examples(lake, run)
-    run_row.update(status="complete", n_examples=_count_examples(lake, run))
+        summary.extracted = writer.count_examples()
+    run_row.update(status="complete", n_examples=writer.count_examples())
     writer.write_run_row(run_row)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
@@ -745,10 +811,3 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     return _BatchRows(ids, layers, {n: sl.valid.cpu().numpy() for n, sl in streams.items()},
                       {n: list(sl.token_offset) for n, sl in streams.items()}, dict(layout.keys), with_vec,
                       examples, tokens, images, errors)
-
-
-def _count_examples(lake: Path, run: str) -> int:
-    import pyarrow.parquet as pq
-
-    base = lake / EXAMPLES.name / f"run={run}"
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in base.glob("*.parquet")) if base.exists() else 0

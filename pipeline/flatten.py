@@ -361,7 +361,7 @@ def kept_rows(kept: Kept, example_ids, token_offset, key_offset) -> dict[str, np
         "head": h.astype(np.int16),
         "query_idx": (q + off[b]).astype(np.int32),
         "key_idx": (k + koff[b]).astype(np.int32),
-        "weight": w.astype(np.float16),
+        "weight": w.astype(np.float16).astype(np.float32),  # float16 precision, stored as float32
     }
 
 
@@ -443,7 +443,9 @@ def hidden_arrow(norm: np.ndarray, valid: np.ndarray, example_ids: list[int], to
         flat, dim = np.zeros(0, np.float16), 0
     lengths = np.where(has, dim, 0)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    vecs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float16()),
+    # float16 precision (the vectors cross from the device as float16), stored as float32: see lake/schema.py
+    flat = flat.astype(np.float16).astype(np.float32)
+    vecs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float32()),
                                     mask=pa.array(~has))
     return pa.table(
         {

@@ -44,7 +44,7 @@ def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
     ss = st.session_state
     with st.sidebar:
         st.markdown("## 🔭 VL-Atlas")
-        st.text_input("Lake", placeholder="/path/to/lake", help=f"the lake's root folder (default: ${state.ENV_LAKE})",
+        st.text_input("Lake", placeholder="/path/to/lake", help=f"the lake's root folder, or an object-store URI such as s3://bucket/prefix (default: ${state.ENV_LAKE})",
                       **state.bind("lake"))
         root = (ss["lake"] or "").strip()
         if not root:

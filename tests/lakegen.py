@@ -65,7 +65,8 @@ class SynthLake:
     attention : ``{(example_id, stream, layer): array [head, query, key]}``, full
         float64 attention in the stream's own token order (query/key index ``i``
         is the stream's ``token_idx - offset[stream]``).
-    stored : same keys, the weights as stored (pruned to 0, rounded to float16).
+    stored : same keys, the weights as stored (pruned to 0, rounded to float16 precision,
+        stored as float32).
     offset : first token_idx of each stream.
     stats : long DataFrame example_id, stream, layer, head, stat, value as written.
     """
@@ -275,7 +276,7 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
                     cols["head"].append(h.astype(np.int16))
                     cols["query_idx"].append((q + off).astype(np.int32))
                     cols["key_idx"].append((k + off).astype(np.int32))
-                    cols["weight"].append(kept[h, q, k].astype(np.float16))
+                    cols["weight"].append(kept[h, q, k].astype(np.float16).astype(np.float32))  # float16-rounded
                 att_parts.append(({"stream": s, "layer": layer},
                                   pa.table({k: np.concatenate(v) for k, v in cols.items()}, schema=ATTENTION.schema)))
             for layer in range(n_layers + 1):
@@ -284,7 +285,7 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
                     for r in (r for r in tok_rows if r["example_id"] == i and r["stream"] == s):
                         vec = rng.normal(size=hidden_size).astype(np.float32)
                         hrows.append(dict(example_id=i, token_idx=r["token_idx"], norm=float(np.linalg.norm(vec)),
-                                          vec=vec.astype(np.float16).tolist()))
+                                          vec=vec.astype(np.float16).astype(np.float32).tolist()))
                 hid_parts.append(({"stream": s, "layer": layer},
                                   pa.Table.from_pylist(hrows, schema=HIDDEN_STATES.schema)))
         parts["attention"] = att_parts

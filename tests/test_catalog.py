@@ -73,7 +73,7 @@ def attention(layer: int) -> pa.Table:
     return pa.table({
         "example_id": np.zeros(8, dtype=np.int64), "head": h.ravel().astype(np.int16),
         "query_idx": q.ravel().astype(np.int32), "key_idx": k.ravel().astype(np.int32),
-        "weight": pa.array(w.ravel().astype(np.float16)),
+        "weight": pa.array(w.ravel().astype(np.float16).astype(np.float32)),  # float16-rounded, stored float32
     })
 
 
@@ -87,7 +87,7 @@ def head_stats() -> pa.Table:
 def hidden_states() -> pa.Table:
     return pa.table({
         "example_id": [0, 0], "token_idx": [0, 1], "norm": [1.0, 2.0],
-        "vec": pa.array([[0.5, -1.0, 0.25, 0.0], [1.0, 1.0, 1.0, 1.0]], pa.list_(pa.float16())),
+        "vec": pa.array([[0.5, -1.0, 0.25, 0.0], [1.0, 1.0, 1.0, 1.0]], pa.list_(pa.float32())),
     })
 
 
@@ -206,7 +206,7 @@ def test_round_trip(cat):
         np.testing.assert_allclose(a["weight"].to_numpy(), want["weight"].to_numpy().astype(np.float32),
                                    rtol=1e-3)
     rows = cat.df("SELECT layer, head, query_idx, sum(weight) AS s FROM attention GROUP BY ALL")
-    np.testing.assert_allclose(rows["s"], 1.0, atol=2e-3)  # float16 rows still sum to 1
+    np.testing.assert_allclose(rows["s"], 1.0, atol=2e-3)  # float16-rounded rows still sum to 1
 
     s = cat.df("SELECT * FROM head_stats ORDER BY layer, head")
     assert s["stat"].tolist() == ["t2i", "entropy", "grounding"]

@@ -61,7 +61,7 @@ def write_hidden(root: Path, run: str, tokens: pd.DataFrame, vecs: dict[int, np.
             "example_id": pa.array(tokens.example_id.to_numpy(np.int64)),
             "token_idx": pa.array(tokens.token_idx.to_numpy(np.int32)),
             "norm": pa.array(np.linalg.norm(h32, axis=1).astype(np.float32)),
-            "vec": pa.array([v.astype(np.float16) for v in h32], pa.list_(pa.float16())),
+            "vec": pa.array([v.astype(np.float16).astype(np.float32) for v in h32], pa.list_(pa.float32())),
         }, schema=HIDDEN_STATES.schema)
         write_parquet_atomic(root / "hidden_states" / f"run={run}" / "stream=self" / f"layer={layer}" / name, rows)
 

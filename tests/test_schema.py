@@ -1,8 +1,10 @@
 """The lake's contract, pinned: a change to any table or column is a visible diff here."""
 
 import pyarrow as pa
+import pytest
 
-from lake.schema import STATS, TABLES
+from lake.schema import SCHEMA_VERSION, STATS, TABLES
+from lake.writer import RESERVED_RUN_NAMES, check_run_name
 
 EXPECTED = {
     "runs": ([], "run model model_family revision dtype attn_implementation streams manifest n_examples "
@@ -30,9 +32,65 @@ def test_tables_and_columns_are_the_contract():
 
 
 def test_storage_types_that_matter():
-    assert TABLES["attention"].schema.field("weight").type == pa.float16()
-    assert TABLES["hidden_states"].schema.field("vec").type == pa.list_(pa.float16())
+    # float32 holding float16-rounded values: Parquet FLOAT16 is unreadable by Spark, summed in
+    # float16 by polars and not aggregatable in pyarrow (tests/test_engines.py)
+    assert SCHEMA_VERSION == 2
+    assert TABLES["attention"].schema.field("weight").type == pa.float32()
+    assert TABLES["hidden_states"].schema.field("vec").type == pa.list_(pa.float32())
+    assert TABLES["hidden_states"].schema.field("norm").type == pa.float32()
     assert TABLES["examples"].schema.field("example_id").type == pa.int64()
+
+
+def test_no_half_float_column_anywhere():
+    def half(t: pa.DataType) -> bool:
+        if pa.types.is_float16(t):
+            return True
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return half(t.value_type)
+        return False
+
+    for name, t in TABLES.items():
+        assert not [f.name for f in t.schema if half(f.type)], name
+
+
+# -- run names: also hive partition values (run=<name>) that every reader types from the path --
+
+
+@pytest.mark.parametrize("name", ["vilt-001", "e5", "v001", "nan-run", "a", "Run_2024-06-01.b", "x" * 100,
+                                  "infinity2", "trueish", "vilt.vqa"])
+def test_run_names_allowed(name):
+    assert check_run_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["001", "1", "2024-06-01", "1e5", "-x", "_x", ".x", "", "bad/name", "a b",
+                                  "x" * 101, "it's", "run=x"])
+def test_run_names_need_a_leading_letter_and_plain_characters(name):
+    with pytest.raises(ValueError, match="starting with a letter"):
+        check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["NaN", "nan", "TRUE", "true", "False", "Infinity", "inf", "INF", "null",
+                                  "None", "NA", "NaT", "epoch", "Epoch", "now", "today", "Tomorrow",
+                                  "yesterday", "allballs"])
+def test_reserved_run_names_refused_in_any_case(name):
+    with pytest.raises(ValueError) as e:
+        check_run_name(name)
+    msg = str(e.value)
+    assert f"run name {name!r} is not allowed" in msg
+    assert "number, a boolean, a date or a null" in msg  # says why
+
+
+def test_reserved_words_listed():
+    assert RESERVED_RUN_NAMES >= {"nan", "inf", "infinity", "true", "false", "null", "none", "na", "nat",
+                                  "epoch", "now", "today", "tomorrow", "yesterday", "allballs"}
+    assert all(w == w.lower() for w in RESERVED_RUN_NAMES)
+
+
+def test_non_string_run_name_refused():
+    with pytest.raises(ValueError):
+        check_run_name(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        check_run_name(1)  # type: ignore[arg-type]
 
 
 def test_statistic_names():
