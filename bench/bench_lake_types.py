@@ -44,6 +44,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from lake.schema import ATTENTION, HIDDEN_STATES, Table  # noqa: E402
+from lake.store import write_parquet_to  # noqa: E402
 from lake.writer import ENCODINGS, arrange, conform  # noqa: E402
 
 ROW_GROUP = 256 * 1024  # lake.store.Store.write_parquet's rows per row group
@@ -83,14 +84,7 @@ def variants(table: Table) -> dict[str, tuple[bool, dict]]:
 def write(data: pa.Table, groups: list[int] | None, options: dict) -> bytes:
     """``data`` as Parquet bytes, as lake.store.Store.write_parquet writes a file."""
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, data.schema, compression="zstd", write_statistics=True, **options) as w:
-        if groups is None:
-            w.write_table(data, row_group_size=ROW_GROUP)
-        else:
-            start = 0
-            for n in groups:
-                w.write_table(data.slice(start, n), row_group_size=ROW_GROUP)
-                start += n
+    write_parquet_to(buf, data, groups, ROW_GROUP, **options)
     return buf.getvalue()
 
 

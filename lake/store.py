@@ -97,13 +97,7 @@ class Store:
 
     def list(self, rel: str = "", recursive: bool = True) -> list[str]:
         """The files under ``rel`` (relative to the root, sorted); [] when there is none."""
-        sel = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
-        try:
-            infos = self.fs.get_file_info(sel)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        cut = len(self.base) + 1
-        return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File)
+        return [p for p, _, _ in self.list_info(rel, recursive)]
 
     def list_info(self, rel: str = "", recursive: bool = True) -> list[tuple[str, int | None, int | None]]:
         """``(path, mtime_ns, size)`` of the files under ``rel``, sorted."""
@@ -164,18 +158,7 @@ class Store:
         ``row_groups``: sizes of consecutive row groups (each still split at ``row_group_size``);
         ``options``: more ``pyarrow.parquet.ParquetWriter`` options (encodings).
         """
-        def write(sink) -> None:
-            with pq.ParquetWriter(sink, data.schema, compression="zstd", write_statistics=True,
-                                  **options) as w:
-                if row_groups is None:
-                    w.write_table(data, row_group_size=row_group_size)
-                else:
-                    start = 0
-                    for n in row_groups:
-                        w.write_table(data.slice(start, n), row_group_size=row_group_size)
-                        start += n
-
-        self._atomic(rel, write)
+        self._atomic(rel, lambda sink: write_parquet_to(sink, data, row_groups, row_group_size, **options))
 
     def delete(self, rel: str) -> None:
         """Delete one file (nothing when it is missing)."""
@@ -197,6 +180,19 @@ class Store:
         """Create a local folder (object stores need none)."""
         if self.local:
             Path(self.path(rel)).mkdir(parents=True, exist_ok=True)
+
+
+def write_parquet_to(sink, data: pa.Table, row_groups: list[int] | None = None, row_group_size: int = 256 * 1024,
+                     **options) -> None:
+    """Write ``data`` as Parquet (zstd, statistics) to an open ``sink``, as every lake file is written."""
+    with pq.ParquetWriter(sink, data.schema, compression="zstd", write_statistics=True, **options) as w:
+        if row_groups is None:
+            w.write_table(data, row_group_size=row_group_size)
+        else:
+            start = 0
+            for n in row_groups:
+                w.write_table(data.slice(start, n), row_group_size=row_group_size)
+                start += n
 
 
 def open_store(root: str | Path | Store) -> Store:

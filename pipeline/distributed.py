@@ -23,7 +23,6 @@ chunks themselves run on the cluster:
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 # Ray's retries: an actor process that dies (killed, out of memory, node lost) is restarted this

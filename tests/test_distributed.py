@@ -56,18 +56,14 @@ def s3():
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "vlatlas", "AWS_SECRET_ACCESS_KEY": "vlatlas-secret", "AWS_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vlatlas")
-    try:
-        yield "s3://vlatlas"
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vlatlas")
+        try:
+            yield "s3://vlatlas"
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +76,19 @@ def ray_cluster(s3):
     # Ray's token authentication, with a token of this cluster's own (the drivers started by the
     # tests inherit it); a token left in ~/.ray by another cluster must not get in the way
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0"}
-    old = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-           "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=180)
-        shutil.rmtree(temp, ignore_errors=True)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in auth.items():
+            mp.setenv(k, v)
+        env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+               "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=180)
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -160,6 +152,22 @@ def single(tiny_vilt, manifest, tmp_path_factory):
     return Catalog(lake)
 
 
+def slow_args(cluster, model, manifest, lake, run, actors: int) -> list[str]:
+    """A Ray run with many small chunks and everything stored: slow enough to interrupt; compared
+    with the ``single-all`` reference."""
+    return extract_args(model, manifest, lake, run, "--ray", cluster, "--ray-actors", str(actors),
+                        "--keep-attention", "all", "--keep-hidden", "all", "--chunk-size", "2", "--batch-size", "1")
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def markers(lake: Path, run: str) -> int:
+    return len(list((lake / "_state" / run).glob("chunk-*.done")))
+
+
 def ray_procs(title: str) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split(None, 1)[0]) for line in out.splitlines() if title in line]
@@ -199,15 +207,12 @@ def test_ray_run_equals_single_process(ray_cluster, tiny_vilt, manifest, single,
 def test_killed_actor_is_retried_without_duplicates(ray_cluster, tiny_vilt, manifest, single, tmp_path):
     """SIGKILL an actor process while it runs a chunk: Ray restarts it and runs the chunk again."""
     lake = tmp_path / "lake"
-    args = extract_args(tiny_vilt, manifest, lake, "killed", "--ray", ray_cluster, "--ray-actors", "2",
-                        "--keep-attention", "all", "--keep-hidden", "all", "--chunk-size", "2", "--batch-size", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_cli(slow_args(ray_cluster, tiny_vilt, manifest, lake, "killed", actors=2))
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         busy = ray_procs("ray::ChunkWorker.run_chunk")
-        if busy and any((lake / "_state" / "killed").glob("chunk-*.done")):
+        if busy and markers(lake, "killed"):
             os.kill(busy[0], signal.SIGKILL)  # mid-run: at least one chunk is committed, one is running
             killed = busy[0]
         time.sleep(0.01)
@@ -222,13 +227,11 @@ def test_killed_actor_is_retried_without_duplicates(ray_cluster, tiny_vilt, mani
 
 def test_stopped_run_resumes_on_the_cluster(ray_cluster, tiny_vilt, manifest, single, tmp_path):
     lake = tmp_path / "lake"
-    args = extract_args(tiny_vilt, manifest, lake, "resumed", "--ray", ray_cluster, "--ray-actors", "1",
-                        "--chunk-size", "2", "--batch-size", "1", "--keep-attention", "all", "--keep-hidden", "all")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = slow_args(ray_cluster, tiny_vilt, manifest, lake, "resumed", actors=1)
+    proc = start_cli(args)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if len(list((lake / "_state" / "resumed").glob("chunk-*.done"))) >= 2:
+        if markers(lake, "resumed") >= 2:
             proc.send_signal(signal.SIGINT)  # Ctrl-C on the driver
             break
         time.sleep(0.01)
@@ -236,7 +239,7 @@ def test_stopped_run_resumes_on_the_cluster(ray_cluster, tiny_vilt, manifest, si
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "run the same command again to resume" in err and "Traceback" not in err, err[-2000:]
     cat = Catalog(lake)
-    n_done = len(list((lake / "_state" / "resumed").glob("chunk-*.done")))
+    n_done = markers(lake, "resumed")
     assert 2 <= n_done < N // 2
     assert queries.count_examples(cat, "resumed") == 2 * n_done  # only committed chunks are visible
     r = cli(*args)
