@@ -244,6 +244,7 @@ STATS: tuple[str, ...] = (
     "img_entropy",
     "grounding",
     "pointing",
+    "boxed_img_mass",
     "kept_mass",
 )
 

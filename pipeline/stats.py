@@ -18,12 +18,21 @@ The formulas (quoted by the app's help text, see :data:`STAT_HELP`):
 - ``img_entropy``: over text queries that put mass on patches (under causal attention, text
   before the image puts none), with ``p_k = A[q,k] / sum_{j patch} A[q,j]`` over
   patch keys, ``-sum_k p_k log p_k / log(n_patches)``.
-- ``grounding``: over the text tokens of words that have a ground-truth box,
+- ``boxed_img_mass``: over the text tokens of words that have a ground-truth box,
+  ``sum_{k patch} A[q,k]``: how much those words look at the image at all.
+- ``grounding``: over the text tokens of words that have a ground-truth box and put at
+  least ``MIN_IMAGE_MASS`` (1%) of their attention on the patches,
   ``sum_{k patch in box} A[q,k] / sum_{k patch} A[q,k]``. A patch is in the box
   when its centre is; when no patch centre is, the patch holding the box's
   centre stands for the box.
-- ``pointing``: over the same tokens, 1 when the patch with the largest
-  ``A[q,k]`` is in the box, else 0 (the pointing game).
+- ``pointing``: over the same tokens (boxed, at least 1% on the patches), 1 when the
+  patch with the largest ``A[q,k]`` is in the box, else 0 (the pointing game).
+
+  Rows under 1% are left out of both because their image attention is noise: renormalising
+  a few thousandths of mass (or taking the argmax of weights below float16's precision)
+  credits a word that does not look at the image. The set is chosen per head; an example and
+  head whose boxed words all fall under 1% has no value (null), and ``boxed_img_mass`` says
+  how much the head looks at all.
 - ``kept_mass``: over all queries, the share of the row's mass kept in the
   ``attention`` table after pruning.
 
@@ -37,6 +46,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Rows that put less than this share of their attention on the image patches are left out of
+# ``grounding`` and ``pointing`` (see the module docstring).
+MIN_IMAGE_MASS = 0.01
+
 STAT_HELP: dict[str, str] = {
     "t2i": "mass that text queries put on image keys",
     "t2t": "mass that text queries put on text keys",
@@ -48,10 +61,13 @@ STAT_HELP: dict[str, str] = {
     "max": "largest weight in the row",
     "img_entropy": "entropy of a text query's attention renormalised over image patches, "
     "divided by log(number of patches)",
-    "grounding": "for words with a ground-truth box: mass on patches inside the box, "
-    "renormalised over image patches",
-    "pointing": "for words with a ground-truth box: 1 when the patch with the most attention "
-    "lies inside the box, else 0 (the pointing game)",
+    "boxed_img_mass": "for words with a ground-truth box: mass on image patches (how much they look "
+    "at the image at all)",
+    "grounding": "for words with a ground-truth box that put at least 1% of their attention on the "
+    "image: mass on patches inside the box, renormalised over image patches (rows under 1% are "
+    "left out: their image attention is noise)",
+    "pointing": "for words with a ground-truth box that put at least 1% of their attention on the "
+    "image: 1 when the patch with the most attention lies inside the box, else 0 (the pointing game)",
     "kept_mass": "share of the row's mass kept in the attention table",
 }
 
@@ -152,15 +168,17 @@ def head_stats(attn: torch.Tensor, m: TokenMasks, km: TokenMasks | None = None) 
         box = m.in_box.gather(1, q[:, :, None].expand(-1, -1, K))  # [batch, nb, key]
         pm_rows = pm.gather(2, q[:, None, :].expand(B, H, nb))
         in_box_mass = torch.einsum("bhqk,bqk->bhq", rows, box.to(a.dtype)) / pm_rows
-        in_box_mass = torch.where(patch_mass.gather(2, q[:, None, :].expand(B, H, nb)) > 0, in_box_mass,
-                                  torch.zeros_like(in_box_mass))
-        out["grounding"] = _row_mean(in_box_mass, rows_ok)
+        img_rows = patch_mass.gather(2, q[:, None, :].expand(B, H, nb))  # [batch, head, nb]
+        out["boxed_img_mass"] = _row_mean(img_rows, rows_ok)
+        looks = rows_ok[:, None, :] & (img_rows >= MIN_IMAGE_MASS)  # [batch, head, nb]: per head
+        out["grounding"] = _row_mean(torch.where(looks, in_box_mass, torch.zeros_like(in_box_mass)), looks)
         # pointing: is the argmax over patch keys inside the box?
         top = rows.masked_fill(~km.patch[:, None, None, :], -1.0).argmax(-1, keepdim=True)  # [batch, head, nb, 1]
         hit = torch.gather(box[:, None].expand(-1, H, -1, -1), -1, top)[..., 0]
-        out["pointing"] = _row_mean(hit.to(a.dtype), rows_ok)
+        out["pointing"] = _row_mean(hit.to(a.dtype), looks)
     else:
         nan = torch.full(a.shape[:2], float("nan"), device=a.device)
         out["grounding"] = nan
         out["pointing"] = nan.clone()
+        out["boxed_img_mass"] = nan.clone()
     return out

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lake.schema import STATS
 from pipeline.cli import main
 from tests.tiny import make_manifest, noise_image, write_manifest
 
@@ -31,7 +32,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHON
 _exe = shutil.which("vlatlas", path=str(Path(sys.executable).parent))
 VLATLAS = [_exe] if _exe else [sys.executable, "-m", "pipeline.cli"]
 N_LAYERS, N_HEADS, HIDDEN = 2, 2, 32  # make_tiny_vilt's defaults
-N_STATS = 12
+N_STATS = len(STATS)
 
 
 def extract_args(model, data, lake, run, *extra):

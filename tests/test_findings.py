@@ -46,12 +46,13 @@ def test_grounding_heads_match(fresh, committed):
     best = committed["top_pointing_heads"][0]
     assert fresh["top_pointing_heads"][0]["pointing"] == pytest.approx(best["pointing"], abs=MARGIN)
     if (best["layer"], best["head"]) in by_head:
-        assert by_head[(best["layer"], best["head"])]["grounding"] == pytest.approx(best["grounding"], abs=MARGIN)
+        for k in ("grounding", "boxed_img_mass"):
+            assert by_head[(best["layer"], best["head"])][k] == pytest.approx(best[k], abs=MARGIN), k
     # the best head really points far above chance: the README's central claim
     assert fresh["top_pointing_heads"][0]["pointing"] > 2 * fresh["pointing_chance"]
     for a, b in zip(fresh["layers"], committed["layers"]):
         assert a["layer"] == b["layer"]
-        for k in ("t2i", "grounding", "pointing"):
+        for k in ("t2i", "grounding", "pointing", "boxed_img_mass"):
             assert a[k] == pytest.approx(b[k], abs=MARGIN), (a["layer"], k)
 
 

@@ -95,4 +95,4 @@ def test_non_string_run_name_refused():
 
 def test_statistic_names():
     assert STATS == ("t2i", "t2t", "i2t", "i2i", "i2i_noself", "entropy", "sink", "max", "img_entropy",
-                     "grounding", "pointing", "kept_mass")
+                     "grounding", "pointing", "boxed_img_mass", "kept_mass")

@@ -23,7 +23,8 @@ from pipeline.stats import STAT_HELP, TokenMasks, head_stats
 
 NAN = float("nan")
 SPECIAL = {"cls", "sep", "bos", "eos", "image_cls"}
-STATS = ["t2i", "t2t", "i2t", "i2i", "i2i_noself", "entropy", "sink", "max", "img_entropy", "grounding", "pointing"]
+STATS = ["t2i", "t2t", "i2t", "i2i", "i2i_noself", "entropy", "sink", "max", "img_entropy", "grounding", "pointing",
+         "boxed_img_mass"]
 
 
 # -- a tiny example: [CLS] red circle [SEP] [IMG] + a 2 x 2 grid of 10 px patches -------------------
@@ -76,14 +77,18 @@ def ref_stats(A: np.ndarray, roles, modality, boxed=None, in_box=None) -> dict[s
             s = sum(a[q, k] for k in patch)
             rows.append(ent([a[q, k] / s for k in patch], len(patch)))
         out["img_entropy"].append(mean(rows))
-        g, p = [], []
+        g, p, m = [], [], []
         for q in boxed_q:
             s = sum(a[q, k] for k in patch)
+            m.append(s)
+            if s < 0.01:  # the word hardly looks at the image: left out of grounding and pointing
+                continue
             g.append(sum(a[q, k] for k in patch if in_box[q][k]) / s)
             best = max(patch, key=lambda k: a[q, k])
             p.append(1.0 if in_box[q][best] else 0.0)
         out["grounding"].append(mean(g))
         out["pointing"].append(mean(p))
+        out["boxed_img_mass"].append(mean(m))
     return out
 
 
@@ -168,6 +173,35 @@ def test_grounding_and_pointing_by_hand():
     # head 1: patch mass 0.75, in the box 0.10; the top patch is p00, outside the box.
     assert got["grounding"][0, 1] == pytest.approx(0.10 / 0.75, rel=1e-6)
     assert got["pointing"][0, 1] == 0.0
+
+
+def test_words_that_hardly_look_at_the_image_are_left_out():
+    """The 1% rule: a boxed word with under 1% of its attention on the patches does not count for
+    grounding or pointing (per head); a head whose boxed words all fall under it has no value."""
+    ex = boxed_example()
+    A = ex["A"]
+    #           cls    red   circ  sep   img   p00    p01    p10    p11
+    A[0, 1] = [0.500, 0.2, 0.2, 0.09, 0.005, 0.001, 0.001, 0.001, 0.002]  # "red": 0.5% on patches
+    A[1, 1] = [0.300, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.15]  # 30% on patches
+    A[1, 2] = [0.900, 0.04, 0.04, 0.011, 0.004, 0.001, 0.001, 0.001, 0.002]  # "circle", head 1: 0.5%
+    ex["boxed"][1] = True
+    ex["in_box"][1][8] = True  # "red" has the same box as "circle"
+    got = as_np(head_stats(batch_attention([ex]), masks_for([ex])))
+    # head 0: only "circle" (40% on patches) counts
+    assert got["grounding"][0, 0] == pytest.approx(0.15 / 0.40, rel=1e-6)
+    assert got["pointing"][0, 0] == 1.0
+    assert got["boxed_img_mass"][0, 0] == pytest.approx((0.005 + 0.40) / 2, rel=1e-5)
+    # head 1: only "red" (30%, its top patch p11 is in the box) counts
+    assert got["grounding"][0, 1] == pytest.approx(0.15 / 0.30, rel=1e-6)
+    assert got["pointing"][0, 1] == 1.0
+    assert got["boxed_img_mass"][0, 1] == pytest.approx((0.30 + 0.005) / 2, rel=1e-5)
+    assert_stats_equal(got, 0, ref_stats(A, ROLES, MODALITY, ex["boxed"], ex["in_box"]))
+    # every boxed word under 1% in head 1: null grounding and pointing, the mass still recorded
+    A[1, 1] = A[1, 2]
+    got = as_np(head_stats(batch_attention([ex]), masks_for([ex])))
+    assert np.isnan(got["grounding"][0, 1]) and np.isnan(got["pointing"][0, 1])
+    assert got["boxed_img_mass"][0, 1] == pytest.approx(0.005, rel=1e-5)
+    assert np.isfinite(got["grounding"][0, 0])
 
 
 def test_uniform_attention_by_hand():

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lake.schema import STATS
 from pipeline.capture import NoAttentionError, capture
 from pipeline.extract import extract
 from pipeline.models import load_adapter
@@ -394,7 +395,7 @@ def test_lake_attention_and_hidden_equal_the_models_own(lake_df, lake4, ref, sce
 def test_per_example_results_do_not_depend_on_the_batch(lake_df, lake1, lake4):
     q = "SELECT example_id, stream, layer, head, stat, value FROM head_stats ORDER BY ALL"
     a, b = lake_df(lake1, q), lake_df(lake4, q)
-    assert len(a) == len(b) == 4 * 2 * 2 * 12
+    assert len(a) == len(b) == 4 * 2 * 2 * len(STATS)
     assert (a.drop(columns="value") == b.drop(columns="value")).all().all()
     np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-5, equal_nan=True)
     assert a.value.isna().equals(b.value.isna())

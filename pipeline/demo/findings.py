@@ -30,9 +30,9 @@ START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 def compute(lake: str | Path, run: str = RUN) -> dict:
     cat = open_catalog(lake)
     acc = queries.accuracy_by(cat, run, "qtype")
-    heads = queries.head_means(cat, run, ["grounding", "pointing", "t2i"])
+    heads = queries.head_means(cat, run, ["grounding", "pointing", "t2i", "boxed_img_mass"])
     chance = queries.pointing_chance(cat, run)
-    by_layer = queries.layer_means(cat, run, ["t2i", "grounding", "pointing"])
+    by_layer = queries.layer_means(cat, run, ["t2i", "grounding", "pointing", "boxed_img_mass"])
     split = queries.stat_by_correctness(cat, run, "grounding")
     top = heads.sort_values("pointing", ascending=False).head(3)
     best = top.iloc[0]
@@ -47,10 +47,12 @@ def compute(lake: str | Path, run: str = RUN) -> dict:
         "pointing_chance": round(float(chance), 3),
         "top_pointing_heads": [
             {"layer": int(r.layer), "head": int(r.head), "pointing": round(float(r.pointing), 3),
-             "grounding": round(float(r.grounding), 3)} for r in top.itertuples()],
+             "grounding": round(float(r.grounding), 3), "boxed_img_mass": round(float(r.boxed_img_mass), 3)}
+            for r in top.itertuples()],
         "best_head": {"layer": int(best["layer"]), "head": int(best["head"])},
         "layers": [{"layer": int(r.layer), "t2i": round(float(r.t2i), 3), "grounding": round(float(r.grounding), 3),
-                    "pointing": round(float(r.pointing), 3)} for r in by_layer.itertuples()],
+                    "pointing": round(float(r.pointing), 3), "boxed_img_mass": round(float(r.boxed_img_mass), 3)}
+                   for r in by_layer.itertuples()],
         "grounding_correct_vs_wrong": {
             "layer": int(d["layer"]), "head": int(d["head"]), "correct": round(float(d["correct"]), 3),
             "wrong": round(float(d["wrong"]), 3), "diff": round(float(d["diff"]), 3)},
@@ -64,10 +66,10 @@ def compute(lake: str | Path, run: str = RUN) -> dict:
 def render(f: dict) -> str:
     acc = f["accuracy"]
     qt = ", ".join(f"{q} {acc[q]:.0%}" for q in QTYPES if q in acc)
-    heads = "\n".join(f"| {h['layer']} | {h['head']} | {h['pointing']:.2f} | {h['grounding']:.2f} |"
-                      for h in f["top_pointing_heads"])
-    layers = "\n".join(f"| {x['layer']} | {x['t2i']:.2f} | {x['grounding']:.2f} | {x['pointing']:.2f} |"
-                       for x in f["layers"])
+    heads = "\n".join(f"| {h['layer']} | {h['head']} | {h['pointing']:.2f} | {h['grounding']:.2f} | "
+                      f"{h['boxed_img_mass']:.2f} |" for h in f["top_pointing_heads"])
+    layers = "\n".join(f"| {x['layer']} | {x['t2i']:.2f} | {x['grounding']:.2f} | {x['pointing']:.2f} | "
+                       f"{x['boxed_img_mass']:.2f} |" for x in f["layers"])
     g, t = f["grounding_correct_vs_wrong"], f["t2i_correct_vs_wrong_mean"]
     top_wrong = max(f["wrong_share"], key=f["wrong_share"].get)
     return f"""{START}
@@ -81,11 +83,13 @@ checks every number here.*
 **Heads that ground object words.** For every word with a box (the "circle" of "what color is the
 circle ?"), `pointing` is 1 when the patch that word attends to most lies inside the object's
 box, and `grounding` is the share of the word's attention to the image that lands inside the box.
-Chance pointing (a uniformly random patch) is {f['pointing_chance']:.2f}. The best heads, averaged over
-all boxed words:
+Both count only the words that put at least 1% of their attention on the image patches (below
+that, the image attention is noise: the argmax of weights under float16's precision); `image
+mass` (`boxed_img_mass`) is how much the boxed words look at the image at all. Chance pointing (a
+uniformly random patch) is {f['pointing_chance']:.2f}. The best heads, averaged over the boxed words:
 
-| layer | head | pointing | grounding |
-| --- | --- | --- | --- |
+| layer | head | pointing | grounding | image mass |
+| --- | --- | --- | --- | --- |
 {heads}
 
 Open the Head summary page with statistic `pointing`, click layer {f['best_head']['layer']} head
@@ -94,8 +98,8 @@ heatmap sits on the object.
 
 **Through the layers** (mean over heads and examples):
 
-| layer | t2i | grounding | pointing |
-| --- | --- | --- | --- |
+| layer | t2i | grounding | pointing | image mass |
+| --- | --- | --- | --- | --- |
 {layers}
 
 **Correct versus wrong answers.** The head whose grounding differs most between correctly and

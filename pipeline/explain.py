@@ -1,0 +1,138 @@
+"""Beyond raw attention: the formulas behind ``vlatlas extract --explain``.
+
+Pure torch on the device, one function per method, each tested against an independent
+computation (``tests/test_explain.py``). ``A`` is a ``[batch, head, query, key]`` attention in the
+model's sequence order; padding rows and columns are zero.
+
+- **Rollout** (Abnar and Zuidema 2020): ``Â_l = rownorm(mean_h A_l + I)``, ``R_0 = Â_0``,
+  ``R_l = Â_l R_{l-1}``: how much each token's representation after block ``l`` draws on each
+  input token, following the residual stream through every layer.
+- **Value-weighted attention** (Kobayashi et al. 2020): the norm of what key ``j`` sends through
+  head ``h``, ``n_h(j) = ||W_O^h (W_V^h x_j + b_V^h)||``, so a weight becomes its contribution norm
+  ``||a_ij f_h(x_j)|| = a_ij n_h(j)``. Head statistics on those norms (``t2i_norm`` …) are the
+  same sums as the raw ones over the row ``a_ij n_h(j)`` renormalised to 1.
+- **Visual attention sinks** (Kang et al. 2025): a token is a sink when its hidden state has a
+  massive activation, ``max_d |h_d| / rms(h) >= SINK_RATIO`` in one of the model's *sink
+  dimensions* (the dimensions in which some token of the first batch is that massive). The ratio
+  is at most ``sqrt(D)``, so the paper's threshold of 20 only fires in models wider than 400
+  (every LVLM's language model; not the demo's small ViLT).
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXPLAIN_METHODS = ("relevancy", "rollout", "value", "lens", "sinks")
+SINK_RATIO = 20.0  # |h_d| / rms(h) above which an activation is massive
+LENS_TOP_K = 5
+
+
+def parse_explain(text: str | None) -> tuple[str, ...]:
+    """``--explain relevancy,rollout,...`` -> the methods in canonical order; ValueError on a typo."""
+    if not text:
+        return ()
+    want = {x.strip().lower() for x in text.split(",") if x.strip()}
+    bad = sorted(want - set(EXPLAIN_METHODS))
+    if bad:
+        raise ValueError(f"--explain {text!r}: unknown method(s) {', '.join(bad)}; choose any of "
+                         f"{','.join(EXPLAIN_METHODS)}")
+    return tuple(m for m in EXPLAIN_METHODS if m in want)
+
+
+# -- rollout ------------------------------------------------------------------------------------
+def rollout_step(attn: torch.Tensor, valid: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+    """One layer of attention rollout.
+
+    attn : ``[batch, head, S, S]`` this layer's attention (sequence order).
+    valid : ``[batch, S]`` real tokens.
+    prev : ``[batch, S, S]`` the rollout up to the previous layer (None at the first layer).
+
+    Returns ``[batch, S, S]`` float32: rows of valid tokens sum to 1 over valid keys.
+    """
+    m = attn.float().mean(1)  # [batch, S, S]
+    eye = torch.diag_embed(valid.float())  # identity on valid tokens only
+    a = m + eye
+    a = a * valid[:, None, :].float()
+    a = a / a.sum(-1, keepdim=True).clamp(min=1e-30)
+    return a if prev is None else torch.bmm(a, prev)
+
+
+# -- value-weighted attention -----------------------------------------------------------------------
+def value_norms(values: torch.Tensor, w_out: torch.Tensor, heads: int, kv_heads: int | None = None) -> torch.Tensor:
+    """``n_h(j) = ||W_O^h v_h(j)||`` for every head and token.
+
+    values : ``[batch, S, kv_heads * d]`` the value projection's output (bias included).
+    w_out : ``[D_out, heads * d]`` the output projection's weight (``nn.Linear.weight``).
+    heads, kv_heads : query heads and value heads (grouped-query attention shares a value head
+        between ``heads // kv_heads`` query heads; default ``heads``).
+
+    Returns ``[batch, heads, S]`` float32.
+    """
+    kv_heads = kv_heads or heads
+    B, S, _ = values.shape
+    d = w_out.shape[1] // heads
+    v = values.float().reshape(B, S, kv_heads, d)
+    if kv_heads != heads:
+        v = v.repeat_interleave(heads // kv_heads, dim=2)  # [batch, S, heads, d]
+    w = w_out.float().reshape(w_out.shape[0], heads, d)  # [D_out, heads, d]
+    f = torch.einsum("bshd,ohd->bhso", v, w)  # [batch, heads, S, D_out]
+    return f.norm(dim=-1)
+
+
+def norm_weighted(attn: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``a_ij n_h(j)`` with every row renormalised to 1 (zero rows stay zero): a matrix the head
+    statistics read like an attention matrix. attn ``[b, h, q, k]``, norms ``[b, h, k]``."""
+    w = attn.float() * norms[:, :, None, :]
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+# -- attention sinks --------------------------------------------------------------------------------
+def massive(hidden: torch.Tensor) -> torch.Tensor:
+    """``|h_d| / rms(h)`` for every token and dimension: ``[batch, S, D]`` float32."""
+    h = hidden.float()
+    rms = h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-30)
+    return h.abs() / rms
+
+
+def sink_dims(hidden: torch.Tensor, valid: torch.Tensor, ratio: float = SINK_RATIO) -> torch.Tensor:
+    """The dimensions in which some valid token is massive: ``[D]`` bool."""
+    m = massive(hidden) * valid[..., None].float()
+    return (m >= ratio).any(0).any(0)
+
+
+def sink_tokens(hidden: torch.Tensor, dims: torch.Tensor, ratio: float = SINK_RATIO) -> torch.Tensor:
+    """``[batch, S]`` bool: tokens massive in one of the sink dimensions ``dims`` ``[D]``."""
+    if not bool(dims.any()):
+        return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    return (massive(hidden)[..., dims] >= ratio).any(-1)
+
+
+# -- logit lens -------------------------------------------------------------------------------------
+def lens_topk(hidden: torch.Tensor, norm: torch.nn.Module, head: torch.nn.Module, k: int = LENS_TOP_K
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit lens: ``softmax(lm_head(norm(h)))``'s ``k`` most likely vocabulary items.
+
+    hidden : ``[n, D]`` hidden states. Returns (probs ``[n, k]`` float32, ids ``[n, k]`` int64).
+    """
+    logits = head(norm(hidden.to(next(head.parameters()).dtype))).float()
+    p = logits.softmax(-1)
+    return p.topk(k, dim=-1)
+
+
+# -- relevancy ----------------------------------------------------------------------------------------
+def relevancy_self(attns: list[torch.Tensor], grads: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Gradient-weighted relevancy of a self-attention stack (Chefer, Gur and Wolf 2021, ICCV).
+
+    ``R = I``; for every layer, ``Ā = E_h[(∇A ⊙ A)^+]`` and ``R ← R + Ā R``. Row ``q`` of the
+    result is how relevant each token is to the output read at token ``q``.
+
+    attns, grads : per layer ``[batch, head, S, S]`` the attention and the gradient of the target
+        score with respect to it. valid : ``[batch, S]``.
+    Returns ``[batch, S, S]`` float32.
+    """
+    B, S = valid.shape
+    r = torch.diag_embed(valid.float())
+    for a, g in zip(attns, grads):
+        cam = (g.float() * a.float()).clamp(min=0).mean(1)  # [batch, S, S]
+        r = r + torch.bmm(cam, r)
+    return r
