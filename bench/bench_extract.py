@@ -85,8 +85,15 @@ EXTRACT_MODES = {
     "topk:8": ["--keep-attention", "topk:8", "--keep-hidden", "none"],
     "default": [],
     "all": ["--keep-attention", "all", "--keep-hidden", "all"],
+    # the default capture plus one --explain method each (pipeline/explain.py), and all three
+    "+value": ["--explain", "value"],
+    "+rollout": ["--explain", "rollout"],
+    "+sinks": ["--explain", "sinks"],
+    "+explain": ["--explain", "rollout,value,sinks"],
 }
+EXPLAIN_MODES = ("+value", "+rollout", "+sinks", "+explain")
 MODES = ("plain", "bare", *EXTRACT_MODES)
+DEFAULT_MODES = tuple(m for m in MODES if m not in EXPLAIN_MODES)  # --modes +value,... to cost --explain
 # examples per family when --n is not given: (device kind, size) -> {family: n}. On a CPU the whole
 # base-size run of the five families takes well under 15 minutes on 2 cores; on a GPU the
 # manifests are large enough for the whole-process rate to approach the steady one.
@@ -622,7 +629,8 @@ def main(argv=None) -> None:
     ap.add_argument("--all-n", type=int, default=None,
                     help="rows the `all` mode extracts (first rows of the manifest; default "
                          f"{DEFAULT_ALL_N['cpu']} on CPU, {DEFAULT_ALL_N['cuda']} on CUDA; 0 = skip `all`)")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                    help=f"comma-separated subset of {','.join(MODES)} (default {','.join(DEFAULT_MODES)})")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=None, help="extraction's --workers (default: its own)")
     ap.add_argument("--device", default="cpu")

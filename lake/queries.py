@@ -421,6 +421,38 @@ JOIN t k ON a.key_idx = k.token_idx AND k.role = 'patch'
 WHERE a.run = {run} AND a.stream = {stream} AND a.layer = {layer} AND a.head = {head}
   AND a.example_id = {example_id}
 ORDER BY a.weight DESC""",
+    "Contribution norms (--explain value)": """\
+-- Weights as contribution norms ||a f(x)|| (Kobayashi et al. 2020): stored weight x the key's value norm,
+-- example {example_id}, head {head}, layer {layer}; empty unless the run was extracted with --explain value
+SELECT a.query_idx, a.key_idx, a.weight, v.norm AS value_norm, a.weight * v.norm AS contribution
+FROM attention a
+JOIN value_norms v ON v.run = a.run AND v.stream = a.stream AND v.layer = a.layer
+  AND v.example_id = a.example_id AND v.head = a.head AND v.token_idx = a.key_idx
+WHERE a.run = {run} AND a.stream = {stream} AND a.layer = {layer} AND a.head = {head}
+  AND a.example_id = {example_id}
+ORDER BY contribution DESC
+LIMIT 50""",
+    "Rollout to the image (--explain rollout)": """\
+-- Attention rollout after the last block: how much each word of example {example_id} draws on each patch;
+-- empty unless the run was extracted with --explain rollout
+WITH t AS (SELECT * FROM tokens WHERE run = {run} AND example_id = {example_id})
+SELECT q.token AS word, k.patch_row, k.patch_col, r.value AS rollout
+FROM relevancy r
+JOIN t q ON q.token_idx = r.target
+JOIN t k ON k.token_idx = r.token_idx
+WHERE r.run = {run} AND r.method = 'rollout' AND r.example_id = {example_id}
+  AND r.layer = (SELECT max(layer) FROM relevancy WHERE run = {run} AND method = 'rollout')
+ORDER BY rollout DESC
+LIMIT 50""",
+    "Sink tokens (--explain sinks)": """\
+-- Tokens with a massive activation (|h_d| / rms(h) >= 20), by role and dimension: the model's sink dimensions;
+-- empty unless the run was extracted with --explain sinks
+SELECT s.stream, s.layer, t.role, s.dim, count(*) AS tokens, round(avg(s.ratio), 1) AS mean_ratio
+FROM sinks s
+JOIN tokens t ON t.run = s.run AND t.example_id = s.example_id AND t.token_idx = s.token_idx
+WHERE s.run = {run}
+GROUP BY ALL
+ORDER BY tokens DESC""",
 }
 
 

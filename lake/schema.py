@@ -226,9 +226,58 @@ ERRORS = Table(
     "Rows that were skipped (or altered, e.g. truncated) and why.",
 )
 
+RELEVANCY = Table(
+    "relevancy",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("target", pa.int32()),  # token_idx of what is explained; null: the model's prediction
+            ("method", pa.string()),  # rollout, relevancy, ...
+            ("stream", pa.string()),
+            ("layer", pa.int32()),  # the method's value after this block; null when it spans all layers
+            ("token_idx", pa.int32()),
+            ("value", pa.float32()),
+        ]
+    ),
+    ("run",),
+    "How much each token explains a target (--explain): attention rollout after every block, for "
+    "text (and generated) queries over image keys; target is the query's token_idx.",
+)
+
+VALUE_NORMS = Table(
+    "value_norms",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("head", pa.int16()),
+            ("token_idx", pa.int32()),  # the key token
+            ("norm", pa.float32()),  # ||W_O^h (W_V^h x_j + b_V^h)||
+        ]
+    ),
+    ("run", "stream", "layer"),
+    "--explain value: the norm of what each key token sends through each head (Kobayashi et al. "
+    "2020); a stored weight a times this norm is its contribution norm ||a f(x)||.",
+)
+
+SINKS = Table(
+    "sinks",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("token_idx", pa.int32()),
+            ("dim", pa.int32()),  # the hidden dimension with the massive activation
+            ("ratio", pa.float32()),  # |h_dim| / rms(h)
+        ]
+    ),
+    ("run", "stream", "layer"),
+    "--explain sinks: tokens whose hidden state (layer as in hidden_states) has a massive activation "
+    "(|h_d| / rms(h) >= 20 in some dimension d; Kang et al. 2025).",
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
-    for t in (RUNS, EXAMPLES, TOKENS, ATTENTION, HEAD_STATS, HIDDEN_STATES, EMBEDDINGS, IMAGES, ERRORS)
+    for t in (RUNS, EXAMPLES, TOKENS, ATTENTION, HEAD_STATS, HIDDEN_STATES, EMBEDDINGS, IMAGES, ERRORS,
+              RELEVANCY, VALUE_NORMS, SINKS)
 }
 
 # Head statistics (DESIGN.md). The formulas live in pipeline/stats.py.
@@ -247,6 +296,15 @@ STATS: tuple[str, ...] = (
     "boxed_img_mass",
     "kept_mass",
 )
+
+# Statistics that only runs with --explain have (pipeline/explain.py): value-weighted variants
+# (the same sums over the row a_ij n_h(j) renormalised), the mass on sink tokens, and statistics
+# with the sink tokens left out of the keys (rows renormalised over the other keys).
+EXPLAIN_STATS: dict[str, tuple[str, ...]] = {
+    "value": ("t2i_norm", "t2t_norm", "i2t_norm", "i2i_norm", "sink_norm"),
+    "sinks": ("sink_mass", "t2i_nosink", "t2t_nosink", "i2t_nosink", "i2i_nosink", "entropy_nosink",
+              "grounding_nosink", "pointing_nosink"),
+}
 
 STREAMS = ("self", "vision", "text", "cross", "lm")
 ROLES_SPECIAL = ("cls", "sep", "bos", "eos", "image_cls")

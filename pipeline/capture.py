@@ -36,6 +36,11 @@ class HookPoint:
     index : position of the tensor in the module's output tuple.
     drop : for attention, replace the weights in the output by ``None`` once
         captured (the model's own ``outputs.attentions`` then holds ``None``).
+    store : for hidden states, whether the rows are stored (``--explain sinks`` reads every
+        layer's hidden state, whatever ``--keep-hidden`` stores).
+    out, heads, kv_heads, part : for ``value`` points (``--explain value``): the attention's output
+        projection, its query and value heads, and ``(i, n)`` when the value is part ``i`` of ``n``
+        of a fused projection's output.
     """
 
     stream: str
@@ -44,6 +49,11 @@ class HookPoint:
     module: nn.Module
     index: int = 0
     drop: bool = True
+    store: bool = True
+    out: nn.Module | None = None
+    heads: int = 0
+    kv_heads: int = 0
+    part: tuple[int, int] | None = None
 
 
 Callback = Callable[[HookPoint, torch.Tensor], None]

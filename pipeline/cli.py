@@ -31,7 +31,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
                     limit=a.limit, keep_attention=a.keep_attention or DEFAULT_KEEP_ATTENTION,
                     keep_hidden=a.keep_hidden or DEFAULT_KEEP_HIDDEN, chunk_size=a.chunk_size,
                     overwrite=a.overwrite, progress=not a.quiet, revision=a.revision, workers=a.workers,
-                    ray=a.ray, ray_actors=a.ray_actors, ray_cpus=a.ray_cpus)
+                    ray=a.ray, ray_actors=a.ray_actors, ray_cpus=a.ray_cpus, explain=a.explain)
     except KeyboardInterrupt:
         print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume run {a.run!r}.",
               file=sys.stderr)
@@ -145,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
                    help="processes that read and encode images ahead of the model (default: from the core count; "
                         "0 = in the main process)")
     e.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
+    e.add_argument("--explain", default=None, metavar="METHODS",
+                   help="beyond raw attention, any of rollout,value,sinks (comma-separated): attention rollout "
+                        "(relevancy table), value-weighted attention (value_norms table, *_norm statistics), "
+                        "attention sinks (sinks table, sink_mass and *_nosink statistics)")
     e.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the chunks on a Ray cluster: ADDRESS (HOST:PORT, ray://HOST:10001, auto), or none for "
                         "$RAY_ADDRESS or a cluster running on this machine (else a private local one); the lake must "

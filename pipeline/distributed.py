@@ -75,7 +75,7 @@ class ChunkWorker:
         bar = _ProgressReporter(progress, chunk)
         jobs = plan_jobs({chunk: spec["rows"]}, spec["batch_size"], spec["first_chunk"])
         run_chunks(self.adapter, writer, jobs, known_images, KeepPolicy.parse(spec["policy"]), spec["hidden_layers"],
-                   vec_ids, self.device, spec["workers"], bar, summary, spec["manifest_errors"])
+                   vec_ids, self.device, spec["workers"], bar, summary, spec["manifest_errors"], spec["explain"])
         return {"chunk": chunk, "extracted": summary.extracted, "skipped": summary.skipped,
                 "truncated": summary.truncated, "errors": summary.errors, "pid": os.getpid()}
 
@@ -187,7 +187,8 @@ class RayPool:
         return info
 
     def run(self, lake: str, run: str, metadata: dict, chunks: dict[int, list], first_chunk: int, batch_size: int,
-            known_images: set[str], policy: str, hidden_layers, vec_ids, manifest_errors, bar, summary) -> None:
+            known_images: set[str], policy: str, hidden_layers, vec_ids, manifest_errors, bar, summary,
+            explain: tuple[str, ...] = ()) -> None:
         """Run every chunk on the actors, updating ``bar`` and ``summary`` as they finish."""
         ray = self.ray
         known_ref, vec_ref = ray.put(known_images), ray.put(vec_ids)
@@ -200,7 +201,7 @@ class RayPool:
             c = todo.pop(0)
             spec = {"lake": lake, "run": run, "metadata": metadata, "chunk": c, "rows": chunks[c],
                     "first_chunk": first_chunk, "batch_size": batch_size, "policy": policy,
-                    "hidden_layers": hidden_layers, "workers": 0,
+                    "hidden_layers": hidden_layers, "workers": 0, "explain": tuple(explain),
                     "manifest_errors": list(manifest_errors) if c == first_chunk else []}
             running[actor.run_chunk.remote(spec, known_ref, vec_ref, self.progress)] = (actor, c)
 

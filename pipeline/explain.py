@@ -11,11 +11,12 @@ model's sequence order; padding rows and columns are zero.
   head ``h``, ``n_h(j) = ||W_O^h (W_V^h x_j + b_V^h)||``, so a weight becomes its contribution norm
   ``||a_ij f_h(x_j)|| = a_ij n_h(j)``. Head statistics on those norms (``t2i_norm`` …) are the
   same sums as the raw ones over the row ``a_ij n_h(j)`` renormalised to 1.
-- **Visual attention sinks** (Kang et al. 2025): a token is a sink when its hidden state has a
-  massive activation, ``max_d |h_d| / rms(h) >= SINK_RATIO`` in one of the model's *sink
-  dimensions* (the dimensions in which some token of the first batch is that massive). The ratio
-  is at most ``sqrt(D)``, so the paper's threshold of 20 only fires in models wider than 400
-  (every LVLM's language model; not the demo's small ViLT).
+- **Visual attention sinks** (Kang et al. 2025): a token is a sink at a layer when its hidden
+  state there has a massive activation, ``max_d |h_d| / rms(h) >= SINK_RATIO`` (20, the paper's
+  threshold). The dimension is stored with it: the dimensions that recur across a run are the
+  model's *sink dimensions*, found from the data rather than assumed (the rule is per token, so
+  a token's flag never depends on the rest of its batch). The ratio is at most ``sqrt(D)``, so it
+  only fires in models wider than 400 (every LVLM's language model; not the demo's small ViLT).
 """
 
 from __future__ import annotations
@@ -94,17 +95,13 @@ def massive(hidden: torch.Tensor) -> torch.Tensor:
     return h.abs() / rms
 
 
-def sink_dims(hidden: torch.Tensor, valid: torch.Tensor, ratio: float = SINK_RATIO) -> torch.Tensor:
-    """The dimensions in which some valid token is massive: ``[D]`` bool."""
-    m = massive(hidden) * valid[..., None].float()
-    return (m >= ratio).any(0).any(0)
-
-
-def sink_tokens(hidden: torch.Tensor, dims: torch.Tensor, ratio: float = SINK_RATIO) -> torch.Tensor:
-    """``[batch, S]`` bool: tokens massive in one of the sink dimensions ``dims`` ``[D]``."""
-    if not bool(dims.any()):
-        return torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    return (massive(hidden)[..., dims] >= ratio).any(-1)
+def sinks(hidden: torch.Tensor, valid: torch.Tensor, ratio: float = SINK_RATIO
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sink tokens: ``(flag [batch, S] bool, dim [batch, S] int64, value [batch, S] float32)``, the
+    dimension of each token's largest ``|h_d| / rms(h)`` and that ratio; padding is never a sink.
+    The dimensions that come up across a run are the model's sink dimensions (``sinks.dim``)."""
+    value, dim = massive(hidden).max(-1)
+    return (value >= ratio) & valid, dim, value
 
 
 # -- logit lens -------------------------------------------------------------------------------------

@@ -43,11 +43,12 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from lake.schema import ERRORS, EXAMPLES, IMAGES, STATS
+from lake.schema import ERRORS, EXAMPLES, EXPLAIN_STATS, IMAGES, RELEVANCY, SINKS, STATS, VALUE_NORMS
 from lake.store import Store
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
+from pipeline.explain import norm_weighted, parse_explain, rollout_step, sinks, value_norms
 from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
                               head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
                               seq_in_box, seq_layout)
@@ -57,7 +58,12 @@ from pipeline.stats import head_stats
 
 DEFAULT_KEEP_HIDDEN = "sample:256"
 HIDDEN_SAMPLE_SEED = 0
-STAT_ORDER = sorted(STATS)  # rows of the per-layer statistics block
+STAT_ORDER = sorted(STATS)  # rows of the per-layer statistics block (runs without --explain)
+
+
+def stat_order(explain: tuple[str, ...] = ()) -> list[str]:
+    """The statistics a run computes, in the order of the per-layer statistics block."""
+    return sorted(set(STATS).union(*(EXPLAIN_STATS.get(m, ()) for m in explain)))
 
 
 class RunConflict(Exception):
@@ -79,6 +85,7 @@ class CaptureConfig:
     keep_hidden: str = DEFAULT_KEEP_HIDDEN  # sample:N / all / none / comma-separated hidden-state layers
     chunk_size: int = 64
     random_weights: bool = False
+    explain: str = ""  # --explain methods, comma-separated in canonical order (pipeline.explain)
 
     def hidden_layers(self) -> set[int] | None:
         """None for all layers, else the set of hidden-state layers to keep."""
@@ -320,23 +327,32 @@ class _LayerOut:
 
     stream: str
     layer: int
-    kind: str  # attention / hidden
-    stats: torch.Tensor | None = None  # [stat, batch, head] in STAT_ORDER
+    kind: str  # attention / hidden / value / sinks / rollout
+    stats: torch.Tensor | None = None  # [stat, batch, head] in the run's stat_order
     kept: Kept | None = None
-    norm: torch.Tensor | None = None  # [batch, token]
+    norm: torch.Tensor | None = None  # [batch, token] (hidden); [batch, head, token] (value); [batch, token] ratio (sinks)
     vectors: torch.Tensor | None = None  # [n with vectors, token, dim] float16
+    mask: torch.Tensor | None = None  # sinks: [batch, token] flags; rollout: [batch, query, key] block kept
+    index: torch.Tensor | None = None  # sinks: [batch, token] dimension; rollout: [batch, query, key] values
+    key_stream: str | None = None
 
 
 class _BatchSink:
     """Receives each layer's tensors during the forward pass; keeps every result on the device."""
 
     def __init__(self, adapter, inputs, images, boxes, example_ids, policy: KeepPolicy, device,
-                 with_vec: np.ndarray):
-        """``with_vec`` ``[batch]`` bool: the examples whose hidden vectors are stored."""
+                 with_vec: np.ndarray, explain: tuple[str, ...] = ()):
+        """``with_vec`` ``[batch]`` bool: the examples whose hidden vectors are stored; ``explain``:
+        the --explain methods computed in the same pass (value, sinks, rollout)."""
         self.adapter, self.inputs, self.images, self.boxes = adapter, inputs, images, boxes
         self.example_ids = example_ids
         self.policy = policy
         self.device = device
+        self.explain = explain
+        self.stat_order = stat_order(explain)
+        self._vnorm: dict[tuple[str, int], torch.Tensor] = {}  # value norms, sequence order
+        self._sink: dict[tuple[str, int], torch.Tensor] = {}  # sink flags of each block's input, sequence order
+        self._roll: dict[str, torch.Tensor] = {}  # rollout so far, per stream
         self._vec_rows = torch.as_tensor(np.flatnonzero(with_vec), dtype=torch.long)
         self.layout: BatchLayout | None = None
         self._streams: dict[str, StreamLayout] = {}
@@ -359,6 +375,9 @@ class _BatchSink:
 
     def __call__(self, point: HookPoint, tensor: torch.Tensor) -> None:
         sl = self.stream(point.stream)
+        if point.kind == "value":
+            self._value(point, tensor)
+            return
         if point.kind == "attention":
             key_stream = self.layout.keys.get(point.stream)  # cross attention: keys of another stream
             ksl = sl if key_stream is None else self.stream(key_stream)
@@ -375,13 +394,67 @@ class _BatchSink:
                 kept = select(a, sl.valid, sl.masks.image, self.policy, ksl.valid, ksl.masks.image)
             stats["kept_mass"] = (row_mean_mass(kept.mass, sl.valid) if kept is not None
                                   else torch.zeros_like(stats["t2i"]))
-            block = torch.stack([stats[s].float() for s in STAT_ORDER], 0)  # [stat, batch, head]
+            if self.explain:
+                stats.update(self._explained(point, tensor, masks, None if key_stream is None else k_seq.masks,
+                                             q_seq, sl, ksl, key_stream is None))
+            nan = torch.full_like(stats["t2i"], float("nan"))
+            block = torch.stack([stats.get(s, nan).float() for s in self.stat_order], 0)  # [stat, batch, head]
             self.out.append(_LayerOut(point.stream, point.layer, "attention", stats=block, kept=kept))
         else:
+            if "sinks" in self.explain:
+                valid = self._seq(point.stream, tensor.shape[1]).masks.valid
+                flag, dim, ratio = sinks(tensor, valid)
+                self._sink[(point.stream, point.layer)] = flag
+                tok = sl.seq_index
+                self.out.append(_LayerOut(point.stream, point.layer, "sinks", norm=ratio.gather(1, tok),
+                                          mask=flag.gather(1, tok) & sl.valid, index=dim.gather(1, tok)))
+            if not point.store:
+                return
             h = tensor.gather(1, sl.seq_index[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
             norm = h.float().norm(dim=-1)  # [batch, token]
             vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
             self.out.append(_LayerOut(point.stream, point.layer, "hidden", norm=norm, vectors=vec))
+
+    def _value(self, point: HookPoint, tensor: torch.Tensor) -> None:
+        """A value projection's output: every head's value norms, kept for the layer's attention."""
+        if point.part is not None:
+            i, n = point.part
+            w = tensor.shape[-1] // n
+            tensor = tensor[..., i * w:(i + 1) * w]
+        norms = value_norms(tensor, point.out.weight.detach(), point.heads, point.kv_heads)  # [batch, head, seq]
+        self._vnorm[(point.stream, point.layer)] = norms
+        key_stream = self.layout.keys.get(point.stream) if self.layout is not None else None
+        ksl = self.stream(key_stream or point.stream)
+        tok = ksl.seq_index[:, None, :].expand(-1, norms.shape[1], -1)
+        self.out.append(_LayerOut(point.stream, point.layer, "value", norm=norms.gather(2, tok),
+                                  key_stream=key_stream or point.stream))
+
+    def _explained(self, point, attn, masks, kmasks, q_seq, sl, ksl, square: bool) -> dict[str, torch.Tensor]:
+        """The --explain statistics of one layer, and its rollout rows."""
+        out: dict[str, torch.Tensor] = {}
+        key = (point.stream, point.layer)
+        if key in self._vnorm:
+            s = head_stats(norm_weighted(attn, self._vnorm.pop(key)), masks, kmasks)
+            out.update({f"{k}_norm": s[k] for k in ("t2i", "t2t", "i2t", "i2i", "sink")})
+        if square and key in self._sink:
+            flag = self._sink.pop(key)  # the tokens massive in this block's input
+            a = attn.float()
+            on_sinks = (a * flag[:, None, None, :].float()).sum(-1)  # [batch, head, query]
+            out["sink_mass"] = row_mean_mass(on_sinks, masks.valid)
+            rest = a * (~flag)[:, None, None, :].float()
+            rest = rest / rest.sum(-1, keepdim=True).clamp(min=1e-30)
+            s = head_stats(rest, masks)
+            out.update({f"{k}_nosink": s[k] for k in ("t2i", "t2t", "i2t", "i2i", "entropy", "grounding",
+                                                        "pointing")})
+        if square and "rollout" in self.explain:
+            r = rollout_step(attn, q_seq.masks.valid, self._roll.get(point.stream))
+            self._roll[point.stream] = r
+            tok = sl.seq_index  # [batch, token]
+            n = tok.shape[1]
+            rt = r.gather(1, tok[:, :, None].expand(-1, -1, r.shape[2])).gather(2, tok[:, None, :].expand(-1, n, -1))
+            block = (sl.masks.text & sl.valid)[:, :, None] & (sl.masks.patch & sl.valid)[:, None, :]
+            self.out.append(_LayerOut(point.stream, point.layer, "rollout", mask=block, index=rt))
+        return out
 
     def finish(self) -> list[_LayerOut]:
         """Bring every layer's results to the host in one go (one synchronisation)."""
@@ -392,7 +465,8 @@ class _BatchSink:
         for o in self.out:
             k = o.kept
             hk = None if k is None else Kept(host(k.weight), host(k.keep), None, host(k.index))
-            moved.append(_LayerOut(o.stream, o.layer, o.kind, host(o.stats), hk, host(o.norm), host(o.vectors)))
+            moved.append(_LayerOut(o.stream, o.layer, o.kind, host(o.stats), hk, host(o.norm), host(o.vectors),
+                                   host(o.mask), host(o.index), o.key_stream))
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
         for o in moved:
@@ -402,6 +476,8 @@ class _BatchSink:
                               None if o.kept.index is None else o.kept.index.numpy())
             o.norm = None if o.norm is None else o.norm.numpy()
             o.vectors = None if o.vectors is None else o.vectors.numpy()
+            o.mask = None if o.mask is None else o.mask.numpy()
+            o.index = None if o.index is None else o.index.numpy()
         return moved
 
 
@@ -417,6 +493,7 @@ class _BatchRows:
     offsets: dict[str, list[int]] = field(default_factory=dict)  # stream -> token_offset
     keys: dict[str, str] = field(default_factory=dict)
     with_vec: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    stat_order: list[str] = field(default_factory=lambda: list(STAT_ORDER))
     examples: list[dict] = field(default_factory=list)
     tokens: list[pa.Table] = field(default_factory=list)
     images: list[dict] = field(default_factory=list)
@@ -428,6 +505,9 @@ class _ChunkParts:
         self.examples, self.tokens, self.stats, self.images = [], [], [], []
         self.attention: dict[tuple, list[pa.Table]] = {}
         self.hidden: dict[tuple, list[pa.Table]] = {}
+        self.value_norms: dict[tuple, list[pa.Table]] = {}
+        self.sinks: dict[tuple, list[pa.Table]] = {}
+        self.relevancy: list[pa.Table] = []
         self.errors: list[tuple[str, str, str]] = []
 
 
@@ -507,10 +587,13 @@ def _flatten_batch(b: _BatchRows, p: _ChunkParts) -> None:
     p.tokens.extend(b.tokens)
     p.images.extend(b.images)
     p.errors.extend(b.errors)
+    ids = np.asarray(b.example_ids, np.int64)
     for o in b.layers:
         key = (o.stream, o.layer)
-        if o.kind == "attention":
-            p.stats.append(head_stats_arrow(STAT_ORDER, o.stats, b.example_ids, o.stream, o.layer))
+        if o.kind in ("value", "sinks", "rollout"):
+            _flatten_explained(o, b, ids, p)
+        elif o.kind == "attention":
+            p.stats.append(head_stats_arrow(b.stat_order, o.stats, b.example_ids, o.stream, o.layer))
             if o.kept is not None:
                 koff = b.offsets[b.keys.get(o.stream, o.stream)]
                 cols = kept_rows(o.kept, b.example_ids, b.offsets[o.stream], koff)
@@ -518,6 +601,35 @@ def _flatten_batch(b: _BatchRows, p: _ChunkParts) -> None:
         else:
             p.hidden.setdefault(key, []).append(
                 hidden_arrow(o.norm, b.valid[o.stream], b.example_ids, b.offsets[o.stream], o.vectors, b.with_vec))
+
+
+def _flatten_explained(o: _LayerOut, b: _BatchRows, ids: np.ndarray, p: _ChunkParts) -> None:
+    """Rows of the --explain tables from one layer's results (host arrays)."""
+    key = (o.stream, o.layer)
+    if o.kind == "value":  # [batch, head, token] over the key stream's tokens
+        off = np.asarray(b.offsets[o.key_stream], np.int64)
+        bi, h, t = np.nonzero(np.broadcast_to(b.valid[o.key_stream][:, None, :], o.norm.shape))
+        p.value_norms.setdefault(key, []).append(pa.table({
+            "example_id": ids[bi], "head": h.astype(np.int16), "token_idx": (t + off[bi]).astype(np.int32),
+            "norm": o.norm[bi, h, t].astype(np.float32)}, schema=VALUE_NORMS.schema))
+    elif o.kind == "sinks":
+        off = np.asarray(b.offsets[o.stream], np.int64)
+        bi, t = np.nonzero(o.mask)
+        if len(bi):
+            p.sinks.setdefault(key, []).append(pa.table({
+                "example_id": ids[bi], "token_idx": (t + off[bi]).astype(np.int32),
+                "dim": o.index[bi, t].astype(np.int32), "ratio": o.norm[bi, t].astype(np.float32)},
+                schema=SINKS.schema))
+    else:  # rollout: [batch, query, key] values where mask
+        off = np.asarray(b.offsets[o.stream], np.int64)
+        bi, q, k = np.nonzero(o.mask)
+        n = len(bi)
+        p.relevancy.append(pa.table({
+            "example_id": ids[bi], "target": (q + off[bi]).astype(np.int32),
+            "method": pa.array(np.full(n, "rollout", dtype=object), pa.string()),
+            "stream": pa.array(np.full(n, o.stream, dtype=object), pa.string()),
+            "layer": np.full(n, o.layer, np.int32), "token_idx": (k + off[bi]).astype(np.int32),
+            "value": o.index[bi, q, k].astype(np.float32)}, schema=RELEVANCY.schema))
 
 
 def _write_chunk(writer: LakeWriter, chunk: int, p: _ChunkParts, abandon: threading.Event) -> None:
@@ -538,6 +650,12 @@ def _write_chunk(writer: LakeWriter, chunk: int, p: _ChunkParts, abandon: thread
     }
     if p.images:
         out["images"] = [({}, pa.Table.from_pylist(p.images, schema=IMAGES.schema))]
+    if p.value_norms:
+        out["value_norms"] = parts(p.value_norms)
+    if p.sinks:
+        out["sinks"] = parts(p.sinks)
+    if p.relevancy:
+        out["relevancy"] = one(p.relevancy)
     writer.write_chunk(chunk, out, stop=abandon.is_set)
 
 
@@ -566,14 +684,15 @@ def plan_jobs(chunks: dict[int, list[Row]], batch_size: int, first_chunk: int) -
 
 def run_chunks(adapter, writer: LakeWriter, jobs: list[_Job], known_images: set[str], policy: KeepPolicy,
                hidden_layers: set[int] | None, vec_ids: set[int] | None, device: str, workers: int, bar,
-               summary: Summary, manifest_errors) -> None:
+               summary: Summary, manifest_errors, explain: tuple[str, ...] = ()) -> None:
     """Run the planned batches through the three stages; every chunk's files and marker are
     written before this returns (or, on an error or Ctrl-C, the unfinished chunk is abandoned)."""
     stage = _WriteStage(writer)
     ok = False
     try:
-        _run_jobs(adapter, jobs, known_images, policy, adapter.hook_points(hidden_layers), vec_ids,
-                  device, workers, stage, bar, summary, manifest_errors)
+        points = adapter.hook_points(hidden_layers, explain=explain) if explain else adapter.hook_points(hidden_layers)
+        _run_jobs(adapter, jobs, known_images, policy, points, vec_ids, device, workers, stage, bar, summary,
+                  manifest_errors, explain)
         ok = True
     finally:
         stage.close(abandon=not ok)
@@ -584,7 +703,7 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
             keep_attention: str = DEFAULT_KEEP_ATTENTION, keep_hidden: str = DEFAULT_KEEP_HIDDEN,
             chunk_size: int = 64, overwrite: bool = False, progress: bool = True, revision: str | None = None,
             workers: int | None = None, adapter=None, ray: str | None = None, ray_actors: int | None = None,
-            ray_cpus: float = 1.0) -> Summary:
+            ray_cpus: float = 1.0, explain: str | None = None) -> Summary:
     """Run ``model`` over the manifest ``data`` and write run ``run`` into ``lake``.
 
     Everything about the arguments is checked (manifest columns, run name,
@@ -606,6 +725,10 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
     if workers is not None and workers < 0:
         raise ValueError("--workers must be 0 (read and encode in the main process) or more")
     policy = KeepPolicy.parse(keep_attention)
+    methods = parse_explain(explain)
+    later = [m for m in methods if m in ("relevancy", "lens")]
+    if later:
+        raise NotImplementedError(f"--explain {','.join(later)} is not available yet; rollout, value and sinks are")
     data = Path(data).resolve()
     rows, manifest_errors = read_manifest(data)
     if limit is not None:  # manifest errors are kept whole: they describe the manifest
@@ -627,7 +750,7 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
             if adapter is None:
                 adapter = load_adapter(model, device=device, dtype=dtype, revision=revision)
             info = describe(adapter)
-        return _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool,
+        return _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods,
                         batch_size=batch_size, device=device, dtype=dtype, keep_hidden=keep_hidden,
                         chunk_size=chunk_size, overwrite=overwrite, progress=progress, revision=revision,
                         workers=workers, t0=t0)
@@ -636,9 +759,9 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
             pool.close()
 
 
-def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, *, batch_size, device,
-             dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
-    cfg = CaptureConfig(str(policy), keep_hidden, chunk_size, info["random_weights"])
+def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods, *, batch_size,
+             device, dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
+    cfg = CaptureConfig(str(policy), keep_hidden, chunk_size, info["random_weights"], ",".join(methods))
     hidden_layers = cfg.hidden_layers()
     top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
     if hidden_layers and max(hidden_layers) > top:
@@ -693,12 +816,12 @@ def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapt
         if pool is not None:
             summary.ray_actors = pool.size
             pool.run(store.uri, run, metadata, todo, min(chunks), batch_size, writer.known_image_ids(), str(policy),
-                     hidden_layers, vec_ids, manifest_errors, bar, summary)
+                     hidden_layers, vec_ids, manifest_errors, bar, summary, methods)
         else:
             workers = default_workers(device) if workers is None else workers
             summary.workers = workers
             run_chunks(adapter, writer, plan_jobs(todo, batch_size, min(chunks)), writer.known_image_ids(),
-                       policy, hidden_layers, vec_ids, device, workers, bar, summary, manifest_errors)
+                       policy, hidden_layers, vec_ids, device, workers, bar, summary, manifest_errors, methods)
     finally:
         bar.close()
     if summary.resumed_chunks:
@@ -712,7 +835,7 @@ def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapt
 
 def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPolicy, points: list[HookPoint],
               vec_ids: set[int] | None, device: str, workers: int, stage: _WriteStage, bar, summary: Summary,
-              manifest_errors) -> None:
+              manifest_errors, explain: tuple[str, ...] = ()) -> None:
     if not jobs:
         stage.start()
         return
@@ -738,7 +861,7 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
             batch_rows = item["rows"]
             if batch_rows:
                 payload = _run_batch(adapter, item, policy, points, vec_ids, device, known_images, chunk_images,
-                                     summary)
+                                     summary, explain)
                 payload.errors = bad + payload.errors
                 stage.put(("batch", job.chunk, payload))
             elif bad:
@@ -767,7 +890,7 @@ def _to_device(v, device: str):
 
 
 def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device, known_images: set[str],
-               chunk_images: set[str], summary: Summary) -> _BatchRows:
+               chunk_images: set[str], summary: Summary, explain: tuple[str, ...] = ()) -> _BatchRows:
     rows: list[Row] = item["rows"]
     pics = item["images"]
     ids = [r.example_id for r in rows]
@@ -776,7 +899,7 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     if hasattr(adapter, "prepare"):  # e.g. a decoder LVLM generates its answer first, uncaptured
         inputs = adapter.prepare(inputs)
     with_vec = np.array([vec_ids is None or i in vec_ids for i in ids], dtype=bool)
-    sink = _BatchSink(adapter, inputs, pics, boxes, ids, policy, device, with_vec)
+    sink = _BatchSink(adapter, inputs, pics, boxes, ids, policy, device, with_vec, explain)
     with capture(points, sink):
         outputs = adapter.forward(inputs, example_ids=ids)
     layout = sink.layout or adapter.layout(inputs, pics, boxes)
@@ -810,4 +933,4 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     streams = layout.streams
     return _BatchRows(ids, layers, {n: sl.valid.cpu().numpy() for n, sl in streams.items()},
                       {n: list(sl.token_offset) for n, sl in streams.items()}, dict(layout.keys), with_vec,
-                      examples, tokens, images, errors)
+                      sink.stat_order, examples, tokens, images, errors)

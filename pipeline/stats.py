@@ -69,6 +69,21 @@ STAT_HELP: dict[str, str] = {
     "pointing": "for words with a ground-truth box that put at least 1% of their attention on the "
     "image: 1 when the patch with the most attention lies inside the box, else 0 (the pointing game)",
     "kept_mass": "share of the row's mass kept in the attention table",
+    # --explain value (pipeline/explain.py): the same sums over the row a_ij * ||f_h(x_j)||, renormalised
+    "t2i_norm": "value-weighted t2i: share of text queries' contribution norm ||a f(x)|| that comes from image keys",
+    "t2t_norm": "value-weighted t2t: share of text queries' contribution norm that comes from text keys",
+    "i2t_norm": "value-weighted i2t: share of image queries' contribution norm that comes from text keys",
+    "i2i_norm": "value-weighted i2i: share of image queries' contribution norm that comes from image keys",
+    "sink_norm": "value-weighted sink: share of the contribution norm that comes from special tokens",
+    # --explain sinks
+    "sink_mass": "mass on sink tokens (a massive activation, |h_d| / rms(h) >= 20, in this layer's input)",
+    "t2i_nosink": "t2i with the sink tokens left out of every row (renormalised)",
+    "t2t_nosink": "t2t with the sink tokens left out of every row (renormalised)",
+    "i2t_nosink": "i2t with the sink tokens left out of every row (renormalised)",
+    "i2i_nosink": "i2i with the sink tokens left out of every row (renormalised)",
+    "entropy_nosink": "entropy with the sink tokens left out of every row (renormalised)",
+    "grounding_nosink": "grounding with the sink tokens left out of every row (renormalised)",
+    "pointing_nosink": "pointing with the sink tokens left out of every row (renormalised)",
 }
 
 

@@ -37,7 +37,8 @@ from lake.writer import ENCODINGS, check_run_name, write_table
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "### Reading the lake from Spark, polars, pyarrow and DuckDB"
 RUN_ALL, RUN_DEFAULT, RUN_SAMPLE = "e5", "v001", "x1e5"  # everything kept / default capture / 2 vectors
-RUNS = (RUN_ALL, RUN_DEFAULT, RUN_SAMPLE)
+RUN_EXPLAIN = "w512"  # --explain rollout,value,sinks on a model with a sink token
+RUNS = (RUN_ALL, RUN_DEFAULT, RUN_SAMPLE, RUN_EXPLAIN)
 N_EXAMPLES = 6  # good rows of the manifest (and one with a missing image)
 REL = 1e-6  # float sums: same values, another summation order
 pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
@@ -65,6 +66,9 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
     "embeddings": (["run", "stream", "layer", "method"], [("sum", "x"), ("sum", "y"), ("sum", "token_idx")]),
     "images": (["width", "height"], [("bytes", "png"), ("nonnull", "image_id")]),
     "errors": (["run", "stage"], [("nonnull", "message")]),
+    "relevancy": (["run", "method", "stream", "layer"], [("sum", "value"), ("sum", "target"), ("sum", "token_idx")]),
+    "value_norms": (["run", "stream", "layer", "head"], [("sum", "norm"), ("sum", "token_idx")]),
+    "sinks": (["run", "stream", "layer", "dim"], [("sum", "ratio"), ("sum", "token_idx")]),
 }
 STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage"}
 
@@ -96,6 +100,10 @@ def lake(tiny_vilt, tmp_path_factory) -> Path:
     extract(str(tiny_vilt), manifest, root, RUN_ALL, keep_attention="all", keep_hidden="all", **common)
     extract(str(tiny_vilt), manifest, root, RUN_DEFAULT, **common)
     extract(str(tiny_vilt), manifest, root, RUN_SAMPLE, keep_attention="topk:2", keep_hidden="sample:2", **common)
+    from tests.tiny import make_sink_vilt
+
+    extract(str(make_sink_vilt(tmp / "sink-vilt")), manifest, root, RUN_EXPLAIN, explain="rollout,value,sinks",
+            **common)
     embed(root, RUN_ALL, n_tokens=60, progress=False,
           config=TSNEConfig(early_exaggeration_iter=50, n_iter=50, n_iter_aligned=30))
     return root
@@ -264,7 +272,7 @@ def test_duckdb_reference_matches_the_extraction(lake, duck):
 
     runs = q(f"SELECT run, status, n_examples FROM read_parquet('{glob(lake, 'runs')}') ORDER BY run")
     assert runs.run.tolist() == sorted(RUNS) and set(runs.status) == {"complete"}
-    assert runs.n_examples.tolist() == [N_EXAMPLES] * 3
+    assert runs.n_examples.tolist() == [N_EXAMPLES] * len(RUNS)
     for table in ("examples", "errors", "tokens", "head_stats", "attention", "hidden_states"):
         got = q(f"SELECT DISTINCT run FROM read_parquet('{glob(lake, table)}', hive_partitioning = true) ORDER BY 1")
         assert got.run.tolist() == sorted(RUNS), table
@@ -272,7 +280,7 @@ def test_duckdb_reference_matches_the_extraction(lake, duck):
              "hive_partitioning = true)").run.tolist() == [RUN_ALL]
     ex = q(f"SELECT run, count(*) AS n FROM read_parquet('{glob(lake, 'examples')}', hive_partitioning = true) "
            "GROUP BY ALL")
-    assert ex.n.tolist() == [N_EXAMPLES] * 3
+    assert ex.n.tolist() == [N_EXAMPLES] * len(RUNS)
     err = q(f"SELECT run, source_id, stage FROM read_parquet('{glob(lake, 'errors')}', hive_partitioning = true)")
     assert sorted(err.run) == sorted(RUNS) and set(err.source_id) == {"missing"} and set(err.stage) == {"image"}
     assert len(q(f"SELECT * FROM read_parquet('{glob(lake, 'images')}')")) == N_EXAMPLES  # shared across runs
@@ -287,6 +295,11 @@ def test_duckdb_reference_matches_the_extraction(lake, duck):
     by = vec.set_index("run")
     assert by.loc[RUN_ALL, "v"] == by.loc[RUN_ALL, "n"] > 0
     assert by.loc[RUN_SAMPLE, "ex"] == 2 and 0 < by.loc[RUN_SAMPLE, "v"] < by.loc[RUN_SAMPLE, "n"]
+    # the --explain tables: filled by the explain run only (and the sink is the [CLS] built into its model)
+    for table in ("relevancy", "value_norms", "sinks"):
+        got = q(f"SELECT run, count(*) AS n FROM read_parquet('{glob(lake, table)}', hive_partitioning = true) "
+                "GROUP BY run")
+        assert got.run.tolist() == [RUN_EXPLAIN] and got.n[0] > 0, table
     # the stored values are float16-rounded, in float32
     w = q(f"SELECT weight FROM read_parquet('{glob(lake, 'attention')}', hive_partitioning = true)").weight.to_numpy()
     assert w.dtype == np.float32 and np.array_equal(w, w.astype(np.float16).astype(np.float32))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.explain import (lens_topk, massive, norm_weighted, parse_explain, relevancy_self, rollout_step,
-                              sink_dims, sink_tokens, value_norms)
+from pipeline.explain import (lens_topk, massive, norm_weighted, parse_explain, relevancy_self, rollout_step, sinks,
+                              value_norms)
 
 
 def softmax(x, axis=-1):
@@ -96,29 +96,28 @@ def test_norm_weighted_rows():
 
 def test_sinks_on_a_model_with_one_massive_activation():
     """A transformer whose second token gets a huge value in dimension 3 from its embedding: that
-    dimension is the sink dimension and the token the sink. (|h_d| / rms(h) is at most sqrt(D), so
-    the paper's threshold of 20 needs a model wider than 400.)"""
+    token is the sink, in dimension 3, before and after a layer. (|h_d| / rms(h) is at most sqrt(D),
+    so the paper's threshold of 20 needs a model wider than 400.)"""
     torch.manual_seed(0)
     D, S = 1024, 8
     layer = torch.nn.TransformerEncoderLayer(D, 2, 64, dropout=0.0, batch_first=True)
     emb = torch.randn(2, S, D)
     emb[0, 1, 3] = 400.0  # the massive activation
+    valid = torch.ones(2, S, dtype=torch.bool)
     with torch.no_grad():
         h1 = layer(emb)
-    valid = torch.ones(2, S, dtype=torch.bool)
-    dims = sink_dims(emb, valid)
-    assert dims.nonzero().flatten().tolist() == [3]
-    flags = sink_tokens(emb, dims)
-    assert flags.nonzero().tolist() == [[0, 1]]
-    ratio = massive(emb)[0, 1, 3].item()
+    flag, dim, value = sinks(emb, valid)
+    assert flag.nonzero().tolist() == [[0, 1]] and dim[0, 1].item() == 3
     rms = emb[0, 1].pow(2).mean().sqrt().item()
-    assert ratio == pytest.approx(400.0 / rms, rel=1e-5)
-    # a layer norm keeps the ratio (it is scale-free): the token is still the only sink after the layer
-    assert sink_tokens(h1, dims).nonzero().tolist() == [[0, 1]]
-    # padding never defines a sink dimension
+    assert value[0, 1].item() == pytest.approx(400.0 / rms, rel=1e-5)
+    assert massive(emb)[0, 1, 3].item() == pytest.approx(400.0 / rms, rel=1e-5)
+    # a layer norm keeps the ratio (it is scale-free): still the only sink after the layer
+    flag1, dim1, _ = sinks(h1, valid)
+    assert flag1.nonzero().tolist() == [[0, 1]] and dim1[0, 1].item() == 3
+    # padding is never a sink
     emb[1, 5, 7] = 500.0
     valid[1, 5] = False
-    assert sink_dims(emb, valid).nonzero().flatten().tolist() == [3]
+    assert sinks(emb, valid)[0].nonzero().tolist() == [[0, 1]]
 
 
 def test_lens_is_lm_head_of_the_norm():
@@ -166,3 +165,191 @@ def test_relevancy_against_autograd_reimplementation():
         cam /= H
         R = R + cam @ R
     np.testing.assert_allclose(got[0].numpy(), R, rtol=1e-5, atol=1e-7)
+
+
+# -- the capture: --explain on real (tiny) models, checked against the lake's own full attention ----------
+from pipeline.extract import extract  # noqa: E402
+from tests.tiny import make_manifest, make_sink_vilt  # noqa: E402
+
+
+def lake_df(root, sql, params=None):
+    from lake.catalog import Catalog
+
+    with Catalog(root) as cat:
+        return cat.df(sql, params)
+
+
+def dense(att: "pd.DataFrame", n: int, heads: int) -> np.ndarray:
+    a = np.zeros((heads, n, n))
+    a[att["head"].to_numpy(), att.query_idx.to_numpy(), att.key_idx.to_numpy()] = att.weight.to_numpy()
+    return a
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    """A ViLT 512 wide whose [CLS] embedding has one massive dimension (a sink by construction), run
+    with every weight stored and --explain rollout,value,sinks."""
+    tmp = tmp_path_factory.mktemp("explain")
+    mdir = make_sink_vilt(tmp / "model")
+    manifest = make_manifest(tmp / "data", n=5)
+    lake = tmp / "lake"
+    extract(str(mdir), manifest, lake, "ex", batch_size=2, keep_attention="all", keep_hidden="none",
+            explain="sinks,value,rollout", progress=False, workers=0)
+    return lake, mdir
+
+
+def test_explain_is_recorded_and_bad_methods_are_refused(explained, tmp_path):
+    import json
+
+    lake, mdir = explained
+    cap = json.loads(lake_df(lake, "SELECT capture FROM runs").capture[0])
+    assert cap["explain"] == "rollout,value,sinks"
+    with pytest.raises(ValueError, match="unknown method"):
+        extract(str(mdir), tmp_path / "none.jsonl", tmp_path / "l", "x", explain="values")
+
+
+def test_rollout_rows_equal_the_product_of_the_stored_attention(explained):
+    lake, _ = explained
+    tok = lake_df(lake, "SELECT example_id, token_idx, modality, role FROM tokens ORDER BY ALL")
+    roll = lake_df(lake, "SELECT example_id, layer, target, token_idx, value FROM relevancy "
+                         "WHERE method = 'rollout' ORDER BY ALL")
+    att = lake_df(lake, "SELECT example_id, layer, head, query_idx, key_idx, weight FROM attention")
+    assert len(roll) > 0
+    for ex, t in tok.groupby("example_id"):
+        n = len(t)
+        text = t.token_idx[t.modality == "text"].to_numpy()
+        patch = t.token_idx[t.role == "patch"].to_numpy()
+        r = np.eye(n)
+        for layer in (0, 1):
+            a = dense(att[(att.example_id == ex) & (att.layer == layer)], n, 2).mean(0) + np.eye(n)
+            r = (a / a.sum(-1, keepdims=True)) @ r
+            got = roll[(roll.example_id == ex) & (roll.layer == layer)]
+            assert len(got) == len(text) * len(patch)  # every text query over every patch
+            want = r[got.target.to_numpy(), got.token_idx.to_numpy()]
+            np.testing.assert_allclose(got.value.to_numpy(), want, atol=3e-3)  # stored weights are float16
+
+
+def test_value_norms_against_the_model_per_head(explained):
+    """||W_O^h (W_V^h x + b_V^h)|| from the model's own weights and the value layer's input."""
+    lake, mdir = explained
+    from pipeline.data import read_manifest
+    from pipeline.extract import prepare_batch
+    from pipeline.models import load_adapter
+
+    ad = load_adapter(str(mdir))  # the checkpoint's model, run the way extraction runs it (seeded patches)
+    model = ad.model
+    vn = lake_df(lake, "SELECT example_id, layer, head, token_idx, norm FROM value_norms")
+    tok = lake_df(lake, "SELECT example_id, token_idx, seq_pos FROM tokens")
+    assert set(vn.layer) == {0, 1} and set(vn["head"]) == {0, 1}
+    # every token of every example has a norm per head and layer
+    assert len(vn) == len(tok) * 2 * 2
+    # through the model: the value layer's input (the block's normalised input), whose rows are in
+    # the token table's seq_pos order, times the weights, one head at a time
+    layer = model.vilt.encoder.layer[1]
+    d = 512 // 2
+    W_V, b_V = layer.attention.attention.value.weight.detach().numpy(), layer.attention.attention.value.bias.detach().numpy()
+    W_O = layer.attention.output.dense.weight.detach().numpy()
+    seen = {}
+    h = layer.attention.attention.value.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0].detach()))
+    rows, _ = read_manifest(next((lake.parent / "data").glob("*.jsonl")))
+    b = prepare_batch(ad, rows[:2], set())  # example 0's batch in the extraction (ViLT pads per batch)
+    with torch.no_grad():
+        ad.forward(b["inputs"], example_ids=[0, 1])
+    h.remove()
+    x = seen["x"][0].numpy()  # [seq, 512]
+    t0 = tok[tok.example_id == 0].sort_values("token_idx")
+    got = vn[(vn.example_id == 0) & (vn.layer == 1)]
+    for hd in (0, 1):
+        for ti, sp in zip(t0.token_idx, t0.seq_pos):
+            v = W_V[hd * d:(hd + 1) * d] @ x[sp] + b_V[hd * d:(hd + 1) * d]
+            want = np.linalg.norm(W_O[:, hd * d:(hd + 1) * d] @ v)
+            g = got[(got["head"] == hd) & (got.token_idx == ti)].norm.iloc[0]
+            assert g == pytest.approx(want, rel=1e-4)
+
+
+def test_value_weighted_and_sink_statistics_from_the_lake(explained):
+    """t2i_norm from a_ij n_h(j); sink_mass and t2i_nosink from the sinks table's tokens."""
+    lake, _ = explained
+    tok = lake_df(lake, "SELECT example_id, token_idx, modality, role FROM tokens ORDER BY ALL")
+    att = lake_df(lake, "SELECT example_id, layer, head, query_idx, key_idx, weight FROM attention")
+    vn = lake_df(lake, "SELECT example_id, layer, head, token_idx, norm FROM value_norms")
+    sk = lake_df(lake, "SELECT example_id, layer, token_idx, dim FROM sinks")
+    st = lake_df(lake, "SELECT example_id, layer, head, stat, value FROM head_stats")
+    stat = {(r.example_id, r.layer, r.head, r.stat): r.value for r in st.itertuples()}
+    # the [CLS] token (token 0, role cls) is the sink of every example at hidden-state layer 0, in dimension 5
+    cls0 = sk[sk.layer == 0]
+    assert sorted(cls0.example_id) == sorted(tok.example_id.unique()) and set(cls0.token_idx) == {0}
+    assert set(cls0.dim) == {5}
+    for ex, t in tok.groupby("example_id"):
+        n = len(t)
+        text = (t.modality == "text").to_numpy()
+        image = (t.modality == "image").to_numpy()
+        for layer in (0, 1):
+            A = dense(att[(att.example_id == ex) & (att.layer == layer)], n, 2)
+            sink = np.zeros(n, bool)
+            sink[sk[(sk.example_id == ex) & (sk.layer == layer)].token_idx.to_numpy()] = True
+            for hd in (0, 1):
+                nv = vn[(vn.example_id == ex) & (vn.layer == layer) & (vn["head"] == hd)].sort_values("token_idx")
+                W = A[hd] * nv.norm.to_numpy()[None, :]
+                W = W / W.sum(-1, keepdims=True)
+                assert stat[(ex, layer, hd, "t2i_norm")] == pytest.approx(W[text][:, image].sum(-1).mean(), abs=2e-3)
+                assert stat[(ex, layer, hd, "sink_mass")] == pytest.approx(A[hd][:, sink].sum(-1).mean(), abs=2e-3)
+                R = A[hd] * ~sink[None, :]
+                R = R / R.sum(-1, keepdims=True)
+                assert stat[(ex, layer, hd, "t2i_nosink")] == pytest.approx(R[text][:, image].sum(-1).mean(), abs=2e-3)
+    assert any(v > 0.01 for (e, l, h, s), v in stat.items() if s == "sink_mass" and l == 0)
+
+
+@pytest.mark.parametrize("family", ["clip", "blip", "llava"])
+def test_every_family_fills_the_explain_tables(family, tmp_path):
+    """CLIP (two towers), BLIP (a fused vision qkv and cross attention), LLaVA (a decoder with
+    generated tokens): value norms for every key token of every stream, layer and head, rollout for
+    the streams where text meets image, and value-weighted statistics equal to the lake's own
+    attention times the stored norms."""
+    from tests.test_blip import make_tiny_blip
+    from tests.test_dual import make_tiny_dual
+    from tests.test_llava import make_tiny_llava
+
+    make = {"clip": lambda o: make_tiny_dual(o, "clip"), "blip": lambda o: make_tiny_blip(o, "vqa"),
+            "llava": make_tiny_llava}[family]
+    mdir = make(tmp_path / "model")
+    manifest = make_manifest(tmp_path / "data", n=3)
+    lake = tmp_path / "lake"
+    extract(str(mdir), manifest, lake, family, batch_size=2, keep_attention="all", keep_hidden="none",
+            explain="rollout,value,sinks", progress=False, workers=0)
+    import json
+
+    streams = json.loads(lake_df(lake, "SELECT streams FROM runs").streams[0])
+    keys = {"cross": "vision"} if family == "blip" else {}
+    ntok = lake_df(lake, "SELECT stream, count(*) AS n FROM tokens GROUP BY stream").set_index("stream").n
+    vn = lake_df(lake, "SELECT stream, count(*) AS n FROM value_norms GROUP BY stream").set_index("stream").n
+    for s, shape in streams.items():
+        assert vn[s] == ntok[keys.get(s, s)] * shape["heads"] * shape["layers"], s
+    roll = lake_df(lake, "SELECT DISTINCT stream FROM relevancy WHERE method = 'rollout'").stream.tolist()
+    assert roll == (["lm"] if family == "llava" else [])  # the one stream whose queries are text and keys patches
+    # t2i_norm / i2i_norm of every stream with a square attention, from the lake alone
+    att = lake_df(lake, "SELECT stream, example_id, layer, head, query_idx, key_idx, weight FROM attention")
+    norms = lake_df(lake, "SELECT stream, example_id, layer, head, token_idx, norm FROM value_norms")
+    tok = lake_df(lake, "SELECT stream, example_id, token_idx, modality FROM tokens")
+    st = lake_df(lake, "SELECT stream, example_id, layer, head, stat, value FROM head_stats "
+                       "WHERE stat IN ('t2i_norm', 'i2i_norm')")
+    checked = 0
+    for r in st.dropna().itertuples():
+        if r.stream == "cross":
+            continue
+        t = tok[(tok.stream == r.stream) & (tok.example_id == r.example_id)].sort_values("token_idx")
+        idx = t.token_idx.to_numpy()
+        pos = {v: i for i, v in enumerate(idx)}
+        a = att[(att.stream == r.stream) & (att.example_id == r.example_id) & (att.layer == r.layer)
+                & (att["head"] == r.head)]
+        A = np.zeros((len(idx), len(idx)))
+        A[[pos[q] for q in a.query_idx], [pos[k] for k in a.key_idx]] = a.weight
+        nv = norms[(norms.stream == r.stream) & (norms.example_id == r.example_id) & (norms.layer == r.layer)
+                   & (norms["head"] == r.head)].set_index("token_idx").norm.reindex(idx).to_numpy()
+        W = A * nv[None, :]
+        W = W / W.sum(-1, keepdims=True).clip(min=1e-30)
+        q = (t.modality == ("text" if r.stat == "t2i_norm" else "image")).to_numpy()
+        k = (t.modality == "image").to_numpy()
+        assert r.value == pytest.approx(W[q][:, k].sum(-1).mean(), abs=3e-3), (r.stream, r.stat)
+        checked += 1
+    assert checked > 0

@@ -19,6 +19,9 @@ EXPECTED = {
     "embeddings": (["run"], "stream layer example_id token_idx method x y"),
     "images": ([], "image_id png width height"),
     "errors": (["run"], "source_id stage message"),
+    "relevancy": (["run"], "example_id target method stream layer token_idx value"),
+    "value_norms": (["run", "stream", "layer"], "example_id head token_idx norm"),
+    "sinks": (["run", "stream", "layer"], "example_id token_idx dim ratio"),
 }
 
 
@@ -91,6 +94,17 @@ def test_non_string_run_name_refused():
         check_run_name(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         check_run_name(1)  # type: ignore[arg-type]
+
+
+def test_explain_statistic_names():
+    from lake.schema import EXPLAIN_STATS
+
+    assert EXPLAIN_STATS == {
+        "value": ("t2i_norm", "t2t_norm", "i2t_norm", "i2i_norm", "sink_norm"),
+        "sinks": ("sink_mass", "t2i_nosink", "t2t_nosink", "i2t_nosink", "i2i_nosink", "entropy_nosink",
+                  "grounding_nosink", "pointing_nosink"),
+    }
+    assert not set(STATS) & {s for v in EXPLAIN_STATS.values() for s in v}
 
 
 def test_statistic_names():

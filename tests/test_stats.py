@@ -292,7 +292,10 @@ def test_padding_slots_do_not_change_an_example():
 
 
 def test_stat_help_names_every_stat():
-    assert set(STAT_HELP) == set(STATS) | {"kept_mass"}
+    from lake.schema import EXPLAIN_STATS
+
+    explained = {s for v in EXPLAIN_STATS.values() for s in v}
+    assert set(STAT_HELP) == set(STATS) | {"kept_mass"} | explained
 
 
 def boxed_masks(*args):

@@ -60,6 +60,22 @@ def make_tiny_vilt(out: Path, *, layers: int = 2, heads: int = 2, hidden: int = 
     return out
 
 
+def make_sink_vilt(out: Path) -> Path:
+    """A 512-wide tiny ViLT whose ``[CLS]`` embedding has one huge dimension (5): the token is an
+    attention sink by construction (``|h_5| / rms(h)`` about 22.6 > 20 after the embedding's layer
+    norm; the ratio can only reach 20 in a model wider than 400)."""
+    import torch
+    from transformers import AutoTokenizer, ViltForQuestionAnswering
+
+    make_tiny_vilt(out, hidden=512, heads=2, layers=2)
+    model = ViltForQuestionAnswering.from_pretrained(out)
+    cls_id = AutoTokenizer.from_pretrained(out).cls_token_id
+    with torch.no_grad():
+        model.vilt.embeddings.text_embeddings.word_embeddings.weight[cls_id, 5] = 1e4
+    model.save_pretrained(out)
+    return out
+
+
 def draw_scene(path: Path, size: tuple[int, int], shapes: list[tuple[str, str, tuple[int, int, int, int]]],
                mode: str = "RGB") -> None:
     img = Image.new("RGB", size, "white")

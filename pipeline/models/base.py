@@ -234,26 +234,41 @@ def stream_shapes(configs: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: dict[str, dict[str, str]],
                        keep_hidden: set[int] | None,
-                       first_hidden: dict[str, torch.nn.Module] | None = None) -> list[HookPoint]:
+                       first_hidden: dict[str, torch.nn.Module] | None = None,
+                       explain: tuple[str, ...] = ()) -> list[HookPoint]:
     """Hook points of every stream: each layer's attention (index 1 of its module's output) and the
     hidden states kept (``keep_hidden``: hidden-state layers, None = all).
 
     ``paths[stream]`` maps ``attention`` and ``hidden`` (formatted with ``layer``) and ``hidden_0``
     (the module whose output is hidden state 0) to module paths; a stream without ``hidden`` keeps
     no hidden states. ``first_hidden[stream]`` replaces the ``hidden_0`` module.
+
+    ``explain`` (``pipeline.explain``): with ``value``, each layer's value projection (``value``,
+    ``PATH#i/n`` for part ``i`` of a fused projection) with its output projection (``out``); with
+    ``sinks``, every hidden state, those outside ``keep_hidden`` marked not to be stored.
     """
     pts: list[HookPoint] = []
     for stream, p in paths.items():
-        n = configs[stream].num_hidden_layers
+        c = configs[stream]
+        n = c.num_hidden_layers
+        if "value" in explain and "value" in p:
+            for i in range(n):
+                path, _, part = p["value"].format(layer=i).partition("#")
+                pts.append(HookPoint(stream, i, "value", module_at(model, path), index=0, drop=False,
+                                     out=module_at(model, p["out"].format(layer=i)), heads=c.num_attention_heads,
+                                     kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                                     part=tuple(int(x) for x in part.split("/")) if part else None))
         pts += [HookPoint(stream, i, "attention", module_at(model, p["attention"].format(layer=i)), index=1)
                 for i in range(n)]
         if "hidden" not in p:
             continue
-        if keep_hidden is None or 0 in keep_hidden:
+        sinks = "sinks" in explain
+        if keep_hidden is None or 0 in keep_hidden or sinks:
             first = (first_hidden or {}).get(stream) or module_at(model, p["hidden_0"])
-            pts.append(HookPoint(stream, 0, "hidden", first))
-        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)))
-                for i in range(n) if keep_hidden is None or i + 1 in keep_hidden]
+            pts.append(HookPoint(stream, 0, "hidden", first, store=keep_hidden is None or 0 in keep_hidden))
+        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)),
+                          store=keep_hidden is None or i + 1 in keep_hidden)
+                for i in range(n) if keep_hidden is None or i + 1 in keep_hidden or sinks]
     return pts
 
 

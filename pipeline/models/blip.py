@@ -50,11 +50,18 @@ from pipeline.models.dual import crop_geometry
 MODULES = {
     "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
                "hidden_0": "vision_model.embeddings",
-               "hidden": "vision_model.encoder.layers.{layer}"},
+               "hidden": "vision_model.encoder.layers.{layer}",
+               # the vision tower's q, k and v come from one fused projection: v is its last third
+               "value": "vision_model.encoder.layers.{layer}.self_attn.qkv#2/3",
+               "out": "vision_model.encoder.layers.{layer}.self_attn.projection"},
     "text": {"attention": "text_encoder.encoder.layer.{layer}.attention.self",
              "hidden_0": "text_encoder.embeddings",
-             "hidden": "text_encoder.encoder.layer.{layer}"},
-    "cross": {"attention": "text_encoder.encoder.layer.{layer}.crossattention.self"},
+             "hidden": "text_encoder.encoder.layer.{layer}",
+             "value": "text_encoder.encoder.layer.{layer}.attention.self.value",
+             "out": "text_encoder.encoder.layer.{layer}.attention.output.dense"},
+    "cross": {"attention": "text_encoder.encoder.layer.{layer}.crossattention.self",
+              "value": "text_encoder.encoder.layer.{layer}.crossattention.self.value",
+              "out": "text_encoder.encoder.layer.{layer}.crossattention.output.dense"},
 }
 HEADS = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "retrieval"}
 MAX_NEW_TOKENS = 10
@@ -99,8 +106,8 @@ class BlipAdapter:
     def streams(self) -> dict[str, dict[str, int]]:
         return stream_shapes(self.configs)
 
-    def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
-        return stream_hook_points(self.model, self.configs, MODULES, keep_hidden)
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
+        return stream_hook_points(self.model, self.configs, MODULES, keep_hidden, explain=explain)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:

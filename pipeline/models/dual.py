@@ -47,18 +47,26 @@ MODULES = {
     "clip": {
         "text": {"attention": "text_model.encoder.layers.{layer}.self_attn",
                  "hidden_0": "text_model.embeddings",
-                 "hidden": "text_model.encoder.layers.{layer}"},
+                 "hidden": "text_model.encoder.layers.{layer}",
+                 "value": "text_model.encoder.layers.{layer}.self_attn.v_proj",
+                 "out": "text_model.encoder.layers.{layer}.self_attn.out_proj"},
         "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
                    "hidden_0": "vision_model.pre_layrnorm",
-                   "hidden": "vision_model.encoder.layers.{layer}"},
+                   "hidden": "vision_model.encoder.layers.{layer}",
+                   "value": "vision_model.encoder.layers.{layer}.self_attn.v_proj",
+                   "out": "vision_model.encoder.layers.{layer}.self_attn.out_proj"},
     },
     "siglip": {
         "text": {"attention": "text_model.encoder.layers.{layer}.self_attn",
                  "hidden_0": "text_model.embeddings",
-                 "hidden": "text_model.encoder.layers.{layer}"},
+                 "hidden": "text_model.encoder.layers.{layer}",
+                 "value": "text_model.encoder.layers.{layer}.self_attn.v_proj",
+                 "out": "text_model.encoder.layers.{layer}.self_attn.out_proj"},
         "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
                    "hidden_0": "vision_model.embeddings",
-                   "hidden": "vision_model.encoder.layers.{layer}"},
+                   "hidden": "vision_model.encoder.layers.{layer}",
+                   "value": "vision_model.encoder.layers.{layer}.self_attn.v_proj",
+                   "out": "vision_model.encoder.layers.{layer}.self_attn.out_proj"},
     },
 }
 MODEL_CLASS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -149,8 +157,9 @@ class DualEncoderAdapter:
     def streams(self) -> dict[str, dict[str, int]]:
         return stream_shapes(self.configs)
 
-    def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
-        return stream_hook_points(self.model, self.configs, {s: MODULES[self.kind][s] for s in STREAMS}, keep_hidden)
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
+        return stream_hook_points(self.model, self.configs, {s: MODULES[self.kind][s] for s in STREAMS}, keep_hidden,
+                                  explain=explain)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:

@@ -64,9 +64,13 @@ MODULES = {
         "vision": {"attention": "model.vision_tower.encoder.layers.{layer}.self_attn",
                    "hidden_0": "model.vision_tower.pre_layrnorm",
                    "hidden": "model.vision_tower.encoder.layers.{layer}",
+                   "value": "model.vision_tower.encoder.layers.{layer}.self_attn.v_proj",
+                   "out": "model.vision_tower.encoder.layers.{layer}.self_attn.out_proj",
                    "layers": "model.vision_tower.encoder.layers"},
         "lm": {"attention": "model.language_model.layers.{layer}.self_attn",
                "hidden": "model.language_model.layers.{layer}",
+               "value": "model.language_model.layers.{layer}.self_attn.v_proj",
+               "out": "model.language_model.layers.{layer}.self_attn.o_proj",
                "layers": "model.language_model.layers"},
     },
 }
@@ -146,9 +150,9 @@ class LlavaAdapter:
     def streams(self) -> dict[str, dict[str, int]]:
         return stream_shapes(self.configs)
 
-    def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
         return stream_hook_points(self.model, self.configs, {s: self.paths[s] for s in STREAMS}, keep_hidden,
-                                  first_hidden={"lm": self.probe})
+                                  first_hidden={"lm": self.probe}, explain=explain)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:

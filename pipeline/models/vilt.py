@@ -39,6 +39,8 @@ MODULES = {
     "attention": "vilt.encoder.layer.{layer}.attention.attention",  # ViltSelfAttention -> (context, probs)
     "hidden_0": "vilt.embeddings",  # (embeddings, masks): hidden state 0
     "hidden": "vilt.encoder.layer.{layer}",  # (layer_output, ...): hidden state layer + 1
+    "value": "vilt.encoder.layer.{layer}.attention.attention.value",  # --explain value: W_V x + b_V
+    "out": "vilt.encoder.layer.{layer}.attention.output.dense",  # and W_O
 }
 STREAM = "self"
 PATCH_SEED = 1_000_003  # + example_id: the generator of an example's patch sampling
@@ -96,9 +98,9 @@ class ViltAdapter:
     def streams(self) -> dict[str, dict[str, int]]:
         return stream_shapes({STREAM: self.model.config})
 
-    def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
         paths = {k: self._path(k, layer="{layer}") for k in MODULES}
-        return stream_hook_points(self.model, {STREAM: self.model.config}, {STREAM: paths}, keep_hidden)
+        return stream_hook_points(self.model, {STREAM: self.model.config}, {STREAM: paths}, keep_hidden, explain=explain)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:
