@@ -4,6 +4,7 @@ numpy, a per-head value/output computation, a model built with one massive activ
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -179,7 +180,7 @@ def lake_df(root, sql, params=None):
         return cat.df(sql, params)
 
 
-def dense(att: "pd.DataFrame", n: int, heads: int) -> np.ndarray:
+def dense(att: pd.DataFrame, n: int, heads: int) -> np.ndarray:
     a = np.zeros((heads, n, n))
     a[att["head"].to_numpy(), att.query_idx.to_numpy(), att.key_idx.to_numpy()] = att.weight.to_numpy()
     return a

@@ -32,7 +32,6 @@ from pipeline.capture import HookPoint
 from pipeline.data import BadInput
 from pipeline.models.base import (BatchLayout, Prediction, module_at, normalise_answer, stream_hook_points,
                                   stream_layout, stream_shapes, token_table)
-from pipeline.stats import TokenMasks
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md).
 MODULES = {
