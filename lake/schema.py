@@ -274,10 +274,28 @@ SINKS = Table(
     "(|h_d| / rms(h) >= 20 in some dimension d; Kang et al. 2025).",
 )
 
+LENS = Table(
+    "lens",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("layer", pa.int32()),  # hidden-state layer, as in hidden_states
+            ("token_idx", pa.int32()),
+            ("rank", pa.int16()),  # 0 = most likely
+            ("vocab_id", pa.int32()),
+            ("piece", pa.string()),
+            ("prob", pa.float32()),
+        ]
+    ),
+    ("run", "stream"),
+    "--explain lens (decoder LVLMs): the logit lens, softmax(lm_head(norm(h))) of every token's hidden "
+    "state at every layer, its top vocabulary items (the next token each layer would predict).",
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (RUNS, EXAMPLES, TOKENS, ATTENTION, HEAD_STATS, HIDDEN_STATES, EMBEDDINGS, IMAGES, ERRORS,
-              RELEVANCY, VALUE_NORMS, SINKS)
+              RELEVANCY, VALUE_NORMS, SINKS, LENS)
 }
 
 # Head statistics (DESIGN.md). The formulas live in pipeline/stats.py.

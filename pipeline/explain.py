@@ -105,15 +105,24 @@ def sinks(hidden: torch.Tensor, valid: torch.Tensor, ratio: float = SINK_RATIO
 
 
 # -- logit lens -------------------------------------------------------------------------------------
-def lens_topk(hidden: torch.Tensor, norm: torch.nn.Module, head: torch.nn.Module, k: int = LENS_TOP_K
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def lens_topk(hidden: torch.Tensor, norm: torch.nn.Module, head: torch.nn.Module, k: int = LENS_TOP_K,
+              rows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """The logit lens: ``softmax(lm_head(norm(h)))``'s ``k`` most likely vocabulary items.
 
-    hidden : ``[n, D]`` hidden states. Returns (probs ``[n, k]`` float32, ids ``[n, k]`` int64).
+    hidden : ``[n, D]`` hidden states, taken ``rows`` at a time (a vocabulary of 150k makes a
+    logits block of 300 MB per 512 rows in float32). Returns (probs ``[n, k]`` float32, ids
+    ``[n, k]`` int64).
     """
-    logits = head(norm(hidden.to(next(head.parameters()).dtype))).float()
-    p = logits.softmax(-1)
-    return p.topk(k, dim=-1)
+    dtype = next(head.parameters()).dtype
+    ps, ids = [], []
+    for i in range(0, hidden.shape[0], rows):
+        logits = head(norm(hidden[i:i + rows].to(dtype))).float()
+        p, j = logits.softmax(-1).topk(k, dim=-1)
+        ps.append(p)
+        ids.append(j)
+    if not ps:
+        return hidden.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.long, device=hidden.device)
+    return torch.cat(ps), torch.cat(ids)
 
 
 # -- relevancy ----------------------------------------------------------------------------------------

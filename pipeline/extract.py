@@ -43,12 +43,12 @@ import torch
 from tqdm import tqdm
 
 import pipeline
-from lake.schema import ERRORS, EXAMPLES, EXPLAIN_STATS, IMAGES, RELEVANCY, SINKS, STATS, VALUE_NORMS
+from lake.schema import ERRORS, EXAMPLES, EXPLAIN_STATS, IMAGES, LENS, RELEVANCY, SINKS, STATS, VALUE_NORMS
 from lake.store import Store
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
-from pipeline.explain import norm_weighted, parse_explain, rollout_step, sinks, value_norms
+from pipeline.explain import lens_topk, norm_weighted, parse_explain, rollout_step, sinks, value_norms
 from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
                               head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
                               seq_in_box, seq_layout)
@@ -408,6 +408,15 @@ class _BatchSink:
                 tok = sl.seq_index
                 self.out.append(_LayerOut(point.stream, point.layer, "sinks", norm=ratio.gather(1, tok),
                                           mask=flag.gather(1, tok) & sl.valid, index=dim.gather(1, tok)))
+            if "lens" in self.explain and hasattr(self.adapter, "lens") and point.stream == "lm":
+                norm, head = self.adapter.lens()
+                tok = sl.seq_index
+                h = tensor.gather(1, tok[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
+                with torch.no_grad():
+                    p, ids = lens_topk(h.reshape(-1, h.shape[-1]), norm, head)
+                k = p.shape[-1]
+                self.out.append(_LayerOut(point.stream, point.layer, "lens", norm=p.reshape(*tok.shape, k),
+                                          index=ids.reshape(*tok.shape, k), mask=sl.valid))
             if not point.store:
                 return
             h = tensor.gather(1, sl.seq_index[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
@@ -494,6 +503,7 @@ class _BatchRows:
     keys: dict[str, str] = field(default_factory=dict)
     with_vec: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     stat_order: list[str] = field(default_factory=lambda: list(STAT_ORDER))
+    pieces: dict[int, str] = field(default_factory=dict)  # vocabulary id -> piece, for the lens rows
     examples: list[dict] = field(default_factory=list)
     tokens: list[pa.Table] = field(default_factory=list)
     images: list[dict] = field(default_factory=list)
@@ -508,6 +518,7 @@ class _ChunkParts:
         self.value_norms: dict[tuple, list[pa.Table]] = {}
         self.sinks: dict[tuple, list[pa.Table]] = {}
         self.relevancy: list[pa.Table] = []
+        self.lens: dict[str, list[pa.Table]] = {}
         self.errors: list[tuple[str, str, str]] = []
 
 
@@ -590,7 +601,7 @@ def _flatten_batch(b: _BatchRows, p: _ChunkParts) -> None:
     ids = np.asarray(b.example_ids, np.int64)
     for o in b.layers:
         key = (o.stream, o.layer)
-        if o.kind in ("value", "sinks", "rollout"):
+        if o.kind in ("value", "sinks", "rollout", "lens"):
             _flatten_explained(o, b, ids, p)
         elif o.kind == "attention":
             p.stats.append(head_stats_arrow(b.stat_order, o.stats, b.example_ids, o.stream, o.layer))
@@ -620,6 +631,17 @@ def _flatten_explained(o: _LayerOut, b: _BatchRows, ids: np.ndarray, p: _ChunkPa
                 "example_id": ids[bi], "token_idx": (t + off[bi]).astype(np.int32),
                 "dim": o.index[bi, t].astype(np.int32), "ratio": o.norm[bi, t].astype(np.float32)},
                 schema=SINKS.schema))
+    elif o.kind == "lens":  # [batch, token, k] probabilities and vocabulary ids of valid tokens
+        off = np.asarray(b.offsets[o.stream], np.int64)
+        bi, t = np.nonzero(o.mask)
+        k = o.norm.shape[-1]
+        ids_k = o.index[bi, t].reshape(-1)
+        p.lens.setdefault(o.stream, []).append(pa.table({
+            "example_id": np.repeat(ids[bi], k), "layer": np.full(len(bi) * k, o.layer, np.int32),
+            "token_idx": np.repeat((t + off[bi]).astype(np.int32), k),
+            "rank": np.tile(np.arange(k, dtype=np.int16), len(bi)), "vocab_id": ids_k.astype(np.int32),
+            "piece": pa.array([b.pieces.get(int(i)) for i in ids_k], pa.string()),
+            "prob": o.norm[bi, t].reshape(-1).astype(np.float32)}, schema=LENS.schema))
     else:  # rollout: [batch, query, key] values where mask
         off = np.asarray(b.offsets[o.stream], np.int64)
         bi, q, k = np.nonzero(o.mask)
@@ -656,6 +678,8 @@ def _write_chunk(writer: LakeWriter, chunk: int, p: _ChunkParts, abandon: thread
         out["sinks"] = parts(p.sinks)
     if p.relevancy:
         out["relevancy"] = one(p.relevancy)
+    if p.lens:
+        out["lens"] = [({"stream": st}, pa.concat_tables(v)) for st, v in p.lens.items()]
     writer.write_chunk(chunk, out, stop=abandon.is_set)
 
 
@@ -667,6 +691,7 @@ def describe(adapter) -> dict:
         "streams": adapter.streams(),
         "attn_implementation": adapter.model.config._attn_implementation,
         "random_weights": bool(getattr(adapter.model.config, "vlatlas_random_weights", False)),
+        "lens": hasattr(adapter, "lens"),
         "version": pipeline.__version__,
     }
 
@@ -726,9 +751,8 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
         raise ValueError("--workers must be 0 (read and encode in the main process) or more")
     policy = KeepPolicy.parse(keep_attention)
     methods = parse_explain(explain)
-    later = [m for m in methods if m in ("relevancy", "lens")]
-    if later:
-        raise NotImplementedError(f"--explain {','.join(later)} is not available yet; rollout, value and sinks are")
+    if "relevancy" in methods:
+        raise NotImplementedError("--explain relevancy is not available yet; rollout, value, sinks and lens are")
     data = Path(data).resolve()
     rows, manifest_errors = read_manifest(data)
     if limit is not None:  # manifest errors are kept whole: they describe the manifest
@@ -761,6 +785,9 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
 
 def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods, *, batch_size,
              device, dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
+    if "lens" in methods and not info.get("lens"):
+        raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
+                         f"LVLM (llava), and this model is a {info['family']}")
     cfg = CaptureConfig(str(policy), keep_hidden, chunk_size, info["random_weights"], ",".join(methods))
     hidden_layers = cfg.hidden_layers()
     top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
@@ -904,6 +931,8 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
         outputs = adapter.forward(inputs, example_ids=ids)
     layout = sink.layout or adapter.layout(inputs, pics, boxes)
     layers = sink.finish()
+    lens_ids = sorted({int(i) for o in layers if o.kind == "lens" for i in np.unique(o.index)})
+    pieces = dict(zip(lens_ids, adapter.tokenizer.convert_ids_to_tokens(lens_ids))) if lens_ids else {}
     preds = adapter.predict(outputs, [r.answer for r in rows])
     examples, tokens, images, errors = [], [], [], []
     for r, info, note, pred, tok, grid in zip(rows, item["image_info"], item["notes"], preds, layout.tokens,
@@ -933,4 +962,4 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     streams = layout.streams
     return _BatchRows(ids, layers, {n: sl.valid.cpu().numpy() for n, sl in streams.items()},
                       {n: list(sl.token_offset) for n, sl in streams.items()}, dict(layout.keys), with_vec,
-                      sink.stat_order, examples, tokens, images, errors)
+                      sink.stat_order, pieces, examples, tokens, images, errors)

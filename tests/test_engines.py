@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTION = "### Reading the lake from Spark, polars, pyarrow and DuckDB"
 RUN_ALL, RUN_DEFAULT, RUN_SAMPLE = "e5", "v001", "x1e5"  # everything kept / default capture / 2 vectors
 RUN_EXPLAIN = "w512"  # --explain rollout,value,sinks on a model with a sink token
-RUNS = (RUN_ALL, RUN_DEFAULT, RUN_SAMPLE, RUN_EXPLAIN)
+RUN_LENS = "llava-lens"  # a tiny LLaVA with --explain lens
+RUNS = (RUN_ALL, RUN_DEFAULT, RUN_SAMPLE, RUN_EXPLAIN, RUN_LENS)
 N_EXAMPLES = 6  # good rows of the manifest (and one with a missing image)
 REL = 1e-6  # float sums: same values, another summation order
 pytestmark = pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
@@ -69,6 +70,7 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
     "relevancy": (["run", "method", "stream", "layer"], [("sum", "value"), ("sum", "target"), ("sum", "token_idx")]),
     "value_norms": (["run", "stream", "layer", "head"], [("sum", "norm"), ("sum", "token_idx")]),
     "sinks": (["run", "stream", "layer", "dim"], [("sum", "ratio"), ("sum", "token_idx")]),
+    "lens": (["run", "stream", "layer", "rank"], [("sum", "prob"), ("sum", "vocab_id"), ("nonnull", "piece")]),
 }
 STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage"}
 
@@ -104,6 +106,9 @@ def lake(tiny_vilt, tmp_path_factory) -> Path:
 
     extract(str(make_sink_vilt(tmp / "sink-vilt")), manifest, root, RUN_EXPLAIN, explain="rollout,value,sinks",
             **common)
+    from tests.test_llava import make_tiny_llava
+
+    extract(str(make_tiny_llava(tmp / "llava")), manifest, root, RUN_LENS, explain="lens", **common)
     embed(root, RUN_ALL, n_tokens=60, progress=False,
           config=TSNEConfig(early_exaggeration_iter=50, n_iter=50, n_iter_aligned=30))
     return root
@@ -300,6 +305,8 @@ def test_duckdb_reference_matches_the_extraction(lake, duck):
         got = q(f"SELECT run, count(*) AS n FROM read_parquet('{glob(lake, table)}', hive_partitioning = true) "
                 "GROUP BY run")
         assert got.run.tolist() == [RUN_EXPLAIN] and got.n[0] > 0, table
+    got = q(f"SELECT run, count(*) AS n FROM read_parquet('{glob(lake, 'lens')}', hive_partitioning = true) GROUP BY run")
+    assert got.run.tolist() == [RUN_LENS] and got.n[0] > 0
     # the stored values are float16-rounded, in float32
     w = q(f"SELECT weight FROM read_parquet('{glob(lake, 'attention')}', hive_partitioning = true)").weight.to_numpy()
     assert w.dtype == np.float32 and np.array_equal(w, w.astype(np.float16).astype(np.float32))

@@ -354,3 +354,50 @@ def test_every_family_fills_the_explain_tables(family, tmp_path):
         assert r.value == pytest.approx(W[q][:, k].sum(-1).mean(), abs=3e-3), (r.stream, r.stat)
         checked += 1
     assert checked > 0
+
+
+def test_lens_on_llava_is_the_models_own_next_token_at_the_last_layer(tmp_path):
+    """The logit lens of a decoder: at the last layer it is the model's own output, so for greedy
+    generation the most likely item at each position is the token generated next; at every layer the
+    stored probabilities equal lm_head(norm(h)) of the stored hidden vectors (float16-rounded)."""
+    from tests.test_llava import make_tiny_llava
+
+    mdir = make_tiny_llava(tmp_path / "model")
+    manifest = make_manifest(tmp_path / "data", n=3)
+    lake = tmp_path / "lake"
+    extract(str(mdir), manifest, lake, "lens", batch_size=2, keep_attention="none", keep_hidden="all",
+            explain="lens", progress=False, workers=0)
+    lens = lake_df(lake, "SELECT example_id, layer, token_idx, rank, vocab_id, piece, prob FROM lens")
+    tok = lake_df(lake, "SELECT example_id, token_idx, role, token, seq_pos FROM tokens WHERE stream = 'lm'")
+    assert set(lens.layer) == {0, 1, 2} and set(lens["rank"]) == set(range(5))
+    assert len(lens) == len(tok) * 3 * 5  # every lm token, every hidden-state layer, top 5
+    top = lens[(lens["rank"] == 0) & (lens.layer == 2)].set_index(["example_id", "token_idx"])
+    checked = 0
+    for ex, t in tok.groupby("example_id"):
+        t = t.sort_values("seq_pos")
+        gen = t[t.role == "generated"]
+        for _, g in gen.iterrows():
+            prev = t[t.seq_pos == g.seq_pos - 1].token_idx.iloc[0]
+            assert top.loc[(ex, prev), "piece"] == g.token  # greedy: the argmax is what came next
+            checked += 1
+    assert checked > 0
+    # every layer: against lm_head(norm(h)) of the stored vectors
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    hs = lake_df(lake, "SELECT example_id, layer, token_idx, vec FROM hidden_states WHERE stream = 'lm'")
+    with torch.no_grad():
+        h = torch.tensor(np.stack(hs.vec.to_numpy()), dtype=torch.float32)
+        p = torch.softmax(model.lm_head(model.model.language_model.norm(h)), -1).numpy()
+    row = {(r.example_id, r.layer, r.token_idx): i for i, r in enumerate(hs.itertuples())}
+    for r in lens.itertuples():
+        want = p[row[(r.example_id, r.layer, r.token_idx)]]
+        assert r.prob == pytest.approx(want[r.vocab_id], abs=5e-3)
+        if r.rank == 0:
+            assert want[r.vocab_id] >= want.max() - 5e-3
+
+
+def test_lens_needs_a_decoder(tmp_path):
+    mdir = make_sink_vilt(tmp_path / "m")
+    with pytest.raises(ValueError, match="needs a decoder LVLM"):
+        extract(str(mdir), make_manifest(tmp_path / "d", n=1), tmp_path / "l", "x", explain="lens", progress=False)

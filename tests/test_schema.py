@@ -22,6 +22,7 @@ EXPECTED = {
     "relevancy": (["run"], "example_id target method stream layer token_idx value"),
     "value_norms": (["run", "stream", "layer"], "example_id head token_idx norm"),
     "sinks": (["run", "stream", "layer"], "example_id token_idx dim ratio"),
+    "lens": (["run", "stream"], "example_id layer token_idx rank vocab_id piece prob"),
 }
 
 

@@ -245,7 +245,7 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
 
     ``explain`` (``pipeline.explain``): with ``value``, each layer's value projection (``value``,
     ``PATH#i/n`` for part ``i`` of a fused projection) with its output projection (``out``); with
-    ``sinks``, every hidden state, those outside ``keep_hidden`` marked not to be stored.
+    ``sinks`` or ``lens``, every hidden state, those outside ``keep_hidden`` marked not to be stored.
     """
     pts: list[HookPoint] = []
     for stream, p in paths.items():
@@ -262,7 +262,7 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
                 for i in range(n)]
         if "hidden" not in p:
             continue
-        sinks = "sinks" in explain
+        sinks = "sinks" in explain or "lens" in explain  # both read every layer's hidden state
         if keep_hidden is None or 0 in keep_hidden or sinks:
             first = (first_hidden or {}).get(stream) or module_at(model, p["hidden_0"])
             pts.append(HookPoint(stream, 0, "hidden", first, store=keep_hidden is None or 0 in keep_hidden))

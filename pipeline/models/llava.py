@@ -126,6 +126,10 @@ class LlavaAdapter:
         lm = module_at(model, "model.language_model")
         lm.register_forward_pre_hook(self._feed_probe, with_kwargs=True)
 
+    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The language model's final norm and unembedding, for ``--explain lens``."""
+        return module_at(self.model, "model.language_model.norm"), self.model.lm_head
+
     def _feed_probe(self, module, args, kwargs):
         emb = kwargs.get("inputs_embeds")
         if emb is not None:
