@@ -91,8 +91,9 @@ EXTRACT_MODES = {
     "+sinks": ["--explain", "sinks"],
     "+explain": ["--explain", "rollout,value,sinks"],
     "+lens": ["--explain", "lens"],  # decoder LVLMs only (llava); skipped for the other families
+    "+relevancy": ["--explain", "relevancy"],  # vilt, clip, siglip; skipped for the other families
 }
-EXPLAIN_MODES = ("+value", "+rollout", "+sinks", "+explain", "+lens")
+EXPLAIN_MODES = ("+value", "+rollout", "+sinks", "+explain", "+lens", "+relevancy")
 MODES = ("plain", "bare", *EXTRACT_MODES)
 DEFAULT_MODES = tuple(m for m in MODES if m not in EXPLAIN_MODES)  # --modes +value,... to cost --explain
 # examples per family when --n is not given: (device kind, size) -> {family: n}. On a CPU the whole
@@ -496,7 +497,8 @@ def bench_family(family: str, size: str, a, work: Path, plain: Path, manifests: 
     runs: dict[str, list[dict]] = {}
     for rep in range(a.repeats):
         for mode in modes:
-            if mode == "+lens" and family != "llava":
+            if (mode == "+lens" and family != "llava") or (mode == "+relevancy" and family not in ("vilt", "clip",
+                                                                                                  "siglip")):
                 continue
             tag = f"{family}/{size}/{mode}" + (f" #{rep + 1}" if a.repeats > 1 else "")
             print(f"  .. {tag}", file=sys.stderr, flush=True)

@@ -48,7 +48,8 @@ from lake.store import Store
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
-from pipeline.explain import lens_topk, norm_weighted, parse_explain, rollout_step, sinks, value_norms
+from pipeline.explain import (lens_topk, norm_weighted, parse_explain, relevancy_self, rollout_step, sinks,
+                              value_norms)
 from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
                               head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
                               seq_in_box, seq_layout)
@@ -601,7 +602,7 @@ def _flatten_batch(b: _BatchRows, p: _ChunkParts) -> None:
     ids = np.asarray(b.example_ids, np.int64)
     for o in b.layers:
         key = (o.stream, o.layer)
-        if o.kind in ("value", "sinks", "rollout", "lens"):
+        if o.kind in ("value", "sinks", "rollout", "lens", "relevancy"):
             _flatten_explained(o, b, ids, p)
         elif o.kind == "attention":
             p.stats.append(head_stats_arrow(b.stat_order, o.stats, b.example_ids, o.stream, o.layer))
@@ -642,6 +643,16 @@ def _flatten_explained(o: _LayerOut, b: _BatchRows, ids: np.ndarray, p: _ChunkPa
             "rank": np.tile(np.arange(k, dtype=np.int16), len(bi)), "vocab_id": ids_k.astype(np.int32),
             "piece": pa.array([b.pieces.get(int(i)) for i in ids_k], pa.string()),
             "prob": o.norm[bi, t].reshape(-1).astype(np.float32)}, schema=LENS.schema))
+    elif o.kind == "relevancy":  # [batch, token]: each token's relevancy to the prediction
+        off = np.asarray(b.offsets[o.stream], np.int64)
+        bi, t = np.nonzero(o.mask)
+        n = len(bi)
+        p.relevancy.append(pa.table({
+            "example_id": ids[bi], "target": pa.nulls(n, pa.int32()),
+            "method": pa.array(np.full(n, "relevancy", dtype=object), pa.string()),
+            "stream": pa.array(np.full(n, o.stream, dtype=object), pa.string()),
+            "layer": pa.nulls(n, pa.int32()), "token_idx": (t + off[bi]).astype(np.int32),
+            "value": o.index[bi, t].astype(np.float32)}, schema=RELEVANCY.schema))
     else:  # rollout: [batch, query, key] values where mask
         off = np.asarray(b.offsets[o.stream], np.int64)
         bi, q, k = np.nonzero(o.mask)
@@ -692,6 +703,7 @@ def describe(adapter) -> dict:
         "attn_implementation": adapter.model.config._attn_implementation,
         "random_weights": bool(getattr(adapter.model.config, "vlatlas_random_weights", False)),
         "lens": hasattr(adapter, "lens"),
+        "relevancy": hasattr(adapter, "relevancy_target"),
         "version": pipeline.__version__,
     }
 
@@ -751,8 +763,6 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
         raise ValueError("--workers must be 0 (read and encode in the main process) or more")
     policy = KeepPolicy.parse(keep_attention)
     methods = parse_explain(explain)
-    if "relevancy" in methods:
-        raise NotImplementedError("--explain relevancy is not available yet; rollout, value, sinks and lens are")
     data = Path(data).resolve()
     rows, manifest_errors = read_manifest(data)
     if limit is not None:  # manifest errors are kept whole: they describe the manifest
@@ -785,6 +795,9 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
 
 def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods, *, batch_size,
              device, dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
+    if "relevancy" in methods and not info.get("relevancy"):
+        raise ValueError(f"--explain relevancy is available for ViLT, CLIP and SigLIP so far, not for {info['family']}; "
+                         "rollout, value, sinks (and lens for decoders) are")
     if "lens" in methods and not info.get("lens"):
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
                          f"LVLM (llava), and this model is a {info['family']}")
@@ -905,6 +918,40 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
         del items
 
 
+def _relevancy(adapter, inputs, ids, sink: _BatchSink, points: list[HookPoint]) -> None:
+    """Gradient-weighted relevancy (Chefer et al. 2021) of the model's output, a second pass with
+    autograd: every self-attention stream that the output reads gets ``R = I + sum Ā R`` and the row
+    of the token the output is read from (``adapter.relevancy_rows``), in token order."""
+    rows = adapter.relevancy_rows(inputs)
+    att = [p for p in points if p.kind == "attention" and p.stream in rows]
+    grabbed: dict[tuple[str, int], torch.Tensor] = {}
+
+    def grab(p: HookPoint):
+        def fn(module, args, output):
+            grabbed[(p.stream, p.layer)] = output[p.index]
+        return fn
+
+    handles = [p.module.register_forward_hook(grab(p)) for p in att]
+    try:
+        outputs = adapter.forward(inputs, example_ids=ids, grad=True)
+        score = adapter.relevancy_target(outputs)
+        keys = sorted(grabbed)
+        grads = torch.autograd.grad(score.sum(), [grabbed[k] for k in keys], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    grad = dict(zip(keys, grads))
+    for stream, row in rows.items():
+        layers = sorted(l for s, l in keys if s == stream)
+        a = [grabbed[(stream, l)].detach() for l in layers]
+        g = [torch.zeros_like(x) if grad[(stream, l)] is None else grad[(stream, l)] for x, l in zip(a, layers)]
+        valid = sink._seq(stream, a[0].shape[-1]).masks.valid
+        r = relevancy_self(a, g, valid)  # [batch, S, S]
+        vals = r[torch.arange(r.shape[0], device=r.device), row.to(r.device)]  # [batch, S], sequence order
+        sl = sink.stream(stream)
+        sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index), mask=sl.valid))
+
+
 def _to_device(v, device: str):
     """An input array or tensor on ``device`` (through pinned memory on CUDA, copied asynchronously)."""
     if isinstance(v, np.ndarray):
@@ -930,6 +977,8 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     with capture(points, sink):
         outputs = adapter.forward(inputs, example_ids=ids)
     layout = sink.layout or adapter.layout(inputs, pics, boxes)
+    if "relevancy" in explain:
+        _relevancy(adapter, inputs, ids, sink, points)
     layers = sink.finish()
     lens_ids = sorted({int(i) for o in layers if o.kind == "lens" for i in np.unique(o.index)})
     pieces = dict(zip(lens_ids, adapter.tokenizer.convert_ids_to_tokens(lens_ids))) if lens_ids else {}

@@ -401,3 +401,62 @@ def test_lens_needs_a_decoder(tmp_path):
     mdir = make_sink_vilt(tmp_path / "m")
     with pytest.raises(ValueError, match="needs a decoder LVLM"):
         extract(str(mdir), make_manifest(tmp_path / "d", n=1), tmp_path / "l", "x", explain="lens", progress=False)
+
+
+def _chefer_numpy(attns, grads, b, row):
+    """The rule by hand for example ``b``: R = I; R += mean_h[(G * A)^+] R per layer; row ``row``."""
+    S = attns[0].shape[-1]
+    R = np.eye(S)
+    for a, g in zip(attns, grads):
+        A, G = a[b].detach().numpy().astype(np.float64), g[b].numpy().astype(np.float64)
+        cam = np.maximum(A * G, 0).mean(0)
+        R = R + cam @ R
+    return R[row]
+
+
+def test_relevancy_of_vilt_and_clip_against_autograd(tmp_path):
+    """--explain relevancy: each token's relevancy to the prediction (ViLT: the predicted answer's logit,
+    read at [CLS]; CLIP: the image-text similarity, read at the pooled token of each tower), against
+    the rule applied by hand to the model's own attentions and their autograd gradients."""
+    from pipeline.data import read_manifest
+    from pipeline.extract import prepare_batch
+    from pipeline.models import load_adapter
+    from tests.test_dual import make_tiny_dual
+    from tests.tiny import make_tiny_vilt
+
+    manifest = make_manifest(tmp_path / "data", n=2)
+    rows, _ = read_manifest(manifest)
+    for family, mdir in (("vilt", make_tiny_vilt(tmp_path / "vilt")), ("clip", make_tiny_dual(tmp_path / "clip", "clip"))):
+        lake = tmp_path / f"lake-{family}"
+        extract(str(mdir), manifest, lake, family, batch_size=2, keep_attention="none", keep_hidden="none",
+                explain="relevancy", progress=False, workers=0)
+        rel = lake_df(lake, "SELECT example_id, stream, token_idx, value, target, layer, method FROM relevancy")
+        tok = lake_df(lake, "SELECT example_id, stream, token_idx, seq_pos, role FROM tokens")
+        assert rel.target.isna().all() and rel.layer.isna().all() and set(rel.method) == {"relevancy"}
+        assert len(rel) == len(tok)  # every token of every stream the output reads
+        ad = load_adapter(str(mdir))
+        b = prepare_batch(ad, rows, set())
+        out = ad.forward(b["inputs"], example_ids=[0, 1], grad=True)
+        if family == "vilt":
+            score = out.logits.max(-1).values
+            towers = {"self": (out.attentions, lambda e: 0)}
+        else:
+            score = torch.diagonal(out.logits_per_image)
+            txt = out.text_model_output  # the pooled token: the position whose final state the model pooled
+            proj = torch.nn.functional.normalize(ad.model.text_projection(txt.last_hidden_state), dim=-1)
+            pos = (proj * torch.nn.functional.normalize(out.text_embeds, dim=-1)[:, None, :]).sum(-1).argmax(-1)
+            towers = {"text": (txt.attentions, lambda e: int(pos[e])),
+                      "vision": (out.vision_model_output.attentions, lambda e: 0)}
+        for stream, (attns, pooled) in towers.items():
+            grads = torch.autograd.grad(score.sum(), attns, retain_graph=True)
+            for e in (0, 1):
+                want = _chefer_numpy(attns, grads, e, pooled(e))
+                t = tok[(tok.example_id == e) & (tok.stream == stream)]
+                got = rel[(rel.example_id == e) & (rel.stream == stream)].set_index("token_idx").value
+                np.testing.assert_allclose(got.loc[t.token_idx].to_numpy(), want[t.seq_pos.to_numpy()],
+                                           rtol=1e-4, atol=1e-6, err_msg=f"{family} {stream} example {e}")
+    with pytest.raises(ValueError, match="relevancy is available for ViLT, CLIP and SigLIP"):
+        from tests.test_blip import make_tiny_blip
+
+        extract(str(make_tiny_blip(tmp_path / "blip", "vqa")), manifest, tmp_path / "l", "x", explain="relevancy",
+                progress=False)

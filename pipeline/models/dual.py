@@ -179,10 +179,28 @@ class DualEncoderAdapter:
         enc[REAL_MASK] = real  # [batch, T] 1 = not padding (bookkeeping only; not a model input)
         return dict(enc), notes  # on the host: the pipeline moves them to the device
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None):
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False):
+        """``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
         model_inputs = {k: v for k, v in inputs.items() if k != REAL_MASK}
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return self.model(**model_inputs, output_attentions=True, return_dict=True)
+
+    # -- relevancy (--explain relevancy) -----------------------------------------------
+    def relevancy_target(self, outputs) -> torch.Tensor:
+        """``[batch]`` the score explained: each example's image-text similarity logit."""
+        return torch.diagonal(outputs.logits_per_image)
+
+    def relevancy_rows(self, inputs) -> dict[str, torch.Tensor]:
+        """``{stream: [batch] sequence position}`` of each tower's pooled token, as the model pools:
+        CLIP's text at its end-of-text token, its vision at the class token; SigLIP's text at the last
+        position. SigLIP's vision tower pools with an attention head of its own, which is not a
+        token: it has no row here."""
+        ids = inputs["input_ids"]
+        if self.kind == "siglip":
+            return {"text": torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)}
+        eos = self.model.config.text_config.eos_token_id
+        text = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)  # as CLIPTextTransformer pools
+        return {"text": text, "vision": torch.zeros_like(text)}
 
     # -- layout ---------------------------------------------------------------------
     def _text_role(self, i: int, real: bool) -> str:

@@ -184,9 +184,25 @@ class ViltAdapter:
         finally:
             del emb.visual_embed
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None):
-        with self._bookkeeping(example_ids), torch.no_grad():
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False):
+        """``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
+        with self._bookkeeping(example_ids), torch.set_grad_enabled(grad):
             return self.model(**inputs, output_attentions=True, output_hidden_states=False, return_dict=True)
+
+    # -- relevancy (--explain relevancy) -----------------------------------------------
+    def relevancy_target(self, outputs) -> torch.Tensor:
+        """``[batch]`` the score explained: the predicted answer's logit (VQA) or the match logit."""
+        if self.head == "vqa":
+            return outputs.logits.gather(1, outputs.logits.argmax(-1, keepdim=True))[:, 0]
+        if self.head == "retrieval":
+            return outputs.logits[:, 0]
+        raise ValueError("--explain relevancy explains a prediction: this ViLT checkpoint has no head "
+                         "(ViltForQuestionAnswering or ViltForImageAndTextRetrieval)")
+
+    def relevancy_rows(self, inputs) -> dict[str, torch.Tensor]:
+        """``{stream: [batch] sequence position}`` of the token the head reads: [CLS] (the pooler)."""
+        n = inputs["input_ids"].shape[0]
+        return {STREAM: torch.zeros(n, dtype=torch.long, device=inputs["input_ids"].device)}
 
     # -- layout ---------------------------------------------------------------------
     def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
