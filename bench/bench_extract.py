@@ -91,7 +91,7 @@ EXTRACT_MODES = {
     "+sinks": ["--explain", "sinks"],
     "+explain": ["--explain", "rollout,value,sinks"],
     "+lens": ["--explain", "lens"],  # decoder LVLMs only (llava); skipped for the other families
-    "+relevancy": ["--explain", "relevancy"],  # vilt, clip, siglip; skipped for the other families
+    "+relevancy": ["--explain", "relevancy"],  # not blip (skipped)
 }
 EXPLAIN_MODES = ("+value", "+rollout", "+sinks", "+explain", "+lens", "+relevancy")
 MODES = ("plain", "bare", *EXTRACT_MODES)
@@ -497,8 +497,7 @@ def bench_family(family: str, size: str, a, work: Path, plain: Path, manifests: 
     runs: dict[str, list[dict]] = {}
     for rep in range(a.repeats):
         for mode in modes:
-            if (mode == "+lens" and family != "llava") or (mode == "+relevancy" and family not in ("vilt", "clip",
-                                                                                                  "siglip")):
+            if (mode == "+lens" and family != "llava") or (mode == "+relevancy" and family == "blip"):
                 continue
             tag = f"{family}/{size}/{mode}" + (f" #{rep + 1}" if a.repeats > 1 else "")
             print(f"  .. {tag}", file=sys.stderr, flush=True)

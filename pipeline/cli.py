@@ -147,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk-size", type=int, default=64, help="examples per resumable chunk")
     e.add_argument("--explain", default=None, metavar="METHODS",
                    help="beyond raw attention, any of relevancy,rollout,value,sinks,lens (comma-separated): "
-                        "gradient relevancy of the prediction (ViLT, CLIP, SigLIP) and attention rollout (relevancy table), value-weighted attention (value_norms table, *_norm statistics), "
+                        "gradient relevancy of the prediction or of each generated token (ViLT, CLIP, SigLIP, LLaVA) and "
+                        "attention rollout (relevancy table), value-weighted attention (value_norms table, *_norm statistics), "
                         "attention sinks (sinks table, sink_mass and *_nosink statistics), the logit lens of a "
                         "decoder LVLM (lens table)")
     e.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

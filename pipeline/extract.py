@@ -336,6 +336,7 @@ class _LayerOut:
     mask: torch.Tensor | None = None  # sinks: [batch, token] flags; rollout: [batch, query, key] block kept
     index: torch.Tensor | None = None  # sinks: [batch, token] dimension; rollout: [batch, query, key] values
     key_stream: str | None = None
+    target: torch.Tensor | None = None  # relevancy: [batch] token_idx (within the stream) explained, or None
 
 
 class _BatchSink:
@@ -476,7 +477,7 @@ class _BatchSink:
             k = o.kept
             hk = None if k is None else Kept(host(k.weight), host(k.keep), None, host(k.index))
             moved.append(_LayerOut(o.stream, o.layer, o.kind, host(o.stats), hk, host(o.norm), host(o.vectors),
-                                   host(o.mask), host(o.index), o.key_stream))
+                                   host(o.mask), host(o.index), o.key_stream, host(o.target)))
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()
         for o in moved:
@@ -488,6 +489,7 @@ class _BatchSink:
             o.vectors = None if o.vectors is None else o.vectors.numpy()
             o.mask = None if o.mask is None else o.mask.numpy()
             o.index = None if o.index is None else o.index.numpy()
+            o.target = None if o.target is None else o.target.numpy()
         return moved
 
 
@@ -647,8 +649,10 @@ def _flatten_explained(o: _LayerOut, b: _BatchRows, ids: np.ndarray, p: _ChunkPa
         off = np.asarray(b.offsets[o.stream], np.int64)
         bi, t = np.nonzero(o.mask)
         n = len(bi)
+        target = (pa.nulls(n, pa.int32()) if o.target is None
+                  else pa.array((o.target[bi] + off[bi]).astype(np.int32)))
         p.relevancy.append(pa.table({
-            "example_id": ids[bi], "target": pa.nulls(n, pa.int32()),
+            "example_id": ids[bi], "target": target,
             "method": pa.array(np.full(n, "relevancy", dtype=object), pa.string()),
             "stream": pa.array(np.full(n, o.stream, dtype=object), pa.string()),
             "layer": pa.nulls(n, pa.int32()), "token_idx": (t + off[bi]).astype(np.int32),
@@ -703,7 +707,7 @@ def describe(adapter) -> dict:
         "attn_implementation": adapter.model.config._attn_implementation,
         "random_weights": bool(getattr(adapter.model.config, "vlatlas_random_weights", False)),
         "lens": hasattr(adapter, "lens"),
-        "relevancy": hasattr(adapter, "relevancy_target"),
+        "relevancy": hasattr(adapter, "relevancy_targets"),
         "version": pipeline.__version__,
     }
 
@@ -796,7 +800,7 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
 def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods, *, batch_size,
              device, dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
     if "relevancy" in methods and not info.get("relevancy"):
-        raise ValueError(f"--explain relevancy is available for ViLT, CLIP and SigLIP so far, not for {info['family']}; "
+        raise ValueError(f"--explain relevancy is available for ViLT, CLIP, SigLIP and LLaVA so far, not for {info['family']}; "
                          "rollout, value, sinks (and lens for decoders) are")
     if "lens" in methods and not info.get("lens"):
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
@@ -919,11 +923,10 @@ def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPol
 
 
 def _relevancy(adapter, inputs, ids, sink: _BatchSink, points: list[HookPoint]) -> None:
-    """Gradient-weighted relevancy (Chefer et al. 2021) of the model's output, a second pass with
-    autograd: every self-attention stream that the output reads gets ``R = I + sum Ā R`` and the row
-    of the token the output is read from (``adapter.relevancy_rows``), in token order."""
-    rows = adapter.relevancy_rows(inputs)
-    att = [p for p in points if p.kind == "attention" and p.stream in rows]
+    """Gradient-weighted relevancy (Chefer et al. 2021), a second pass with autograd: for every target
+    of ``adapter.relevancy_targets`` (an encoder's prediction; each token a decoder generated), the
+    gradient of its score with respect to every attention of its stream, ``R = I + sum Ā R``, and the
+    row of the token the score is read at, in token order."""
     grabbed: dict[tuple[str, int], torch.Tensor] = {}
 
     def grab(p: HookPoint):
@@ -931,25 +934,33 @@ def _relevancy(adapter, inputs, ids, sink: _BatchSink, points: list[HookPoint]) 
             grabbed[(p.stream, p.layer)] = output[p.index]
         return fn
 
+    att = [p for p in points if p.kind == "attention"]
     handles = [p.module.register_forward_hook(grab(p)) for p in att]
     try:
         outputs = adapter.forward(inputs, example_ids=ids, grad=True)
-        score = adapter.relevancy_target(outputs)
-        keys = sorted(grabbed)
-        grads = torch.autograd.grad(score.sum(), [grabbed[k] for k in keys], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    grad = dict(zip(keys, grads))
-    for stream, row in rows.items():
-        layers = sorted(l for s, l in keys if s == stream)
-        a = [grabbed[(stream, l)].detach() for l in layers]
-        g = [torch.zeros_like(x) if grad[(stream, l)] is None else grad[(stream, l)] for x, l in zip(a, layers)]
+    targets = adapter.relevancy_targets(inputs, outputs)
+    for i, t in enumerate(targets):
+        stream, active = t["stream"], t["active"]
+        if not bool(active.any()):
+            continue
+        layers = sorted(l for s, l in grabbed if s == stream)
+        a = [grabbed[(stream, l)] for l in layers]
+        g = torch.autograd.grad((t["score"] * active).sum(), a, retain_graph=i < len(targets) - 1, allow_unused=True)
+        g = [torch.zeros_like(x) if y is None else y for x, y in zip(a, g)]
         valid = sink._seq(stream, a[0].shape[-1]).masks.valid
-        r = relevancy_self(a, g, valid)  # [batch, S, S]
-        vals = r[torch.arange(r.shape[0], device=r.device), row.to(r.device)]  # [batch, S], sequence order
+        r = relevancy_self([x.detach() for x in a], g, valid)  # [batch, S, S]
+        vals = r[torch.arange(r.shape[0], device=r.device), t["row"].to(r.device)]  # [batch, S], sequence order
         sl = sink.stream(stream)
-        sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index), mask=sl.valid))
+        target = None
+        if t["target"] is not None:  # sequence position -> token_idx within the stream
+            inv = torch.full((r.shape[0], r.shape[-1]), -1, dtype=torch.long, device=r.device)
+            inv.scatter_(1, sl.seq_index.to(r.device), torch.arange(sl.seq_index.shape[1], device=r.device).expand_as(sl.seq_index))
+            target = inv.gather(1, t["target"].to(r.device)[:, None])[:, 0]
+        sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index),
+                                  mask=sl.valid & active.to(sl.valid.device)[:, None], target=target))
 
 
 def _to_device(v, device: str):

@@ -455,8 +455,45 @@ def test_relevancy_of_vilt_and_clip_against_autograd(tmp_path):
                 got = rel[(rel.example_id == e) & (rel.stream == stream)].set_index("token_idx").value
                 np.testing.assert_allclose(got.loc[t.token_idx].to_numpy(), want[t.seq_pos.to_numpy()],
                                            rtol=1e-4, atol=1e-6, err_msg=f"{family} {stream} example {e}")
-    with pytest.raises(ValueError, match="relevancy is available for ViLT, CLIP and SigLIP"):
+    with pytest.raises(ValueError, match="relevancy is available for ViLT, CLIP, SigLIP and LLaVA"):
         from tests.test_blip import make_tiny_blip
 
         extract(str(make_tiny_blip(tmp_path / "blip", "vqa")), manifest, tmp_path / "l", "x", explain="relevancy",
                 progress=False)
+
+
+def test_relevancy_of_llava_generated_tokens_against_autograd(tmp_path):
+    """A decoder: every generated token is a target, scored by its logit at the position before it
+    and read there; checked against the rule by hand on the model's own teacher-forced attentions."""
+    from pipeline.data import read_manifest
+    from pipeline.extract import prepare_batch
+    from pipeline.models import load_adapter
+    from tests.test_llava import make_tiny_llava
+
+    mdir = make_tiny_llava(tmp_path / "model")
+    manifest = make_manifest(tmp_path / "data", n=2)
+    lake = tmp_path / "lake"
+    extract(str(mdir), manifest, lake, "llava", batch_size=2, keep_attention="none", keep_hidden="none",
+            explain="relevancy", progress=False, workers=0)
+    rel = lake_df(lake, "SELECT example_id, stream, target, token_idx, value FROM relevancy")
+    tok = lake_df(lake, "SELECT example_id, token_idx, seq_pos, role, token FROM tokens WHERE stream = 'lm'")
+    assert set(rel.stream) == {"lm"} and rel.target.notna().all()
+    gen = tok[tok.role == "generated"]
+    assert sorted(map(tuple, rel[["example_id", "target"]].drop_duplicates().to_numpy().tolist())) == \
+        sorted(map(tuple, gen[["example_id", "token_idx"]].to_numpy().tolist()))  # one target per generated token
+    ad = load_adapter(str(mdir))
+    rows, _ = read_manifest(manifest)
+    inputs = ad.prepare(prepare_batch(ad, rows, set())["inputs"])
+    out = ad.model(**ad._model_inputs(inputs), use_cache=False, output_attentions=True, return_dict=True)
+    attns, logits, ids = out.attentions, out.logits, inputs["input_ids"]
+    checked = 0
+    for r in gen.itertuples():
+        t = tok[tok.example_id == r.example_id]
+        pos = int(r.seq_pos)
+        score = logits[r.example_id, pos - 1, ids[r.example_id, pos]]
+        grads = torch.autograd.grad(score, attns, retain_graph=True)
+        want = _chefer_numpy(attns, grads, r.example_id, pos - 1)
+        got = rel[(rel.example_id == r.example_id) & (rel.target == r.token_idx)].set_index("token_idx").value
+        np.testing.assert_allclose(got.loc[t.token_idx].to_numpy(), want[t.seq_pos.to_numpy()], rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked == len(gen) > 0

@@ -272,6 +272,15 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
     return pts
 
 
+def encoder_relevancy_targets(adapter, inputs, outputs) -> list[dict]:
+    """``--explain relevancy`` targets of an encoder: one score per example (``relevancy_target``),
+    read in each stream at the token the output comes from (``relevancy_rows``)."""
+    score = adapter.relevancy_target(outputs)
+    active = torch.ones_like(score, dtype=torch.bool)
+    return [{"stream": s, "row": row, "score": score, "active": active, "target": None}
+            for s, row in adapter.relevancy_rows(inputs).items()]
+
+
 def require_eager(model: torch.nn.Module, model_id: str, label: str,
                   parts: tuple[str, ...] = ("text_config", "vision_config")) -> None:
     """Refuse a model whose towers did not load with eager attention (SDPA and flash attention

@@ -36,7 +36,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (BatchLayout, Prediction, require_eager, stream_hook_points,
+from pipeline.models.base import (BatchLayout, Prediction, encoder_relevancy_targets, require_eager, stream_hook_points,
                                   split_stream_layouts, stream_shapes, token_rows)
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md). Attention modules
@@ -186,6 +186,9 @@ class DualEncoderAdapter:
             return self.model(**model_inputs, output_attentions=True, return_dict=True)
 
     # -- relevancy (--explain relevancy) -----------------------------------------------
+    def relevancy_targets(self, inputs, outputs) -> list[dict]:
+        return encoder_relevancy_targets(self, inputs, outputs)
+
     def relevancy_target(self, outputs) -> torch.Tensor:
         """``[batch]`` the score explained: each example's image-text similarity logit."""
         return torch.diagonal(outputs.logits_per_image)

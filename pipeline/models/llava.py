@@ -126,6 +126,22 @@ class LlavaAdapter:
         lm = module_at(model, "model.language_model")
         lm.register_forward_pre_hook(self._feed_probe, with_kwargs=True)
 
+    def relevancy_targets(self, inputs, outputs: LlavaOutputs) -> list[dict]:
+        """``--explain relevancy`` targets of a decoder: each generated token, scored by its logit at
+        the position before it (the one that predicted it) and read there, in the ``lm`` stream."""
+        ids, start = inputs["input_ids"], inputs[GEN_START]
+        logits = outputs.outputs.logits
+        dev = logits.device
+        out = []
+        for s in range(max((len(g) for g in outputs.generated), default=0)):
+            active = torch.tensor([s < len(g) for g in outputs.generated], device=dev)
+            pos = (start.to(dev) + s).clamp(max=ids.shape[1] - 1)  # the generated token's position
+            row = pos - 1
+            tok = ids.to(dev).gather(1, pos[:, None])[:, 0]
+            score = logits[torch.arange(len(pos), device=dev), row].gather(1, tok[:, None])[:, 0]
+            out.append({"stream": "lm", "row": row, "score": score, "active": active, "target": pos})
+        return out
+
     def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The language model's final norm and unembedding, for ``--explain lens``."""
         return module_at(self.model, "model.language_model.norm"), self.model.lm_head
@@ -205,11 +221,12 @@ class LlavaAdapter:
         out[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None) -> LlavaOutputs:
-        """One teacher-forced pass over prompt + generated tokens (``prepare`` must have run)."""
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False) -> LlavaOutputs:
+        """One teacher-forced pass over prompt + generated tokens (``prepare`` must have run);
+        ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
         if GEN_START not in inputs:
             inputs.update(self.prepare(inputs))
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             out = self.model(**self._model_inputs(inputs), use_cache=False, return_dict=True)
         ids, mask, start = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool(), inputs[GEN_START].cpu()
         gen = [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]

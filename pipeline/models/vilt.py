@@ -30,8 +30,8 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipeline.capture import HookPoint
 from pipeline.data import BadInput
-from pipeline.models.base import (BatchLayout, Prediction, module_at, normalise_answer, stream_hook_points,
-                                  stream_layout, stream_shapes, token_table)
+from pipeline.models.base import (BatchLayout, Prediction, encoder_relevancy_targets, module_at, normalise_answer,
+                                  stream_hook_points, stream_layout, stream_shapes, token_table)
 
 # Native module paths -> (stream, layer): one dict per family (STYLE.md).
 MODULES = {
@@ -190,6 +190,9 @@ class ViltAdapter:
             return self.model(**inputs, output_attentions=True, output_hidden_states=False, return_dict=True)
 
     # -- relevancy (--explain relevancy) -----------------------------------------------
+    def relevancy_targets(self, inputs, outputs) -> list[dict]:
+        return encoder_relevancy_targets(self, inputs, outputs)
+
     def relevancy_target(self, outputs) -> torch.Tensor:
         """``[batch]`` the score explained: the predicted answer's logit (VQA) or the match logit."""
         if self.head == "vqa":
