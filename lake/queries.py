@@ -528,6 +528,57 @@ def attention_block(cat, run: str, example_id: int, stream: str, layer: int, hea
     return d
 
 
+METHODS = ("attention", "value", "rollout", "relevancy")
+
+
+def method_block(cat, run: str, example_id: int, stream: str, layer: int, head: int | None = None,
+                 heads: int | None = None, method: str = "attention") -> pd.DataFrame:
+    """query_idx, key_idx, weight of one example under an explanation method (``--explain``).
+
+    - ``attention``: :func:`attention_block`.
+    - ``value``: each stored weight times its key's value norm, ``a_qk n_h(k)``, renormalised over the
+      row's stored keys (the share of the row's contribution norm ``||a f(x)||``); with ``head=None``
+      the mean of those shares over heads (a head without stored weights counting as 0).
+    - ``rollout``: the rollout after block ``layer`` (heads combined): text queries over patches.
+    - ``relevancy``: each token's relevancy to a target, whatever the layer and head; ``query_idx`` is
+      the target token (a generated token), or -1 for the model's prediction.
+    """
+    if method == "attention":
+        return attention_block(cat, run, example_id, stream, layer, head, heads)
+    if method == "value":
+        heads = heads or n_heads(cat, run, stream)
+        hsel = "" if head is None else "AND a.head = ?"
+        params = [run, stream, int(layer), int(example_id)] + ([] if head is None else [int(head)])
+        d = cat.df(f"""
+            WITH w AS (
+              SELECT a.head, a.query_idx, a.key_idx, CAST(a.weight AS DOUBLE) * v.norm AS c
+              FROM attention a JOIN value_norms v ON v.run = a.run AND v.stream = a.stream AND v.layer = a.layer
+                AND v.example_id = a.example_id AND v.head = a.head AND v.token_idx = a.key_idx
+              WHERE a.run = ? AND a.stream = ? AND a.layer = ? AND a.example_id = ? {hsel}),
+            s AS (SELECT head, query_idx, key_idx, c / nullif(sum(c) OVER (PARTITION BY head, query_idx), 0) AS share
+                  FROM w)
+            SELECT query_idx, key_idx, sum(coalesce(share, 0)) / ? AS weight FROM s
+            GROUP BY query_idx, key_idx ORDER BY query_idx, key_idx""", [*params, 1.0 if head is not None else float(heads)])
+        return d
+    if method == "rollout":
+        return cat.df("SELECT target AS query_idx, token_idx AS key_idx, CAST(value AS DOUBLE) AS weight FROM relevancy "
+                      "WHERE run = ? AND method = 'rollout' AND stream = ? AND layer = ? AND example_id = ? "
+                      "ORDER BY 1, 2", [run, stream, int(layer), int(example_id)])
+    if method == "relevancy":
+        return cat.df("SELECT coalesce(target, -1) AS query_idx, token_idx AS key_idx, CAST(value AS DOUBLE) AS weight "
+                      "FROM relevancy WHERE run = ? AND method = 'relevancy' AND stream = ? AND example_id = ? "
+                      "ORDER BY 1, 2", [run, stream, int(example_id)])
+    raise ValueError(f"unknown method {method!r}; the methods are {', '.join(METHODS)}")
+
+
+def lens_words(cat, run: str, stream: str, example_id: int, token_idx: int) -> pd.DataFrame:
+    """layer, rank, piece, vocab_id, prob: the logit lens of one token through the layers
+    (``--explain lens``; empty without it)."""
+    return cat.df("SELECT layer, rank, piece, vocab_id, CAST(prob AS DOUBLE) AS prob FROM lens WHERE run = ? "
+                  "AND stream = ? AND example_id = ? AND token_idx = ? ORDER BY layer, rank",
+                  [run, stream, int(example_id), int(token_idx)])
+
+
 def attention_layers(cat, run: str, stream: str) -> pd.DataFrame:
     """layer: the layers of a stream that have attention stored."""
     return cat.df("SELECT DISTINCT layer FROM attention WHERE run = ? AND stream = ? ORDER BY layer",

@@ -15,6 +15,8 @@ also its URL query parameter, so a view can be shared by its URL:
 ``scope``   head summary of the ``example`` or the mean over the ``filtered`` examples
 ``tokens``  selected query text tokens, by text_pos, e.g. ``1,2``
 ``patches`` selected query patches, by position, e.g. ``r1c2,r0c3``
+``method``  the Attention page's method: ``attention``, ``value`` (value-weighted), ``rollout``,
+            ``relevancy`` (the last three when the run was extracted with ``--explain``)
 ``q`` ``answer`` ``pred`` ``correct`` ``split`` ``mkey`` ``mval``
             the example filter (text search, answer, prediction, true/false,
             split, meta key and value)
@@ -59,7 +61,7 @@ PATCH_KEY = re.compile(r"^r(\d+)c(\d+)$")
 DEFAULTS: dict[str, object] = {
     "lake": None, "run": None, "ex": None, "stream": None, "layer": 0, "head": 0, "stat": "t2i",
     "norm": "raw", "scope": "example", "tokens": [], "patches": [], "q": None, "answer": None,
-    "pred": None, "correct": None, "split": None, "mkey": None, "mval": None,
+    "pred": None, "correct": None, "split": None, "mkey": None, "mval": None, "method": "attention",
 }
 # the Compare page: its own statistic, run B, test, correction, map colour, drilled head, and a
 # filter per group (the example filter's keys prefixed a_ / b_)

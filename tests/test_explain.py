@@ -497,3 +497,78 @@ def test_relevancy_of_llava_generated_tokens_against_autograd(tmp_path):
         np.testing.assert_allclose(got.loc[t.token_idx].to_numpy(), want[t.seq_pos.to_numpy()], rtol=1e-4, atol=1e-6)
         checked += 1
     assert checked == len(gen) > 0
+
+
+# -- the app: the Attention page's methods, against the lake ----------------------------------------------
+@pytest.fixture(scope="module")
+def explained_app_lake(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("explain-app")
+    mdir = make_sink_vilt(tmp / "model")
+    manifest = make_manifest(tmp / "data", n=3)
+    lake = tmp / "lake"
+    extract(str(mdir), manifest, lake, "ex", batch_size=3, keep_attention="all", keep_hidden="none",
+            explain="relevancy,rollout,value", progress=False, workers=0)
+    extract(str(mdir), manifest, lake, "plain", batch_size=3, keep_attention="all", keep_hidden="none",
+            progress=False, workers=0)
+    return lake
+
+
+def test_attention_page_methods_show_the_lake(explained_app_lake, monkeypatch):
+    from tests.test_app import chart_data, open_app
+
+    lake = explained_app_lake
+    tok = lake_df(lake, "SELECT token_idx, text_pos, role, modality FROM tokens WHERE run = 'ex' AND example_id = 1")
+    patches = tok[tok.role == "patch"].token_idx.to_numpy()
+    first_word = tok[tok.role == "word"].sort_values("text_pos").iloc[0]
+    q = int(first_word.token_idx)
+    att = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'ex' AND example_id = 1 AND layer = 1")
+    vn = lake_df(lake, "SELECT head, token_idx, norm FROM value_norms WHERE example_id = 1 AND layer = 1")
+    n = len(tok)
+
+    def shown(at, col="token_idx"):
+        d = chart_data(at, "text-image", "weight")
+        return d.set_index(col).weight.reindex(patches).to_numpy()
+
+    # value-weighted, head 1: a * n renormalised over the row, for the first word, over the patches
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="ex", ex=1, layer=1, head=1, method="value",
+                  tokens=int(first_word.text_pos))
+    A = dense(att.assign(weight=att.weight), n, 2)[1]
+    nv = vn[vn["head"] == 1].set_index("token_idx").norm.reindex(range(n)).to_numpy()
+    w = A[q] * nv
+    np.testing.assert_allclose(shown(at), (w / w.sum())[patches], atol=1e-4)
+    # rollout after layer 1: the stored rows
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="ex", ex=1, layer=1, method="rollout",
+                  tokens=int(first_word.text_pos))
+    ro = lake_df(lake, "SELECT token_idx, value FROM relevancy WHERE method = 'rollout' AND example_id = 1 "
+                       "AND layer = 1 AND target = ?", [q]).set_index("token_idx").value
+    np.testing.assert_allclose(shown(at), ro.reindex(patches).to_numpy(), atol=1e-6)
+    # relevancy of the prediction, over the patches and the text
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="ex", ex=1, method="relevancy")
+    rel = lake_df(lake, "SELECT token_idx, value FROM relevancy WHERE method = 'relevancy' AND example_id = 1"
+                  ).set_index("token_idx").value
+    np.testing.assert_allclose(shown(at), rel.reindex(patches).to_numpy(), atol=1e-6)
+    assert "Prediction → image" in [s.value for s in at.subheader]
+    assert any("**Method: relevancy**" in str(c.value) for c in at.caption)
+    # a run without --explain has plain attention whatever the URL asks
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="plain", ex=1, layer=1, head=1,
+                  method="value", tokens=int(first_word.text_pos))
+    assert not any("**Method:" in str(c.value) for c in at.caption)
+    np.testing.assert_allclose(shown(at), A[q][patches], atol=1e-6)
+
+
+def test_hidden_states_page_shows_the_lens(tmp_path, monkeypatch):
+    from tests.test_app import open_app
+    from tests.test_llava import make_tiny_llava
+
+    mdir = make_tiny_llava(tmp_path / "model")
+    lake = tmp_path / "lake"
+    extract(str(mdir), make_manifest(tmp_path / "data", n=2), lake, "lens", batch_size=2, keep_attention="none",
+            keep_hidden="all", explain="lens", progress=False, workers=0)
+    tok = lake_df(lake, "SELECT token_idx FROM tokens WHERE stream = 'lm' AND example_id = 0 AND role = 'patch' "
+                        "ORDER BY token_idx LIMIT 1").token_idx[0]
+    at = open_app(lake, monkeypatch, page="app_pages/hidden_states.py", run="lens", ex=0, stream="lm", tok=int(tok))
+    want = lake_df(lake, "SELECT layer, rank, piece, prob FROM lens WHERE example_id = 0 AND token_idx = ?", [int(tok)])
+    grid = next(d.value for d in at.dataframe if "#1" in d.value.columns)
+    for r in want[want["rank"] == 0].itertuples():
+        assert grid.loc[r.layer, "#1"] == f"{r.piece} ({r.prob:.2f})"
+    assert len(grid) == 3 and list(grid.columns) == ["#1", "#2", "#3", "#4", "#5"]

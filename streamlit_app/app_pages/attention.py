@@ -8,6 +8,18 @@ import streamlit as st
 from streamlit_app import charts, export, state, views
 
 DISPLAY_W = 440
+METHOD_LABEL = {"attention": "attention", "value": "value-weighted", "rollout": "rollout", "relevancy": "relevancy"}
+METHOD_HELP = {
+    "attention": "the stored weights, `A[query, key]`",
+    "value": "each weight times the norm of what its key sends through the head, `a·‖f(x)‖` (Kobayashi et al. "
+             "2020), as a share of the query row's total: how much of the row's output comes from each key",
+    "rollout": "attention rollout up to this layer (Abnar and Zuidema 2020): the heads' mean plus the residual "
+               "identity, multiplied through the layers; heads are combined, so the head choice does not apply. "
+               "Stored for text queries over image patches",
+    "relevancy": "gradient-weighted relevancy (Chefer et al. 2021) of the model's output to every token, over all "
+                 "layers and heads (the layer and head choices do not apply): of the prediction, or of each "
+                 "generated token",
+}
 
 c = state.ctx()
 st.title("🔍 Attention")
@@ -43,21 +55,36 @@ layer, head = int(state.get("layer")), state.get("head")
 head_text = "mean over heads" if head == "mean" else f"head {head}"
 view_name = f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}"  # download file names
 
+explained = [m for m in ("value", "rollout", "relevancy") if m in str(c.capture.get("explain") or "").split(",")]
+methods = ["attention", *explained]
+state.choose("method", methods, default="attention")
+if len(methods) > 1:
+    st.segmented_control("Method", methods, format_func=METHOD_LABEL.get,
+                         help="what the views show; the run was extracted with `--explain "
+                              f"{c.capture.get('explain')}`", **state.bind("method"))
+method = state.get("method") if state.get("method") in methods else "attention"
 tokens = state.q("example_tokens", c.run, ex_id)
-block = state.q("attention_block", c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads)
+block = state.q("method_block", c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads, method)
 keep = c.capture.get("keep_attention", "all")
-pruned = views.is_pruned(keep)
+pruned = views.is_pruned(keep) and method in ("attention", "value")
+predicted = method == "relevancy" and bool((block.query_idx == -1).any())  # an encoder's prediction explained
 st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · layer **{layer}** of {n_layers} · "
            f"**{head_text}** of {n_heads} · attention read query → key, `weight = A[query, key]`"
            + ("; mean over heads = Σₕ Aₕ[query, key] / heads, pruned weights counting as 0" if head == "mean" else "")
            + (f" · stored weights pruned (`{keep}`): missing weights show as 0" if pruned else ""))
+if method != "attention":
+    st.caption(f"**Method: {METHOD_LABEL[method]}** — {METHOD_HELP[method]}.")
 if pruned:
     st.info(f"This run stores pruned attention weights (`{keep}`): {views.keep_description(keep)}. Weights that "
             "were not stored show as 0, so a row's weights can sum to less than 1; the stored share of the "
             "selected rows' mass is under **Stored mass** below.")
 if block.empty:
-    st.info(f"No attention weights are stored for example #{ex_id} at stream `{stream}`, layer {layer} "
-            f"(capture keeps `{keep}`). The Head summary page still has its statistics.")
+    if method == "attention":
+        st.info(f"No attention weights are stored for example #{ex_id} at stream `{stream}`, layer {layer} "
+                f"(capture keeps `{keep}`). The Head summary page still has its statistics.")
+    else:
+        st.info(f"No {METHOD_LABEL[method]} values are stored for example #{ex_id} at stream `{stream}`"
+                + ("" if method == "relevancy" else f", layer {layer}") + ": choose another stream or method.")
     st.stop()
 
 qt, kt = views.stream_tokens(tokens, stream)
@@ -69,16 +96,38 @@ width, height = views.image_size(ex, patch_k)
 
 def image_chart(patches, description, select=False):
     jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W)
-    return charts.image_map(views.data_uri(jpeg), width, height, (dw, dh), patches, weight_title="weight",
+    return charts.image_map(views.data_uri(jpeg), width, height, (dw, dh), patches,
+                            weight_title="weight" if method == "attention" else METHOD_LABEL[method],
                             select=select, description=description)
+
+
+def not_here(view: str) -> bool:
+    """Whether ``view`` has nothing under the method (and say so)."""
+    if method == "rollout" and view != "text-image":
+        st.info("Rollout is stored for text queries over image patches: see **Text → image**.")
+        return True
+    if method == "relevancy" and (view in ("image-image",) or (predicted and view == "text-text")):
+        st.info("Relevancy explains the model's output, not a patch or word query: see **Text → image** and "
+                "**Image → text**." if predicted else "Relevancy is stored for the generated tokens' rows.")
+        return True
+    return False
 
 
 sel_text: list[int] = []
 sel_patch: list[int] = []
 left, right = st.columns(2, gap="large")
 with left:
-    st.subheader("Text → image")
-    if text_q.empty or patch_k.empty:
+    st.subheader("Text → image" if not predicted else "Prediction → image")
+    if predicted:
+        ti = views.mean_rows(block, [-1], patch_k)
+        if patch_k.empty:
+            st.info(f"Stream `{stream}` has no image tokens.")
+        else:
+            export.show_chart(image_chart(ti, "text-image"), f"{view_name}-relevancy-image", key="ti_chart",
+                              width="content")
+            st.caption("**relevancy of the prediction** to each image patch (the model's output: its answer, "
+                       f"or its image–text score); colour scaled to the largest value ({ti.weight.max():.3g}).")
+    elif text_q.empty or patch_k.empty:
         st.info(f"Stream `{stream}` has no text queries or no image keys.")
     else:
         pos = [int(p) for p in text_q.text_pos]
@@ -104,7 +153,9 @@ with left:
 
 with right:
     st.subheader("Image → image")
-    if patch_q.empty or patch_k.empty:
+    if not_here("image-image"):
+        sel_patch = []
+    elif patch_q.empty or patch_k.empty:
         st.info(f"Stream `{stream}` has no image-patch queries.")
         sel_patch = []
     else:
@@ -132,8 +183,15 @@ with right:
         st.caption(f"**image → image**: attention from the selected patch(es) {', '.join(state.get('patches'))} "
                    f"(query, outlined) to every patch (key). Click a patch to choose it, shift-click to add, "
                    f"or drag a box.")
-    st.subheader("Image → text")
-    if not sel_patch or text_k.empty:
+    st.subheader("Image → text" if not predicted else "Prediction → text")
+    if predicted and not text_k.empty:
+        it = views.mean_rows(block, [-1], text_k)
+        export.show_chart(charts.token_strip(it, weight_title="relevancy", width=DISPLAY_W, description="image-text"),
+                          f"{view_name}-relevancy-text", key="it_chart", width="content")
+        st.caption("**relevancy of the prediction** to each text token.")
+    elif method in ("rollout", "relevancy"):
+        not_here("image-text")
+    elif not sel_patch or text_k.empty:
         st.info(f"Stream `{stream}` has no image queries or no text keys.")
     else:
         it = views.mean_rows(block, sel_patch, text_k)
@@ -143,7 +201,9 @@ with right:
                    f"(query) put on it; total mass on text {it.weight.sum():.3f}.")
 
 st.subheader("Text → text")
-if text_q.empty or text_k.empty:
+if not_here("text-text"):
+    pass
+elif text_q.empty or text_k.empty:
     st.info(f"Stream `{stream}` has no text queries or no text keys.")
 else:
     export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
@@ -164,7 +224,7 @@ def kept_mass_stat() -> float | None:
     return float(m.value.mean()) if len(m) else None
 
 
-if pruned:
+if pruned and method == "attention":
     st.subheader("Stored mass")
     rows = views.row_mass(block, qt[qt.token_idx.isin(sel_text + sel_patch)])
     rows = rows.assign(query=[views.patch_label(t) if t.role == "patch" and pd.notna(t.patch_row)

@@ -248,6 +248,21 @@ with right:
         crop = example_crops(cur[cur.token_idx == tok])
         if crop.iloc[0]:
             st.image(crop.iloc[0], caption=f"{labels.get(tok)} of example #{ex_id}", width=96)
+    if "lens" in str(c.capture.get("explain") or "").split(","):
+        lw = state.q("lens_words", c.run, stream, ex_id, tok)
+        st.markdown(f"**Logit lens of “{labels.get(tok)}”**")
+        if lw.empty:
+            st.info(f"No logit lens for this token: the lens covers the language model's tokens (stream `lm`), "
+                    f"and this is stream `{stream}`.")
+        else:
+            grid = lw.assign(cell=[f"{p} ({q:.2f})" for p, q in zip(lw.piece, lw.prob)]).pivot(
+                index="layer", columns="rank", values="cell")
+            grid.columns = [f"#{int(r) + 1}" for r in grid.columns]
+            st.dataframe(grid, width="stretch")
+            st.caption("The **logit lens**: this token's hidden state at each layer (0 = embeddings) put through "
+                       "the language model's final norm and unembedding, its most likely vocabulary items with "
+                       "their probabilities: what the model would read out of the token at that depth (for an "
+                       "image token, the words the language model sees in that patch).")
     flt_label = "all examples" if c.flt.is_empty() else f"filtered examples ({c.flt.describe()})"
     norm_all = state.q("hidden_norms", c.run, stream, flt=c.flt, max_examples=MAX_NORM_EXAMPLES)
     n_norm = int(norm_all.n_examples.max()) if len(norm_all) else 0
