@@ -572,3 +572,22 @@ def test_hidden_states_page_shows_the_lens(tmp_path, monkeypatch):
     for r in want[want["rank"] == 0].itertuples():
         assert grid.loc[r.layer, "#1"] == f"{r.piece} ({r.prob:.2f})"
     assert len(grid) == 3 and list(grid.columns) == ["#1", "#2", "#3", "#4", "#5"]
+
+
+def test_head_summary_leaves_sink_tokens_out(explained, monkeypatch):
+    """On a --explain sinks run the Head summary offers the statistic without the sink tokens."""
+    from tests.test_app import chart_data, open_app
+
+    lake, _ = explained
+    st = lake_df(lake, "SELECT layer, head, value FROM head_stats WHERE example_id = 0 AND stream = 'self' "
+                       "AND stat = 't2i_nosink'")
+    at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run="ex", ex=0, stat="t2i", nosink="true")
+    toggle = next(t for t in at.toggle if t.label == "Leave sink tokens out")
+    assert toggle.value is True
+    d = chart_data(at, "head-summary", "layer")
+    d = d[d.col != "mean"].assign(head=lambda x: x.col.astype(int)).sort_values(["layer", "head"])
+    np.testing.assert_allclose(d.value.to_numpy(), st.sort_values(["layer", "head"]).value.to_numpy(), atol=1e-6)
+    assert "t2i_nosink" in " ".join(str(c.value) for c in at.caption)
+    raw = lake_df(lake, "SELECT layer, head, value FROM head_stats WHERE example_id = 0 AND stream = 'self' "
+                        "AND stat = 't2i'")
+    assert not np.allclose(st.sort_values(["layer", "head"]).value, raw.sort_values(["layer", "head"]).value)

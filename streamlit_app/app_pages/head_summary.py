@@ -28,6 +28,13 @@ s3.radio("Of", ["example", "filtered"], horizontal=True, **state.bind("scope"),
 state.choose("norm", list(NORMS))
 s4.radio("Normalisation", list(NORMS), format_func=NORM_LABELS.get, horizontal=True, **state.bind("norm"))
 stat, scope, norm = state.get("stat"), state.get("scope"), state.get("norm")
+if f"{stat}_nosink" in counts:  # --explain sinks: the same statistic with the sink tokens left out
+    state.choose("nosink", [False, True], default=False)
+    st.toggle("Leave sink tokens out", help="tokens with a massive activation (|h_d| / rms(h) >= 20) in the layer's "
+              f"input, which draw attention whatever the content: show `{stat}_nosink`, the statistic with them "
+              "left out of every row (renormalised)", **state.bind("nosink"))
+    if state.get("nosink"):
+        stat = f"{stat}_nosink"
 
 if scope == "example":
     m = state.q("head_stat_matrix", c.run, stream, stat, example_id=int(c.example["example_id"]), norm=norm)
