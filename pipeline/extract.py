@@ -707,7 +707,9 @@ def describe(adapter) -> dict:
         "attn_implementation": adapter.model.config._attn_implementation,
         "random_weights": bool(getattr(adapter.model.config, "vlatlas_random_weights", False)),
         "lens": hasattr(adapter, "lens"),
-        "relevancy": hasattr(adapter, "relevancy_targets"),
+        # None when --explain relevancy works for this model, else why not
+        "relevancy": (getattr(adapter, "relevancy_unavailable", None) if hasattr(adapter, "relevancy_targets")
+                      else f"--explain relevancy is not available for {adapter.family}"),
         "version": pipeline.__version__,
     }
 
@@ -799,9 +801,8 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
 
 def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods, *, batch_size,
              device, dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
-    if "relevancy" in methods and not info.get("relevancy"):
-        raise ValueError(f"--explain relevancy is available for ViLT, CLIP, SigLIP and LLaVA so far, not for {info['family']}; "
-                         "rollout, value, sinks (and lens for decoders) are")
+    if "relevancy" in methods and info.get("relevancy"):
+        raise ValueError(f"{info['relevancy']}; rollout, value, sinks (and lens for decoders) are available")
     if "lens" in methods and not info.get("lens"):
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
                          f"LVLM (llava), and this model is a {info['family']}")
@@ -946,6 +947,9 @@ def _relevancy(adapter, inputs, ids, sink: _BatchSink, points: list[HookPoint]) 
         stream, active = t["stream"], t["active"]
         if not bool(active.any()):
             continue
+        if t.get("rule") == "cross":
+            _relevancy_cross(t, grabbed, sink, retain=i < len(targets) - 1)
+            continue
         layers = sorted(l for s, l in grabbed if s == stream)
         a = [grabbed[(stream, l)] for l in layers]
         g = torch.autograd.grad((t["score"] * active).sum(), a, retain_graph=i < len(targets) - 1, allow_unused=True)
@@ -961,6 +965,30 @@ def _relevancy(adapter, inputs, ids, sink: _BatchSink, points: list[HookPoint]) 
             target = inv.gather(1, t["target"].to(r.device)[:, None])[:, 0]
         sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index),
                                   mask=sl.valid & active.to(sl.valid.device)[:, None], target=target))
+
+
+def _relevancy_cross(t: dict, grabbed: dict, sink: _BatchSink, retain: bool) -> None:
+    """A text encoder cross-attending to a vision tower (BLIP): relevancy to the text tokens
+    (stream ``text``) and to the vision tokens (stream ``vision``), read at ``t["row"]``."""
+    from pipeline.explain import relevancy_cross
+
+    streams = ("vision", "text", "cross")
+    att = {s: [grabbed[(s, l)] for l in sorted(l for x, l in grabbed if x == s)] for s in streams}
+    flat = [a for s in streams for a in att[s]]
+    grads = torch.autograd.grad(t["score"].sum(), flat, retain_graph=retain, allow_unused=True)
+    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(flat, grads)]
+    gs, k = {}, 0
+    for s in streams:
+        gs[s], k = grads[k:k + len(att[s])], k + len(att[s])
+    v_valid = sink._seq("vision", att["vision"][0].shape[-1]).masks.valid
+    t_valid = sink._seq("text", att["text"][0].shape[-1]).masks.valid
+    r_tt, r_ti = relevancy_cross([a.detach() for a in att["vision"]], gs["vision"], [a.detach() for a in att["text"]],
+                                 gs["text"], [a.detach() for a in att["cross"]], gs["cross"], v_valid, t_valid)
+    b = torch.arange(r_tt.shape[0], device=r_tt.device)
+    row = t["row"].to(r_tt.device)
+    for stream, vals in (("text", r_tt[b, row]), ("vision", r_ti[b, row])):
+        sl = sink.stream(stream)
+        sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index), mask=sl.valid))
 
 
 def _to_device(v, device: str):

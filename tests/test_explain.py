@@ -455,7 +455,7 @@ def test_relevancy_of_vilt_and_clip_against_autograd(tmp_path):
                 got = rel[(rel.example_id == e) & (rel.stream == stream)].set_index("token_idx").value
                 np.testing.assert_allclose(got.loc[t.token_idx].to_numpy(), want[t.seq_pos.to_numpy()],
                                            rtol=1e-4, atol=1e-6, err_msg=f"{family} {stream} example {e}")
-    with pytest.raises(ValueError, match="relevancy is available for ViLT, CLIP, SigLIP and LLaVA"):
+    with pytest.raises(ValueError, match="BLIP explains the image-text matching head"):
         from tests.test_blip import make_tiny_blip
 
         extract(str(make_tiny_blip(tmp_path / "blip", "vqa")), manifest, tmp_path / "l", "x", explain="relevancy",
@@ -554,6 +554,10 @@ def test_attention_page_methods_show_the_lake(explained_app_lake, monkeypatch):
                   method="value", tokens=int(first_word.text_pos))
     assert not any("**Method:" in str(c.value) for c in at.caption)
     np.testing.assert_allclose(shown(at), A[q][patches], atol=1e-6)
+    # the Compare page takes the new statistics (open_app fails on any exception): two slices of run "ex"
+    at = open_app(lake, monkeypatch, page="app_pages/compare.py", run="ex", cmp_stat="t2i_norm", a_correct="true",
+                  b_correct="false")
+    assert at.session_state["cmp_stat"] == "t2i_norm"
 
 
 def test_hidden_states_page_shows_the_lens(tmp_path, monkeypatch):
@@ -591,3 +595,63 @@ def test_head_summary_leaves_sink_tokens_out(explained, monkeypatch):
     raw = lake_df(lake, "SELECT layer, head, value FROM head_stats WHERE example_id = 0 AND stream = 'self' "
                         "AND stat = 't2i'")
     assert not np.allclose(st.sort_values(["layer", "head"]).value, raw.sort_values(["layer", "head"]).value)
+
+
+def test_relevancy_of_blip_matching_against_the_bimodal_rule(tmp_path):
+    """BLIP's image-text matching: the cross-attention rule (Chefer et al. 2021, eq. 10-11) applied by
+    hand to the model's own vision, text and cross attentions and their autograd gradients."""
+    from pipeline.data import read_manifest
+    from pipeline.extract import prepare_batch
+    from pipeline.models import load_adapter
+    from tests.test_blip import make_tiny_blip
+
+    mdir = make_tiny_blip(tmp_path / "model", "retrieval")
+    manifest = make_manifest(tmp_path / "data", n=2)
+    lake = tmp_path / "lake"
+    extract(str(mdir), manifest, lake, "blip", batch_size=2, keep_attention="none", keep_hidden="none",
+            explain="relevancy", progress=False, workers=0)
+    rel = lake_df(lake, "SELECT example_id, stream, token_idx, value FROM relevancy WHERE method = 'relevancy'")
+    tok = lake_df(lake, "SELECT example_id, stream, token_idx, seq_pos FROM tokens")
+    assert set(rel.stream) == {"text", "vision"}
+    ad = load_adapter(str(mdir))
+    rows, _ = read_manifest(manifest)
+    inputs = prepare_batch(ad, rows, set())["inputs"]
+    m = ad.model
+    got: dict[str, list] = {"vision": [], "text": [], "cross": []}
+    hooks = [l.self_attn.register_forward_hook(lambda mod, a, o: got["vision"].append(o[1]))
+             for l in m.vision_model.encoder.layers]
+    for layer in m.text_encoder.encoder.layer:
+        hooks.append(layer.attention.self.register_forward_hook(lambda mod, a, o: got["text"].append(o[1])))
+        hooks.append(layer.crossattention.self.register_forward_hook(lambda mod, a, o: got["cross"].append(o[1])))
+    out = m(**{k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask")}, use_itm_head=True,
+            output_attentions=True, return_dict=True)
+    for h in hooks:
+        h.remove()
+    score = out.itm_score[:, 1].sum()
+    flat = got["vision"] + got["text"] + got["cross"]
+    grads = torch.autograd.grad(score, flat)
+    nv, nt = len(got["vision"]), len(got["text"])
+    G = {"vision": grads[:nv], "text": grads[nv:nv + nt], "cross": grads[nv + nt:]}
+
+    def cam(a, g, e):
+        return np.maximum(a[e].detach().numpy() * g[e].numpy(), 0).mean(0).astype(np.float64)
+
+    for e in (0, 1):
+        Si, St = got["vision"][0].shape[-1], got["text"][0].shape[-1]
+        Rii = np.eye(Si)
+        for a, g in zip(got["vision"], G["vision"]):
+            Rii = Rii + cam(a, g, e) @ Rii
+        tmask = inputs["attention_mask"][e].numpy().astype(bool)
+        Rtt, Rti = np.diag(tmask.astype(float)), np.zeros((St, Si))
+        for a, g, ca, cg in zip(got["text"], G["text"], got["cross"], G["cross"]):
+            c = cam(a, g, e)
+            Rtt, Rti = Rtt + c @ Rtt, Rti + c @ Rti
+            hat = Rtt - np.diag(tmask.astype(float))
+            sums = hat.sum(-1, keepdims=True)
+            bar = np.divide(hat, sums, out=np.zeros_like(hat), where=sums != 0) + np.diag(tmask.astype(float))
+            Rti = Rti + bar.T @ cam(ca, cg, e) @ Rii
+        for stream, want in (("text", Rtt[0]), ("vision", Rti[0])):
+            t = tok[(tok.example_id == e) & (tok.stream == stream)]
+            r = rel[(rel.example_id == e) & (rel.stream == stream)].set_index("token_idx").value
+            np.testing.assert_allclose(r.loc[t.token_idx].to_numpy(), want[t.seq_pos.to_numpy()], rtol=1e-4,
+                                       atol=1e-6, err_msg=f"{stream} example {e}")

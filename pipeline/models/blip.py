@@ -128,10 +128,11 @@ class BlipAdapter:
     def _model_inputs(self, inputs):
         return {k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask")}
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None):
-        """One pass of the vision tower and the image-grounded text encoder (the hooked modules)."""
+    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False):
+        """One pass of the vision tower and the image-grounded text encoder (the hooked modules);
+        ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
         kw = self._model_inputs(inputs)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if self.head == "vqa":  # forward needs decoder input: one start token (the decoder is not hooked)
                 start = torch.full((kw["input_ids"].shape[0], 1), self.model.decoder_start_token_id,
                                    dtype=torch.long, device=kw["input_ids"].device)
@@ -139,6 +140,26 @@ class BlipAdapter:
             else:
                 out = self.model(**kw, use_itm_head=True, return_dict=True)
         return {"outputs": out, "inputs": kw}
+
+    # -- relevancy (--explain relevancy) -----------------------------------------------
+    @property
+    def relevancy_unavailable(self) -> str | None:
+        if self.head != "retrieval":
+            return ("--explain relevancy for BLIP explains the image-text matching head (BlipForImageTextRetrieval): "
+                    "the VQA head answers with a decoder that is not captured")
+        return None
+
+    def relevancy_targets(self, inputs, outputs) -> list[dict]:
+        """The image-text matching head's "match" logit, read at the text encoder's first token (what
+        the head reads), under the cross-attention rule (``pipeline.explain.relevancy_cross``). The VQA
+        head answers with a decoder that is not captured: no relevancy for it yet."""
+        if self.head != "retrieval":
+            raise ValueError("--explain relevancy for BLIP explains the image-text matching head "
+                             "(BlipForImageTextRetrieval); BLIP's VQA answer decoder is not captured")
+        score = outputs["outputs"].itm_score[:, 1]
+        row = torch.zeros_like(score, dtype=torch.long)
+        return [{"stream": "text", "rule": "cross", "row": row, "score": score,
+                 "active": torch.ones_like(score, dtype=torch.bool), "target": None}]
 
     # -- layout ---------------------------------------------------------------------
     def _text_role(self, i: int, piece: str) -> str:
