@@ -170,6 +170,8 @@ def test_relevancy_against_autograd_reimplementation():
 
 # -- the capture: --explain on real (tiny) models, checked against the lake's own full attention ----------
 from pipeline.extract import extract  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from tests.tiny import make_manifest, make_sink_vilt  # noqa: E402
 
 
@@ -178,6 +180,17 @@ def lake_df(root, sql, params=None):
 
     with Catalog(root) as cat:
         return cat.df(sql, params)
+
+
+def explained_run(make, tmp: Path, run: str, n: int, explain: str, **capture) -> tuple[Path, Path, Path]:
+    """Build a tiny model with ``make(folder)``, a manifest of ``n`` examples, and extract run ``run``
+    with ``--explain explain`` (batch 2, nothing stored unless ``capture`` says): (model, manifest, lake)."""
+    mdir = make(tmp / "model")
+    manifest = make_manifest(tmp / "data", n=n)
+    lake = tmp / "lake"
+    opts = dict(batch_size=2, keep_attention="none", keep_hidden="none", progress=False, workers=0)
+    extract(str(mdir), manifest, lake, run, explain=explain, **{**opts, **capture})
+    return mdir, manifest, lake
 
 
 def dense(att: pd.DataFrame, n: int, heads: int) -> np.ndarray:
@@ -190,12 +203,8 @@ def dense(att: pd.DataFrame, n: int, heads: int) -> np.ndarray:
 def explained(tmp_path_factory):
     """A ViLT 512 wide whose [CLS] embedding has one massive dimension (a sink by construction), run
     with every weight stored and --explain rollout,value,sinks."""
-    tmp = tmp_path_factory.mktemp("explain")
-    mdir = make_sink_vilt(tmp / "model")
-    manifest = make_manifest(tmp / "data", n=5)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, "ex", batch_size=2, keep_attention="all", keep_hidden="none",
-            explain="sinks,value,rollout", progress=False, workers=0)
+    mdir, _, lake = explained_run(make_sink_vilt, tmp_path_factory.mktemp("explain"), "ex", 5, "sinks,value,rollout",
+                                  keep_attention="all")
     return lake, mdir
 
 
@@ -313,11 +322,7 @@ def test_every_family_fills_the_explain_tables(family, tmp_path):
 
     make = {"clip": lambda o: make_tiny_dual(o, "clip"), "blip": lambda o: make_tiny_blip(o, "vqa"),
             "llava": make_tiny_llava}[family]
-    mdir = make(tmp_path / "model")
-    manifest = make_manifest(tmp_path / "data", n=3)
-    lake = tmp_path / "lake"
-    extract(str(mdir), manifest, lake, family, batch_size=2, keep_attention="all", keep_hidden="none",
-            explain="rollout,value,sinks", progress=False, workers=0)
+    _, _, lake = explained_run(make, tmp_path, family, 3, "rollout,value,sinks", keep_attention="all")
     import json
 
     streams = json.loads(lake_df(lake, "SELECT streams FROM runs").streams[0])
@@ -362,11 +367,7 @@ def test_lens_on_llava_is_the_models_own_next_token_at_the_last_layer(tmp_path):
     stored probabilities equal lm_head(norm(h)) of the stored hidden vectors (float16-rounded)."""
     from tests.test_llava import make_tiny_llava
 
-    mdir = make_tiny_llava(tmp_path / "model")
-    manifest = make_manifest(tmp_path / "data", n=3)
-    lake = tmp_path / "lake"
-    extract(str(mdir), manifest, lake, "lens", batch_size=2, keep_attention="none", keep_hidden="all",
-            explain="lens", progress=False, workers=0)
+    mdir, _, lake = explained_run(make_tiny_llava, tmp_path, "lens", 3, "lens", keep_hidden="all")
     lens = lake_df(lake, "SELECT example_id, layer, token_idx, rank, vocab_id, piece, prob FROM lens")
     tok = lake_df(lake, "SELECT example_id, token_idx, role, token, seq_pos FROM tokens WHERE stream = 'lm'")
     assert set(lens.layer) == {0, 1, 2} and set(lens["rank"]) == set(range(5))
@@ -470,11 +471,7 @@ def test_relevancy_of_llava_generated_tokens_against_autograd(tmp_path):
     from pipeline.models import load_adapter
     from tests.test_llava import make_tiny_llava
 
-    mdir = make_tiny_llava(tmp_path / "model")
-    manifest = make_manifest(tmp_path / "data", n=2)
-    lake = tmp_path / "lake"
-    extract(str(mdir), manifest, lake, "llava", batch_size=2, keep_attention="none", keep_hidden="none",
-            explain="relevancy", progress=False, workers=0)
+    mdir, manifest, lake = explained_run(make_tiny_llava, tmp_path, "llava", 2, "relevancy")
     rel = lake_df(lake, "SELECT example_id, stream, target, token_idx, value FROM relevancy")
     tok = lake_df(lake, "SELECT example_id, token_idx, seq_pos, role, token FROM tokens WHERE stream = 'lm'")
     assert set(rel.stream) == {"lm"} and rel.target.notna().all()
@@ -502,12 +499,8 @@ def test_relevancy_of_llava_generated_tokens_against_autograd(tmp_path):
 # -- the app: the Attention page's methods, against the lake ----------------------------------------------
 @pytest.fixture(scope="module")
 def explained_app_lake(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("explain-app")
-    mdir = make_sink_vilt(tmp / "model")
-    manifest = make_manifest(tmp / "data", n=3)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, "ex", batch_size=3, keep_attention="all", keep_hidden="none",
-            explain="relevancy,rollout,value", progress=False, workers=0)
+    mdir, manifest, lake = explained_run(make_sink_vilt, tmp_path_factory.mktemp("explain-app"), "ex", 3,
+                                         "relevancy,rollout,value", keep_attention="all", batch_size=3)
     extract(str(mdir), manifest, lake, "plain", batch_size=3, keep_attention="all", keep_hidden="none",
             progress=False, workers=0)
     return lake
@@ -564,10 +557,7 @@ def test_hidden_states_page_shows_the_lens(tmp_path, monkeypatch):
     from tests.test_app import open_app
     from tests.test_llava import make_tiny_llava
 
-    mdir = make_tiny_llava(tmp_path / "model")
-    lake = tmp_path / "lake"
-    extract(str(mdir), make_manifest(tmp_path / "data", n=2), lake, "lens", batch_size=2, keep_attention="none",
-            keep_hidden="all", explain="lens", progress=False, workers=0)
+    _, _, lake = explained_run(make_tiny_llava, tmp_path, "lens", 2, "lens", keep_hidden="all")
     tok = lake_df(lake, "SELECT token_idx FROM tokens WHERE stream = 'lm' AND example_id = 0 AND role = 'patch' "
                         "ORDER BY token_idx LIMIT 1").token_idx[0]
     at = open_app(lake, monkeypatch, page="app_pages/hidden_states.py", run="lens", ex=0, stream="lm", tok=int(tok))
@@ -605,11 +595,7 @@ def test_relevancy_of_blip_matching_against_the_bimodal_rule(tmp_path):
     from pipeline.models import load_adapter
     from tests.test_blip import make_tiny_blip
 
-    mdir = make_tiny_blip(tmp_path / "model", "retrieval")
-    manifest = make_manifest(tmp_path / "data", n=2)
-    lake = tmp_path / "lake"
-    extract(str(mdir), manifest, lake, "blip", batch_size=2, keep_attention="none", keep_hidden="none",
-            explain="relevancy", progress=False, workers=0)
+    mdir, manifest, lake = explained_run(lambda o: make_tiny_blip(o, "retrieval"), tmp_path, "blip", 2, "relevancy")
     rel = lake_df(lake, "SELECT example_id, stream, token_idx, value FROM relevancy WHERE method = 'relevancy'")
     tok = lake_df(lake, "SELECT example_id, stream, token_idx, seq_pos FROM tokens")
     assert set(rel.stream) == {"text", "vision"}
