@@ -56,19 +56,51 @@ def cmd_sql(a: argparse.Namespace) -> int:
     return 0
 
 
-def _streamlit(lake: str | Path, port: int, headless: bool, extra: list[str] | None = None) -> int:
+def streamlit_command(port: int | None, headless: bool | None, interactive: bool) -> list[str]:
+    """``streamlit run`` with only what the user asked for: Streamlit's own configuration (its
+    ``STREAMLIT_*`` environment variables, ``.streamlit/config.toml``) decides everything else. Without a
+    terminal the server runs headless (it would otherwise stop at Streamlit's first-run e-mail prompt),
+    unless the user said otherwise."""
+    app = Path(__file__).resolve().parent.parent / "streamlit_app" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app)]
+    if port is not None:
+        cmd += ["--server.port", str(port)]
+    if headless is None and not interactive and "STREAMLIT_SERVER_HEADLESS" not in os.environ:
+        headless = True
+    if headless is not None:
+        cmd += ["--server.headless", "true" if headless else "false"]
+    return cmd
+
+
+def _streamlit(lake: str | Path, port: int | None, headless: bool | None) -> int:
+    """Run the app's server until it exits; SIGTERM and SIGINT are passed on to it, and its exit
+    code is ours."""
+    import signal
+
     from lake.store import open_store
 
-    app = Path(__file__).resolve().parent.parent / "streamlit_app" / "app.py"
     env = dict(os.environ, VLATLAS_LAKE=open_store(lake).uri)
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
-           "--server.headless", "true" if headless else "false", "--browser.gatherUsageStats", "false",
-           *(extra or [])]
-    print(f"vlatlas: serving {lake} at http://localhost:{port}  (Ctrl-C to stop)", file=sys.stderr)
+    cmd = streamlit_command(port, headless, sys.stdin.isatty() and sys.stdout.isatty())
+    where = f"port {port}" if port is not None else "the port Streamlit is configured with (8501 by default)"
+    print(f"vlatlas: serving {lake} on {where}  (Ctrl-C to stop)", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C while the server shuts down
+                forward(signal.SIGINT, None)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 
 
 def cmd_app(a: argparse.Namespace) -> int:
@@ -185,15 +217,19 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("app", help="start the web app on a lake")
     s.add_argument("--lake", required=True)
-    s.add_argument("--port", type=int, default=8501)
-    s.add_argument("--headless", action="store_true", help="don't open a browser")
+    s.add_argument("--port", type=int, default=None,
+                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501)")
+    s.add_argument("--headless", action="store_true", default=None,
+                   help="don't open a browser (the default without a terminal)")
     s.set_defaults(fn=cmd_app)
 
     d = sub.add_parser("demo", help="build the demo lake if missing and start the app on it")
     d.add_argument("--lake", default="demo_lake")
     d.add_argument("--n", type=int, default=1000, help="held-out scenes in the demo lake")
-    d.add_argument("--port", type=int, default=8501)
-    d.add_argument("--headless", action="store_true")
+    d.add_argument("--port", type=int, default=None,
+                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501)")
+    d.add_argument("--headless", action="store_true", default=None,
+                   help="don't open a browser (the default without a terminal)")
     d.add_argument("--rebuild", action="store_true", help="rebuild the demo lake even if it exists")
     d.add_argument("--no-app", action="store_true", help="only build the lake")
     d.add_argument("--quiet", action="store_true")
