@@ -278,8 +278,9 @@ QUICK_MAX_ROWS = 5000  # Altair refuses to inline more rows than this
 
 
 def _field(name: str) -> str:
-    """A column name as a Vega-Lite field (dots and brackets would otherwise mean nesting)."""
-    return "".join("\\" + c if c in ".[]\\" else c for c in str(name))
+    """A column name as a Vega-Lite field: dots and brackets would otherwise mean nesting, and quotes
+    open a quoted path (DuckDB names an unaliased ``avg(value)`` column ``avg("value")``)."""
+    return "".join("\\" + c if c in ".[]\\'\"" else c for c in str(name))
 
 
 def column_kind(s: pd.Series) -> str:

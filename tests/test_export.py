@@ -28,7 +28,7 @@ from PIL import Image
 
 from lake import queries
 from lake.catalog import Catalog
-from streamlit_app import export
+from streamlit_app import charts, export
 from tests.test_app import APP, open_app
 
 PAGES = re.findall(r'"app_pages" / "(\w+\.py)"', APP.read_text())
@@ -383,3 +383,19 @@ def test_head_summary_top_examples_for_the_selected_head(synth_lake, monkeypatch
     ws.string_value = json.dumps({"selection": {"rows": [1], "columns": [], "cells": []}})
     at._run(states)
     assert not at.exception and at.session_state["ex"] == int(s.example_id.iloc[1])
+
+
+def test_quick_chart_of_unaliased_aggregates_renders(synth_lake, monkeypatch):
+    """DuckDB names an unaliased aggregate avg("value"): the quotes must not break Vega's field paths
+    (the chart failed in the browser with "Access path missing closing bracket")."""
+    import vl_convert as vlc
+
+    with Catalog(synth_lake.root) as cat:
+        df = cat.user_sql("SELECT stat, avg(value) FROM head_stats WHERE run = 'synth' GROUP BY stat ORDER BY stat").df
+    assert 'avg("value")' in df.columns
+    spec = charts.quick_chart(df, "stat", 'avg("value")').to_json()
+    svg = vlc.vegalite_to_svg(spec)  # raised the Vega error before
+    assert svg.count('aria-roledescription="bar"') == df['avg("value")'].notna().sum() > 0  # a bar per value
+    at = open_app(synth_lake.root, monkeypatch, page=SQL_PAGE, run="synth",
+                  sql="SELECT stat, avg(value) FROM head_stats WHERE run = 'synth' GROUP BY stat")
+    assert at.session_state["sql_y"] == 'avg("value")'
