@@ -183,12 +183,12 @@ def token_strip(tokens: pd.DataFrame, *, weight_title: str, vmax: float | None =
                                             description=description, autosize=PAD).configure_view(stroke=None)
 
 
-def token_matrix(m: pd.DataFrame, *, weight_title: str = "weight", cell: int = 24,
+def token_matrix(m: pd.DataFrame, *, weight_title: str = "weight", cell: int = 24, vmax: float | None = None,
                  description: str = "token-matrix") -> alt.Chart:
     """Query × key heatmap of tokens; ``m`` from :func:`streamlit_app.views.matrix`; ``description`` names it."""
     q_order = m.drop_duplicates("query").sort_values("query_order")["query"].tolist()
     k_order = m.drop_duplicates("key").sort_values("key_order")["key"].tolist()
-    vmax = float(m.weight.max()) if len(m) else 1.0
+    vmax = float(vmax if vmax is not None else (m.weight.max() if len(m) else 1.0))
     return alt.Chart(m).mark_rect(stroke="white", strokeWidth=0.3).encode(
         x=alt.X("key:N", sort=k_order, title="key →", axis=alt.Axis(labelAngle=-50, orient="top", labelOverlap=False)),
         y=alt.Y("query:N", sort=q_order, title="query", axis=alt.Axis(labelOverlap=False)),

@@ -448,3 +448,27 @@ def test_head_summary_and_text_to_image_match_the_attention_table(any_lake, monk
     np.testing.assert_allclose(p.weight.to_numpy(), row.reindex(p.token_idx).fillna(0).to_numpy(), atol=1e-6)
     patches = tok[tok.role == "patch"]
     assert sorted(zip(p.patch_row, p.patch_col)) == sorted(zip(patches.patch_row, patches.patch_col))
+
+
+def test_attention_colours_are_absolute_unless_stretched(synth_lake, monkeypatch):
+    """Honest scales: a panel's colours run from 0 to 1 (a weight's share of its row) unless the user
+    stretches them; the caption gives the panel's mass, equal to the lake's."""
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/attention.py", run="synth", ex=3, layer=1, head=1,
+                  tokens="2")
+    spec, _ = chart(at, "text-image")
+    domains = [json.dumps(spec)]
+    assert '"domain": [0, 1.0]' in domains[0] or '"domain": [0.0, 1.0]' in domains[0]
+    d = chart_data(at, "text-image", "weight")
+    mass = float(d.weight.sum())
+    tok = synth_lake.tokens_of(3)
+    q = int(tok[tok.text_pos == 2].token_idx.iloc[0])
+    a = synth_lake.stored[(3, "self", 1)][1]  # [query, key] of head 1, as stored
+    patches = tok[tok.role == "patch"].token_idx.to_numpy()
+    assert mass == pytest.approx(float(a[q, patches].sum()), abs=1e-3)
+    assert any(f"text → image mass {mass:.4f}" in str(c.value) for c in at.caption)
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/attention.py", run="synth", ex=3, layer=1, head=1,
+                  tokens="2", stretch="true")
+    spec, _ = chart(at, "text-image")
+    top = float(chart_data(at, "text-image", "weight").weight.max())
+    assert f'"domain": [0, {top}]' in json.dumps(spec) or f'"domain": [0.0, {top}]' in json.dumps(spec)
+    assert any("stretched" in str(c.value) for c in at.caption)

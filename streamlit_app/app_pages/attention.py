@@ -68,6 +68,28 @@ block = state.q("method_block", c.run, ex_id, stream, layer, None if head == "me
 keep = c.capture.get("keep_attention", "all")
 pruned = views.is_pruned(keep) and method in ("attention", "value")
 predicted = method == "relevancy" and bool((block.query_idx == -1).any())  # an encoder's prediction explained
+# Colour scales are absolute (0 to 1: a weight's share of its row) unless stretched to the panel's largest
+# value; relevancy has no fixed top, so it is always stretched.
+state.choose("stretch", [False, True], default=False)
+st.toggle("Stretch colours", disabled=method == "relevancy", **state.bind("stretch"),
+          help="colour each panel from 0 to its own largest value instead of from 0 to 1: small differences "
+               "show, but a panel whose queries hardly look at its keys then paints noise")
+stretch = bool(state.get("stretch")) or method == "relevancy"
+VMAX = None if stretch else 1.0
+NEGLIGIBLE = 0.01  # a panel's mass below which it is called negligible
+
+
+def scale_note(mass: float, what: str) -> str:
+    """The caption's words on the colour scale, and a warning when the panel's mass is negligible."""
+    if method == "relevancy":
+        return "colour scaled to the panel's largest value (relevancy has no fixed top)"
+    if mass < NEGLIGIBLE:
+        st.info(f"The selected queries put only {mass:.4f} of their {METHOD_LABEL[method]} on {what}: negligible. "
+                "On the absolute scale this shows as nearly nothing"
+                + (", and stretched colours would paint noise." if not stretch else
+                   "; the stretched colours below magnify noise."))
+    return ("colour scaled to this panel's largest value (stretched)" if stretch
+            else "colour on the absolute scale 0 to 1")
 st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · layer **{layer}** of {n_layers} · "
            f"**{head_text}** of {n_heads} · attention read query → key, `weight = A[query, key]`"
            + ("; mean over heads = Σₕ Aₕ[query, key] / heads, pruned weights counting as 0" if head == "mean" else "")
@@ -95,10 +117,10 @@ width, height = views.image_size(ex, patch_k)
 
 
 def image_chart(patches, description, select=False):
-    jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W)
+    jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W, vmax=VMAX)
     return charts.image_map(views.data_uri(jpeg), width, height, (dw, dh), patches,
                             weight_title="weight" if method == "attention" else METHOD_LABEL[method],
-                            select=select, description=description)
+                            vmax=VMAX, select=select, description=description)
 
 
 def not_here(view: str) -> bool:
@@ -146,10 +168,11 @@ with left:
                           width="content")
         if png is None:
             st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
-        st.caption(f"**text → image**: attention from the selected text token(s) (query) to each image patch "
-                   f"(key), averaged over the {len(sel_text)} selected queries; total mass on patches "
-                   f"{ti.weight.sum():.3f}. Patch weights sit at their (row, col) on the grid and are "
-                   f"interpolated bilinearly; colour scaled to the largest weight ({ti.weight.max():.3f}).")
+        note = scale_note(float(ti.weight.sum()), "the image patches")
+        st.caption(f"**text → image**: {METHOD_LABEL[method]} from the selected text token(s) (query) to each image "
+                   f"patch (key), averaged over the {len(sel_text)} selected queries: **text → image mass "
+                   f"{ti.weight.sum():.4f}**, largest patch {ti.weight.max():.4f}. Patch values sit at their (row, "
+                   f"col) on the grid and are interpolated bilinearly; {note}.")
 
 with right:
     st.subheader("Image → image")
@@ -180,9 +203,10 @@ with right:
         export.show_chart(image_chart(ii, "image-image", select=True), f"{view_name}-image-image",
                           key="ii_chart", width="content", on_select=_pick_patches,
                           selection_mode=["patch", "box"])
-        st.caption(f"**image → image**: attention from the selected patch(es) {', '.join(state.get('patches'))} "
-                   f"(query, outlined) to every patch (key). Click a patch to choose it, shift-click to add, "
-                   f"or drag a box.")
+        note = scale_note(float(ii.weight.sum()), "the image patches")
+        st.caption(f"**image → image**: {METHOD_LABEL[method]} from the selected patch(es) "
+                   f"{', '.join(state.get('patches'))} (query, outlined) to every patch (key): **image → image mass "
+                   f"{ii.weight.sum():.4f}**; {note}. Click a patch to choose it, shift-click to add, or drag a box.")
     st.subheader("Image → text" if not predicted else "Prediction → text")
     if predicted and not text_k.empty:
         it = views.mean_rows(block, [-1], text_k)
@@ -195,10 +219,12 @@ with right:
         st.info(f"Stream `{stream}` has no image queries or no text keys.")
     else:
         it = views.mean_rows(block, sel_patch, text_k)
-        export.show_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, description="image-text"),
+        note = scale_note(float(it.weight.sum()), "the text")
+        export.show_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, vmax=VMAX,
+                                             description="image-text"),
                           f"{view_name}-image-text", key="it_chart", width="content")
-        st.caption(f"**image → text**: each text token (key) coloured by the attention the selected patch(es) "
-                   f"(query) put on it; total mass on text {it.weight.sum():.3f}.")
+        st.caption(f"**image → text**: each text token (key) coloured by the {METHOD_LABEL[method]} the selected "
+                   f"patch(es) (query) put on it: **image → text mass {it.weight.sum():.4f}**; {note}.")
 
 st.subheader("Text → text")
 if not_here("text-text"):
@@ -206,7 +232,7 @@ if not_here("text-text"):
 elif text_q.empty or text_k.empty:
     st.info(f"Stream `{stream}` has no text queries or no text keys.")
 else:
-    export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), description="text-text"),
+    export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), vmax=VMAX, description="text-text"),
                       f"{view_name}-text-text", key="tt_chart", width="content")
     st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
                "weights over text keys need not sum to 1: the rest of its mass goes to image keys"
