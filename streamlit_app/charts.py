@@ -467,7 +467,11 @@ def layer_profile(d: pd.DataFrame, *, value: str, value_title: str, color: str =
     y = alt.Y(f"{value}:Q", title=value_title, scale=alt.Scale(zero=False))
     enc = dict(x=x, y=y, color=alt.Color(f"{color}:N", title=None, legend=legend, scale=scale))
     if dash:
-        enc["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None, legend=legend)
+        # the first scope in ``d`` (the selected example) solid, the next dashed, whatever their names'
+        # alphabetical order (which Vega-Lite would follow otherwise)
+        order = list(dict.fromkeys(d[dash].tolist()))
+        enc["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=None, legend=legend, scale=alt.Scale(
+            domain=order, range=[[1, 0], [5, 3], [1, 3], [8, 3, 2, 3]][:len(order)]))
     # points in their own layer: a line mark with points would draw its legend as dots, hiding the dashes
     dots = alt.Chart(d).mark_point(filled=True, size=30).encode(
         x=x, y=y, color=alt.Color(f"{color}:N", legend=None, scale=scale),

@@ -182,3 +182,31 @@ def test_run_without_maps_shows_the_command(lake, monkeypatch):
 def test_run_without_hidden_states(lake, monkeypatch):
     at = open_app(lake, monkeypatch, page=PAGE, run="nohidden")
     assert "stores no hidden states" in texts(at) and "--keep-hidden none" in texts(at)
+
+
+def test_norm_chart_draws_the_example_solid_as_its_caption_says(lake, monkeypatch):
+    """The caption says the selected example is solid and all examples dashed: the dash scale must say
+    so too, whatever the labels' alphabetical order ("all examples" sorts before "example #4")."""
+    at = open_app(lake, monkeypatch, page=PAGE, run=RUN, ex=4)
+    spec, _ = chart(at, "hidden-norms")
+    dash = next(l["encoding"]["strokeDash"] for l in spec["layer"] if "strokeDash" in l.get("encoding", {}))
+    assert dash["scale"]["domain"][:2] == ["example #4", "all examples"]
+    assert dash["scale"]["range"][0] == [1, 0] and dash["scale"]["range"][1] != [1, 0]
+    assert any("(solid)" in str(c.value) and "(dashed" in str(c.value) for c in at.caption)
+
+
+def test_changing_the_example_keeps_the_word_not_the_index(lake, monkeypatch):
+    """A token index names another token in another example: the page keeps the selected word (or
+    starts from the new example's first word), never silently swaps "circle" for "triangle"."""
+    toks = read_table(lake, "tokens")
+    words = toks[toks.role == "word"]
+    # a word of example 4 that example 5 also has, at another index
+    pairs = words[words.example_id == 4].merge(words[words.example_id == 5], on="token", suffixes=("_a", "_b"))
+    pairs = pairs[pairs.token_idx_a != pairs.token_idx_b]
+    if pairs.empty:  # then any shared word at all
+        pairs = words[words.example_id == 4].merge(words[words.example_id == 5], on="token", suffixes=("_a", "_b"))
+    word = pairs.iloc[0]
+    at = open_app(lake, monkeypatch, page=PAGE, run=RUN, ex=4, tok=int(word.token_idx_a))
+    at.sidebar.selectbox(key="w_ex").set_value(5).run()
+    assert not at.exception
+    assert at.session_state["tok"] == int(word.token_idx_b)
