@@ -17,6 +17,7 @@ also its URL query parameter, so a view can be shared by its URL:
 ``patches`` selected query patches, by position, e.g. ``r1c2,r0c3``
 ``nosink``  the Head summary leaves sink tokens out (``--explain sinks`` runs)
 ``stretch`` the Attention page colours each panel to its own largest value (default: 0 to 1)
+``nospecial`` the Hidden states page leaves special tokens out of the nearest neighbours
 ``method``  the Attention page's method: ``attention``, ``value`` (value-weighted), ``rollout``,
             ``relevancy`` (the last three when the run was extracted with ``--explain``)
 ``q`` ``answer`` ``pred`` ``correct`` ``split`` ``mkey`` ``mval``
@@ -64,7 +65,7 @@ DEFAULTS: dict[str, object] = {
     "lake": None, "run": None, "ex": None, "stream": None, "layer": 0, "head": 0, "stat": "t2i",
     "norm": "raw", "scope": "example", "tokens": [], "patches": [], "q": None, "answer": None,
     "pred": None, "correct": None, "split": None, "mkey": None, "mval": None, "method": "attention",
-    "nosink": False, "stretch": False,
+    "nosink": False, "stretch": False, "nospecial": False,
 }
 # the Compare page: its own statistic, run B, test, correction, map colour, drilled head, and a
 # filter per group (the example filter's keys prefixed a_ / b_)
@@ -98,7 +99,7 @@ def _bool(s: str) -> bool | None:
 
 PARSE = {
     "ex": int, "layer": int, "head": lambda s: "mean" if s == "mean" else int(s),
-    "tokens": _int_list, "patches": _patch_list, "correct": _bool, "nosink": _bool, "stretch": _bool,
+    "tokens": _int_list, "patches": _patch_list, "correct": _bool, "nosink": _bool, "stretch": _bool, "nospecial": _bool,
     "norm": lambda s: s if s in queries.NORMS else "raw",
     "scope": lambda s: s if s in ("example", "filtered") else "example",
 }

@@ -210,3 +210,19 @@ def test_changing_the_example_keeps_the_word_not_the_index(lake, monkeypatch):
     at.sidebar.selectbox(key="w_ex").set_value(5).run()
     assert not at.exception
     assert at.session_state["tok"] == int(word.token_idx_b)
+
+
+def test_nearest_neighbours_can_leave_special_tokens_out(lake, monkeypatch):
+    ex, layer = 3, 1
+    tok = read_table(lake, "tokens", run=RUN, example_id=ex)
+    word = int(tok[(tok.role == "word") & (tok.token == "circle")].token_idx.iloc[0])
+    at = open_app(lake, monkeypatch, page=PAGE, run=RUN, ex=ex, hlayer=layer, tok=word, nn="example",
+                  nospecial="true")
+    table = at.dataframe[0].value
+    h = hidden(lake, layer=layer)
+    cands = h[(h.example_id == ex) & (h.modality == "image") & (h.role == "patch")]
+    q = h[(h.example_id == ex) & (h.token_idx == word)].v.iloc[0]
+    cos = np.array([cosine(v, q) for v in cands.v])
+    order = np.lexsort((cands.token_idx.to_numpy(), -cos))[:10]
+    assert table.token_idx.tolist() == cands.iloc[order].token_idx.tolist()
+    assert "image_cls" not in set(table.role)

@@ -9,6 +9,7 @@ that have vectors."""
 import pandas as pd
 import streamlit as st
 
+from lake.schema import ROLES_SPECIAL
 from pipeline.embed import maps_stamp
 from streamlit_app import charts, export, hidden, state
 
@@ -224,6 +225,11 @@ with left:
                                                   "patch_row", "patch_col", "vec"]]
             where = f"the tokens of example #{ex_id}" + (" (this layer has no map, so no sample)"
                                                          if nn_scope == "sample" else "")
+        state.choose("nospecial", [False, True], default=False)
+        st.toggle("Leave special tokens out", help="leave [CLS], [SEP], the image [CLS] and the like out of the "
+                  "neighbours: they gather the whole sequence, so they are near everything", **state.bind("nospecial"))
+        if state.get("nospecial") and "role" in cands.columns:
+            cands = cands[~cands.role.isin(list(ROLES_SPECIAL) + ["pad"])]
         nn = hidden.nearest_other_modality(cands, qvec, qmod, N_NEIGHBOURS, exclude=(ex_id, tok))
         st.subheader(f"Nearest {other} tokens to “{labels.get(tok)}”")
         if nn.empty:
