@@ -292,6 +292,7 @@ def test_page_paired_runs(hand_lake, monkeypatch):
     assert "d_z" in t.columns
     drivers = " ".join(md.value for md in at.markdown)
     assert "#3 · question 3" in drivers and "share 50%" in drivers  # d = 3 of Σd = 6
+    assert at.button(key="cmp_open_b_3").label == "Open B"  # text, not an emoji a font may lack
     at.button(key="cmp_open_b_3").click().run()  # open example 3 in run B
     assert not at.exception and at.title[0].value == "🔍 Attention"
     ss = at.session_state

@@ -292,11 +292,11 @@ def _button(where, label: str, run: str, example_id: int, key: str) -> None:
 
 if paired:
     st.caption(f"Largest differences B − A in the direction of the mean difference; "
-               f"🔍 A / 🔍 B opens the example in run `{c.run}` / `{b_run}`.")
+               f"**Open A** / **Open B** opens the example in run `{c.run}` / `{b_run}`.")
     for r in drv.head(2 * TOP).itertuples():
-        a, b, t = st.columns([0.6, 0.6, 8])
-        _button(a, "🔍 A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
-        _button(b, "🔍 B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
+        a, b, t = st.columns([1, 1, 7])
+        _button(a, "Open A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
+        _button(b, "Open B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
         t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {r.share:.0%})")
 else:
     col_a, col_b = st.columns(2, gap="large")
@@ -306,5 +306,5 @@ else:
                       f"in the direction of B − A")
         for r in drv[drv.group == g].head(TOP).itertuples():
             b, t = where.columns([1, 6])
-            _button(b, "🔍", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
+            _button(b, "Open", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
             t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {r.share:.0%})")
