@@ -283,6 +283,15 @@ def _line(r) -> str:
     return f"#{int(r.example_id)} · {e.text} · answer **{e.answer}** · {pred} **{e.prediction}**{mark}"
 
 
+def _share(x: float) -> str:
+    """An example's share of the difference: a percentage that never rounds a real share to 0%."""
+    if pd.isna(x):
+        return "n/a"
+    if x == 0 or abs(x) >= 0.01:
+        return f"{x:.0%}"
+    return f"{x:.2%}" if abs(x) >= 0.0001 else f"{x:.1e}"
+
+
 def _button(where, label: str, run: str, example_id: int, key: str) -> None:
     if where.button(label, key=key, help=f"open example #{example_id} of run {run} on the Attention page at "
                                          f"stream {stream}, layer {layer}, head {head}"):
@@ -297,7 +306,7 @@ if paired:
         a, b, t = st.columns([1, 1, 7])
         _button(a, "Open A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
         _button(b, "Open B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
-        t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {r.share:.0%})")
+        t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {_share(r.share)})")
 else:
     col_a, col_b = st.columns(2, gap="large")
     for where, g, other in ((col_a, "A", "B"), (col_b, "B", "A")):
@@ -307,4 +316,4 @@ else:
         for r in drv[drv.group == g].head(TOP).itertuples():
             b, t = where.columns([1, 6])
             _button(b, "Open", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
-            t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {r.share:.0%})")
+            t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {_share(r.share)})")
