@@ -63,7 +63,7 @@ PATCH_KEY = re.compile(r"^r(\d+)c(\d+)$")
 
 DEFAULTS: dict[str, object] = {
     "lake": None, "run": None, "ex": None, "stream": None, "layer": 0, "head": 0, "stat": "t2i",
-    "norm": "raw", "scope": "example", "tokens": [], "patches": [], "q": None, "answer": None,
+    "norm": "raw", "scope": "filtered", "tokens": [], "patches": [], "q": None, "answer": None,
     "pred": None, "correct": None, "split": None, "mkey": None, "mval": None, "method": "attention",
     "nosink": False, "stretch": False, "nospecial": False,
 }
@@ -101,7 +101,7 @@ PARSE = {
     "ex": int, "layer": int, "head": lambda s: "mean" if s == "mean" else int(s),
     "tokens": _int_list, "patches": _patch_list, "correct": _bool, "nosink": _bool, "stretch": _bool, "nospecial": _bool,
     "norm": lambda s: s if s in queries.NORMS else "raw",
-    "scope": lambda s: s if s in ("example", "filtered") else "example",
+    "scope": lambda s: s if s in ("example", "filtered") else "filtered",
 }
 PARSE.update({"expage": lambda s: max(1, int(s))})
 PARSE.update({

@@ -197,7 +197,7 @@ def test_example_without_image(synth_lake, monkeypatch):
 
 # -- head summary ---------------------------------------------------------------------------
 def test_head_summary_of_one_example(synth_lake, monkeypatch):
-    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth", ex=2)
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth", ex=2, scope="example")
     assert at.session_state["stat"] == "t2i"
     d = heatmap(at)
     np.testing.assert_allclose(as_matrix(d, synth_lake), t2i_matrix(synth_lake, 2), atol=1e-6)
@@ -209,7 +209,7 @@ def test_head_summary_of_one_example(synth_lake, monkeypatch):
 
 
 def test_head_summary_other_stat(synth_lake, monkeypatch):
-    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth", ex=1, stat="max")
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth", ex=1, stat="max", scope="example")
     want = np.stack([synth_lake.attention[(1, "self", l)].max(-1).mean(-1) for l in range(2)])
     np.testing.assert_allclose(as_matrix(heatmap(at), synth_lake), want, atol=1e-6)
 
@@ -226,7 +226,7 @@ def test_head_summary_mean_over_filtered_examples(synth_lake, monkeypatch):
 
 @pytest.mark.parametrize("norm", ["z_example", "z_dataset"])
 def test_head_summary_z_scores(synth_lake, monkeypatch, norm):
-    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth", ex=4, norm=norm)
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth", ex=4, norm=norm, scope="example")
     v = t2i_matrix(synth_lake, 4)
     if norm == "z_example":
         want = (v - v.mean()) / v.std()
@@ -245,7 +245,7 @@ def test_head_summary_stat_without_values(synth_lake, monkeypatch):
 
 def test_head_summary_several_streams(synth_lake, monkeypatch):
     lake = synth_lake.pruned
-    at = open_app(lake.root, monkeypatch, page="app_pages/head_summary.py", run="pruned", ex=1)
+    at = open_app(lake.root, monkeypatch, page="app_pages/head_summary.py", run="pruned", ex=1, scope="example")
     assert at.selectbox(key="w_stream").options == ["vision", "text"]
     np.testing.assert_allclose(as_matrix(heatmap(at), lake), t2i_matrix(lake, 1, "vision"), atol=1e-6)
     at.selectbox(key="w_stream").set_value("text").run()
@@ -432,7 +432,7 @@ def test_head_summary_and_text_to_image_match_the_attention_table(any_lake, monk
     image = set(tok[tok.modality == "image"].token_idx)
     a = att[att.query_idx.isin(text.token_idx)]
     want_t2i = (a[a.key_idx.isin(image)].groupby("head").weight.sum() / len(text)).sort_index().to_numpy()
-    at = open_app(any_lake, monkeypatch, page="app_pages/head_summary.py", run=run, ex=ex, stream=stream)
+    at = open_app(any_lake, monkeypatch, page="app_pages/head_summary.py", run=run, ex=ex, stream=stream, scope="example")
     d = heatmap(at)
     got = d[d.layer == layer].sort_values("head").value.to_numpy()
     if pruned:
@@ -472,3 +472,12 @@ def test_attention_colours_are_absolute_unless_stretched(synth_lake, monkeypatch
     top = float(chart_data(at, "text-image", "weight").weight.max())
     assert f'"domain": [0, {top}]' in json.dumps(spec) or f'"domain": [0.0, {top}]' in json.dumps(spec)
     assert any("stretched" in str(c.value) for c in at.caption)
+
+
+def test_head_summary_opens_on_the_run_mean(synth_lake, monkeypatch):
+    """The first view is the run: the mean over every example, not one example's matrix."""
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth")
+    assert at.session_state["scope"] == "filtered"
+    n = len(synth_lake.examples)
+    want = np.mean([t2i_matrix(synth_lake, e) for e in range(n)], axis=0)  # [layer, head]
+    np.testing.assert_allclose(as_matrix(heatmap(at), synth_lake), want, atol=1e-5)

@@ -235,6 +235,6 @@ def test_app_pages_on_the_blip_lake(blip, monkeypatch):
         for page in ("app_pages/head_summary.py", "app_pages/attention.py"):
             at = open_app(lake, monkeypatch, page=page, run=head, ex=0, stream=stream)
             assert not at.exception, (page, stream, at.exception)
-        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=head, ex=0, stream=stream)
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=head, ex=0, stream=stream, scope="example")
         box = next(w for w in at.selectbox if w.label == "Stream")
         assert set(box.options) == {"vision", "text", "cross"} and box.value == stream

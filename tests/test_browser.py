@@ -174,13 +174,13 @@ def test_shared_url_restores_every_selection(server, browser):
     """URLs naming a statistic, a normalisation, a scope, a head, query tokens and patches open
     with exactly those selections shown by the widgets (as another person's browser would)."""
     page, errors = _open(browser, f"{server}/head_summary?run=tiny&ex=1&stat=entropy&norm=z_example"
-                                  f"&scope=filtered&layer=1&head=1")
+                                  f"&scope=example&layer=1&head=1")
     assert _selectbox_value(page, "Statistic") == "entropy"
     assert _checked_radio(page, "Normalisation").startswith("z-score across layers")
-    assert _checked_radio(page, "Of").startswith("mean of")
+    assert _checked_radio(page, "Of").startswith("example")  # the run mean is the default
     body = page.inner_text("body")
     assert "layer 1, head 1" in body and "Top examples for layer 1, head 1" in body
-    for key, value in (("stat", "entropy"), ("norm", "z_example"), ("scope", "filtered"), ("layer", "1"),
+    for key, value in (("stat", "entropy"), ("norm", "z_example"), ("scope", "example"), ("layer", "1"),
                        ("head", "1")):
         assert f"{key}={value}" in page.url, page.url
     assert not errors, errors

@@ -298,7 +298,7 @@ def test_app_pages_on_the_dual_lake(dual, monkeypatch):
         at = open_app(lake, monkeypatch, page=page, run=kind, ex=1)
         assert not at.exception, (page, at.exception)
     for stream in ("text", "vision"):
-        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=kind, ex=1, stream=stream)
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=kind, ex=1, stream=stream, scope="example")
         box = at.selectbox(key="stream") if any(w.key == "stream" for w in at.selectbox) else \
             next(w for w in at.selectbox if w.label == "Stream")
         assert set(box.options) == {"text", "vision"} and not box.disabled

@@ -575,7 +575,7 @@ def test_head_summary_leaves_sink_tokens_out(explained, monkeypatch):
     lake, _ = explained
     st = lake_df(lake, "SELECT layer, head, value FROM head_stats WHERE example_id = 0 AND stream = 'self' "
                        "AND stat = 't2i_nosink'")
-    at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run="ex", ex=0, stat="t2i", nosink="true")
+    at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run="ex", ex=0, stat="t2i", nosink="true", scope="example")
     toggle = next(t for t in at.toggle if t.label == "Leave sink tokens out")
     assert toggle.value is True
     d = chart_data(at, "head-summary", "layer")

@@ -301,7 +301,7 @@ def test_dotted_column_names_chart(synth_lake, monkeypatch, downloads):
 
 # -- a shared URL restores the view -------------------------------------------------------------
 SHARED = dict(run="synth", ex=3, stream="self", layer=1, head=1, tokens="1,2", patches="r0c1,r2c3", stat="max",
-              norm="z_example", scope="filtered", split="train", sql=HEAD_SQL, sql_mark="bar")
+              norm="z_example", scope="example", split="train", sql=HEAD_SQL, sql_mark="bar")
 
 
 @pytest.mark.parametrize("page", [None, *[f"app_pages/{p}" for p in PAGES if p != "examples.py"]])
@@ -311,7 +311,7 @@ def test_shared_url_restores_the_view(synth_lake, monkeypatch, page):
     ss = at.session_state
     assert (ss["run"], ss["ex"], ss["stream"], ss["layer"], ss["head"]) == ("synth", 3, "self", 1, 1)
     assert (ss["tokens"], ss["patches"], ss["stat"], ss["norm"], ss["scope"], ss["split"]) == \
-        ([1, 2], ["r0c1", "r2c3"], "max", "z_example", "filtered", "train")
+        ([1, 2], ["r0c1", "r2c3"], "max", "z_example", "example", "train")
     assert at.sidebar.selectbox(key="w_run").value == "synth" and at.sidebar.selectbox(key="w_ex").value == 3
     assert "split = 'train'" in " ".join(c.value for c in at.sidebar.caption)
     # every selection is still in the URL after the page ran: pasting it elsewhere gives this view again
@@ -323,7 +323,7 @@ def test_shared_url_restores_the_view(synth_lake, monkeypatch, page):
         assert at.dataframe[0].value.example_id.tolist() == e[e.split == "train"].example_id.tolist()
     elif page.endswith("head_summary.py"):
         assert at.selectbox(key="w_stat").value == "max"
-        assert at.radio(key="w_norm").value == "z_example" and at.radio(key="w_scope").value == "filtered"
+        assert at.radio(key="w_norm").value == "z_example" and at.radio(key="w_scope").value == "example"
         d = chart_rows(at, "head-summary")
         assert d[d.selected][["layer", "col"]].values.tolist() == [[1, "1"]]
         assert "Top examples for layer 1, head 1" in " ".join(m.value for m in at.markdown)
