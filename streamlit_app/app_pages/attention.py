@@ -55,7 +55,7 @@ layer, head = int(state.get("layer")), state.get("head")
 head_text = "mean over heads" if head == "mean" else f"head {head}"
 view_name = f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}"  # download file names
 
-explained = [m for m in ("value", "rollout", "relevancy") if m in str(c.capture.get("explain") or "").split(",")]
+explained = [m for m in ("value", "rollout", "relevancy") if m in c.explained]
 methods = ["attention", *explained]
 state.choose("method", methods, default="attention")
 if len(methods) > 1:
@@ -128,7 +128,7 @@ def not_here(view: str) -> bool:
     if method == "rollout" and view != "text-image":
         st.info("Rollout is stored for text queries over image patches: see **Text → image**.")
         return True
-    if method == "relevancy" and (view in ("image-image",) or (predicted and view == "text-text")):
+    if method == "relevancy" and (view in ("image-image", "image-text") or (predicted and view == "text-text")):
         st.info("Relevancy explains the model's output, not a patch or word query: see **Text → image** and "
                 "**Image → text**." if predicted else "Relevancy is stored for the generated tokens' rows.")
         return True
