@@ -166,7 +166,7 @@ def committed_sources(store: Store, runs: dict[str, str | None] | None = None) -
     out: dict[str, list[str]] = {}
     for t in TABLES.values():
         if t is RUNS:
-            out[t.name] = [store.url(f) for f in store.list(t.name, recursive=False) if f.endswith(".parquet")]
+            out[t.name] = [store.url(f"{RUNS.name}/{run}.parquet") for run in runs]
             continue
         files = [f for f in store.list(t.name) if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(".")]
         src: list[str] = []
@@ -241,8 +241,7 @@ class Catalog:
         self._con = self._connect()
         self._signature: tuple | None = None
         self._checked = 0.0
-        self._incomplete: list[str] = []
-        self._runs: dict[str, str | None] = {}
+        self._runs: dict[str, str | None] = {}  # run -> status, as of the last refresh
         self.refresh()
 
     # -- setup ------------------------------------------------------------------------
@@ -279,7 +278,8 @@ class Catalog:
         completed, replaced or deleted), the done markers of runs still running (a chunk
         committed) and the maps of ``vlatlas embed``."""
         return (tuple(self.store.list_info(RUNS.name, recursive=False)),
-                tuple(tuple(self.store.list(f"{STATE_DIR}/{r}", recursive=False)) for r in self._incomplete),
+                tuple(tuple(self.store.list(f"{STATE_DIR}/{r}", recursive=False))
+                      for r, status in sorted(self._runs.items()) if status != "complete"),
                 tuple(self.store.list_info("embeddings")))
 
     def refresh(self) -> None:
@@ -290,7 +290,6 @@ class Catalog:
             for t in TABLES.values():
                 self._con.execute(f"CREATE OR REPLACE VIEW {_ident(t.name)} AS {view_sql(t, sources[t.name])}")
             self._runs = runs
-            self._incomplete = sorted(r for r, status in runs.items() if status != "complete")
             self._signature = self._state()
             self._checked = time.monotonic()
 

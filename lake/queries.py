@@ -546,19 +546,23 @@ def method_block(cat, run: str, example_id: int, stream: str, layer: int, head: 
     if method == "attention":
         return attention_block(cat, run, example_id, stream, layer, head, heads)
     if method == "value":
-        heads = heads or n_heads(cat, run, stream)
-        hsel = "" if head is None else "AND a.head = ?"
-        params = [run, stream, int(layer), int(example_id)] + ([] if head is None else [int(head)])
-        d = cat.df(f"""
-            WITH w AS (
-              SELECT a.head, a.query_idx, a.key_idx, CAST(a.weight AS DOUBLE) * v.norm AS c
-              FROM attention a JOIN value_norms v ON v.run = a.run AND v.stream = a.stream AND v.layer = a.layer
-                AND v.example_id = a.example_id AND v.head = a.head AND v.token_idx = a.key_idx
-              WHERE a.run = ? AND a.stream = ? AND a.layer = ? AND a.example_id = ? {hsel}),
-            s AS (SELECT head, query_idx, key_idx, c / nullif(sum(c) OVER (PARTITION BY head, query_idx), 0) AS share
-                  FROM w)
-            SELECT query_idx, key_idx, sum(coalesce(share, 0)) / ? AS weight FROM s
-            GROUP BY query_idx, key_idx ORDER BY query_idx, key_idx""", [*params, 1.0 if head is not None else float(heads)])
+        divisor = 1.0 if head is not None else float(heads or n_heads(cat, run, stream))
+        hsel = "" if head is None else "AND head = ?"
+        d = pd.DataFrame({"query_idx": [], "key_idx": [], "weight": []})
+        for src, params in _attention_sources(cat, run, example_id, stream, layer):  # the chunk file first
+            d = cat.df(f"""
+                WITH a AS (SELECT head, query_idx, key_idx, CAST(weight AS DOUBLE) AS weight {src} {hsel}),
+                w AS (SELECT a.head, a.query_idx, a.key_idx, a.weight * v.norm AS c
+                      FROM a JOIN value_norms v ON v.head = a.head AND v.token_idx = a.key_idx
+                      WHERE v.run = ? AND v.stream = ? AND v.layer = ? AND v.example_id = ?),
+                s AS (SELECT query_idx, key_idx, c / nullif(sum(c) OVER (PARTITION BY head, query_idx), 0) AS share
+                      FROM w)
+                SELECT query_idx, key_idx, sum(coalesce(share, 0)) / ? AS weight FROM s
+                GROUP BY query_idx, key_idx ORDER BY query_idx, key_idx""",
+                       [*params, *([] if head is None else [int(head)]), run, stream, int(layer), int(example_id),
+                        divisor])
+            if len(d):
+                break
         return d
     if method == "rollout":
         return cat.df("SELECT target AS query_idx, token_idx AS key_idx, CAST(value AS DOUBLE) AS weight FROM relevancy "

@@ -169,12 +169,13 @@ class Store:
 
     def delete_tree(self, rel: str) -> None:
         """Delete everything under ``rel`` (nothing when it is missing)."""
-        for f in self.list(rel):
-            self.delete(f)
         if self.local:
             import shutil
 
             shutil.rmtree(self.path(rel), ignore_errors=True)
+            return
+        for f in self.list(rel):  # an object store has no folders to remove, only keys
+            self.delete(f)
 
     def ensure_dir(self, rel: str = "") -> None:
         """Create a local folder (object stores need none)."""

@@ -222,26 +222,23 @@ class LakeWriter:
             if t.partition and t.name not in NOT_CHUNKED:
                 yield from self.store.list(f"{t.name}/run={self.run}")
 
+    def _purge(self, doomed) -> int:
+        """Delete this run's files for which ``doomed(path)`` holds; return how many."""
+        gone = [rel for rel in self._run_files() if doomed(rel)]
+        for rel in gone:
+            self.store.delete(rel)
+        return len(gone)
+
     def purge_incomplete(self) -> int:
         """Delete the files of every chunk without a done marker; return how many."""
         done = self.done_chunks()
-        n = 0
-        for rel in list(self._run_files()):
-            c = chunk_of(rel)
-            if c is None or c not in done:  # temp files and files of uncommitted chunks
-                self.store.delete(rel)
-                n += 1
-        return n
+        return self._purge(lambda rel: chunk_of(rel) not in done)  # temp files have no chunk: None
 
     def purge_chunk(self, chunk: int) -> int:
         """Delete the files an unfinished attempt at ``chunk`` left (before redoing it); return how many."""
-        n = 0
-        for rel in list(self._run_files()):
-            name = rel.rsplit("/", 1)[-1]
-            if chunk_of(rel) == chunk or (name.startswith(f".part-{chunk:06d}.parquet.") and name.endswith(".tmp")):
-                self.store.delete(rel)
-                n += 1
-        return n
+        temp = f".part-{chunk:06d}.parquet."  # Store's temp files: .<name>.<id>.tmp
+        return self._purge(lambda rel: chunk_of(rel) == chunk
+                           or (rel.rsplit("/", 1)[-1].startswith(temp) and rel.endswith(".tmp")))
 
     def known_image_ids(self) -> set[str]:
         """Image ids other runs have already stored."""

@@ -151,6 +151,15 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """``--port`` and ``--headless`` of the commands that start the app (only what the user gives
+    reaches Streamlit: see :func:`streamlit_command`)."""
+    p.add_argument("--port", type=int, default=None,
+                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501)")
+    p.add_argument("--headless", action="store_true", default=None,
+                   help="don't open a browser (the default without a terminal)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlatlas", description="Dataset-scale interpretability for "
                                 "vision-language transformers: attention and hidden states in a Parquet lake.")
@@ -217,19 +226,13 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("app", help="start the web app on a lake")
     s.add_argument("--lake", required=True)
-    s.add_argument("--port", type=int, default=None,
-                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501)")
-    s.add_argument("--headless", action="store_true", default=None,
-                   help="don't open a browser (the default without a terminal)")
+    _server_options(s)
     s.set_defaults(fn=cmd_app)
 
     d = sub.add_parser("demo", help="build the demo lake if missing and start the app on it")
     d.add_argument("--lake", default="demo_lake")
     d.add_argument("--n", type=int, default=1000, help="held-out scenes in the demo lake")
-    d.add_argument("--port", type=int, default=None,
-                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501)")
-    d.add_argument("--headless", action="store_true", default=None,
-                   help="don't open a browser (the default without a terminal)")
+    _server_options(d)
     d.add_argument("--rebuild", action="store_true", help="rebuild the demo lake even if it exists")
     d.add_argument("--no-app", action="store_true", help="only build the lake")
     d.add_argument("--quiet", action="store_true")

@@ -180,7 +180,7 @@ class RayPool:
             cause = getattr(e, "cause", None) or e
             if isinstance(getattr(cause, "cause", None), ModelLoadError):
                 raise cause.cause from None
-            raise RayError(f"the Ray actors could not load the model: {_first_line(cause)}") from None
+            raise RayError(f"the Ray actors could not load the model: {_last_line(cause)}") from None
         if info.get("version") != __version__:
             raise RayError(f"the Ray cluster runs VL-Atlas {info.get('version')}, this machine {__version__}: "
                            "install the same version on every node")
@@ -216,7 +216,7 @@ class RayPool:
                     res = ray.get(ref)
                 except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
                     raise RayError(f"chunk {c} failed on the Ray cluster after Ray's retries: "
-                                   f"{_first_line(getattr(e, 'cause', None) or e)}. Finished chunks are saved; "
+                                   f"{_last_line(getattr(e, 'cause', None) or e)}. Finished chunks are saved; "
                                    "run the same command again to resume") from None
                 finished += len(chunks[c])
                 summary.extracted += res["extracted"]
@@ -267,7 +267,9 @@ def _reachable(host: str, port: int, timeout_s: float = 5.0) -> None:
                        "`ray start --head`, or give its address") from None
 
 
-def _first_line(e: BaseException) -> str:
+def _last_line(e: BaseException) -> str:
+    """The last non-empty line of an error's text: where a Ray error, which carries the remote
+    traceback, says what went wrong."""
     text = str(e).strip()
     lines = [x for x in text.splitlines() if x.strip()]
     return lines[-1].strip() if lines else type(e).__name__

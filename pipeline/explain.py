@@ -149,7 +149,8 @@ def _bar(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     that sum to 0 stay 0."""
     eye = torch.diag_embed(valid.float())
     rh = r - eye
-    return rh / rh.sum(-1, keepdim=True).where(rh.sum(-1, keepdim=True) != 0, torch.ones_like(rh[..., :1])) + eye
+    sums = rh.sum(-1, keepdim=True)
+    return rh / torch.where(sums != 0, sums, torch.ones_like(sums)) + eye
 
 
 def relevancy_cross(v_attns, v_grads, t_attns, t_grads, c_attns, c_grads, v_valid: torch.Tensor,

@@ -48,8 +48,8 @@ from lake.store import Store
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
-from pipeline.explain import (lens_topk, norm_weighted, parse_explain, relevancy_self, rollout_step, sinks,
-                              value_norms)
+from pipeline.explain import (lens_topk, norm_weighted, parse_explain, relevancy_cross, relevancy_self, rollout_step,
+                              sinks, value_norms)
 from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
                               head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
                               seq_in_box, seq_layout)
@@ -410,10 +410,13 @@ class _BatchSink:
                 tok = sl.seq_index
                 self.out.append(_LayerOut(point.stream, point.layer, "sinks", norm=ratio.gather(1, tok),
                                           mask=flag.gather(1, tok) & sl.valid, index=dim.gather(1, tok)))
-            if "lens" in self.explain and hasattr(self.adapter, "lens") and point.stream == "lm":
+            lens = "lens" in self.explain and hasattr(self.adapter, "lens") and point.stream == "lm"
+            if not (lens or point.store):
+                return
+            tok = sl.seq_index
+            h = tensor.gather(1, tok[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
+            if lens:
                 norm, head = self.adapter.lens()
-                tok = sl.seq_index
-                h = tensor.gather(1, tok[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
                 with torch.no_grad():
                     p, ids = lens_topk(h.reshape(-1, h.shape[-1]), norm, head)
                 k = p.shape[-1]
@@ -421,7 +424,6 @@ class _BatchSink:
                                           index=ids.reshape(*tok.shape, k), mask=sl.valid))
             if not point.store:
                 return
-            h = tensor.gather(1, sl.seq_index[:, :, None].expand(-1, -1, tensor.shape[-1]))  # [batch, token, dim]
             norm = h.float().norm(dim=-1)  # [batch, token]
             vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
             self.out.append(_LayerOut(point.stream, point.layer, "hidden", norm=norm, vectors=vec))
@@ -733,7 +735,7 @@ def run_chunks(adapter, writer: LakeWriter, jobs: list[_Job], known_images: set[
     stage = _WriteStage(writer)
     ok = False
     try:
-        points = adapter.hook_points(hidden_layers, explain=explain) if explain else adapter.hook_points(hidden_layers)
+        points = adapter.hook_points(hidden_layers, explain=explain)
         _run_jobs(adapter, jobs, known_images, policy, points, vec_ids, device, workers, stage, bar, summary,
                   manifest_errors, explain)
         ok = True
@@ -869,9 +871,10 @@ def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapt
                        policy, hidden_layers, vec_ids, device, workers, bar, summary, manifest_errors, methods)
     finally:
         bar.close()
+    n_examples = writer.count_examples()
     if summary.resumed_chunks:
-        summary.extracted = writer.count_examples()
-    run_row.update(status="complete", n_examples=writer.count_examples())
+        summary.extracted = n_examples
+    run_row.update(status="complete", n_examples=n_examples)
     writer.write_run_row(run_row)
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mb = peak_rss_mb()
@@ -943,52 +946,37 @@ def _relevancy(adapter, inputs, ids, sink: _BatchSink, points: list[HookPoint]) 
         for h in handles:
             h.remove()
     targets = adapter.relevancy_targets(inputs, outputs)
+    att = {}  # stream -> its attentions, layer by layer
+    for (s, l) in sorted(grabbed):
+        att.setdefault(s, []).append(grabbed[(s, l)])
     for i, t in enumerate(targets):
-        stream, active = t["stream"], t["active"]
+        active = t["active"]
         if not bool(active.any()):
             continue
+        streams = ("vision", "text", "cross") if t.get("rule") == "cross" else (t["stream"],)
+        flat = [a for s in streams for a in att[s]]
+        grads = torch.autograd.grad((t["score"] * active).sum(), flat, retain_graph=i < len(targets) - 1,
+                                    allow_unused=True)
+        grads = iter([torch.zeros_like(a) if g is None else g for a, g in zip(flat, grads)])
+        gs = {s: [next(grads) for _ in att[s]] for s in streams}
+        a = {s: [x.detach() for x in att[s]] for s in streams}
+        seq = {s: sink._seq(s, a[s][0].shape[-1]) for s in streams if s != "cross"}
+        b = torch.arange(len(active), device=active.device)
+        row = t["row"].to(active.device)
         if t.get("rule") == "cross":
-            _relevancy_cross(t, grabbed, sink, retain=i < len(targets) - 1)
-            continue
-        layers = sorted(l for s, l in grabbed if s == stream)
-        a = [grabbed[(stream, l)] for l in layers]
-        g = torch.autograd.grad((t["score"] * active).sum(), a, retain_graph=i < len(targets) - 1, allow_unused=True)
-        g = [torch.zeros_like(x) if y is None else y for x, y in zip(a, g)]
-        valid = sink._seq(stream, a[0].shape[-1]).masks.valid
-        r = relevancy_self([x.detach() for x in a], g, valid)  # [batch, S, S]
-        vals = r[torch.arange(r.shape[0], device=r.device), t["row"].to(r.device)]  # [batch, S], sequence order
-        sl = sink.stream(stream)
+            r_tt, r_ti = relevancy_cross(a["vision"], gs["vision"], a["text"], gs["text"], a["cross"], gs["cross"],
+                                         seq["vision"].masks.valid, seq["text"].masks.valid)
+            rows = {"text": r_tt[b, row], "vision": r_ti[b, row]}  # [batch, S], sequence order
+        else:
+            s = t["stream"]
+            rows = {s: relevancy_self(a[s], gs[s], seq[s].masks.valid)[b, row]}
         target = None
         if t["target"] is not None:  # sequence position -> token_idx within the stream
-            inv = torch.full((r.shape[0], r.shape[-1]), -1, dtype=torch.long, device=r.device)
-            inv.scatter_(1, sl.seq_index.to(r.device), torch.arange(sl.seq_index.shape[1], device=r.device).expand_as(sl.seq_index))
-            target = inv.gather(1, t["target"].to(r.device)[:, None])[:, 0]
-        sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index),
-                                  mask=sl.valid & active.to(sl.valid.device)[:, None], target=target))
-
-
-def _relevancy_cross(t: dict, grabbed: dict, sink: _BatchSink, retain: bool) -> None:
-    """A text encoder cross-attending to a vision tower (BLIP): relevancy to the text tokens
-    (stream ``text``) and to the vision tokens (stream ``vision``), read at ``t["row"]``."""
-    from pipeline.explain import relevancy_cross
-
-    streams = ("vision", "text", "cross")
-    att = {s: [grabbed[(s, l)] for l in sorted(l for x, l in grabbed if x == s)] for s in streams}
-    flat = [a for s in streams for a in att[s]]
-    grads = torch.autograd.grad(t["score"].sum(), flat, retain_graph=retain, allow_unused=True)
-    grads = [torch.zeros_like(a) if g is None else g for a, g in zip(flat, grads)]
-    gs, k = {}, 0
-    for s in streams:
-        gs[s], k = grads[k:k + len(att[s])], k + len(att[s])
-    v_valid = sink._seq("vision", att["vision"][0].shape[-1]).masks.valid
-    t_valid = sink._seq("text", att["text"][0].shape[-1]).masks.valid
-    r_tt, r_ti = relevancy_cross([a.detach() for a in att["vision"]], gs["vision"], [a.detach() for a in att["text"]],
-                                 gs["text"], [a.detach() for a in att["cross"]], gs["cross"], v_valid, t_valid)
-    b = torch.arange(r_tt.shape[0], device=r_tt.device)
-    row = t["row"].to(r_tt.device)
-    for stream, vals in (("text", r_tt[b, row]), ("vision", r_ti[b, row])):
-        sl = sink.stream(stream)
-        sink.out.append(_LayerOut(stream, -1, "relevancy", index=vals.gather(1, sl.seq_index), mask=sl.valid))
+            target = seq[t["stream"]].token_of.gather(1, t["target"].to(active.device)[:, None])[:, 0]
+        for s, vals in rows.items():
+            sl = sink.stream(s)
+            sink.out.append(_LayerOut(s, -1, "relevancy", index=vals.gather(1, sl.seq_index),
+                                      mask=sl.valid & active.to(sl.valid.device)[:, None], target=target))
 
 
 def _to_device(v, device: str):

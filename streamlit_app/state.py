@@ -290,6 +290,11 @@ class Ctx:
     def random_weights(self) -> bool:
         return bool(self.capture.get("random_weights"))
 
+    @property
+    def explained(self) -> tuple[str, ...]:
+        """The ``--explain`` methods the run was extracted with."""
+        return tuple(m for m in str(self.capture.get("explain") or "").split(",") if m)
+
     def stream_shape(self, stream: str) -> tuple[int, int]:
         """(layers, heads) of a stream."""
         s = self.streams[self.streams.stream == stream]

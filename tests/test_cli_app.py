@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.request
 import pytest
 
 from pipeline.cli import streamlit_command
+from tests.tiny import free_port
 
 
 def test_only_what_the_user_gave():
@@ -30,12 +30,6 @@ def test_no_terminal_leaves_a_configured_headless_alone(monkeypatch):
     assert "--server.headless" not in streamlit_command(None, None, interactive=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]
@@ -43,7 +37,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_server_follows_streamlits_configuration_and_stops_with_vlatlas(tiny_lake, sig):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, STREAMLIT_SERVER_PORT=str(port), STREAMLIT_SERVER_ADDRESS="127.0.0.1",
                STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--lake", str(tiny_lake)], env=env,

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,19 +28,13 @@ from lake.catalog import Catalog
 from lake.schema import TABLES
 from lake.writer import LakeWriter
 from pipeline.extract import extract
-from tests.tiny import make_manifest
+from tests.tiny import free_port, make_manifest
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 COMPARED = ("examples", "tokens", "attention", "head_stats", "hidden_states", "errors", "images")
 N = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- servers ----------------------------------------------------------------------------------

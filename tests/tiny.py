@@ -1,8 +1,10 @@
-"""Tiny models and manifests for tests: random weights from small configs, nothing downloaded."""
+"""Tiny models and manifests for tests: random weights from small configs, nothing downloaded (and a free
+loopback port for the servers tests start)."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,13 @@ from PIL import Image, ImageDraw
 WORDS = ["what", "color", "is", "the", "circle", "square", "triangle", "red", "green", "blue",
          "left", "of", "a", "there", "how", "many", "shape", "?", "yes", "no"]
 ANSWERS = ["red", "green", "blue", "yes", "no", "circle", "square"]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_vocab(path: Path) -> Path:

@@ -262,13 +262,16 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
                 for i in range(n)]
         if "hidden" not in p:
             continue
-        sinks = "sinks" in explain or "lens" in explain  # both read every layer's hidden state
-        if keep_hidden is None or 0 in keep_hidden or sinks:
+        every = "sinks" in explain or "lens" in explain  # both read every layer's hidden state
+
+        def kept(layer: int) -> bool:
+            return keep_hidden is None or layer in keep_hidden
+
+        if kept(0) or every:
             first = (first_hidden or {}).get(stream) or module_at(model, p["hidden_0"])
-            pts.append(HookPoint(stream, 0, "hidden", first, store=keep_hidden is None or 0 in keep_hidden))
-        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)),
-                          store=keep_hidden is None or i + 1 in keep_hidden)
-                for i in range(n) if keep_hidden is None or i + 1 in keep_hidden or sinks]
+            pts.append(HookPoint(stream, 0, "hidden", first, store=kept(0)))
+        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)), store=kept(i + 1))
+                for i in range(n) if kept(i + 1) or every]
     return pts
 
 

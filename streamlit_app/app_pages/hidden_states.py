@@ -263,7 +263,7 @@ with right:
         crop = example_crops(cur[cur.token_idx == tok])
         if crop.iloc[0]:
             st.image(crop.iloc[0], caption=f"{labels.get(tok)} of example #{ex_id}", width=96)
-    if "lens" in str(c.capture.get("explain") or "").split(","):
+    if "lens" in c.explained:
         lw = state.q("lens_words", c.run, stream, ex_id, tok)
         st.markdown(f"**Logit lens of “{labels.get(tok)}”**")
         if lw.empty:
