@@ -16,6 +16,7 @@ if str(HERE.parent) not in sys.path:  # `streamlit run streamlit_app/app.py` fro
 
 import streamlit as st  # noqa: E402
 
+from lake import queries  # noqa: E402
 from lake.catalog import LakeError  # noqa: E402
 from lake.queries import parse_json  # noqa: E402
 from streamlit_app import state  # noqa: E402
@@ -53,7 +54,7 @@ def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
                                   "`vlatlas extract --model … --data … --lake DIR --run NAME`.")
         try:
             state.catalog(root)
-            runs = state.q("list_runs")
+            runs = state.q(queries.list_runs)
         except LakeError as e:
             return None, ("error", str(e))
         except Exception as e:  # noqa: BLE001 - any unreadable lake is a message, not a traceback
@@ -67,22 +68,22 @@ def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
         st.selectbox("Run", names, format_func=lambda r: r if status.get(r) == "complete" else f"{r} ({status.get(r)})",
                      **state.bind("run"))
         run = ss["run"]
-        info = state.q("run_info", run).iloc[0].to_dict()
+        info = state.q(queries.run_info, run).iloc[0].to_dict()
         st.caption(f"**{info.get('model')}** · {info.get('model_family')} · {info.get('dtype')} · "
                    f"{info.get('status')}")
         flt = state.example_filter()
-        n_all = state.q("count_examples", run)
-        n_f = n_all if flt.is_empty() else state.q("count_examples", run, flt)
+        n_all = state.q(queries.count_examples, run)
+        n_f = n_all if flt.is_empty() else state.q(queries.count_examples, run, flt)
         example = None
         if n_all:
-            opts = state.q("examples", run, flt, limit=MAX_PICK)
+            opts = state.q(queries.examples, run, flt, limit=MAX_PICK)
             if opts.empty:
-                opts = state.q("examples", run, None, limit=MAX_PICK)
+                opts = state.q(queries.examples, run, None, limit=MAX_PICK)
             ids = [int(i) for i in opts.example_id]
             labels = dict(zip(ids, opts.text))
             cur = ss.get("ex")
             if cur not in ids:
-                row = state.q("example", run, cur) if isinstance(cur, int) else None
+                row = state.q(queries.example, run, cur) if isinstance(cur, int) else None
                 if row is not None and len(row):  # chosen elsewhere (URL, Examples page): keep it
                     ids, labels[cur] = [cur, *ids], row.text.iloc[0]
                 else:
@@ -91,10 +92,10 @@ def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
                          **state.bind("ex"))
             if not flt.is_empty():
                 st.caption(f"Filter: {flt.describe()} — {n_f} of {n_all} examples")
-            example = state.q("example", run, ss["ex"]).iloc[0].to_dict()
+            example = state.q(queries.example, run, ss["ex"]).iloc[0].to_dict()
         st.button("↻ Reload lake", on_click=state.reload_lake, help="pick up runs and chunks written since")
     c = state.Ctx(lake=root, run=run, info=info, capture=parse_json(info.get("capture")),
-                  streams=state.q("run_streams", run), flt=flt, n_examples=n_all, n_filtered=n_f, example=example)
+                  streams=state.q(queries.run_streams, run), flt=flt, n_examples=n_all, n_filtered=n_f, example=example)
     return c, None
 
 

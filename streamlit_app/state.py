@@ -218,13 +218,18 @@ def catalog(root: str) -> Catalog:
 
 
 @st.cache_data(show_spinner=False, ttl=120, max_entries=4096)
-def _query(root: str, name: str, args: tuple, kwargs: tuple):
-    return getattr(queries, name)(catalog(root), *args, **dict(kwargs))
+def _query(root: str, key: str, _fn, args: tuple, kwargs: tuple):
+    # ``key`` (the function's module and qualified name) is what the cache hashes; ``_fn`` is not hashed.
+    return _fn(catalog(root), *args, **dict(kwargs))
 
 
-def q(name: str, *args, **kwargs):
-    """``lake.queries.<name>(catalog, *args, **kwargs)`` on the current lake, cached."""
-    return _query(st.session_state["lake"], name, args, tuple(sorted(kwargs.items())))
+def q(fn, *args, **kwargs):
+    """``fn(catalog, *args, **kwargs)`` on the current lake, cached: ``fn`` is a query function of
+    :mod:`lake.queries` (the function itself, so a renamed or missing query fails at import time)."""
+    if not callable(fn):
+        raise TypeError(f"state.q takes a query function, not {fn!r}")
+    key = f"{fn.__module__}.{fn.__qualname__}"
+    return _query(st.session_state["lake"], key, fn, args, tuple(sorted(kwargs.items())))
 
 
 @st.cache_data(show_spinner=False, ttl=120, max_entries=256)
@@ -340,7 +345,7 @@ def thumbnails(image_ids, longest: int = 96) -> dict[str, str]:
 
 def image_bytes(image_id: str) -> bytes | None:
     """The stored PNG of an image, or None when it is not in the lake."""
-    d = q("image_png", image_id)
+    d = q(queries.image_png, image_id)
     return bytes(d.png.iloc[0]) if len(d) else None
 
 

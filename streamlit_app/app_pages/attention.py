@@ -5,6 +5,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from lake import queries
 from streamlit_app import charts, export, state, views
 
 DISPLAY_W = 440
@@ -63,8 +64,8 @@ if len(methods) > 1:
                          help="what the views show; the run was extracted with `--explain "
                               f"{c.capture.get('explain')}`", **state.bind("method"))
 method = state.get("method") if state.get("method") in methods else "attention"
-tokens = state.q("example_tokens", c.run, ex_id)
-block = state.q("method_block", c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads, method)
+tokens = state.q(queries.example_tokens, c.run, ex_id)
+block = state.q(queries.method_block, c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads, method)
 keep = c.capture.get("keep_attention", "all")
 pruned = views.is_pruned(keep) and method in ("attention", "value")
 predicted = method == "relevancy" and bool((block.query_idx == -1).any())  # an encoder's prediction explained
@@ -243,7 +244,7 @@ else:
 
 def kept_mass_stat() -> float | None:
     """The head's ``kept_mass`` statistic for this example (the mean over heads for ``mean``)."""
-    m = state.q("head_stat_matrix", c.run, stream, "kept_mass", ex_id)
+    m = state.q(queries.head_stat_matrix, c.run, stream, "kept_mass", ex_id)
     m = m[(m.layer == layer) & m.value.notna()]
     if head != "mean":
         m = m[m["head"] == int(head)]

@@ -4,6 +4,7 @@ corrected for the number of heads; drill into a head to see the examples that dr
 import pandas as pd
 import streamlit as st
 
+from lake import queries
 from lake import compare as cmp
 from lake.queries import ExampleFilter
 from streamlit_app import charts, export, state
@@ -16,15 +17,15 @@ st.title("⚖️ Compare")
 state.require_examples(c, "nothing to compare")
 
 # -- group B: a slice of this run, or another run over the same manifest ------------------------
-others = state.q("runs_same_manifest", c.run)
+others = state.q(queries.runs_same_manifest, c.run)
 other_runs = [r for r, n in zip(others.run, others.n_examples) if pd.notna(n) and n > 0]
 state.choose("cmp_b_run", [None, *other_runs], default=None)
 if not st.session_state.get("_cmp_seeded"):  # a first visit with nothing chosen: right vs wrong answers
     st.session_state["_cmp_seeded"] = True
     if (state.get("cmp_b_run") is None and state.example_filter("a_").is_empty()
             and state.example_filter("b_").is_empty()
-            and state.q("count_examples", c.run, ExampleFilter(correct=True))
-            and state.q("count_examples", c.run, ExampleFilter(correct=False))):
+            and state.q(queries.count_examples, c.run, ExampleFilter(correct=True))
+            and state.q(queries.count_examples, c.run, ExampleFilter(correct=False))):
         state.set_value("a_correct", True)
         state.set_value("b_correct", False)
 b_run = state.get("cmp_b_run")
@@ -43,7 +44,7 @@ def filter_widgets(prefix: str, where, run: str) -> None:
     f1, f2, f3 = where.columns(3)
     for col, name, column, label in ((f1, "answer", "answer", "Answer"), (f2, "pred", "prediction", "Prediction"),
                                      (f3, "split", "split", "Split")):
-        values = [None, *state.q("distinct_values", run, column).value.tolist()]
+        values = [None, *state.q(queries.distinct_values, run, column).value.tolist()]
         state.choose(k(name), values, default=None)
         col.selectbox(label, values, format_func=lambda v: any_ if v is None else v, placeholder=any_,
                       **state.bind(k(name)))
@@ -51,12 +52,12 @@ def filter_widgets(prefix: str, where, run: str) -> None:
     state.choose(k("correct"), [None, True, False], default=None)
     g1.selectbox("Prediction is", [None, True, False], placeholder=any_, **state.bind(k("correct")),
                  format_func=lambda v: any_ if v is None else "✅ correct" if v else "❌ wrong")
-    keys = [None, *state.q("meta_keys", run).key.tolist()]
+    keys = [None, *state.q(queries.meta_keys, run).key.tolist()]
     state.choose(k("mkey"), keys, default=None)
     g2.selectbox("Metadata key", keys, format_func=lambda v: "—" if v is None else v, placeholder="—",
                  **state.bind(k("mkey")))
     mkey = state.get(k("mkey"))
-    mvals = [None] + (state.q("meta_values", run, mkey).value.tolist() if mkey else [])
+    mvals = [None] + (state.q(queries.meta_values, run, mkey).value.tolist() if mkey else [])
     state.choose(k("mval"), mvals, default=None)
     g3.selectbox("Metadata value", mvals, format_func=lambda v: any_ if v is None else v, placeholder=any_,
                  disabled=not mkey, **state.bind(k("mval")))
@@ -101,9 +102,9 @@ stream = state.pick_stream(c, s1)
 if stream is None:
     st.info(f"Run **{c.run}** has no head statistics.")
     st.stop()
-avail = state.q("stats_available", c.run, stream)
+avail = state.q(queries.stats_available, c.run, stream)
 if paired:
-    avail_b = state.q("stats_available", b_run, stream)
+    avail_b = state.q(queries.stats_available, b_run, stream)
     avail = avail[avail.stat.isin(avail_b[avail_b.n_values > 0].stat)]
 stats = avail[avail.n_values > 0].stat.tolist()
 if not stats:
@@ -133,14 +134,14 @@ stat, test, corr = state.get("cmp_stat"), state.get("cmp_test"), state.get("cmp_
 
 # -- the groups' sizes ------------------------------------------------------------------------------
 if paired:
-    sizes = state.q("paired_sizes", c.run, b_run, flt_a).iloc[0]
+    sizes = state.q(queries.paired_sizes, c.run, b_run, flt_a).iloc[0]
     label_a, label_b = f"run {c.run}", f"run {b_run}"
     st.markdown(f"**A** = run `{c.run}`, **B** = run `{b_run}`, paired by example: **{int(sizes.n_both)}** "
                 f"examples pass the filter ({flt_a.describe()}) in both runs (of {int(sizes.n_a)} in A, "
                 f"{int(sizes.n_b)} in B).")
     enough = sizes.n_both >= 2
 else:
-    sizes = state.q("compare_sizes", c.run, flt_a, flt_b).iloc[0]
+    sizes = state.q(queries.compare_sizes, c.run, flt_a, flt_b).iloc[0]
     n_a, n_b, n_both = int(sizes.n_a) - int(sizes.n_both), int(sizes.n_b) - int(sizes.n_both), int(sizes.n_both)
     label_a = flt_a.describe() if not flt_a.is_empty() else "every example not in B"
     label_b = flt_b.describe() if not flt_b.is_empty() else "every example not in A"
@@ -158,12 +159,12 @@ if not enough:
 
 # -- the comparison ------------------------------------------------------------------------------------
 if paired:
-    mom = state.q("paired_moments", c.run, b_run, flt_a, stream, stat)
-    vals = state.q("paired_values", c.run, b_run, flt_a, stream, stat) if test == "rank" else None
+    mom = state.q(queries.paired_moments, c.run, b_run, flt_a, stream, stat)
+    vals = state.q(queries.paired_values, c.run, b_run, flt_a, stream, stat) if test == "rank" else None
     res = cmp.compare_paired(mom, vals, test, corr)
 else:
-    mom = state.q("compare_moments", c.run, flt_a, flt_b, stream, stat)
-    vals = state.q("compare_values", c.run, flt_a, flt_b, stream, stat) if test == "rank" else None
+    mom = state.q(queries.compare_moments, c.run, flt_a, flt_b, stream, stat)
+    vals = state.q(queries.compare_values, c.run, flt_a, flt_b, stream, stat) if test == "rank" else None
     res = cmp.compare_independent(mom, vals, test, corr)
 if res.empty or res["diff"].notna().sum() == 0:
     st.info(f"**{stat}** has no values in both groups for stream `{stream}`.")
@@ -255,11 +256,11 @@ def _open(run: str, example_id: int) -> None:
 
 
 if paired:
-    hv = state.q("paired_values", c.run, b_run, flt_a, stream, stat, layer, head)
+    hv = state.q(queries.paired_values, c.run, b_run, flt_a, stream, stat, layer, head)
     drv = cmp.drivers_paired(hv)
     long = pd.concat([hv.assign(group=f"A · {c.run}", value=hv.a), hv.assign(group=f"B · {b_run}", value=hv.b)])
 else:
-    hv = state.q("compare_values", c.run, flt_a, flt_b, stream, stat, layer, head)
+    hv = state.q(queries.compare_values, c.run, flt_a, flt_b, stream, stat, layer, head)
     drv = cmp.drivers_independent(hv)
     long = hv.assign(group=hv.group.map({"A": "A", "B": "B"}))
 export.show_chart(charts.group_values(long[["example_id", "group", "value"]], value_title=stat),
@@ -270,7 +271,7 @@ st.markdown("**Examples that drive the difference** — "
 info = {}
 if len(drv):
     shown = drv.groupby("group").head(TOP) if not paired else drv.head(2 * TOP)
-    ex = state.q("examples_by_id", c.run, sorted({int(i) for i in shown.example_id}))
+    ex = state.q(queries.examples_by_id, c.run, sorted({int(i) for i in shown.example_id}))
     info = {int(r.example_id): r for r in ex.itertuples()}
 
 

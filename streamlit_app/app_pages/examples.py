@@ -3,6 +3,7 @@
 import pandas as pd
 import streamlit as st
 
+from lake import queries
 from lake.queries import parse_json
 from streamlit_app import state
 
@@ -20,7 +21,7 @@ any_ = "any"
 f1, f2, f3, f4 = st.columns([3, 2, 2, 2])
 f1.text_input("Search text", placeholder="words in the text…", **state.bind("q"))
 for col, name, column, label in ((f2, "answer", "answer", "Answer"), (f3, "pred", "prediction", "Prediction")):
-    values = [None, *state.q("distinct_values", c.run, column).value.tolist()]
+    values = [None, *state.q(queries.distinct_values, c.run, column).value.tolist()]
     state.choose(name, values, default=None)
     col.selectbox(label, values, format_func=lambda v: any_ if v is None else v, placeholder=any_,
                   **state.bind(name))
@@ -28,21 +29,21 @@ state.choose("correct", [None, True, False], default=None)
 f4.selectbox("Prediction is", [None, True, False], placeholder=any_, **state.bind("correct"),
              format_func=lambda v: any_ if v is None else "✅ correct" if v else "❌ wrong")
 g1, g2, g3, _ = st.columns([2, 2, 3, 2])
-splits = [None, *state.q("distinct_values", c.run, "split").value.tolist()]
+splits = [None, *state.q(queries.distinct_values, c.run, "split").value.tolist()]
 state.choose("split", splits, default=None)
 g1.selectbox("Split", splits, format_func=lambda v: any_ if v is None else v, placeholder=any_,
              **state.bind("split"))
-keys = [None, *state.q("meta_keys", c.run).key.tolist()]
+keys = [None, *state.q(queries.meta_keys, c.run).key.tolist()]
 state.choose("mkey", keys, default=None)
 g2.selectbox("Metadata key", keys, format_func=lambda v: "—" if v is None else v, placeholder="—",
              **state.bind("mkey"))
-mvals = [None] + (state.q("meta_values", c.run, state.get("mkey")).value.tolist() if state.get("mkey") else [])
+mvals = [None] + (state.q(queries.meta_values, c.run, state.get("mkey")).value.tolist() if state.get("mkey") else [])
 state.choose("mval", mvals, default=None)
 g3.selectbox("Metadata value", mvals, format_func=lambda v: any_ if v is None else v, placeholder=any_,
              disabled=not state.get("mkey"), **state.bind("mval"))
 
 flt = state.example_filter()
-n = state.q("count_examples", c.run, flt)
+n = state.q(queries.count_examples, c.run, flt)
 pages = max(1, -(-n // PAGE))
 h1, h2 = st.columns([4, 1])
 expage = state.get("expage") if isinstance(state.get("expage"), int) else 1
@@ -58,16 +59,16 @@ if n == 0:
     st.info("No example matches these filters; loosen them.")
     st.stop()
 
-rows = state.q("examples", c.run, flt, limit=PAGE, offset=(int(page) - 1) * PAGE)
+rows = state.q(queries.examples, c.run, flt, limit=PAGE, offset=(int(page) - 1) * PAGE)
 table = state.examples_table(rows)
 
 
 def vector_examples() -> set[int] | None:
     """The examples whose hidden vectors are stored, None when that is every example (or the run has no
     hidden states: the Hidden states page says so)."""
-    if state.q("hidden_layers", c.run).empty:
+    if state.q(queries.hidden_layers, c.run).empty:
         return None
-    ids = set(int(i) for i in state.q("hidden_vector_examples", c.run).example_id)
+    ids = set(int(i) for i in state.q(queries.hidden_vector_examples, c.run).example_id)
     return None if len(ids) >= c.n_examples else ids
 
 
@@ -120,7 +121,7 @@ if meta:
 b.page_link("app_pages/head_summary.py", label="Head summary of this example", icon="🧠")
 b.page_link("app_pages/attention.py", label="Attention of this example", icon="🔍")
 
-errors = state.q("run_errors", c.run)
+errors = state.q(queries.run_errors, c.run)
 if len(errors):
     with st.expander(f"⚠️ {len(errors)} manifest rows were skipped or altered by the run"):
         st.dataframe(errors, hide_index=True, width="stretch")

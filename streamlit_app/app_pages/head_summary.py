@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from lake import queries
 from lake.queries import NORM_LABELS, NORMS
 from streamlit_app import charts, export, state
 
@@ -11,7 +12,7 @@ state.require_examples(c, "no statistics to show")
 
 s1, s2, s3, s4 = st.columns([1.2, 2, 2.2, 3])
 stream = state.pick_stream(c, s1)
-avail = state.q("stats_available", c.run, stream) if stream else None
+avail = state.q(queries.stats_available, c.run, stream) if stream else None
 if avail is None or avail.empty:
     st.info(f"Run **{c.run}** has no head statistics for stream `{stream}`.")
     st.stop()
@@ -37,10 +38,10 @@ if f"{stat}_nosink" in counts:  # --explain sinks: the same statistic with the s
         stat = f"{stat}_nosink"
 
 if scope == "example":
-    m = state.q("head_stat_matrix", c.run, stream, stat, example_id=int(c.example["example_id"]), norm=norm)
+    m = state.q(queries.head_stat_matrix, c.run, stream, stat, example_id=int(c.example["example_id"]), norm=norm)
     what = f"example #{c.example['example_id']}"
 else:
-    m = state.q("head_stat_matrix", c.run, stream, stat, flt=c.flt, norm=norm)
+    m = state.q(queries.head_stat_matrix, c.run, stream, stat, flt=c.flt, norm=norm)
     what = f"the mean over the {c.n_filtered} examples that pass the filter ({c.flt.describe()})"
 definition = help_.get(stat, stat)
 if m.empty or m.raw.notna().sum() == 0:
@@ -87,7 +88,7 @@ among = c.flt if scope == "filtered" else None
 who = f"the {c.n_filtered} filtered examples" if among is not None and not among.is_empty() else "all examples"
 head_name = "the mean over heads" if head == "mean" else f"head {head}"
 st.markdown(f"#### Top examples for layer {layer}, {head_name}")
-top = state.q("top_examples", c.run, stream, int(layer), None if head == "mean" else int(head), stat, n=20,
+top = state.q(queries.top_examples, c.run, stream, int(layer), None if head == "mean" else int(head), stat, n=20,
               flt=among)
 if top.empty:
     st.info(f"No example has a value of **{stat}** at layer {layer}, {head_name}.")

@@ -9,6 +9,7 @@ that have vectors."""
 import pandas as pd
 import streamlit as st
 
+from lake import queries
 from lake.schema import ROLES_SPECIAL
 from pipeline.embed import maps_stamp
 from streamlit_app import charts, export, hidden, state
@@ -22,7 +23,7 @@ MAX_VECTOR_PICK = 1000  # examples with vectors offered when the selected one ha
 c = state.ctx()
 st.title("🧬 Hidden states")
 state.require_examples(c, "no hidden states to show")
-hl = state.q("hidden_layers", c.run)
+hl = state.q(queries.hidden_layers, c.run)
 if hl.empty:
     keep = c.capture.get("keep_hidden", "?")
     st.info(f"Run **{c.run}** stores no hidden states (it was extracted with `--keep-hidden {keep}`). "
@@ -46,12 +47,12 @@ def placed(root: str, run: str, stream: str, layer: int, example_id: int, stamp)
 def sample_crops(root: str, run: str, stream: str, layer: int, stamp) -> dict:
     """{(example_id, token_idx): data URI} of the patch crops of a map's sample ({} when it spans too
     many images: the tooltips then show the patch's row and column only)."""
-    pts = state.q("embedding_map", run, stream, layer)
+    pts = state.q(queries.embedding_map, run, stream, layer)
     pts = pts[pts.x0.notna()]
     ids = pts.image_id.dropna().unique().tolist()
     if not ids or len(ids) > MAX_TOOLTIP_IMAGES:
         return {}
-    pngs = state.q("images_png", ids)
+    pngs = state.q(queries.images_png, ids)
     sizes = {i: (int(w), int(h)) for i, w, h in zip(pts.image_id, pts.image_width, pts.image_height)}
     uris = hidden.patch_crops(pts, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)}, sizes)
     return {(int(e), int(t)): u for e, t, u in zip(pts.example_id, pts.token_idx, uris) if u}
@@ -74,7 +75,7 @@ state.choose("stream", streams)
 k1.selectbox("Stream", streams, disabled=len(streams) < 2, help="the stream whose hidden states are shown",
              **state.bind("stream"))
 stream = state.get("stream")
-vec_ids = [int(i) for i in state.q("hidden_vector_examples", c.run, stream).example_id]
+vec_ids = [int(i) for i in state.q(queries.hidden_vector_examples, c.run, stream).example_id]
 has_vec = ex_id in set(vec_ids)  # the map, the path and the neighbours need the example's vectors
 layers = sorted(int(x) for x in hl[hl.stream == stream].layer)
 state.choose("hlayer", layers, default=layers[0])
@@ -95,8 +96,8 @@ k4.radio("Neighbours among", list(hidden.NN_SCOPES), horizontal=True, **state.bi
 color, nn_scope = state.get("color"), state.get("nn")
 
 # the selected example's tokens at this layer, and the selected token
-eh = state.q("example_hidden", c.run, stream, ex_id)
-tok_table = state.q("example_tokens", c.run, ex_id)
+eh = state.q(queries.example_hidden, c.run, stream, ex_id)
+tok_table = state.q(queries.example_tokens, c.run, ex_id)
 cur = eh[eh.layer == layer].drop(columns=["modality", "role"]).merge(tok_table, on="token_idx", how="left")
 if cur.empty:
     st.info(f"Example #{ex_id} has no hidden states at layer {layer} of stream `{stream}`.")
@@ -119,7 +120,7 @@ trow = cur[cur.token_idx == tok].iloc[0]
 st.session_state["_tok_of"] = (ex_id, trow.token if pd.notna(trow.token) else None,
                                trow.get("patch_row"), trow.get("patch_col"))
 
-maps = state.q("embedding_layers", c.run, stream)
+maps = state.q(queries.embedding_layers, c.run, stream)
 map_layers = sorted(int(x) for x in maps.layer)
 stamp = maps_stamp(c.lake, c.run)
 
@@ -143,7 +144,7 @@ def no_vectors_note() -> None:
     if not vec_ids:
         return
     shown = vec_ids[:MAX_VECTOR_PICK]
-    texts = dict(zip(*[state.q("examples_by_id", c.run, shown)[k] for k in ("example_id", "text")]))
+    texts = dict(zip(*[state.q(queries.examples_by_id, c.run, shown)[k] for k in ("example_id", "text")]))
     st.session_state["w_vec_ex"] = None
     st.selectbox("Example with hidden vectors", shown, index=None, key="w_vec_ex", on_change=_pick_vector_example,
                  placeholder=f"one of the {len(vec_ids)} examples with vectors",
@@ -171,7 +172,7 @@ with left:
     elif layer not in map_layers:
         st.info(f"Stream `{stream}` has maps of layers {', '.join(map(str, map_layers))}, not of layer {layer}.")
     else:
-        pts = state.q("embedding_map", c.run, stream, layer)
+        pts = state.q(queries.embedding_map, c.run, stream, layer)
         with st.spinner(f"Placing example #{ex_id} on the map…"):
             mine = placed(c.lake, c.run, stream, layer, ex_id, stamp)
         crops = sample_crops(c.lake, c.run, stream, map_layers[0], stamp)  # the same sample on every layer
@@ -187,7 +188,7 @@ with left:
         allp["correct_text"] = allp.correct.map({True: "correct", False: "wrong"}).fillna("—")
         allp["answer"] = allp.answer.astype(object).where(allp.answer.notna(), None)
         # the selected token's path: its stored positions when it is in the sample, else placed on every map
-        path = state.q("embedding_path", c.run, stream, ex_id, tok)
+        path = state.q(queries.embedding_path, c.run, stream, ex_id, tok)
         if len(path) < len(map_layers):
             with st.spinner(f"Placing example #{ex_id} on the maps of every layer…"):
                 rows = []
@@ -218,7 +219,7 @@ with left:
         qmod = trow.modality
         other = "image" if qmod == "text" else "text"
         if nn_scope == "sample" and layer in map_layers:
-            cands = state.q("map_vectors", c.run, stream, layer)
+            cands = state.q(queries.map_vectors, c.run, stream, layer)
             where = f"the {len(cands)} tokens of the map's sample (all examples)"
         else:
             cands = cur.assign(example_id=ex_id)[["example_id", "token_idx", "modality", "role", "token",
@@ -237,10 +238,10 @@ with left:
         else:
             nn["token"] = hidden.token_labels(nn)
             if nn_scope == "sample" and layer in map_layers:
-                info = state.q("embedding_map", c.run, stream, layer)
+                info = state.q(queries.embedding_map, c.run, stream, layer)
                 boxes = nn[["example_id", "token_idx"]].merge(info, on=["example_id", "token_idx"], how="left")
                 ids = boxes.image_id.dropna().unique().tolist()
-                pngs = state.q("images_png", ids) if ids else pd.DataFrame(columns=["image_id", "png"])
+                pngs = state.q(queries.images_png, ids) if ids else pd.DataFrame(columns=["image_id", "png"])
                 sizes = {i: (int(w), int(h)) for i, w, h in zip(boxes.image_id, boxes.image_width,
                                                                  boxes.image_height) if isinstance(i, str)}
                 nn["crop"] = hidden.patch_crops(boxes, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)},
@@ -264,7 +265,7 @@ with right:
         if crop.iloc[0]:
             st.image(crop.iloc[0], caption=f"{labels.get(tok)} of example #{ex_id}", width=96)
     if "lens" in c.explained:
-        lw = state.q("lens_words", c.run, stream, ex_id, tok)
+        lw = state.q(queries.lens_words, c.run, stream, ex_id, tok)
         st.markdown(f"**Logit lens of “{labels.get(tok)}”**")
         if lw.empty:
             st.info(f"No logit lens for this token: the lens covers the language model's tokens (stream `lm`), "
@@ -279,10 +280,10 @@ with right:
                        "their probabilities: what the model would read out of the token at that depth (for an "
                        "image token, the words the language model sees in that patch).")
     flt_label = "all examples" if c.flt.is_empty() else f"filtered examples ({c.flt.describe()})"
-    norm_all = state.q("hidden_norms", c.run, stream, flt=c.flt, max_examples=MAX_NORM_EXAMPLES)
+    norm_all = state.q(queries.hidden_norms, c.run, stream, flt=c.flt, max_examples=MAX_NORM_EXAMPLES)
     n_norm = int(norm_all.n_examples.max()) if len(norm_all) else 0
     norm_label = flt_label if n_norm < MAX_NORM_EXAMPLES else f"{n_norm} of the {flt_label}"
-    norms = hidden.profile(state.q("hidden_norms", c.run, stream, example_id=ex_id), norm_all, "norm",
+    norms = hidden.profile(state.q(queries.hidden_norms, c.run, stream, example_id=ex_id), norm_all, "norm",
                            f"example #{ex_id}", norm_label)
     export.show_chart(charts.layer_profile(norms, value="norm", value_title="mean |h|", color="modality",
                                            dash="scope", layer=layer, description="hidden-norms"),
@@ -290,9 +291,9 @@ with right:
     st.caption("Mean L2 norm of the hidden states of each modality's tokens per layer, for the selected example "
                f"(solid) and over the tokens of {norm_label} (dashed"
                + (", a fixed sample" if n_norm >= MAX_NORM_EXAMPLES else "") + ").")
-    cos_all = state.q("text_image_cosine", c.run, stream, flt=c.flt, max_examples=MAX_COS_EXAMPLES)
+    cos_all = state.q(queries.text_image_cosine, c.run, stream, flt=c.flt, max_examples=MAX_COS_EXAMPLES)
     n_cos = int(cos_all.n_examples.max()) if len(cos_all) else 0
-    cos_one = state.q("text_image_cosine", c.run, stream, example_id=ex_id) if has_vec else cos_all.iloc[:0]
+    cos_one = state.q(queries.text_image_cosine, c.run, stream, example_id=ex_id) if has_vec else cos_all.iloc[:0]
     if cos_one.empty and cos_all.empty:
         st.info("No text-image similarity to show: it needs hidden vectors, and "
                 + (f"none of the {flt_label} has them." if vec_ids else f"run **{c.run}** stores none."))

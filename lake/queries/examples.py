@@ -1,0 +1,116 @@
+"""Examples, their token tables and images; summaries of examples by metadata."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lake.queries.filters import ExampleFilter, _example_where, _json_pointer
+
+
+EXAMPLE_COLUMNS = ("example_id, source_id, split, text, answer, prediction, correct, image_id, "
+                   "image_width, image_height, grid_h, grid_w, n_tokens, boxes, meta")
+
+
+def count_examples(cat, run: str, flt: ExampleFilter | None = None) -> int:
+    """Number of the run's examples that pass ``flt``."""
+    where, params = _example_where(run, flt)
+    return int(cat.df(f"SELECT count(*) AS n FROM examples WHERE {where}", params)["n"].iloc[0])
+
+
+def examples(cat, run: str, flt: ExampleFilter | None = None, limit: int | None = None,
+             offset: int = 0) -> pd.DataFrame:
+    """The run's examples that pass ``flt``, by example_id; ``limit``/``offset`` page through them."""
+    where, params = _example_where(run, flt)
+    sql = f"SELECT {EXAMPLE_COLUMNS} FROM examples WHERE {where} ORDER BY example_id"
+    if limit is not None:
+        sql += " LIMIT ? OFFSET ?"
+        params += [int(limit), int(offset)]
+    return cat.df(sql, params)
+
+
+def example(cat, run: str, example_id: int) -> pd.DataFrame:
+    """One example's row, with ``has_image`` telling whether its image is in the lake."""
+    return cat.df(
+        f"SELECT {', '.join('e.' + c.strip() for c in EXAMPLE_COLUMNS.split(','))}, "
+        "EXISTS (SELECT 1 FROM images i WHERE i.image_id = e.image_id) AS has_image "
+        "FROM examples e WHERE e.run = ? AND e.example_id = ?",
+        [run, int(example_id)],
+    )
+
+
+_DISTINCT = {  # column -> constant SQL; the column name is never taken from input
+    "answer": "SELECT answer AS value, count(*) AS n FROM examples WHERE run = ? AND answer IS NOT NULL "
+              "GROUP BY 1 ORDER BY n DESC, value LIMIT ?",
+    "prediction": "SELECT prediction AS value, count(*) AS n FROM examples WHERE run = ? "
+                  "AND prediction IS NOT NULL GROUP BY 1 ORDER BY n DESC, value LIMIT ?",
+    "split": "SELECT split AS value, count(*) AS n FROM examples WHERE run = ? AND split IS NOT NULL "
+             "GROUP BY 1 ORDER BY n DESC, value LIMIT ?",
+}
+
+
+def distinct_values(cat, run: str, column: str, limit: int = 500) -> pd.DataFrame:
+    """value, n of ``answer``, ``prediction`` or ``split`` in a run, most frequent first."""
+    if column not in _DISTINCT:
+        raise ValueError(f"distinct_values: column must be one of {', '.join(_DISTINCT)}, not {column!r}")
+    return cat.df(_DISTINCT[column], [run, int(limit)])
+
+
+def meta_keys(cat, run: str) -> pd.DataFrame:
+    """key: every top-level key of the examples' ``meta`` JSON in a run."""
+    return cat.df(
+        "SELECT DISTINCT unnest(json_keys(meta)) AS key FROM examples "
+        "WHERE run = ? AND meta IS NOT NULL AND json_valid(meta) ORDER BY key",
+        [run],
+    )
+
+
+def meta_values(cat, run: str, key: str, limit: int = 500) -> pd.DataFrame:
+    """value, n of ``meta[key]`` (as strings) in a run, most frequent first."""
+    return cat.df(
+        "SELECT json_extract_string(meta, ?) AS value, count(*) AS n FROM examples "
+        "WHERE run = ? AND meta IS NOT NULL AND json_valid(meta) "
+        "AND json_extract_string(meta, ?) IS NOT NULL GROUP BY 1 ORDER BY n DESC, value LIMIT ?",
+        [_json_pointer(key), run, _json_pointer(key), int(limit)],
+    )
+
+
+def example_tokens(cat, run: str, example_id: int, stream: str | None = None) -> pd.DataFrame:
+    """The example's token table (all streams, or one), by token_idx."""
+    sql = ("SELECT token_idx, stream, modality, role, token, seq_pos, text_pos, patch_row, patch_col, "
+           "x0, y0, x1, y1 FROM tokens WHERE run = ? AND example_id = ?")
+    params: list = [run, int(example_id)]
+    if stream is not None:
+        sql += " AND stream = ?"
+        params.append(stream)
+    return cat.df(sql + " ORDER BY token_idx", params)
+
+
+def image_png(cat, image_id: str) -> pd.DataFrame:
+    """image_id, png (bytes), width, height of one image (empty when it is not in the lake)."""
+    return cat.df("SELECT image_id, png, width, height FROM images WHERE image_id = ? LIMIT 1", [image_id])
+
+
+def images_png(cat, image_ids: list[str]) -> pd.DataFrame:
+    """image_id, png of several images at once (those that are in the lake)."""
+    return cat.df(
+        "SELECT DISTINCT ON (image_id) image_id, png FROM images WHERE list_contains(?, image_id)",
+        [list(image_ids)],
+    )
+
+
+def accuracy_by(cat, run: str, meta_key: str) -> pd.DataFrame:
+    """group (the value of ``meta[meta_key]``), n, accuracy over examples with a known ``correct``."""
+    return cat.df(
+        "SELECT json_extract_string(meta, ?) AS \"group\", count(*) AS n, avg(correct::INT) AS accuracy "
+        "FROM examples WHERE run = ? AND correct IS NOT NULL GROUP BY 1 ORDER BY 1",
+        [_json_pointer(meta_key), run],
+    )
+
+
+def examples_by_id(cat, run: str, ids: list[int]) -> pd.DataFrame:
+    """example_id, text, answer, prediction, correct, split of the given examples of a run."""
+    return cat.df(
+        "SELECT example_id, text, answer, prediction, correct, split FROM examples "
+        "WHERE run = ? AND list_contains(?, example_id) ORDER BY example_id",
+        [run, [int(i) for i in ids]],
+    )

@@ -1,0 +1,128 @@
+"""Worked examples for the SQL page: plain SQL a person reads and edits; they run in the
+sandbox (``Catalog.user_sql``), filled with SQL literals, never with parameters."""
+
+from __future__ import annotations
+
+import re
+
+
+# Templates with {run} {stream} {layer} {head} {stat} {example_id}; example_sql() fills them with
+# SQL literals (strings quoted by doubling single quotes, numbers through int()), so the text a
+# person sees and edits is plain, parameter-free SQL.
+EXAMPLE_SQL: dict[str, str] = {
+    "Top examples for a head": """\
+-- The 20 examples on which head (layer {layer}, head {head}) scores highest on {stat_name}
+SELECT h.example_id, h.value AS {stat_ident}, e.text, e.answer, e.prediction, e.correct
+FROM head_stats h JOIN examples e ON e.run = h.run AND e.example_id = h.example_id
+WHERE h.run = {run} AND h.stream = {stream} AND h.layer = {layer} AND h.head = {head}
+  AND h.stat = {stat} AND h.value IS NOT NULL
+ORDER BY h.value DESC, h.example_id
+LIMIT 20""",
+    "Heads that ground words": """\
+-- Heads whose words look inside their ground-truth boxes (needs boxes in the manifest)
+SELECT stream, layer, head,
+       avg(value) FILTER (WHERE stat = 'grounding') AS grounding,
+       avg(value) FILTER (WHERE stat = 'pointing') AS pointing,
+       count(value) FILTER (WHERE stat = 'grounding') AS examples
+FROM head_stats
+WHERE run = {run} AND stat IN ('grounding', 'pointing')
+GROUP BY stream, layer, head
+ORDER BY grounding DESC NULLS LAST, pointing DESC NULLS LAST
+LIMIT 20""",
+    "Statistics per question type": """\
+-- Accuracy and mean head statistics (over all heads) for each meta.qtype
+WITH e AS (
+  SELECT example_id, json_extract_string(meta, '$.qtype') AS qtype, correct
+  FROM examples WHERE run = {run}
+), s AS (
+  SELECT example_id,
+         avg(value) FILTER (WHERE stat = 't2i') AS t2i,
+         avg(value) FILTER (WHERE stat = 'entropy') AS entropy,
+         avg(value) FILTER (WHERE stat = 'sink') AS sink
+  FROM head_stats WHERE run = {run} AND stream = {stream}
+  GROUP BY example_id
+)
+SELECT qtype, count(*) AS examples, avg(CAST(correct AS INTEGER)) AS accuracy,
+       avg(t2i) AS t2i, avg(entropy) AS entropy, avg(sink) AS sink
+FROM e LEFT JOIN s USING (example_id)
+GROUP BY qtype
+ORDER BY qtype""",
+    "Wrong answers": """\
+-- What the model answered instead, most frequent mistakes first
+SELECT answer, prediction, count(*) AS examples, min(example_id) AS first_example
+FROM examples
+WHERE run = {run} AND NOT correct
+GROUP BY answer, prediction
+ORDER BY examples DESC, answer, prediction""",
+    "Skipped rows and why": """\
+-- Manifest rows the run skipped or altered, grouped by reason
+SELECT stage, message, count(*) AS rows, min(source_id) AS first_source_id
+FROM errors
+WHERE run = {run}
+GROUP BY stage, message
+ORDER BY rows DESC, stage""",
+    "Tokens of an example": """\
+-- The token table of example {example_id}: every token of every stream, in one index space
+SELECT token_idx, stream, modality, role, token, seq_pos, text_pos, patch_row, patch_col
+FROM tokens
+WHERE run = {run} AND example_id = {example_id}
+ORDER BY stream, token_idx""",
+    "Where a word looks": """\
+-- Attention from the first word of example {example_id} to each patch (query -> key), head {head}, layer {layer}
+WITH t AS (SELECT * FROM tokens WHERE run = {run} AND example_id = {example_id} AND stream = {stream}),
+q AS (SELECT token_idx, token FROM t WHERE role = 'word' ORDER BY text_pos LIMIT 1)
+SELECT q.token AS query, k.patch_row, k.patch_col, a.weight
+FROM attention a
+JOIN q ON a.query_idx = q.token_idx
+JOIN t k ON a.key_idx = k.token_idx AND k.role = 'patch'
+WHERE a.run = {run} AND a.stream = {stream} AND a.layer = {layer} AND a.head = {head}
+  AND a.example_id = {example_id}
+ORDER BY a.weight DESC""",
+    "Contribution norms (--explain value)": """\
+-- Weights as contribution norms ||a f(x)|| (Kobayashi et al. 2020): stored weight x the key's value norm,
+-- example {example_id}, head {head}, layer {layer}; empty unless the run was extracted with --explain value
+SELECT a.query_idx, a.key_idx, a.weight, v.norm AS value_norm, a.weight * v.norm AS contribution
+FROM attention a
+JOIN value_norms v ON v.run = a.run AND v.stream = a.stream AND v.layer = a.layer
+  AND v.example_id = a.example_id AND v.head = a.head AND v.token_idx = a.key_idx
+WHERE a.run = {run} AND a.stream = {stream} AND a.layer = {layer} AND a.head = {head}
+  AND a.example_id = {example_id}
+ORDER BY contribution DESC
+LIMIT 50""",
+    "Rollout to the image (--explain rollout)": """\
+-- Attention rollout after the last block: how much each word of example {example_id} draws on each patch;
+-- empty unless the run was extracted with --explain rollout
+WITH t AS (SELECT * FROM tokens WHERE run = {run} AND example_id = {example_id})
+SELECT q.token AS word, k.patch_row, k.patch_col, r.value AS rollout
+FROM relevancy r
+JOIN t q ON q.token_idx = r.target
+JOIN t k ON k.token_idx = r.token_idx
+WHERE r.run = {run} AND r.method = 'rollout' AND r.example_id = {example_id}
+  AND r.layer = (SELECT max(layer) FROM relevancy WHERE run = {run} AND method = 'rollout')
+ORDER BY rollout DESC
+LIMIT 50""",
+    "Sink tokens (--explain sinks)": """\
+-- Tokens with a massive activation (|h_d| / rms(h) >= 20), by role and dimension: the model's sink dimensions;
+-- empty unless the run was extracted with --explain sinks
+SELECT s.stream, s.layer, t.role, s.dim, count(*) AS tokens, round(avg(s.ratio), 1) AS mean_ratio
+FROM sinks s
+JOIN tokens t ON t.run = s.run AND t.example_id = s.example_id AND t.token_idx = s.token_idx
+WHERE s.run = {run}
+GROUP BY ALL
+ORDER BY tokens DESC""",
+}
+
+
+def sql_literal(text: str) -> str:
+    """``text`` as a SQL string literal (single quotes doubled)."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def example_sql(run: str, *, stream: str = "self", layer: int = 0, head: int = 0, stat: str = "t2i",
+                example_id: int = 0) -> dict[str, str]:
+    """``{title: SQL}`` of :data:`EXAMPLE_SQL` for one run and head, ready for ``Catalog.user_sql``."""
+    stat_name = re.sub(r"[^A-Za-z0-9_]+", "_", stat)  # for comments: nothing that could end one
+    values = dict(run=sql_literal(run), stream=sql_literal(stream), layer=int(layer), head=int(head),
+                  stat=sql_literal(stat), stat_name=stat_name, stat_ident='"' + stat.replace('"', '""') + '"',
+                  example_id=int(example_id))
+    return {title: sql.format(**values) for title, sql in EXAMPLE_SQL.items()}
