@@ -23,10 +23,11 @@ also its URL query parameter, so a view can be shared by its URL:
 ``q`` ``answer`` ``pred`` ``correct`` ``split`` ``mkey`` ``mval``
             the example filter (text search, answer, prediction, true/false,
             split, meta key and value)
-``cmp_stat`` ``cmp_b_run`` ``cmp_test`` ``cmp_corr`` ``cmp_map`` ``cmp_head``
+``cmp_stat`` ``cmp_b_run`` ``cmp_test`` ``cmp_corr`` ``cmp_map`` ``cmp_head`` ``cmp_rank``
             the Compare page: statistic, run B (empty: B is a slice of this
             run), ``t``/``rank`` test, ``holm``/``bh`` correction, map colour
-            ``diff``/``effect``, drilled head as ``layer,head``
+            ``diff``/``effect``, drilled head as ``layer,head``, heads ranked by
+            ``diff`` (|B − A|) or ``effect`` (|effect size|)
 ``a_q`` … ``a_mval``, ``b_q`` … ``b_mval``
             the Compare page's filters of groups A and B (keys as above)
 ``sql``      the SQL page's query; ``sql_x`` ``sql_y`` ``sql_color`` ``sql_mark`` its quick chart
@@ -62,7 +63,7 @@ ENV_LAKE = "VLATLAS_LAKE"
 PATCH_KEY = re.compile(r"^r(\d+)c(\d+)$")
 
 DEFAULTS: dict[str, object] = {
-    "lake": None, "run": None, "ex": None, "stream": None, "layer": 0, "head": 0, "stat": "t2i",
+    "lake": None, "run": None, "ex": None, "stream": None, "layer": None, "head": None, "stat": "t2i",
     "norm": "raw", "scope": "filtered", "tokens": [], "patches": [], "q": None, "answer": None,
     "pred": None, "correct": None, "split": None, "mkey": None, "mval": None, "method": "attention",
     "nosink": False, "stretch": False, "nospecial": False,
@@ -71,7 +72,7 @@ DEFAULTS: dict[str, object] = {
 # filter per group (the example filter's keys prefixed a_ / b_)
 FILTER_KEYS = ("q", "answer", "pred", "correct", "split", "mkey", "mval")
 DEFAULTS.update({"cmp_stat": "t2i", "cmp_b_run": None, "cmp_test": "t", "cmp_corr": "holm", "cmp_map": "diff",
-                 "cmp_head": []})
+                 "cmp_head": [], "cmp_rank": "diff"})
 DEFAULTS.update({f"{g}_{k}": None for g in ("a", "b") for k in FILTER_KEYS})
 # the SQL page: the query, the quick chart's x / y / colour columns and mark; the Examples page's table page
 DEFAULTS.update({"sql": None, "sql_x": None, "sql_y": None, "sql_color": None, "sql_mark": "auto", "expage": 1})
@@ -109,6 +110,7 @@ PARSE.update({
     "cmp_test": lambda s: s if s in ("t", "rank") else "t",
     "cmp_corr": lambda s: s if s in ("holm", "bh") else "holm",
     "cmp_map": lambda s: s if s in ("diff", "effect") else "diff",
+    "cmp_rank": lambda s: s if s in ("diff", "effect") else "diff",
 })
 
 # the Hidden states page: hidden-state layer of the map, colour of its points, selected token
@@ -324,6 +326,20 @@ def pick_stream(c: Ctx, where=st) -> str | None:
     where.selectbox("Stream", streams, help="the attention sublayer the weights come from",
                     disabled=len(streams) < 2, **bind("stream"))
     return get("stream")
+
+
+def ensure_head(c: Ctx, stream: str | None) -> tuple[int | None, int | str | None]:
+    """The selected (layer, head); when none is chosen yet (a first view), the run's most telling head:
+    its best grounding head when the run has boxes, else the head with the largest text -> image mass
+    (:func:`lake.queries.first_view_head`), else layer 0, head 0."""
+    if stream and (get("layer") is None or get("head") is None):
+        d = q(queries.first_view_head, c.run, stream)
+        layer, head = (int(d.layer.iloc[0]), int(d["head"].iloc[0])) if len(d) else (0, 0)
+        if get("layer") is None:
+            set_value("layer", layer)
+        if get("head") is None:
+            set_value("head", head)
+    return get("layer"), get("head")
 
 
 def patch_key(row, col) -> str:

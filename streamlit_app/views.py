@@ -65,6 +65,23 @@ def token_label(t: pd.Series | tuple) -> str:
     return f"{int(pos)} · {t.token if isinstance(t.token, str) else t.role}{mark}"
 
 
+def object_word(text_q: pd.DataFrame, boxes) -> int | None:
+    """The text position of the first word that names one of the example's boxed objects (the
+    manifest's ``[{"label": word, "box": …}]``), or None. A word matches when its piece, lowercased
+    and without the tokenizer's word marks, equals the label's first word."""
+    try:
+        items = json.loads(boxes) if isinstance(boxes, str) else (boxes or [])
+    except ValueError:
+        return None
+    labels = {str(b.get("label", "")).lower().split()[0] for b in items
+              if isinstance(b, dict) and str(b.get("label", "")).strip()}
+    for t in text_q.itertuples():
+        piece = t.token.lower().lstrip("#Ġ▁ ") if isinstance(t.token, str) else ""
+        if t.role == "word" and piece and piece in labels:
+            return int(t.text_pos)
+    return None
+
+
 def patch_label(t) -> str:
     return f"r{int(t.patch_row)}c{int(t.patch_col)}"
 

@@ -73,3 +73,35 @@ def tiny_lake(tmp_path_factory, tiny_vilt):
     extract(str(tiny_vilt), manifest, tmp / "lake", "tiny", batch_size=3, progress=False)
     embed(tmp / "lake", "tiny", n_tokens=120, progress=False)
     return tmp / "lake"
+
+
+def _raw_df(root, sql: str, params=None):
+    from pathlib import Path
+
+    import duckdb
+
+    tables = ("runs", "examples", "tokens", "attention", "head_stats", "hidden_states")
+    files = {t: f"read_parquet('{(Path(root) / t).as_posix()}/**/*.parquet', hive_partitioning = true)"
+             for t in tables}
+    con = duckdb.connect()
+    try:
+        return con.execute(sql.format(**files), params or []).df()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="session")
+def raw_df():
+    """``raw_df(root, sql, params=None)``: run ``sql`` with DuckDB straight over the lake's Parquet files,
+    not through lake/catalog.py or lake/queries.py: ``{attention}``, ``{tokens}``, ``{head_stats}`` …
+    in ``sql`` become ``read_parquet('<root>/<table>/**/*.parquet', hive_partitioning = true)``."""
+    return _raw_df
+
+
+@pytest.fixture(scope="session")
+def small_demo_lake(tmp_path_factory):
+    """The committed demo model (pipeline/demo/model) over 48 held-out shapes scenes with boxes,
+    built by the real pipeline with its t-SNE maps: a small copy of what `vlatlas demo` shows."""
+    from pipeline.demo.build import build_demo_lake
+
+    return build_demo_lake(tmp_path_factory.mktemp("demo") / "lake", n=48, progress=False)

@@ -299,7 +299,7 @@ def test_image_to_text_and_image_to_image(synth_lake, monkeypatch):
 
 
 def test_patch_click_and_box_select(synth_lake, monkeypatch):
-    at = open_app(synth_lake.root, monkeypatch, page="app_pages/attention.py", run="synth", ex=1)
+    at = open_app(synth_lake.root, monkeypatch, page="app_pages/attention.py", run="synth", ex=1, layer=0, head=0)
     tok = synth_lake.tokens_of(1)
     idx = {(int(r), int(c)): int(t) for r, c, t in zip(tok.patch_row, tok.patch_col, tok.token_idx) if r == r}
     select_on_chart(at, "ii_chart", {"patch": [{"token_idx": idx[(0, 1)]}], "box": {}})

@@ -54,6 +54,7 @@ from lake.queries.stats import (
     layer_means,
     stat_by_correctness,
     pointing_chance,
+    first_view_head,
 )
 from lake.queries.groups import (
     compare_sizes,
@@ -123,6 +124,7 @@ __all__ = [
     "layer_means",
     "stat_by_correctness",
     "pointing_chance",
+    "first_view_head",
     "compare_sizes",
     "compare_moments",
     "compare_values",

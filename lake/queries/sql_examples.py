@@ -68,16 +68,19 @@ FROM tokens
 WHERE run = {run} AND example_id = {example_id}
 ORDER BY stream, token_idx""",
     "Where a word looks": """\
--- Attention from the first word of example {example_id} to each patch (query -> key), head {head}, layer {layer}
+-- Where {word_desc} of example {example_id} looks among the image patches (query -> key), layer {layer},
+-- head {head}: the 16 patches it attends to most, and each one's share of the word's attention
 WITH t AS (SELECT * FROM tokens WHERE run = {run} AND example_id = {example_id} AND stream = {stream}),
-q AS (SELECT token_idx, token FROM t WHERE role = 'word' ORDER BY text_pos LIMIT 1)
-SELECT q.token AS query, k.patch_row, k.patch_col, a.weight
+q AS (SELECT token_idx, token FROM t WHERE {word_where} ORDER BY text_pos LIMIT 1)
+SELECT q.token AS query, k.patch_row, k.patch_col, round(a.weight, 5) AS weight,
+       round(a.weight / sum(a.weight) OVER (), 4) AS share_of_image_mass
 FROM attention a
 JOIN q ON a.query_idx = q.token_idx
 JOIN t k ON a.key_idx = k.token_idx AND k.role = 'patch'
 WHERE a.run = {run} AND a.stream = {stream} AND a.layer = {layer} AND a.head = {head}
   AND a.example_id = {example_id}
-ORDER BY a.weight DESC""",
+ORDER BY a.weight DESC
+LIMIT 16""",
     "Contribution norms (--explain value)": """\
 -- Weights as contribution norms ||a f(x)|| (Kobayashi et al. 2020): stored weight x the key's value norm,
 -- example {example_id}, head {head}, layer {layer}; empty unless the run was extracted with --explain value
@@ -119,10 +122,13 @@ def sql_literal(text: str) -> str:
 
 
 def example_sql(run: str, *, stream: str = "self", layer: int = 0, head: int = 0, stat: str = "t2i",
-                example_id: int = 0) -> dict[str, str]:
-    """``{title: SQL}`` of :data:`EXAMPLE_SQL` for one run and head, ready for ``Catalog.user_sql``."""
+                example_id: int = 0, text_pos: int | None = None) -> dict[str, str]:
+    """``{title: SQL}`` of :data:`EXAMPLE_SQL` for one run and head, ready for ``Catalog.user_sql``;
+    "Where a word looks" follows the text token at ``text_pos`` (default: the example's first word)."""
     stat_name = re.sub(r"[^A-Za-z0-9_]+", "_", stat)  # for comments: nothing that could end one
     values = dict(run=sql_literal(run), stream=sql_literal(stream), layer=int(layer), head=int(head),
                   stat=sql_literal(stat), stat_name=stat_name, stat_ident='"' + stat.replace('"', '""') + '"',
-                  example_id=int(example_id))
+                  example_id=int(example_id),
+                  word_where="role = 'word'" if text_pos is None else f"text_pos = {int(text_pos)}",
+                  word_desc="the first word" if text_pos is None else f"word {int(text_pos)}")
     return {title: sql.format(**values) for title, sql in EXAMPLE_SQL.items()}

@@ -160,3 +160,22 @@ def pointing_chance(cat, run: str) -> float:
         [run, run],
     )
     return float(d.chance.iloc[0]) if len(d) and pd.notna(d.chance.iloc[0]) else float("nan")
+
+
+def first_view_head(cat, run: str, stream: str) -> pd.DataFrame:
+    """layer, head, stat, value: the head a first view opens on (one row; empty without statistics).
+
+    The best grounding head when the run has boxes (the largest mean ``grounding`` over the run's
+    examples), else the head with the largest mean text -> image mass (``t2i``). Ties go to the
+    lowest layer, then the lowest head.
+    """
+    for stat in ("grounding", "t2i"):
+        d = cat.df(
+            "SELECT layer, head, ? AS stat, avg(CAST(value AS DOUBLE)) AS value FROM head_stats "
+            "WHERE run = ? AND stream = ? AND stat = ? AND value IS NOT NULL GROUP BY layer, head "
+            "ORDER BY value DESC, layer, head LIMIT 1",
+            [stat, run, stream, stat],
+        )
+        if len(d) and pd.notna(d.value.iloc[0]) and d.value.iloc[0] > 0:
+            return d
+    return pd.DataFrame({"layer": [], "head": [], "stat": [], "value": []})

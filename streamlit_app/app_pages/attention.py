@@ -34,9 +34,10 @@ n_layers, n_heads = c.stream_shape(stream) if stream else (0, 0)
 if not n_layers or not n_heads:
     st.info(f"Run **{c.run}** declares no layers or heads for stream `{stream}`.")
     st.stop()
-state.choose("layer", list(range(n_layers)), default=0)
+first_layer, first_head = state.ensure_head(c, stream)  # a first view opens on the run's most telling head
+state.choose("layer", list(range(n_layers)), default=first_layer if first_layer in range(n_layers) else 0)
 heads = [*range(n_heads), "mean"]
-state.choose("head", heads, default=0)
+state.choose("head", heads, default=first_head if first_head in heads else 0)
 t2.selectbox("Head", heads, format_func=lambda h: "mean over heads" if h == "mean" else f"head {h}",
              **state.bind("head"))
 if n_layers > 1:
@@ -51,10 +52,11 @@ def _play() -> None:
 
 
 st.session_state["w_play"] = state.get("play")
-t4.toggle("▶ play", key="w_play", on_change=_play, disabled=n_layers < 2, help="step through the layers")
+t4.toggle("Play", key="w_play", on_change=_play, disabled=n_layers < 2, help="step through the layers")
 layer, head = int(state.get("layer")), state.get("head")
 head_text = "mean over heads" if head == "mean" else f"head {head}"
 view_name = f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}"  # download file names
+about = f"run {c.run} · example #{ex_id} · stream {stream} · layer {layer} · {head_text}"  # exports' titles
 
 explained = [m for m in ("value", "rollout", "relevancy") if m in c.explained]
 methods = ["attention", *explained]
@@ -147,7 +149,7 @@ with left:
             st.info(f"Stream `{stream}` has no image tokens.")
         else:
             export.show_chart(image_chart(ti, "text-image"), f"{view_name}-relevancy-image", key="ti_chart",
-                              width="content")
+                              width="content", context=f"Prediction → image · relevancy · {about}")
             st.caption("**relevancy of the prediction** to each image patch (the model's output: its answer, "
                        f"or its image–text score); colour scaled to the largest value ({ti.weight.max():.3g}).")
     elif text_q.empty or patch_k.empty:
@@ -155,7 +157,9 @@ with left:
     else:
         pos = [int(p) for p in text_q.text_pos]
         labels = {int(t.text_pos): views.token_label(t) for t in text_q.itertuples()}
-        first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
+        first_word = views.object_word(text_q, ex.get("boxes"))  # a word naming a boxed object, else the first word
+        if first_word is None:
+            first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
         valid = [p for p in (state.get("tokens") or []) if p in pos]
         state.set_value("tokens", valid or [first_word])
         generated = bool((text_q.role == "generated").any())
@@ -166,7 +170,8 @@ with left:
         sel_text = text_q[text_q.text_pos.isin(state.get("tokens") or [])].token_idx.astype(int).tolist()
         ti = views.mean_rows(block, sel_text, patch_k)
         export.show_chart(image_chart(ti, "text-image"), f"{view_name}-text-image", key="ti_chart",
-                          width="content")
+                          width="content", context=f"Text → image · {METHOD_LABEL[method]} · {about} · query "
+                          f"tokens {', '.join(labels.get(p, str(p)) for p in state.get('tokens') or [])}")
         if png is None:
             st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
         note = scale_note(float(ti.weight.sum()), "the image patches")
@@ -203,7 +208,8 @@ with right:
         ii["selected"] = ii.token_idx.isin(sel_patch)
         export.show_chart(image_chart(ii, "image-image", select=True), f"{view_name}-image-image",
                           key="ii_chart", width="content", on_select=_pick_patches,
-                          selection_mode=["patch", "box"])
+                          selection_mode=["patch", "box"], context=f"Image → image · {METHOD_LABEL[method]} · "
+                          f"{about} · query patches {', '.join(state.get('patches'))}")
         note = scale_note(float(ii.weight.sum()), "the image patches")
         st.caption(f"**image → image**: {METHOD_LABEL[method]} from the selected patch(es) "
                    f"{', '.join(state.get('patches'))} (query, outlined) to every patch (key): **image → image mass "
@@ -212,7 +218,8 @@ with right:
     if predicted and not text_k.empty:
         it = views.mean_rows(block, [-1], text_k)
         export.show_chart(charts.token_strip(it, weight_title="relevancy", width=DISPLAY_W, description="image-text"),
-                          f"{view_name}-relevancy-text", key="it_chart", width="content")
+                          f"{view_name}-relevancy-text", key="it_chart", width="content",
+                          context=f"Prediction → text · relevancy · {about}")
         st.caption("**relevancy of the prediction** to each text token.")
     elif method in ("rollout", "relevancy"):
         not_here("image-text")
@@ -223,7 +230,9 @@ with right:
         note = scale_note(float(it.weight.sum()), "the text")
         export.show_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, vmax=VMAX,
                                              description="image-text"),
-                          f"{view_name}-image-text", key="it_chart", width="content")
+                          f"{view_name}-image-text", key="it_chart", width="content",
+                          context=f"Image → text · {METHOD_LABEL[method]} · {about} · query patches "
+                                  f"{', '.join(state.get('patches') or [])}")
         st.caption(f"**image → text**: each text token (key) coloured by the {METHOD_LABEL[method]} the selected "
                    f"patch(es) (query) put on it: **image → text mass {it.weight.sum():.4f}**; {note}.")
 
@@ -234,7 +243,8 @@ elif text_q.empty or text_k.empty:
     st.info(f"Stream `{stream}` has no text queries or no text keys.")
 else:
     export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), vmax=VMAX, description="text-text"),
-                      f"{view_name}-text-text", key="tt_chart", width="content")
+                      f"{view_name}-text-text", key="tt_chart", width="content",
+                      context=f"Text → text · {METHOD_LABEL[method]} · {about}")
     st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
                "weights over text keys need not sum to 1: the rest of its mass goes to image keys"
                + (" and to the weights that were not stored." if pruned else ".")

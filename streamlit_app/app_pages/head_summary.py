@@ -12,6 +12,7 @@ state.require_examples(c, "no statistics to show")
 
 s1, s2, s3, s4 = st.columns([1.2, 2, 2.2, 3])
 stream = state.pick_stream(c, s1)
+state.ensure_head(c, stream)  # a first view selects the run's most telling head
 avail = state.q(queries.stats_available, c.run, stream) if stream else None
 if avail is None or avail.empty:
     st.info(f"Run **{c.run}** has no head statistics for stream `{stream}`.")
@@ -63,7 +64,8 @@ with left:
     export.show_chart(charts.head_heatmap(m, value_title=legend, diverging=norm != "raw",
                                           selected=(state.get("layer"), state.get("head"))),
                       f"head-summary-{c.run}-{stream}-{stat}-{norm}", on_select=_clicked, selection_mode="cell",
-                      key="hs_chart", width="content")
+                      key="hs_chart", width="content",
+                      context=f"Head summary · run {c.run} · stream {stream} · {stat} ({NORM_LABELS[norm]}) · {what}")
     st.caption(f"Each cell is one head `(stream {stream}, layer, head)` — rows are layers (0 at the top), "
                f"columns heads; the last column is the layer's mean over heads. Colour: **{stat}** — {definition} — "
                f"for {what}; {NORM_LABELS[norm]}. Attention is read query → key: `weight = A[query, key]`.")

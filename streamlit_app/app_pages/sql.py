@@ -3,6 +3,7 @@ the result as a table and a quick chart, and downloads."""
 
 import streamlit as st
 
+from lake import queries
 from lake.catalog import QueryError, SandboxError, column_types
 from lake.queries import example_sql
 from lake.schema import TABLES
@@ -27,11 +28,17 @@ if views.is_pruned(keep):
 # -- worked examples, filled in with the current run, example and head ---------------------------
 streams = c.streams.stream.tolist() or ["self"]
 stream = state.get("stream") if state.get("stream") in streams else streams[0]
-layer = state.get("layer") if isinstance(state.get("layer"), int) else 0
-head = state.get("head") if isinstance(state.get("head"), int) else 0
+layer, head = state.ensure_head(c, stream)  # the selected head, or the run's most telling one
+layer = layer if isinstance(layer, int) else 0
+head = head if isinstance(head, int) else 0
 ex_id = int(c.example["example_id"]) if c.example else 0
+word = None  # the word "Where a word looks" follows: the selected one, else one naming a boxed object
+if c.example:
+    text_q = views.text_tokens(views.stream_tokens(state.q(queries.example_tokens, c.run, ex_id), stream)[0])
+    chosen = [p for p in (state.get("tokens") or []) if p in set(text_q.text_pos.astype(int))]
+    word = chosen[0] if chosen else views.object_word(text_q, c.example.get("boxes"))
 worked = example_sql(c.run, stream=stream, layer=layer, head=head, stat=state.get("stat") or "t2i",
-                     example_id=ex_id)
+                     example_id=ex_id, text_pos=word)
 st.markdown(f"**Worked examples** — click one to load it (run `{c.run}`, example #{ex_id}, "
             f"layer {layer}, head {head}, statistic `{state.get('stat') or 't2i'}`)")
 
@@ -57,7 +64,7 @@ typed.update(on_change=lambda: _load(st.session_state["w_sql"]), args=())
 st.text_area("Query", height=220, placeholder="SELECT * FROM runs", help="Ctrl+Enter runs it", **typed)
 sql = (state.get("sql") or "").strip()
 run_col, _ = st.columns([1, 5])
-if run_col.button("▶ Run again", disabled=not sql, help="run the query again (results are cached for 2 minutes)"):
+if run_col.button("Run again", disabled=not sql, help="run the query again (results are cached for 2 minutes)"):
     state.user_sql_clear(sql)
 if not sql:
     st.info("Type a query (Ctrl+Enter runs it), or load one of the worked examples above.")
@@ -100,6 +107,7 @@ x, y, color, mark = state.get("sql_x"), state.get("sql_y"), state.get("sql_color
 y = None if y == COUNT else y
 color = None if color == NONE else color
 chart = charts.quick_chart(df, x, y, color, mark)
-export.show_chart(chart, "sql-chart", key="sql_chart", width="content")
+export.show_chart(chart, "sql-chart", key="sql_chart", width="content",
+                  context=f"SQL · {y or 'count'} by {x}" + (f", colour {color}" if color else "") + f" · {' '.join(sql.split())}")
 if len(df) > charts.QUICK_MAX_ROWS:
     st.caption(f"The chart draws the first {charts.QUICK_MAX_ROWS:,} rows.")
