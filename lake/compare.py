@@ -45,10 +45,15 @@ Examples that drive a head's difference
     Group B's mean exceeds group A's by D = m_B − m_A, and D = Σ_{i in B} (x_i − m_A) / n_B
     = Σ_{j in A} (m_B − x_j) / n_A. So each example has a share of D:
 
-- ``share_independent``: an example i of B has share (x_i − m_A) / (n_B · D), an example j of A has share
-  (m_B − x_j) / (n_A · D); each group's shares sum to 1, and the largest are the examples furthest from the
-  other group's mean in the direction of the difference.
-- ``share_paired``: an example i has share d_i / (n · d̄); the shares sum to 1.
+- ``share_independent``: an example's share is the part of the difference D = m_B − m_A it accounts for within
+  its group: an example i of B has share (x_i − m_A) / (n_B · D) (its distance from A's mean over the sum of
+  those distances, n_B · D), an example j of A has share (m_B − x_j) / (n_A · D). Each group's shares sum to
+  100%, so an example of average weight holds an even share 1 / n of its group; "× even" = share · n says how
+  many average examples it is worth, and a negative share pulls against the difference. The largest are the
+  examples furthest from the other group's mean in the direction of the difference.
+- ``share_paired``: an example i has share d_i / (n · d̄) (its difference over the sum of all differences);
+  the shares sum to 100%, an even share is 1 / n, "× even" = share · n, and a negative share pulls against
+  the mean difference.
 """
 
 from __future__ import annotations
@@ -262,9 +267,15 @@ def compare_paired(moments: pd.DataFrame, values: pd.DataFrame | None = None, te
     return _finish(out, correction)
 
 
-def ranked(result: pd.DataFrame) -> pd.DataFrame:
-    """The heads by |effect size|, largest first (heads without one last, then by layer, head)."""
-    r = result.assign(_k=result.effect.abs().fillna(-1.0))
+RANKS = ("diff", "effect")
+
+
+def ranked(result: pd.DataFrame, by: str = "diff") -> pd.DataFrame:
+    """The heads by |B − A| (``by="diff"``, the difference of means) or by |effect size| (``"effect"``),
+    largest first; heads without a value last, ties by layer, head."""
+    if by not in RANKS:
+        raise ValueError(f"rank by one of {', '.join(RANKS)}, not {by!r}")
+    r = result.assign(_k=result[by].abs().fillna(-1.0))
     return r.sort_values(["_k", "layer", "head"], ascending=[False, True, True], kind="stable").drop(
         columns="_k").reset_index(drop=True)
 
@@ -275,7 +286,8 @@ def drivers_independent(values: pd.DataFrame) -> pd.DataFrame:
 
     ``values``: example_id, group (``A``/``B``), value of one head. Returns example_id, group,
     value, other_mean (the other group's mean), toward (how far the value lies from the other
-    group's mean, in the direction of B − A), share — sorted by group and share (largest first).
+    group's mean, in the direction of B − A), share, n (the size of the example's group), vs_even
+    (share · n: the share over an even share 1 / n) — sorted by group and share (largest first).
     """
     v = values.dropna(subset=["value"]).copy()
     m = v.groupby("group").value.mean()
@@ -289,6 +301,8 @@ def drivers_independent(values: pd.DataFrame) -> pd.DataFrame:
     n_g = np.where(is_b, n.get("B", 0), n.get("A", 0)).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         v["share"] = v.toward / (n_g * d) if d != 0 else np.nan
+    v["n"] = n_g.astype(int)
+    v["vs_even"] = v.share * n_g
     sign = 1.0 if not np.isfinite(d) or d >= 0 else -1.0
     v["_k"] = v.toward * sign
     return v.sort_values(["group", "_k"], ascending=[True, False], kind="stable").drop(
@@ -298,13 +312,16 @@ def drivers_independent(values: pd.DataFrame) -> pd.DataFrame:
 def drivers_paired(values: pd.DataFrame) -> pd.DataFrame:
     """Each example's share of one head's paired difference (``share_paired``).
 
-    ``values``: example_id, a, b of one head. Returns example_id, a, b, d (= b − a), share —
-    sorted by d in the direction of the mean difference (largest first).
+    ``values``: example_id, a, b of one head. Returns example_id, a, b, d (= b − a), share, n (the
+    number of pairs), vs_even (share · n) — sorted by d in the direction of the mean difference
+    (largest first).
     """
     v = values.dropna(subset=["a", "b"]).copy()
     v["d"] = v.b.astype(float) - v.a.astype(float)
     total = float(v.d.sum())
     v["share"] = v.d / total if total != 0 else np.nan
+    v["n"] = len(v)
+    v["vs_even"] = v.share * len(v)
     sign = 1.0 if total >= 0 else -1.0
     v["_k"] = v.d * sign
     return v.sort_values("_k", ascending=False, kind="stable").drop(columns="_k").reset_index(drop=True)

@@ -5,7 +5,7 @@ these schemas, the catalog builds one DuckDB view per table from them, and
 ``tests/test_schema.py`` pins the full list so that a change to the contract is
 a visible diff.
 
-Conventions (see DESIGN.md): ``weight = A[query, key]``; layers and heads are
+Conventions (see docs/DESIGN.md): ``weight = A[query, key]``; layers and heads are
 0-based; in ``attention`` ``layer`` is the block index, in ``hidden_states``
 ``layer`` 0 is the embedding output and ``l + 1`` the output of block ``l``;
 ``patch_row`` 0 is the top row, ``patch_col`` 0 the left column; boxes are
@@ -298,7 +298,7 @@ TABLES: dict[str, Table] = {
               RELEVANCY, VALUE_NORMS, SINKS, LENS)
 }
 
-# Head statistics (DESIGN.md). The formulas live in pipeline/stats.py.
+# Head statistics (docs/DESIGN.md). The formulas live in pipeline/stats.py.
 STATS: tuple[str, ...] = (
     "t2i",
     "t2t",

@@ -6,7 +6,7 @@ hidden state. Each hook hands its tensor to a callback *as the layer runs*
 weights from the module's output, so memory holds one layer's attention at a
 time instead of the whole tuple ``outputs.attentions``.
 
-Hook points are named ``(stream, layer)`` (see DESIGN.md, Conventions): one
+Hook points are named ``(stream, layer)`` (see docs/DESIGN.md, Conventions): one
 dict per family in ``pipeline/models`` maps native module paths to them.
 """
 
@@ -30,7 +30,7 @@ class HookPoint:
 
     Parameters
     ----------
-    stream, layer : the canonical name of the tensor (DESIGN.md).
+    stream, layer : the canonical name of the tensor (docs/DESIGN.md).
     kind : ``attention`` or ``hidden``.
     module : the module whose forward output carries the tensor.
     index : position of the tensor in the module's output tuple.

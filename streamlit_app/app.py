@@ -23,15 +23,19 @@ from streamlit_app import state  # noqa: E402
 
 MAX_PICK = 1000  # examples offered by the sidebar picker; the Examples page finds the rest
 
-st.set_page_config(page_title="VL-Atlas", page_icon="🔭", layout="wide")
+st.set_page_config(page_title="VL-Atlas", page_icon=":material/travel_explore:", layout="wide")
 state.init()
+# Pills (the Attention page's query tokens) wrap onto further lines: by default their row scrolls
+# sideways with no visible scrollbar, so tokens past the column's edge could not be reached.
+st.html("<style>[data-testid='stButtonGroup'] > div:has(> button) {flex-wrap: wrap; overflow-x: visible;"
+        " row-gap: 0.4rem;}</style>")
 page = st.navigation([
-    st.Page(HERE / "app_pages" / "examples.py", title="Examples", icon="🗂️", default=True),
-    st.Page(HERE / "app_pages" / "head_summary.py", title="Head summary", icon="🧠"),
-    st.Page(HERE / "app_pages" / "attention.py", title="Attention", icon="🔍"),
-    st.Page(HERE / "app_pages" / "hidden_states.py", title="Hidden states", icon="🧬"),
-    st.Page(HERE / "app_pages" / "compare.py", title="Compare", icon="⚖️"),
-    st.Page(HERE / "app_pages" / "sql.py", title="SQL", icon="🧮"),
+    st.Page(HERE / "app_pages" / "examples.py", title="Examples", icon=":material/table_rows:", default=True),
+    st.Page(HERE / "app_pages" / "head_summary.py", title="Head summary", icon=":material/grid_on:"),
+    st.Page(HERE / "app_pages" / "attention.py", title="Attention", icon=":material/visibility:"),
+    st.Page(HERE / "app_pages" / "hidden_states.py", title="Hidden states", icon=":material/scatter_plot:"),
+    st.Page(HERE / "app_pages" / "compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page(HERE / "app_pages" / "sql.py", title="SQL", icon=":material/database:"),
 ])
 
 
@@ -44,7 +48,7 @@ def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
     """Draw the sidebar; return the context, or a (level, message) saying why there is none."""
     ss = st.session_state
     with st.sidebar:
-        st.markdown("## 🔭 VL-Atlas")
+        st.markdown("## :material/travel_explore: VL-Atlas")
         st.text_input("Lake", placeholder="/path/to/lake", help=f"the lake's root folder, or an object-store URI such as s3://bucket/prefix (default: ${state.ENV_LAKE})",
                       **state.bind("lake"))
         root = (ss["lake"] or "").strip()
@@ -103,7 +107,7 @@ ctx, problem = sidebar()
 state.set_ctx(ctx)
 state.to_url()
 if ctx is None:
-    st.title("🔭 VL-Atlas")
+    st.title("VL-Atlas")
     level, message = problem
     (st.error if level == "error" else st.info)(message)
     st.stop()

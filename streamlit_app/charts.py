@@ -127,7 +127,9 @@ def image_map(uri: str, width: int, height: int, display: tuple[int, int], patch
     rect = alt.Chart(p).mark_rect(fillOpacity=0.0, strokeWidth=2.5).encode(
         x=alt.X("x0:Q", scale=xs, axis=None), x2="x1:Q",
         y=alt.Y("y0:Q", scale=ys, axis=None), y2="y1:Q",
-        color=alt.Color("weight:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, vmax]), title=weight_title),
+        # the legend goes under the image: on its right it would widen the chart past its column
+        color=alt.Color("weight:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, vmax]), title=weight_title,
+                        legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=min(dw, 240))),
         stroke=alt.condition("datum.selected", alt.value(SELECT_COLOR), alt.value(None)),
         tooltip=[alt.Tooltip("patch:N", title="patch (row, col)"), alt.Tooltip("token_idx:Q"),
                  alt.Tooltip("weight:Q", format=".4f")],
@@ -199,10 +201,27 @@ def token_matrix(m: pd.DataFrame, *, weight_title: str = "weight", cell: int = 2
 
 
 # -- compare two groups ----------------------------------------------------------------------
+# Group A is blue and group B orange in every chart of the Compare page: the dots of each group, and
+# the map of B − A on the diverging blue–orange scheme (blue: higher in A, orange: higher in B).
+GROUP_COLORS = {"A": "#4c78a8", "B": "#f58518"}
+COMPARE_DIVERGING = "blueorange"
+
+
+def _pad_domain(values, frac: float = 0.04) -> list[float]:
+    """A value axis's domain: the values' range widened by ``frac`` of it on each side, so that a point
+    at the edge (a statistic of exactly 0 or 1) is drawn whole instead of cut by the frame."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+    span = hi - lo
+    pad = frac * span if span > 0 else max(abs(hi) * frac, 0.02)
+    return [lo - pad, hi + pad]
+
+
 def compare_heatmap(result: pd.DataFrame, *, value: str = "diff", value_title: str = "B − A",
                     selected: tuple[int, int] | None = None, alpha: float = 0.05, cell: int = 34,
-                    description: str = "compare-diff") -> alt.Chart:
-    """Layers × heads map of a comparison (``lake.compare``): B − A on a diverging scale centred on 0.
+                    labels: tuple[str, str] = ("A", "B"), description: str = "compare-diff") -> alt.Chart:
+    """Layers × heads map of a comparison (``lake.compare``): B − A on a diverging scale centred on 0,
+    blue where A is higher and orange where B is higher (the groups' colours, :data:`GROUP_COLORS`).
 
     Parameters
     ----------
@@ -210,6 +229,7 @@ def compare_heatmap(result: pd.DataFrame, *, value: str = "diff", value_title: s
     value : the column coloured: ``diff`` (difference of means) or ``effect`` (effect size).
     selected : ``(layer, head)`` to outline.
     alpha : heads with adjusted p below it are marked ``∗``.
+    labels : the legend's names of the groups, e.g. ``("A: correct is true", "B: correct is false")``.
     description : the spec's description, which names the chart.
     """
     d = result.copy()
@@ -233,9 +253,11 @@ def compare_heatmap(result: pd.DataFrame, *, value: str = "diff", value_title: s
         y=alt.Y("layer:O", sort="ascending", title="layer"),
     )
     rect = base.mark_rect(stroke="white", strokeWidth=0.5).encode(
-        color=alt.Color("value:Q", title=value_title,
-                        scale=alt.Scale(scheme=DIVERGING, reverse=True, domain=[-a, a], domainMid=0),
-                        legend=alt.Legend(orient="right", gradientLength=max(60, cell * len(layers)))),
+        color=alt.Color("value:Q", title=[value_title, f"orange: higher in {labels[1]}",
+                                          f"blue: higher in {labels[0]}"],
+                        scale=alt.Scale(scheme=COMPARE_DIVERGING, domain=[-a, a], domainMid=0),
+                        legend=alt.Legend(orient="right", gradientLength=max(60, cell * len(layers)),
+                                          titleLimit=420)),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("head:O"),
                  alt.Tooltip("mean_a:Q", format=fmt, title="mean A"), alt.Tooltip("mean_b:Q", format=fmt,
                                                                                    title="mean B"),
@@ -253,22 +275,33 @@ def compare_heatmap(result: pd.DataFrame, *, value: str = "diff", value_title: s
         width=cell * len(heads) + 10, height=cell * len(layers), description=description, autosize=PAD)
 
 
-def group_values(values: pd.DataFrame, *, value_title: str, width: int = 420,
-                 description: str = "compare-values") -> alt.Chart:
+def group_values(values: pd.DataFrame, *, value_title: str, labels: dict[str, str] | None = None,
+                 width: int = 420, description: str = "compare-values") -> alt.Chart:
     """One head's per-example values, a row of dots per group, with each group's mean as a tick.
 
-    ``values``: example_id, group (label), value.
+    ``values``: example_id, group (``A``/``B``), value. ``labels``: the legend's name of each group
+    (``{"A": "A: correct is true", …}``; default the group itself). A is blue and B orange
+    (:data:`GROUP_COLORS`), with a legend; the value axis is padded so that values at its ends (0 or 1)
+    are drawn whole.
     """
     d = values.copy()
+    groups = sorted(d.group.unique().tolist())
+    names = {g: (labels or {}).get(g, g) for g in groups}
+    d["legend"] = d.group.map(names)
     means = d.groupby("group", as_index=False).value.mean()
-    y = alt.Y("group:N", title=None, sort=sorted(d.group.unique().tolist()))
-    dots = alt.Chart(d).mark_circle(size=40, opacity=0.55).encode(
-        x=alt.X("value:Q", title=value_title, scale=alt.Scale(zero=False)), y=y, yOffset="jitter:Q",
-        color=alt.Color("group:N", legend=None),
-        tooltip=[alt.Tooltip("example_id:Q"), alt.Tooltip("group:N"), alt.Tooltip("value:Q", format=".4f")],
+    y = alt.Y("group:N", title=None, sort=groups)
+    x_scale = alt.Scale(domain=_pad_domain(d.value), nice=False, zero=False, clamp=False)
+    colors = [GROUP_COLORS.get(g, "#7f7f7f") for g in groups]
+    dots = alt.Chart(d).mark_circle(size=40, opacity=0.6).encode(
+        x=alt.X("value:Q", title=value_title, scale=x_scale), y=y, yOffset="jitter:Q",
+        color=alt.Color("legend:N", title=None, scale=alt.Scale(domain=[names[g] for g in groups], range=colors),
+                        legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=600)),
+        tooltip=[alt.Tooltip("example_id:Q"), alt.Tooltip("legend:N", title="group"),
+                 alt.Tooltip("value:Q", format=".4f")],
     ).transform_calculate(jitter="random() * 16 - 8")
     ticks = alt.Chart(means).mark_tick(thickness=3, size=30, color="black").encode(
-        x="value:Q", y=y, tooltip=[alt.Tooltip("group:N"), alt.Tooltip("value:Q", format=".4f", title="mean")])
+        x=alt.X("value:Q", scale=x_scale), y=y,
+        tooltip=[alt.Tooltip("group:N"), alt.Tooltip("value:Q", format=".4f", title="mean")])
     return alt.layer(dots, ticks).properties(width=width, height=110, description=description, autosize=PAD)
 
 
@@ -381,7 +414,9 @@ CORRECT_COLORS = {"correct": "#2ca02c", "wrong": "#d62728", "unknown": "#b0b0b0"
 
 def _map_color(p: pd.DataFrame, field: str, title: str) -> alt.Color:
     values = sorted(p["color"].dropna().unique().tolist())
-    legend = alt.Legend(orient="right", symbolLimit=40, symbolStrokeWidth=0)
+    # under the map: on its right the legend would run past the column into the norm chart beside it
+    legend = alt.Legend(orient="bottom", direction="horizontal", columns=6, symbolLimit=40, symbolStrokeWidth=0,
+                        labelLimit=120)
     if field == "modality" and set(values) <= set(MODALITY_COLORS) | {"(none)"}:
         dom = [v for v in MODALITY_COLORS if v in values] + [v for v in values if v not in MODALITY_COLORS]
         rng = [MODALITY_COLORS.get(v, "#b0b0b0") for v in dom]
@@ -452,7 +487,7 @@ def hidden_map(points: pd.DataFrame, *, color_field: str, color_title: str, path
 
 
 def layer_profile(d: pd.DataFrame, *, value: str, value_title: str, color: str = "scope",
-                  dash: str | None = None, layer: int | None = None, width: int = 280, height: int = 170,
+                  dash: str | None = None, layer: int | None = None, width: int = 260, height: int = 170,
                   description: str = "layer-profile") -> alt.LayerChart:
     """A value per layer as lines with points (x: hidden-state layer, 0 = embedding output).
 

@@ -36,7 +36,7 @@ def stream_tokens(tokens: pd.DataFrame, stream: str) -> tuple[pd.DataFrame, pd.D
     """(query tokens, key tokens) of a stream.
 
     ``cross`` attention has the ``text`` stream's tokens as queries and the
-    ``vision`` stream's as keys (DESIGN.md); every other stream attends within
+    ``vision`` stream's as keys (docs/DESIGN.md); every other stream attends within
     its own tokens.
     """
     if stream == "cross":

@@ -223,18 +223,139 @@ def test_prediction_is_the_models_own(blip, lake_df):
     assert set(json.loads(runs.streams.iloc[0])) == {"vision", "text", "cross"}
 
 
-def test_app_pages_on_the_blip_lake(blip, monkeypatch):
+def _charts(at) -> set[str]:
+    """The descriptions (names) of the charts a page draws."""
+    return {json.loads(e.proto.spec).get("description") for e in at.get("vega_lite_chart")}
+
+
+def _infos(at) -> str:
+    return " | ".join(str(e.value) for e in at.info)
+
+
+def _pills(at) -> list[str]:
+    """The labels of the Attention page's query text tokens ([] when the page offers none)."""
+    groups = [w for w in at.get("button_group") if "Query text tokens" in str(w.proto.label)]
+    return [o.content for g in groups for o in g.proto.options]
+
+
+def _raw_row(raw_df, lake, run, stream, ex, layer, head, query_idx):
+    """{key_idx: weight} of one attention row, read straight from the Parquet files."""
+    a = raw_df(lake, "SELECT key_idx, weight FROM {attention} WHERE run = ? AND stream = ? AND layer = ? AND "
+               "example_id = ? AND head = ? AND query_idx = ?", [run, stream, layer, ex, head, query_idx])
+    assert len(a), "the row must be in the lake"
+    return a.set_index("key_idx").weight.astype(float)
+
+
+def test_app_pages_on_the_blip_lake(blip, monkeypatch, raw_df):
+    """Every page renders and offers the lake's own streams (read from the Parquet files, not the app's
+    queries): vision, text and cross; the examples table is the lake's."""
     from tests.test_app import open_app
 
     head, mdir, lake, *_ = blip
-    for page in ("app_pages/examples.py", "app_pages/head_summary.py", "app_pages/attention.py",
-                 "app_pages/hidden_states.py", "app_pages/sql.py", "app_pages/compare.py"):
+    att_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = ?", [head]).stream)
+    hid_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = ?", [head]).stream)
+    assert att_streams == ["cross", "text", "vision"]
+    examples = raw_df(lake, "SELECT example_id, text FROM {examples} WHERE run = ? ORDER BY example_id", [head])
+    for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
+                          ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
+                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
         at = open_app(lake, monkeypatch, page=page, run=head, ex=0)
         assert not at.exception, (page, at.exception)
-    for stream in ("vision", "text", "cross"):
-        for page in ("app_pages/head_summary.py", "app_pages/attention.py"):
-            at = open_app(lake, monkeypatch, page=page, run=head, ex=0, stream=stream)
-            assert not at.exception, (page, stream, at.exception)
-        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=head, ex=0, stream=stream, scope="example")
-        box = next(w for w in at.selectbox if w.label == "Stream")
-        assert set(box.options) == {"vision", "text", "cross"} and box.value == stream
+        if streams is not None:
+            box = at.selectbox(key="w_stream")
+            assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
+            assert not box.disabled
+        if page == "app_pages/examples.py":
+            table = at.dataframe[0].value
+            assert table.example_id.tolist() == examples.example_id.tolist()
+            assert table.text.tolist() == examples.text.tolist()
+
+
+def test_head_summary_of_each_stream_is_the_lakes(blip, monkeypatch, raw_df):
+    """The heatmap of each stream = mean over the examples of head_stats' values per (layer, head),
+    computed here from the Parquet files; the statistic selector marks as empty what the stream cannot
+    have (cross: no image queries; vision: no text queries; text: no image keys to spread over)."""
+    from tests.test_app import heatmap, open_app
+
+    head, mdir, lake, *_ = blip
+    wants = {}
+    for stream, stat in (("vision", "entropy"), ("text", "entropy"), ("cross", "entropy"), ("cross", "img_entropy")):
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=head, ex=0, stream=stream, stat=stat,
+                      layer=0, head=0)
+        box = at.selectbox(key="w_stream")
+        assert box.value == stream and set(box.options) == {"vision", "text", "cross"}
+        want = raw_df(lake, "SELECT layer, head, avg(value) AS v, count(value) AS n FROM {head_stats} WHERE run = ? "
+                      "AND stream = ? AND stat = ? GROUP BY layer, head ORDER BY layer, head", [head, stream, stat])
+        d = heatmap(at)
+        assert d[["layer", "head"]].to_numpy().tolist() == want[["layer", "head"]].to_numpy().tolist()
+        assert len(want) == 2 * 2 and (want.n == len(SCENES)).all()
+        np.testing.assert_allclose(d.value.to_numpy(float), want.v.to_numpy(float), atol=1e-6)
+        wants[stream, stat] = want.v.to_numpy(float)
+        counts = raw_df(lake, "SELECT stat, count(value) AS n FROM {head_stats} WHERE run = ? AND stream = ? "
+                        "GROUP BY stat", [head, stream])
+        stat_box = at.selectbox(key="w_stat")
+        assert sorted(stat_box.options) == sorted(s if n else f"{s} (no values)" for s, n in zip(counts.stat, counts.n))
+        no_values = {"vision": ("t2i", "img_entropy"), "text": ("img_entropy", "i2i"), "cross": ("i2t", "i2i")}[stream]
+        assert all(f"{s} (no values)" in stat_box.options for s in no_values), stat_box.options
+        if stream == "cross":
+            assert "t2i" in stat_box.options and "img_entropy" in stat_box.options
+    ent = [wants[s, "entropy"] for s in ("vision", "text", "cross")]
+    assert all(not np.allclose(a, b) for i, a in enumerate(ent) for b in ent[i + 1:])  # streams tell apart
+
+
+def test_attention_page_of_each_stream(blip, monkeypatch, raw_df):
+    """The panels follow the stream: vision shows image → image only, text shows text → text only, and
+    cross (text queries over image keys) shows text → image only, with the text stream's tokens as its
+    queries and the vision stream's patches as its keys. The weights shown are the lake's rows."""
+    from tests.test_app import chart_data, open_app
+
+    head, mdir, lake, *_ = blip
+    ex, layer, h = 0, 1, 1
+    tok = raw_df(lake, "SELECT * FROM {tokens} WHERE run = ? AND example_id = ? ORDER BY token_idx", [head, ex])
+    text = tok[tok.stream == "text"].sort_values("text_pos")
+    patches = tok[(tok.stream == "vision") & (tok.role == "patch")]
+
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=head, ex=ex, stream="vision", layer=layer,
+                  head=h, patches="r1c2")
+    assert at.selectbox(key="w_stream").value == "vision"
+    assert _charts(at) == {"image-image"} and not _pills(at)
+    info = _infos(at)
+    assert "Stream `vision` has no text queries or no image keys." in info
+    assert "Stream `vision` has no image queries or no text keys." in info
+    assert "Stream `vision` has no text queries or no text keys." in info
+    ii = chart_data(at, "image-image", "weight")
+    assert sorted(ii.token_idx) == sorted(patches.token_idx)
+    q = int(patches[(patches.patch_row == 1) & (patches.patch_col == 2)].token_idx.iloc[0])
+    assert ii[ii.selected].token_idx.tolist() == [q]
+    row = _raw_row(raw_df, lake, head, "vision", ex, layer, h, q)
+    np.testing.assert_allclose(ii.weight.to_numpy(float), row.reindex(ii.token_idx).to_numpy(), atol=1e-6)
+
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=head, ex=ex, stream="text", layer=layer,
+                  head=h)
+    assert at.selectbox(key="w_stream").value == "text"
+    assert _charts(at) == {"text-text"} and not _pills(at)
+    info = _infos(at)
+    assert "Stream `text` has no text queries or no image keys." in info
+    assert "Stream `text` has no image-patch queries." in info
+    m = chart_data(at, "text-text", "weight")
+    assert set(m.query_idx) == set(m.key_idx) == set(text.token_idx) and len(m) == len(text) ** 2
+    a = raw_df(lake, "SELECT query_idx, key_idx, weight FROM {attention} WHERE run = ? AND stream = 'text' AND "
+               "layer = ? AND example_id = ? AND head = ?", [head, layer, ex, h])
+    w = a.set_index(["query_idx", "key_idx"]).weight.astype(float)
+    np.testing.assert_allclose(m.weight.to_numpy(float), w.reindex(list(zip(m.query_idx, m.key_idx))).to_numpy(),
+                               atol=1e-6)
+
+    circle = text[text.token == "circle"].iloc[0]
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=head, ex=ex, stream="cross", layer=layer,
+                  head=h, tokens=int(circle.text_pos))
+    assert at.selectbox(key="w_stream").value == "cross"
+    assert _charts(at) == {"text-image"}
+    info = _infos(at)
+    assert "Stream `cross` has no image-patch queries." in info
+    assert "Stream `cross` has no text queries or no text keys." in info
+    assert _pills(at) == [f"{int(t.text_pos)} · {t.token}" for t in text.itertuples()]  # the text stream's tokens
+    ti = chart_data(at, "text-image", "weight")
+    assert sorted(ti.token_idx) == sorted(patches.token_idx)  # keys: the vision stream's patches
+    row = _raw_row(raw_df, lake, head, "cross", ex, layer, h, int(circle.token_idx))
+    np.testing.assert_allclose(ti.weight.to_numpy(float), row.reindex(ti.token_idx).to_numpy(), atol=1e-6)
+    assert any(f"text → image mass {ti.weight.sum():.4f}" in str(c.value) for c in at.caption)

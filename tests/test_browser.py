@@ -7,28 +7,19 @@ Set VLATLAS_SCREENSHOTS=DIR to keep a PNG of every page.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import free_port
+from tests.browser import chromium, require_chromium, serve, settle
 
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = {"": "Examples", "head_summary": "Head summary", "attention": "Attention"}
 
 pytestmark = pytest.mark.browser
-
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{CHROMIUM} is missing: `make test` installs Debian's chromium for this test")
-    pytest.skip("Debian's chromium is not installed (make test installs it)", allow_module_level=True)
+require_chromium()
+_settle = settle
 
 
 @pytest.fixture(scope="module")
@@ -45,56 +36,14 @@ def vilt_lake(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(vilt_lake):
-    port = free_port()
-    env = dict(os.environ, VLATLAS_LAKE=str(vilt_lake))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app" / "app.py"),
-         "--server.headless", "true", "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start: " + (proc.stdout.read() if proc.stdout else ""))
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serve(vilt_lake) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+    with chromium() as b:
         yield b
-        b.close()
-
-
-def _settle(page, timeout_ms: int = 60_000) -> None:
-    """Wait for the app's script run to finish (the status widget disappears)."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
-    page.wait_for_selector('[data-testid="stSidebar"]', timeout=timeout_ms)
-    deadline = time.time() + timeout_ms / 1000
-    while time.time() < deadline:
-        running = page.locator('[data-testid="stStatusWidget"]').count()
-        if not running:
-            time.sleep(0.5)
-            if not page.locator('[data-testid="stStatusWidget"]').count():
-                return
-        time.sleep(0.3)
 
 
 @pytest.mark.parametrize("path,title", list(PAGES.items()))
@@ -196,6 +145,6 @@ def test_shared_url_restores_every_selection(server, browser):
     page, errors = _open(browser, f"{server}/sql?run=tiny&sql={urllib.parse.quote(sql)}")
     assert page.locator("textarea").first.input_value() == sql
     assert page.locator('[data-testid="stDataFrame"]').count() >= 1
-    assert "⬇ PNG" in page.inner_text("body") and "⬇ Parquet" in page.inner_text("body")
+    assert "Download PNG" in page.inner_text("body") and "Download Parquet" in page.inner_text("body")
     assert not errors, errors
     page.close()

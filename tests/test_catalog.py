@@ -470,9 +470,17 @@ def test_trusted_queries_are_sandboxed_too(cat, lake):
     "SELECT count(*) FROM read_parquet('{root}/attention/**/*.parquet')",
 ])
 def test_ordinary_selects_work(cat, lake, sql):
+    t0 = time.perf_counter()
     res = cat.user_sql(sql.format(root=lake))
+    wall = time.perf_counter() - t0
     assert isinstance(res.df, pd.DataFrame) and len(res.df) > 0
-    assert res.truncated is False and res.elapsed_s >= 0
+    assert res.truncated is False
+    # elapsed_s is the query's own run time in seconds, timed inside the call: more than nothing, never
+    # more than the whole call took (not milliseconds, not a timestamp, not a constant)
+    assert 0 < res.elapsed_s <= wall, (res.elapsed_s, wall)
+    # the sandbox's row-limited run returns what the trusted path returns
+    ref = cat.df(sql.format(root=lake))
+    assert list(res.df.columns) == list(ref.columns) and len(res.df) == len(ref)
 
 
 def test_user_sql_results(cat, lake):

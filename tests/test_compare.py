@@ -7,8 +7,10 @@ file chooses and writes itself; the app's charts are read as in test_app.py.
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 from datetime import datetime, timezone
 
 import numpy as np
@@ -22,6 +24,7 @@ from lake import queries as Q
 from lake.catalog import open_catalog
 from lake.schema import EXAMPLES, HEAD_STATS
 from lake.writer import LakeWriter
+from streamlit_app import charts, export
 from tests.test_app import chart, chart_data, open_app, read_table, select_on_chart, texts
 
 PAGE = "app_pages/compare.py"
@@ -244,10 +247,16 @@ def test_page_independent_map_list_and_drill(hand_lake, monkeypatch):
     assert m.loc[(0, 0)].effect == pytest.approx(g) and m.loc[(0, 0)].p == pytest.approx(p, rel=1e-6)
     spec, _ = chart(at, "compare-diff")
     scale = next(l for l in spec["layer"] if "color" in l.get("encoding", {}))["encoding"]["color"]["scale"]
-    assert scale["scheme"] == "redblue" and scale["domainMid"] == 0 and scale["domain"] == [-4.25, 4.25]
+    assert scale["scheme"] == "blueorange" and scale["domainMid"] == 0 and scale["domain"] == [-4.25, 4.25]
+    t = ranked_table(at)
+    # by |B − A| (the default): 4.25, |2.5 − 5| = 2.5 (one value in A: no effect size, still a difference), 0.75, 0
+    assert list(zip(t.layer, t["head"])) == [(0, 0), (1, 1), (1, 0), (0, 1)]
+    assert t["Hedges' g"].iloc[2] == pytest.approx(hand_independent(IND_A[(1, 0)], IND_B[(1, 0)])[1])
+    at.radio(key="w_cmp_rank").set_value("effect").run()
     t = ranked_table(at)
     assert list(zip(t.layer, t["head"])) == [(0, 0), (1, 0), (0, 1), (1, 1)]  # by |g|, untestable last
-    assert t["Hedges' g"].iloc[1] == pytest.approx(hand_independent(IND_A[(1, 0)], IND_B[(1, 0)])[1])
+    assert at.query_params["cmp_rank"] == "effect"
+    at.radio(key="w_cmp_rank").set_value("diff").run()
     assert any("m = 2" in md.value for md in at.markdown)
     for k in ("hedges_g", "welch", "holm", "bh"):  # the help quotes the formulas
         assert any(cmp.HELP[k] in md.value for md in at.markdown), k
@@ -263,7 +272,7 @@ def test_page_independent_map_list_and_drill(hand_lake, monkeypatch):
     assert "#0 · question 0" in drivers and "share 78%" in drivers  # (2.75 − 1) / (3 · 0.75)
     at.button(key="cmp_open_B_6").click().run()
     assert not at.exception
-    assert at.title[0].value == "🔍 Attention"
+    assert at.title[0].value.endswith("Attention")
     ss = at.session_state
     assert (ss["run"], ss["ex"], ss["stream"], ss["layer"], ss["head"]) == ("ind", 6, "self", 1, 0)
 
@@ -274,10 +283,10 @@ def test_page_row_click_selects_head(hand_lake, monkeypatch):
     states = at._tree.get_widget_states()
     ws = states.widgets.add()
     ws.id = el.proto.id
-    ws.string_value = json.dumps({"selection": {"rows": [1], "columns": [], "cells": []}})
+    ws.string_value = json.dumps({"selection": {"rows": [2], "columns": [], "cells": []}})
     at._run(states)
     assert not at.exception
-    assert at.session_state["cmp_head"] == [1, 0]
+    assert at.session_state["cmp_head"] == [1, 0]  # the third row by |B − A|
 
 
 def test_page_paired_runs(hand_lake, monkeypatch):
@@ -288,13 +297,14 @@ def test_page_paired_runs(hand_lake, monkeypatch):
     assert m.loc[(0, 0)]["diff"] == pytest.approx(diff) and m.loc[(0, 0)].effect == pytest.approx(dz)
     assert m.loc[(0, 0)].p == pytest.approx(p, rel=1e-6) and m.loc[(0, 0)].n_a == 4
     t = ranked_table(at)
-    assert list(zip(t.layer, t["head"])) == [(0, 0), (1, 0), (1, 1), (0, 1)]
+    # by |d̄|: 1.5, 1, then 0.25 twice (by layer, head)
+    assert list(zip(t.layer, t["head"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert "d_z" in t.columns
     drivers = " ".join(md.value for md in at.markdown)
     assert "#3 · question 3" in drivers and "share 50%" in drivers  # d = 3 of Σd = 6
     assert at.button(key="cmp_open_b_3").label == "Open B"  # text, not an emoji a font may lack
     at.button(key="cmp_open_b_3").click().run()  # open example 3 in run B
-    assert not at.exception and at.title[0].value == "🔍 Attention"
+    assert not at.exception and at.title[0].value.endswith("Attention")
     ss = at.session_state
     assert (ss["run"], ss["ex"], ss["layer"], ss["head"]) == ("p1", 3, 0, 0)
     assert ss["cmp_b_run"] == "p0"  # the comparison is kept, with the runs swapped
@@ -372,11 +382,14 @@ def test_page_on_pipeline_lake(tiny_pair, monkeypatch):
             assert m.loc[(l, h)]["diff"] == pytest.approx(diff, abs=1e-6)
             assert m.loc[(l, h)].effect == pytest.approx(g, rel=1e-4)
             assert m.loc[(l, h)].p == pytest.approx(p, rel=1e-3)
-    order = sorted(want, key=lambda k: (-abs(want[k][1]), k))
+    order = sorted(want, key=lambda k: (-abs(want[k][0]), k))  # by |B − A|, the default
     t = ranked_table(at)
     assert list(zip(t.layer, t["head"])) == order
     top = order[0]
     assert at.subheader[-1].value == f"Layer {top[0]}, head {top[1]}"
+    at.radio(key="w_cmp_rank").set_value("effect").run()
+    t = ranked_table(at)
+    assert list(zip(t.layer, t["head"])) == sorted(want, key=lambda k: (-abs(want[k][1]), k))
 
     # paired: run r1 against r0 over the same manifest
     at = open_app(root, monkeypatch, page=PAGE, run="r0", cmp_b_run="r1")
@@ -393,6 +406,183 @@ def test_page_on_pipeline_lake(tiny_pair, monkeypatch):
     d = (vals("r1", *lh) - vals("r0", *lh))
     first = int((d * np.sign(d.sum())).idxmax())  # the example that moves most with the mean
     at.button(key=f"cmp_open_a_{first}").click().run()
-    assert not at.exception and at.title[0].value == "🔍 Attention"
+    assert not at.exception and at.title[0].value.endswith("Attention")
     ss = at.session_state
     assert (ss["run"], ss["ex"], ss["stream"], ss["layer"], ss["head"]) == ("r0", first, "self", *lh)
+
+
+# -- colours, legend, padded axis, shares and ranking on a larger lake ------------------------------
+BIG_A, BIG_B = 600, 40  # group A (split "a") is large, so that an even share 1 / n_A is well under 1%
+
+
+@pytest.fixture(scope="module")
+def big_lake(tmp_path_factory):
+    """Run "big": 600 examples of split "a" (A) and 40 of split "b" (B), t2i of 4 heads with spreads chosen so
+    that ranking by |B − A| and by |Hedges' g| disagree; head (0, 0) holds values of exactly 0 and 1."""
+    rng = np.random.default_rng(7)
+    a = {(0, 0): rng.uniform(0, 1, BIG_A), (0, 1): rng.normal(0.3, 0.15, BIG_A),
+         (1, 0): rng.normal(0.5, 0.005, BIG_A), (1, 1): rng.normal(0.6, 0.1, BIG_A)}
+    b = {(0, 0): rng.uniform(0.3, 1, BIG_B), (0, 1): rng.normal(0.7, 0.15, BIG_B),
+         (1, 0): rng.normal(0.53, 0.005, BIG_B), (1, 1): rng.normal(0.45, 0.1, BIG_B)}
+    a[(0, 0)][:5], a[(0, 0)][5:10], b[(0, 0)][:5] = 0.0, 1.0, 1.0
+    vals = {("t2i", l, h): np.clip(np.concatenate([a[(l, h)], b[(l, h)]]), 0, 1).tolist() for (l, h) in a}
+    root = tmp_path_factory.mktemp("big")
+    ex = [_ex(i, "a" if i < BIG_A else "b", i % 3 > 0) for i in range(BIG_A + BIG_B)]
+    write_run(root, "big", "big.jsonl", ex, vals)
+    return root
+
+
+def big_values(root, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A's, B's) t2i values of one head, read from the lake's files with pandas."""
+    hs = read_table(root, "head_stats", run="big", stat="t2i")
+    ex = read_table(root, "examples", run="big")[["example_id", "split"]]
+    d = hs[(hs.layer == layer) & (hs["head"] == head)].merge(ex, on="example_id")
+    return (d[d.split == "a"].set_index("example_id").value.astype(float),
+            d[d.split == "b"].set_index("example_id").value.astype(float))
+
+
+def texts_of(at, kind: str) -> str:
+    return " ".join(str(e.value) for e in at.get(kind))
+
+
+def open_big(root, monkeypatch, **params):
+    return open_app(root, monkeypatch, page=PAGE, run="big", a_split="a", b_split="b", **params)
+
+
+def page_svg(at, description: str) -> str:
+    """The page's chart with this description, drawn to SVG (vl-convert) with its datasets put back."""
+    for el in at.get("vega_lite_chart"):
+        spec = json.loads(el.proto.spec)
+        if spec.get("description") == description:
+            spec["datasets"] = {d.name: json.loads(pa.ipc.open_stream(d.data.data).read_all().to_pandas().to_json(
+                orient="records")) for d in el.proto.datasets}
+            return export.spec_svg(spec)
+    raise AssertionError(f"no chart {description!r}")
+
+
+def marks(svg: str, kind: str) -> list[dict]:
+    """The SVG's marks of one kind (``circle``, ``rect mark``): their aria-label fields, fill and position."""
+    out = []
+    for m in re.finditer(r"<path ([^>]*)/>", svg):
+        attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', m.group(1)))
+        if attrs.get("aria-roledescription") != kind:
+            continue
+        fields = dict(kv.split(": ", 1) for kv in attrs.get("aria-label", "").split("; ") if ": " in kv)
+        xy = re.match(r"translate\(([-\d.e]+),([-\d.e]+)\)", attrs.get("transform", ""))
+        out.append({**fields, "fill": attrs.get("fill"), "x": float(xy.group(1)) if xy else None})
+    return out
+
+
+def hue(colour: str) -> float:
+    """Hue in degrees of ``#rrggbb`` or ``rgb(r, g, b)``."""
+    import colorsys
+
+    if colour.startswith("#"):
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    else:
+        rgb = [int(x) for x in re.findall(r"\d+", colour)[:3]]
+    return 360 * colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
+
+
+def hue_gap(a: float, b: float) -> float:
+    return min(abs(a - b), 360 - abs(a - b))
+
+
+def test_groups_have_their_own_colours_and_a_legend_in_every_chart(big_lake, monkeypatch):
+    at = open_big(big_lake, monkeypatch, cmp_head="0,0")
+    name_a, name_b = "A: split = 'a'", "B: split = 'b'"
+    # the dots: coloured by group with a legend naming each group, in two clearly different colours
+    spec, _ = chart(at, "compare-values")
+    color = next(l for l in spec["layer"] if l["mark"]["type"] == "circle")["encoding"]["color"]
+    assert color["scale"]["domain"] == [name_a, name_b] and color.get("legend", {}) is not None
+    svg = page_svg(at, "compare-values")
+    assert {name_a, name_b} <= {html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)}
+    dots = marks(svg, "circle")
+    fill = {g: {d["fill"] for d in dots if d["group"] == g} for g in "AB"}
+    assert len(fill["A"]) == len(fill["B"]) == 1 and fill["A"] != fill["B"]
+    hue_a, hue_b = hue(fill["A"].pop()), hue(fill["B"].pop())
+    assert hue_gap(hue_a, hue_b) > 90  # not two blues
+    # the map: B − A from A's colour (higher in A) to B's (higher in B), its legend naming both groups
+    spec, _ = chart(at, "compare-diff")
+    title = " ".join(next(l for l in spec["layer"] if "color" in l.get("encoding", {}))["encoding"]["color"]["title"])
+    assert "higher in A (split = 'a')" in title and "higher in B (split = 'b')" in title
+    cells = [c for c in marks(page_svg(at, "compare-diff"), "rect mark") if "mean A" in c]
+    assert len(cells) == 4
+    for c in cells:
+        d = float(c["mean B"]) - float(c["mean A"])
+        if abs(d) > 0.05:  # a pale cell has no telling hue
+            assert hue_gap(hue(c["fill"]), hue_b if d > 0 else hue_a) < 30, (c, hue_a, hue_b)
+
+
+def test_values_axis_is_padded_so_points_at_0_and_1_are_whole(big_lake, monkeypatch):
+    at = open_big(big_lake, monkeypatch, cmp_head="0,0")  # head (0, 0) has values of exactly 0 and 1
+    spec, _ = chart(at, "compare-values")
+    dots = next(l for l in spec["layer"] if l["mark"]["type"] == "circle")
+    scale = dots["encoding"]["x"]["scale"]
+    lo, hi = scale["domain"]
+    assert lo < 0 < 1 < hi and hi - 1 >= 0.02 and 0 - lo >= 0.02 and scale.get("nice") is False
+    assert not scale.get("clamp", False)
+    # drawn: every dot lies wholly inside the plot, the ones at 0 and at 1 too
+    svg = page_svg(at, "compare-values")
+    r = math.sqrt(dots["mark"].get("size", 30) / math.pi)
+    xs = [d["x"] for d in marks(svg, "circle")]
+    assert len(xs) == BIG_A + BIG_B
+    assert min(xs) - r >= 0 and max(xs) + r <= spec["width"]
+    # the builder on its own: [0, 1] is padded on both sides
+    c = charts.group_values(pd.DataFrame({"example_id": [0, 1, 2, 3], "group": list("AABB"),
+                                          "value": [0.0, 1.0, 0.5, 1.0]}), value_title="t2i").to_dict()
+    assert c["layer"][0]["encoding"]["x"]["scale"]["domain"] == pytest.approx([-0.04, 1.04])
+
+
+def test_driver_shares_of_both_groups_against_numpy(big_lake, monkeypatch):
+    at = open_big(big_lake, monkeypatch, cmp_head="0,0")
+    a, b = big_values(big_lake, 0, 0)
+    xa, xb = a.to_numpy(), b.to_numpy()
+    d = xb.mean() - xa.mean()
+    share = {("A", i): (xb.mean() - x) / (len(xa) * d) for i, x in a.items()}
+    share |= {("B", i): (x - xa.mean()) / (len(xb) * d) for i, x in b.items()}
+    for g in "AB":
+        assert sum(v for (k, _), v in share.items() if k == g) == pytest.approx(1)  # each group's shares: 100%
+    text = " ".join(md.value for md in at.markdown)
+    got = re.findall(r"#(\d+) · [^—]*— t2i [\d.]+ \(share (-?[\d.e+-]+)% in ([AB]), (-?[\d.]+)× even\)", text)
+    assert {g for _, _, g, _ in got} == {"A", "B"} and len(got) == 10, text[-2000:]
+    for i, pct, g, even in got:
+        want = share[(g, int(i))]
+        p = 100 * want
+        assert abs(float(pct) - p) <= (0.5 if abs(p) >= 10 else 0.05 * abs(p)) + 1e-12, (i, g, pct, p)
+        assert float(pct) > 0  # a group's top examples pull with the difference; none reads 0%
+        n = len(xa) if g == "A" else len(xb)
+        assert float(even) == pytest.approx(want * n, abs=0.006)
+    for g in "AB":  # the listed examples are the group's largest shares
+        shown = sorted(share[(g, int(i))] for i, _, gg, _ in got if gg == g)
+        top = sorted(v for (k, _), v in share.items() if k == g)[-5:]
+        assert shown == pytest.approx(top)
+    assert f"1/{BIG_A} = " in texts_of(at, "caption") and f"1/{BIG_B} = " in texts_of(at, "caption")
+    assert "sum to 100%" in text  # the help says what a share is
+
+
+def test_heads_ranked_by_difference_of_means_as_pandas_ranks_them(big_lake, monkeypatch):
+    hs = read_table(big_lake, "head_stats", run="big", stat="t2i")
+    ex = read_table(big_lake, "examples", run="big")[["example_id", "split"]]
+    d = hs.merge(ex, on="example_id").assign(value=lambda x: x.value.astype(float))
+    g = d.groupby(["layer", "head", "split"]).value.agg(["mean", "var", "count"]).unstack("split")
+    diff = g[("mean", "b")] - g[("mean", "a")]
+    na, nb = g[("count", "a")], g[("count", "b")]
+    sp = np.sqrt(((na - 1) * g[("var", "a")] + (nb - 1) * g[("var", "b")]) / (na + nb - 2))
+    hedges = (1 - 3 / (4 * (na + nb) - 9)) * diff / sp
+    by_diff = sorted(diff.index, key=lambda k: (-abs(diff[k]), k))
+    by_g = sorted(hedges.index, key=lambda k: (-abs(hedges[k]), k))
+    assert by_diff != by_g  # the lake is built so that the two rankings disagree
+    at = open_big(big_lake, monkeypatch)
+    assert at.radio(key="w_cmp_rank").value == "diff"  # the default, as the README's findings rank heads
+    t = ranked_table(at)
+    assert [(int(l), int(h)) for l, h in zip(t.layer, t["head"])] == by_diff
+    np.testing.assert_allclose(t["B − A"], [diff[k] for k in by_diff], rtol=1e-9)
+    assert at.subheader[-1].value == f"Layer {by_diff[0][0]}, head {by_diff[0][1]}"  # the drilled head is the top
+    assert "Ranked by difference of means |B − A|" in texts_of(at, "caption")
+    at.radio(key="w_cmp_rank").set_value("effect").run()
+    assert not at.exception
+    t = ranked_table(at)
+    assert [(int(l), int(h)) for l, h in zip(t.layer, t["head"])] == by_g
+    assert "Ranked by effect size |Hedges' g|" in texts_of(at, "caption")
+    assert at.query_params["cmp_rank"] == "effect"

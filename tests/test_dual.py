@@ -288,21 +288,121 @@ def test_similarity_is_the_models_own(dual, lake_df):
     assert set(json.loads(runs.streams.iloc[0])) == {"text", "vision"}
 
 
-def test_app_pages_on_the_dual_lake(dual, monkeypatch):
+def _charts(at) -> set[str]:
+    """The descriptions (names) of the charts a page draws."""
+    return {json.loads(e.proto.spec).get("description") for e in at.get("vega_lite_chart")}
+
+
+def _infos(at) -> str:
+    return " | ".join(str(e.value) for e in at.info)
+
+
+def _raw_row(raw_df, lake, run, stream, ex, layer, head, query_idx):
+    """{key_idx: weight} of one attention row, read straight from the Parquet files."""
+    a = raw_df(lake, "SELECT key_idx, weight FROM {attention} WHERE run = ? AND stream = ? AND layer = ? AND "
+               "example_id = ? AND head = ? AND query_idx = ?", [run, stream, layer, ex, head, query_idx])
+    assert len(a), "the row must be in the lake"
+    return a.set_index("key_idx").weight.astype(float)
+
+
+def test_app_pages_on_the_dual_lake(dual, monkeypatch, raw_df):
+    """Every page renders and offers the lake's own streams (read from the Parquet files, not the app's
+    queries); the examples table is the lake's."""
     from tests.test_app import open_app
 
     kind, mdir, lake, *_ = dual
-    for page in ("app_pages/examples.py", "app_pages/head_summary.py", "app_pages/attention.py",
-                 "app_pages/hidden_states.py", "app_pages/sql.py",
-                 "app_pages/compare.py"):
+    att_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = ?", [kind]).stream)
+    hid_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = ?", [kind]).stream)
+    assert att_streams == hid_streams == ["text", "vision"]  # two towers, no cross-attention
+    examples = raw_df(lake, "SELECT example_id, text FROM {examples} WHERE run = ? ORDER BY example_id", [kind])
+    for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
+                          ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
+                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
         at = open_app(lake, monkeypatch, page=page, run=kind, ex=1)
         assert not at.exception, (page, at.exception)
+        if streams is not None:
+            box = at.selectbox(key="w_stream")
+            assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
+            assert not box.disabled
+        if page == "app_pages/examples.py":
+            table = at.dataframe[0].value
+            assert table.example_id.tolist() == examples.example_id.tolist()
+            assert table.text.tolist() == examples.text.tolist()
+
+
+def test_head_summary_of_each_tower_is_the_lakes(dual, monkeypatch, raw_df):
+    """The heatmap of each stream = mean over the examples of head_stats' values, per (layer, head), computed
+    here from the Parquet files; each tower's statistic selector marks the other modality's statistics
+    as having no values (no text queries in the vision tower, no image queries in the text tower)."""
+    from tests.test_app import heatmap, open_app
+
+    kind, mdir, lake, *_ = dual
+    wants = {}
     for stream in ("text", "vision"):
-        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=kind, ex=1, stream=stream, scope="example")
-        box = at.selectbox(key="stream") if any(w.key == "stream" for w in at.selectbox) else \
-            next(w for w in at.selectbox if w.label == "Stream")
-        assert set(box.options) == {"text", "vision"} and not box.disabled
-        assert box.value == stream
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=kind, ex=1, stream=stream,
+                      stat="entropy", layer=0, head=0)
+        assert at.selectbox(key="w_stream").value == stream
+        want = raw_df(lake, "SELECT layer, head, avg(value) AS v, count(value) AS n FROM {head_stats} WHERE run = ? "
+                      "AND stream = ? AND stat = 'entropy' GROUP BY layer, head ORDER BY layer, head", [kind, stream])
+        d = heatmap(at)
+        assert d[["layer", "head"]].to_numpy().tolist() == want[["layer", "head"]].to_numpy().tolist()
+        assert len(want) == 2 * 2 and (want.n == len(SCENES)).all()
+        np.testing.assert_allclose(d.value.to_numpy(float), want.v.to_numpy(float), atol=1e-6)
+        wants[stream] = want.v.to_numpy(float)
+        counts = raw_df(lake, "SELECT stat, count(value) AS n FROM {head_stats} WHERE run = ? AND stream = ? "
+                        "GROUP BY stat", [kind, stream])
+        stat_box = at.selectbox(key="w_stat")
+        assert sorted(stat_box.options) == sorted(s if n else f"{s} (no values)" for s, n in zip(counts.stat, counts.n))
+        no_values = {"text": ("i2t", "i2i"), "vision": ("t2i", "t2t")}[stream]
+        assert all(f"{s} (no values)" in stat_box.options for s in no_values), stat_box.options
+    assert not np.allclose(wants["text"], wants["vision"])  # the two towers' heatmaps tell the streams apart
+
+
+def test_attention_page_of_each_tower(dual, monkeypatch, raw_df):
+    """Within one tower there is no text → image or image → text attention: the text tower shows only the
+    text → text matrix, the vision tower only image → image; the weights shown are the lake's rows."""
+    from tests.test_app import chart_data, open_app
+
+    kind, mdir, lake, *_ = dual
+    ex, layer, head = 1, 1, 1
+    tok = raw_df(lake, "SELECT * FROM {tokens} WHERE run = ? AND example_id = ? ORDER BY token_idx", [kind, ex])
+
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=kind, ex=ex, stream="text", layer=layer,
+                  head=head)
+    assert at.selectbox(key="w_stream").value == "text"
+    assert _charts(at) == {"text-text"}
+    info = _infos(at)
+    assert "Stream `text` has no text queries or no image keys." in info
+    assert "Stream `text` has no image-patch queries." in info
+    tt_caption = next(c.value for c in at.caption if c.value.startswith("**text → text**"))
+    assert "sums to 1 over its text keys" in tt_caption and "image keys" not in tt_caption.split("(")[0]
+    assert not [w for w in at.get("button_group") if "Query text tokens" in str(w.proto.label)]
+    m = chart_data(at, "text-text", "weight")
+    text = tok[tok.stream == "text"]
+    assert set(m.query_idx) == set(m.key_idx) == set(text.token_idx)
+    assert len(m) == len(text) ** 2
+    a = raw_df(lake, "SELECT query_idx, key_idx, weight FROM {attention} WHERE run = ? AND stream = 'text' AND "
+               "layer = ? AND example_id = ? AND head = ?", [kind, layer, ex, head])
+    w = a.set_index(["query_idx", "key_idx"]).weight.astype(float)
+    np.testing.assert_allclose(m.weight.to_numpy(float),
+                               w.reindex(list(zip(m.query_idx, m.key_idx))).fillna(0).to_numpy(), atol=1e-6)
+    assert m.weight.max() > 0.1
+
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=kind, ex=ex, stream="vision", layer=layer,
+                  head=head, patches="r1c2")
+    assert at.selectbox(key="w_stream").value == "vision"
+    assert _charts(at) == {"image-image"}
+    info = _infos(at)
+    assert "Stream `vision` has no text queries or no image keys." in info
+    assert "Stream `vision` has no image queries or no text keys." in info
+    assert "Stream `vision` has no text queries or no text keys." in info
+    ii = chart_data(at, "image-image", "weight")
+    patches = tok[(tok.stream == "vision") & (tok.role == "patch")]
+    assert sorted(ii.token_idx) == sorted(patches.token_idx)
+    q = int(patches[(patches.patch_row == 1) & (patches.patch_col == 2)].token_idx.iloc[0])
+    assert ii[ii.selected].token_idx.tolist() == [q]
+    row = _raw_row(raw_df, lake, kind, "vision", ex, layer, head, q)
+    np.testing.assert_allclose(ii.weight.to_numpy(float), row.reindex(ii.token_idx).to_numpy(), atol=1e-6)
 
 
 def test_a_model_without_attention_weights_is_a_clear_error(dual, tmp_path):

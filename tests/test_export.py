@@ -399,3 +399,90 @@ def test_quick_chart_of_unaliased_aggregates_renders(synth_lake, monkeypatch):
     at = open_app(synth_lake.root, monkeypatch, page=SQL_PAGE, run="synth",
                   sql="SELECT stat, avg(value) FROM head_stats WHERE run = 'synth' GROUP BY stat")
     assert at.session_state["sql_y"] == 'avg("value")'
+
+
+# -- what an exported picture says it shows ------------------------------------------------------
+def svg_texts(svg: bytes) -> str:
+    """Every text of an SVG, one string (the title's lines, axis labels, legends)."""
+    root = ET.fromstring(svg)
+    return " ".join(" ".join(t.itertext()) for t in root.iter() if t.tag.split("}")[-1] == "text")
+
+
+CONTEXTS = [  # (page, URL parameters, {chart description: words its PNG/SVG title must hold})
+    ("app_pages/attention.py", {"ex": 1, "layer": 1, "head": 1, "tokens": "1,2", "patches": "r0c1"},
+     {"text-image": ["Text → image", "run synth", "example #1", "stream self", "layer 1", "head 1", "query tokens"],
+      "image-image": ["Image → image", "run synth", "example #1", "layer 1", "head 1", "query patches r0c1"],
+      "image-text": ["Image → text", "run synth", "example #1", "layer 1", "head 1", "query patches r0c1"],
+      "text-text": ["Text → text", "run synth", "example #1", "layer 1", "head 1"]}),
+    ("app_pages/attention.py", {"ex": 3, "head": "mean", "layer": 0},
+     {"text-image": ["run synth", "example #3", "layer 0", "mean over heads"]}),
+    ("app_pages/head_summary.py", {"ex": 2, "scope": "example", "stat": "max"},
+     {"head-summary": ["Head summary", "run synth", "stream self", "max", "example #2"]}),
+    ("app_pages/compare.py", {"a_split": "train", "b_split": "val", "cmp_stat": "t2i", "cmp_head": "1,0"},
+     {"compare-diff": ["Compare", "run synth", "A: split = 'train'", "B: split = 'val'", "t2i: B − A"],
+      "compare-values": ["Compare", "run synth", "A: split = 'train'", "layer 1, head 0", "t2i per example"]}),
+    (SQL_PAGE, {"sql": HEAD_SQL}, {"sql-chart": ["SQL · ", "colour t2i", "FROM head_stats WHERE run = 'synth'"]}),
+]
+
+
+@pytest.mark.parametrize("page, params, want", CONTEXTS, ids=[f"{p.split('/')[-1][:-3]}-{i}"
+                                                              for i, (p, _, _) in enumerate(CONTEXTS)])
+def test_exported_pictures_say_what_they_show(synth_lake, monkeypatch, downloads, page, params, want):
+    at = open_app(synth_lake.root, monkeypatch, page=page, run="synth", **params)
+    assert not at.error, [e.value for e in at.error]
+    found = {spec.get("description"): (spec, data, keys) for spec, data, keys in charts_with_downloads(at)}
+    assert set(want) <= set(found), set(want) - set(found)
+    for name, words in want.items():
+        spec, data, keys = found[name]
+        text = svg_texts(materialise(downloads[keys["svg"]]))
+        for w in words:
+            assert w in text, (name, w, text[:300])
+        # the PNG carries the same title above the chart: taller than the chart drawn without it
+        titled = Image.open(io.BytesIO(materialise(downloads[keys["png"]])))
+        bare = Image.open(io.BytesIO(export.spec_png(full_spec(spec, data))))
+        assert titled.height > bare.height + 20, (name, titled.size, bare.size)
+
+
+def test_title_lines_wrap_and_keep_a_chart_title():
+    lines = export.title_lines("Text → image · attention · run synth · example #1 · stream self · layer 1 · "
+                               "head 1 · query tokens " + ", ".join(f"w{i}" for i in range(30)), width=60)
+    assert len(lines) > 1 and all(len(x) <= 60 for x in lines)
+    long = export.title_lines("SQL · " + " ".join(f"column_{i}" for i in range(400)))
+    assert len(long) == export.TITLE_LINES and long[-1].endswith("…")
+    assert " · ".join(lines).startswith("Text → image · attention · run synth")
+    s = export.with_title({"title": "own", "mark": "point"}, "run r · example #2")
+    assert s["title"]["text"] == ["run r · example #2"] and s["title"]["subtitle"] == "own"
+    assert export.with_title({"mark": "point"}, None) == {"mark": "point"}
+
+
+# -- every control says what it does in words ---------------------------------------------------
+LABELLED = ("button", "download_button", "link_button", "page_link", "form_submit_button", "toggle")
+
+
+def needs_emoji_font(ch: str) -> bool:
+    """A character drawn from an emoji font (an empty box where none is installed): pictographs, dingbats,
+    the emoji arrows and play signs, variation selector 16 and the zero-width joiner."""
+    cp = ord(ch)
+    return (cp >= 0x1F000 or 0x2600 <= cp <= 0x27BF or 0x2B00 <= cp <= 0x2BFF or 0x2300 <= cp <= 0x23FF
+            or cp in (0x25B6, 0x25C0, 0xFE0F, 0x200D) or 0x25FB <= cp <= 0x25FE or 0x2194 <= cp <= 0x2199)
+
+
+BUTTON_VIEWS = [(None, {}), ("app_pages/head_summary.py", {"ex": 2}), ("app_pages/attention.py", {"ex": 1}),
+                ("app_pages/hidden_states.py", {}), ("app_pages/compare.py", {"a_split": "train", "b_split": "val"}),
+                (SQL_PAGE, {"sql": HEAD_SQL})]
+
+
+@pytest.mark.parametrize("page, params", BUTTON_VIEWS, ids=[(p or "examples").split("/")[-1].replace(".py", "")
+                                                            for p, _ in BUTTON_VIEWS])
+def test_every_button_label_has_words(synth_lake, monkeypatch, page, params):
+    at = open_app(synth_lake.root, monkeypatch, page=page, run="synth", **params)
+    controls = [n for part in (at.main, at.sidebar) for n in _walk(part) if n.type in LABELLED]
+    assert controls, "no button on the page"
+    if page in (None, "app_pages/head_summary.py", "app_pages/attention.py", SQL_PAGE):
+        assert any(n.type in ("page_link", "download_button") for n in controls)
+    for n in controls:
+        label = getattr(n, "label", None) or n.proto.label
+        assert any(ch.isalpha() for ch in label), (n.type, label)
+        assert not any(needs_emoji_font(ch) for ch in label), (n.type, label)
+        icon = getattr(n.proto, "icon", "") if n.type == "page_link" else ""
+        assert not icon or icon.startswith(":material/"), (n.type, label, icon)  # a font Streamlit ships

@@ -298,21 +298,141 @@ def test_head_stats_by_hand(llava, lake_df):
     assert got["img_entropy"] == pytest.approx(ent.mean(), abs=2e-4)
 
 
+def _charts(at) -> set[str]:
+    """The descriptions (names) of the charts a page draws."""
+    return {json.loads(e.proto.spec).get("description") for e in at.get("vega_lite_chart")}
+
+
+def _pills(at) -> list[str]:
+    """The labels of the Attention page's query text tokens ([] when the page offers none)."""
+    groups = [w for w in at.get("button_group") if "Query text tokens" in str(w.proto.label)]
+    return [o.content for g in groups for o in g.proto.options]
+
+
+def _raw_block(raw_df, lake, stream, ex, layer, head):
+    """{(query_idx, key_idx): weight} of one head, read straight from the Parquet files."""
+    a = raw_df(lake, "SELECT query_idx, key_idx, weight FROM {attention} WHERE run = 'llava' AND stream = ? AND "
+               "layer = ? AND example_id = ? AND head = ?", [stream, layer, ex, head])
+    assert len(a), "the block must be in the lake"
+    return a.set_index(["query_idx", "key_idx"]).weight.astype(float)
+
+
+def _weights(block, queries, keys) -> np.ndarray:
+    """The block's weights at these (query, key) pairs, 0 where the lake has none."""
+    return block.reindex(list(zip(queries, keys))).fillna(0.0).to_numpy()
+
+
 @pytest.mark.parametrize("llava", ["default"], indirect=True)  # the pages once are enough
-def test_app_pages_on_the_llava_lake(llava, monkeypatch):
+def test_app_pages_on_the_llava_lake(llava, monkeypatch, raw_df):
+    """Every page renders and offers the lake's own streams (read from the Parquet files, not the app's
+    queries): lm and vision; the examples table shows the lake's generated predictions."""
     from tests.test_app import open_app
 
     strategy, mdir, lake, *_ = llava
-    for page in ("app_pages/examples.py", "app_pages/head_summary.py", "app_pages/attention.py",
-                 "app_pages/hidden_states.py", "app_pages/sql.py", "app_pages/compare.py"):
+    att_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = 'llava'").stream)
+    hid_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = 'llava'").stream)
+    assert att_streams == hid_streams == ["lm", "vision"]
+    examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = 'llava' "
+                      "ORDER BY example_id")
+    for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
+                          ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
+                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
         at = open_app(lake, monkeypatch, page=page, run="llava", ex=1)
         assert not at.exception, (page, at.exception)
-    for stream in ("lm", "vision"):
-        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run="llava", ex=1, stream=stream)
-        box = at.selectbox(key="stream") if any(w.key == "stream" for w in at.selectbox) else \
-            next(w for w in at.selectbox if w.label == "Stream")
-        assert set(box.options) == {"lm", "vision"} and not box.disabled
-        assert box.value == stream
+        if streams is not None:
+            box = at.selectbox(key="w_stream")
+            assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
+            assert not box.disabled
+        if page == "app_pages/examples.py":
+            table = at.dataframe[0].value
+            assert table.example_id.tolist() == examples.example_id.tolist()
+            assert table.prediction.tolist() == examples.prediction.tolist()
+
+
+@pytest.mark.parametrize("llava", ["default"], indirect=True)
+def test_head_summary_of_each_stream_is_the_lakes(llava, monkeypatch, raw_df):
+    """The heatmap = mean over the examples of head_stats' values per (layer, head), computed here from
+    the Parquet files: text -> image and entropy in the language model, entropy in the vision tower
+    (which has no text queries: its t2i is marked as having no values)."""
+    from tests.test_app import heatmap, open_app
+
+    strategy, mdir, lake, *_ = llava
+    wants = {}
+    for stream, stat in (("lm", "t2i"), ("lm", "entropy"), ("vision", "entropy")):
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run="llava", ex=1, stream=stream,
+                      stat=stat, layer=0, head=0)
+        box = at.selectbox(key="w_stream")
+        assert box.value == stream and set(box.options) == {"lm", "vision"}
+        want = raw_df(lake, "SELECT layer, head, avg(value) AS v, count(value) AS n FROM {head_stats} WHERE "
+                      "run = 'llava' AND stream = ? AND stat = ? GROUP BY layer, head ORDER BY layer, head",
+                      [stream, stat])
+        d = heatmap(at)
+        assert d[["layer", "head"]].to_numpy().tolist() == want[["layer", "head"]].to_numpy().tolist()
+        assert len(want) == 2 * 2 and (want.n == len(SCENES)).all()
+        np.testing.assert_allclose(d.value.to_numpy(float), want.v.to_numpy(float), atol=1e-6)
+        wants[stream, stat] = want.v.to_numpy(float)
+        stat_box = at.selectbox(key="w_stat")
+        if stream == "lm":
+            assert "t2i" in stat_box.options and "i2t" in stat_box.options  # one sequence holds both modalities
+        else:
+            assert "t2i (no values)" in stat_box.options and "img_entropy (no values)" in stat_box.options
+    assert not np.allclose(wants["lm", "entropy"], wants["vision", "entropy"])
+
+
+@pytest.mark.parametrize("llava", ["default"], indirect=True)
+def test_attention_page_of_the_language_model_and_the_tower(llava, monkeypatch, raw_df):
+    """In ``lm`` the image tokens sit in the text's sequence: all four panels, the generated tokens among
+    the queries (marked ✦); a generated token's text -> image row and the text -> text matrix (causal:
+    0 on later keys) are the lake's weights. The vision tower shows image -> image only."""
+    from tests.test_app import chart_data, open_app
+
+    strategy, mdir, lake, *_ = llava
+    ex, layer, head = 1, 1, 0
+    tok = raw_df(lake, "SELECT * FROM {tokens} WHERE run = 'llava' AND example_id = ? ORDER BY token_idx", [ex])
+    lm = tok[tok.stream == "lm"]
+    text = lm[lm.modality == "text"].sort_values("text_pos")
+    gen = text[text.role == "generated"]
+    assert len(gen) >= 1
+    g = gen.iloc[0]
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="llava", ex=ex, stream="lm", layer=layer,
+                  head=head, tokens=int(g.text_pos), patches="r1c2")
+    assert at.selectbox(key="w_stream").value == "lm"
+    assert _charts(at) == {"text-image", "image-image", "image-text", "text-text"}
+    assert not [i.value for i in at.info if "Stream `lm` has no" in str(i.value)]
+    assert _pills(at) == [f"{int(t.text_pos)} · {t.token}" + (" ✦" if t.role == "generated" else "")
+                          for t in text.itertuples()]
+    block = _raw_block(raw_df, lake, "lm", ex, layer, head)
+    patches = lm[lm.role == "patch"]
+    ti = chart_data(at, "text-image", "weight")
+    assert sorted(ti.token_idx) == sorted(patches.token_idx)
+    np.testing.assert_allclose(ti.weight.to_numpy(float), _weights(block, [int(g.token_idx)] * len(ti), ti.token_idx),
+                               atol=1e-6)
+    assert ti.weight.sum() > 0  # a generated token sees the image
+    q = int(patches[(patches.patch_row == 1) & (patches.patch_col == 2)].token_idx.iloc[0])
+    it = chart_data(at, "image-text", "weight")
+    assert sorted(it.token_idx) == sorted(text.token_idx)
+    np.testing.assert_allclose(it.weight.to_numpy(float), _weights(block, [q] * len(it), it.token_idx), atol=1e-6)
+    assert (it[it.token_idx > q].weight == 0).all()  # causal: a patch sees no later word
+    m = chart_data(at, "text-text", "weight")
+    assert set(m.query_idx) == set(m.key_idx) == set(text.token_idx) and len(m) == len(text) ** 2
+    np.testing.assert_allclose(m.weight.to_numpy(float), _weights(block, m.query_idx, m.key_idx), atol=1e-6)
+    assert (m[m.key_idx > m.query_idx].weight == 0).all() and m[m.query_idx == g.token_idx].weight.sum() > 0
+    assert any("generated" in str(c.value) for c in at.caption if "text → text" in str(c.value))
+
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="llava", ex=ex, stream="vision",
+                  layer=layer, head=head, patches="r1c2")
+    assert at.selectbox(key="w_stream").value == "vision"
+    assert _charts(at) == {"image-image"} and not _pills(at)
+    info = " | ".join(str(i.value) for i in at.info)
+    assert "Stream `vision` has no text queries or no image keys." in info
+    assert "Stream `vision` has no text queries or no text keys." in info
+    vp = tok[(tok.stream == "vision") & (tok.role == "patch")]
+    ii = chart_data(at, "image-image", "weight")
+    assert sorted(ii.token_idx) == sorted(vp.token_idx)
+    vq = int(vp[(vp.patch_row == 1) & (vp.patch_col == 2)].token_idx.iloc[0])
+    assert ii[ii.selected].token_idx.tolist() == [vq]
+    vblock = _raw_block(raw_df, lake, "vision", ex, layer, head)
+    np.testing.assert_allclose(ii.weight.to_numpy(float), _weights(vblock, [vq] * len(ii), ii.token_idx), atol=1e-6)
 
 
 def test_prompt_uses_the_processors_chat_template(llava):

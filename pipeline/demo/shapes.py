@@ -157,7 +157,7 @@ def generate(n: int, seed: int) -> list[dict]:
 
 
 def write_dataset(out: str | Path, n: int, seed: int) -> Path:
-    """Write PNGs and ``manifest.jsonl`` (DESIGN.md's form) for ``n`` examples; return the manifest."""
+    """Write PNGs and ``manifest.jsonl`` (docs/DESIGN.md's form) for ``n`` examples; return the manifest."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []

@@ -1,6 +1,6 @@
 """BLIP with a cross-attention text encoder: ``BlipForQuestionAnswering``, ``BlipForImageTextRetrieval``.
 
-Three streams (DESIGN.md): ``vision`` (the ViT's self-attention), ``text`` (the self-attention of
+Three streams (docs/DESIGN.md): ``vision`` (the ViT's self-attention), ``text`` (the self-attention of
 the text encoder that reads the image: for VQA the question encoder ``text_encoder``, for
 retrieval its ITM text encoder) and ``cross`` (that encoder's cross-attention: text queries over
 image keys). Layers are counted within each stream; ``cross`` layer ``l`` sits in text layer ``l``.

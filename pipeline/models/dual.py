@@ -1,6 +1,6 @@
 """Dual encoders (CLIP, SigLIP): a text tower and a vision tower that never attend to each other.
 
-Each tower is its own stream (DESIGN.md): ``text`` and ``vision``, layers counted within the
+Each tower is its own stream (docs/DESIGN.md): ``text`` and ``vision``, layers counted within the
 tower. The towers meet only in the similarity of their pooled outputs, which is the model's
 "prediction" here (``logits_per_image[i, i]`` of the manifest's own image-text pair).
 
@@ -39,7 +39,7 @@ from pipeline.capture import HookPoint
 from pipeline.models.base import (BatchLayout, Prediction, encoder_relevancy_targets, require_eager, stream_hook_points,
                                   split_stream_layouts, stream_shapes, token_rows)
 
-# Native module paths -> (stream, layer): one dict per family (STYLE.md). Attention modules
+# Native module paths -> (stream, layer): one dict per family (docs/DESIGN.md, Model adapters). Attention modules
 # (CLIPAttention / SiglipAttention) return (attn_output, attn_weights); encoder layers return
 # their hidden state. Hidden state 0 is the input of block 0, as in the model's own
 # ``hidden_states[0]``: for CLIP's vision tower that is *after* ``pre_layrnorm``.

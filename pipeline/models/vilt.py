@@ -33,7 +33,7 @@ from pipeline.data import BadInput
 from pipeline.models.base import (BatchLayout, Prediction, encoder_relevancy_targets, module_at, normalise_answer,
                                   stream_hook_points, stream_layout, stream_shapes, token_table)
 
-# Native module paths -> (stream, layer): one dict per family (STYLE.md).
+# Native module paths -> (stream, layer): one dict per family (docs/DESIGN.md, Model adapters).
 MODULES = {
     "attention": "vilt.encoder.layer.{layer}.attention.attention",  # ViltSelfAttention -> (context, probs)
     "hidden_0": "vilt.embeddings",  # (embeddings, masks): hidden state 0

@@ -8,7 +8,7 @@ import streamlit as st
 from lake import queries
 from streamlit_app import charts, export, state, views
 
-DISPLAY_W = 440
+DISPLAY_W = 400  # fits a half-width column at 1400 px with the sidebar open (about 438 px)
 METHOD_LABEL = {"attention": "attention", "value": "value-weighted", "rollout": "rollout", "relevancy": "relevancy"}
 METHOD_HELP = {
     "attention": "the stored weights, `A[query, key]`",
@@ -23,7 +23,7 @@ METHOD_HELP = {
 }
 
 c = state.ctx()
-st.title("🔍 Attention")
+st.title("Attention")
 state.require_examples(c, "no attention to show")
 ex = c.example
 ex_id = int(ex["example_id"])
@@ -245,9 +245,10 @@ else:
     export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), vmax=VMAX, description="text-text"),
                       f"{view_name}-text-text", key="tt_chart", width="content",
                       context=f"Text → text · {METHOD_LABEL[method]} · {about}")
-    st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. A row's "
-               "weights over text keys need not sum to 1: the rest of its mass goes to image keys"
-               + (" and to the weights that were not stored." if pruned else ".")
+    rest = [w for w, on in (("image keys", not patch_k.empty), ("the weights that were not stored", pruned)) if on]
+    st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. "
+               + (f"A row's weights over text keys need not sum to 1: the rest of its mass goes to {' and to '.join(rest)}."
+                  if rest else "Each row sums to 1 over its text keys (this stream has no image keys).")
                + (" Rows marked ✦ are generated tokens: generated word → question word." if
                   (text_q.role == "generated").any() else ""))
 

@@ -7,13 +7,13 @@ import streamlit as st
 from lake import queries
 from lake import compare as cmp
 from lake.queries import ExampleFilter
-from streamlit_app import charts, export, state
+from streamlit_app import charts, export, filters, state
 
 TOP = 5  # driving examples listed per group
 ATTENTION = "app_pages/attention.py"
 
 c = state.ctx()
-st.title("⚖️ Compare")
+st.title("Compare")
 state.require_examples(c, "nothing to compare")
 
 # -- group B: a slice of this run, or another run over the same manifest ------------------------
@@ -31,36 +31,6 @@ if not st.session_state.get("_cmp_seeded"):  # a first visit with nothing chosen
 b_run = state.get("cmp_b_run")
 paired = b_run is not None
 mode = "paired" if paired else "independent"
-
-
-def filter_widgets(prefix: str, where, run: str) -> None:
-    """The Examples page's filters, bound to the canonical keys ``<prefix>_q`` … ``<prefix>_mval``."""
-    any_ = "any"
-
-    def k(name):
-        return f"{prefix}_{name}"
-
-    where.text_input("Search text", placeholder="words in the text…", **state.bind(k("q")))
-    f1, f2, f3 = where.columns(3)
-    for col, name, column, label in ((f1, "answer", "answer", "Answer"), (f2, "pred", "prediction", "Prediction"),
-                                     (f3, "split", "split", "Split")):
-        values = [None, *state.q(queries.distinct_values, run, column).value.tolist()]
-        state.choose(k(name), values, default=None)
-        col.selectbox(label, values, format_func=lambda v: any_ if v is None else v, placeholder=any_,
-                      **state.bind(k(name)))
-    g1, g2, g3 = where.columns(3)
-    state.choose(k("correct"), [None, True, False], default=None)
-    g1.selectbox("Prediction is", [None, True, False], placeholder=any_, **state.bind(k("correct")),
-                 format_func=lambda v: any_ if v is None else "✅ correct" if v else "❌ wrong")
-    keys = [None, *state.q(queries.meta_keys, run).key.tolist()]
-    state.choose(k("mkey"), keys, default=None)
-    g2.selectbox("Metadata key", keys, format_func=lambda v: "—" if v is None else v, placeholder="—",
-                 **state.bind(k("mkey")))
-    mkey = state.get(k("mkey"))
-    mvals = [None] + (state.q(queries.meta_values, run, mkey).value.tolist() if mkey else [])
-    state.choose(k("mval"), mvals, default=None)
-    g3.selectbox("Metadata value", mvals, format_func=lambda v: any_ if v is None else v, placeholder=any_,
-                 disabled=not mkey, **state.bind(k("mval")))
 
 
 def _mode_changed() -> None:
@@ -84,7 +54,7 @@ box_b.radio("B is", ["slice", "run"], key="w_cmp_mode", on_change=_mode_changed,
 if paired:
     box_a.markdown(f"#### Group A: run `{c.run}`")
     box_a.caption("Filter (applied to both runs; an example is compared when it passes it in both)")
-    filter_widgets("a", box_a, c.run)
+    filters.filter_widgets(c.run, "a", box_a, wide=False)
     box_b.selectbox("Run B", other_runs, **state.bind("cmp_b_run"),
                     format_func=lambda r: f"{r} · {dict(zip(others.run, others.model)).get(r)}")
     box_b.caption(f"Run B's examples are paired with run A's by example_id (same manifest: "
@@ -92,8 +62,8 @@ if paired:
     flt_a = flt_b = state.example_filter("a_")
 else:
     box_a.markdown("#### Group A")
-    filter_widgets("a", box_a, c.run)
-    filter_widgets("b", box_b, c.run)
+    filters.filter_widgets(c.run, "a", box_a, wide=False)
+    filters.filter_widgets(c.run, "b", box_b, wide=False)
     flt_a, flt_b = state.example_filter("a_"), state.example_filter("b_")
 
 # -- what to compare ------------------------------------------------------------------------------
@@ -151,6 +121,9 @@ else:
         st.caption(f"⚠️ {n_both} examples pass both filters and are left out of both groups: independent samples "
                    "share no example (so B with no filter is every example not in A).")
     enough = n_a >= 2 and n_b >= 2
+name_a, name_b = f"A: {label_a}", f"B: {label_b}"  # the legends' names of the groups
+what = (f"A: run {c.run} · B: run {b_run} · paired by example, filter {flt_a.describe()}" if paired
+        else f"run {c.run} · {name_a} · {name_b}")
 if not enough:
     st.info("Each group needs at least 2 examples" + (" (pairs)" if paired else "") + " to be compared; "
             + ("the two filters select the same examples — " if not paired and n_a == 0 and n_b == 0 else "")
@@ -169,7 +142,9 @@ else:
 if res.empty or res["diff"].notna().sum() == 0:
     st.info(f"**{stat}** has no values in both groups for stream `{stream}`.")
     st.stop()
-ranked = cmp.ranked(res)
+state.choose("cmp_rank", list(cmp.RANKS))
+rank_by = state.get("cmp_rank")
+ranked = cmp.ranked(res, rank_by)
 tested = int(res.p.notna().sum())
 n_sig = int((res.p_adj < cmp.ALPHA).sum())
 heads = set(zip(res.layer, res["head"]))
@@ -188,12 +163,16 @@ map_left, map_right = st.columns([3, 2])
 with map_left:
     value = state.get("cmp_map")
     title = f"{stat}: B − A" if value == "diff" else f"{effect_name} (B vs A)"
-    chart = charts.compare_heatmap(res, value=value, value_title=title, selected=sel, alpha=cmp.ALPHA)
+    chart = charts.compare_heatmap(res, value=value, value_title=title, selected=sel, alpha=cmp.ALPHA,
+                                   labels=(f"A ({label_a})", f"B ({label_b})"))
     export.show_chart(chart, f"compare-{stat}-{value}", res, on_select=_cell_clicked, selection_mode="cell",
-                      key="cmp_chart", width="content")
+                      key="cmp_chart", width="content",
+                      context=f"Compare · {what} · stream {stream} · {title} per head · "
+                              f"{cmp.TEST_LABELS[(mode, test)]}, {cmp.CORRECTION_LABELS[corr]}")
     st.caption(f"Each cell is one head `(stream {stream}, layer, head)`; colour: "
-               + (f"the difference of the mean **{stat}** of B and of A (red: higher in B, blue: higher in A)"
-                  if value == "diff" else f"the effect size {effect_name} of B against A")
+               + (f"the difference of the mean **{stat}** of B and of A" if value == "diff"
+                  else f"the effect size {effect_name} of B against A")
+               + " (orange: higher in B, blue: higher in A, the groups' colours on this page)"
                + f". ∗ marks heads whose {cmp.CORRECTION_LABELS[corr]}-adjusted p is below {cmp.ALPHA}. "
                "Click a cell to see the examples behind it.")
 with map_right:
@@ -215,6 +194,12 @@ with map_right:
 
 # -- the ranked list ------------------------------------------------------------------------------------
 st.subheader("Heads that differ most")
+RANK_LABELS = {"diff": "difference of means |B − A|", "effect": f"effect size |{effect_name}|"}
+st.radio("Rank heads by", list(cmp.RANKS), horizontal=True, format_func=RANK_LABELS.get, **state.bind("cmp_rank"),
+         help="**difference of means**: the heads whose mean statistic differs most between the groups, in the "
+              f"statistic's own units (as the README's findings rank them). **effect size**: {effect_name}, the "
+              "difference in units of the spread within the groups, so a small but consistent difference ranks "
+              "high. The drilled head below is the first of the ranking until you pick one.")
 table = ranked.rename(columns={"mean_a": "mean A", "mean_b": "mean B", "diff": "B − A", "effect": effect_name,
                                "p_adj": "adjusted p", "n_a": "n A", "n_b": "n B"})
 table = table[["layer", "head", "mean A", "mean B", "B − A", effect_name, "p", "adjusted p", "n A", "n B"]]
@@ -231,7 +216,9 @@ st.dataframe(table, key="cmp_table", on_select=_row_picked, selection_mode="sing
              column_config={c_: st.column_config.NumberColumn(c_, format="%.4f")
                             for c_ in ("mean A", "mean B", "B − A", effect_name)}
              | {c_: st.column_config.NumberColumn(c_, format="%.2e") for c_ in ("p", "adjusted p")})
-st.caption(f"By |{effect_name}|, largest first. Click a row to see the examples behind that head.")
+st.caption(f"Ranked by {RANK_LABELS[rank_by]}, largest first"
+           + (" (heads without an effect size last)" if rank_by == "effect" else "")
+           + ". Click a row to see the examples behind that head.")
 
 # -- one head: the examples that drive its difference --------------------------------------------------------
 layer, head = sel
@@ -258,14 +245,16 @@ def _open(run: str, example_id: int) -> None:
 if paired:
     hv = state.q(queries.paired_values, c.run, b_run, flt_a, stream, stat, layer, head)
     drv = cmp.drivers_paired(hv)
-    long = pd.concat([hv.assign(group=f"A · {c.run}", value=hv.a), hv.assign(group=f"B · {b_run}", value=hv.b)])
+    long = pd.concat([hv.assign(group="A", value=hv.a), hv.assign(group="B", value=hv.b)])
 else:
     hv = state.q(queries.compare_values, c.run, flt_a, flt_b, stream, stat, layer, head)
     drv = cmp.drivers_independent(hv)
     long = hv.assign(group=hv.group.map({"A": "A", "B": "B"}))
-export.show_chart(charts.group_values(long[["example_id", "group", "value"]], value_title=stat),
-                  f"compare-values-l{layer}h{head}", key="cmp_values")
-st.markdown("**Examples that drive the difference** — "
+export.show_chart(charts.group_values(long[["example_id", "group", "value"]], value_title=stat,
+                                      labels={"A": name_a, "B": name_b}),
+                  f"compare-values-l{layer}h{head}", key="cmp_values",
+                  context=f"Compare · {what} · stream {stream} · layer {layer}, head {head} · {stat} per example")
+st.markdown("**Examples that drive the difference** — the share of an example: "
             + (cmp.HELP["share_paired"] if paired else cmp.HELP["share_independent"]))
 
 info = {}
@@ -279,18 +268,23 @@ def _line(r) -> str:
     e = info.get(int(r.example_id))
     if e is None:
         return f"#{int(r.example_id)}"
-    mark = "" if pd.isna(e.correct) else " ✅" if e.correct else " ❌"
+    mark = "" if pd.isna(e.correct) else " (correct)" if e.correct else " (wrong)"
     pred = f"prediction in A ({c.run})" if paired else "prediction"
     return f"#{int(r.example_id)} · {e.text} · answer **{e.answer}** · {pred} **{e.prediction}**{mark}"
 
 
 def _share(x: float) -> str:
-    """An example's share of the difference: a percentage that never rounds a real share to 0%."""
+    """A share as a percentage: whole percents from 10%, else two significant digits (0.43%, 2.5%), so
+    a real share never rounds to 0%."""
     if pd.isna(x):
         return "n/a"
-    if x == 0 or abs(x) >= 0.01:
-        return f"{x:.0%}"
-    return f"{x:.2%}" if abs(x) >= 0.0001 else f"{x:.1e}"
+    p = 100 * float(x)
+    return f"{p:.0f}%" if p == 0 or abs(p) >= 10 else f"{p:.2g}%"
+
+
+def _even(x: float) -> str:
+    """An example's share over an even share (1 / n of its group)."""
+    return "n/a" if pd.isna(x) else f"{x:.2f}× even"
 
 
 def _button(where, label: str, run: str, example_id: int, key: str) -> None:
@@ -300,6 +294,13 @@ def _button(where, label: str, run: str, example_id: int, key: str) -> None:
         st.switch_page(ATTENTION)
 
 
+if len(drv):
+    n_g = drv.groupby("group").n.first() if not paired else None
+    st.caption("An even share is " + (f"1/{int(drv.n.iloc[0])} = {_share(1 / drv.n.iloc[0])} of the pairs" if paired
+                                      else " and ".join(f"1/{int(n_g[g])} = {_share(1 / n_g[g])} in {g}"
+                                                        for g in ("A", "B") if g in n_g))
+               + "; × even is an example's share over it.")
+
 if paired:
     st.caption(f"Largest differences B − A in the direction of the mean difference; "
                f"**Open A** / **Open B** opens the example in run `{c.run}` / `{b_run}`.")
@@ -307,7 +308,8 @@ if paired:
         a, b, t = st.columns([1, 1, 7])
         _button(a, "Open A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
         _button(b, "Open B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
-        t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {_share(r.share)})")
+        t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {_share(r.share)} of Σd, "
+                   f"{_even(r.vs_even)})")
 else:
     col_a, col_b = st.columns(2, gap="large")
     for where, g, other in ((col_a, "A", "B"), (col_b, "B", "A")):
@@ -317,4 +319,5 @@ else:
         for r in drv[drv.group == g].head(TOP).itertuples():
             b, t = where.columns([1, 6])
             _button(b, "Open", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
-            t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {_share(r.share)})")
+            t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {_share(r.share)} in {g}, "
+                       f"{_even(r.vs_even)})")

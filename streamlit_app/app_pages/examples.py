@@ -5,42 +5,73 @@ import streamlit as st
 
 from lake import queries
 from lake.queries import parse_json
-from streamlit_app import state
+from streamlit_app import filters, state
 
 PAGE = 50
 
 c = state.ctx()
-st.title("🗂️ Examples")
+st.title("Examples")
 st.caption(f"Run **{c.run}** · {c.info.get('model')} · manifest `{c.info.get('manifest')}`")
+
+
+def live_example() -> None:
+    """The "Add a live example" section: an uploaded image and a text through the run's own model,
+    appended to the run as a new chunk (``pipeline/live.py``), then selected."""
+    done = st.session_state.pop("_live_added", None)
+    if done:
+        st.success(done)
+    with st.expander("Add a live example"):
+        try:
+            from pipeline import live
+        except Exception as e:  # noqa: BLE001 - the app can run without the pipeline's torch
+            st.info(f"Live examples need the pipeline's dependencies (torch, transformers): {e}")
+            return
+        why = live.unavailable(c.lake, c.run)
+        if why:
+            st.info(f"Live examples are not available for run **{c.run}**: {why}.")
+            return
+        n = st.session_state.get("_live_n", 0)  # a new set of widgets after each added example
+        st.caption(f"Upload an image and type a question or text: the run's model ({c.info.get('model')}) runs on "
+                   f"it with the run's capture configuration and the example is added to run **{c.run}** "
+                   f"(split `{live.LIVE_SPLIT}`). Up to {live.MAX_UPLOAD_BYTES // 2**20} MB and "
+                   f"{live.MAX_UPLOAD_PIXELS // 1_000_000} megapixels.")
+        up = st.file_uploader("Image", type=list(live.UPLOAD_TYPES), key=f"live_file_{n}")
+        text = st.text_input("Question or text", key=f"live_text_{n}", max_chars=live.MAX_TEXT_CHARS)
+        answer = st.text_input("Answer (optional)", key=f"live_answer_{n}")
+        if not st.button("Run the model and add the example", key="live_add", type="primary"):
+            return
+        if up is None:
+            st.error("Choose an image to upload first.")
+            return
+        try:
+            with st.spinner("Running the model…"):
+                res = live.add_live_example(c.lake, c.run, up.getvalue(), text, answer or None)
+        except live.LiveError as e:
+            st.error(str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - never a traceback: one line
+            said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            st.error(f"Adding the example failed: {said}")
+            return
+    state.reload_lake()
+    state.set_value("ex", res.example_id)
+    if state.example_filter().is_empty():  # the table's last page holds it
+        state.set_value("expage", max(1, -(-(c.n_examples + 1) // PAGE)))
+    st.session_state["_live_n"] = n + 1
+    hidden = "" if state.example_filter().is_empty() else " (the filters may hide it from the table)"
+    st.session_state["_live_added"] = (
+        f"Added live example #{res.example_id} (`{res.source_id}`): the model predicts **{res.prediction}**"
+        f" (on {res.device}){'; ' + res.note if res.note else ''}{hidden}.")
+    st.rerun()
+
+
+live_example()
 if not c.n_examples:
     st.info(f"Run **{c.run}** has no examples yet (status: {c.info.get('status')}). "
             "If it is still being extracted, press ↻ Reload lake in the sidebar later.")
     st.stop()
 
-any_ = "any"
-f1, f2, f3, f4 = st.columns([3, 2, 2, 2])
-f1.text_input("Search text", placeholder="words in the text…", **state.bind("q"))
-for col, name, column, label in ((f2, "answer", "answer", "Answer"), (f3, "pred", "prediction", "Prediction")):
-    values = [None, *state.q(queries.distinct_values, c.run, column).value.tolist()]
-    state.choose(name, values, default=None)
-    col.selectbox(label, values, format_func=lambda v: any_ if v is None else v, placeholder=any_,
-                  **state.bind(name))
-state.choose("correct", [None, True, False], default=None)
-f4.selectbox("Prediction is", [None, True, False], placeholder=any_, **state.bind("correct"),
-             format_func=lambda v: any_ if v is None else "✅ correct" if v else "❌ wrong")
-g1, g2, g3, _ = st.columns([2, 2, 3, 2])
-splits = [None, *state.q(queries.distinct_values, c.run, "split").value.tolist()]
-state.choose("split", splits, default=None)
-g1.selectbox("Split", splits, format_func=lambda v: any_ if v is None else v, placeholder=any_,
-             **state.bind("split"))
-keys = [None, *state.q(queries.meta_keys, c.run).key.tolist()]
-state.choose("mkey", keys, default=None)
-g2.selectbox("Metadata key", keys, format_func=lambda v: "—" if v is None else v, placeholder="—",
-             **state.bind("mkey"))
-mvals = [None] + (state.q(queries.meta_values, c.run, state.get("mkey")).value.tolist() if state.get("mkey") else [])
-state.choose("mval", mvals, default=None)
-g3.selectbox("Metadata value", mvals, format_func=lambda v: any_ if v is None else v, placeholder=any_,
-             disabled=not state.get("mkey"), **state.bind("mval"))
+filters.filter_widgets(c.run)
 
 flt = state.example_filter()
 n = state.q(queries.count_examples, c.run, flt)
@@ -118,8 +149,8 @@ b.markdown(f"answer **{ex['answer']}** · prediction **{ex['prediction']}** {mar
 meta = parse_json(ex.get("meta"))
 if meta:
     b.markdown(" · ".join(f"{k} **{v}**" for k, v in meta.items()))
-b.page_link("app_pages/head_summary.py", label="Head summary of this example", icon="🧠")
-b.page_link("app_pages/attention.py", label="Attention of this example", icon="🔍")
+b.page_link("app_pages/head_summary.py", label="Head summary of this example", icon=":material/grid_on:")
+b.page_link("app_pages/attention.py", label="Attention of this example", icon=":material/visibility:")
 
 errors = state.q(queries.run_errors, c.run)
 if len(errors):

@@ -7,7 +7,7 @@ from lake.queries import NORM_LABELS, NORMS
 from streamlit_app import charts, export, state
 
 c = state.ctx()
-st.title("🧠 Head summary")
+st.title("Head summary")
 state.require_examples(c, "no statistics to show")
 
 s1, s2, s3, s4 = st.columns([1.2, 2, 2.2, 3])
@@ -65,7 +65,8 @@ with left:
                                           selected=(state.get("layer"), state.get("head"))),
                       f"head-summary-{c.run}-{stream}-{stat}-{norm}", on_select=_clicked, selection_mode="cell",
                       key="hs_chart", width="content",
-                      context=f"Head summary · run {c.run} · stream {stream} · {stat} ({NORM_LABELS[norm]}) · {what}")
+                      context=f"Head summary · run {c.run} · stream {stream} · {stat} ({NORM_LABELS[norm]}) · "
+                              f"{what}")
     st.caption(f"Each cell is one head `(stream {stream}, layer, head)` — rows are layers (0 at the top), "
                f"columns heads; the last column is the layer's mean over heads. Colour: **{stat}** — {definition} — "
                f"for {what}; {NORM_LABELS[norm]}. Attention is read query → key: `weight = A[query, key]`.")
@@ -82,7 +83,8 @@ with right:
         st.metric(f"layer {layer}, {'mean over heads' if head == 'mean' else f'head {head}'}",
                   f"{shown.value.mean():.4f}", help=f"raw {stat}: {shown.raw.mean():.4f}")
     st.caption("Click a cell to select that head (the *mean* column selects the mean over heads).")
-    st.page_link("app_pages/attention.py", label=f"Open layer {layer}, head {head} on the Attention page", icon="🔍")
+    st.page_link("app_pages/attention.py", label=f"Open layer {layer}, head {head} on the Attention page",
+                 icon=":material/visibility:")
 
 # -- the examples on which the selected head scores highest ---------------------------------------
 layer, head = state.get("layer"), state.get("head")

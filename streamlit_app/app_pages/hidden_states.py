@@ -21,7 +21,7 @@ N_NEIGHBOURS = 10
 MAX_VECTOR_PICK = 1000  # examples with vectors offered when the selected one has none
 
 c = state.ctx()
-st.title("🧬 Hidden states")
+st.title("Hidden states")
 state.require_examples(c, "no hidden states to show")
 hl = state.q(queries.hidden_layers, c.run)
 if hl.empty:
@@ -201,9 +201,12 @@ with left:
         field, title = hidden.COLOR_BY[color]
         cols = ["x", "y", "color", "label", "group", "example_id", "token_idx", "role", "modality", "text",
                 "answer", "correct_text", "image"]
-        chart = charts.hidden_map(allp[cols], color_field=field, color_title=title, path=path, layer=layer)
+        chart = charts.hidden_map(allp[cols], color_field=field, color_title=title, path=path, layer=layer,
+                                  width=490)  # the left column is about 530 px wide at 1400 px
         export.show_chart(chart, f"hidden-map-{c.run}-{stream}-L{layer}", allp[cols[:-1]], key="hmap_chart",
-                          on_select=_pick_token, selection_mode="tok", width="content")
+                          on_select=_pick_token, selection_mode="tok", width="content",
+                          context=f"Hidden states, t-SNE map · run {c.run} · stream {stream} · hidden-state layer "
+                                  f"{layer} · coloured by {title} · example #{ex_id}, token {labels.get(tok)}")
         n_sample = int(maps[maps.layer == layer].n.iloc[0])
         st.caption(f"t-SNE map of stream `{stream}`, hidden-state layer **{layer}**: {n_sample} tokens sampled "
                    f"from all examples (the same tokens on every layer's map; each map starts from the previous "
@@ -287,7 +290,9 @@ with right:
                            f"example #{ex_id}", norm_label)
     export.show_chart(charts.layer_profile(norms, value="norm", value_title="mean |h|", color="modality",
                                            dash="scope", layer=layer, description="hidden-norms"),
-                      f"hidden-norms-{c.run}-{stream}", key="hnorm_chart", width="content")
+                      f"hidden-norms-{c.run}-{stream}", key="hnorm_chart", width="content",
+                      context=f"Mean hidden-state norm per layer · run {c.run} · stream {stream} · "
+                              f"example #{ex_id} and {norm_label}")
     st.caption("Mean L2 norm of the hidden states of each modality's tokens per layer, for the selected example "
                f"(solid) and over the tokens of {norm_label} (dashed"
                + (", a fixed sample" if n_norm >= MAX_NORM_EXAMPLES else "") + ").")
@@ -301,7 +306,9 @@ with right:
         cos = hidden.profile(cos_one, cos_all, "cosine", f"example #{ex_id}", f"mean of {n_cos} examples")
         export.show_chart(charts.layer_profile(cos, value="cosine", value_title="mean cos(text, image)",
                                                color="scope", layer=layer, description="text-image-cosine"),
-                          f"text-image-cosine-{c.run}-{stream}", key="hcos_chart", width="content")
+                          f"text-image-cosine-{c.run}-{stream}", key="hcos_chart", width="content",
+                          context=f"Mean text–image cosine similarity per layer · run {c.run} · stream {stream} · "
+                                  f"example #{ex_id} and {n_cos} examples")
         vec_label = flt_label if len(vec_ids) >= c.n_examples else f"{flt_label} with stored hidden vectors"
         st.caption("Mean cosine similarity between every text token and every image token of an example (special "
                    "tokens included), per layer: "

@@ -12,7 +12,7 @@ from streamlit_app import charts, export, state, views
 COUNT, NONE = "(row count)", "(none)"
 
 c = state.ctx()
-st.title("🧮 SQL")
+st.title("SQL")
 cat = state.catalog(c.lake)
 st.caption(f"One read-only `SELECT` over the lake's views — the same sandbox as `vlatlas sql`: nothing else "
            f"can be read, nothing written; a query stops after {cat.timeout_s:g} s and returns at most "
@@ -108,6 +108,7 @@ y = None if y == COUNT else y
 color = None if color == NONE else color
 chart = charts.quick_chart(df, x, y, color, mark)
 export.show_chart(chart, "sql-chart", key="sql_chart", width="content",
-                  context=f"SQL · {y or 'count'} by {x}" + (f", colour {color}" if color else "") + f" · {' '.join(sql.split())}")
+                  context=f"SQL · {y or 'count'} by {x}" + (f", colour {color}" if color else "")
+                          + f" · {' '.join(sql.split())}")
 if len(df) > charts.QUICK_MAX_ROWS:
     st.caption(f"The chart draws the first {charts.QUICK_MAX_ROWS:,} rows.")
