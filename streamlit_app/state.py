@@ -37,6 +37,10 @@ also its URL query parameter, so a view can be shared by its URL:
             colour, selected token (token_idx in the selected example), neighbour scope
 ==========  =================================================================
 
+Each page declares its own keys, defaults and URL parsers in a :class:`PageState` (``ATTENTION``,
+``COMPARE`` …; :data:`SHARED` for what every page shares), so a page's selections can be reset
+without touching another page's, and no two pages can claim one key.
+
 Widgets never own a canonical key (Streamlit deletes the state of widgets
 that are not on the current page): :func:`bind` gives a widget its own key
 ``w_<name>``, seeded from the canonical value, and copies changes back.
@@ -62,30 +66,8 @@ from streamlit_app import views
 ENV_LAKE = "VLATLAS_LAKE"
 PATCH_KEY = re.compile(r"^r(\d+)c(\d+)$")
 
-DEFAULTS: dict[str, object] = {
-    "lake": None, "run": None, "ex": None, "stream": None, "layer": None, "head": None, "stat": "t2i",
-    "norm": "raw", "scope": "filtered", "tokens": [], "patches": [], "q": None, "answer": None,
-    "pred": None, "correct": None, "split": None, "mkey": None, "mval": None, "method": "attention",
-    "nosink": False, "stretch": False, "nospecial": False,
-}
-# the Compare page: its own statistic, run B, test, correction, map colour, drilled head, and a
-# filter per group (the example filter's keys prefixed a_ / b_)
-FILTER_KEYS = ("q", "answer", "pred", "correct", "split", "mkey", "mval")
-DEFAULTS.update({"cmp_stat": "t2i", "cmp_b_run": None, "cmp_test": "t", "cmp_corr": "holm", "cmp_map": "diff",
-                 "cmp_head": [], "cmp_rank": "diff"})
-DEFAULTS.update({f"{g}_{k}": None for g in ("a", "b") for k in FILTER_KEYS})
-# the SQL page: the query, the quick chart's x / y / colour columns and mark; the Examples page's table page
-DEFAULTS.update({"sql": None, "sql_x": None, "sql_y": None, "sql_color": None, "sql_mark": "auto", "expage": 1})
-URL_KEYS = tuple(DEFAULTS)
-ALWAYS_IN_URL = ("run", "ex")
 
-
-def default_lake() -> str:
-    """The lake root given by ``$VLATLAS_LAKE`` ("" when unset)."""
-    return os.environ.get(ENV_LAKE, "").strip()
-
-
-# -- URL <-> state ----------------------------------------------------------------------
+# -- each page's keys ------------------------------------------------------------------
 def _int_list(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip() != ""]
 
@@ -98,32 +80,71 @@ def _bool(s: str) -> bool | None:
     return {"true": True, "false": False}.get(s.strip().lower())
 
 
-PARSE = {
-    "ex": int, "layer": int, "head": lambda s: "mean" if s == "mean" else int(s),
-    "tokens": _int_list, "patches": _patch_list, "correct": _bool, "nosink": _bool, "stretch": _bool, "nospecial": _bool,
-    "norm": lambda s: s if s in queries.NORMS else "raw",
-    "scope": lambda s: s if s in ("example", "filtered") else "filtered",
-}
-PARSE.update({"expage": lambda s: max(1, int(s))})
-PARSE.update({
-    "a_correct": _bool, "b_correct": _bool, "cmp_head": _int_list,
-    "cmp_test": lambda s: s if s in ("t", "rank") else "t",
-    "cmp_corr": lambda s: s if s in ("holm", "bh") else "holm",
-    "cmp_map": lambda s: s if s in ("diff", "effect") else "diff",
-    "cmp_rank": lambda s: s if s in ("diff", "effect") else "diff",
-})
+@dataclass(frozen=True)
+class PageState:
+    """One page's own selections: its canonical keys (each also a URL parameter) with their defaults
+    and, where a URL value needs it, a parser. Every page declares its keys here, apart from the
+    others'; :data:`SHARED` holds what every page shares (lake, run, example, head, the filter)."""
 
-# the Hidden states page: hidden-state layer of the map, colour of its points, selected token
-# (token_idx of the selected example), scope of the nearest neighbours
-DEFAULTS.update({"hlayer": 0, "color": "modality", "tok": None, "nn": "example"})
+    page: str
+    defaults: dict[str, object]
+    parse: dict[str, object] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Put this page's keys back to their defaults (the other pages' keys are left alone)."""
+        for k, d in self.defaults.items():
+            set_value(k, list(d) if isinstance(d, list) else d)
+
+
+def _choice(options: tuple[str, ...]):
+    """A URL parser that keeps a value among ``options`` and falls back to the first."""
+    return lambda s: s if s in options else options[0]
+
+
+FILTER_KEYS = ("q", "answer", "pred", "correct", "split", "mkey", "mval")
+SHARED = PageState("every page", {
+    "lake": None, "run": None, "ex": None, "stream": None, "layer": None, "head": None, "stat": "t2i",
+    **{k: None for k in FILTER_KEYS},
+}, {"ex": int, "layer": int, "head": lambda s: "mean" if s == "mean" else int(s), "correct": _bool})
+EXAMPLES = PageState("Examples", {"expage": 1}, {"expage": lambda s: max(1, int(s))})
+HEAD_SUMMARY = PageState("Head summary", {"norm": "raw", "scope": "filtered", "nosink": False}, {
+    "norm": _choice(queries.NORMS), "scope": _choice(("filtered", "example")), "nosink": _bool})
+ATTENTION = PageState("Attention", {"tokens": [], "patches": [], "method": "attention", "stretch": False}, {
+    "tokens": _int_list, "patches": _patch_list, "stretch": _bool})
+# the map's hidden-state layer, its points' colour, the selected token (token_idx in the selected
+# example), the neighbours' scope, and whether special tokens are left out of the neighbours
+HIDDEN_STATES = PageState("Hidden states", {"hlayer": 0, "color": "modality", "tok": None, "nn": "example",
+                                            "nospecial": False}, {
+    "hlayer": int, "tok": int, "color": _choice(("modality", "role", "example", "answer", "correct")),
+    "nn": _choice(("example", "sample")), "nospecial": _bool})
+# its own statistic, run B, test, correction, map colour, drilled head, ranking, and a filter per
+# group (the example filter's keys prefixed a_ / b_)
+COMPARE = PageState("Compare", {
+    "cmp_stat": "t2i", "cmp_b_run": None, "cmp_test": "t", "cmp_corr": "holm", "cmp_map": "diff", "cmp_head": [],
+    "cmp_rank": "diff", **{f"{g}_{k}": None for g in ("a", "b") for k in FILTER_KEYS},
+}, {"a_correct": _bool, "b_correct": _bool, "cmp_head": _int_list, "cmp_test": _choice(("t", "rank")),
+    "cmp_corr": _choice(("holm", "bh")), "cmp_map": _choice(("diff", "effect")),
+    "cmp_rank": _choice(("diff", "effect"))})
+# the query, the quick chart's x / y / colour columns and mark
+SQL = PageState("SQL", {"sql": None, "sql_x": None, "sql_y": None, "sql_color": None, "sql_mark": "auto"})
+PAGES = (SHARED, EXAMPLES, HEAD_SUMMARY, ATTENTION, HIDDEN_STATES, COMPARE, SQL)
+
+DEFAULTS: dict[str, object] = {}
+PARSE: dict[str, object] = {}
+for _p in PAGES:
+    assert not set(_p.defaults) & set(DEFAULTS), f"{_p.page} reuses another page's key"
+    DEFAULTS.update(_p.defaults)
+    PARSE.update(_p.parse)
 URL_KEYS = tuple(DEFAULTS)
-PARSE.update({
-    "hlayer": int, "tok": int,
-    "color": lambda s: s if s in ("modality", "role", "example", "answer", "correct") else "modality",
-    "nn": lambda s: s if s in ("example", "sample") else "example",
-})
+ALWAYS_IN_URL = ("run", "ex")
 
 
+def default_lake() -> str:
+    """The lake root given by ``$VLATLAS_LAKE`` ("" when unset)."""
+    return os.environ.get(ENV_LAKE, "").strip()
+
+
+# -- URL <-> state ----------------------------------------------------------------------
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

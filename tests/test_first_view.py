@@ -78,3 +78,25 @@ def test_without_boxes_the_first_view_is_the_largest_text_to_image_head(synth_la
     assert (at.session_state["layer"], at.session_state["head"]) == want
     at = open_app(synth_lake.root, monkeypatch, "app_pages/attention.py", run="synth", layer=1, head=0)
     assert (at.session_state["layer"], at.session_state["head"]) == (1, 0)  # a shared view is kept
+
+
+def test_back_to_the_first_view_resets_only_the_attention_page(small_demo_lake, monkeypatch):
+    want = _best(_stats(small_demo_lake, "demo"), "grounding", "self")
+    at = open_app(small_demo_lake, monkeypatch, "app_pages/attention.py", layer=0, head=1, tokens="1",
+                  stretch="true", cmp_stat="entropy", norm="z_example")
+    assert (at.session_state["layer"], at.session_state["head"], at.session_state["tokens"]) == (0, 1, [1])
+    next(b for b in at.button if b.label == "Back to the first view").click().run()
+    assert (at.session_state["layer"], at.session_state["head"]) == want
+    assert at.session_state["tokens"] != [1] and at.session_state["stretch"] is False
+    # other pages' selections are theirs: untouched
+    assert at.session_state["cmp_stat"] == "entropy" and at.session_state["norm"] == "z_example"
+
+
+def test_reset_the_comparison_resets_only_the_compare_page(small_demo_lake, monkeypatch):
+    at = open_app(small_demo_lake, monkeypatch, "app_pages/compare.py", cmp_stat="entropy", cmp_rank="effect",
+                  a_q="circle", norm="z_example")
+    assert at.session_state["cmp_stat"] == "entropy" and at.session_state["a_q"] == "circle"
+    next(b for b in at.button if b.label == "Reset the comparison").click().run()
+    assert not at.exception
+    assert (at.session_state["cmp_stat"], at.session_state["cmp_rank"], at.session_state["a_q"]) == ("t2i", "diff", None)
+    assert at.session_state["norm"] == "z_example"

@@ -74,9 +74,22 @@ predicted = method == "relevancy" and bool((block.query_idx == -1).any())  # an 
 # Colour scales are absolute (0 to 1: a weight's share of its row) unless stretched to the panel's largest
 # value; relevancy has no fixed top, so it is always stretched.
 state.choose("stretch", [False, True], default=False)
-st.toggle("Stretch colours", disabled=method == "relevancy", **state.bind("stretch"),
+
+
+def _first_view() -> None:
+    """This page's own selections back to their defaults, and the run's most telling head again."""
+    state.ATTENTION.reset()
+    state.set_value("layer", None)
+    state.set_value("head", None)
+
+
+o1, o2 = st.columns([1, 3])
+o1.toggle("Stretch colours", disabled=method == "relevancy", **state.bind("stretch"),
           help="colour each panel from 0 to its own largest value instead of from 0 to 1: small differences "
                "show, but a panel whose queries hardly look at its keys then paints noise")
+o2.button("Back to the first view", on_click=_first_view,
+          help="the run's best grounding head (or largest text → image head) and a word naming a boxed object; "
+               "query tokens, patches, method and colours as they start")
 stretch = bool(state.get("stretch")) or method == "relevancy"
 VMAX = None if stretch else 1.0
 NEGLIGIBLE = 0.01  # a panel's mass below which it is called negligible

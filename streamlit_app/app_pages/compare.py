@@ -15,6 +15,8 @@ ATTENTION = "app_pages/attention.py"
 c = state.ctx()
 st.title("Compare")
 state.require_examples(c, "nothing to compare")
+st.button("Reset the comparison", on_click=state.COMPARE.reset,
+          help="this page's statistic, groups, test, correction, ranking and drilled head back to their defaults")
 
 # -- group B: a slice of this run, or another run over the same manifest ------------------------
 others = state.q(queries.runs_same_manifest, c.run)
