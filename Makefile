@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 LAKE   ?= demo_lake
 PORT   ?= 8501
 
-.PHONY: install demo lake test browser java bench bench-extract clean
+.PHONY: install demo lake test browser java bench bench-extract bench-pages clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: install
 # ARGS="--device cuda --dtype bfloat16", ARGS="--lake-size").
 bench-extract: $(VENV)/.test-installed
 	nice -n 10 $(BIN)/python bench/bench_extract.py $(ARGS)
+
+# Each page's seconds to interactive on the demo lake in headless Chromium, and the docs' screenshots.
+bench-pages: $(VENV)/.test-installed
+	$(BIN)/python bench/bench_pages.py --lake $(LAKE) --screenshots docs/screenshots $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LAKE) .pytest_cache

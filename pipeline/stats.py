@@ -46,45 +46,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lake.schema import STAT_HELP  # the one-line definitions live with the lake's contract
+
 # Rows that put less than this share of their attention on the image patches are left out of
 # ``grounding`` and ``pointing`` (see the module docstring).
 MIN_IMAGE_MASS = 0.01
 
-STAT_HELP: dict[str, str] = {
-    "t2i": "mass that text queries put on image keys",
-    "t2t": "mass that text queries put on text keys",
-    "i2t": "mass that image queries put on text keys",
-    "i2i": "mass that image queries put on image keys",
-    "i2i_noself": "mass that image queries put on image keys other than themselves",
-    "entropy": "row entropy divided by log(number of keys)",
-    "sink": "mass on special tokens (cls, sep, bos, eos, image_cls)",
-    "max": "largest weight in the row",
-    "img_entropy": "entropy of a text query's attention renormalised over image patches, "
-    "divided by log(number of patches)",
-    "boxed_img_mass": "for words with a ground-truth box: mass on image patches (how much they look "
-    "at the image at all)",
-    "grounding": "for words with a ground-truth box that put at least 1% of their attention on the "
-    "image: mass on patches inside the box, renormalised over image patches (rows under 1% are "
-    "left out: their image attention is noise)",
-    "pointing": "for words with a ground-truth box that put at least 1% of their attention on the "
-    "image: 1 when the patch with the most attention lies inside the box, else 0 (the pointing game)",
-    "kept_mass": "share of the row's mass kept in the attention table",
-    # --explain value (pipeline/explain.py): the same sums over the row a_ij * ||f_h(x_j)||, renormalised
-    "t2i_norm": "value-weighted t2i: share of text queries' contribution norm ||a f(x)|| that comes from image keys",
-    "t2t_norm": "value-weighted t2t: share of text queries' contribution norm that comes from text keys",
-    "i2t_norm": "value-weighted i2t: share of image queries' contribution norm that comes from text keys",
-    "i2i_norm": "value-weighted i2i: share of image queries' contribution norm that comes from image keys",
-    "sink_norm": "value-weighted sink: share of the contribution norm that comes from special tokens",
-    # --explain sinks
-    "sink_mass": "mass on sink tokens (a massive activation, |h_d| / rms(h) >= 20, in this layer's input)",
-    "t2i_nosink": "t2i with the sink tokens left out of every row (renormalised)",
-    "t2t_nosink": "t2t with the sink tokens left out of every row (renormalised)",
-    "i2t_nosink": "i2t with the sink tokens left out of every row (renormalised)",
-    "i2i_nosink": "i2i with the sink tokens left out of every row (renormalised)",
-    "entropy_nosink": "entropy with the sink tokens left out of every row (renormalised)",
-    "grounding_nosink": "grounding with the sink tokens left out of every row (renormalised)",
-    "pointing_nosink": "pointing with the sink tokens left out of every row (renormalised)",
-}
+__all__ = ["MIN_IMAGE_MASS", "STAT_HELP", "TokenMasks", "head_stats"]
 
 
 @dataclass

@@ -7,7 +7,9 @@ Selections live in the URL's query parameters (see ``state.py``).
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,8 +29,10 @@ st.set_page_config(page_title="VL-Atlas", page_icon=":material/travel_explore:",
 state.init()
 # Pills (the Attention page's query tokens) wrap onto further lines: by default their row scrolls
 # sideways with no visible scrollbar, so tokens past the column's edge could not be reached.
+# The main block starts nearer the top than Streamlit's default (6 rem), so a page's first charts are
+# in view at 1400x900.
 st.html("<style>[data-testid='stButtonGroup'] > div:has(> button) {flex-wrap: wrap; overflow-x: visible;"
-        " row-gap: 0.4rem;}</style>")
+        " row-gap: 0.4rem;} [data-testid='stMainBlockContainer'] {padding-top: 2.5rem;}</style>")
 page = st.navigation([
     st.Page(HERE / "app_pages" / "examples.py", title="Examples", icon=":material/table_rows:", default=True),
     st.Page(HERE / "app_pages" / "head_summary.py", title="Head summary", icon=":material/grid_on:"),
@@ -37,6 +41,27 @@ page = st.navigation([
     st.Page(HERE / "app_pages" / "compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page(HERE / "app_pages" / "sql.py", title="SQL", icon=":material/database:"),
 ])
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_up() -> threading.Thread:
+    """Import in the background, once per server, what later pages need beyond the first one: altair
+    (the charts), the capture policies' descriptions (``pipeline.flatten``, which imports torch) for
+    the Attention page, and openTSNE, scipy and scikit-learn for the Hidden states page's placements
+    (each a second or two on a small CPU), so that a page's first visit does not wait for them."""
+    def work() -> None:
+        for name in ("streamlit_app.charts", "pipeline.flatten", "openTSNE.affinity", "sklearn.neighbors"):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the page imports it itself and reports what is missing
+                pass
+
+    t = threading.Thread(target=work, name="vlatlas-warm-up", daemon=True)
+    t.start()
+    return t
+
+
+_warm_up()
 
 
 def _short(text, n: int = 48) -> str:
@@ -105,6 +130,8 @@ def sidebar() -> tuple[state.Ctx | None, tuple[str, str] | None]:
 
 ctx, problem = sidebar()
 state.set_ctx(ctx)
+if ctx is not None:
+    state.prefetch_map_crops(ctx.lake, ctx.run)
 state.to_url()
 if ctx is None:
     st.title("VL-Atlas")

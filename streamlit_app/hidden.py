@@ -9,6 +9,8 @@ distances on a 2-D map.
 from __future__ import annotations
 
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -132,7 +134,7 @@ def patch_crop(image: bytes | Image.Image, box: tuple[float, float, float, float
 def _smallest(img: Image.Image) -> bytes:
     """The image as PNG or JPEG, whichever is smaller (flat synthetic patches: PNG; photos: JPEG)."""
     out = []
-    for fmt, kw in (("PNG", {"optimize": True}), ("JPEG", {"quality": 85})):
+    for fmt, kw in (("PNG", {}), ("JPEG", {"quality": 85})):  # PNG optimize=True: 3x the time, ~5% smaller
         buf = io.BytesIO()
         img.save(buf, format=fmt, **kw)
         out.append(buf.getvalue())
@@ -153,11 +155,36 @@ def patch_crops(points: pd.DataFrame, pngs: dict[str, bytes], sizes: dict[str, t
     """
     out = pd.Series([None] * len(points), index=points.index, dtype=object)
     has = points.x0.notna() & points.image_id.isin(list(pngs))
-    for image_id, g in points[has].groupby("image_id", sort=False):
+
+    def one_image(item) -> list[tuple[object, str]]:
+        image_id, g = item
         img = Image.open(io.BytesIO(pngs[image_id])).convert("RGB")  # decode once, crop many
-        for i, r in zip(g.index, g.itertuples(index=False)):
-            out[i] = image_uri(patch_crop(img, (r.x0, r.y0, r.x1, r.y1), sizes[image_id], size))
+        return [(i, image_uri(patch_crop(img, (r.x0, r.y0, r.x1, r.y1), sizes[image_id], size)))
+                for i, r in zip(g.index, g.itertuples(index=False))]
+
+    # PIL decodes and encodes outside the GIL: a few threads share the images
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for pairs in pool.map(one_image, points[has].groupby("image_id", sort=False)):
+            for i, uri in pairs:
+                out[i] = uri
     return out
+
+
+def sample_crops(cat, run: str, stream: str, layer: int, max_images: int) -> dict:
+    """{(example_id, token_idx): data URI} of the patch crops of a map's sample, read through ``cat``
+    (a catalog); {} when the sample spans more than ``max_images`` images (the tooltips then show the
+    patch's row and column only)."""
+    from lake import queries
+
+    pts = queries.embedding_map(cat, run, stream, layer)
+    pts = pts[pts.x0.notna()]
+    ids = pts.image_id.dropna().unique().tolist()
+    if not ids or len(ids) > max_images:
+        return {}
+    pngs = queries.images_png(cat, ids)
+    sizes = {i: (int(w), int(h)) for i, w, h in zip(pts.image_id, pts.image_width, pts.image_height)}
+    uris = patch_crops(pts, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)}, sizes)
+    return {(int(e), int(t)): u for e, t, u in zip(pts.example_id, pts.token_idx, uris) if u}
 
 
 def profile(example: pd.DataFrame, overall: pd.DataFrame, value: str, example_label: str,

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -287,12 +288,57 @@ def reload_lake() -> None:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def stat_help() -> dict[str, str]:
-    """The statistics' one-line definitions, quoted from ``pipeline.stats`` (the formulas' home)."""
-    try:
-        from pipeline.stats import STAT_HELP
-    except Exception:  # noqa: BLE001 - the app can run without the pipeline's torch
-        return {}
+    """The statistics' one-line definitions (``lake.schema.STAT_HELP``; the formulas are in ``pipeline.stats``)."""
+    from lake.schema import STAT_HELP
+
     return dict(STAT_HELP)
+
+
+# -- work done ahead, in the background -----------------------------------------------------------
+MAX_TOOLTIP_IMAGES = 1500  # patch crops in the map's tooltips when its sample shows at most this many images
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlatlas-ahead")
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _crops_job(root: str, run: str, stream: str, layer: int, stamp) -> Future:
+    from streamlit_app import hidden
+
+    return _BACKGROUND.submit(hidden.sample_crops, catalog(root), run, stream, layer, MAX_TOOLTIP_IMAGES)
+
+
+def _first_maps(root: str, run: str) -> tuple[object, dict[str, int]]:
+    """(the maps' stamp, {stream: its first mapped layer}) of a run; (None, {}) without maps."""
+    from pipeline.embed import maps_stamp
+
+    stamp = maps_stamp(root, run)
+    if stamp is None:
+        return None, {}
+    m = q(queries.embedding_layers, run)
+    return stamp, {str(s): int(g.layer.min()) for s, g in m.groupby("stream")}
+
+
+def prefetch_map_crops(root: str, run: str) -> None:
+    """Start cutting the patch crops of the run's map samples (the Hidden states page's tooltips: a
+    second or more for a thousand images) in the background, so the page finds them ready."""
+    try:
+        stamp, first = _first_maps(root, run)
+        for stream, layer in first.items():
+            _crops_job(root, run, stream, layer, stamp)
+    except Exception:  # noqa: BLE001 - the page computes them itself and reports what is wrong
+        pass
+
+
+def map_crops(run: str, stream: str) -> dict:
+    """The patch crops of a stream's map sample (the same sample on every layer), from the job the
+    sidebar started; {} when there are none or cutting them failed (the tooltips show row and column)."""
+    root = st.session_state["lake"]
+    stamp, first = _first_maps(root, run)
+    if stream not in first:
+        return {}
+    try:
+        return _crops_job(root, run, stream, first[stream], stamp).result()
+    except Exception:  # noqa: BLE001 - tooltips without pictures, not a broken page
+        return {}
 
 
 # -- the shared context ---------------------------------------------------------------------

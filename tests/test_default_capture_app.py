@@ -219,7 +219,8 @@ def test_attention_says_pruned_and_shows_the_stored_mass(lake, monkeypatch, head
     at = open_app(lake, monkeypatch, page=ATTENTION, run=RUN, ex=ex, layer=layer, head=head,
                   tokens=",".join(map(str, pos)), patches=pkey)
     keep = json.loads(read_table(lake, "runs").set_index("run").capture[RUN])["keep_attention"]
-    assert KeepPolicy.parse(keep).describe() in texts(at) and "pruned" in texts(at)
+    shown = texts(at) + " " + " ".join(str(m.value) for m in at.markdown)  # the policy is told in an expander
+    assert KeepPolicy.parse(keep).describe() in shown and "pruned" in shown
     t = mass_table(at)
     want_q = sorted([*words.token_idx.iloc[:2].astype(int), int(patch.token_idx)])
     assert sorted(t.token_idx.astype(int)) == want_q

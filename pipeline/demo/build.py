@@ -38,8 +38,10 @@ def build_demo_lake(lake: Path, n: int = 1000, progress: bool = True, rebuild: b
     manifest = data_dir / "manifest.jsonl"
     if not manifest.exists() or rebuild:
         manifest = write_dataset(data_dir, n, DATA_SEED)
+    # Every example's hidden vectors (a small model: about 20 MB more), so that the Hidden states page has
+    # the map, the path and the neighbours of whichever example a visitor opens first.
     s = extract(str(model_dir), manifest, lake, RUN, batch_size=32, chunk_size=128, overwrite=rebuild,
-                progress=progress)
+                progress=progress, keep_hidden="all")
     print(s.line(), file=sys.stderr)
     if embed_maps:
         try:

@@ -113,9 +113,10 @@ st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` ·
 if method != "attention":
     st.caption(f"**Method: {METHOD_LABEL[method]}** — {METHOD_HELP[method]}.")
 if pruned:
-    st.info(f"This run stores pruned attention weights (`{keep}`): {views.keep_description(keep)}. Weights that "
-            "were not stored show as 0, so a row's weights can sum to less than 1; the stored share of the "
-            "selected rows' mass is under **Stored mass** below.")
+    with st.expander(f"Pruned weights (`{keep}`): what is stored"):
+        st.markdown(f"This run stores pruned attention weights (`{keep}`): {views.keep_description(keep)}. "
+                    "Weights that were not stored show as 0, so a row's weights can sum to less than 1; the stored "
+                    "share of the selected rows' mass is under **Stored mass** below.")
 if block.empty:
     if method == "attention":
         st.info(f"No attention weights are stored for example #{ex_id} at stream `{stream}`, layer {layer} "

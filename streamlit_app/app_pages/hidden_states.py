@@ -14,7 +14,6 @@ from lake.schema import ROLES_SPECIAL
 from pipeline.embed import maps_stamp
 from streamlit_app import charts, export, hidden, state
 
-MAX_TOOLTIP_IMAGES = 1500  # patch crops in the map's tooltips when its sample shows at most this many images
 MAX_NORM_EXAMPLES = 2000  # the run-wide norms average over at most this many examples
 MAX_COS_EXAMPLES = 200  # the run-wide text-image similarity (every text x image pair) over at most this many
 N_NEIGHBOURS = 10
@@ -41,21 +40,6 @@ def placed(root: str, run: str, stream: str, layer: int, example_id: int, stamp)
     from pipeline.embed import place
 
     return place(root, run, stream, layer, [example_id], catalog=state.catalog(root))
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def sample_crops(root: str, run: str, stream: str, layer: int, stamp) -> dict:
-    """{(example_id, token_idx): data URI} of the patch crops of a map's sample ({} when it spans too
-    many images: the tooltips then show the patch's row and column only)."""
-    pts = state.q(queries.embedding_map, run, stream, layer)
-    pts = pts[pts.x0.notna()]
-    ids = pts.image_id.dropna().unique().tolist()
-    if not ids or len(ids) > MAX_TOOLTIP_IMAGES:
-        return {}
-    pngs = state.q(queries.images_png, ids)
-    sizes = {i: (int(w), int(h)) for i, w, h in zip(pts.image_id, pts.image_width, pts.image_height)}
-    uris = hidden.patch_crops(pts, {i: bytes(p) for i, p in zip(pngs.image_id, pngs.png)}, sizes)
-    return {(int(e), int(t)): u for e, t, u in zip(pts.example_id, pts.token_idx, uris) if u}
 
 
 def example_crops(tokens: pd.DataFrame) -> pd.Series:
@@ -175,7 +159,7 @@ with left:
         pts = state.q(queries.embedding_map, c.run, stream, layer)
         with st.spinner(f"Placing example #{ex_id} on the map…"):
             mine = placed(c.lake, c.run, stream, layer, ex_id, stamp)
-        crops = sample_crops(c.lake, c.run, stream, map_layers[0], stamp)  # the same sample on every layer
+        crops = state.map_crops(c.run, stream)  # cut in the background since the run was chosen
         pts = pts[pts.example_id != ex_id].copy()
         pts["group"] = "sample"
         pts["image"] = [crops.get((int(e), int(t))) for e, t in zip(pts.example_id, pts.token_idx)]
