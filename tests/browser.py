@@ -74,14 +74,19 @@ def chromium():
 
 
 def settle(page, timeout_ms: int = 60_000) -> None:
-    """Wait for the app's script run to finish (the status widget disappears)."""
+    """Wait for the app's script run to finish: the page has its title, Streamlit's status widget is
+    gone and the main block's text has stopped changing for half a second (the status widget only
+    shows once a run has gone on for a moment, so its absence alone can come too early)."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
     page.wait_for_selector('[data-testid="stSidebar"]', timeout=timeout_ms)
+    page.wait_for_selector('[data-testid="stMainBlockContainer"] h1', timeout=timeout_ms)
+    main = '[data-testid="stMainBlockContainer"]'
     deadline = time.time() + timeout_ms / 1000
+    last = None
     while time.time() < deadline:
         running = page.locator('[data-testid="stStatusWidget"]').count()
-        if not running:
-            time.sleep(0.5)
-            if not page.locator('[data-testid="stStatusWidget"]').count():
-                return
-        time.sleep(0.3)
+        text = page.locator(main).first.inner_text() if not running else None
+        if not running and text == last:
+            return
+        last = text
+        time.sleep(0.5)
