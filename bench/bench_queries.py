@@ -135,6 +135,7 @@ def tokens_table(ids: np.ndarray, n_words: np.ndarray, rng: np.random.Generator)
         "y0": pa.array((np.nan_to_num(flat(prow_f)) * PATCH_PX).astype(np.float32), mask=flat(null_img)),
         "x1": pa.array(((np.nan_to_num(flat(pcol_f)) + 1) * PATCH_PX).astype(np.float32), mask=flat(null_img)),
         "y1": pa.array(((np.nan_to_num(flat(prow_f)) + 1) * PATCH_PX).astype(np.float32), mask=flat(null_img)),
+        "tile": pa.array(np.zeros(n * N_TOK, np.int16), mask=flat(np.broadcast_to(is_text, (n, N_TOK)))),
     }, schema=TOKENS.schema)
 
 

@@ -30,6 +30,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lake.schema import IMAGES, PARTITION_TYPES, RUNS, TABLES, Table
 from lake.store import Store, open_store
@@ -115,23 +117,36 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_sql(table: Table, sources: list[str]) -> str:
+def view_sql(table: Table, sources: list[str], lacking: Mapping[str, tuple[str, ...]] | None = None) -> str:
     """The SELECT behind one table's view over ``sources`` (files or globs DuckDB opens); an
-    empty view of the right types when there are none."""
+    empty view of the right types when there are none.
+
+    ``lacking`` names the sources whose files were written before some of the table's added
+    columns (``Table.added``), and which columns they lack: their rows get each column's default
+    (one scan per set of lacking columns, joined by UNION ALL; one scan when nothing lacks any).
+    """
     types = column_types(table)
     if not sources:
         cols = ", ".join(f"CAST(NULL AS {t}) AS {_ident(c)}" for c, t in types.items())
         return f"SELECT {cols} WHERE false"
-    # Casting to the declared type pins the view's types to the schema (a no-op,
-    # so filters still push down into the Parquet scan).
-    cols = ", ".join(f"CAST({_ident(c)} AS {t}) AS {_ident(c)}" for c, t in types.items())
-    files = "[" + ", ".join(_literal(x) for x in sources) + "]"
-    if table.partition:
-        hive = ", ".join(f"{_literal(k)}: {types[k]}" for k in table.partition)
-        src = f"read_parquet({files}, hive_partitioning = true, hive_types = {{{hive}}})"
-    else:
-        src = f"read_parquet({files}, hive_partitioning = false, filename = true)"
-    sql = f"SELECT {cols} FROM {src}"
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for x in sources:
+        groups.setdefault(tuple((lacking or {}).get(x, ())), []).append(x)
+    defaults = dict(table.added)
+    selects = []
+    for missing, group in groups.items():
+        # Casting to the declared type pins the view's types to the schema (a no-op,
+        # so filters still push down into the Parquet scan).
+        cols = ", ".join(f"CAST({defaults[c] if c in missing else _ident(c)} AS {t}) AS {_ident(c)}"
+                         for c, t in types.items())
+        files = "[" + ", ".join(_literal(x) for x in group) + "]"
+        if table.partition:
+            hive = ", ".join(f"{_literal(k)}: {types[k]}" for k in table.partition)
+            src = f"read_parquet({files}, hive_partitioning = true, hive_types = {{{hive}}})"
+        else:
+            src = f"read_parquet({files}, hive_partitioning = false, filename = true)"
+        selects.append(f"SELECT {cols} FROM {src}")
+    sql = " UNION ALL ".join(selects)
     if table is IMAGES:
         # Two runs may store the same image (content-addressed); keep one row per id.
         sql += " QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY filename) = 1"
@@ -161,14 +176,58 @@ def committed_sources(store: Store, runs: dict[str, str | None] | None = None) -
     (or left half-written) is never seen, whether or not the store can rename. Runs without a
     ``runs`` row are not shown.
     """
+    return view_sources(store, runs)[0]
+
+
+def _lacking(store: Store, table: Table, rel: str, info: tuple, probed: dict) -> tuple[str, ...]:
+    """The added columns (``Table.added``) that one Parquet file lacks, from its footer (cached by the
+    file's path, time and size in ``probed``: lake files are written once, atomically)."""
+    key = (rel, *info)
+    if key not in probed:
+        try:
+            names = set(pq.read_schema(store.path(rel), filesystem=store.fs).names)
+        except (OSError, pa.ArrowInvalid):  # gone or unreadable: the scan will say so
+            return ()
+        probed[key] = tuple(c for c, _ in table.added if c not in names)
+    return probed[key]
+
+
+def _run_lacking(store: Store, table: Table, files: list[str], infos: dict, probed: dict) -> dict[str, tuple[str, ...]]:
+    """``{file: the added columns it lacks}`` of one run's files of a table with added columns.
+
+    A run whose first chunk has every column was started by software that writes them, and so
+    was each later chunk: one footer is read. Otherwise (an older run, perhaps resumed or given a
+    live example by newer software) every file's footer is read once.
+    """
+    if not files:
+        return {}
+    ordered = sorted(files, key=lambda f: (chunk_of(f) is None, chunk_of(f) or 0, f))
+    if not _lacking(store, table, ordered[0], infos[ordered[0]], probed):
+        return {f: () for f in files}
+    return {f: _lacking(store, table, f, infos[f], probed) for f in files}
+
+
+def view_sources(store: Store, runs: dict[str, str | None] | None = None, probed: dict | None = None
+                 ) -> tuple[dict[str, list[str]], dict[str, dict[str, tuple[str, ...]]]]:
+    """(:func:`committed_sources`, ``{table: {source: the added columns its files lack}}``).
+
+    Files written before a column was added to their table (``Table.added``, ``SCHEMA_VERSION``)
+    lack it; :func:`view_sql` gives their rows its default. A complete run whose files differ in
+    this is read file by file instead of through its glob. ``probed`` caches what each file lacks.
+    """
     runs = run_statuses(store) if runs is None else runs
+    probed = {} if probed is None else probed
     done = {run: done_chunks(store, run) for run, status in runs.items() if status != "complete"}
     out: dict[str, list[str]] = {}
+    lacking: dict[str, dict[str, tuple[str, ...]]] = {}
     for t in TABLES.values():
         if t is RUNS:
             out[t.name] = [store.url(f"{RUNS.name}/{run}.parquet") for run in runs]
             continue
-        files = [f for f in store.list(t.name) if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(".")]
+        infos = {f: (m, n) for f, m, n in store.list_info(t.name)
+                 if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(".")}
+        files = list(infos)
+        lack = lacking[t.name] = {}
         src: list[str] = []
         if t is IMAGES:
             for f in files:
@@ -183,12 +242,20 @@ def committed_sources(store: Store, runs: dict[str, str | None] | None = None) -
                 if r in runs:
                     by_run.setdefault(r, []).append(f)
             for run, fs in sorted(by_run.items()):
-                if runs[run] == "complete" or t.name in NOT_CHUNKED:
-                    src.append(store.url(f"{t.name}/run={run}/**/*.parquet"))
+                whole = runs[run] == "complete" or t.name in NOT_CHUNKED
+                if not whole:
+                    fs = [f for f in fs if chunk_of(f) in done[run]]
+                miss = _run_lacking(store, t, fs, infos, probed) if t.added else {}
+                if whole and len(set(miss.values())) <= 1:
+                    glob = store.url(f"{t.name}/run={run}/**/*.parquet")
+                    src.append(glob)
+                    if any(miss.values()):
+                        lack[glob] = next(iter(miss.values()))
                 else:
-                    src.extend(store.url(f) for f in fs if chunk_of(f) in done[run])
+                    src.extend(store.url(f) for f in fs)
+                    lack.update({store.url(f): m for f, m in miss.items() if m})
         out[t.name] = src
-    return out
+    return out, lacking
 
 
 def _fsspec_view(store: Store):
@@ -242,6 +309,7 @@ class Catalog:
         self._signature: tuple | None = None
         self._checked = 0.0
         self._runs: dict[str, str | None] = {}  # run -> status, as of the last refresh
+        self._probed: dict = {}  # (file, time, size) -> the added columns it lacks (view_sources)
         self.refresh()
 
     # -- setup ------------------------------------------------------------------------
@@ -286,9 +354,10 @@ class Catalog:
         """Recreate every view from the lake's committed chunks."""
         with self._lock:
             runs = run_statuses(self.store)
-            sources = committed_sources(self.store, runs)
+            sources, lacking = view_sources(self.store, runs, self._probed)
             for t in TABLES.values():
-                self._con.execute(f"CREATE OR REPLACE VIEW {_ident(t.name)} AS {view_sql(t, sources[t.name])}")
+                self._con.execute(f"CREATE OR REPLACE VIEW {_ident(t.name)} AS "
+                                  f"{view_sql(t, sources[t.name], lacking.get(t.name))}")
             self._runs = runs
             self._signature = self._state()
             self._checked = time.monotonic()

@@ -27,7 +27,10 @@ import pyarrow as pa
 
 # 2: attention.weight and hidden_states.vec are float32 holding float16-rounded values (1 wrote
 # Parquet FLOAT16, which Spark cannot read, polars sums in float16 and pyarrow cannot aggregate).
-SCHEMA_VERSION = 2
+# 3: tokens.tile (null for text; 0 the base image, 1.. crops or tiles of a tiling family). Files
+# written before lack it; the catalog's view gives their rows the column's default (Table.added):
+# tile 0 for image tokens, since every family then had one image.
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,16 @@ class Table:
     partition : hive partition keys, outermost first; they come back as
         columns through the views.
     doc : what a row means.
+    added : ``(column, SQL expression)`` for each column added to the table after lakes were
+        written (see SCHEMA_VERSION): files written before lack it, and the catalog's view gives
+        their rows this value, computed from their other columns.
     """
 
     name: str
     schema: pa.Schema
     partition: tuple[str, ...]
     doc: str
+    added: tuple[tuple[str, str], ...] = ()
 
     @property
     def partition_types(self) -> dict[str, pa.DataType]:
@@ -130,10 +137,12 @@ TOKENS = Table(
             ("y0", pa.float32()),
             ("x1", pa.float32()),
             ("y1", pa.float32()),
+            ("tile", pa.int16()),  # null for text; 0 the base image, 1.. crops or tiles
         ]
     ),
     ("run",),
     "The token table: every token of every stream of an example in one index space.",
+    added=(("tile", "CASE WHEN modality = 'image' THEN 0 END"),),  # schema version 3
 )
 
 ATTENTION = Table(
@@ -332,7 +341,8 @@ STAT_HELP: dict[str, str] = {
     "i2i": "mass that image queries put on image keys",
     "i2i_noself": "mass that image queries put on image keys other than themselves",
     "entropy": "row entropy divided by log(number of keys)",
-    "sink": "mass on special tokens (cls, sep, bos, eos, image_cls)",
+    "sink": "mass on special tokens (cls, sep, bos, eos, image_cls, image_newline, Qwen-VL's vision_start, "
+            "vision_end, im_start, im_end)",
     "max": "largest weight in the row",
     "img_entropy": "entropy of a text query's attention renormalised over image patches, "
     "divided by log(number of patches)",
@@ -362,7 +372,11 @@ STAT_HELP: dict[str, str] = {
 }
 
 STREAMS = ("self", "vision", "text", "cross", "lm")
-ROLES_SPECIAL = ("cls", "sep", "bos", "eos", "image_cls")
+# Roles of the tokens that carry no content of their own (the ``sink`` statistic's keys): the
+# tokenizer's markers, an image's [CLS], LLaVA-NeXT's learned row-closing ``image_newline`` (it
+# stands for no image region of its own), and the Qwen-VL chat template's turn and image markers.
+ROLES_SPECIAL = ("cls", "sep", "bos", "eos", "image_cls", "image_newline", "vision_start", "vision_end",
+                 "im_start", "im_end")
 
 
 def table(name: str) -> Table:

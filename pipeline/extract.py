@@ -53,8 +53,8 @@ from pipeline.explain import (lens_topk, norm_weighted, parse_explain, relevancy
 from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
                               head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
                               seq_in_box, seq_layout)
-from pipeline.models import load_adapter
-from pipeline.models.base import BatchLayout, StreamLayout
+from pipeline.models import families_with, load_adapter
+from pipeline.models.base import BatchLayout, StreamLayout, conform, map_inputs
 from pipeline.stats import head_stats
 
 DEFAULT_KEEP_HIDDEN = "sample:256"
@@ -213,8 +213,8 @@ class _InputBatches(torch.utils.data.Dataset):
         out = prepare_batch(self.adapter, job.rows, self.known, self._thumbnail)
         if out["inputs"] is not None:  # as numpy: pickled through the pipe, no file descriptors to share,
             # so a worker has nothing left to serve (or to complain about) when Ctrl-C stops the main process
-            out["inputs"] = {k: v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v
-                             for k, v in out["inputs"].items()}
+            out["inputs"] = map_inputs(out["inputs"], lambda v: v.numpy() if isinstance(v, torch.Tensor)
+                                       and v.dtype != torch.bfloat16 else v)
         return {"job": i, **out}
 
     def _thumbnail(self, li) -> bytes:
@@ -255,6 +255,7 @@ def prepare_batch(adapter, rows: list[Row], known_images: set[str], thumbnail=No
     ``thumbnail``: ``LoadedImage -> PNG bytes`` for images not in ``known_images`` (default
     :func:`pipeline.data.thumbnail_png` of the image).
     """
+    adapter = conform(adapter)
     thumbnail = thumbnail or (lambda li: thumbnail_png(li.image))
     errors: list[tuple[str, str, str]] = []
     ok, images = [], []
@@ -277,8 +278,7 @@ def prepare_batch(adapter, rows: list[Row], known_images: set[str], thumbnail=No
             if not bad:
                 raise
         else:
-            rejects = getattr(adapter, "rejects", None)
-            bad = rejects(inputs, pics) if rejects is not None else {}
+            bad = adapter.rejects(inputs, pics)
             if not bad:
                 break
         for j in sorted(bad, reverse=True):
@@ -295,12 +295,10 @@ def prepare_batch(adapter, rows: list[Row], known_images: set[str], thumbnail=No
 
 
 def _check_each(adapter, pics) -> dict[int, str]:
-    check = getattr(adapter, "check_image", None)
     bad = {}
     for j, im in enumerate(pics):
         try:
-            if check is not None:
-                check(im)
+            adapter.check_image(im)
         except BadInput as e:
             bad[j] = e.message
     return bad
@@ -732,6 +730,7 @@ def run_chunks(adapter, writer: LakeWriter, jobs: list[_Job], known_images: set[
                summary: Summary, manifest_errors, explain: tuple[str, ...] = ()) -> None:
     """Run the planned batches through the three stages; every chunk's files and marker are
     written before this returns (or, on an error or Ctrl-C, the unfinished chunk is abandoned)."""
+    adapter = conform(adapter)
     stage = _WriteStage(writer)
     ok = False
     try:
@@ -807,7 +806,7 @@ def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapt
         raise ValueError(f"{info['relevancy']}; rollout, value, sinks (and lens for decoders) are available")
     if "lens" in methods and not info.get("lens"):
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
-                         f"LVLM (llava), and this model is a {info['family']}")
+                         f"LVLM ({', '.join(families_with('lens'))}), and this model is a {info['family']}")
     cfg = CaptureConfig(str(policy), keep_hidden, chunk_size, info["random_weights"], ",".join(methods))
     hidden_layers = cfg.hidden_layers()
     top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
@@ -996,9 +995,8 @@ def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device,
     pics = item["images"]
     ids = [r.example_id for r in rows]
     boxes = [r.boxes for r in rows]
-    inputs = {k: _to_device(v, device) for k, v in item["inputs"].items()}
-    if hasattr(adapter, "prepare"):  # e.g. a decoder LVLM generates its answer first, uncaptured
-        inputs = adapter.prepare(inputs)
+    inputs = map_inputs(item["inputs"], lambda v: _to_device(v, device))
+    inputs = adapter.prepare(inputs)  # e.g. a decoder LVLM generates its answer first, uncaptured
     with_vec = np.array([vec_ids is None or i in vec_ids for i in ids], dtype=bool)
     sink = _BatchSink(adapter, inputs, pics, boxes, ids, policy, device, with_vec, explain)
     with capture(points, sink):

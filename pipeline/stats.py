@@ -5,7 +5,9 @@ rows of a per-row quantity. ``A[q, k]`` is the weight query ``q`` puts on key
 ``k``; each valid row sums to 1 over the valid keys. Text (t) and image (i)
 name the modality of a token; *patches* are the image tokens with role
 ``patch`` (an image ``[CLS]`` is an image token but not a patch); *special*
-tokens are those with role ``cls``, ``sep``, ``bos``, ``eos`` or ``image_cls``.
+tokens are those with a role in ``lake.schema.ROLES_SPECIAL`` (``cls``, ``sep``, ``bos``, ``eos``,
+``image_cls``, ``image_newline`` and the Qwen-VL markers ``vision_start``, ``vision_end``, ``im_start``,
+``im_end``).
 
 The formulas (quoted by the app's help text, see :data:`STAT_HELP`):
 

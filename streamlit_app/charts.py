@@ -101,7 +101,7 @@ def head_heatmap(m: pd.DataFrame, *, value_title: str, diverging: bool,
 # -- the image side ---------------------------------------------------------------------
 def image_map(uri: str, width: int, height: int, display: tuple[int, int], patches: pd.DataFrame, *,
               weight_title: str, vmax: float | None = None, select: bool = False,
-              description: str = "image-map") -> alt.Chart:
+              description: str = "image-map", outlines: pd.DataFrame | None = None) -> alt.Chart:
     """An image (``uri``, already carrying its heatmap) with its patch grid on top.
 
     Parameters
@@ -112,6 +112,8 @@ def image_map(uri: str, width: int, height: int, display: tuple[int, int], patch
     select : add a click (``patch``, shift-click adds) and a box (``box``) selection.
     vmax : top of the colour scale (default: the largest weight), as in the image's heatmap.
     description : the spec's description, which names the chart.
+    outlines : the tiles of a tiled image (``views.tile_boxes``: tile, outline, x0, y0, x1, y1,
+        selected), each drawn as a dashed outline with its name (solid for the tiles shown).
     """
     dw, dh = display
     xs = alt.Scale(domain=[0, width], nice=False, zero=False)
@@ -120,7 +122,9 @@ def image_map(uri: str, width: int, height: int, display: tuple[int, int], patch
         width=dw, height=dh, align="left", baseline="top").encode(
         x=alt.X("x:Q", scale=xs, axis=None), y=alt.Y("y:Q", scale=ys, axis=None), url="url:N")
     p = patches.copy()
-    p["patch"] = [f"r{int(r)}c{int(c)}" for r, c in zip(p.patch_row, p.patch_col)]
+    tile = p.tile if "tile" in p else pd.Series(0, index=p.index)
+    p["patch"] = [(f"t{int(t)}" if pd.notna(t) and int(t) > 0 else "") + f"r{int(r)}c{int(c)}"
+                  for t, r, c in zip(tile, p.patch_row, p.patch_col)]
     if "selected" not in p:
         p["selected"] = False
     vmax = float(vmax if vmax is not None else (p.weight.max() if len(p) else 1.0)) or 1.0
@@ -139,8 +143,24 @@ def image_map(uri: str, width: int, height: int, display: tuple[int, int], patch
             alt.selection_point(name="patch", fields=["token_idx"], on="click", clear=False),
             alt.selection_interval(name="box", encodings=["x", "y"], clear=False),
         )
-    return alt.layer(img, rect).properties(width=dw, height=dh, description=description, autosize=PAD).configure_view(
-        stroke=None)
+    layers = [img]
+    if outlines is not None and len(outlines):
+        # under the patches, so that a click still picks a patch
+        o = alt.Chart(outlines).encode(x=alt.X("x0:Q", scale=xs, axis=None), y=alt.Y("y0:Q", scale=ys, axis=None))
+        layers += [
+            o.mark_rect(fill=None, stroke="white", strokeWidth=2).encode(
+                x2="x1:Q", y2="y1:Q", strokeDash=alt.condition("datum.selected", alt.value([1, 0]), alt.value([6, 4])),
+                tooltip=[alt.Tooltip("outline:N", title="tile")]),
+            # a tile's name at its top left; the base image's (usually the whole image) at its bottom left
+            o.transform_filter("datum.tile > 0").mark_text(
+                align="left", baseline="top", dx=4, dy=3, fontSize=11, fontWeight="bold", fill="white").encode(
+                text="outline:N"),
+            o.transform_filter("datum.tile <= 0").mark_text(
+                align="left", baseline="bottom", dx=4, dy=-3, fontSize=11, fontWeight="bold", fill="white").encode(
+                y=alt.Y("y1:Q", scale=ys, axis=None), text="outline:N"),
+        ]
+    return alt.layer(*layers, rect).properties(width=dw, height=dh, description=description,
+                                               autosize=PAD).configure_view(stroke=None)
 
 
 # -- the text side ------------------------------------------------------------------------

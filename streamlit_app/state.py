@@ -14,7 +14,9 @@ also its URL query parameter, so a view can be shared by its URL:
 ``norm``    ``raw`` / ``z_example`` / ``z_dataset``
 ``scope``   head summary of the ``example`` or the mean over the ``filtered`` examples
 ``tokens``  selected query text tokens, by text_pos, e.g. ``1,2``
-``patches`` selected query patches, by position, e.g. ``r1c2,r0c3``
+``patches`` selected query patches, by position, e.g. ``r1c2,r0c3`` (``t1r0c2``: row 0, column 2 of tile 1)
+``tile``    the Attention page's image tokens of a tiled image: ``all`` (every tile on the original
+            image), ``0`` (the base image) or ``1``.. (one crop or tile)
 ``nosink``  the Head summary leaves sink tokens out (``--explain sinks`` runs)
 ``stretch`` the Attention page colours each panel to its own largest value (default: 0 to 1)
 ``nospecial`` the Hidden states page leaves special tokens out of the nearest neighbours
@@ -65,7 +67,7 @@ from lake.queries import ExampleFilter
 from streamlit_app import views
 
 ENV_LAKE = "VLATLAS_LAKE"
-PATCH_KEY = re.compile(r"^r(\d+)c(\d+)$")
+PATCH_KEY = re.compile(r"^(?:t\d+)?r(\d+)c(\d+)$")  # views.patch_label: tile (when not the base image), row, column
 
 
 # -- each page's keys ------------------------------------------------------------------
@@ -110,8 +112,9 @@ SHARED = PageState("every page", {
 EXAMPLES = PageState("Examples", {"expage": 1}, {"expage": lambda s: max(1, int(s))})
 HEAD_SUMMARY = PageState("Head summary", {"norm": "raw", "scope": "filtered", "nosink": False}, {
     "norm": _choice(queries.NORMS), "scope": _choice(("filtered", "example")), "nosink": _bool})
-ATTENTION = PageState("Attention", {"tokens": [], "patches": [], "method": "attention", "stretch": False}, {
-    "tokens": _int_list, "patches": _patch_list, "stretch": _bool})
+ATTENTION = PageState("Attention", {"tokens": [], "patches": [], "method": "attention", "stretch": False,
+                                    "tile": "all"}, {
+    "tokens": _int_list, "patches": _patch_list, "stretch": _bool, "tile": lambda s: "all" if s == "all" else int(s)})
 # the map's hidden-state layer, its points' colour, the selected token (token_idx in the selected
 # example), the neighbours' scope, and whether special tokens are left out of the neighbours
 HIDDEN_STATES = PageState("Hidden states", {"hlayer": 0, "color": "modality", "tok": None, "nn": "example",

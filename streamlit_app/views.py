@@ -83,7 +83,43 @@ def object_word(text_q: pd.DataFrame, boxes) -> int | None:
 
 
 def patch_label(t) -> str:
-    return f"r{int(t.patch_row)}c{int(t.patch_col)}"
+    """``"r1c2"`` (row, column) of a patch of the base image; ``"t1r1c2"`` of a patch of tile 1."""
+    tile = getattr(t, "tile", None)
+    prefix = f"t{int(tile)}" if tile is not None and not pd.isna(tile) and int(tile) > 0 else ""
+    return f"{prefix}r{int(t.patch_row)}c{int(t.patch_col)}"
+
+
+# -- tiles: the base image (tile 0) and the crops or tiles of a tiling family (1..) ---------------
+def tiles(patches: pd.DataFrame) -> list[int]:
+    """The tiles the patches belong to, in order (``[0]`` for a single image, and for a lake written
+    before tiles)."""
+    if "tile" not in patches or patches.empty:
+        return [0] if len(patches) else []
+    return sorted({int(t) for t in patches.tile.fillna(0)})
+
+
+def tile_label(tile) -> str:
+    """What the Attention page calls a choice of image tokens."""
+    if tile == "all":
+        return "all tiles on the original image"
+    return "base image" if int(tile) == 0 else f"tile {int(tile)}"
+
+
+def of_tile(patches: pd.DataFrame, tile) -> pd.DataFrame:
+    """The patches of one tile (all of them for ``"all"``)."""
+    if tile == "all" or "tile" not in patches:
+        return patches
+    return patches[patches.tile.fillna(0).astype(int) == int(tile)]
+
+
+def tile_boxes(patches: pd.DataFrame, selected="all") -> pd.DataFrame:
+    """One row per tile: tile, outline (its label), x0, y0, x1, y1 (the union of its patches' boxes, in
+    pixels of the original image) and selected (the tile shown, or every tile for ``"all"``)."""
+    p = patches.assign(tile=patches.tile.fillna(0).astype(int) if "tile" in patches else 0)
+    b = p.groupby("tile").agg(x0=("x0", "min"), y0=("y0", "min"), x1=("x1", "max"), y1=("y1", "max")).reset_index()
+    b.insert(1, "outline", [tile_label(t) for t in b.tile])
+    b["selected"] = True if selected == "all" else b.tile == int(selected)
+    return b
 
 
 # -- slicing a block ------------------------------------------------------------------
@@ -173,6 +209,42 @@ def patch_grid(patches: pd.DataFrame, grid_h: int | None = None, grid_w: int | N
     return g
 
 
+def _grid_heat(patches: pd.DataFrame, width: int, height: int, dw: int, dh: int) -> np.ndarray:
+    """``[dh, dw]``: one grid of patches' weights, upsampled bilinearly and placed where its boxes lie
+    (0 outside the grid)."""
+    g = patch_grid(patches).astype(np.float32)  # [grid_h, grid_w]
+    sx, sy = dw / width, dh / height
+    # cell size and the grid's origin in display pixels, from the boxes (robust to missing patches)
+    pw = float((patches.x1 - patches.x0).median()) * sx
+    ph = float((patches.y1 - patches.y0).median()) * sy
+    x0 = float((patches.x0 * sx - patches.patch_col * pw).median())
+    y0 = float((patches.y0 * sy - patches.patch_row * ph).median())
+    ew, eh = max(1, round(g.shape[1] * pw)), max(1, round(g.shape[0] * ph))
+    heat = np.asarray(Image.fromarray(g, mode="F").resize((ew, eh), Image.Resampling.BILINEAR))  # [eh, ew]
+    out = np.zeros((dh, dw), np.float32)
+    ox, oy = round(x0), round(y0)
+    # clip the heat's extent to the image
+    top, left = max(oy, 0), max(ox, 0)
+    h_, w_ = min(dh, oy + eh) - top, min(dw, ox + ew) - left
+    if h_ > 0 and w_ > 0:
+        out[top: top + h_, left: left + w_] = heat[top - oy: top - oy + h_, left - ox: left - ox + w_]
+    return out
+
+
+def heat(patches: pd.DataFrame, width: int, height: int, display: tuple[int, int]) -> np.ndarray:
+    """``[dh, dw]`` heat of the patches' ``weight`` on the original image at display size ``(dw, dh)``.
+
+    Each tile's patches form a grid (``patch_row``, ``patch_col`` within the tile), upsampled
+    bilinearly and placed at its boxes ``x0..y1``; the tiles' grids are summed, so where tiles
+    overlap (the base image lies under every crop) a pixel holds the sum of the weights of the tokens
+    that cover it: the attention that lands on that spot of the image through any token showing it.
+    """
+    dw, dh = display
+    groups = [g for _, g in patches.groupby(patches.tile.fillna(0).astype(int))] if len(tiles(patches)) > 1 \
+        else [patches]
+    return np.sum([_grid_heat(g, width, height, dw, dh) for g in groups], axis=0)
+
+
 def overlay(png: bytes | None, patches: pd.DataFrame, width: int, height: int, display_width: int = 420,
             vmax: float | None = None, max_alpha: float = 0.8) -> tuple[bytes, int, int]:
     """The image with a smooth heatmap of the patches' ``weight`` laid over it.
@@ -181,7 +253,9 @@ def overlay(png: bytes | None, patches: pd.DataFrame, width: int, height: int, d
     the grid, spanning the patches' pixel boxes (``x0..y1``, pixels of the
     original ``width`` × ``height`` image), is upsampled bilinearly to display
     pixels, coloured with viridis and alpha-blended (alpha grows with the
-    weight) over the dimmed image.
+    weight) over the dimmed image. Patches of several tiles are summed where
+    they overlap (:func:`heat`); the colour scale then tops at the heat's
+    largest value unless ``vmax`` is given.
 
     Returns JPEG bytes and the display size (w, h).
     """
@@ -193,26 +267,13 @@ def overlay(png: bytes | None, patches: pd.DataFrame, width: int, height: int, d
         img = Image.open(io.BytesIO(png)).convert("RGB").resize((dw, dh), Image.Resampling.LANCZOS)
     base = np.asarray(img, dtype=np.float64) * 0.75  # [dh, dw, 3], dimmed so the heat stands out
     if len(patches):
-        g = patch_grid(patches).astype(np.float32)  # [grid_h, grid_w]
-        sx, sy = dw / width, dh / height
-        # cell size and the grid's origin in display pixels, from the boxes (robust to missing patches)
-        pw = float((patches.x1 - patches.x0).median()) * sx
-        ph = float((patches.y1 - patches.y0).median()) * sy
-        x0 = float((patches.x0 * sx - patches.patch_col * pw).median())
-        y0 = float((patches.y0 * sy - patches.patch_row * ph).median())
-        ew, eh = max(1, round(g.shape[1] * pw)), max(1, round(g.shape[0] * ph))
-        heat = np.asarray(Image.fromarray(g, mode="F").resize((ew, eh), Image.Resampling.BILINEAR))  # [eh, ew]
-        vmax = float(vmax if vmax is not None else g.max())
-        v = heat / vmax if vmax > 0 else np.zeros_like(heat)
-        rgb = colormap(v)  # [eh, ew, 3]
-        alpha = (max_alpha * np.clip(v, 0, 1))[..., None]  # [eh, ew, 1]
-        ox, oy = round(x0), round(y0)
-        # clip the heat's extent to the image
-        cx0, cy0 = max(0, -ox), max(0, -oy)
-        region = base[max(oy, 0): oy + eh, max(ox, 0): ox + ew]
-        h_, w_ = region.shape[:2]
-        a, c = alpha[cy0: cy0 + h_, cx0: cx0 + w_], rgb[cy0: cy0 + h_, cx0: cx0 + w_]
-        base[max(oy, 0): max(oy, 0) + h_, max(ox, 0): max(ox, 0) + w_] = region * (1 - a) + c * a
+        h = heat(patches, width, height, (dw, dh))  # [dh, dw]
+        top = float(patches.weight.max()) if len(tiles(patches)) <= 1 else float(h.max())
+        vmax = float(vmax if vmax is not None else top)
+        v = h / vmax if vmax > 0 else np.zeros_like(h)
+        rgb = colormap(v)  # [dh, dw, 3]
+        alpha = (max_alpha * np.clip(v, 0, 1))[..., None]  # [dh, dw, 1]: 0 where there is no heat
+        base = base * (1 - alpha) + rgb * alpha
     buf = io.BytesIO()
     Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=88)
     return buf.getvalue(), dw, dh

@@ -27,6 +27,18 @@ def require_chromium() -> None:
         pytest.skip("Debian's chromium is not installed (make test installs it)", allow_module_level=True)
 
 
+def tiny_vilt_lake(tmp: Path) -> Path:
+    """A lake of run ``tiny``: a tiny random ViLT (saved under ``tmp/model``, so a live example can load
+    it again) over six scenes, extracted three at a time; returns the lake's root."""
+    from pipeline.extract import extract
+    from tests.tiny import make_manifest, make_tiny_vilt
+
+    model = make_tiny_vilt(tmp / "model")
+    manifest = make_manifest(tmp / "data", 6)
+    extract(str(model), manifest, tmp / "lake", "tiny", batch_size=3, progress=False)
+    return tmp / "lake"
+
+
 @contextlib.contextmanager
 def serve(lake, env: dict | None = None):
     """`streamlit run streamlit_app/app.py` on 127.0.0.1 over ``lake``; yields its URL."""

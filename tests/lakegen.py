@@ -14,6 +14,11 @@ Each example's token table is, per stream::
     a 3 x 4 grid of patches         image, role patch, stored in a SHUFFLED
                                     token_idx order (sequence order != raster order)
 
+The image tokens are tile 0 (the base image). A *tiled* example (``tiles=``) has two tiles
+besides, as tiling families (LLaVA-NeXT, Idefics3) crop the image: tile 1 the left half and tile
+2 the right half, each a 6 x 4 grid of half-size patches (each shuffled like the base's), with
+boxes in pixels of the original image and rows/columns counted within the tile.
+
 The returned :class:`SynthLake` keeps the full float64 attention of every
 ``(example_id, stream, layer)`` so tests can compute expected values
 independently of ``lake/queries.py``.
@@ -115,26 +120,43 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def tile_grids(grid: tuple[int, int], tiled: bool) -> list[tuple[int, tuple[int, int], int, float]]:
+    """``(tile, (rows, cols), patch side in pixels, left edge in pixels)`` of an example's image
+    tokens: the base image, and for a tiled example its left and right halves at half-size patches."""
+    gh, gw = grid
+    out = [(0, (gh, gw), PATCH_PX, 0.0)]
+    if tiled:
+        half = PATCH_PX // 2
+        out += [(1, (2 * gh, gw), half, 0.0), (2, (2 * gh, gw), half, gw * half)]
+    return out
+
+
+def n_image_tokens(grid: tuple[int, int], tiled: bool = False) -> int:
+    """The image [CLS] and every tile's patches."""
+    return 1 + sum(g[0] * g[1] for _, g, _, _ in tile_grids(grid, tiled))
+
+
 def _token_rows(example_id: int, words: list[str], stream: str, offset: int,
-                rng: np.random.Generator, grid: tuple[int, int]) -> list[dict]:
+                rng: np.random.Generator, grid: tuple[int, int], tiled: bool = False) -> list[dict]:
     rows = []
     text = ["[CLS]", *words, "[SEP]"]
     for i, w in enumerate(text):
         role = "cls" if i == 0 else "sep" if i == len(text) - 1 else "word"
         rows.append(dict(token_idx=i, modality="text", role=role, token=w, text_pos=i))
-    rows.append(dict(token_idx=len(text), modality="image", role="image_cls", token=None))
-    raster = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
-    order = rng.permutation(len(raster))  # sequence order != raster order
-    pw = ph = PATCH_PX
-    for j, k in enumerate(order):
-        r, c = raster[k]
-        rows.append(dict(token_idx=len(text) + 1 + j, modality="image", role="patch", token=None,
-                         patch_row=r, patch_col=c, x0=c * pw, y0=r * ph, x1=(c + 1) * pw, y1=(r + 1) * ph))
+    rows.append(dict(token_idx=len(text), modality="image", role="image_cls", token=None, tile=0))
+    for tile, (th, tw), p, left in tile_grids(grid, tiled):
+        raster = [(r, c) for r in range(th) for c in range(tw)]
+        order = rng.permutation(len(raster))  # sequence order != raster order
+        for k in order:
+            r, c = raster[k]
+            rows.append(dict(token_idx=len(rows), modality="image", role="patch", token=None, tile=tile,
+                             patch_row=r, patch_col=c, x0=left + c * p, y0=r * p, x1=left + (c + 1) * p,
+                             y1=(r + 1) * p))
     for row in rows:
         row["seq_pos"] = row["token_idx"]
         row["token_idx"] += offset
         row.update(example_id=example_id, stream=stream)
-        for k in ("text_pos", "patch_row", "patch_col", "x0", "y0", "x1", "y1"):
+        for k in ("text_pos", "patch_row", "patch_col", "x0", "y0", "x1", "y1", "tile"):
             row.setdefault(k, None)
     return rows
 
@@ -184,7 +206,7 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
                         keep_attention: str = "all", random_weights: bool = False,
                         images_missing: tuple[int, ...] = (), chunk_size: int = 4, seed: int = 0,
                         status: str = "complete", created_at: datetime | None = None,
-                        grid: tuple[int, int] = (GRID_H, GRID_W)) -> SynthLake:
+                        grid: tuple[int, int] = (GRID_H, GRID_W), tiles: tuple[int, ...] = ()) -> SynthLake:
     """Write a synthetic run into the lake at ``root`` and return what was written.
 
     Parameters
@@ -201,6 +223,8 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
     seed : seeds attention logits, patch order and hidden states.
     status, created_at : the ``runs`` row's fields (the app lists newest runs first).
     grid : (rows, columns) of image patches, each ``PATCH_PX`` pixels square.
+    tiles : example ids whose image is tiled: besides the base image (tile 0), tile 1 (left half)
+        and tile 2 (right half) at half-size patches (:func:`tile_grids`).
     """
     gh, gw = grid
     img_w, img_h = gw * PATCH_PX, gh * PATCH_PX
@@ -227,7 +251,7 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
         images[i] = (image_id, png)
         words = TEXTS[i % len(TEXTS)].split()
         n_text = len(words) + 2
-        n_tok = n_text + 1 + gh * gw
+        n_tok = n_text + n_image_tokens(grid, i in tiles)
         ex_rows.append(dict(
             example_id=i, source_id=f"s{i:03d}", split="val" if i % 3 == 2 else "train",
             text=TEXTS[i % len(TEXTS)], answer=ANSWERS[i % len(ANSWERS)],
@@ -239,7 +263,7 @@ def make_synthetic_lake(root, run: str = "synth", n_examples: int = 6, *, n_laye
         for si, s in enumerate(streams):
             off = si * n_tok
             lake.offset[s] = off
-            rows = _token_rows(i, words, s, off, rng, grid)
+            rows = _token_rows(i, words, s, off, rng, grid, i in tiles)
             tok_rows.extend(rows)
             tok = pd.DataFrame(rows).sort_values("token_idx").reset_index(drop=True)
             for layer in range(n_layers):

@@ -74,6 +74,26 @@ def texts(at: AppTest) -> str:
     return " ".join(str(e.value) for kind in ("info", "error", "warning") for e in at.get(kind))
 
 
+def check_every_page(lake, monkeypatch, run: str, ex: int, att_streams: list[str], hid_streams: list[str],
+                     examples: pd.DataFrame, column: str = "text") -> None:
+    """Every page renders on ``run``'s lake; the pages with a stream selector offer exactly the streams
+    given (read by the caller from the Parquet files), and the Examples table shows ``examples``'
+    ids and ``column``."""
+    for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
+                          ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
+                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
+        at = open_app(lake, monkeypatch, page=page, run=run, ex=ex)
+        assert not at.exception, (page, at.exception)
+        if streams is not None:
+            box = at.selectbox(key="w_stream")
+            assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
+            assert not box.disabled
+        if page == "app_pages/examples.py":
+            table = at.dataframe[0].value
+            assert table.example_id.tolist() == examples.example_id.tolist()
+            assert table[column].tolist() == examples[column].tolist()
+
+
 # -- independent expectations ---------------------------------------------------------------
 def t2i(lake, example_id: int, stream: str, layer: int) -> np.ndarray:
     """[head] mean over text queries of the mass on image keys, from the full attention."""

@@ -249,26 +249,14 @@ def _raw_row(raw_df, lake, run, stream, ex, layer, head, query_idx):
 def test_app_pages_on_the_blip_lake(blip, monkeypatch, raw_df):
     """Every page renders and offers the lake's own streams (read from the Parquet files, not the app's
     queries): vision, text and cross; the examples table is the lake's."""
-    from tests.test_app import open_app
+    from tests.test_app import check_every_page
 
     head, mdir, lake, *_ = blip
     att_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = ?", [head]).stream)
     hid_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = ?", [head]).stream)
     assert att_streams == ["cross", "text", "vision"]
     examples = raw_df(lake, "SELECT example_id, text FROM {examples} WHERE run = ? ORDER BY example_id", [head])
-    for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
-                          ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
-                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
-        at = open_app(lake, monkeypatch, page=page, run=head, ex=0)
-        assert not at.exception, (page, at.exception)
-        if streams is not None:
-            box = at.selectbox(key="w_stream")
-            assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
-            assert not box.disabled
-        if page == "app_pages/examples.py":
-            table = at.dataframe[0].value
-            assert table.example_id.tolist() == examples.example_id.tolist()
-            assert table.text.tolist() == examples.text.tolist()
+    check_every_page(lake, monkeypatch, head, 0, att_streams, hid_streams, examples)
 
 
 def test_head_summary_of_each_stream_is_the_lakes(blip, monkeypatch, raw_df):

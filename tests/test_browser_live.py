@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium, require_chromium, serve, settle
+from tests.browser import chromium, require_chromium, serve, settle, tiny_vilt_lake
 from tests.tiny import noise_image
 
 pytestmark = pytest.mark.browser
@@ -19,14 +19,7 @@ require_chromium()
 
 @pytest.fixture(scope="module")
 def vilt_lake(tmp_path_factory):
-    from pipeline.extract import extract
-    from tests.tiny import make_manifest, make_tiny_vilt
-
-    tmp = tmp_path_factory.mktemp("browser_live")
-    model = make_tiny_vilt(tmp / "model")
-    manifest = make_manifest(tmp / "data", 6)
-    extract(str(model), manifest, tmp / "lake", "tiny", batch_size=3, progress=False)
-    return tmp / "lake"
+    return tiny_vilt_lake(tmp_path_factory.mktemp("browser_live"))
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def tokens() -> pa.Table:
         "token": ["[CLS]", "red", None, None], "seq_pos": [0, 1, 2, 3], "text_pos": [0, 1, None, None],
         "patch_row": [None, None, 0, 1], "patch_col": [None, None, 0, 1],
         "x0": [None, None, 0.0, 32.0], "y0": [None, None, 0.0, 24.0],
-        "x1": [None, None, 32.0, 64.0], "y1": [None, None, 24.0, 48.0],
+        "x1": [None, None, 32.0, 64.0], "y1": [None, None, 24.0, 48.0], "tile": [None, None, 0, 0],
     })
 
 

@@ -58,7 +58,7 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
                  + [("true", "correct"), ("nonnull", "prediction"), ("nonnull", "boxes")]),
     "tokens": (["run", "stream", "modality", "role"],
                [("sum", c) for c in ("example_id", "token_idx", "seq_pos", "text_pos", "patch_row", "patch_col",
-                                      "x0", "y0", "x1", "y1")] + [("nonnull", "token"), ("nonnull", "patch_row")]),
+                                      "x0", "y0", "x1", "y1", "tile")] + [("nonnull", "token"), ("nonnull", "patch_row")]),
     "attention": (["run", "stream", "layer", "head"],
                   [("sum", "weight"), ("sum", "query_idx"), ("sum", "key_idx"), ("sum", "example_id")]),
     "head_stats": (["run", "stream", "layer", "stat"], [("sum", "value"), ("nonnull", "value"), ("sum", "head")]),

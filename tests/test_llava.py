@@ -326,7 +326,7 @@ def _weights(block, queries, keys) -> np.ndarray:
 def test_app_pages_on_the_llava_lake(llava, monkeypatch, raw_df):
     """Every page renders and offers the lake's own streams (read from the Parquet files, not the app's
     queries): lm and vision; the examples table shows the lake's generated predictions."""
-    from tests.test_app import open_app
+    from tests.test_app import check_every_page
 
     strategy, mdir, lake, *_ = llava
     att_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = 'llava'").stream)
@@ -334,19 +334,7 @@ def test_app_pages_on_the_llava_lake(llava, monkeypatch, raw_df):
     assert att_streams == hid_streams == ["lm", "vision"]
     examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = 'llava' "
                       "ORDER BY example_id")
-    for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
-                          ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
-                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
-        at = open_app(lake, monkeypatch, page=page, run="llava", ex=1)
-        assert not at.exception, (page, at.exception)
-        if streams is not None:
-            box = at.selectbox(key="w_stream")
-            assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
-            assert not box.disabled
-        if page == "app_pages/examples.py":
-            table = at.dataframe[0].value
-            assert table.example_id.tolist() == examples.example_id.tolist()
-            assert table.prediction.tolist() == examples.prediction.tolist()
+    check_every_page(lake, monkeypatch, "llava", 1, att_streams, hid_streams, examples, column="prediction")
 
 
 @pytest.mark.parametrize("llava", ["default"], indirect=True)

@@ -12,7 +12,7 @@ EXPECTED = {
     "examples": (["run"], "example_id source_id split text answer prediction correct image_id image_width "
                           "image_height grid_h grid_w n_tokens boxes meta"),
     "tokens": (["run"], "example_id token_idx stream modality role token seq_pos text_pos patch_row patch_col "
-                        "x0 y0 x1 y1"),
+                        "x0 y0 x1 y1 tile"),
     "attention": (["run", "stream", "layer"], "example_id head query_idx key_idx weight"),
     "head_stats": (["run"], "example_id stream layer head stat value"),
     "hidden_states": (["run", "stream", "layer"], "example_id token_idx norm vec"),
@@ -38,11 +38,20 @@ def test_tables_and_columns_are_the_contract():
 def test_storage_types_that_matter():
     # float32 holding float16-rounded values: Parquet FLOAT16 is unreadable by Spark, summed in
     # float16 by polars and not aggregatable in pyarrow (tests/test_engines.py)
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert TABLES["attention"].schema.field("weight").type == pa.float32()
     assert TABLES["hidden_states"].schema.field("vec").type == pa.list_(pa.float32())
     assert TABLES["hidden_states"].schema.field("norm").type == pa.float32()
     assert TABLES["examples"].schema.field("example_id").type == pa.int64()
+
+
+def test_tile_column_and_what_older_files_read_as():
+    # 3: tokens.tile (null for text; 0 the base image, 1.. crops or tiles); files written before
+    # it lack the column and the catalog's view reads their image tokens as tile 0
+    assert TABLES["tokens"].schema.field("tile").type == pa.int16()
+    assert TABLES["tokens"].schema.field("tile").nullable
+    assert TABLES["tokens"].added == (("tile", "CASE WHEN modality = 'image' THEN 0 END"),)
+    assert all(not t.added for name, t in TABLES.items() if name != "tokens")
 
 
 def test_no_half_float_column_anywhere():

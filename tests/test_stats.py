@@ -22,7 +22,8 @@ from pipeline.models.base import boxed_masks as _boxed_masks, token_rows
 from pipeline.stats import STAT_HELP, TokenMasks, head_stats
 
 NAN = float("nan")
-SPECIAL = {"cls", "sep", "bos", "eos", "image_cls"}
+SPECIAL = {"cls", "sep", "bos", "eos", "image_cls", "image_newline", "vision_start", "vision_end", "im_start",
+           "im_end"}  # lake.schema.ROLES_SPECIAL
 STATS = ["t2i", "t2t", "i2t", "i2i", "i2i_noself", "entropy", "sink", "max", "img_entropy", "grounding", "pointing",
          "boxed_img_mass"]
 

@@ -75,9 +75,10 @@ def meta_values(cat, run: str, key: str, limit: int = 500) -> pd.DataFrame:
 
 
 def example_tokens(cat, run: str, example_id: int, stream: str | None = None) -> pd.DataFrame:
-    """The example's token table (all streams, or one), by token_idx."""
+    """The example's token table (all streams, or one), by token_idx; ``tile`` is null for text, 0 for the
+    base image, 1.. for crops or tiles (a lake written before tiles reads as 0 for every image token)."""
     sql = ("SELECT token_idx, stream, modality, role, token, seq_pos, text_pos, patch_row, patch_col, "
-           "x0, y0, x1, y1 FROM tokens WHERE run = ? AND example_id = ?")
+           "x0, y0, x1, y1, tile FROM tokens WHERE run = ? AND example_id = ?")
     params: list = [run, int(example_id)]
     if stream is not None:
         sql += " AND stream = ?"

@@ -1,4 +1,4 @@
-"""Model adapters, one per family, behind the protocol in ``base.py``."""
+"""Model adapters, one per family, each a subclass of ``base.Adapter`` (the protocol and what families share)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,26 @@ FAMILIES = {
     "siglip": ("siglip", "pipeline.models.dual", "DualEncoderAdapter"),
     "llava": ("llava", "pipeline.models.llava", "LlavaAdapter"),
     "blip": ("blip", "pipeline.models.blip", "BlipAdapter"),
+    "llava_next": ("llava_next", "pipeline.models.llava_next", "LlavaNextAdapter"),
+    "llava_onevision": ("llava_onevision", "pipeline.models.llava_next", "LlavaOnevisionAdapter"),
+    **{t: (t, "pipeline.models.qwen2vl", "QwenVLAdapter") for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
 }
+
+def families_with(capability: str) -> list[str]:
+    """The families whose adapter class has ``capability`` (an optional method such as ``lens``, see
+    ``base.Adapter``), in :data:`FAMILIES` order."""
+    import importlib
+
+    out = []
+    for family, module, cls in FAMILIES.values():
+        try:
+            klass = getattr(importlib.import_module(module), cls)
+        except ImportError:  # an adapter whose module cannot be imported here offers nothing
+            continue
+        if hasattr(klass, capability) and family not in out:
+            out.append(family)
+    return out
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +46,8 @@ def load_adapter(model_id: str, device: str = "cpu", dtype: str = "float32", rev
     import importlib
 
     from transformers import AutoConfig
+
+    from pipeline.models.base import conform
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -53,6 +74,7 @@ def load_adapter(model_id: str, device: str = "cpu", dtype: str = "float32", rev
     _, module, cls = family
     adapter_cls = getattr(importlib.import_module(module), cls)
     try:
-        return adapter_cls.load(model_id, device=device, dtype=DTYPES[dtype], revision=revision)
+        adapter = adapter_cls.load(model_id, device=device, dtype=DTYPES[dtype], revision=revision)
     except NotImplementedError as e:
         raise ModelLoadError(str(e)) from None
+    return conform(adapter)

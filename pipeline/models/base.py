@@ -1,17 +1,21 @@
-"""The adapter protocol: what the pipeline needs to know about a model family.
+"""The adapter protocol: what the pipeline needs to know about a model family, and what families share.
 
-An adapter loads a model and its processor (eager attention), turns manifest
-rows into model inputs, names the tensors to capture (``HookPoint``), and,
-once the model has embedded a batch, returns its *layout*: the token table of
-every example and, per stream, where each token of the table sits in the
-model's sequence. Positions come from the model's own bookkeeping (ViLT, for
-one, samples and permutes image patches inside its embedding layer).
+An adapter (a subclass of :class:`Adapter`) loads a model and its processor (eager attention),
+turns manifest rows into model inputs (:class:`Inputs`: the model's inputs plus the adapter's own
+state for the batch), names the tensors to capture (``HookPoint``), runs the model
+(:class:`ForwardOutput`, one shape for every family), and, once the model has embedded a batch,
+returns its *layout*: the token table of every example and, per stream, where each token of the
+table sits in the model's sequence. Positions come from the model's own bookkeeping (ViLT, for
+one, samples and permutes image patches inside its embedding layer). Pixel boxes come from
+``pipeline.models.geometry``.
 """
 
 from __future__ import annotations
 
+import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +23,7 @@ import torch
 
 from lake.schema import ROLES_SPECIAL, TOKENS
 from pipeline.capture import HookPoint
+from pipeline.models.geometry import PatchGrid
 from pipeline.stats import TokenMasks
 
 TOKEN_SCHEMA = pa.schema([f for f in TOKENS.schema if f.name != "example_id"])
@@ -68,45 +73,318 @@ class Prediction:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class Adapter(Protocol):
-    family: str
-    model: torch.nn.Module
+class Inputs(dict):
+    """One batch as the adapter encoded it: the model's inputs, and the adapter's own state.
 
+    The mapping holds exactly the model's inputs (``model(**inputs)``); ``state`` holds what the
+    adapter keeps about the batch for itself (a tokenizer's padding mask, where the generated
+    tokens start, the patch positions ViLT sampled), never passed to the model. Both travel
+    together from ``encode`` through ``prepare`` and ``forward`` to ``layout``; :meth:`map` applies
+    a function to the tensors of both (to numpy for the input workers' pipe, to the device).
+    """
+
+    def __init__(self, tensors=(), state: dict[str, Any] | None = None):
+        super().__init__(tensors)
+        self.state: dict[str, Any] = dict(state or {})
+
+    def map(self, fn) -> "Inputs":
+        return Inputs({k: fn(v) for k, v in self.items()}, {k: fn(v) for k, v in self.state.items()})
+
+    def to(self, device) -> "Inputs":
+        return self.map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+
+    def __reduce__(self):
+        return Inputs, (dict(self), self.state)
+
+    def __repr__(self) -> str:
+        return f"Inputs({dict.__repr__(self)}, state={list(self.state)})"
+
+
+def map_inputs(inputs, fn):
+    """``fn`` over every tensor of a batch's inputs: an :class:`Inputs` keeps its state; a plain
+    dict (an adapter outside :class:`Adapter`) stays a plain dict."""
+    return inputs.map(fn) if isinstance(inputs, Inputs) else {k: fn(v) for k, v in inputs.items()}
+
+
+@dataclass
+class ForwardOutput:
+    """What ``Adapter.forward`` returns, for every family.
+
+    ``outputs`` is the model's own output object (its attributes read through: ``result.logits``);
+    ``generated`` a decoder's generated ids per example (up to and including eos; None for an
+    encoder); ``model_inputs`` the inputs the model ran on.
+    """
+
+    outputs: Any
+    generated: list[list[int]] | None = None
+    model_inputs: dict[str, Any] | None = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "outputs" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["outputs"], name)
+
+
+class Adapter(ABC):
+    """The protocol of a model family, and what the families share.
+
+    The pipeline (``pipeline.extract``) calls, per run: :meth:`load` (through
+    ``pipeline.models.load_adapter``), :meth:`streams`, :meth:`hook_points`; per batch, in input
+    workers: :meth:`encode` (then :meth:`rejects`, or :meth:`check_image` per image when the
+    processor fails on the batch); on the model's device: :meth:`prepare` (uncaptured),
+    :meth:`forward` (captured), :meth:`layout` (the token tables) and :meth:`predict`.
+
+    A family supplies :meth:`model_class` (which transformers class loads a checkpoint),
+    :meth:`encode`, :meth:`run` (the model call), :meth:`layout` and :meth:`predict`, and sets
+    ``configs`` (stream -> its sub-config) and ``paths`` (stream -> native module paths: see
+    :func:`stream_hook_points`) in ``__init__``. Optional capabilities, detected with ``hasattr``:
+    ``relevancy_targets(inputs, result)`` (``--explain relevancy``; ``relevancy_unavailable``, a
+    reason, where a checkpoint's head cannot) and ``lens()`` (``--explain lens``: final norm and
+    unembedding).
+    """
+
+    family: str = ""
+    model: torch.nn.Module
+    # roles a text token may have by its id, checked in this order (``_text_role``)
+    TEXT_ROLES: tuple[str, ...] = ("bos", "eos", "cls", "sep", "pad")
+    # sub-configs whose attention implementation must be eager once loaded (``require_eager``)
+    EAGER_PARTS: tuple[str, ...] = ("text_config", "vision_config")
+
+    def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu"):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.configs: dict[str, Any] = {}
+        self.paths: dict[str, dict[str, str]] = {}
+        self.first_hidden: dict[str, torch.nn.Module] = {}
+
+    # -- loading ------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def model_class(cls, config, model_id: str):
+        """The transformers class (or its name) that loads this checkpoint; raise
+        ``NotImplementedError`` with the reason for a checkpoint the family cannot take."""
+
+    @classmethod
+    def load_processor(cls, model_id: str, revision: str | None = None):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_id, revision=revision)
+
+    @classmethod
+    def load(cls, model_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             revision: str | None = None) -> "Adapter":
+        """Model (eager attention: SDPA and flash attention compute no weights) and processor from a
+        Hugging Face id or a local folder."""
+        import transformers
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_id, revision=revision)
+        klass = cls.model_class(config, model_id)
+        if isinstance(klass, str):
+            klass = getattr(transformers, klass)
+        model = klass.from_pretrained(model_id, revision=revision, attn_implementation="eager", dtype=dtype)
+        require_eager(model, model_id, klass.__name__, cls.EAGER_PARTS)
+        processor = cls.load_processor(model_id, revision)
+        return cls(model.to(device).eval(), processor, device)
+
+    # -- streams and hooks ----------------------------------------------------------
     def streams(self) -> dict[str, dict[str, int]]:
         """``{stream: {"layers": L, "heads": H, "hidden_size": D}}``."""
+        return stream_shapes(self.configs)
 
-    def hook_points(self, keep_hidden: set[int] | None) -> list[HookPoint]:
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
         """The tensors to capture; hidden states only for layers in ``keep_hidden`` (None = all)."""
+        return stream_hook_points(self.model, self.configs, self.paths, keep_hidden,
+                                  first_hidden=self.first_hidden or None, explain=explain)
 
+    # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:
-        """Raise ``pipeline.data.BadInput`` (stage ``image``) for an image this model's
-        processor cannot prepare, so that one example is skipped instead of its batch failing."""
+        """Raise ``pipeline.data.BadInput`` (stage ``image``) for an image this model's processor
+        cannot prepare, so that one example is skipped instead of its batch failing. By default
+        every image the loader accepts can be resized (and cropped) to the model's size."""
 
-    def encode(self, texts: list[str], images: list) -> tuple[dict[str, torch.Tensor], list[list[tuple[str, str]]]]:
+    def rejects(self, inputs: Inputs, images: list) -> dict[int, str]:
+        """``{position in the batch: why}`` for the examples of an encoded batch that the processor
+        prepared but the model cannot take (read from the inputs, so the processor runs once)."""
+        return {}
+
+    @abstractmethod
+    def encode(self, texts: list[str], images: list) -> tuple[Inputs, list[list[tuple[str, str]]]]:
         """Model inputs for a batch, on the host (it runs in input worker processes; the pipeline
         moves the tensors to the device), and notes per example (e.g. truncation)."""
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids: list[int] | None = None) -> Any:
-        """Run the model with attention on; returns its outputs. ``example_ids`` seed anything random
-        per example (ViLT's patch sampling), so that results do not depend on the batch."""
+    def prepare(self, inputs: Inputs) -> Inputs:
+        """Run before the captured pass, without hooks, on the device: a decoder generates its answer
+        here and appends it to the inputs. Encoders have nothing to do."""
+        return inputs
 
-    def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
-        """The batch's layout; valid once ``forward`` has embedded the batch."""
+    def truncation_notes(self, texts: list[str]) -> list[list[tuple[str, str]]]:
+        """A note per example whose text is longer than ``self.max_text`` tokens (it is truncated)."""
+        notes = []
+        for t in texts:
+            n = len(self.tokenizer(t, add_special_tokens=True)["input_ids"])
+            notes.append([("text", f"text truncated from {n} to {self.max_text} tokens (the model's limit)")]
+                         if n > self.max_text else [])
+        return notes
 
-    def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:
+    def _model_inputs(self, inputs) -> dict[str, Any]:
+        """The model's inputs of a batch (an :class:`Inputs`' mapping; a plain dict without the
+        bookkeeping keys older adapters kept in it)."""
+        return {k: v for k, v in inputs.items() if not k.startswith("vlatlas_")}
+
+    # -- the model --------------------------------------------------------------------
+    def forward(self, inputs: Inputs, example_ids: list[int] | None = None, grad: bool = False) -> ForwardOutput:
+        """The captured pass with attention on. ``example_ids`` seed anything random per example
+        (ViLT's patch sampling), so that results do not depend on the batch; ``grad`` builds the
+        autograd graph (``--explain relevancy``'s second pass)."""
+        kw = self._model_inputs(inputs)
+        with torch.set_grad_enabled(grad):
+            out = self.run(inputs, kw, example_ids)
+        return ForwardOutput(out, self.generated(inputs), kw)
+
+    @abstractmethod
+    def run(self, inputs: Inputs, model_inputs: dict[str, Any], example_ids: list[int] | None) -> Any:
+        """Call the model on ``model_inputs``; returns its own output object."""
+
+    def generated(self, inputs: Inputs) -> list[list[int]] | None:
+        """A decoder's generated ids per example (None for an encoder)."""
+        return None
+
+    # -- token tables -----------------------------------------------------------------
+    @abstractmethod
+    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
+        """The batch's token tables and, per stream, where each token sits in the model's sequence;
+        valid once ``forward`` has embedded the batch."""
+
+    def _text_role(self, token_id: int, piece: str | None = None, real: bool = True) -> str:
+        """A text token's role: ``pad`` where it is padding (``real`` False), else the first of
+        ``TEXT_ROLES`` whose tokenizer id it is, else ``word``."""
+        if not real:
+            return "pad"
+        tok = self.tokenizer
+        for role in self.TEXT_ROLES:
+            if getattr(tok, f"{role}_token_id", None) == token_id:
+                return role
+        return "word"
+
+    def _pieces(self, label: str) -> list[str]:
+        """A box label's word pieces, as the tokenizer cuts it (for grounding statistics)."""
+        return self.tokenizer.tokenize(label)
+
+    # -- answers ------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, result: ForwardOutput, answers: list[str | None]) -> list[Prediction]:
         """What the model answered for each example."""
 
 
+def conform(adapter):
+    """An adapter written before :class:`Adapter` had ``prepare``, ``check_image`` and ``rejects``
+    as optional methods: give such an instance the base's defaults, so the pipeline can call all
+    three. An :class:`Adapter` is returned as it is."""
+    if not isinstance(adapter, Adapter):
+        for name, default in (("prepare", lambda inputs: inputs), ("check_image", lambda image: None),
+                              ("rejects", lambda inputs, images: {})):
+            if not hasattr(adapter, name):
+                setattr(adapter, name, default)
+    return adapter
+
+
+def greedy_generation_config(model: torch.nn.Module, tokenizer, *, suppress: tuple[int, ...] = (),
+                             max_new_tokens: int | None = None, default_new_tokens: int = 16,
+                             prompt_length: int | None = None):
+    """The checkpoint's own generation config, made greedy, for the answer of a decoder.
+
+    A copy of ``model.generation_config``: ``suppress`` added to its ``suppress_tokens`` (a union,
+    never a replacement), its ``bad_words_ids``, ``eos_token_id`` (one id or a list) and other
+    logits processors kept; ``do_sample`` False and ``num_beams`` 1 (the captured teacher-forced
+    pass reproduces greedy decoding only). Length: the checkpoint's ``max_new_tokens`` or
+    ``max_length``; ``default_new_tokens`` when it sets neither (transformers' global default,
+    ``max_length`` 20 with the prompt, leaves an LVLM's long image prompt no room); a
+    ``max_new_tokens`` given here (the user's) caps either. ``pad_token_id`` falls back to the
+    tokenizer's, then to the first eos id.
+    """
+    gc = copy.deepcopy(model.generation_config)
+    have = list(gc.suppress_tokens or [])
+    gc.suppress_tokens = have + [int(t) for t in suppress if int(t) not in have] or None
+    gc.do_sample = False
+    gc.num_beams = 1
+    if gc.eos_token_id is None:
+        gc.eos_token_id = tokenizer.eos_token_id
+    if gc.pad_token_id is None:
+        eos = eos_ids(gc)
+        gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    if gc.max_new_tokens is None and gc.max_length is None:
+        gc.max_new_tokens = default_new_tokens
+    if max_new_tokens is not None:
+        room = gc.max_new_tokens
+        if room is None and prompt_length is not None:
+            room = gc.max_length - prompt_length
+        gc.max_new_tokens = max_new_tokens if room is None else max(0, min(room, max_new_tokens))
+    return gc
+
+
+def eos_ids(generation_config) -> list[int]:
+    """A generation config's end-of-sequence ids as a list (it may hold one id or several)."""
+    eos = generation_config.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
 def token_rows(**cols) -> pa.Table:
+    """A token table from its columns (lists, one value per token). ``tile`` may be left out: image
+    tokens are then tile 0 (the base image) and text tokens null; a tiling family gives its own."""
+    if "tile" not in cols:
+        cols["tile"] = [0 if m == "image" else None for m in cols["modality"]]
     return pa.table(cols, schema=TOKEN_SCHEMA)
 
 
+def text_columns(stream: str, pieces: list[str], roles: list[str], seq_pos: list[int]) -> dict[str, list]:
+    """Token-table columns of text tokens (see :func:`stack_columns`)."""
+    n = len(pieces)
+    return {"stream": [stream] * n, "modality": ["text"] * n, "role": list(roles), "token": list(pieces),
+            "seq_pos": list(seq_pos), "patch_row": [None] * n, "patch_col": [None] * n, "box": [None] * n}
+
+
+def image_columns(grid: PatchGrid, stream: str, image_cls: bool) -> dict[str, list]:
+    """Token-table columns of a vision tower's tokens: its image ``[CLS]`` (when it has one; boxed
+    with the whole processed image) then the patches in raster order; ``seq_pos`` as the tower
+    sees them (``[CLS]`` 0, patch ``(r, c)`` at ``[1 +] r * cols + c``: ``flatten(2)`` is row-major)."""
+    first = 1 if image_cls else 0
+    n, cells = first + len(grid.cells), grid.cells
+    return {"stream": [stream] * n, "modality": ["image"] * n,
+            "role": ["image_cls"] * first + ["patch"] * len(cells), "token": [None] * n,
+            "seq_pos": list(range(first)) + [first + r * grid.cols + c for r, c in cells],
+            "patch_row": [None] * first + [r for r, _ in cells], "patch_col": [None] * first + [c for _, c in cells],
+            "box": ([grid.whole] if first else []) + list(grid.boxes)}
+
+
+def stack_columns(*parts: dict[str, list]) -> pa.Table:
+    """One example's token table from column parts (:func:`text_columns`, :func:`image_columns`, or
+    a family's own with the same keys: ``box`` a 4-tuple in original pixels or None), in order:
+    ``token_idx`` numbers the rows, ``text_pos`` the text tokens. A ``tile`` key (every part's) is
+    passed on; without it image tokens are tile 0 (:func:`token_rows`)."""
+    cols = {k: [v for p in parts for v in p[k]] for k in parts[0]}
+    box = cols.pop("box")
+    text_pos, i = [], 0
+    for m in cols["modality"]:
+        text_pos.append(i if m == "text" else None)
+        i += m == "text"
+    extra = {"tile": cols["tile"]} if "tile" in cols else {}
+    return token_rows(token_idx=list(range(len(box))), stream=cols["stream"], modality=cols["modality"],
+                      role=cols["role"], token=cols["token"], seq_pos=cols["seq_pos"], text_pos=text_pos,
+                      patch_row=cols["patch_row"], patch_col=cols["patch_col"],
+                      **{name: [None if b is None else b[j] for b in box]
+                         for j, name in enumerate(("x0", "y0", "x1", "y1"))}, **extra)
+
+
 def token_table(*, n_text: int, n_image: int, stream: str, roles_text, roles_image, pieces, seq,
-                patch_row, patch_col, x0, y0, x1, y1) -> pa.Table:
+                patch_row, patch_col, x0, y0, x1, y1, tile=None) -> pa.Table:
     """One stream's token table from arrays: ``n_text`` text tokens then ``n_image`` image tokens.
 
     ``roles_text``/``pieces`` cover the text tokens; ``roles_image``, ``patch_row``/``patch_col``
-    (-1 = none) and the box ``x0..y1`` the image tokens; ``seq`` every token's sequence position.
+    (-1 = none), the box ``x0..y1`` and ``tile`` (default 0, the base image) the image tokens;
+    ``seq`` every token's sequence position.
     """
     n = n_text + n_image
     nulls_t = np.ones(n_text, bool)
@@ -128,6 +406,7 @@ def token_table(*, n_text: int, n_image: int, stream: str, roles_text, roles_ima
         "patch_row": img(pr, np.int32, pr < 0),
         "patch_col": img(pc, np.int32, pc < 0),
         "x0": img(x0, np.float32), "y0": img(y0, np.float32), "x1": img(x1, np.float32), "y1": img(y1, np.float32),
+        "tile": img(np.zeros(n_image) if tile is None else tile, np.int16),
     }, schema=TOKEN_SCHEMA)
 
 

@@ -40,12 +40,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor
 
-from pipeline.capture import HookPoint
-from pipeline.models.base import (BatchLayout, Prediction, boxed_masks, module_at, normalise_answer,
-                                  split_stream_layouts, stream_hook_points, stream_shapes, token_rows)
-from pipeline.models.dual import crop_geometry
+from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, boxed_masks, image_columns, module_at,
+                                  normalise_answer, split_stream_layouts, stack_columns, text_columns)
+from pipeline.models.geometry import crop_geometry, patch_grid
 
 MODULES = {
     "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
@@ -67,16 +65,14 @@ HEADS = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "retrie
 MAX_NEW_TOKENS = 10
 
 
-class BlipAdapter:
+class BlipAdapter(Adapter):
     """BLIP VQA / ITM: streams ``vision``, ``text`` and ``cross``."""
 
     family = "blip"
+    TEXT_ROLES = ("cls", "sep", "pad")  # and [ENC] / [DEC] are cls (``_text_role``)
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu"):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = device
+        super().__init__(model, processor, device)
         self.head = HEADS.get(type(model).__name__)
         if self.head is None:
             raise NotImplementedError(f"VL-Atlas supports BLIP as {', '.join(HEADS)}, not {type(model).__name__}")
@@ -87,59 +83,37 @@ class BlipAdapter:
         self.max_text = int(tc.max_position_embeddings)
         self.patch_size = int(vc.patch_size)
         self.configs = {"vision": vc, "text": tc, "cross": tc}
+        self.paths = MODULES
 
     @classmethod
-    def load(cls, model_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None):
-        import transformers
-
-        config = AutoConfig.from_pretrained(model_id, revision=revision)
+    def model_class(cls, config, model_id: str) -> str:
         arch = next((a for a in (config.architectures or []) if a in HEADS), None)
         if arch is None:
             raise NotImplementedError(
                 f"BLIP model {model_id!r} is a {', '.join(config.architectures or ['(no architecture)'])}; "
                 f"VL-Atlas supports {', '.join(HEADS)} (their text encoder attends to the image)")
-        model = getattr(transformers, arch).from_pretrained(model_id, revision=revision,
-                                                            attn_implementation="eager", dtype=dtype)
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        return cls(model.to(device).eval(), processor, device)
-
-    def streams(self) -> dict[str, dict[str, int]]:
-        return stream_shapes(self.configs)
-
-    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
-        return stream_hook_points(self.model, self.configs, MODULES, keep_hidden, explain=explain)
+        return arch
 
     # -- inputs ---------------------------------------------------------------------
-    def check_image(self, image) -> None:
-        """Every image the loader accepts can be resized to the tower's square."""
-
     def encode(self, texts: list[str], images: list):
-        notes = []
-        for t in texts:
-            n = len(self.tokenizer(t, add_special_tokens=True)["input_ids"])
-            notes.append([("text", f"text truncated from {n} to {self.max_text} tokens (the model's limit)")]
-                         if n > self.max_text else [])
-        enc = dict(self.processor(images=images, text=texts, return_tensors="pt", padding=True,
-                                  truncation=True, max_length=self.max_text))
+        notes = self.truncation_notes(texts)
+        enc = Inputs(self.processor(images=images, text=texts, return_tensors="pt", padding=True,
+                                    truncation=True, max_length=self.max_text))
         if "attention_mask" not in enc:
             enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-        return dict(enc), notes  # on the host: the pipeline moves them to the device
+        return enc, notes  # on the host: the pipeline moves them to the device
 
     def _model_inputs(self, inputs):
         return {k: inputs[k] for k in ("input_ids", "pixel_values", "attention_mask")}
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False):
-        """One pass of the vision tower and the image-grounded text encoder (the hooked modules);
-        ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
-        kw = self._model_inputs(inputs)
-        with torch.set_grad_enabled(grad):
-            if self.head == "vqa":  # forward needs decoder input: one start token (the decoder is not hooked)
-                start = torch.full((kw["input_ids"].shape[0], 1), self.model.decoder_start_token_id,
-                                   dtype=torch.long, device=kw["input_ids"].device)
-                out = self.model(**kw, decoder_input_ids=start, return_dict=True)
-            else:
-                out = self.model(**kw, use_itm_head=True, return_dict=True)
-        return {"outputs": out, "inputs": kw}
+    def run(self, inputs, model_inputs, example_ids):
+        """One pass of the vision tower and the image-grounded text encoder (the hooked modules)."""
+        kw = model_inputs
+        if self.head == "vqa":  # forward needs decoder input: one start token (the decoder is not hooked)
+            start = torch.full((kw["input_ids"].shape[0], 1), self.model.decoder_start_token_id,
+                               dtype=torch.long, device=kw["input_ids"].device)
+            return self.model(**kw, decoder_input_ids=start, return_dict=True)
+        return self.model(**kw, use_itm_head=True, return_dict=True)
 
     # -- relevancy (--explain relevancy) -----------------------------------------------
     @property
@@ -156,65 +130,35 @@ class BlipAdapter:
         if self.head != "retrieval":
             raise ValueError("--explain relevancy for BLIP explains the image-text matching head "
                              "(BlipForImageTextRetrieval); BLIP's VQA answer decoder is not captured")
-        score = outputs["outputs"].itm_score[:, 1]
+        score = outputs.itm_score[:, 1]
         row = torch.zeros_like(score, dtype=torch.long)
         return [{"stream": "text", "rule": "cross", "row": row, "score": score,
                  "active": torch.ones_like(score, dtype=torch.bool), "target": None}]
 
     # -- layout ---------------------------------------------------------------------
-    def _text_role(self, i: int, piece: str) -> str:
-        tok = self.tokenizer
-        if i == tok.cls_token_id or piece in ("[ENC]", "[DEC]"):
+    def _text_role(self, i: int, piece: str | None = None, real: bool = True) -> str:
+        if real and piece in ("[ENC]", "[DEC]"):  # the original BLIP's first tokens
             return "cls"
-        if i == tok.sep_token_id:
-            return "sep"
-        if i == tok.pad_token_id:
-            return "pad"
-        return "word"
+        return super()._text_role(i, piece, real)
 
-    def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
+    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
         ids = inputs["input_ids"].cpu()
         seen = inputs["attention_mask"].cpu().bool()
         ph, pw = inputs["pixel_values"].shape[-2:]
-        ps = self.patch_size
-        gh, gw = ph // ps, pw // ps
         tables, text_orders, vis_orders, offsets, grids = [], [], [], [], []
         for b in range(ids.shape[0]):
             text_pos = torch.nonzero(seen[b]).flatten().tolist()
             tid = ids[b, text_pos].tolist()
             pieces = self.tokenizer.convert_ids_to_tokens(tid)
             roles = [self._text_role(i, p) for i, p in zip(tid, pieces)]
-            W, H = images[b].size
-            sx, sy, left, top, ow, oh = crop_geometry(self.processor.image_processor, W, H)
-            if (ow, oh) != (pw, ph):
-                raise RuntimeError(f"the image processor made a {pw}x{ph} image where its settings say "
-                                   f"{ow}x{oh}; VL-Atlas cannot place patches on the original image")
-
-            def px(u, v):
-                return min(max((u + left) / sx, 0.0), float(W)), min(max((v + top) / sy, 0.0), float(H))
-
-            rc = [(r, c) for r in range(gh) for c in range(gw)]
-            bx = [px(0, 0) + px(pw, ph)] + [px(c * ps, r * ps) + px((c + 1) * ps, (r + 1) * ps) for r, c in rc]
-            nt, nv = len(text_pos), 1 + len(rc)
-            none_t, none_v = [None] * nt, [None] * nv
-            vis_seq = [0] + [1 + r * gw + c for r, c in rc]
-            tables.append(token_rows(
-                token_idx=list(range(nt + nv)),
-                stream=["text"] * nt + ["vision"] * nv,
-                modality=["text"] * nt + ["image"] * nv,
-                role=roles + ["image_cls"] + ["patch"] * len(rc),
-                token=pieces + none_v,
-                seq_pos=text_pos + vis_seq,
-                text_pos=list(range(nt)) + none_v,
-                patch_row=none_t + [None] + [r for r, _ in rc],
-                patch_col=none_t + [None] + [c for _, c in rc],
-                x0=none_t + [q[0] for q in bx], y0=none_t + [q[1] for q in bx],
-                x1=none_t + [q[2] for q in bx], y1=none_t + [q[3] for q in bx],
-            ))
+            W, H = images[b].size  # resized to a square, no crop: x and y scales differ
+            grid = patch_grid(crop_geometry(self.processor.image_processor, W, H), W, H, (pw, ph), self.patch_size)
+            vision = image_columns(grid, "vision", image_cls=True)
+            tables.append(stack_columns(text_columns("text", pieces, roles, text_pos), vision))
             text_orders.append(text_pos)
-            vis_orders.append(vis_seq)
-            offsets.append(nt)
-            grids.append((gh, gw))
+            vis_orders.append(vision["seq_pos"])
+            offsets.append(len(text_pos))
+            grids.append((grid.rows, grid.cols))
         text_sl, vis_sl = split_stream_layouts(tables, offsets, text_orders, vis_orders, boxes, self._pieces)
         nq, nk = text_sl.valid.shape[1], vis_sl.valid.shape[1]
         in_box = torch.zeros(len(tables), nq, nk, dtype=torch.bool)
@@ -228,12 +172,9 @@ class BlipAdapter:
         return BatchLayout(tables, {"text": text_sl, "vision": vis_sl, "cross": cross_sl}, grids,
                            keys={"cross": "vision"})
 
-    def _pieces(self, label: str) -> list[str]:
-        return self.tokenizer.tokenize(label)
-
     # -- predictions ----------------------------------------------------------------
     def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:
-        out, kw = outputs["outputs"], outputs["inputs"]
+        out, kw = outputs.outputs, outputs.model_inputs
         if self.head == "retrieval":
             p = torch.softmax(out.itm_score.float(), dim=-1)[:, 1].tolist()
             return [Prediction(f"{x:.4f}", None, {"itm_match_probability": x}) for x in p]

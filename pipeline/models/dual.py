@@ -31,13 +31,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import AutoConfig, AutoProcessor
 
-from pipeline.capture import HookPoint
-from pipeline.models.base import (BatchLayout, Prediction, encoder_relevancy_targets, require_eager, stream_hook_points,
-                                  split_stream_layouts, stream_shapes, token_rows)
+from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, encoder_relevancy_targets,
+                                  image_columns, split_stream_layouts, stack_columns, text_columns)
+from pipeline.models.geometry import crop_geometry, patch_grid
 
 # Native module paths -> (stream, layer): one dict per family (docs/DESIGN.md, Model adapters). Attention modules
 # (CLIPAttention / SiglipAttention) return (attn_output, attn_weights); encoder layers return
@@ -72,118 +70,42 @@ MODULES = {
 MODEL_CLASS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 STREAMS = ("text", "vision")  # token-table order: text tokens first
 HAS_IMAGE_CLS = {"clip": True, "siglip": False}
-REAL_MASK = "vlatlas_text_real"  # key of the tokenizer's own padding mask in encode()'s inputs
+REAL_MASK = "text_real"  # key of the tokenizer's own padding mask in the batch's Inputs.state
 
 
-def _size(sd, key):
-    """A key of an image processor's size dict (``SizeDict`` or plain dict)."""
-    if sd is None:
-        return None
-    return sd.get(key) if isinstance(sd, dict) else getattr(sd, key, None)
-
-
-def crop_geometry(image_processor, width: int, height: int) -> tuple[float, float, int, int, int, int]:
-    """Where the processed image lies in the original one.
-
-    Returns ``(sx, sy, left, top, out_w, out_h)``: processed pixel ``(u, v)`` comes from original
-    pixel ``((u + left) / sx, (v + top) / sy)``, with ``sx``/``sy`` the resize scale and
-    ``left``/``top`` the centre crop's offset in the resized image (negative where the crop pads);
-    ``out_w``/``out_h`` the processed size. Uses transformers' own size helpers.
-    """
-    from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
-
-    ip = image_processor
-    rw, rh = width, height
-    if getattr(ip, "do_resize", True):
-        size = ip.size
-        short, long_, h, w = (_size(size, k) for k in ("shortest_edge", "longest_edge", "height", "width"))
-        if short and long_:
-            rh, rw = get_size_with_aspect_ratio((height, width), short, long_)
-        elif short:
-            rh, rw = get_resize_output_image_size(np.zeros((1, height, width)), size=short,
-                                                  default_to_square=False, input_data_format="channels_first")
-        elif h and w:
-            rh, rw = h, w
-        else:
-            raise NotImplementedError(f"VL-Atlas cannot map boxes through {type(ip).__name__}'s resize "
-                                      f"to {size}; supported: shortest_edge, height/width")
-    sx, sy = rw / width, rh / height
-    left = top = 0
-    ow, oh = rw, rh
-    if getattr(ip, "do_center_crop", False):
-        ch, cw = int(_size(ip.crop_size, "height")), int(_size(ip.crop_size, "width"))
-        pil = type(ip).__name__.endswith("Pil")  # numpy backend pads ceil(d/2) on the left, torchvision floor
-
-        def offset(full, crop):
-            if crop <= full:
-                return (full - crop) // 2
-            d = crop - full
-            return -((d + 1) // 2 if pil else d // 2)
-
-        left, top, ow, oh = offset(rw, cw), offset(rh, ch), cw, ch
-    return sx, sy, left, top, ow, oh
-
-
-class DualEncoderAdapter:
+class DualEncoderAdapter(Adapter):
     """CLIPModel / SiglipModel: streams ``text`` and ``vision``."""
 
     family = "dual"
+    TEXT_ROLES = ("bos", "eos", "cls", "sep")  # padding: by the tokenizer's own mask
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu"):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = device
+        super().__init__(model, processor, device)
         self.kind = "siglip" if model.config.model_type == "siglip" else "clip"
         self.family = self.kind
         tc, vc = model.config.text_config, model.config.vision_config
         self.max_text = int(tc.max_position_embeddings)
         self.patch_size = int(vc.patch_size)
         self.configs = {"text": tc, "vision": vc}
+        self.paths = {s: MODULES[self.kind][s] for s in STREAMS}
 
-    # -- loading ------------------------------------------------------------------
     @classmethod
-    def load(cls, model_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None):
-        import transformers
-
-        config = AutoConfig.from_pretrained(model_id, revision=revision)
-        kind = "siglip" if config.model_type == "siglip" else "clip"
-        model = getattr(transformers, MODEL_CLASS[kind]).from_pretrained(
-            model_id, revision=revision, attn_implementation="eager", dtype=dtype)
-        require_eager(model, model_id, MODEL_CLASS[kind])
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        return cls(model.to(device).eval(), processor, device)
-
-    def streams(self) -> dict[str, dict[str, int]]:
-        return stream_shapes(self.configs)
-
-    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
-        return stream_hook_points(self.model, self.configs, {s: MODULES[self.kind][s] for s in STREAMS}, keep_hidden,
-                                  explain=explain)
+    def model_class(cls, config, model_id: str) -> str:
+        return MODEL_CLASS["siglip" if config.model_type == "siglip" else "clip"]
 
     # -- inputs ---------------------------------------------------------------------
-    def check_image(self, image) -> None:
-        """Every image the loader accepts can be resized (and cropped) to the tower's size."""
-
     def encode(self, texts: list[str], images: list):
-        notes: list[list[tuple[str, str]]] = []
-        for t in texts:
-            n = len(self.tokenizer(t, add_special_tokens=True)["input_ids"])
-            notes.append([("text", f"text truncated from {n} to {self.max_text} tokens (the model's limit)")]
-                         if n > self.max_text else [])
+        notes = self.truncation_notes(texts)
         # SigLIP was trained on text padded to max_length; CLIP pads to the batch's longest text.
         padding = "max_length" if self.kind == "siglip" else True
         kw = dict(padding=padding, truncation=True, max_length=self.max_text)
-        enc = dict(self.processor(images=images, text=texts, return_tensors="pt", **kw))
+        enc = self.processor(images=images, text=texts, return_tensors="pt", **kw)
         real = self.tokenizer(texts, return_tensors="pt", return_attention_mask=True, **kw)["attention_mask"]
-        enc[REAL_MASK] = real  # [batch, T] 1 = not padding (bookkeeping only; not a model input)
-        return dict(enc), notes  # on the host: the pipeline moves them to the device
+        # [batch, T] 1 = not padding: bookkeeping only, not a model input
+        return Inputs(enc, {REAL_MASK: real}), notes  # on the host: the pipeline moves them to the device
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False):
-        """``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
-        model_inputs = {k: v for k, v in inputs.items() if k != REAL_MASK}
-        with torch.set_grad_enabled(grad):
-            return self.model(**model_inputs, output_attentions=True, return_dict=True)
+    def run(self, inputs, model_inputs, example_ids):
+        return self.model(**model_inputs, output_attentions=True, return_dict=True)
 
     # -- relevancy (--explain relevancy) -----------------------------------------------
     def relevancy_targets(self, inputs, outputs) -> list[dict]:
@@ -206,68 +128,28 @@ class DualEncoderAdapter:
         return {"text": text, "vision": torch.zeros_like(text)}
 
     # -- layout ---------------------------------------------------------------------
-    def _text_role(self, i: int, real: bool) -> str:
-        tok = self.tokenizer
-        if not real:
-            return "pad"
-        for role in ("bos", "eos", "cls", "sep"):
-            if getattr(tok, f"{role}_token_id", None) == i:
-                return role
-        return "word"
-
-    def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
+    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
         ids = inputs["input_ids"].cpu()  # [batch, T]
-        real = inputs[REAL_MASK].cpu().bool()  # [batch, T]
+        real = inputs.state[REAL_MASK].cpu().bool()  # [batch, T]
         # tokens the model attends to: those of its attention mask, or all when it gets none
         seen = inputs["attention_mask"].cpu().bool() if "attention_mask" in inputs else torch.ones_like(real)
         ph, pw = inputs["pixel_values"].shape[-2:]  # [batch, channel, height, width]
-        ps = self.patch_size
-        gh, gw = ph // ps, pw // ps
-        first = 1 if HAS_IMAGE_CLS[self.kind] else 0
         tables, text_orders, vis_orders, offsets, grids = [], [], [], [], []
         for b in range(ids.shape[0]):
             text_pos = torch.nonzero(seen[b]).flatten().tolist()
             tid = ids[b, text_pos].tolist()
             pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            roles = [self._text_role(i, bool(real[b, p])) for i, p in zip(tid, text_pos)]
+            roles = [self._text_role(i, real=bool(real[b, p])) for i, p in zip(tid, text_pos)]
             W, H = images[b].size
-            sx, sy, left, top, ow, oh = crop_geometry(self.processor.image_processor, W, H)
-            if (ow, oh) != (pw, ph):
-                raise RuntimeError(f"the image processor made a {pw}x{ph} image where its settings say "
-                                   f"{ow}x{oh}; VL-Atlas cannot place patches on the original image")
-
-            def px(u, v):  # processed pixel -> original pixel, clipped to the image
-                return min(max((u + left) / sx, 0.0), float(W)), min(max((v + top) / sy, 0.0), float(H))
-
-            rc = [(r, c) for r in range(gh) for c in range(gw)]  # raster order
-            bx = [px(c * ps, r * ps) + px((c + 1) * ps, (r + 1) * ps) for r, c in rc]
-            nt, nv = len(text_pos), first + len(rc)
-            cls_box = [px(0, 0) + px(pw, ph)] if first else []  # the image [CLS] sees the processed image
-            bx = cls_box + bx
-            none_t, none_v = [None] * nt, [None] * nv
-            vis_seq = list(range(first)) + [first + r * gw + c for r, c in rc]
-            tables.append(token_rows(
-                token_idx=list(range(nt + nv)),
-                stream=["text"] * nt + ["vision"] * nv,
-                modality=["text"] * nt + ["image"] * nv,
-                role=roles + ["image_cls"] * first + ["patch"] * len(rc),
-                token=pieces + none_v,
-                seq_pos=text_pos + vis_seq,
-                text_pos=list(range(nt)) + none_v,
-                patch_row=none_t + [None] * first + [r for r, _ in rc],
-                patch_col=none_t + [None] * first + [c for _, c in rc],
-                x0=none_t + [q[0] for q in bx], y0=none_t + [q[1] for q in bx],
-                x1=none_t + [q[2] for q in bx], y1=none_t + [q[3] for q in bx],
-            ))
+            grid = patch_grid(crop_geometry(self.processor.image_processor, W, H), W, H, (pw, ph), self.patch_size)
+            vision = image_columns(grid, "vision", HAS_IMAGE_CLS[self.kind])
+            tables.append(stack_columns(text_columns("text", pieces, roles, text_pos), vision))
             text_orders.append(text_pos)
-            vis_orders.append(vis_seq)
-            offsets.append(nt)
-            grids.append((gh, gw))
+            vis_orders.append(vision["seq_pos"])
+            offsets.append(len(text_pos))
+            grids.append((grid.rows, grid.cols))
         text_sl, vis_sl = split_stream_layouts(tables, offsets, text_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"text": text_sl, "vision": vis_sl}, grids)
-
-    def _pieces(self, label: str) -> list[str]:
-        return self.tokenizer.tokenize(label)
 
     # -- predictions ----------------------------------------------------------------
     def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:

@@ -39,22 +39,24 @@ Token table of one example, one index space::
   (through the processor's pad-to-square, resize and centre crop).
 
 ``prediction`` is the generated text (special tokens skipped, stripped); ``correct`` compares it
-with the manifest's answer after ``normalise_answer``. The image placeholder is suppressed during
-generation (a generated ``<image>`` would make the teacher-forced pass ask for a second image).
+with the manifest's answer after ``normalise_answer``. The answer is the model's own greedy answer
+under the checkpoint's own generation config (``base.greedy_generation_config``: its suppressed
+and bad words, its eos list, its ``max_new_tokens`` or ``max_length``; :data:`MAX_NEW_TOKENS` new
+tokens when it sets no length; ``max_new_tokens`` given to the adapter caps it). The image
+placeholder is added to the suppressed tokens (a generated ``<image>`` would make the
+teacher-forced pass ask for a second image).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor
 
-from pipeline.capture import HookPoint
-from pipeline.models.base import (BatchLayout, Prediction, module_at, normalise_answer, require_eager,
-                                  split_stream_layouts, stream_hook_points, stream_shapes, token_rows)
-from pipeline.models.dual import crop_geometry
+from pipeline.models.base import (Adapter, BatchLayout, ForwardOutput, Inputs, Prediction, eos_ids,
+                                  greedy_generation_config, image_columns, module_at, normalise_answer,
+                                  split_stream_layouts, stack_columns)
+from pipeline.models.geometry import pad_square_geometry, patch_grid
 
 # Native module paths -> (stream, layer). Attention modules return (attn_output, attn_weights).
 # ``hidden_0`` of ``lm`` is the language model's ``inputs_embeds`` (text embeddings with the
@@ -75,9 +77,9 @@ MODULES = {
     },
 }
 STREAMS = ("lm", "vision")  # token-table order: the language model's sequence first
-MAX_NEW_TOKENS = 16
-# bookkeeping keys in encode()/prepare()'s inputs (not model inputs)
-GEN_START = "vlatlas_gen_start"  # [batch] long: index of the first generated token
+MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
+# key in the batch's Inputs.state (set by prepare(); not a model input)
+GEN_START = "gen_start"  # [batch] long: index of the first generated token
 
 
 class _Probe(torch.nn.Module):
@@ -87,24 +89,19 @@ class _Probe(torch.nn.Module):
         return x
 
 
-@dataclass
-class LlavaOutputs:
-    outputs: Any
-    generated: list[list[int]]  # per example, the generated ids (up to and including eos)
+LlavaOutputs = ForwardOutput  # what forward() returns: outputs, generated ids (up to and including eos)
 
 
-class LlavaAdapter:
+class LlavaAdapter(Adapter):
     """LlavaForConditionalGeneration: streams ``lm`` and ``vision``."""
 
     family = "llava"
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
-                 max_new_tokens: int = MAX_NEW_TOKENS):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+                 max_new_tokens: int | None = None):
+        """``max_new_tokens``: a cap on the answer's length (default: the checkpoint's own)."""
+        super().__init__(model, processor, device)
         self.tokenizer.padding_side = "left"  # generation pads on the left
-        self.device = device
         self.max_new_tokens = max_new_tokens
         cfg = model.config
         self.configs = {"lm": cfg.text_config, "vision": cfg.vision_config}
@@ -122,14 +119,16 @@ class LlavaAdapter:
         if not hasattr(tower, "pre_layrnorm"):  # e.g. a SigLIP tower: hidden 0 is the embeddings' output
             self.paths = {**self.paths, "vision": {**self.paths["vision"],
                                                    "hidden_0": "model.vision_tower.embeddings"}}
+        self.paths = {s: self.paths[s] for s in STREAMS}
         self.probe = _Probe()
+        self.first_hidden = {"lm": self.probe}
         lm = module_at(model, "model.language_model")
         lm.register_forward_pre_hook(self._feed_probe, with_kwargs=True)
 
-    def relevancy_targets(self, inputs, outputs: LlavaOutputs) -> list[dict]:
+    def relevancy_targets(self, inputs, outputs: ForwardOutput) -> list[dict]:
         """``--explain relevancy`` targets of a decoder: each generated token, scored by its logit at
         the position before it (the one that predicted it) and read there, in the ``lm`` stream."""
-        ids, start = inputs["input_ids"], inputs[GEN_START]
+        ids, start = inputs["input_ids"], inputs.state[GEN_START]
         logits = outputs.outputs.logits
         dev = logits.device
         out = []
@@ -153,31 +152,14 @@ class LlavaAdapter:
 
     # -- loading ------------------------------------------------------------------
     @classmethod
-    def load(cls, model_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None):
-        from transformers import LlavaForConditionalGeneration
-
-        config = AutoConfig.from_pretrained(model_id, revision=revision)
+    def model_class(cls, config, model_id: str) -> str:
         if "LlavaForConditionalGeneration" not in (getattr(config, "architectures", None) or
                                                    ["LlavaForConditionalGeneration"]):
             raise NotImplementedError(f"{model_id!r} is a {config.architectures}; VL-Atlas's llava adapter "
                                       "handles LlavaForConditionalGeneration")
-        model = LlavaForConditionalGeneration.from_pretrained(
-            model_id, revision=revision, attn_implementation="eager", dtype=dtype)
-        require_eager(model, model_id, "LlavaForConditionalGeneration")
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        return cls(model.to(device).eval(), processor, device)
-
-    def streams(self) -> dict[str, dict[str, int]]:
-        return stream_shapes(self.configs)
-
-    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
-        return stream_hook_points(self.model, self.configs, {s: self.paths[s] for s in STREAMS}, keep_hidden,
-                                  first_hidden={"lm": self.probe}, explain=explain)
+        return "LlavaForConditionalGeneration"
 
     # -- inputs ---------------------------------------------------------------------
-    def check_image(self, image) -> None:
-        """Every image the loader accepts can be resized (and cropped) to the tower's size."""
-
     def prompt(self, text: str) -> str:
         """The prompt for one question: the processor's chat template when it has one, else
         ``"<image> question"``."""
@@ -188,76 +170,70 @@ class LlavaAdapter:
 
     def encode(self, texts: list[str], images: list):
         prompts = [self.prompt(t) for t in texts]
-        enc = dict(self.processor(images=images, text=prompts, return_tensors="pt", padding=True))
-        return dict(enc), [[] for _ in texts]  # on the host
+        enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        return Inputs(enc), [[] for _ in texts]  # on the host
 
-    def _model_inputs(self, inputs):
-        return {k: v for k, v in inputs.items() if not k.startswith("vlatlas_")}
+    def generation_config(self, prompt_length: int | None = None):
+        """The checkpoint's own generation config, greedy, with ``<image>`` added to its suppressed
+        tokens (``base.greedy_generation_config``)."""
+        return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
+                                        max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
+                                        prompt_length=prompt_length)
 
-    def prepare(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Generate the answer greedily (no capture) and append it to the inputs."""
-        tok = self.tokenizer
+    def prepare(self, inputs: Inputs) -> Inputs:
+        """Generate the answer greedily (no capture) and append it to the inputs; where the answer
+        starts goes to the batch's state (``GEN_START``)."""
         mi = self._model_inputs(inputs)
         P = mi["input_ids"].shape[1]
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = tok.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        gc = self.generation_config(P)
+        stops = set(eos_ids(gc))
         with torch.no_grad():
-            seq = self.model.generate(**mi, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                      suppress_tokens=[self.image_token_id], pad_token_id=pad,
-                                      num_beams=1)
+            seq = self.model.generate(**mi, generation_config=gc)
         new = seq[:, P:]  # [batch, n]
         keep = torch.ones_like(new, dtype=torch.bool)
         for b in range(new.shape[0]):
             row = new[b].tolist()
-            stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            stop = next((i for i, t in enumerate(row) if t in stops), None)
             if stop is not None:
                 keep[b, stop + 1:] = False
-        out = dict(inputs)
+        out = Inputs(mi, getattr(inputs, "state", None))
         out["input_ids"] = seq
         out["attention_mask"] = torch.cat([mi["attention_mask"], keep.to(mi["attention_mask"].dtype)], dim=1)
-        out[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
+        out.state[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False) -> LlavaOutputs:
-        """One teacher-forced pass over prompt + generated tokens (``prepare`` must have run);
-        ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
-        if GEN_START not in inputs:
-            inputs.update(self.prepare(inputs))
-        with torch.set_grad_enabled(grad):
-            out = self.model(**self._model_inputs(inputs), use_cache=False, return_dict=True)
-        ids, mask, start = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool(), inputs[GEN_START].cpu()
-        gen = [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
-        return LlavaOutputs(out, gen)
+    def forward(self, inputs: Inputs, example_ids=None, grad: bool = False) -> ForwardOutput:
+        """One teacher-forced pass over prompt + generated tokens (``prepare`` runs first when it has
+        not); ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
+        if GEN_START not in getattr(inputs, "state", {}):
+            prepared = self.prepare(inputs)
+            inputs.update(prepared)
+            if isinstance(inputs, Inputs):
+                inputs.state.update(prepared.state)
+            else:
+                inputs = prepared
+        return super().forward(inputs, example_ids, grad)
+
+    def run(self, inputs, model_inputs, example_ids):
+        return self.model(**model_inputs, use_cache=False, return_dict=True)
+
+    def generated(self, inputs: Inputs) -> list[list[int]]:
+        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+        start = inputs.state[GEN_START].cpu()
+        return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
 
     # -- layout ---------------------------------------------------------------------
-    def _text_role(self, i: int) -> str:
-        tok = self.tokenizer
-        for role in ("bos", "eos", "cls", "sep", "pad"):
-            if getattr(tok, f"{role}_token_id", None) == i:
-                return role
-        return "word"
-
     def _geometry(self, W: int, H: int):
-        """``(sx, sy, left, top, out_w, out_h)`` as ``crop_geometry``, with a pad-to-square first."""
-        ip = self.processor.image_processor
-        if getattr(ip, "do_pad", False):  # LlavaImageProcessor: pad to a centred square, then resize
-            S = max(W, H)
-            sx, sy, left, top, ow, oh = crop_geometry(ip, S, S)
-            # processed (u, v) <- padded ((u + left) / sx, ...) <- original (... - pad_x)
-            return sx, sy, left - (S - W) // 2 * sx, top - (S - H) // 2 * sy, ow, oh
-        return crop_geometry(ip, W, H)
+        """``(sx, sy, left, top, out_w, out_h)`` as ``crop_geometry``, with a pad-to-square first
+        (LlavaImageProcessor's ``do_pad``)."""
+        return pad_square_geometry(self.processor.image_processor, W, H)
 
-    def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
+    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
         ids = inputs["input_ids"].cpu()
         seen = inputs["attention_mask"].cpu().bool()
-        start = inputs[GEN_START].cpu().tolist() if GEN_START in inputs else [ids.shape[1]] * ids.shape[0]
+        state = getattr(inputs, "state", {})
+        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
         ph, pw = inputs["pixel_values"].shape[-2:]
-        ps = self.patch_size
-        gh, gw = ph // ps, pw // ps
-        first = 1 if self.tower_cls else 0
         full = self.strategy == "full"
         if full and not self.tower_cls:
             raise NotImplementedError("vision_feature_select_strategy='full' on a tower without a CLS token")
@@ -268,75 +244,39 @@ class LlavaAdapter:
             tid = ids[b, pos].tolist()
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             n_img = sum(is_img)
+            W, H = images[b].size
+            grid = patch_grid(self._geometry(W, H), W, H, (pw, ph), self.patch_size)
+            gh, gw = grid.rows, grid.cols
             if n_img != gh * gw + (1 if full else 0):
                 raise RuntimeError(f"example has {n_img} image tokens where a {gh}x{gw} grid and "
                                    f"vision_feature_select_strategy={self.strategy!r} make "
                                    f"{gh * gw + (1 if full else 0)}")
-            W, H = images[b].size
-            sx, sy, left, top, ow, oh = self._geometry(W, H)
-            if (ow, oh) != (pw, ph):
-                raise RuntimeError(f"the image processor made a {pw}x{ph} image where its settings say "
-                                   f"{ow}x{oh}; VL-Atlas cannot place patches on the original image")
-
-            def px(u, v):  # processed pixel -> original pixel, clipped to the image
-                return min(max((u + left) / sx, 0.0), float(W)), min(max((v + top) / sy, 0.0), float(H))
-
-            rc = [(r, c) for r in range(gh) for c in range(gw)]
-            pbox = [px(c * ps, r * ps) + px((c + 1) * ps, (r + 1) * ps) for r, c in rc]
-            cls_box = px(0, 0) + px(pw, ph)
             pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            lm = {k: [] for k in ("modality", "role", "token", "text_pos", "row", "col", "box")}
-            k = nt = 0
+            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box")}
+            k = 0
             for i, p, img, piece in zip(tid, pos, is_img, pieces):
-                if img:
-                    j = k - 1 if full else k  # patch index of image token k (-1: the tower's CLS)
-                    lm["modality"].append("image")
-                    lm["role"].append("image_cls" if j < 0 else "patch")
-                    lm["token"].append(None)
-                    lm["text_pos"].append(None)
-                    lm["row"].append(None if j < 0 else rc[j][0])
-                    lm["col"].append(None if j < 0 else rc[j][1])
-                    lm["box"].append(cls_box if j < 0 else pbox[j])
-                    k += 1
-                else:
-                    lm["modality"].append("text")
-                    lm["role"].append("generated" if p >= start[b] else self._text_role(i))
-                    lm["token"].append(piece)
-                    lm["text_pos"].append(nt)
-                    lm["row"].append(None)
-                    lm["col"].append(None)
-                    lm["box"].append(None)
-                    nt += 1
-            n_lm, nv = len(pos), first + len(rc)
-            none_v = [None] * nv
-            vbox = ([cls_box] if first else []) + pbox
-            vis_seq = list(range(first)) + [first + r * gw + c for r, c in rc]
-            lbox = lm["box"]
-            tables.append(token_rows(
-                token_idx=list(range(n_lm + nv)),
-                stream=["lm"] * n_lm + ["vision"] * nv,
-                modality=lm["modality"] + ["image"] * nv,
-                role=lm["role"] + ["image_cls"] * first + ["patch"] * len(rc),
-                token=lm["token"] + none_v,
-                seq_pos=[p - p0 for p in pos] + vis_seq,
-                text_pos=lm["text_pos"] + none_v,
-                patch_row=lm["row"] + [None] * first + [r for r, _ in rc],
-                patch_col=lm["col"] + [None] * first + [c for _, c in rc],
-                **{name: [q[i] if q else None for q in lbox] + [q[i] for q in vbox]
-                   for i, name in enumerate(("x0", "y0", "x1", "y1"))},
-            ))
+                j = (k - 1 if full else k) if img else None  # patch index of image token k (-1: the tower's CLS)
+                lm["stream"].append("lm")
+                lm["modality"].append("image" if img else "text")
+                lm["role"].append(("image_cls" if j < 0 else "patch") if img else
+                                  "generated" if p >= start[b] else self._text_role(i))
+                lm["token"].append(None if img else piece)
+                lm["seq_pos"].append(p - p0)
+                lm["patch_row"].append(grid.cells[j][0] if img and j >= 0 else None)
+                lm["patch_col"].append(grid.cells[j][1] if img and j >= 0 else None)
+                lm["box"].append((grid.whole if j < 0 else grid.boxes[j]) if img else None)
+                k += img
+            vision = image_columns(grid, "vision", self.tower_cls)
+            tables.append(stack_columns(lm, vision))
             lm_orders.append(pos)
-            vis_orders.append(vis_seq)
-            offsets.append(n_lm)
+            vis_orders.append(vision["seq_pos"])
+            offsets.append(len(pos))
             grids.append((gh, gw))
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
 
-    def _pieces(self, label: str) -> list[str]:
-        return self.tokenizer.tokenize(label)
-
     # -- predictions ----------------------------------------------------------------
-    def predict(self, outputs: LlavaOutputs, answers: list[str | None]) -> list[Prediction]:
+    def predict(self, outputs: ForwardOutput, answers: list[str | None]) -> list[Prediction]:
         preds = []
         for gen, ans in zip(outputs.generated, answers):
             text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()

@@ -26,12 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoProcessor
 
-from pipeline.capture import HookPoint
 from pipeline.data import BadInput
-from pipeline.models.base import (BatchLayout, Prediction, encoder_relevancy_targets, module_at, normalise_answer,
-                                  stream_hook_points, stream_layout, stream_shapes, token_table)
+from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, encoder_relevancy_targets, module_at,
+                                  normalise_answer, stream_layout, token_table)
 
 # Native module paths -> (stream, layer): one dict per family (docs/DESIGN.md, Model adapters).
 MODULES = {
@@ -54,27 +52,24 @@ HEADS = {
 }
 
 
-class ViltAdapter:
+class ViltAdapter(Adapter):
     family = "vilt"
+    TEXT_ROLES = ("cls", "sep")  # padding gets no weight and is left out of the table
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu"):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = device
+        super().__init__(model, processor, device)
         self.head = HEADS.get(type(model).__name__)
         self.prefix = "" if type(model).__name__ == "ViltModel" else "vilt."
-        self._record: dict[str, torch.Tensor] = {}
+        self._record: dict[str, torch.Tensor] = {}  # patch positions of the last plain-dict batch
         cfg = model.config
         self.max_text = int(getattr(cfg, "max_position_embeddings", 40))
         self.patch_size = int(cfg.patch_size)
+        self.configs = {STREAM: cfg}
+        self.paths = {STREAM: {k: self._path(k, layer="{layer}") for k in MODULES}}
 
     # -- loading ------------------------------------------------------------------
     @classmethod
-    def load(cls, model_id: str, device: str = "cpu", dtype: torch.dtype = torch.float32, revision: str | None = None):
-        import transformers
-
-        config = AutoConfig.from_pretrained(model_id, revision=revision)
+    def model_class(cls, config, model_id: str) -> str:
         arch = (getattr(config, "architectures", None) or ["ViltModel"])[0]
         if arch not in HEADS:
             arch = "ViltModel"
@@ -84,22 +79,11 @@ class ViltAdapter:
                 "its manifests need an image pair, which VL-Atlas does not read yet. "
                 "Load the checkpoint's encoder with ViltModel instead."
             )
-        model = getattr(transformers, arch).from_pretrained(
-            model_id, revision=revision, attn_implementation="eager", dtype=dtype
-        )
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
-        return cls(model.to(device).eval(), processor, device)
+        return arch
 
     def _path(self, key: str, **kw) -> str:
         path = MODULES[key].format(**kw)
         return path[len("vilt."):] if not self.prefix else path
-
-    def streams(self) -> dict[str, dict[str, int]]:
-        return stream_shapes({STREAM: self.model.config})
-
-    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
-        paths = {k: self._path(k, layer="{layer}") for k in MODULES}
-        return stream_hook_points(self.model, {STREAM: self.model.config}, {STREAM: paths}, keep_hidden, explain=explain)
 
     # -- inputs ---------------------------------------------------------------------
     def check_image(self, image) -> None:
@@ -137,18 +121,15 @@ class ViltAdapter:
         return out
 
     def encode(self, texts: list[str], images: list):
-        notes: list[list[tuple[str, str]]] = []
-        for t in texts:
-            n = len(self.tokenizer(t, add_special_tokens=True)["input_ids"])
-            notes.append([("text", f"text truncated from {n} to {self.max_text} tokens (the model's limit)")]
-                         if n > self.max_text else [])
+        notes = self.truncation_notes(texts)
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True,
                              truncation=True, max_length=self.max_text)
-        return dict(enc), notes  # on the host: the pipeline moves them to the device
+        return Inputs(enc), notes  # on the host: the pipeline moves them to the device
 
     @contextmanager
-    def _bookkeeping(self, example_ids=None):
-        """Record ``visual_embed``'s patch positions while the model runs.
+    def _bookkeeping(self, example_ids=None, record: dict | None = None):
+        """Record ``visual_embed``'s patch positions while the model runs, in ``record`` (the
+        batch's ``Inputs.state``; the adapter's own for a plain dict).
 
         With ``example_ids``, the patch sampling of example ``b`` (``visual_embed`` calls
         ``torch.multinomial`` once per example, in batch order) draws from a generator seeded by
@@ -173,8 +154,9 @@ class ViltAdapter:
                 x, x_mask, (patch_index, _) = out = original(*args, **kwargs)
             finally:
                 torch.multinomial = multinomial
-            self._record["patch_index"] = patch_index  # [batch, patches, 2] (row, col)
-            self._record["image_mask"] = x_mask  # [batch, 1 + patches], 1 = real
+            kept = self._record if record is None else record
+            kept["patch_index"] = patch_index  # [batch, patches, 2] (row, col)
+            kept["image_mask"] = x_mask  # [batch, 1 + patches], 1 = real
             return out
 
         calls = iter(())
@@ -184,10 +166,9 @@ class ViltAdapter:
         finally:
             del emb.visual_embed
 
-    def forward(self, inputs: dict[str, torch.Tensor], example_ids=None, grad: bool = False):
-        """``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
-        with self._bookkeeping(example_ids), torch.set_grad_enabled(grad):
-            return self.model(**inputs, output_attentions=True, output_hidden_states=False, return_dict=True)
+    def run(self, inputs, model_inputs, example_ids):
+        with self._bookkeeping(example_ids, inputs.state if isinstance(inputs, Inputs) else None):
+            return self.model(**model_inputs, output_attentions=True, output_hidden_states=False, return_dict=True)
 
     # -- relevancy (--explain relevancy) -----------------------------------------------
     def relevancy_targets(self, inputs, outputs) -> list[dict]:
@@ -208,14 +189,15 @@ class ViltAdapter:
         return {STREAM: torch.zeros(n, dtype=torch.long, device=inputs["input_ids"].device)}
 
     # -- layout ---------------------------------------------------------------------
-    def layout(self, inputs: dict[str, torch.Tensor], images: list, boxes: list) -> BatchLayout:
-        if "patch_index" not in self._record:
+    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
+        record = inputs.state if isinstance(inputs, Inputs) and "patch_index" in inputs.state else self._record
+        if "patch_index" not in record:
             raise RuntimeError("layout() needs the patch positions recorded while the model embedded the batch")
         ids = inputs["input_ids"].cpu().numpy()  # [batch, T]
         amask = inputs["attention_mask"].cpu().numpy().astype(bool)
         pmask = inputs["pixel_mask"].cpu().numpy().astype(bool)  # [batch, H, W]
-        pidx = self._record["patch_index"].cpu().numpy()  # [batch, P, 2]
-        imask = self._record["image_mask"].cpu().numpy().astype(bool)  # [batch, 1 + P]
+        pidx = record["patch_index"].cpu().numpy()  # [batch, P, 2]
+        imask = record["image_mask"].cpu().numpy().astype(bool)  # [batch, 1 + P]
         B, T = ids.shape
         ps = self.patch_size
         tok = self.tokenizer
@@ -224,7 +206,7 @@ class ViltAdapter:
             text_pos = np.flatnonzero(amask[b])
             tid = ids[b, text_pos]
             pieces = tok.convert_ids_to_tokens(tid.tolist())
-            roles = np.where(tid == tok.cls_token_id, "cls", np.where(tid == tok.sep_token_id, "sep", "word"))
+            roles = [self._text_role(i) for i in tid.tolist()]
             # real image region in processed pixels, and the scale back to the original image
             valid_h, valid_w = int(pmask[b, :, 0].sum()), int(pmask[b, 0, :].sum())
             orig_w, orig_h = images[b].size
@@ -246,9 +228,6 @@ class ViltAdapter:
             orders.append(seq)
             grids.append((-(-valid_h // ps), -(-valid_w // ps)))
         return BatchLayout(tables, {STREAM: stream_layout(tables, orders, boxes, self._pieces)}, grids)
-
-    def _pieces(self, label: str) -> list[str]:
-        return self.tokenizer.tokenize(label)
 
     # -- predictions ----------------------------------------------------------------
     def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:

@@ -131,13 +131,36 @@ text_q, text_k = views.text_tokens(qt), views.text_tokens(kt)
 patch_q, patch_k = views.patch_tokens(qt), views.patch_tokens(kt)
 png = state.image_bytes(ex["image_id"]) if ex.get("has_image") else None
 width, height = views.image_size(ex, patch_k)
+# A tiled image (LLaVA-NeXT, Idefics3 …: the base image, tile 0, and crops or tiles 1..): every tile's
+# outline on the image, and a choice between all tiles on the original image and one tile's tokens.
+tile, outlines, tile_note = "all", None, ""
+if len(views.tiles(patch_k)) > 1:
+    tile_opts = ["all", *views.tiles(patch_k)]
+    state.choose("tile", tile_opts, default="all")
+    st.columns([1, 2])[0].selectbox(
+        "Image tokens of", tile_opts, format_func=views.tile_label, **state.bind("tile"),
+        help="this image was cut into tiles besides the base image: show the image tokens of every tile on the "
+             "original image (summed where tiles overlap), or of one tile")
+    tile = state.get("tile")
+    outlines = views.tile_boxes(patch_k, tile)
+    patch_q, patch_k = views.of_tile(patch_q, tile), views.of_tile(patch_k, tile)
+    tile_note = (" **All tiles on the original image**: each tile's tokens (tiles outlined) sit at their boxes, and "
+                 "where tiles overlap (the base image lies under every tile) a pixel shows the **sum** of the "
+                 "weights of the image tokens that cover it, the attention reaching that spot through any tile; "
+                 "the colour scale then goes up to that sum." if tile == "all" else
+                 f" Image tokens of the **{views.tile_label(tile)}** only (solid outline); the masses are over its "
+                 "patches.")
 
 
 def image_chart(patches, description, select=False):
-    jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W, vmax=VMAX)
+    vmax = VMAX
+    if vmax is None and tile == "all" and outlines is not None:  # the legend tops where the summed heat does
+        dh = max(1, round(DISPLAY_W * height / max(width, 1)))
+        vmax = float(views.heat(patches, width, height, (DISPLAY_W, dh)).max()) or None
+    jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W, vmax=vmax)
     return charts.image_map(views.data_uri(jpeg), width, height, (dw, dh), patches,
                             weight_title="weight" if method == "attention" else METHOD_LABEL[method],
-                            vmax=VMAX, select=select, description=description)
+                            vmax=vmax, select=select, description=description, outlines=outlines)
 
 
 def not_here(view: str) -> bool:
@@ -192,7 +215,7 @@ with left:
         st.caption(f"**text → image**: {METHOD_LABEL[method]} from the selected text token(s) (query) to each image "
                    f"patch (key), averaged over the {len(sel_text)} selected queries: **text → image mass "
                    f"{ti.weight.sum():.4f}**, largest patch {ti.weight.max():.4f}. Patch values sit at their (row, "
-                   f"col) on the grid and are interpolated bilinearly; {note}.")
+                   f"col) on the grid and are interpolated bilinearly; {note}." + tile_note)
 
 with right:
     st.subheader("Image → image")
@@ -227,7 +250,8 @@ with right:
         note = scale_note(float(ii.weight.sum()), "the image patches")
         st.caption(f"**image → image**: {METHOD_LABEL[method]} from the selected patch(es) "
                    f"{', '.join(state.get('patches'))} (query, outlined) to every patch (key): **image → image mass "
-                   f"{ii.weight.sum():.4f}**; {note}. Click a patch to choose it, shift-click to add, or drag a box.")
+                   f"{ii.weight.sum():.4f}**; {note}. Click a patch to choose it, shift-click to add, or drag a box."
+                   + tile_note)
     st.subheader("Image → text" if not predicted else "Prediction → text")
     if predicted and not text_k.empty:
         it = views.mean_rows(block, [-1], text_k)

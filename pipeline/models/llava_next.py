@@ -1,0 +1,506 @@
+"""Any-resolution LLaVA: LLaVA-NeXT (``LlavaNextForConditionalGeneration``) and LLaVA-OneVision
+(``LlavaOnevisionForConditionalGeneration``), streams ``lm`` and ``vision``.
+
+A decoder LVLM like LLaVA (``pipeline/models/llava.py``, which this adapter subclasses: the answer
+is generated greedily first under the checkpoint's own generation config, uncaptured, then one
+teacher-forced pass over prompt + answer runs with the capture hooks), with tiles.
+
+**Crops.** The image processor cuts each image into crops of the tower's input size
+(``crop_size``, e.g. 336 px): crop 0 is the *base image* (the whole original, stretched to the
+processor's ``size``); crops ``1..`` are the *tiles*: the original resized, keeping its aspect
+ratio, into the best of ``image_grid_pinpoints`` (``select_best_resolution``), centred on a
+zero-padded canvas of that resolution, cut row by row into ``crop_size`` tiles
+(``divide_to_patches``: tile ``1 + tr * npw + tc`` is canvas tile row ``tr``, column ``tc``).
+The vision tower runs once per crop (``pixel_values`` ``[image, crop, 3, s, s]``; padded crops of
+a batch are dropped before the tower). ``tile`` in the token table is the crop's index: 0 the base
+image, ``1..`` the tiles in this order.
+
+**Image tokens of ``lm``.** The model packs each image's features with its own
+``pack_image_features``: the base image's ``h x w`` features (raster order; ``h = w =
+image_size / patch_size``), then the tiles' features laid out as one ``(nph h) x (npw w)`` feature
+map over the canvas (``get_anyres_image_grid_shape``), *unpadded* (``unpad_image``: the rows or
+columns that lie on the canvas padding are cut, symmetrically), each row followed by one
+``image_newline`` token (a learned vector; role ``image_newline``). LLaVA-OneVision then pools: when
+the unpadded map holds more than 1.1^2 ``anyres_max_N`` crops' worth of features, it is resized
+bilinearly to ``int(H / r) x int(W / r)`` before the newlines are added. The adapter does not
+re-derive this order: it runs the model's own ``pack_image_features`` on features that carry their
+own coordinates (tile, canvas row, canvas column) and reads back where every token came from
+(``image_token_sources``). The count is checked against the image tokens in ``input_ids``.
+
+- base image token ``k``: ``tile`` 0, ``patch_row, patch_col = divmod(k, w)``, box the base-image
+  patch's region of the original.
+- tile token at canvas feature ``(R, C)``: ``tile = 1 + (R // h) * npw + C // w``,
+  ``patch_row, patch_col = R % h, C % w`` (inside its tile), box that tile patch's region of the
+  original image (clipped to it: a patch partly over the canvas padding covers only the image's
+  part).
+- pooled token (OneVision) ``(i, j)`` of an ``nh x nw`` pooled grid over the ``uh x uw``
+  unpadded map: the region rows ``[i uh / nh, (i + 1) uh / nh)``, columns likewise; its box is the
+  union of the boxes of the unpadded features that region touches, its tile the tile of the
+  region's centre, ``patch_row, patch_col = i, j`` (its place in the pooled grid).
+- ``image_newline`` token closing row ``i``: no patch position; box the union of its row's boxes,
+  tile the tile of the row's last token.
+
+Boxes are in original pixels, through the processor's own geometry: the base image is the
+original stretched to ``size``; a tile is its canvas square (canvas pixel ``x`` = original pixel
+``x W / new_w`` + the centring offset, ``get_patch_output_size``); each crop is then resized to
+``size`` and centre-cropped to ``crop_size`` (``geometry.crop_geometry``; identity when they are
+the tower's size, as in the released checkpoints).
+
+**The ``vision`` stream: every crop of the example, one block each.** The tower's batch is the
+crops of all images, not the examples, so the adapter's own hooks on the tower regroup it: an
+example's tower tokens are its crops' sequences one after the other (crop 0's ``[CLS]`` when the
+tower has one, then its patches in raster order, then crop 1's …), ``seq_pos`` the position in that
+concatenation (``crop * n + position in the crop``). Its attention is block diagonal: each crop's
+``n x n`` attention on its own block (each query row sums to 1 over its own crop, 0 elsewhere:
+crops never attend to each other); its hidden states are the crops' rows, concatenated. Examples
+with fewer crops than the batch's largest are zero padded (their padding lies outside the token
+table). A crop's tokens carry its ``tile``; ``image_cls`` is boxed with the crop's whole region.
+
+Token table of one example::
+
+    lm:     [bos] w1 ... <base 0> ... <base hw-1> <t r0 c0> ... <newline> ... <newline> ... wn  g1 ... gm
+    vision: crop 0: ([CLS]) p(0,0) ... p(h-1,w-1)   crop 1: ([CLS]) p(0,0) ...   ...
+
+Processor: ``AutoProcessor`` when it builds (LLaVA-NeXT's has no video processor); LLaVA-OneVision's
+holds a video processor that needs torchvision, so without it the adapter assembles
+:class:`OnevisionImageTextProcessor` from the checkpoint's tokenizer, image processor (transformers' PIL
+backend) and ``processor_config.json`` settings (images only; the same inputs as
+``LlavaOnevisionProcessor``, ``tests/test_llava_next.py`` checks it).
+
+``examples.grid_h``/``grid_w`` are one crop's feature grid (``h x w``). Not captured: the tower's
+``--explain value`` (its batch is the crops); videos and several images per example (OneVision's
+multi-image path, which does not tile).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.capture import HookPoint
+from pipeline.models.base import (BatchLayout, Inputs, module_at, split_stream_layouts, stack_columns,
+                                  stream_hook_points)
+from pipeline.models.geometry import _size, crop_geometry
+from pipeline.models.llava import GEN_START, LlavaAdapter
+
+ARCHITECTURES = {"llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+NEWLINE = -1.0  # the image_newline's coordinates in image_token_sources
+
+
+class _Probe(torch.nn.Module):
+    """Identity; a capture hook on it sees what the adapter hands it."""
+
+    def forward(self, x):
+        return x
+
+
+class _AttnProbe(torch.nn.Module):
+    """``(None, weights)``: an attention module's output as the capture hooks read it (index 1)."""
+
+    def forward(self, w):
+        return None, w
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LlavaNextForConditionalGeneration: streams ``lm`` and ``vision`` (crops as blocks)."""
+
+    family = "llava_next"
+
+    def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
+                 max_new_tokens: int | None = None):
+        super().__init__(model, processor, device, max_new_tokens)
+        cfg = model.config
+        self.family = cfg.model_type
+        vc = cfg.vision_config
+        self.crop_px = int(vc.image_size)
+        self.side = self.crop_px // self.patch_size  # h = w: features a side of one crop
+        self.pinpoints = [list(p) for p in cfg.image_grid_pinpoints]
+        if self.strategy == "full" and self.tower_cls:
+            raise NotImplementedError("vision_feature_select_strategy='full' with a tower that has a [CLS] token: "
+                                      f"{type(model).__name__} cannot lay such features out on its tile grid")
+        self.n_crop = self.side * self.side + (1 if self.tower_cls else 0)  # tower tokens per crop
+        # the vision tower: its batch is the crops; hooks regroup it per example into probes
+        self._crops: list[int] | None = None  # crops per example of the pass being captured
+        L = int(vc.num_hidden_layers)
+        self.vis_attn = [_AttnProbe() for _ in range(L)]
+        self.vis_hidden = [_Probe() for _ in range(L + 1)]
+        vp = self.paths["vision"]
+        for i in range(L):
+            module_at(model, vp["attention"].format(layer=i)).register_forward_hook(self._attn_hook(i))
+            module_at(model, vp["hidden"].format(layer=i)).register_forward_hook(self._hidden_hook(i + 1))
+        module_at(model, vp["hidden_0"]).register_forward_hook(self._hidden_hook(0))
+
+    # -- loading ------------------------------------------------------------------
+    @classmethod
+    def model_class(cls, config, model_id: str) -> str:
+        arch = ARCHITECTURES.get(config.model_type)
+        if arch is None or arch not in (getattr(config, "architectures", None) or [arch]):
+            raise NotImplementedError(f"{model_id!r} is a {getattr(config, 'architectures', None)}; VL-Atlas's "
+                                      f"{config.model_type} adapter handles {arch}")
+        return arch
+
+    # -- streams and hooks ----------------------------------------------------------
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
+        """``lm`` as LLaVA's; ``vision`` from the probes the tower's hooks feed, one block per crop
+        (no ``--explain value`` for the tower: its batch is the crops, not the examples)."""
+        pts = stream_hook_points(self.model, {"lm": self.configs["lm"]}, {"lm": self.paths["lm"]}, keep_hidden,
+                                 first_hidden={"lm": self.probe}, explain=explain)
+        pts += [HookPoint("vision", i, "attention", p, index=1) for i, p in enumerate(self.vis_attn)]
+        every = "sinks" in explain or "lens" in explain
+        for i, p in enumerate(self.vis_hidden):
+            kept = keep_hidden is None or i in keep_hidden
+            if kept or every:
+                pts.append(HookPoint("vision", i, "hidden", p, store=kept))
+        return pts
+
+    @staticmethod
+    def _watched(probe: torch.nn.Module) -> bool:
+        return bool(probe._forward_hooks or probe._forward_pre_hooks)
+
+    def _attn_hook(self, layer: int):
+        probe = self.vis_attn[layer]
+
+        def fn(module, args, output):
+            if self._crops is not None and self._watched(probe) and isinstance(output, tuple) and len(output) > 1 \
+                    and output[1] is not None:
+                probe(self._blocks(output[1]))
+            return None
+
+        return fn
+
+    def _hidden_hook(self, layer: int):
+        probe = self.vis_hidden[layer]
+
+        def fn(module, args, output):
+            if self._crops is not None and self._watched(probe):
+                h = output[0] if isinstance(output, (tuple, list)) else output
+                probe(self._per_example(h))
+            return None
+
+        return fn
+
+    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """``[crop, head, n, n]`` (the crops of the whole batch) -> ``[example, head, C n, C n]``: each
+        example's crops on the block diagonal, ``C`` the batch's most crops, zero elsewhere."""
+        crops, n = self._crops, w.shape[-1]
+        N = max(crops) * n
+        out = w.new_zeros(len(crops), w.shape[1], N, N)
+        k = 0
+        for b, c in enumerate(crops):
+            for j in range(c):
+                out[b, :, j * n:(j + 1) * n, j * n:(j + 1) * n] = w[k]
+                k += 1
+        return out
+
+    def _per_example(self, h: torch.Tensor) -> torch.Tensor:
+        """``[crop, n, dim]`` -> ``[example, C n, dim]`` (each example's crops one after the other)."""
+        parts = [p.reshape(-1, h.shape[-1]) for p in torch.split(h, self._crops, dim=0)]
+        return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
+
+    def crops_of(self, image_sizes) -> list[int]:
+        """Crops per image (base image + tiles), by the model's own ``image_size_to_num_patches``."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [int(image_size_to_num_patches(image_size=[int(s) for s in hw], grid_pinpoints=self.pinpoints,
+                                              patch_size=self.crop_px)) for hw in image_sizes.tolist()]
+
+    def run(self, inputs, model_inputs, example_ids):
+        self._crops = self.crops_of(model_inputs["image_sizes"].cpu())
+        try:
+            return self.model(**model_inputs, use_cache=False, return_dict=True)
+        finally:
+            self._crops = None
+
+    # -- where each image token comes from -----------------------------------------------
+    def _pack(self, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor):
+        return self.model.model.pack_image_features(features, image_sizes, self.strategy, image_newline=newline)
+
+    def grid_shape(self, H: int, W: int) -> tuple[int, int]:
+        """``(tile rows, tile columns)`` of the canvas for an ``H x W`` image (the model's own helper)."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        nph, npw = get_anyres_image_grid_shape([H, W], self.pinpoints, self.crop_px)
+        return int(nph), int(npw)
+
+    def image_token_sources(self, H: int, W: int) -> list[tuple]:
+        """Where each image token of an ``H x W`` image comes from, in the model's order:
+        ``("base", r, c)``, ``("tile", R, C)`` (canvas feature row and column), ``("pool", i, j, rows,
+        cols)`` (pooled grid cell ``(i, j)`` and the unpadded canvas rows/columns its region touches)
+        or ``("newline", i)`` (the newline closing row ``i``).
+
+        Runs the model's own ``pack_image_features`` on features holding ``(kind, row, column)``.
+        """
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        h = w = self.side
+        nph, npw = self.grid_shape(H, W)
+        r, c = np.divmod(np.arange(h * w), w)
+        crops = [np.stack([np.zeros(h * w), r, c], -1)]
+        for t in range(nph * npw):
+            tr, tc = divmod(t, npw)
+            crops.append(np.stack([np.ones(h * w), tr * h + r, tc * w + c], -1))
+        feats = torch.tensor(np.stack(crops), dtype=torch.float64)  # [crop, h w, 3]
+        newline = torch.full((3,), NEWLINE, dtype=torch.float64)
+        sizes = torch.tensor([[H, W]])
+        packed = self._pack([feats], sizes, newline)[0][0].numpy()  # [tokens, 3]
+        # the unpadded canvas map, by the model's own unpad_image on the canvas coordinates
+        RR, CC = np.meshgrid(np.arange(nph * h), np.arange(npw * w), indexing="ij")
+        un = unpad_image(torch.tensor(np.stack([RR, CC]), dtype=torch.float64), [H, W]).numpy()  # [2, uh, uw]
+        uh, uw = un.shape[1:]
+        r0, c0 = int(un[0, 0, 0]), int(un[1, 0, 0])
+        out: list[tuple] = [("base", int(a), int(b)) for _, a, b in packed[:h * w]]
+        rest = packed[h * w:]
+        is_nl = rest[:, 0] == NEWLINE
+        nh = int(is_nl.sum())
+        if nh == 0 or len(rest) % nh or not is_nl[len(rest) // nh - 1::len(rest) // nh].all():
+            raise RuntimeError("the packed image features are not rows closed by image_newline tokens")
+        nw = len(rest) // nh - 1
+        pooled = (nh, nw) != (uh, uw)
+        for i in range(nh):
+            for j in range(nw):
+                if not pooled:
+                    k, R, C = rest[i * (nw + 1) + j]
+                    if k != 1 or R != r0 + i or C != c0 + j:
+                        raise RuntimeError("the packed tile features are not the unpadded canvas in raster order")
+                    out.append(("tile", int(R), int(C)))
+                else:
+                    rows = range(r0 + math.floor(i * uh / nh), r0 + math.ceil((i + 1) * uh / nh))
+                    cols = range(c0 + math.floor(j * uw / nw), c0 + math.ceil((j + 1) * uw / nw))
+                    out.append(("pool", i, j, rows, cols))
+            out.append(("newline", i))
+        return out
+
+    # -- boxes ------------------------------------------------------------------------
+    def _crop_boxes(self, H: int, W: int) -> list[tuple[list, tuple]]:
+        """Per crop (base image, then the tiles in order): the boxes of its ``h x w`` tower patches
+        (raster order) and of the whole crop, in original pixels clipped to the image."""
+        from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+
+        ip = self.processor.image_processor
+        size = ip.size
+        sh, sw = _size(size, "height"), _size(size, "width")
+        if not (sh and sw):
+            sh = sw = _size(size, "shortest_edge")
+        cs = getattr(ip, "crop_size", None)
+        tile_px = _size(cs, "height") or _size(size, "height") or _size(size, "shortest_edge")
+        best_h, best_w = select_best_resolution([H, W], self.pinpoints)
+        new_h, new_w = get_patch_output_size(np.zeros((3, H, W)), (best_h, best_w), "channels_first")
+        pad_x, pad_y = (best_w - new_w) // 2, (best_h - new_h) // 2
+        nph, npw = best_h // tile_px, best_w // tile_px
+        if (nph, npw) != self.grid_shape(H, W):
+            raise RuntimeError(f"the image processor's tiles ({nph} x {npw} of {tile_px} px) are not the "
+                               f"model's grid {self.grid_shape(H, W)}")
+        ps = self.patch_size
+
+        def grid(pre_w, pre_h, to_orig):
+            sx, sy, left, top, ow, oh = crop_geometry(ip, pre_w, pre_h)
+            if (ow, oh) != (self.crop_px, self.crop_px):
+                raise RuntimeError(f"the image processor makes {ow}x{oh} crops where the tower takes "
+                                   f"{self.crop_px}x{self.crop_px}; VL-Atlas cannot place patches")
+
+            def px(u, v):
+                x, y = to_orig((u + left) / sx, (v + top) / sy)
+                return min(max(x, 0.0), float(W)), min(max(y, 0.0), float(H))
+
+            s = self.side
+            boxes = [px(c * ps, r * ps) + px((c + 1) * ps, (r + 1) * ps) for r in range(s) for c in range(s)]
+            return boxes, px(0, 0) + px(self.crop_px, self.crop_px)
+
+        out = [grid(sw, sh, lambda x, y: (x * W / sw, y * H / sh))]  # base: the original stretched to size
+        for t in range(nph * npw):
+            tr, tc = divmod(t, npw)
+            out.append(grid(tile_px, tile_px, lambda x, y, tr=tr, tc=tc: ((x + tc * tile_px - pad_x) * W / new_w,
+                                                                          (y + tr * tile_px - pad_y) * H / new_h)))
+        return out
+
+    # -- layout ---------------------------------------------------------------------
+    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
+        ids = inputs["input_ids"].cpu()
+        seen = inputs["attention_mask"].cpu().bool()
+        state = getattr(inputs, "state", {})
+        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
+        sizes = inputs["image_sizes"].cpu().tolist()
+        if len(sizes) != ids.shape[0]:
+            raise RuntimeError(f"{len(sizes)} images for {ids.shape[0]} examples; VL-Atlas takes one image each")
+        h = w = self.side
+        tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
+        for b in range(ids.shape[0]):
+            H, W = (int(x) for x in sizes[b])
+            nph, npw = self.grid_shape(H, W)
+            crop_boxes = self._crop_boxes(H, W)
+            sources = self.image_token_sources(H, W)
+
+            def cell(R, C):  # canvas feature (R, C) -> tile, row and column in it, box
+                t = 1 + (R // h) * npw + C // w
+                return t, R % h, C % w, crop_boxes[t][0][(R % h) * w + C % w]
+
+            def union(bs):
+                return (min(x[0] for x in bs), min(x[1] for x in bs), max(x[2] for x in bs), max(x[3] for x in bs))
+
+            img_rows: list[tuple] = []  # (role, tile, patch_row, patch_col, box) per image token
+            row_start = 0
+            for src in sources:
+                if src[0] == "base":
+                    _, r, c = src
+                    img_rows.append(("patch", 0, r, c, crop_boxes[0][0][r * w + c]))
+                elif src[0] == "tile":
+                    t, r, c, bx = cell(src[1], src[2])
+                    img_rows.append(("patch", t, r, c, bx))
+                elif src[0] == "pool":
+                    _, i, j, rows, cols = src
+                    t = cell(rows[len(rows) // 2], cols[len(cols) // 2])[0]
+                    img_rows.append(("patch", t, i, j, union([cell(R, C)[3] for R in rows for C in cols])))
+                else:  # the newline closing the row that started at row_start
+                    row = img_rows[row_start:]
+                    img_rows.append(("image_newline", row[-1][1], None, None, union([x[4] for x in row])))
+                if src[0] in ("base", "newline"):  # the next row starts after the base image or a newline
+                    row_start = len(img_rows)
+            pos = torch.nonzero(seen[b]).flatten().tolist()
+            p0 = pos[0]
+            tid = ids[b, pos].tolist()
+            is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
+            if sum(is_img) != len(img_rows):
+                raise RuntimeError(f"example has {sum(is_img)} image tokens where the model packs {len(img_rows)} "
+                                   f"features for a {W}x{H} image ({nph} x {npw} tiles)")
+            pieces = self.tokenizer.convert_ids_to_tokens(tid)
+            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
+                                  "tile")}
+            k = 0
+            for i, p, img, piece in zip(tid, pos, is_img, pieces):
+                role, tile, pr, pc, bx = img_rows[k] if img else (
+                    "generated" if p >= start[b] else self._text_role(i), None, None, None, None)
+                for key, v in zip(lm, ("lm", "image" if img else "text", role, None if img else piece, p - p0,
+                                       pr, pc, bx, tile)):
+                    lm[key].append(v)
+                k += img
+            vis = {key: [] for key in lm}
+            first = 1 if self.tower_cls else 0
+            for t, (pboxes, whole) in enumerate(crop_boxes):
+                base = t * self.n_crop
+                for j in range(self.n_crop):
+                    cls = j < first
+                    r, c = divmod(j - first, w) if not cls else (None, None)
+                    for key, v in zip(vis, ("vision", "image", "image_cls" if cls else "patch", None, base + j, r, c,
+                                            whole if cls else pboxes[j - first], t)):
+                        vis[key].append(v)
+            tables.append(stack_columns(lm, vis))
+            lm_orders.append(pos)
+            vis_orders.append(vis["seq_pos"])
+            offsets.append(len(pos))
+            grids.append((h, w))
+        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
+        return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LlavaOnevisionForConditionalGeneration: as LLaVA-NeXT, with ``anyres_max`` pooling."""
+
+    family = "llava_onevision"
+
+    def _pack(self, features, image_sizes, newline):
+        return self.model.model.pack_image_features(features, image_sizes, image_newline=newline,
+                                                    vision_aspect_ratio=self.model.config.vision_aspect_ratio)
+
+    @classmethod
+    def load_processor(cls, model_id: str, revision: str | None = None):
+        """``AutoProcessor``; without torchvision (the video processor cannot be built)
+        :class:`OnevisionImageTextProcessor` from the checkpoint's files, images only."""
+        from transformers import AutoProcessor
+
+        try:
+            proc = AutoProcessor.from_pretrained(model_id, revision=revision)
+            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+                return proc
+            why = f"AutoProcessor gave a {type(proc).__name__}"
+        except Exception as e:  # noqa: BLE001 - e.g. the video processor needs torchvision
+            why = _first_line(e)
+        try:
+            return OnevisionImageTextProcessor.from_pretrained(model_id, revision)
+        except Exception as e:  # noqa: BLE001
+            raise NotImplementedError(f"cannot build a processor for {model_id!r}: AutoProcessor failed ({why}), and "
+                                      f"so did a tokenizer + image processor ({_first_line(e)})") from None
+
+
+def _read_json(model_id: str, name: str, revision: str | None):
+    from transformers.utils import cached_file
+
+    path = cached_file(model_id, name, revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    return None if not path else open(path, encoding="utf-8").read()
+
+
+class OnevisionImageTextProcessor:
+    """What ``LlavaOnevisionProcessor`` does for one image per prompt, from a tokenizer and an image
+    processor (no video processor: transformers builds one only with torchvision).
+
+    ``__call__(images=, text=)`` runs the image processor (``pixel_values`` ``[image, crop, 3, s, s]``,
+    ``image_sizes``, ``batch_num_images``), expands the ``i``-th ``<image>`` of the prompts to the
+    number of features ``LlavaOnevisionProcessor._get_number_of_features`` (transformers' own method,
+    borrowed) gives for image ``i`` (one fewer with ``vision_feature_select_strategy="default"``), and
+    tokenizes.
+    """
+
+    def __init__(self, image_processor, tokenizer, num_image_tokens: int, vision_feature_select_strategy: str,
+                 vision_aspect_ratio: str = "anyres_max_9", chat_template: str | None = None,
+                 image_token: str = "<image>"):
+        from transformers import LlavaOnevisionProcessor
+
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.num_image_tokens = int(num_image_tokens)
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_aspect_ratio = vision_aspect_ratio
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self._count = LlavaOnevisionProcessor._get_number_of_features
+        self._get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features.__get__(self)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, revision: str | None = None) -> "OnevisionImageTextProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        settings = json.loads(_read_json(model_id, "processor_config.json", revision) or "{}")
+        template = settings.get("chat_template")
+        if template is None:
+            text = _read_json(model_id, "chat_template.jinja", revision)
+            js = _read_json(model_id, "chat_template.json", revision)
+            template = text if text is not None else json.loads(js).get("chat_template") if js else None
+        if settings.get("num_image_tokens") is None:
+            raise ValueError("processor_config.json gives no num_image_tokens")
+        keep = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token")
+        return cls(AutoImageProcessor.from_pretrained(model_id, revision=revision),
+                   AutoTokenizer.from_pretrained(model_id, revision=revision), chat_template=template,
+                   **{k: settings[k] for k in keep if settings.get(k) is not None})
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kw):
+        texts = [text] if isinstance(text, str) else list(text)
+        out: dict[str, Any] = {}
+        if images is not None:
+            out.update(self.image_processor(images=images, return_tensors=return_tensors))
+            sizes, (h, w) = out["image_sizes"], out["pixel_values"].shape[-2:]
+            i, hold = 0, "<|vlatlas_placeholder|>"
+            for j, t in enumerate(texts):
+                while self.image_token in t:
+                    H, W = (int(x) for x in sizes[i].tolist())
+                    n = self._count(self, H, W, int(h), int(w)) - (self.vision_feature_select_strategy == "default")
+                    t = t.replace(self.image_token, hold * n, 1)
+                    i += 1
+                texts[j] = t.replace(hold, self.image_token)
+            if i != len(sizes):
+                raise ValueError(f"{i} {self.image_token} in the prompts for {len(sizes)} images")
+        enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kw)
+        return {**enc, **out}
