@@ -330,6 +330,74 @@ def eos_ids(generation_config) -> list[int]:
     eos = generation_config.eos_token_id
     return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
+GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
+
+
+class Probe(torch.nn.Module):
+    """Identity; a capture hook on it sees what the adapter hands it (hidden states the model never
+    exposes as a module output)."""
+
+    def forward(self, x):
+        return x
+
+
+class AttnProbe(torch.nn.Module):
+    """``(None, weights)``: an attention module's output as the capture hooks read it (index 1), for
+    weights the adapter collects itself."""
+
+    def forward(self, w):
+        return None, w
+
+
+class DecoderAdapter(Adapter):
+    """A decoder LVLM: :meth:`prepare` generates the answer greedily, without capture, under
+    :meth:`generation_config` (the checkpoint's own, see :func:`greedy_generation_config`) and
+    appends it to the inputs, cut after its first eos; :meth:`forward` is then one teacher-forced
+    pass over prompt + answer, so each generated token's attention row is the one it had when the
+    model fed it back. Where the answer starts goes to ``Inputs.state[GEN_START]``."""
+
+    @abstractmethod
+    def generation_config(self, prompt_length: int | None = None):
+        """The merged generation config for prompts of ``prompt_length`` tokens."""
+
+    def extend_inputs(self, out: "Inputs", model_inputs: dict, new: torch.Tensor) -> None:
+        """Model inputs other than ids and mask that the appended answer ``new`` ([batch, n]) needs
+        (Qwen-VL: ``mm_token_type_ids``); none by default."""
+
+    def prepare(self, inputs: "Inputs") -> "Inputs":
+        mi = self._model_inputs(inputs)
+        P = mi["input_ids"].shape[1]
+        gc = self.generation_config(P)
+        stops = set(eos_ids(gc))
+        with torch.no_grad():
+            seq = self.model.generate(**mi, generation_config=gc)
+        new = seq[:, P:]  # [batch, n]
+        keep = torch.ones_like(new, dtype=torch.bool)
+        for b in range(new.shape[0]):
+            row = new[b].tolist()
+            stop = next((i for i, t in enumerate(row) if t in stops), None)
+            if stop is not None:
+                keep[b, stop + 1:] = False
+        out = Inputs(mi, getattr(inputs, "state", None))
+        out["input_ids"] = seq
+        out["attention_mask"] = torch.cat([mi["attention_mask"], keep.to(mi["attention_mask"].dtype)], dim=1)
+        self.extend_inputs(out, mi, new)
+        out.state[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
+        return out
+
+    def forward(self, inputs: "Inputs", example_ids=None, grad: bool = False) -> "ForwardOutput":
+        """One teacher-forced pass over prompt + generated tokens (``prepare`` runs first when it has
+        not); ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
+        if GEN_START not in getattr(inputs, "state", {}):
+            prepared = self.prepare(inputs)
+            inputs.update(prepared)
+            if isinstance(inputs, Inputs):
+                inputs.state.update(prepared.state)
+            else:
+                inputs = prepared
+        return super().forward(inputs, example_ids, grad)
+
+
 
 def token_rows(**cols) -> pa.Table:
     """A token table from its columns (lists, one value per token). ``tile`` may be left out: image

@@ -53,14 +53,14 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import (Adapter, BatchLayout, ForwardOutput, Inputs, Prediction, eos_ids,
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Prediction, Probe,
                                   greedy_generation_config, image_columns, module_at, normalise_answer,
                                   split_stream_layouts, stack_columns)
 from pipeline.models.geometry import pad_square_geometry, patch_grid
 
 # Native module paths -> (stream, layer). Attention modules return (attn_output, attn_weights).
 # ``hidden_0`` of ``lm`` is the language model's ``inputs_embeds`` (text embeddings with the
-# projected image features scattered in), handed to ``_Probe`` by a pre-hook.
+# projected image features scattered in), handed to ``Probe`` by a pre-hook.
 MODULES = {
     "llava": {
         "vision": {"attention": "model.vision_tower.encoder.layers.{layer}.self_attn",
@@ -79,20 +79,9 @@ MODULES = {
 STREAMS = ("lm", "vision")  # token-table order: the language model's sequence first
 MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
 # key in the batch's Inputs.state (set by prepare(); not a model input)
-GEN_START = "gen_start"  # [batch] long: index of the first generated token
 
 
-class _Probe(torch.nn.Module):
-    """Identity; a forward hook on it sees the language model's ``inputs_embeds`` (hidden 0)."""
-
-    def forward(self, x):
-        return x
-
-
-LlavaOutputs = ForwardOutput  # what forward() returns: outputs, generated ids (up to and including eos)
-
-
-class LlavaAdapter(Adapter):
+class LlavaAdapter(DecoderAdapter):
     """LlavaForConditionalGeneration: streams ``lm`` and ``vision``."""
 
     family = "llava"
@@ -120,7 +109,7 @@ class LlavaAdapter(Adapter):
             self.paths = {**self.paths, "vision": {**self.paths["vision"],
                                                    "hidden_0": "model.vision_tower.embeddings"}}
         self.paths = {s: self.paths[s] for s in STREAMS}
-        self.probe = _Probe()
+        self.probe = Probe()
         self.first_hidden = {"lm": self.probe}
         lm = module_at(model, "model.language_model")
         lm.register_forward_pre_hook(self._feed_probe, with_kwargs=True)
@@ -179,40 +168,6 @@ class LlavaAdapter(Adapter):
         return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
                                         max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
                                         prompt_length=prompt_length)
-
-    def prepare(self, inputs: Inputs) -> Inputs:
-        """Generate the answer greedily (no capture) and append it to the inputs; where the answer
-        starts goes to the batch's state (``GEN_START``)."""
-        mi = self._model_inputs(inputs)
-        P = mi["input_ids"].shape[1]
-        gc = self.generation_config(P)
-        stops = set(eos_ids(gc))
-        with torch.no_grad():
-            seq = self.model.generate(**mi, generation_config=gc)
-        new = seq[:, P:]  # [batch, n]
-        keep = torch.ones_like(new, dtype=torch.bool)
-        for b in range(new.shape[0]):
-            row = new[b].tolist()
-            stop = next((i for i, t in enumerate(row) if t in stops), None)
-            if stop is not None:
-                keep[b, stop + 1:] = False
-        out = Inputs(mi, getattr(inputs, "state", None))
-        out["input_ids"] = seq
-        out["attention_mask"] = torch.cat([mi["attention_mask"], keep.to(mi["attention_mask"].dtype)], dim=1)
-        out.state[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
-        return out
-
-    def forward(self, inputs: Inputs, example_ids=None, grad: bool = False) -> ForwardOutput:
-        """One teacher-forced pass over prompt + generated tokens (``prepare`` runs first when it has
-        not); ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
-        if GEN_START not in getattr(inputs, "state", {}):
-            prepared = self.prepare(inputs)
-            inputs.update(prepared)
-            if isinstance(inputs, Inputs):
-                inputs.state.update(prepared.state)
-            else:
-                inputs = prepared
-        return super().forward(inputs, example_ids, grad)
 
     def run(self, inputs, model_inputs, example_ids):
         return self.model(**model_inputs, use_cache=False, return_dict=True)

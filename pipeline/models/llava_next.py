@@ -82,7 +82,7 @@ import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (BatchLayout, Inputs, module_at, split_stream_layouts, stack_columns,
+from pipeline.models.base import (AttnProbe, BatchLayout, Inputs, Probe, module_at, split_stream_layouts, stack_columns,
                                   stream_hook_points)
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.llava import GEN_START, LlavaAdapter
@@ -90,20 +90,6 @@ from pipeline.models.llava import GEN_START, LlavaAdapter
 ARCHITECTURES = {"llava_next": "LlavaNextForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 NEWLINE = -1.0  # the image_newline's coordinates in image_token_sources
-
-
-class _Probe(torch.nn.Module):
-    """Identity; a capture hook on it sees what the adapter hands it."""
-
-    def forward(self, x):
-        return x
-
-
-class _AttnProbe(torch.nn.Module):
-    """``(None, weights)``: an attention module's output as the capture hooks read it (index 1)."""
-
-    def forward(self, w):
-        return None, w
 
 
 def _first_line(e: BaseException) -> str:
@@ -132,8 +118,8 @@ class LlavaNextAdapter(LlavaAdapter):
         # the vision tower: its batch is the crops; hooks regroup it per example into probes
         self._crops: list[int] | None = None  # crops per example of the pass being captured
         L = int(vc.num_hidden_layers)
-        self.vis_attn = [_AttnProbe() for _ in range(L)]
-        self.vis_hidden = [_Probe() for _ in range(L + 1)]
+        self.vis_attn = [AttnProbe() for _ in range(L)]
+        self.vis_hidden = [Probe() for _ in range(L + 1)]
         vp = self.paths["vision"]
         for i in range(L):
             module_at(model, vp["attention"].format(layer=i)).register_forward_hook(self._attn_hook(i))

@@ -81,8 +81,8 @@ import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (Adapter, BatchLayout, ForwardOutput, Inputs, Prediction, eos_ids,
-                                  greedy_generation_config, module_at, normalise_answer, require_eager,
+from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, ForwardOutput, Inputs,
+                                  Prediction, Probe, greedy_generation_config, module_at, normalise_answer, require_eager,
                                   split_stream_layouts, stream_hook_points, token_rows)
 
 # config.model_type -> the class VL-Atlas loads
@@ -106,7 +106,6 @@ MODULES = {
 STREAMS = ("lm", "vision")  # token-table order
 MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
 # key in the batch's Inputs.state (set by prepare(); not a model input)
-GEN_START = "gen_start"  # [batch] long: index of the first generated token
 ATTN_FUNCTION = "vlatlas_eager"
 # chat-template markers -> role (the image markers' ids come from the model's config)
 MARKERS = {"<|im_start|>": "im_start", "<|im_end|>": "im_end"}
@@ -136,18 +135,6 @@ def _register_attention_function() -> None:
     AttentionInterface.register(ATTN_FUNCTION, _recording_eager)  # global, by name; registering again is harmless
 
 
-class _Probe(torch.nn.Module):
-    """Identity; a capture hook on it sees what the adapter hands it (hidden states)."""
-
-    def forward(self, x):
-        return x
-
-
-class _AttnProbe(torch.nn.Module):
-    """``(None, weights)``: an attention module's output as the capture hooks read it (index 1)."""
-
-    def forward(self, w):
-        return None, w
 
 
 # -- the processor without torchvision -----------------------------------------------------------
@@ -240,7 +227,7 @@ def load_processor(model_id: str, revision: str | None = None):
 
 
 # -- the adapter ---------------------------------------------------------------------------------
-class QwenVLAdapter(Adapter):
+class QwenVLAdapter(DecoderAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: streams ``lm`` and ``vision``."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
@@ -276,7 +263,7 @@ class QwenVLAdapter(Adapter):
         self.vision_end = self.tokenizer.convert_ids_to_tokens(int(cfg.vision_end_token_id))
 
         # language model: hidden state 0 is its inputs_embeds (image features scattered in)
-        self.probe = _Probe()
+        self.probe = Probe()
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
         # vision tower: weights through vlatlas_eager, hidden states split per image
@@ -285,8 +272,8 @@ class QwenVLAdapter(Adapter):
         vcopy._attn_implementation = ATTN_FUNCTION
         self._lengths: list[int] | None = None  # patches per image of the pass being captured
         L = self.configs["vision"].num_hidden_layers
-        self.vis_attn = [_AttnProbe() for _ in range(L)]
-        self.vis_hidden = [_Probe() for _ in range(L + 1)]
+        self.vis_attn = [AttnProbe() for _ in range(L)]
+        self.vis_hidden = [Probe() for _ in range(L + 1)]
         blocks = module_at(model, MODULES["vision"]["layers"])
         for i, block in enumerate(blocks):
             attn = module_at(model, MODULES["vision"]["attention"].format(layer=i))
@@ -440,41 +427,10 @@ class QwenVLAdapter(Adapter):
                                         max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
                                         prompt_length=prompt_length)
 
-    def prepare(self, inputs: Inputs) -> Inputs:
-        """Generate the answer greedily (no capture) and append it to the inputs (text tokens for
-        ``mm_token_type_ids``); where the answer starts goes to the batch's state (``GEN_START``)."""
-        mi = self._model_inputs(inputs)
-        P = mi["input_ids"].shape[1]
-        gc = self.generation_config(P)
-        stops = set(eos_ids(gc))
-        with torch.no_grad():
-            seq = self.model.generate(**mi, generation_config=gc)
-        new = seq[:, P:]  # [batch, n]
-        keep = torch.ones_like(new, dtype=torch.bool)
-        for b in range(new.shape[0]):
-            row = new[b].tolist()
-            stop = next((i for i, t in enumerate(row) if t in stops), None)
-            if stop is not None:
-                keep[b, stop + 1:] = False
-        out = Inputs(mi, getattr(inputs, "state", None))
-        out["input_ids"] = seq
-        out["attention_mask"] = torch.cat([mi["attention_mask"], keep.to(mi["attention_mask"].dtype)], dim=1)
-        mm = mi["mm_token_type_ids"]
-        out["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(new, dtype=mm.dtype)], dim=1)  # text
-        out.state[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
-        return out
-
-    def forward(self, inputs: Inputs, example_ids=None, grad: bool = False) -> ForwardOutput:
-        """One teacher-forced pass over prompt + generated tokens (``prepare`` runs first when it has
-        not); ``grad``: build the autograd graph (``--explain relevancy``)."""
-        if GEN_START not in getattr(inputs, "state", {}):
-            prepared = self.prepare(inputs)
-            inputs.update(prepared)
-            if isinstance(inputs, Inputs):
-                inputs.state.update(prepared.state)
-            else:
-                inputs = prepared
-        return super().forward(inputs, example_ids, grad)
+    def extend_inputs(self, out: Inputs, model_inputs: dict, new: torch.Tensor) -> None:
+        """The answer's tokens are text for M-RoPE: ``mm_token_type_ids`` 0."""
+        mm = model_inputs["mm_token_type_ids"]
+        out["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(new, dtype=mm.dtype)], dim=1)
 
     def run(self, inputs, model_inputs, example_ids):
         self._lengths = [int(x) for x in model_inputs["image_grid_thw"].prod(-1).tolist()]  # the tower's hooks
