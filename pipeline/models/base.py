@@ -330,6 +330,33 @@ def eos_ids(generation_config) -> list[int]:
     eos = generation_config.eos_token_id
     return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing)."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def processor_or(model_id: str, revision: str | None, fallback):
+    """``AutoProcessor`` when it builds a processor with an image processor and a tokenizer; else
+    ``fallback.from_pretrained(model_id, revision)``: without torchvision a family whose processor
+    holds a video processor (Qwen-VL, LLaVA-OneVision) cannot build it, and the fallback assembles one
+    from the checkpoint's tokenizer and PIL image processor."""
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(model_id, revision=revision)
+        if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
+            return proc
+        why = f"AutoProcessor gave a {type(proc).__name__}"
+    except Exception as e:  # noqa: BLE001 - e.g. the video processor needs torchvision
+        why = first_line(e)
+    try:
+        return fallback.from_pretrained(model_id, revision)
+    except Exception as e:  # noqa: BLE001
+        raise NotImplementedError(f"cannot build a processor for {model_id!r}: AutoProcessor failed ({why}), and "
+                                  f"so did a tokenizer + image processor ({first_line(e)})") from None
+
+
 GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
 
 
@@ -384,6 +411,15 @@ class DecoderAdapter(Adapter):
         self.extend_inputs(out, mi, new)
         out.state[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
         return out
+
+    def predict(self, outputs: "ForwardOutput", answers: list[str | None]) -> list["Prediction"]:
+        """The generated text (special tokens dropped); correct when it matches the answer, normalised."""
+        preds = []
+        for gen, ans in zip(outputs.generated, answers):
+            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
+            correct = None if ans is None else normalise_answer(text) == normalise_answer(ans)
+            preds.append(Prediction(text, correct, {"generated_tokens": len(gen)}))
+        return preds
 
     def forward(self, inputs: "Inputs", example_ids=None, grad: bool = False) -> "ForwardOutput":
         """One teacher-forced pass over prompt + generated tokens (``prepare`` runs first when it has

@@ -53,9 +53,9 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Prediction, Probe,
-                                  greedy_generation_config, image_columns, module_at, normalise_answer,
-                                  split_stream_layouts, stack_columns)
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Probe,
+                                  greedy_generation_config, image_columns, module_at, split_stream_layouts,
+                                  stack_columns)
 from pipeline.models.geometry import pad_square_geometry, patch_grid
 
 # Native module paths -> (stream, layer). Attention modules return (attn_output, attn_weights).
@@ -230,11 +230,4 @@ class LlavaAdapter(DecoderAdapter):
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
 
-    # -- predictions ----------------------------------------------------------------
-    def predict(self, outputs: ForwardOutput, answers: list[str | None]) -> list[Prediction]:
-        preds = []
-        for gen, ans in zip(outputs.generated, answers):
-            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
-            correct = None if ans is None else normalise_answer(text) == normalise_answer(ans)
-            preds.append(Prediction(text, correct, {"generated_tokens": len(gen)}))
-        return preds
+    # -- predictions: DecoderAdapter.predict (the generated text) -------------------------------

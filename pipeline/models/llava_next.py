@@ -82,8 +82,8 @@ import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (AttnProbe, BatchLayout, Inputs, Probe, module_at, split_stream_layouts, stack_columns,
-                                  stream_hook_points)
+from pipeline.models.base import (AttnProbe, BatchLayout, Inputs, Probe, module_at, processor_or,
+                                  split_stream_layouts, stack_columns, stream_hook_points)
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.llava import GEN_START, LlavaAdapter
 
@@ -92,9 +92,7 @@ ARCHITECTURES = {"llava_next": "LlavaNextForConditionalGeneration",
 NEWLINE = -1.0  # the image_newline's coordinates in image_token_sources
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
+
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -401,20 +399,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def load_processor(cls, model_id: str, revision: str | None = None):
         """``AutoProcessor``; without torchvision (the video processor cannot be built)
         :class:`OnevisionImageTextProcessor` from the checkpoint's files, images only."""
-        from transformers import AutoProcessor
-
-        try:
-            proc = AutoProcessor.from_pretrained(model_id, revision=revision)
-            if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-                return proc
-            why = f"AutoProcessor gave a {type(proc).__name__}"
-        except Exception as e:  # noqa: BLE001 - e.g. the video processor needs torchvision
-            why = _first_line(e)
-        try:
-            return OnevisionImageTextProcessor.from_pretrained(model_id, revision)
-        except Exception as e:  # noqa: BLE001
-            raise NotImplementedError(f"cannot build a processor for {model_id!r}: AutoProcessor failed ({why}), and "
-                                      f"so did a tokenizer + image processor ({_first_line(e)})") from None
+        return processor_or(model_id, revision, OnevisionImageTextProcessor)
 
 
 def _read_json(model_id: str, name: str, revision: str | None):

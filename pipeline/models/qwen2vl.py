@@ -81,8 +81,8 @@ import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, ForwardOutput, Inputs,
-                                  Prediction, Probe, greedy_generation_config, module_at, normalise_answer, require_eager,
+from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Probe,
+                                  first_line, greedy_generation_config, module_at, processor_or, require_eager,
                                   split_stream_layouts, stream_hook_points, token_rows)
 
 # config.model_type -> the class VL-Atlas loads
@@ -111,9 +111,6 @@ ATTN_FUNCTION = "vlatlas_eager"
 MARKERS = {"<|im_start|>": "im_start", "<|im_end|>": "im_end"}
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 # -- the tower's attention weights -------------------------------------------------------------
@@ -133,7 +130,6 @@ def _register_attention_function() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_FUNCTION, _recording_eager)  # global, by name; registering again is harmless
-
 
 
 
@@ -210,20 +206,7 @@ def _chat_template(model_id: str, revision: str | None) -> str | None:
 def load_processor(model_id: str, revision: str | None = None):
     """``AutoProcessor`` when it builds a processor with an image processor; else (no torchvision:
     the video processor cannot be built) :class:`ImageTextProcessor` from the checkpoint's files."""
-    from transformers import AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(model_id, revision=revision)
-        if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-            return proc
-        why = f"AutoProcessor gave a {type(proc).__name__}"
-    except Exception as e:  # noqa: BLE001 - e.g. the video processor needs torchvision
-        why = _first_line(e)
-    try:
-        return ImageTextProcessor.from_pretrained(model_id, revision)
-    except Exception as e:  # noqa: BLE001
-        raise NotImplementedError(f"cannot build a processor for {model_id!r}: AutoProcessor failed ({why}), and "
-                                  f"so did a tokenizer + image processor ({_first_line(e)})") from None
+    return processor_or(model_id, revision, ImageTextProcessor)
 
 
 # -- the adapter ---------------------------------------------------------------------------------
@@ -402,7 +385,7 @@ class QwenVLAdapter(DecoderAdapter):
             self.processor.image_processor(images=[image], return_tensors="pt")
         except ValueError as e:
             raise BadInput("image", f"the {type(self.model).__name__} image processor cannot take this image: "
-                                    f"{_first_line(e)}") from None
+                                    f"{first_line(e)}") from None
 
     def prompt(self, text: str) -> str:
         """The processor's chat template with one image and the question, when it has one; else
@@ -565,11 +548,4 @@ class QwenVLAdapter(DecoderAdapter):
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
 
-    # -- predictions ----------------------------------------------------------------
-    def predict(self, outputs: ForwardOutput, answers: list[str | None]) -> list[Prediction]:
-        preds = []
-        for gen, ans in zip(outputs.generated, answers):
-            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
-            correct = None if ans is None else normalise_answer(text) == normalise_answer(ans)
-            preds.append(Prediction(text, correct, {"generated_tokens": len(gen)}))
-        return preds
+    # -- predictions: DecoderAdapter.predict (the generated text) -------------------------------
