@@ -15,7 +15,10 @@ FAMILIES = {
     "blip": ("blip", "pipeline.models.blip", "BlipAdapter"),
     "llava_next": ("llava_next", "pipeline.models.llava_next", "LlavaNextAdapter"),
     "llava_onevision": ("llava_onevision", "pipeline.models.llava_next", "LlavaOnevisionAdapter"),
+    "paligemma": ("paligemma", "pipeline.models.paligemma", "PaliGemmaAdapter"),
+    "gemma3": ("gemma3", "pipeline.models.gemma3", "Gemma3Adapter"),
     **{t: (t, "pipeline.models.qwen2vl", "QwenVLAdapter") for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
+    "mistral3": ("mistral3", "pipeline.models.mistral3", "Mistral3Adapter"),
 }
 
 def families_with(capability: str) -> list[str]:
