@@ -19,6 +19,7 @@ FAMILIES = {
     "gemma3": ("gemma3", "pipeline.models.gemma3", "Gemma3Adapter"),
     **{t: (t, "pipeline.models.qwen2vl", "QwenVLAdapter") for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
     "mistral3": ("mistral3", "pipeline.models.mistral3", "Mistral3Adapter"),
+    "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
 }
 
 def families_with(capability: str) -> list[str]:
