@@ -342,7 +342,8 @@ STAT_HELP: dict[str, str] = {
     "i2i_noself": "mass that image queries put on image keys other than themselves",
     "entropy": "row entropy divided by log(number of keys)",
     "sink": "mass on special tokens (cls, sep, bos, eos, image_cls, image_newline, and the image and turn "
-            "markers: vision_start, vision_end, im_start, im_end, img_break, img_end, inst, inst_end)",
+            "markers: vision_start, vision_end, im_start, im_end, img_break, img_end, inst, inst_end, "
+            "image_boundary, tile_marker, global_marker)",
     "max": "largest weight in the row",
     "img_entropy": "entropy of a text query's attention renormalised over image patches, "
     "divided by log(number of patches)",
@@ -376,7 +377,8 @@ STREAMS = ("self", "vision", "text", "cross", "lm")
 # tokenizer's markers, an image's [CLS], LLaVA-NeXT's learned row-closing ``image_newline`` (it
 # stands for no image region of its own), and the Qwen-VL chat template's turn and image markers.
 ROLES_SPECIAL = ("cls", "sep", "bos", "eos", "image_cls", "image_newline", "vision_start", "vision_end",
-                 "im_start", "im_end", "img_break", "img_end", "inst", "inst_end")
+                 "im_start", "im_end", "img_break", "img_end", "inst", "inst_end", "image_boundary",
+                 "tile_marker", "global_marker")
 
 
 def table(name: str) -> Table:

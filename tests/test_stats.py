@@ -23,7 +23,8 @@ from pipeline.stats import STAT_HELP, TokenMasks, head_stats
 
 NAN = float("nan")
 SPECIAL = {"cls", "sep", "bos", "eos", "image_cls", "image_newline", "vision_start", "vision_end", "im_start",
-           "im_end", "img_break", "img_end", "inst", "inst_end"}  # lake.schema.ROLES_SPECIAL
+           "im_end", "img_break", "img_end", "inst", "inst_end", "image_boundary", "tile_marker",
+           "global_marker"}  # lake.schema.ROLES_SPECIAL
 STATS = ["t2i", "t2t", "i2t", "i2i", "i2i_noself", "entropy", "sink", "max", "img_entropy", "grounding", "pointing",
          "boxed_img_mass"]
 

@@ -20,6 +20,7 @@ FAMILIES = {
     **{t: (t, "pipeline.models.qwen2vl", "QwenVLAdapter") for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
     "mistral3": ("mistral3", "pipeline.models.mistral3", "Mistral3Adapter"),
     "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
+    **{t: (t, "pipeline.models.idefics3", "Idefics3Adapter") for t in ("idefics3", "smolvlm")},
 }
 
 def families_with(capability: str) -> list[str]:
