@@ -19,8 +19,10 @@ FAMILIES = {
     "gemma3": ("gemma3", "pipeline.models.gemma3", "Gemma3Adapter"),
     **{t: (t, "pipeline.models.qwen2vl", "QwenVLAdapter") for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
     "mistral3": ("mistral3", "pipeline.models.mistral3", "Mistral3Adapter"),
-    "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
+    "blip-2": ("blip2", "pipeline.models.blip2", "Blip2Adapter"),
+    "instructblip": ("instructblip", "pipeline.models.blip2", "InstructBlipAdapter"),
     **{t: (t, "pipeline.models.idefics3", "Idefics3Adapter") for t in ("idefics3", "smolvlm")},
+    "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
 }
 
 def families_with(capability: str) -> list[str]:

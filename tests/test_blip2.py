@@ -1,0 +1,306 @@
+"""BLIP-2 and InstructBLIP (vision tower -> Q-Former -> OPT decoder): token table, attention of every
+stream, answer, pages.
+
+A tiny random Blip2ForConditionalGeneration (ViT: 32 px images, 8 px patches -> a 4 x 4 grid and an
+image [CLS], 2 layers; Q-Former: 2 layers, cross-attention in every layer, Q = 4 query tokens; OPT: 2
+layers, 2 heads) with a Blip2Processor made of a BlipImageProcessorPil and a word-level tokenizer
+with ``<image>``, all built from files; nothing is downloaded. Expected values come from the model's
+own ``generate`` and outputs run without hooks, one example at a time, never from pipeline code.
+InstructBLIP's Q-Former instruction is cut by a BERT word-piece tokenizer (``tests.tiny.write_vocab``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.extract import extract
+from pipeline.models import load_adapter
+from tests.tiny import WORDS, noise_image, write_manifest
+
+IMG, PS, G, Q = 32, 8, 4, 4
+IMAGE_ID = 4
+SCENES = [  # (original size (w, h), question, answer)
+    ((32, 32), "what color is the circle ?", "red"),
+    ((96, 64), "is there a red square left of the circle ?", "yes"),
+    ((40, 80), "how many ?", None),
+]
+
+
+def blip2_tokenizer():
+    """A word-level fast tokenizer with ``<image>`` at IMAGE_ID; it adds bos (as OPT's does)."""
+    import transformers as tf
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 2, "<s>": 1, "<unk>": 3, "<image>": IMAGE_ID,
+             **{w: i + 5 for i, w in enumerate(WORDS)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
+                          AddedToken("<s>", special=True, normalized=False)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>", padding_side="left")
+    return tok, vocab
+
+
+def make_tiny_blip2(out, seed: int = 0):
+    import transformers as tf
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok, vocab = blip2_tokenizer()
+    ip = tf.BlipImageProcessorPil(size={"height": IMG, "width": IMG})
+    proc = tf.Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=Q)
+    vision = dict(image_size=IMG, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=64)
+    text = dict(model_type="opt", vocab_size=len(vocab), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    cfg = tf.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=Q,
+                         image_token_index=IMAGE_ID)
+    cfg.vlatlas_random_weights = True
+    torch.manual_seed(seed)
+    model = tf.Blip2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
+        for p in model.parameters():
+            if p.dim() >= 2:  # linear and conv weights, position and class embeddings
+                p.normal_(0.0, 0.3)
+        model.query_tokens.normal_(0.0, 1.0)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+MAX_NEW = 16  # llava.MAX_NEW_TOKENS: the tiny checkpoint sets no length
+
+
+@pytest.fixture(scope="module", params=["blip2", "instructblip", "instructblip-llama"])
+def b2(request, tmp_path_factory):
+    """(model dir, lake root, reference model, processor, images, texts) of BLIP-2 / InstructBLIP."""
+    from PIL import Image
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    make, klass = {"blip2": (make_tiny_blip2, Blip2ForConditionalGeneration),
+                   "instructblip": (make_tiny_instructblip, InstructBlipForConditionalGeneration),
+                   "instructblip-llama": (lambda d: make_tiny_instructblip(d, lm="llama"),
+                                          InstructBlipForConditionalGeneration)}[request.param]
+    mdir = make(tmp / "model")
+    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
+            for i, (size, t, a) in enumerate(SCENES)]
+    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
+    manifest = write_manifest(tmp / "data", rows)
+    lake = tmp / "lake"
+    extract(str(mdir), manifest, lake, "b2", batch_size=2, keep_attention="all", keep_hidden="all", progress=False)
+    model = klass.from_pretrained(mdir, attn_implementation="eager").eval()
+    proc = AutoProcessor.from_pretrained(mdir)
+    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
+    return mdir, lake, model, proc, images, [t for _, t, _ in SCENES]
+
+
+def family(b2) -> str:
+    return "instructblip" if "Instruct" in type(b2[2]).__name__ else "blip2"
+
+
+def reference(model, proc, image, text):
+    """The model alone on one example: its inputs and its own greedy answer."""
+    enc = proc(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, suppress_tokens=[IMAGE_ID])
+    P = enc["input_ids"].shape[1]
+    gen = g[0, P:].tolist()
+    return enc, (gen[:gen.index(2) + 1] if 2 in gen else gen)
+
+
+def teacher_forced(model, enc, gen):
+    ids = torch.cat([enc["input_ids"], torch.tensor([gen])], 1)
+    with torch.no_grad():
+        extra = {k: enc[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in enc}
+        return model(input_ids=ids, pixel_values=enc["pixel_values"], attention_mask=torch.ones_like(ids),
+                     output_attentions=True, return_dict=True, **extra)
+
+
+def own_attentions(model, enc, gen) -> dict:
+    """Each stream's attention by the model's own modules, unhooked: the language model on the
+    teacher-forced inputs; the tower and the Q-Former (as ``generate`` calls them) on the image."""
+    o = teacher_forced(model, enc, gen)
+    with torch.no_grad():
+        v = model.vision_model(enc["pixel_values"], output_attentions=True, return_dict=True)
+        extra = {}
+        if "qformer_input_ids" in enc:  # InstructBLIP: the instruction follows the query tokens
+            extra = {"input_ids": enc["qformer_input_ids"],
+                     "attention_mask": torch.ones(1, Q + enc["qformer_input_ids"].shape[1], dtype=torch.long)}
+        qf = model.qformer(query_embeds=model.query_tokens, encoder_hidden_states=v.last_hidden_state,
+                           output_attentions=True, return_dict=True, **extra)
+    # the Q-Former's recorded ``attentions`` hold its self- and cross-attention modules' weights, in order
+    own_self = [a for a in qf.attentions if a.shape[-1] == a.shape[-2]]
+    return {"lm": o.language_model_outputs.attentions, "qformer": own_self,
+            "qformer_cross": qf.cross_attentions, "vision": v.attentions}
+
+
+def tokens(lake_df, lake, ex):
+    return lake_df(lake, "SELECT * FROM tokens WHERE run = 'b2' AND example_id = ? ORDER BY token_idx", [ex])
+
+
+def lake_attention(lake_df, lake, ex, stream, layer):
+    """The stored attention of one layer, indexed by the tokens' sequence positions: (head, q, k, w)."""
+    t = tokens(lake_df, lake, ex).set_index("token_idx").seq_pos
+    a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'b2' AND "
+                "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
+    return (a["head"].to_numpy(), t[a.query_idx].to_numpy(), t[a.key_idx].to_numpy(),
+            a.weight.to_numpy(np.float32))
+
+
+def test_registered_and_streams(b2):
+    from pipeline.models import FAMILIES
+
+    a = load_adapter(str(b2[0]))
+    assert FAMILIES[a.model.config.model_type][0] == a.family == family(b2)
+    assert a.streams() == {s: {"layers": 2, "heads": 2, "hidden_size": 32}
+                           for s in ("lm", "qformer", "qformer_cross", "vision")}
+    assert a.model.config.qformer_config._attn_implementation == "eager"
+
+
+def test_token_table_matches_the_models_inputs(b2, lake_df):
+    mdir, lake, model, proc, images, texts = b2
+    for ex, (im, text) in enumerate(zip(images, texts)):
+        enc, gen = reference(model, proc, im, text)
+        ids = enc["input_ids"][0].tolist()
+        P = len(ids)
+        assert ids[:Q] == [IMAGE_ID] * Q and ids[Q] == 1  # the processor's Q placeholders, then bos
+        t = tokens(lake_df, lake, ex)
+        assert list(t.token_idx) == list(range(len(t)))
+        lm, qf, vis = (t[t.stream == s] for s in ("lm", "qformer", "vision"))
+        assert list(t.stream) == ["lm"] * len(lm) + ["qformer"] * len(qf) + ["vision"] * len(vis)
+        instr = enc["qformer_input_ids"][0].tolist() if "qformer_input_ids" in enc else []
+        assert len(qf) == Q + len(instr) and list(qf.seq_pos) == list(range(len(qf)))
+        if instr:  # InstructBLIP: the instruction's tokens, as the Q-Former's own tokenizer cut them
+            assert list(qf.token.iloc[Q:]) == proc.qformer_tokenizer.convert_ids_to_tokens(instr)
+            assert list(qf.role.iloc[Q:]) == ["cls"] + ["word"] * (len(instr) - 2) + ["sep"]
+            assert set(qf.modality.iloc[Q:]) == {"text"}
+        assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
+        for part in (lm.iloc[:Q], qf.iloc[:Q]):
+            assert list(part.seq_pos) == list(range(Q))
+            assert set(part.modality) == {"image"} and set(part.role) == {"query"}
+            assert part.patch_row.isna().all() and part.x0.isna().all()
+        txt = lm[(lm.modality == "text") & (lm.role != "generated")]
+        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens(ids[Q:])
+        assert txt.role.iloc[0] == "bos" and set(txt.role.iloc[1:]) == {"word"}
+        gl = lm[lm.role == "generated"]
+        assert len(gen) >= 1 and list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        assert list(vis.role) == ["image_cls"] + ["patch"] * (G * G)
+        assert list(vis.seq_pos) == list(range(1 + G * G))
+        W, H = im.size  # resized to 32 x 32, each axis by its own ratio
+        exp = np.array([[c * PS * W / IMG, r * PS * H / IMG, (c + 1) * PS * W / IMG, (r + 1) * PS * H / IMG]
+                        for r in range(G) for c in range(G)])
+        np.testing.assert_allclose(vis.iloc[1:][["x0", "y0", "x1", "y1"]].to_numpy(float), exp, atol=1e-4)
+
+
+def test_answer_is_generates_own(b2, lake_df):
+    mdir, lake, model, proc, images, texts = b2
+    ex = lake_df(lake, "SELECT example_id, prediction FROM examples WHERE run = 'b2' ORDER BY example_id")
+    assert len(ex) == len(SCENES)
+    for im, text, row in zip(images, texts, ex.itertuples()):
+        enc, gen = reference(model, proc, im, text)
+        assert row.prediction == proc.tokenizer.decode(gen, skip_special_tokens=True).strip()
+    runs = lake_df(lake, "SELECT model_family, streams FROM runs WHERE run = 'b2'")
+    assert runs.model_family.iloc[0] == family(b2)
+    assert set(json.loads(runs.streams.iloc[0])) == {"lm", "qformer", "qformer_cross", "vision"}
+
+
+@pytest.mark.parametrize("stream", ["lm", "qformer", "qformer_cross", "vision"])
+def test_attention_equals_the_models_own(b2, lake_df, stream):
+    """Every stored weight of every layer = the model's own on the teacher-forced inputs; every row
+    (query token) sums to 1 over its keys, and every (query, key) pair is stored."""
+    mdir, lake, model, proc, images, texts = b2
+    for ex in (0, 1):
+        enc, gen = reference(model, proc, images[ex], texts[ex])
+        own = own_attentions(model, enc, gen)[stream]
+        assert len(own) == 2
+        for layer in range(2):
+            h, q, k, w = lake_attention(lake_df, lake, ex, stream, layer)
+            A = own[layer][0].numpy()
+            assert len(w) == A.size  # keep_attention="all": every weight
+            assert A.max() > 0.2  # peaked rows (uniform over 17 keys is 0.06): a wrong token order would not match by chance
+            np.testing.assert_allclose(w, A[h, q, k], atol=2e-3)
+            sums = np.zeros(A.shape[:2])
+            np.add.at(sums, (h, q), w)
+            np.testing.assert_allclose(sums, 1.0, atol=2e-3)
+        if stream == "qformer_cross":
+            assert A.shape[1:] == (Q, 1 + G * G)
+
+
+def test_t2i_of_a_word_by_hand(b2, lake_df):
+    """One lm head's t2i from the model's own attention: text queries' mass on the query tokens."""
+    mdir, lake, model, proc, images, texts = b2
+    ex, layer, head = 1, 1, 1
+    enc, gen = reference(model, proc, images[ex], texts[ex])
+    A = teacher_forced(model, enc, gen).language_model_outputs.attentions[layer][0, head].numpy().astype(np.float64)
+    lm = tokens(lake_df, lake, ex)
+    lm = lm[lm.stream == "lm"]
+    text = (lm.modality == "text").to_numpy()
+    image = (lm.modality == "image").to_numpy()
+    word = int(lm[lm.token == "red"].seq_pos.iloc[0])
+    assert A[word, :Q].sum() == pytest.approx(A[word][image].sum()) and A[word, :Q].sum() > 0
+    st = lake_df(lake, "SELECT stat, value FROM head_stats WHERE run = 'b2' AND example_id = ? AND "
+                 "stream = 'lm' AND layer = ? AND head = ?", [ex, layer, head])
+    got = dict(zip(st.stat, st.value))
+    assert got["t2i"] == pytest.approx(A[text][:, image].sum(1).mean(), abs=2e-4)
+
+
+def test_app_pages_on_the_blip2_lake(b2, monkeypatch, raw_df):
+    from tests.test_app import check_every_page
+
+    mdir, lake, *_ = b2
+    att = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = 'b2'").stream)
+    hid = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = 'b2'").stream)
+    assert att == ["lm", "qformer", "qformer_cross", "vision"] and hid == ["lm", "qformer", "vision"]
+    examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = 'b2' "
+                      "ORDER BY example_id")
+    check_every_page(lake, monkeypatch, "b2", 1, att, hid, examples, column="prediction")
+
+
+def make_tiny_instructblip(out, seed: int = 0, lm: str = "opt"):
+    """InstructBLIP: as BLIP-2, with a BERT word-piece tokenizer for the Q-Former's instruction."""
+    import transformers as tf
+
+    from tests.tiny import write_vocab
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok, vocab = blip2_tokenizer()
+    qtok = tf.BertTokenizer(str(write_vocab(out / "qformer_vocab.txt")), do_lower_case=True)
+    ip = tf.BlipImageProcessorPil(size={"height": IMG, "width": IMG})
+    proc = tf.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=Q)
+    vision = dict(image_size=IMG, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=len(qtok), pad_token_id=0)
+    text = dict(model_type="opt", vocab_size=len(vocab), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    if lm == "llama":  # as InstructBLIP's Vicuna checkpoints
+        text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                    max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = tf.InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=Q,
+                                image_token_index=IMAGE_ID)
+    cfg.vlatlas_random_weights = True
+    torch.manual_seed(seed)
+    model = tf.InstructBlipForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+        model.query_tokens.normal_(0.0, 1.0)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
