@@ -40,10 +40,8 @@ from typing import Any
 
 import torch
 
-from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, Probe,
-                                  greedy_generation_config, module_at, processor_or, split_stream_layouts, stack_columns,
-                                  stream_hook_points)
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, greedy_generation_config,
+                                  module_at, processor_or, split_stream_layouts, stack_columns)
 from pipeline.models.llava import LlavaAdapter
 from pipeline.models.llava_next import LlavaNextAdapter, _read_json
 
@@ -74,6 +72,7 @@ class Idefics3Adapter(DecoderAdapter):
     _watched = staticmethod(LlavaNextAdapter._watched)
     _attn_hook = LlavaNextAdapter._attn_hook
     _hidden_hook = LlavaNextAdapter._hidden_hook
+    _hook_crop_tower = LlavaNextAdapter._hook_crop_tower
     _blocks = LlavaNextAdapter._blocks
     _per_example = LlavaNextAdapter._per_example
     hook_points = LlavaNextAdapter.hook_points
@@ -121,14 +120,7 @@ class Idefics3Adapter(DecoderAdapter):
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.text_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
         self._crops: list[int] | None = None
-        L = int(vc.num_hidden_layers)
-        self.vis_attn = [AttnProbe() for _ in range(L)]
-        self.vis_hidden = [Probe() for _ in range(L + 1)]
-        vp = self.paths["vision"]
-        for i in range(L):
-            module_at(model, vp["attention"].format(layer=i)).register_forward_hook(self._attn_hook(i))
-            module_at(model, vp["hidden"].format(layer=i)).register_forward_hook(self._hidden_hook(i + 1))
-        module_at(model, vp["hidden_0"]).register_forward_hook(self._hidden_hook(0))
+        self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
     def lens(self):
         return module_at(self.model, "model.text_model.norm"), self.model.lm_head

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, Probe, module_at,
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, module_at,
                                   processor_or, split_stream_layouts, stack_columns)
 from pipeline.models.geometry import _size
 from pipeline.models.llava import LlavaAdapter
@@ -112,14 +112,7 @@ class InternVLAdapter(LlavaNextAdapter):
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
         self._crops = None
-        L = int(vc.num_hidden_layers)
-        self.vis_attn = [AttnProbe() for _ in range(L)]
-        self.vis_hidden = [Probe() for _ in range(L + 1)]
-        vp = self.paths["vision"]
-        for i in range(L):
-            module_at(model, vp["attention"].format(layer=i)).register_forward_hook(self._attn_hook(i))
-            module_at(model, vp["hidden"].format(layer=i)).register_forward_hook(self._hidden_hook(i + 1))
-        module_at(model, vp["hidden_0"]).register_forward_hook(self._hidden_hook(0))
+        self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
     # -- loading ------------------------------------------------------------------
     @classmethod

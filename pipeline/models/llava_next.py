@@ -115,11 +115,15 @@ class LlavaNextAdapter(LlavaAdapter):
         self.n_crop = self.side * self.side + (1 if self.tower_cls else 0)  # tower tokens per crop
         # the vision tower: its batch is the crops; hooks regroup it per example into probes
         self._crops: list[int] | None = None  # crops per example of the pass being captured
-        L = int(vc.num_hidden_layers)
-        self.vis_attn = [AttnProbe() for _ in range(L)]
-        self.vis_hidden = [Probe() for _ in range(L + 1)]
+        self._hook_crop_tower(model, int(vc.num_hidden_layers))
+
+    def _hook_crop_tower(self, model: torch.nn.Module, layers: int) -> None:
+        """Probes for the tower's ``layers`` attention maps and ``layers + 1`` hidden states, fed by hooks
+        on the modules of ``self.paths["vision"]`` that regroup the tower's batch of crops per example."""
+        self.vis_attn = [AttnProbe() for _ in range(layers)]
+        self.vis_hidden = [Probe() for _ in range(layers + 1)]
         vp = self.paths["vision"]
-        for i in range(L):
+        for i in range(layers):
             module_at(model, vp["attention"].format(layer=i)).register_forward_hook(self._attn_hook(i))
             module_at(model, vp["hidden"].format(layer=i)).register_forward_hook(self._hidden_hook(i + 1))
         module_at(model, vp["hidden_0"]).register_forward_hook(self._hidden_hook(0))
