@@ -55,9 +55,9 @@ import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Probe,
-                                  first_line, greedy_generation_config, module_at, processor_or, require_eager,
+                                  greedy_generation_config, module_at, processor_or, require_eager,
                                   split_stream_layouts, stream_hook_points, token_rows)
-from pipeline.models.qwen2vl import _chat_template
+from pipeline.models.qwen2vl import QwenVLAdapter, _chat_template
 
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
 MODULES = {
@@ -206,9 +206,12 @@ class Mistral3Adapter(DecoderAdapter):
         if emb is not None:
             self.probe(emb)
 
-    @staticmethod
-    def _watched(probe: torch.nn.Module) -> bool:
-        return bool(probe._forward_hooks or probe._forward_pre_hooks)
+    # Shared with Qwen-VL, whose tower also packs a batch's images into one sequence: the hidden-state
+    # hooks (through this class's own _split) and the image check.
+    _watched = staticmethod(QwenVLAdapter._watched)
+    _hidden_hook = QwenVLAdapter._hidden_hook
+    _hidden_0 = QwenVLAdapter._hidden_0
+    check_image = QwenVLAdapter.check_image
 
     def _attn_hook(self, layer: int):
         probe = self.vis_attn[layer]
@@ -237,31 +240,6 @@ class Mistral3Adapter(DecoderAdapter):
     def _split(self, h: torch.Tensor) -> torch.Tensor:
         parts = torch.split(h[0], self._lengths, dim=0)
         return torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True)
-
-    def _hidden_hook(self, layer: int):
-        probe = self.vis_hidden[layer]
-
-        def fn(module, args, output):
-            if self._lengths is not None and self._watched(probe):
-                probe(self._split(output[0] if isinstance(output, tuple) else output))
-            return None
-
-        return fn
-
-    def _hidden_0(self, module, args):
-        probe = self.vis_hidden[0]
-        if self._lengths is not None and self._watched(probe):
-            probe(self._split(args[0]))
-
-    # -- inputs ---------------------------------------------------------------------
-    def check_image(self, image) -> None:
-        from pipeline.data import BadInput
-
-        try:
-            self.processor.image_processor(images=[image], return_tensors="pt")
-        except ValueError as e:
-            raise BadInput("image", f"the {type(self.model).__name__} image processor cannot take this image: "
-                                    f"{first_line(e)}") from None
 
     def prompt(self, text: str) -> str:
         """The processor's chat template with one image and the question, when it has one; else ``[IMG]question``."""
