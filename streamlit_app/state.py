@@ -112,9 +112,13 @@ SHARED = PageState("every page", {
 EXAMPLES = PageState("Examples", {"expage": 1}, {"expage": lambda s: max(1, int(s))})
 HEAD_SUMMARY = PageState("Head summary", {"norm": "raw", "scope": "filtered", "nosink": False}, {
     "norm": _choice(queries.NORMS), "scope": _choice(("filtered", "example")), "nosink": _bool})
+# the query text tokens (text_pos), patches, method, colours, tile; BLIP-2's learned query tokens (their
+# seq_pos) on its ``qformer_cross`` stream, and the Q-Former cross layer and head the composed view
+# "LM token -> query tokens -> patches" goes through
 ATTENTION = PageState("Attention", {"tokens": [], "patches": [], "method": "attention", "stretch": False,
-                                    "tile": "all"}, {
-    "tokens": _int_list, "patches": _patch_list, "stretch": _bool, "tile": lambda s: "all" if s == "all" else int(s)})
+                                    "tile": "all", "qtokens": [], "xlayer": None, "xhead": "mean"}, {
+    "tokens": _int_list, "patches": _patch_list, "stretch": _bool, "tile": lambda s: "all" if s == "all" else int(s),
+    "qtokens": _int_list, "xlayer": int, "xhead": lambda s: "mean" if s == "mean" else int(s)})
 # the map's hidden-state layer, its points' colour, the selected token (token_idx in the selected
 # example), the neighbours' scope, and whether special tokens are left out of the neighbours
 HIDDEN_STATES = PageState("Hidden states", {"hlayer": 0, "color": "modality", "tok": None, "nn": "example",

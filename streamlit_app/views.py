@@ -32,20 +32,64 @@ def colormap(v: np.ndarray) -> np.ndarray:
 
 
 # -- which tokens a stream's queries and keys are --------------------------------------
+# cross streams: (the stream whose tokens are the queries, the stream whose tokens are the keys)
+CROSS_STREAMS = {"cross": ("text", "vision"), "qformer_cross": ("qformer", "vision")}
+
+
 def stream_tokens(tokens: pd.DataFrame, stream: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(query tokens, key tokens) of a stream.
 
-    ``cross`` attention has the ``text`` stream's tokens as queries and the
-    ``vision`` stream's as keys (docs/DESIGN.md); every other stream attends within
-    its own tokens.
+    A cross stream's queries and keys are other streams' tokens (docs/DESIGN.md): BLIP's ``cross``
+    has the ``text`` stream's tokens as queries and the ``vision`` stream's as keys; BLIP-2's
+    ``qformer_cross`` the Q-Former's learned query tokens (role ``query``; InstructBLIP's instruction
+    tokens do not attend to the image) and the ``vision`` stream's tokens. Every other stream attends
+    within its own tokens.
     """
-    if stream == "cross":
-        q, k = tokens[tokens.stream == "text"], tokens[tokens.stream == "vision"]
+    if stream in CROSS_STREAMS:
+        qs, ks = CROSS_STREAMS[stream]
+        q, k = tokens[tokens.stream == qs], tokens[tokens.stream == ks]
+        if stream == "qformer_cross":
+            q = q[q.role == "query"]
     else:
         q = k = tokens[tokens.stream == stream]
     if q.empty or k.empty:  # token table without this stream's rows: use them all
         q = k = tokens
     return q, k
+
+
+def query_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
+    """The learned query tokens (role ``query``: BLIP-2's Q-Former queries, in the LM or the Q-Former), in
+    sequence order; query token ``k`` of the LM carries Q-Former query ``k``."""
+    return tokens[tokens.role == "query"].sort_values(["seq_pos", "token_idx"])
+
+
+def query_label(t) -> str:
+    """``"q3"``: a learned query token by its rank."""
+    return f"q{int(t.seq_pos)}"
+
+
+def compose_through_queries(lm_to_queries: pd.DataFrame, qformer_queries: pd.DataFrame, cross: pd.DataFrame,
+                            patches: pd.DataFrame) -> pd.DataFrame:
+    """``patches`` with a ``weight`` column: attention composed through the learned query tokens,
+    ``c[p] = Σ_k a[k] · C[k, p]``.
+
+    ``lm_to_queries`` are the LM's query tokens with ``weight`` ``a[k]`` (what the selected LM tokens
+    put on query token ``k``, :func:`mean_rows`); ``qformer_queries`` the Q-Former's query tokens; the
+    ``k``-th of each in sequence order is the same query (the LM's carries the Q-Former's output).
+    ``cross`` is the ``qformer_cross`` block (``query_idx`` a Q-Former query token, ``key_idx`` a
+    vision token, ``weight = C[k, key]``). Pairs absent from the block count as 0. Not an attention the
+    model computes: a product of two attentions, as in attention rollout.
+    """
+    lm_q, qf_q = query_tokens(lm_to_queries), query_tokens(qformer_queries)
+    if len(lm_q) != len(qf_q):
+        raise ValueError(f"the LM has {len(lm_q)} query tokens and the Q-Former {len(qf_q)}")
+    a = pd.Series(lm_q.weight.to_numpy(dtype=np.float64), index=qf_q.token_idx.astype(int).to_numpy())
+    c = cross[cross.query_idx.isin(a.index) & cross.key_idx.isin(patches.token_idx)]
+    contrib = c.weight.to_numpy(dtype=np.float64) * a.reindex(c.query_idx.astype(int)).to_numpy()
+    s = pd.Series(contrib, index=c.key_idx.astype(int).to_numpy()).groupby(level=0).sum()
+    out = patches.copy()
+    out["weight"] = out.token_idx.map(s).fillna(0.0).astype(float)
+    return out
 
 
 def text_tokens(tokens: pd.DataFrame) -> pd.DataFrame:

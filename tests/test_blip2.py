@@ -12,6 +12,7 @@ InstructBLIP's Q-Former instruction is cut by a BERT word-piece tokenizer (``tes
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def blip2_tokenizer():
     return tok, vocab
 
 
-def make_tiny_blip2(out, seed: int = 0):
+def make_tiny_blip2(out, seed: int = 0, qformer_layers: int = 2, cross_every: int = 1):
     import transformers as tf
 
     out.mkdir(parents=True, exist_ok=True)
@@ -56,8 +57,8 @@ def make_tiny_blip2(out, seed: int = 0):
     proc = tf.Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=Q)
     vision = dict(image_size=IMG, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2)
-    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=64)
+    qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=qformer_layers, num_attention_heads=2,
+                   encoder_hidden_size=32, cross_attention_frequency=cross_every, vocab_size=64)
     text = dict(model_type="opt", vocab_size=len(vocab), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128, bos_token_id=1,
                 eos_token_id=2, pad_token_id=0)
@@ -265,6 +266,106 @@ def test_app_pages_on_the_blip2_lake(b2, monkeypatch, raw_df):
     examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = 'b2' "
                       "ORDER BY example_id")
     check_every_page(lake, monkeypatch, "b2", 1, att, hid, examples, column="prediction")
+
+
+@pytest.mark.parametrize("xlayer,xhead", [(1, "mean"), (0, 1)])
+def test_composed_view_lm_token_through_queries_to_patches(b2, monkeypatch, xlayer, xhead):
+    """The Attention page's composed view on stream lm equals, patch by patch, the LM's own attention from a
+    word to the query tokens times the Q-Former's own cross-attention of those queries, summed over the
+    queries; its first factor (text -> query tokens) is drawn beside it."""
+    from tests.test_app import chart_data, open_app
+
+    mdir, lake, model, proc, images, texts = b2
+    ex = 1
+    enc, gen = reference(model, proc, images[ex], texts[ex])
+    ids = enc["input_ids"][0].tolist()
+    word = ids.index(proc.tokenizer.convert_tokens_to_ids("red"))
+    own = own_attentions(model, enc, gen)
+    # the LM head where the word looks most at the query tokens (random weights: some heads hardly do)
+    mass = np.array([[own["lm"][lay][0, h, word, :Q].sum().item() for h in range(2)] for lay in range(2)])
+    layer, head = (int(i) for i in np.unravel_index(mass.argmax(), mass.shape))
+    A = own["lm"][layer][0, head].double().numpy()  # [lm query, lm key]
+    C = own["qformer_cross"][xlayer][0].double().numpy()  # [head, Q, 1 + G*G]
+    C = C.mean(0) if xhead == "mean" else C[xhead]
+    a = A[word, :Q]  # the word's attention on the query tokens (the processor puts them first)
+    expected = (a[:, None] * C[:, 1:]).sum(0)  # [G*G]: patch (r, c) at r * G + c; C[:, 0] is the vision [CLS]
+    assert a.sum() > 0.05 and expected.max() > 0.01  # a test that would notice a zero view
+
+    text_pos = word - Q  # text positions count the LM's text tokens: the query tokens come first
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="b2", ex=ex, stream="lm", layer=layer,
+                  head=head, tokens=text_pos, xlayer=xlayer, xhead=xhead)
+    assert [p.value for p in at.get("pills") if p.label == "Query text tokens"][0] == [text_pos]
+    img = chart_data(at, "composed", "weight").sort_values(["patch_row", "patch_col"])
+    assert len(img) == G * G
+    got = np.zeros(G * G)
+    got[img.patch_row.astype(int) * G + img.patch_col.astype(int)] = img.weight
+    np.testing.assert_allclose(got, expected, atol=3e-3)
+    strip = chart_data(at, "text-queries", "weight")
+    assert list(strip.word) == [f"q{k}" for k in range(Q)]
+    np.testing.assert_allclose(strip.weight.to_numpy(float), a, atol=2e-3)
+    caption = " ".join(str(e.value) for e in at.caption)
+    assert "Composed, not an attention the model computes" in caption
+    assert f"cross layer {xlayer}" in caption
+    on_queries = float(re.search(r"Mass on the query tokens \*\*([0-9.]+)", caption).group(1))
+    on_patches = float(re.search(r"on the patches \*\*([0-9.]+)", caption).group(1))
+    assert on_queries == pytest.approx(a.sum(), abs=2e-3) and on_patches == pytest.approx(expected.sum(), abs=3e-3)
+
+
+def test_query_tokens_over_the_patches(b2, monkeypatch):
+    """Stream qformer_cross: the queries are the learned query tokens only (not InstructBLIP's
+    instruction), and their view is the Q-Former's own cross-attention over the patches."""
+    from tests.test_app import chart_data, open_app
+
+    mdir, lake, model, proc, images, texts = b2
+    ex, layer, head, q = 0, 1, 0, 2
+    enc, gen = reference(model, proc, images[ex], texts[ex])
+    C = own_attentions(model, enc, gen)["qformer_cross"][layer][0, head].double().numpy()  # [Q, 1 + G*G]
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="b2", ex=ex, stream="qformer_cross",
+                  layer=layer, head=head)
+    pills = next(p for p in at.get("pills") if p.label == "Query tokens")
+    assert pills.options == [f"q{k}" for k in range(Q)] and pills.value == list(range(Q))  # all, at first
+    img = chart_data(at, "query-image", "weight")
+    got = np.zeros(G * G)
+    got[img.patch_row.astype(int) * G + img.patch_col.astype(int)] = img.weight
+    np.testing.assert_allclose(got, C[:, 1:].mean(0), atol=2e-3)
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run="b2", ex=ex, stream="qformer_cross",
+                  layer=layer, head=head, qtokens=q)
+    img = chart_data(at, "query-image", "weight")
+    got[img.patch_row.astype(int) * G + img.patch_col.astype(int)] = img.weight
+    np.testing.assert_allclose(got, C[q, 1:], atol=2e-3)
+
+
+def test_cross_attention_every_other_layer(tmp_path, lake_df):
+    """As the released checkpoints: cross-attention in every 2nd Q-Former layer (4 layers: 0 and 2).
+    ``qformer_cross`` has 2 layers, layer k being the k-th Q-Former layer with cross-attention, equal to
+    the weights that layer's own cross-attention module returns; ``qformer`` keeps all 4 layers."""
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    mdir = make_tiny_blip2(tmp_path / "model", qformer_layers=4, cross_every=2)
+    size, text, answer = SCENES[1]
+    manifest = write_manifest(tmp_path / "data", [{"id": "s0", "image": noise_image(size, seed=1), "text": text,
+                                                    "answer": answer}])
+    extract(str(mdir), manifest, tmp_path / "lake", "b2", keep_attention="all", progress=False)
+    streams = json.loads(lake_df(tmp_path / "lake", "SELECT streams FROM runs WHERE run = 'b2'").streams.iloc[0])
+    assert (streams["qformer"]["layers"], streams["qformer_cross"]["layers"]) == (4, 2)
+
+    model = Blip2ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    proc = Blip2Processor.from_pretrained(mdir)
+    layers = model.qformer.encoder.layer
+    assert [bool(lay.has_cross_attention) for lay in layers] == [True, False, True, False]
+    seen = {}  # Q-Former layer -> the weights its own cross-attention module returns
+    for i in (0, 2):
+        layers[i].crossattention.attention.register_forward_hook(
+            lambda m, args, out, i=i: seen.__setitem__(i, out[1][0].detach().numpy()))
+    image = Image.open(tmp_path / "data" / "images" / "s0.png").convert("RGB")
+    enc, _ = reference(model, proc, image, text)  # generate runs the Q-Former once
+    for k, qlayer in enumerate((0, 2)):
+        h, q, key, w = lake_attention(lake_df, tmp_path / "lake", 0, "qformer_cross", k)
+        A = seen[qlayer]  # [head, Q, 1 + G*G]
+        assert len(w) == A.size and A.max() > 0.2
+        np.testing.assert_allclose(w, A[h, q, key], atol=2e-3)
+    assert not np.allclose(seen[0], seen[2], atol=0.05)  # the two layers differ: a swapped mapping would show
 
 
 def make_tiny_instructblip(out, seed: int = 0, lm: str = "opt"):

@@ -42,10 +42,13 @@ checkpoint's own generation config (``<image>`` added to its suppressed tokens) 
 ``generate`` (which scatters the query outputs into the prompt), uncaptured; then one captured
 teacher-forced pass over prompt + answer.
 
-Not captured: ``--explain value``, ``relevancy`` and ``lens``; the Attention page's composed view
-"LM token -> query tokens -> patches". Tested with ``cross_attention_frequency`` 1 only (the
-released checkpoints use 2: the layer mapping above is read from each layer's
-``has_cross_attention``).
+The LM's query tokens have no patch: the Attention page follows them back to the image with a
+composed view, "LM token -> query tokens -> patches", ``c[p] = Σ_k A_lm[t, q_k] C[k, p]`` (the lm
+stream's attention to query token ``k`` times ``qformer_cross`` query ``k``'s attention to patch ``p``;
+``streamlit_app.views.compose_through_queries``), labelled as a product, not a weight the model
+computes. Tested with ``cross_attention_frequency`` 1 and 2 (the released checkpoints use 2).
+
+Not captured: ``--explain value``, ``relevancy`` and ``lens``.
 """
 
 from __future__ import annotations

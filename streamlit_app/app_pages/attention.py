@@ -151,6 +151,12 @@ if len(views.tiles(patch_k)) > 1:
                  f" Image tokens of the **{views.tile_label(tile)}** only (solid outline); the masses are over its "
                  "patches.")
 
+# BLIP-2 / InstructBLIP: the LM's image tokens are learned query tokens with no patch; the Q-Former's
+# cross-attention (stream qformer_cross) is how they reach the patches.
+crossed = stream == "qformer_cross"  # the query tokens over the patches
+composable = (stream == "lm" and method == "attention" and "qformer_cross" in c.streams.stream.tolist()
+              and not views.query_tokens(qt).empty)  # LM token -> query tokens -> patches
+
 
 def image_chart(patches, description, select=False):
     vmax = VMAX
@@ -178,9 +184,92 @@ def not_here(view: str) -> bool:
 sel_text: list[int] = []
 sel_patch: list[int] = []
 left, right = st.columns(2, gap="large")
+def pick_text_tokens() -> tuple[list[int], dict[int, str]]:
+    """The query text tokens' pills: (their token_idx, labels by text position)."""
+    pos = [int(p) for p in text_q.text_pos]
+    labels = {int(t.text_pos): views.token_label(t) for t in text_q.itertuples()}
+    first_word = views.object_word(text_q, ex.get("boxes"))  # a word naming a boxed object, else the first word
+    if first_word is None:
+        first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
+    valid = [p for p in (state.get("tokens") or []) if p in pos]
+    state.set_value("tokens", valid or [first_word])
+    generated = bool((text_q.role == "generated").any())
+    st.pills("Query text tokens", pos, selection_mode="multi", format_func=labels.get,
+             help="✦ marks the tokens the model generated (its answer): pick them for generated word → "
+                  "image, question words for question word → image" if generated else None,
+             **state.bind("tokens"))
+    return text_q[text_q.text_pos.isin(state.get("tokens") or [])].token_idx.astype(int).tolist(), labels
+
+
+def composed_view() -> tuple[list[int], pd.DataFrame]:
+    """LM token -> query tokens -> patches: (the selected text tokens, what they put on each query token)."""
+    sel, labels = pick_text_tokens()
+    n_x, h_x = c.stream_shape("qformer_cross")
+    state.choose("xlayer", list(range(n_x)), default=n_x - 1)
+    state.choose("xhead", [*range(h_x), "mean"], default="mean")
+    x1, x2 = st.columns(2)
+    x1.selectbox("Q-Former cross layer", list(range(n_x)), **state.bind("xlayer"),
+                 help="the Q-Former layer with cross-attention the queries reach the patches through (the last "
+                      "is the one whose output the LM reads)")
+    x2.selectbox("Q-Former head", [*range(h_x), "mean"], **state.bind("xhead"),
+                 format_func=lambda h: "mean over heads" if h == "mean" else f"head {h}")
+    xlayer, xhead = int(state.get("xlayer")), state.get("xhead")
+    xhead_text = "mean over heads" if xhead == "mean" else f"head {xhead}"
+    cross = state.q(queries.method_block, c.run, ex_id, "qformer_cross", xlayer,
+                    None if xhead == "mean" else int(xhead), h_x, "attention")
+    to_q = views.mean_rows(block, sel, views.query_tokens(qt))  # a[k]: the LM's attention on query token k
+    patches = views.patch_tokens(tokens[tokens.stream == "vision"])
+    comp = views.compose_through_queries(to_q, views.query_tokens(tokens[tokens.stream == "qformer"]), cross,
+                                         patches)
+    words = ", ".join(labels.get(p, str(p)) for p in state.get("tokens") or [])
+    export.show_chart(image_chart(comp, "composed"), f"{view_name}-composed-X{xlayer}-H{xhead}", key="ti_chart",
+                      width="content", context=f"LM token → query tokens → patches (composed) · {about} · "
+                      f"Q-Former cross layer {xlayer}, {xhead_text} · query tokens {words}")
+    if png is None:
+        st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
+    q_mass, mass = float(to_q.weight.sum()), float(comp.weight.sum())
+    note = scale_note(mass, "the image patches through the query tokens")
+    st.caption(f"**Composed, not an attention the model computes**: `c[p] = Σₖ A[t, qₖ] · C[k, p]`, the LM's "
+               f"attention from the selected token(s) `t` (layer {layer}, {head_text}, averaged over the "
+               f"{len(sel)} selected) to each learned query token `qₖ`, times that query's Q-Former "
+               f"cross-attention `C` to patch `p` (cross layer {xlayer}, {xhead_text}), summed over the queries. "
+               f"Mass on the query tokens **{q_mass:.4f}**; through them on the patches **{mass:.4f}** (the "
+               f"rest of each query's cross-attention goes to the vision [CLS]); largest patch "
+               f"{comp.weight.max():.4f}; {note}.")
+    return sel, to_q
+
+
+def query_tokens_view() -> None:
+    """The learned query tokens over the patches (stream qformer_cross)."""
+    qq = views.query_tokens(qt)
+    pos = qq.seq_pos.astype(int).tolist()
+    valid = [p for p in (state.get("qtokens") or []) if p in pos]
+    state.set_value("qtokens", valid or pos)
+    st.pills("Query tokens", pos, selection_mode="multi", format_func=lambda p: f"q{p}",
+             help="the Q-Former's learned query tokens: the LM reads query k's output as its image token k",
+             **state.bind("qtokens"))
+    chosen = state.get("qtokens") or []
+    sel = qq[qq.seq_pos.isin(chosen)].token_idx.astype(int).tolist()
+    qi = views.mean_rows(block, sel, patch_k)
+    export.show_chart(image_chart(qi, "query-image"), f"{view_name}-query-image", key="ti_chart",
+                      width="content", context=f"Query tokens → image · {about} · query tokens "
+                      f"{', '.join(f'q{p}' for p in chosen)}")
+    note = scale_note(float(qi.weight.sum()), "the image patches")
+    st.caption(f"**query tokens → image**: the Q-Former's cross-attention from the selected learned query "
+               f"token(s) (query) to each image patch (key), averaged over the {len(sel)} selected: **mass "
+               f"{qi.weight.sum():.4f}** (the rest goes to the vision [CLS]), largest patch {qi.weight.max():.4f}; "
+               f"{note}. On the `lm` stream the LM's own query tokens lead here: see its composed view.")
+
+
+to_queries = None  # what the selected LM tokens put on each query token (composed view)
 with left:
-    st.subheader("Text → image" if not predicted else "Prediction → image")
-    if predicted:
+    st.subheader("Prediction → image" if predicted else "Text → query tokens → image" if composable
+                 else "Query tokens → image" if crossed else "Text → image")
+    if composable:
+        sel_text, to_queries = composed_view()
+    elif crossed:
+        query_tokens_view()
+    elif predicted:
         ti = views.mean_rows(block, [-1], patch_k)
         if patch_k.empty:
             st.info(f"Stream `{stream}` has no image tokens.")
@@ -192,19 +281,7 @@ with left:
     elif text_q.empty or patch_k.empty:
         st.info(f"Stream `{stream}` has no text queries or no image keys.")
     else:
-        pos = [int(p) for p in text_q.text_pos]
-        labels = {int(t.text_pos): views.token_label(t) for t in text_q.itertuples()}
-        first_word = views.object_word(text_q, ex.get("boxes"))  # a word naming a boxed object, else the first word
-        if first_word is None:
-            first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
-        valid = [p for p in (state.get("tokens") or []) if p in pos]
-        state.set_value("tokens", valid or [first_word])
-        generated = bool((text_q.role == "generated").any())
-        st.pills("Query text tokens", pos, selection_mode="multi", format_func=labels.get,
-                 help="✦ marks the tokens the model generated (its answer): pick them for generated word → "
-                      "image, question words for question word → image" if generated else None,
-                 **state.bind("tokens"))
-        sel_text = text_q[text_q.text_pos.isin(state.get("tokens") or [])].token_idx.astype(int).tolist()
+        sel_text, labels = pick_text_tokens()
         ti = views.mean_rows(block, sel_text, patch_k)
         export.show_chart(image_chart(ti, "text-image"), f"{view_name}-text-image", key="ti_chart",
                           width="content", context=f"Text → image · {METHOD_LABEL[method]} · {about} · query "
@@ -218,8 +295,23 @@ with left:
                    f"col) on the grid and are interpolated bilinearly; {note}." + tile_note)
 
 with right:
-    st.subheader("Image → image")
-    if not_here("image-image"):
+    if not crossed:
+        st.subheader("Text → query tokens" if composable else "Image → image")
+    if crossed:
+        st.info("Stream `qformer_cross` has one kind of query, the Q-Former's learned query tokens, and one kind "
+                "of key, the image: its view is on the left. The queries' attention among themselves is stream "
+                "`qformer`; the LM's attention to them, followed on to the patches, is stream `lm`.")
+    elif composable:
+        strip = to_queries.assign(token=[views.query_label(t) for t in to_queries.itertuples()])
+        export.show_chart(charts.token_strip(strip, weight_title="weight", width=DISPLAY_W, vmax=VMAX,
+                                             description="text-queries"),
+                          f"{view_name}-text-queries", key="tq_chart", width="content",
+                          context=f"Text → query tokens · {about}")
+        st.caption(f"**text → query tokens**: the LM's attention from the selected token(s) to each learned query "
+                   f"token `qₖ` (the image tokens the LM reads; they have no patch), the first factor of the composed "
+                   f"view: **mass {to_queries.weight.sum():.4f}**. Stream `qformer_cross` shows where each query "
+                   "looks.")
+    elif not_here("image-image"):
         sel_patch = []
     elif patch_q.empty or patch_k.empty:
         st.info(f"Stream `{stream}` has no image-patch queries.")
@@ -252,8 +344,11 @@ with right:
                    f"{', '.join(state.get('patches'))} (query, outlined) to every patch (key): **image → image mass "
                    f"{ii.weight.sum():.4f}**; {note}. Click a patch to choose it, shift-click to add, or drag a box."
                    + tile_note)
-    st.subheader("Image → text" if not predicted else "Prediction → text")
-    if predicted and not text_k.empty:
+    if not (composable or crossed):
+        st.subheader("Image → text" if not predicted else "Prediction → text")
+    if composable or crossed:
+        pass
+    elif predicted and not text_k.empty:
         it = views.mean_rows(block, [-1], text_k)
         export.show_chart(charts.token_strip(it, weight_title="relevancy", width=DISPLAY_W, description="image-text"),
                           f"{view_name}-relevancy-text", key="it_chart", width="content",
@@ -274,8 +369,9 @@ with right:
         st.caption(f"**image → text**: each text token (key) coloured by the {METHOD_LABEL[method]} the selected "
                    f"patch(es) (query) put on it: **image → text mass {it.weight.sum():.4f}**; {note}.")
 
-st.subheader("Text → text")
-if not_here("text-text"):
+if not crossed:
+    st.subheader("Text → text")
+if crossed or not_here("text-text"):
     pass
 elif text_q.empty or text_k.empty:
     st.info(f"Stream `{stream}` has no text queries or no text keys.")
@@ -283,7 +379,8 @@ else:
     export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), vmax=VMAX, description="text-text"),
                       f"{view_name}-text-text", key="tt_chart", width="content",
                       context=f"Text → text · {METHOD_LABEL[method]} · {about}")
-    rest = [w for w, on in (("image keys", not patch_k.empty), ("the weights that were not stored", pruned)) if on]
+    rest = [w for w, on in (("image keys", bool((kt.modality == "image").any())),
+                            ("the weights that were not stored", pruned)) if on]
     st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. "
                + (f"A row's weights over text keys need not sum to 1: the rest of its mass goes to {' and to '.join(rest)}."
                   if rest else "Each row sums to 1 over its text keys (this stream has no image keys).")
