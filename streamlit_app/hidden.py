@@ -81,13 +81,16 @@ def nearest_other_modality(cands: pd.DataFrame, query_vec: np.ndarray, query_mod
 
 
 def token_text(t) -> str:
-    """How a token is named in the UI: its word piece, ``patch r1c2``, or its role."""
+    """How a token is named in the UI: its word piece, ``patch r1c2`` (``patch t1r1c2`` for a patch of
+    tile 1 of a tiled image, as the Attention page names it), or its role."""
     tok = getattr(t, "token", None)
     if isinstance(tok, str):
         return tok
     r, c = getattr(t, "patch_row", None), getattr(t, "patch_col", None)
     if r is not None and c is not None and pd.notna(r) and pd.notna(c):
-        return f"patch r{int(r)}c{int(c)}"
+        tile = getattr(t, "tile", None)
+        prefix = f"t{int(tile)}" if tile is not None and pd.notna(tile) and int(tile) > 0 else ""
+        return f"patch {prefix}r{int(r)}c{int(c)}"
     role = getattr(t, "role", None)
     return f"[{role}]" if isinstance(role, str) else "?"
 

@@ -269,3 +269,18 @@ def test_all_tiles_heat_sums_where_tiles_overlap():
     single = p[p.tile == 0]
     assert views.overlay(None, single, 160, 120, 160)[0] == views.overlay(None, single.drop(columns="tile"), 160, 120,
                                                                          160)[0]
+
+
+def test_hidden_states_page_names_a_tiles_patches_with_their_tile(tiled, monkeypatch):
+    """The Hidden states page names a patch of tile k > 0 ``patch tKrRcC`` (as the Attention page does), so
+    the base image's patch r0c0 and tile 1's are told apart; every patch label is unique."""
+    at = open_app(tiled.root, monkeypatch, page="app_pages/hidden_states.py", run="tiled", ex=TILED)
+    opts = at.selectbox(key="w_tok").options
+    tok = tiled.tokens_of(TILED)
+    patches = tok[tok.role == "patch"]
+    want = [f"patch {'t%d' % t if t else ''}r{int(r)}c{int(c)}"
+            for t, r, c in zip(patches.tile.astype(int), patches.patch_row, patches.patch_col)]
+    got = [o.split(" · ", 1)[1].rsplit(" (", 1)[0] for o in opts]  # "12 · patch t1r0c2 (patch)"
+    got = [o for o in got if o.startswith("patch ")]
+    assert sorted(got) == sorted(want) and len(set(got)) == len(got)
+    assert any(o.startswith("patch t1r") for o in got) and any(o.startswith("patch t2r") for o in got)

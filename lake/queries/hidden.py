@@ -114,11 +114,11 @@ def embedding_layers(cat, run: str, stream: str | None = None, method: str = "ts
 
 def embedding_map(cat, run: str, stream: str, layer: int, method: str = "tsne") -> pd.DataFrame:
     """One map: example_id, token_idx, x, y with the token's modality, role, token, text_pos, patch_row,
-    patch_col, x0..y1 and its example's text, answer, prediction, correct, image_id, image_width,
+    patch_col, tile, x0..y1 and its example's text, answer, prediction, correct, image_id, image_width,
     image_height, by (example_id, token_idx)."""
     return cat.df(
         "SELECT m.example_id, m.token_idx, m.x, m.y, t.modality, t.role, t.token, t.text_pos, t.patch_row, "
-        "t.patch_col, t.x0, t.y0, t.x1, t.y1, e.text, e.answer, e.prediction, e.correct, e.image_id, "
+        "t.patch_col, t.tile, t.x0, t.y0, t.x1, t.y1, e.text, e.answer, e.prediction, e.correct, e.image_id, "
         "e.image_width, e.image_height FROM embeddings m "
         "LEFT JOIN tokens t ON t.run = m.run AND t.example_id = m.example_id AND t.token_idx = m.token_idx "
         "LEFT JOIN examples e ON e.run = m.run AND e.example_id = m.example_id "
@@ -149,10 +149,10 @@ def embedding_path(cat, run: str, stream: str, example_id: int, token_idx: int,
 
 def map_vectors(cat, run: str, stream: str, layer: int, method: str = "tsne") -> pd.DataFrame:
     """The sample of a map with its hidden vectors: example_id, token_idx, x, y, modality, role, token,
-    patch_row, patch_col, vec, by (example_id, token_idx) (the map's row order)."""
+    patch_row, patch_col, tile, vec, by (example_id, token_idx) (the map's row order)."""
     return cat.df(
         "SELECT m.example_id, m.token_idx, m.x, m.y, t.modality, t.role, t.token, t.patch_row, t.patch_col, "
-        "h.vec FROM embeddings m "
+        "t.tile, h.vec FROM embeddings m "
         "JOIN hidden_states h ON h.run = m.run AND h.stream = m.stream AND h.layer = m.layer "
         "AND h.example_id = m.example_id AND h.token_idx = m.token_idx "
         "LEFT JOIN tokens t ON t.run = m.run AND t.example_id = m.example_id AND t.token_idx = m.token_idx "

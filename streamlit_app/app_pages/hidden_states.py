@@ -93,16 +93,17 @@ roles = dict(zip(cur_ids, cur.role))
 first_word = next((int(t) for t, r in zip(cur.token_idx, cur.role) if r == "word"), cur_ids[0])
 # A token index means another token in another example: when the example changes, keep the same
 # word (or patch position) if this example has it, else start from its first word.
-held = st.session_state.get("_tok_of")  # (example, token piece, patch row, patch col) of the selected token
+held = st.session_state.get("_tok_of")  # (example, token piece, patch row, patch col, tile) of the selected token
 if held is not None and held[0] != ex_id and state.get("tok") is not None:
     same = cur[(cur.token == held[1]) if held[1] is not None
-               else (cur.patch_row == held[2]) & (cur.patch_col == held[3])]
+               else (cur.patch_row == held[2]) & (cur.patch_col == held[3])
+               & (cur.tile.fillna(0) == (0 if pd.isna(held[4]) else held[4]))]
     state.set_value("tok", int(same.token_idx.iloc[0]) if len(same) else first_word)
 state.choose("tok", cur_ids, default=first_word)
 tok = int(state.get("tok"))
 trow = cur[cur.token_idx == tok].iloc[0]
 st.session_state["_tok_of"] = (ex_id, trow.token if pd.notna(trow.token) else None,
-                               trow.get("patch_row"), trow.get("patch_col"))
+                               trow.get("patch_row"), trow.get("patch_col"), trow.get("tile"))
 
 maps = state.q(queries.embedding_layers, c.run, stream)
 map_layers = sorted(int(x) for x in maps.layer)
@@ -210,7 +211,7 @@ with left:
             where = f"the {len(cands)} tokens of the map's sample (all examples)"
         else:
             cands = cur.assign(example_id=ex_id)[["example_id", "token_idx", "modality", "role", "token",
-                                                  "patch_row", "patch_col", "vec"]]
+                                                  "patch_row", "patch_col", "tile", "vec"]]
             where = f"the tokens of example #{ex_id}" + (" (this layer has no map, so no sample)"
                                                          if nn_scope == "sample" else "")
         state.choose("nospecial", [False, True], default=False)
