@@ -284,3 +284,21 @@ def test_hidden_states_page_names_a_tiles_patches_with_their_tile(tiled, monkeyp
     got = [o for o in got if o.startswith("patch ")]
     assert sorted(got) == sorted(want) and len(set(got)) == len(got)
     assert any(o.startswith("patch t1r") for o in got) and any(o.startswith("patch t2r") for o in got)
+
+
+def test_sql_worked_examples_give_each_patch_its_tile(tiled):
+    """The SQL page's "Where a word looks" and "Tokens of an example" name each image token's tile and box,
+    equal to the token table the lake was written from: tile 1's patch r0c0 is not the base image's."""
+    sqls = queries.example_sql("tiled", layer=1, head=0, example_id=TILED)
+    tok = tiled.tokens_of(TILED).set_index(["patch_row", "patch_col", "tile"], drop=False)
+    with open_catalog(tiled.root) as cat:
+        looks = cat.user_sql(sqls["Where a word looks"]).df
+        table = cat.user_sql(sqls["Tokens of an example"]).df
+    assert len(looks) == 16 and set(looks.tile.astype(int)) <= {0, 1, 2} and looks.tile.nunique() > 1
+    for r in looks.itertuples():
+        want = tok.loc[(r.patch_row, r.patch_col, r.tile)]
+        assert (r.x0, r.y0, r.x1, r.y1) == pytest.approx((want.x0, want.y0, want.x1, want.y1))
+    files = tiled.tokens_of(TILED).sort_values("token_idx")
+    table = table.sort_values("token_idx")
+    assert [None if pd.isna(t) else int(t) for t in table.tile] == [None if t is None or pd.isna(t) else int(t)
+                                                                      for t in files.tile]

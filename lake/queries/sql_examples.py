@@ -62,17 +62,19 @@ WHERE run = {run}
 GROUP BY stage, message
 ORDER BY rows DESC, stage""",
     "Tokens of an example": """\
--- The token table of example {example_id}: every token of every stream, in one index space
-SELECT token_idx, stream, modality, role, token, seq_pos, text_pos, patch_row, patch_col
+-- The token table of example {example_id}: every token of every stream, in one index space; an image
+-- token's box (x0, y0, x1, y1) is in pixels of the original image, its tile 0 the base image, 1.. a crop
+SELECT token_idx, stream, modality, role, token, seq_pos, text_pos, patch_row, patch_col, tile, x0, y0, x1, y1
 FROM tokens
 WHERE run = {run} AND example_id = {example_id}
 ORDER BY stream, token_idx""",
     "Where a word looks": """\
 -- Where {word_desc} of example {example_id} looks among the image patches (query -> key), layer {layer},
--- head {head}: the 16 patches it attends to most, and each one's share of the word's attention
+-- head {head}: the 16 patches it attends to most, and each one's share of the word's attention (tile: 0 the
+-- base image, 1.. a crop of a tiled image; the box in pixels of the original image)
 WITH t AS (SELECT * FROM tokens WHERE run = {run} AND example_id = {example_id} AND stream = {stream}),
 q AS (SELECT token_idx, token FROM t WHERE {word_where} ORDER BY text_pos LIMIT 1)
-SELECT q.token AS query, k.patch_row, k.patch_col, round(a.weight, 5) AS weight,
+SELECT q.token AS query, k.tile, k.patch_row, k.patch_col, k.x0, k.y0, k.x1, k.y1, round(a.weight, 5) AS weight,
        round(a.weight / sum(a.weight) OVER (), 4) AS share_of_image_mass
 FROM attention a
 JOIN q ON a.query_idx = q.token_idx
