@@ -383,6 +383,20 @@ class DecoderAdapter(Adapter):
     pass over prompt + answer, so each generated token's attention row is the one it had when the
     model fed it back. Where the answer starts goes to ``Inputs.state[GEN_START]``."""
 
+    probe: Probe  # the lm's hidden state 0 (what the language model is fed), where a family hooks it
+
+    def _feed_probe(self, module, args, kwargs):
+        """A forward pre-hook on the language model: hands its ``inputs_embeds`` (text embeddings with the
+        image features scattered in, which no module outputs) to ``self.probe``, the lm's hidden state 0."""
+        emb = kwargs.get("inputs_embeds")
+        if emb is not None:
+            self.probe(emb)
+
+    @staticmethod
+    def _watched(probe: torch.nn.Module) -> bool:
+        """Whether a hook (a capture) reads the probe: no work for passes nobody captures."""
+        return bool(probe._forward_hooks or probe._forward_pre_hooks)
+
     @abstractmethod
     def generation_config(self, prompt_length: int | None = None):
         """The merged generation config for prompts of ``prompt_length`` tokens."""

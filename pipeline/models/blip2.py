@@ -130,7 +130,6 @@ class Blip2Adapter(DecoderAdapter):
                                       "Blip2ForConditionalGeneration")
         return "Blip2ForConditionalGeneration"
 
-    _feed_probe = LlavaAdapter._feed_probe
     generated = LlavaAdapter.generated
     INPUTS = ("input_ids", "attention_mask", "pixel_values")
 

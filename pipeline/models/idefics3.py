@@ -66,10 +66,8 @@ class Idefics3Adapter(DecoderAdapter):
 
     family = "idefics3"
     relevancy_targets = LlavaAdapter.relevancy_targets
-    _feed_probe = LlavaAdapter._feed_probe
     generated = LlavaAdapter.generated
     # the tower's batch is the crops: regrouped per example, one block each (as LLaVA-NeXT)
-    _watched = staticmethod(LlavaNextAdapter._watched)
     _attn_hook = LlavaNextAdapter._attn_hook
     _hidden_hook = LlavaNextAdapter._hidden_hook
     _hook_crop_tower = LlavaNextAdapter._hook_crop_tower

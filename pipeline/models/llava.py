@@ -134,11 +134,6 @@ class LlavaAdapter(DecoderAdapter):
         """The language model's final norm and unembedding, for ``--explain lens``."""
         return module_at(self.model, "model.language_model.norm"), self.model.lm_head
 
-    def _feed_probe(self, module, args, kwargs):
-        emb = kwargs.get("inputs_embeds")
-        if emb is not None:
-            self.probe(emb)
-
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:

@@ -151,10 +151,6 @@ class LlavaNextAdapter(LlavaAdapter):
                 pts.append(HookPoint("vision", i, "hidden", p, store=kept))
         return pts
 
-    @staticmethod
-    def _watched(probe: torch.nn.Module) -> bool:
-        return bool(probe._forward_hooks or probe._forward_pre_hooks)
-
     def _attn_hook(self, layer: int):
         probe = self.vis_attn[layer]
 

@@ -201,14 +201,8 @@ class Mistral3Adapter(DecoderAdapter):
         return pts
 
     # -- hooks ----------------------------------------------------------------------
-    def _feed_probe(self, module, args, kwargs):
-        emb = kwargs.get("inputs_embeds")
-        if emb is not None:
-            self.probe(emb)
-
     # Shared with Qwen-VL, whose tower also packs a batch's images into one sequence: the hidden-state
     # hooks (through this class's own _split) and the image check.
-    _watched = staticmethod(QwenVLAdapter._watched)
     _hidden_hook = QwenVLAdapter._hidden_hook
     _hidden_0 = QwenVLAdapter._hidden_0
     check_image = QwenVLAdapter.check_image

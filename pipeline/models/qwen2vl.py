@@ -305,16 +305,6 @@ class QwenVLAdapter(DecoderAdapter):
         return pts
 
     # -- the tower's hooks ------------------------------------------------------------
-    def _feed_probe(self, module, args, kwargs):
-        emb = kwargs.get("inputs_embeds")
-        if emb is not None:
-            self.probe(emb)
-
-    @staticmethod
-    def _watched(probe: torch.nn.Module) -> bool:
-        """Whether a hook (a capture) reads the probe: no work for passes nobody captures."""
-        return bool(probe._forward_hooks or probe._forward_pre_hooks)
-
     def _open_segments(self, layer: int):
         probe = self.vis_attn[layer]
 
