@@ -6,9 +6,15 @@ grid, 2 layers; ``mm_tokens_per_image`` 4, so one language-model image token poo
 patches; Gemma 3 text model: 2 layers, one sliding (window 4, shorter than every sequence) and one
 global) with a Gemma3Processor of a PIL image processor and a word-level tokenizer, all built from
 files; nothing is downloaded. Expected values come from transformers alone, one example at a time.
+
+Pan-and-scan: the same tiny model saved with an image processor that has ``do_pan_and_scan`` (crops
+of at least 8 px, aspect ratio 1.2 or more), over a wide, a tall and a square image in one batch
+(3, 2 and no crops); the crops' places are written out here from transformers' ``pan_and_scan``.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -47,12 +53,12 @@ def gemma3_tokenizer():
     return tok, vocab
 
 
-def make_tiny_gemma3(out, seed: int = 0):
+def make_tiny_gemma3(out, seed: int = 0, **image_processor):
     import transformers as tf
 
     out.mkdir(parents=True, exist_ok=True)
     tok, vocab = gemma3_tokenizer()
-    ip = tf.Gemma3ImageProcessorPil(size={"height": IMG, "width": IMG})
+    ip = tf.Gemma3ImageProcessorPil(size={"height": IMG, "width": IMG}, **image_processor)
     proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=MM)
     vision = dict(model_type="siglip_vision_model", image_size=IMG, patch_size=PS, hidden_size=32,
                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -97,10 +103,10 @@ def gemma3(tmp_path_factory):
     return mdir, lake, model, proc, images, [t for _, t, _ in SCENES]
 
 
-def reference(model, proc, image, text):
+def reference(model, proc, image, text, **kw):
     """The model alone on one example: its inputs, its greedy answer (cut after eos), and the
-    teacher-forced pass over prompt + answer with attentions."""
-    enc = proc(images=[image], text=[f"<start_of_image> {text}"], return_tensors="pt")
+    teacher-forced pass over prompt + answer with attentions (``kw``: the processor's keywords)."""
+    enc = proc(images=[image], text=[f"<start_of_image> {text}"], return_tensors="pt", **kw)
     with torch.no_grad():
         seq = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID])
     P = enc["input_ids"].shape[1]
@@ -137,16 +143,21 @@ def test_registered_and_streams(gemma3):
                            "vision": {"layers": 2, "heads": 2, "hidden_size": 32}}
 
 
-def test_pan_and_scan_is_refused(gemma3):
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+def test_pan_and_scan_off_by_default(gemma3):
+    """Without ``do_pan_and_scan`` the adapter passes no pan-and-scan keywords; with it, the image
+    processor's settings, the processor's defaults where it sets none."""
+    from transformers import AutoProcessor
 
     from pipeline.models.gemma3 import Gemma3Adapter
 
     mdir, _, model, *_ = gemma3
     proc = AutoProcessor.from_pretrained(mdir)
+    assert Gemma3Adapter(model, proc).pan_and_scan is None
     proc.image_processor.do_pan_and_scan = True
-    with pytest.raises(NotImplementedError, match="pan_and_scan"):
-        Gemma3Adapter(model, proc)
+    proc.image_processor.pan_and_scan_min_crop_size = 8
+    assert Gemma3Adapter(model, proc).pan_and_scan == {
+        "do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 4,
+        "pan_and_scan_min_ratio_to_activate": 1.2}
 
 
 def test_token_table_matches_the_models_inputs(gemma3, lake_df):
@@ -284,16 +295,19 @@ def test_t2i_by_hand(gemma3, lake_df):
                                      abs=1e-4)
 
 
-def test_app_pages_on_the_gemma3_lake(gemma3, monkeypatch, raw_df):
+@pytest.mark.parametrize("lake_of,ex", [("gemma3", 1), ("gemma3_pas", 0)])
+def test_app_pages_on_the_gemma3_lake(lake_of, ex, request, monkeypatch, raw_df):
+    """Every page, on the lake without crops and on the pan-and-scan lake (example 0: a wide image cut
+    into crops)."""
     from tests.test_app import check_every_page
 
-    mdir, lake, *_ = gemma3
+    mdir, lake, *_ = request.getfixturevalue(lake_of)
     att = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = 'gemma3'").stream)
     hid = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = 'gemma3'").stream)
     assert att == hid == ["lm", "vision"]
     examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = 'gemma3' "
                       "ORDER BY example_id")
-    check_every_page(lake, monkeypatch, "gemma3", 1, att, hid, examples, column="prediction")
+    check_every_page(lake, monkeypatch, "gemma3", ex, att, hid, examples, column="prediction")
 
 
 def test_lm_attention_equals_generates_own(gemma3, lake_df):
@@ -337,3 +351,195 @@ def test_chat_template_prompt_has_one_bos(gemma3):
     ids = inputs["input_ids"][0].tolist()
     assert ids.count(1) == 1 and ids[0] == 1 and ids.count(IMAGE_ID) == MM
     assert inputs["token_type_ids"][0].tolist() == [int(i == IMAGE_ID) for i in ids]
+
+
+# -- pan-and-scan ---------------------------------------------------------------------------------
+PAS = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 4,
+       "pan_and_scan_min_ratio_to_activate": 1.2}
+PAS_SCENES = [  # (original size (w, h), question, answer): 3, 2 and no crops
+    ((100, 32), "what color is the circle ?", "red"),
+    ((32, 75), "how many ?", None),
+    ((32, 32), "is there a red square left of the circle ?", "yes"),
+]
+
+
+def pas_crops(W: int, H: int) -> list[tuple[int, int, int, int]]:
+    """``(x0, y0, w, h)`` of each pan-and-scan crop of a ``W x H`` image, written out here from
+    transformers' ``Gemma3ImageProcessor.pan_and_scan``: ``n`` crops along the long side (``n`` the
+    aspect ratio rounded half up, at most ``W // min_crop_size``, within ``[2, max_num_crops]``), each
+    ``ceil(side / n)`` long, the last one cut at the image's edge; none below the ratio or the size."""
+    long_, short = max(W, H), min(W, H)
+    if long_ / short < PAS["pan_and_scan_min_ratio_to_activate"]:
+        return []
+    n = min(int(long_ // PAS["pan_and_scan_min_crop_size"]), math.floor(long_ / short + 0.5))
+    n = min(PAS["pan_and_scan_max_num_crops"], max(2, n))
+    nw, nh = (n, 1) if W >= H else (1, n)
+    cw, ch = math.ceil(W / nw), math.ceil(H / nh)
+    if min(cw, ch) < PAS["pan_and_scan_min_crop_size"]:
+        return []
+    return [(x, y, min(cw, W - x), min(ch, H - y)) for y in range(0, nh * ch, ch) for x in range(0, nw * cw, cw)]
+
+
+def test_pas_crops_formula():
+    assert pas_crops(100, 32) == [(0, 0, 34, 32), (34, 0, 34, 32), (68, 0, 32, 32)]
+    assert pas_crops(32, 75) == [(0, 0, 32, 38), (0, 38, 32, 37)]
+    assert pas_crops(32, 32) == [] and pas_crops(38, 32) == []  # ratio 1.19: no crops
+
+
+@pytest.fixture(scope="module")
+def gemma3_pas(tmp_path_factory):
+    """(model dir, lake root, reference model, processor, images, texts) with pan-and-scan on."""
+    from PIL import Image
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    tmp = tmp_path_factory.mktemp("gemma3_pas")
+    mdir = make_tiny_gemma3(tmp / "model", **PAS)
+    rows = [{"id": f"s{i}", "image": noise_image(size, seed=10 + i), "text": t, "answer": a}
+            for i, (size, t, a) in enumerate(PAS_SCENES)]
+    manifest = write_manifest(tmp / "data", rows)
+    lake = tmp / "lake"
+    extract(str(mdir), manifest, lake, "gemma3", batch_size=3, keep_attention="all", keep_hidden="all",
+            progress=False)  # one batch: 3, 2 and 0 crops
+    model = Gemma3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    proc = AutoProcessor.from_pretrained(mdir)
+    assert proc.image_processor.do_pan_and_scan
+    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(PAS_SCENES))]
+    return mdir, lake, model, proc, images, [t for _, t, _ in PAS_SCENES]
+
+
+def crop_rect(im, tile: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, w, h)`` of tile ``tile``: 0 the whole image, ``k`` pan-and-scan crop ``k``."""
+    W, H = im.size
+    return (0, 0, W, H) if tile == 0 else pas_crops(W, H)[tile - 1]
+
+
+def test_pas_token_table_matches_the_models_inputs(gemma3_pas, lake_df):
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    assert [len(pas_crops(*im.size)) for im in images] == [3, 2, 0]
+    for ex, (im, text) in enumerate(zip(images, texts)):
+        enc, gen, _ = reference(model, proc, im, text, **PAS)
+        n_crops = len(pas_crops(*im.size))
+        assert enc["pixel_values"].shape[0] == 1 + n_crops  # the whole image, then its crops
+        ids = enc["input_ids"][0].tolist()
+        P = len(ids)
+        t = tokens(lake_df, lake, ex)
+        assert list(t.token_idx) == list(range(len(t)))
+        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
+        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
+        assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
+        # 1 + n_crops image blocks, in order: the whole image (tile 0), then crop k (tile k)
+        assert ids.count(BOI) == ids.count(EOI) == 1 + n_crops
+        img = lm[lm.modality == "image"]
+        assert list(img.seq_pos) == [p for p, i in enumerate(ids) if i == IMAGE_ID]
+        assert len(img) == (1 + n_crops) * MM and set(img.role) == {"patch"}
+        assert list(img.tile) == [k for k in range(1 + n_crops) for _ in range(MM)]
+        assert list(zip(img.patch_row, img.patch_col)) == [(r, c) for _ in range(1 + n_crops)
+                                                           for r in range(POOLED) for c in range(POOLED)]
+        boi = [p for p, i in enumerate(ids) if i == BOI]
+        eoi = [p for p, i in enumerate(ids) if i == EOI]
+        assert set(lm.role.iloc[boi]) == {"vision_start"} and set(lm.role.iloc[eoi]) == {"vision_end"}
+        for k, (a, b) in enumerate(zip(boi, eoi)):  # block k lies between its markers
+            assert b == a + MM + 1 and set(img[img.tile == k].seq_pos) == set(range(a + 1, b))
+        txt = lm[(lm.modality == "text") & (lm.role != "generated")]
+        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens([i for i in ids if i != IMAGE_ID])
+        assert txt.tile.isna().all()
+        gl = lm[lm.role == "generated"]
+        assert len(gen) >= 1 and list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        # the tower: every crop's 8 x 8 patches one after another, whole image first
+        assert len(vis) == (1 + n_crops) * GRID * GRID and list(vis.seq_pos) == list(range(len(vis)))
+        assert list(vis.tile) == [k for k in range(1 + n_crops) for _ in range(GRID * GRID)]
+        assert list(zip(vis.patch_row, vis.patch_col)) == [(r, c) for _ in range(1 + n_crops)
+                                                           for r in range(GRID) for c in range(GRID)]
+
+
+def test_pas_crops_are_the_processors_own(gemma3_pas):
+    """The crops written out here are the ones the processor cut: each pixel_values crop is that
+    rectangle of the original, resized alone."""
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    for im, text in zip(images, texts):
+        enc = proc(images=[im], text=[f"<start_of_image> {text}"], return_tensors="pt", **PAS)
+        for k in range(enc["pixel_values"].shape[0]):
+            x0, y0, w, h = crop_rect(im, k)
+            alone = proc.image_processor(images=[im.crop((x0, y0, x0 + w, y0 + h))], do_pan_and_scan=False,
+                                         return_tensors="pt")["pixel_values"][0]
+            np.testing.assert_allclose(enc["pixel_values"][k].numpy(), alone.numpy(), atol=1e-5)
+
+
+def test_pas_boxes_are_the_crops_regions(gemma3_pas, lake_df):
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    for ex, im in enumerate(images):
+        t = tokens(lake_df, lake, ex)
+        lm, vis = t[(t.stream == "lm") & (t.modality == "image")], t[t.stream == "vision"]
+        n_tiles = 1 + len(pas_crops(*im.size))
+        assert sorted(set(lm.tile)) == sorted(set(vis.tile)) == list(range(n_tiles))
+        for k in range(n_tiles):
+            x0, y0, w, h = crop_rect(im, k)
+            sx, sy = w / IMG, h / IMG  # the crop is stretched to IMG x IMG
+            for part, side, grid in ((lm, K * PS, POOLED), (vis, PS, GRID)):
+                got = part[part.tile == k][["x0", "y0", "x1", "y1"]].to_numpy(float)
+                exp = [(x0 + c * side * sx, y0 + r * side * sy, x0 + (c + 1) * side * sx, y0 + (r + 1) * side * sy)
+                       for r in range(grid) for c in range(grid)]
+                np.testing.assert_allclose(got, exp, atol=1e-3)
+                # together a tile's tokens cover exactly its crop's rectangle
+                np.testing.assert_allclose([got[:, 0].min(), got[:, 1].min(), got[:, 2].max(), got[:, 3].max()],
+                                           [x0, y0, x0 + w, y0 + h], atol=1e-3)
+
+
+def test_pas_lm_attention_is_the_models_own(gemma3_pas, lake_df):
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    for ex, (im, text) in enumerate(zip(images, texts)):
+        _, gen, o = reference(model, proc, im, text, **PAS)
+        n = int((tokens(lake_df, lake, ex).stream == "lm").sum())
+        assert n == o.attentions[0].shape[-1]
+        for layer in range(2):
+            A = lake_attention(lake_df, lake, ex, "lm", layer, n)
+            np.testing.assert_allclose(A, o.attentions[layer][0].numpy(), atol=2e-3)
+            np.testing.assert_allclose(A.sum(-1), 1.0, atol=1e-3)
+
+
+def test_pas_vision_attention_is_the_towers_own_per_crop(gemma3_pas, lake_df):
+    """The tower run on the processor's pixel_values (the example's whole image and crops): each
+    crop's attention is its block of the stored vision stream; nothing outside the blocks."""
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    n = GRID * GRID
+    for ex, (im, text) in enumerate(zip(images, texts)):
+        enc = proc(images=[im], text=[f"<start_of_image> {text}"], return_tensors="pt", **PAS)
+        crops = enc["pixel_values"].shape[0]
+        with torch.no_grad():
+            o = model.model.vision_tower(enc["pixel_values"], output_attentions=True)
+        t = tokens(lake_df, lake, ex)
+        n_lm = int((t.stream == "lm").sum())
+        for layer in range(2):
+            A = lake_attention(lake_df, lake, ex, "vision", layer, crops * n, offset=n_lm)
+            for k in range(crops):
+                block = A[:, k * n:(k + 1) * n, k * n:(k + 1) * n]
+                np.testing.assert_allclose(block, o.attentions[layer][k].numpy(), atol=2e-3)
+                A[:, k * n:(k + 1) * n, k * n:(k + 1) * n] = 0
+            assert np.abs(A).max(initial=0) < 1e-6  # crops never see each other
+            np.testing.assert_allclose(lake_attention(lake_df, lake, ex, "vision", layer, crops * n,
+                                                      offset=n_lm).sum(-1), 1.0, atol=1e-3)
+
+
+def test_pas_lm_hidden_state_0_is_each_crops_pooled_feature(gemma3_pas, lake_df):
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    ex = 0
+    enc = proc(images=[images[ex]], text=[f"<start_of_image> {texts[ex]}"], return_tensors="pt", **PAS)
+    with torch.no_grad():
+        feats = model.model.get_image_features(enc["pixel_values"]).pooler_output  # [crop, MM, dim]
+    h = lake_df(lake, "SELECT t.modality, t.tile, t.patch_row, t.patch_col, h.vec FROM hidden_states h JOIN tokens t "
+                "USING (run, example_id, token_idx) WHERE h.run = 'gemma3' AND h.example_id = ? AND h.stream = 'lm' "
+                "AND h.layer = 0 ORDER BY h.token_idx", [ex])
+    img = h[h.modality == "image"]
+    assert len(img) == feats.shape[0] * MM == 4 * MM
+    cell = (img.patch_row * POOLED + img.patch_col).astype(int).to_numpy()
+    exp = feats.numpy()[img.tile.astype(int).to_numpy(), cell]
+    np.testing.assert_allclose(np.stack(img.vec.to_list()).astype(np.float32), exp, atol=2e-2, rtol=2e-2)
+
+
+def test_pas_answer_is_generates_own(gemma3_pas, lake_df):
+    mdir, lake, model, proc, images, texts = gemma3_pas
+    ex = lake_df(lake, "SELECT prediction FROM examples WHERE run = 'gemma3' ORDER BY example_id")
+    assert len(ex) == len(PAS_SCENES)
+    for (im, text), row in zip(zip(images, texts), ex.itertuples()):
+        _, gen, _ = reference(model, proc, im, text, **PAS)
+        assert row.prediction == proc.tokenizer.decode(gen, skip_special_tokens=True).strip()

@@ -12,22 +12,40 @@ each other bidirectionally, in every layer (a sliding layer still cuts at its wi
 attention returns each layer's weights after that mask, so every row sums to 1 over the keys it
 sees.
 
-Token table of one example, one index space::
+**Pan-and-scan** (the image processor's ``do_pan_and_scan``; the adapter passes it and the
+processor's ``pan_and_scan_*`` settings on to the processor, which otherwise ignores them). The
+image processor cuts crops from the *original* image, by its own ``pan_and_scan``: a landscape
+image ``n`` crops side by side (``n`` near ``W / H``, within ``[2, pan_and_scan_max_num_crops]``),
+each ``ceil(W / n)`` px wide (the last one cut at the image's edge) and the full height; a portrait
+one ``n`` crops in rows likewise; none when the aspect ratio is below
+``pan_and_scan_min_ratio_to_activate`` or a crop would be smaller than
+``pan_and_scan_min_crop_size``. ``pixel_values`` holds, per image, the whole image then its crops,
+each stretched to the processor's ``height x width``; the prompt becomes ``Here is the original
+image <image block> and here are some crops to help you see better <image block> <image block> ...``
+(``<start_of_image>``, ``mm_tokens_per_image`` soft tokens, ``<end_of_image>`` per block). ``tile``
+in the token table: 0 the whole image, ``k`` crop ``k`` (in the processor's order); lm image block
+``k`` is tile ``k``. The vision tower's batch is then the crops of all examples: as LLaVA-NeXT's
+(``pipeline/models/llava_next.py``), the adapter's hooks regroup it per example, the ``vision``
+stream of an example holds its crops one after another (whole image first; ``seq_pos`` ``crop * n +
+patch``, ``n = gh gw``), its attention block diagonal (a crop sees only its own patches), examples
+with fewer crops zero padded outside their token table. Not captured then: the tower's
+``--explain value``.
 
-    lm:     [bos] ... <start_of_image> <img (0,0)> ... <img (t-1,t-1)> <end_of_image> ... g1 ... gm
-    vision: p(0,0) p(0,1) ... p(gh-1,gw-1)
+Token table of one example, one index space (without crops: one image block, one tower crop)::
 
-- ``lm`` image token ``(r, c)`` (role ``patch``, raster order as ``AvgPool2d`` then ``flatten``
-  make it) stands for tower patches ``r k .. r k + k - 1`` x ``c k .. c k + k - 1``: its box is
-  that block's box in original pixels (the processor resizes to its ``height x width`` without
-  keeping the aspect ratio, no crop). ``<start_of_image>``/``<end_of_image>`` have roles
-  ``vision_start``/``vision_end`` (special tokens); ``<start_of_turn>``/``<end_of_turn>`` of the
-  chat template ``im_start``/``im_end``.
+    lm:     [bos] ... <start_of_image> <img (0,0)> ... <img (t-1,t-1)> <end_of_image> ... (crops' blocks) ... g1 ... gm
+    vision: crop 0: p(0,0) p(0,1) ... p(gh-1,gw-1)   crop 1: p(0,0) ...   ...
+
+- ``lm`` image token ``(r, c)`` of image block ``j`` (role ``patch``, raster order as ``AvgPool2d``
+  then ``flatten`` make it) stands for tower patches ``r k .. r k + k - 1`` x ``c k .. c k + k - 1``
+  of crop ``j``: its box is that block's box in original pixels (the processor resizes each crop to
+  its ``height x width`` without keeping the aspect ratio: crop ``j``'s pixels are the original's
+  from the crop's corner, scaled by the crop's own size over the resized size; the whole image is
+  crop 0, corner ``(0, 0)``). Tower patches are boxed likewise. ``<start_of_image>``/
+  ``<end_of_image>`` have roles ``vision_start``/``vision_end`` (special tokens);
+  ``<start_of_turn>``/``<end_of_turn>`` of the chat template ``im_start``/``im_end``.
 - Pads (batches pad on the left) are left out; ``seq_pos`` counts from the example's first real
   token.
-
-Pan-and-scan (``do_pan_and_scan``: extra crops of one image, each its own ``<start_of_image>``
-block) is refused: the adapter handles one image of one crop per example.
 
 The answer: ``DecoderAdapter`` (greedy under the checkpoint's own generation config, the image
 placeholder suppressed; then one teacher-forced captured pass).
@@ -38,12 +56,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, greedy_generation_config,
-                                  image_columns, module_at, split_stream_layouts, stack_columns)
-from pipeline.models.geometry import crop_geometry, patch_grid
+                                  module_at, split_stream_layouts, stack_columns)
+from pipeline.models.geometry import PatchGrid, crop_geometry, patch_grid
 from pipeline.models.llava import LlavaAdapter
+from pipeline.models.llava_next import LlavaNextAdapter
 
 TOWER = "model.vision_tower"
 MODULES = {
@@ -60,18 +80,40 @@ MODULES = {
                "layers": TOWER + ".encoder.layers"},
 }
 MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
+PAN_AND_SCAN = ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
+
+
+def pan_and_scan_settings(processor: Any) -> dict[str, Any] | None:
+    """The processor keywords that turn pan-and-scan on when its image processor has
+    ``do_pan_and_scan`` (``Gemma3Processor`` passes its own defaults, pan-and-scan off, over the image
+    processor's settings): ``do_pan_and_scan`` and each ``pan_and_scan_*`` setting, the image
+    processor's where it sets one, else the processor's default. None when pan-and-scan is off."""
+    ip = processor.image_processor
+    if not getattr(ip, "do_pan_and_scan", False):
+        return None
+    defaults = getattr(processor, "images_kwargs", None) or {}
+    out: dict[str, Any] = {"do_pan_and_scan": True}
+    for key in PAN_AND_SCAN:
+        v = getattr(ip, key, None)
+        out[key] = defaults.get(key) if v is None else v
+        if out[key] is None:
+            raise ValueError(f"do_pan_and_scan is on but neither the image processor nor the processor sets {key}")
+    return out
 
 
 class Gemma3Adapter(DecoderAdapter):
     """Gemma3ForConditionalGeneration: streams ``lm`` and ``vision``."""
 
     family = "gemma3"
-    # shared with LLaVA: the lm's hidden state 0 (inputs_embeds, through a pre-hook), relevancy
-    # targets of the generated tokens, the logit lens, the generated ids
+    # shared with LLaVA: relevancy targets of the generated tokens, the generated ids
     relevancy_targets = LlavaAdapter.relevancy_targets
-    _feed_probe = LlavaAdapter._feed_probe
     generated = LlavaAdapter.generated
-    run = LlavaAdapter.run
+    # pan-and-scan: the tower's batch is the crops, regrouped per example, one block each (as LLaVA-NeXT)
+    _attn_hook = LlavaNextAdapter._attn_hook
+    _hidden_hook = LlavaNextAdapter._hidden_hook
+    _hook_crop_tower = LlavaNextAdapter._hook_crop_tower
+    _blocks = LlavaNextAdapter._blocks
+    _per_example = LlavaNextAdapter._per_example
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
@@ -79,9 +121,7 @@ class Gemma3Adapter(DecoderAdapter):
         self.tokenizer.padding_side = "left"
         self.max_new_tokens = max_new_tokens
         cfg = model.config
-        if getattr(processor.image_processor, "do_pan_and_scan", False):
-            raise NotImplementedError("Gemma 3 with do_pan_and_scan=True (several crops per image) is not supported "
-                                      "by VL-Atlas; load the processor with do_pan_and_scan=False")
+        self.pan_and_scan = pan_and_scan_settings(processor)  # processor keywords, None when off
         self.configs = {"lm": cfg.text_config, "vision": cfg.vision_config}
         self.image_token_id = int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None
                                   else cfg.image_token_index)
@@ -100,14 +140,25 @@ class Gemma3Adapter(DecoderAdapter):
             raise NotImplementedError(f"mm_tokens_per_image={cfg.mm_tokens_per_image} does not pool a {side}x{side} "
                                       "patch grid into square blocks")
         self.kernel = side // per_side  # one lm image token = a kernel x kernel block of tower patches
+        self.mm_tokens = int(cfg.mm_tokens_per_image)
         self.paths = MODULES
         self.probe = Probe()
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
+        self._crops: list[int] | None = None  # crops per example of the pass being captured (pan-and-scan)
+        if self.pan_and_scan is not None:
+            self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
     def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The language model's final norm and unembedding, for ``--explain lens``."""
         return module_at(self.model, "model.language_model.norm"), self.model.lm_head
+
+    def hook_points(self, keep_hidden, explain=()):
+        """Every stream's modules; with pan-and-scan, ``vision`` from the probes the tower's hooks
+        feed, one block per crop (as LLaVA-NeXT's)."""
+        if self.pan_and_scan is None:
+            return DecoderAdapter.hook_points(self, keep_hidden, explain)
+        return LlavaNextAdapter.hook_points(self, keep_hidden, explain)
 
     # -- loading ------------------------------------------------------------------
     @classmethod
@@ -131,12 +182,10 @@ class Gemma3Adapter(DecoderAdapter):
         bos = self.tokenizer.bos_token
         # Gemma's chat template writes <bos> itself: the tokenizer must not add a second one
         kw = {"add_special_tokens": False} if bos and all(p.startswith(bos) for p in prompts) else {}
+        kw.update(self.pan_and_scan or {})
         enc = self.processor(images=[[im] for im in images], text=prompts,  # one image each
                              return_tensors="pt", padding=True, **kw)
-        enc = dict(enc)
-        if enc["pixel_values"].shape[0] != len(texts):
-            raise NotImplementedError("the processor made several crops per image (pan-and-scan); VL-Atlas's gemma3 "
-                                      "adapter handles one crop per image")
+        enc = {k: v for k, v in dict(enc).items() if k != "num_crops"}
         if "token_type_ids" not in enc:  # the image block's bidirectional mask reads them
             enc["token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
         return Inputs(enc), [[] for _ in texts]
@@ -152,14 +201,70 @@ class Gemma3Adapter(DecoderAdapter):
         if tt is not None:
             out["token_type_ids"] = torch.cat([tt, torch.zeros_like(new, dtype=tt.dtype)], dim=1)
 
+    # -- the model --------------------------------------------------------------------
+    def crops_of(self, inputs) -> list[int]:
+        """Image blocks per example (the whole image + its crops): the prompt's image tokens over
+        ``mm_tokens_per_image``, checked against the crops in ``pixel_values``."""
+        ids = inputs["input_ids"].cpu()
+        state = getattr(inputs, "state", {})
+        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
+        counts = [int((ids[b, :start[b]] == self.image_token_id).sum()) for b in range(ids.shape[0])]
+        if any(c == 0 or c % self.mm_tokens for c in counts):
+            raise RuntimeError(f"image tokens per example {counts} are not whole blocks of {self.mm_tokens}")
+        crops = [c // self.mm_tokens for c in counts]
+        if sum(crops) != inputs["pixel_values"].shape[0]:
+            raise RuntimeError(f"{sum(crops)} image blocks in the prompts for {inputs['pixel_values'].shape[0]} "
+                               "crops in pixel_values")
+        return crops
+
+    def run(self, inputs, model_inputs, example_ids):
+        if self.pan_and_scan is None:
+            return LlavaAdapter.run(self, inputs, model_inputs, example_ids)
+        self._crops = self.crops_of(inputs)
+        try:
+            return self.model(**model_inputs, use_cache=False, return_dict=True)
+        finally:
+            self._crops = None
+
     # -- layout ---------------------------------------------------------------------
+    def crop_rects(self, W: int, H: int) -> list[tuple[int, int, int, int]]:
+        """``(x0, y0, w, h)`` in original pixels of each pan-and-scan crop of a ``W x H`` image, in
+        the processor's order (not the whole image), by the image processor's own ``pan_and_scan``
+        run on views holding each pixel's column and row."""
+        if self.pan_and_scan is None:
+            return []
+        ip = self.processor.image_processor
+        cut = getattr(ip, "pan_and_scan", None) or getattr(ip, "pan_and_scan_batched", None)
+        if cut is None:
+            raise NotImplementedError(f"{type(ip).__name__} has no pan_and_scan; VL-Atlas cannot place its crops")
+        kw = {k: self.pan_and_scan[k] for k in PAN_AND_SCAN}
+        xs = cut(np.broadcast_to(np.arange(W)[None, None, :], (1, H, W)), **kw)
+        ys = cut(np.broadcast_to(np.arange(H)[None, :, None], (1, H, W)), **kw)
+        return [(int(x[0, 0, 0]), int(y[0, 0, 0]), x.shape[-1], x.shape[-2]) for x, y in zip(xs, ys)]
+
+    def crop_grids(self, W: int, H: int, processed: tuple[int, int]) -> list[tuple[PatchGrid, PatchGrid]]:
+        """Per crop (the whole image, then the pan-and-scan crops): its tower patches and its pooled
+        blocks (lm image tokens), boxed in original pixels."""
+        ip = self.processor.image_processor
+        out = []
+        for x0, y0, w, h in [(0, 0, W, H)] + self.crop_rects(W, H):
+            geom = crop_geometry(ip, w, h)
+            grids = []
+            for size in (self.patch_size, self.patch_size * self.kernel):
+                g = patch_grid(geom, w, h, processed, size)
+                if x0 or y0:
+                    g = PatchGrid(g.rows, g.cols, g.cells, [(a + x0, b + y0, c + x0, d + y0) for a, b, c, d in g.boxes],
+                                  (g.whole[0] + x0, g.whole[1] + y0, g.whole[2] + x0, g.whole[3] + y0))
+                grids.append(g)
+            out.append(tuple(grids))
+        return out
+
     def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
         ids = inputs["input_ids"].cpu()
         seen = inputs["attention_mask"].cpu().bool()
         state = getattr(inputs, "state", {})
         start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
         ph, pw = inputs["pixel_values"].shape[-2:]
-        ip = self.processor.image_processor
         tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
         for b in range(ids.shape[0]):
             pos = torch.nonzero(seen[b]).flatten().tolist()
@@ -167,31 +272,40 @@ class Gemma3Adapter(DecoderAdapter):
             tid = ids[b, pos].tolist()
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             W, H = images[b].size
-            geom = crop_geometry(ip, W, H)
-            tower = patch_grid(geom, W, H, (pw, ph), self.patch_size)
-            pooled = patch_grid(geom, W, H, (pw, ph), self.patch_size * self.kernel)
-            if sum(is_img) != len(pooled.cells):
-                raise RuntimeError(f"example has {sum(is_img)} image tokens where a {pooled.rows}x{pooled.cols} "
-                                   f"pooled grid makes {len(pooled.cells)}")
+            crops = self.crop_grids(W, H, (pw, ph))
+            per = len(crops[0][1].cells)
+            if sum(is_img) != per * len(crops):
+                raise RuntimeError(f"example has {sum(is_img)} image tokens where {len(crops)} crop(s) of a "
+                                   f"{crops[0][1].rows}x{crops[0][1].cols} pooled grid make {per * len(crops)}")
             pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box")}
+            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
+                                  "tile")}
             k = 0
             for i, p, img, piece in zip(tid, pos, is_img, pieces):
+                t, j = divmod(k, per)
+                pooled = crops[t][1] if img else None
                 lm["stream"].append("lm")
                 lm["modality"].append("image" if img else "text")
                 lm["role"].append("patch" if img else "generated" if p >= start[b] else
                                   self.markers.get(i) or self._text_role(i))
                 lm["token"].append(None if img else piece)
                 lm["seq_pos"].append(p - p0)
-                lm["patch_row"].append(pooled.cells[k][0] if img else None)
-                lm["patch_col"].append(pooled.cells[k][1] if img else None)
-                lm["box"].append(pooled.boxes[k] if img else None)
+                lm["patch_row"].append(pooled.cells[j][0] if img else None)
+                lm["patch_col"].append(pooled.cells[j][1] if img else None)
+                lm["box"].append(pooled.boxes[j] if img else None)
+                lm["tile"].append(t if img else None)
                 k += img
-            vision = image_columns(tower, "vision", False)
+            vision = {key: [] for key in lm}
+            for t, (tower, _) in enumerate(crops):
+                n = len(tower.cells)
+                for (r, c), bx in zip(tower.cells, tower.boxes):
+                    for key, v in zip(vision, ("vision", "image", "patch", None, t * n + r * tower.cols + c, r, c,
+                                               bx, t)):
+                        vision[key].append(v)
             tables.append(stack_columns(lm, vision))
             lm_orders.append(pos)
             vis_orders.append(vision["seq_pos"])
             offsets.append(len(pos))
-            grids.append((tower.rows, tower.cols))
+            grids.append((crops[0][0].rows, crops[0][0].cols))
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
