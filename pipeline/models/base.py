@@ -258,11 +258,15 @@ class Adapter(ABC):
         """The batch's token tables and, per stream, where each token sits in the model's sequence;
         valid once ``forward`` has embedded the batch."""
 
+    marker_roles: dict[int, str] = {}  # a family's marker tokens by id -> role (image and chat-turn markers)
+
     def _text_role(self, token_id: int, piece: str | None = None, real: bool = True) -> str:
-        """A text token's role: ``pad`` where it is padding (``real`` False), else the first of
-        ``TEXT_ROLES`` whose tokenizer id it is, else ``word``."""
+        """A text token's role: ``pad`` where it is padding (``real`` False), else its role in
+        ``marker_roles``, else the first of ``TEXT_ROLES`` whose tokenizer id it is, else ``word``."""
         if not real:
             return "pad"
+        if token_id in self.marker_roles:
+            return self.marker_roles[token_id]
         tok = self.tokenizer
         for role in self.TEXT_ROLES:
             if getattr(tok, f"{role}_token_id", None) == token_id:
@@ -397,6 +401,16 @@ class DecoderAdapter(Adapter):
         """Whether a hook (a capture) reads the probe: no work for passes nobody captures."""
         return bool(probe._forward_hooks or probe._forward_pre_hooks)
 
+    def run(self, inputs: Inputs, model_inputs: dict[str, Any], example_ids: list[int] | None) -> Any:
+        """The teacher-forced pass: the model on prompt + answer, no cache."""
+        return self.model(**model_inputs, use_cache=False, return_dict=True)
+
+    def generated(self, inputs: Inputs) -> list[list[int]]:
+        """The ids :meth:`prepare` appended to each example (its answer, pads left out)."""
+        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
+        start = inputs.state[GEN_START].cpu()
+        return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
+
     @abstractmethod
     def generation_config(self, prompt_length: int | None = None):
         """The merged generation config for prompts of ``prompt_length`` tokens."""
@@ -447,6 +461,48 @@ class DecoderAdapter(Adapter):
                 inputs = prepared
         return super().forward(inputs, example_ids, grad)
 
+
+
+class LanguageModelExplained:
+    """``--explain relevancy`` and ``lens`` for a decoder whose language model ends in a final norm at
+    ``LM_NORM`` and the model's ``lm_head`` (a mixin before :class:`DecoderAdapter`; a family without
+    it, BLIP-2, offers neither)."""
+
+    LM_NORM = "model.language_model.norm"
+
+    def relevancy_targets(self, inputs, outputs: ForwardOutput) -> list[dict]:
+        """Each generated token, scored by its logit at the position before it (the one that predicted
+        it) and read there, in the ``lm`` stream."""
+        ids, start = inputs["input_ids"], inputs.state[GEN_START]
+        logits = outputs.outputs.logits
+        dev = logits.device
+        out = []
+        for s in range(max((len(g) for g in outputs.generated), default=0)):
+            active = torch.tensor([s < len(g) for g in outputs.generated], device=dev)
+            pos = (start.to(dev) + s).clamp(max=ids.shape[1] - 1)  # the generated token's position
+            row = pos - 1
+            tok = ids.to(dev).gather(1, pos[:, None])[:, 0]
+            score = logits[torch.arange(len(pos), device=dev), row].gather(1, tok[:, None])[:, 0]
+            out.append({"stream": "lm", "row": row, "score": score, "active": active, "target": pos})
+        return out
+
+    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The language model's final norm and unembedding, for ``--explain lens``."""
+        return module_at(self.model, self.LM_NORM), self.model.lm_head
+
+
+def probed_points(stream: str, attn: list[AttnProbe], hidden: list[Probe], keep_hidden: set[int] | None,
+                  explain: tuple[str, ...] = ()) -> list[HookPoint]:
+    """The hook points of a stream whose attention maps and hidden states the adapter's own hooks hand
+    to probes (a tower that packs or crops its batch): every layer's attention, and the hidden states
+    kept (all of them pass through when ``sinks`` or ``lens`` reads them unstored)."""
+    pts = [HookPoint(stream, i, "attention", p, index=1) for i, p in enumerate(attn)]
+    every = "sinks" in explain or "lens" in explain
+    for i, p in enumerate(hidden):
+        kept = keep_hidden is None or i in keep_hidden
+        if kept or every:
+            pts.append(HookPoint(stream, i, "hidden", p, store=kept))
+    return pts
 
 
 def token_rows(**cols) -> pa.Table:

@@ -63,7 +63,7 @@ from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, greedy_generation_config,
                                   image_columns, module_at, stack_columns, stream_hook_points, stream_layout)
 from pipeline.models.geometry import crop_geometry, patch_grid
-from pipeline.models.llava import MAX_NEW_TOKENS, LlavaAdapter
+from pipeline.models.llava import MAX_NEW_TOKENS
 
 MODULES = {
     "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
@@ -130,7 +130,6 @@ class Blip2Adapter(DecoderAdapter):
                                       "Blip2ForConditionalGeneration")
         return "Blip2ForConditionalGeneration"
 
-    generated = LlavaAdapter.generated
     INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
     def hook_points(self, keep_hidden, explain=()):

@@ -25,7 +25,7 @@ image <image block> and here are some crops to help you see better <image block>
 (``<start_of_image>``, ``mm_tokens_per_image`` soft tokens, ``<end_of_image>`` per block). ``tile``
 in the token table: 0 the whole image, ``k`` crop ``k`` (in the processor's order); lm image block
 ``k`` is tile ``k``. The vision tower's batch is then the crops of all examples: as LLaVA-NeXT's
-(``pipeline/models/llava_next.py``), the adapter's hooks regroup it per example, the ``vision``
+(``pipeline/models/crop_tower.py``), the adapter's hooks regroup it per example, the ``vision``
 stream of an example holds its crops one after another (whole image first; ``seq_pos`` ``crop * n +
 patch``, ``n = gh gw``), its attention block diagonal (a crop sees only its own patches), examples
 with fewer crops zero padded outside their token table. Not captured then: the tower's
@@ -59,11 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, greedy_generation_config,
-                                  module_at, split_stream_layouts, stack_columns)
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
+                                  greedy_generation_config, module_at, split_stream_layouts, stack_columns)
+from pipeline.models.crop_tower import CropTower
 from pipeline.models.geometry import PatchGrid, crop_geometry, patch_grid
-from pipeline.models.llava import LlavaAdapter
-from pipeline.models.llava_next import LlavaNextAdapter
 
 TOWER = "model.vision_tower"
 MODULES = {
@@ -101,19 +100,11 @@ def pan_and_scan_settings(processor: Any) -> dict[str, Any] | None:
     return out
 
 
-class Gemma3Adapter(DecoderAdapter):
-    """Gemma3ForConditionalGeneration: streams ``lm`` and ``vision``."""
+class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
+    """Gemma3ForConditionalGeneration: streams ``lm`` and ``vision`` (with pan-and-scan the tower's batch
+    is the crops, regrouped per example, one block each)."""
 
     family = "gemma3"
-    # shared with LLaVA: relevancy targets of the generated tokens, the generated ids
-    relevancy_targets = LlavaAdapter.relevancy_targets
-    generated = LlavaAdapter.generated
-    # pan-and-scan: the tower's batch is the crops, regrouped per example, one block each (as LLaVA-NeXT)
-    _attn_hook = LlavaNextAdapter._attn_hook
-    _hidden_hook = LlavaNextAdapter._hidden_hook
-    _hook_crop_tower = LlavaNextAdapter._hook_crop_tower
-    _blocks = LlavaNextAdapter._blocks
-    _per_example = LlavaNextAdapter._per_example
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
@@ -125,12 +116,12 @@ class Gemma3Adapter(DecoderAdapter):
         self.configs = {"lm": cfg.text_config, "vision": cfg.vision_config}
         self.image_token_id = int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None
                                   else cfg.image_token_index)
-        self.markers = {int(cfg.boi_token_index): "vision_start", int(cfg.eoi_token_index): "vision_end"}
+        self.marker_roles = {int(cfg.boi_token_index): "vision_start", int(cfg.eoi_token_index): "vision_end"}
         unk = self.tokenizer.unk_token_id
         for piece, role in (("<start_of_turn>", "im_start"), ("<end_of_turn>", "im_end")):
             i = self.tokenizer.convert_tokens_to_ids(piece)
             if isinstance(i, int) and i != unk:
-                self.markers.setdefault(i, role)
+                self.marker_roles.setdefault(i, role)
         self.boi_token = self.tokenizer.convert_ids_to_tokens(int(cfg.boi_token_index))
         vc = cfg.vision_config
         self.patch_size = int(vc.patch_size)
@@ -145,20 +136,15 @@ class Gemma3Adapter(DecoderAdapter):
         self.probe = Probe()
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
-        self._crops: list[int] | None = None  # crops per example of the pass being captured (pan-and-scan)
         if self.pan_and_scan is not None:
             self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
-    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The language model's final norm and unembedding, for ``--explain lens``."""
-        return module_at(self.model, "model.language_model.norm"), self.model.lm_head
-
     def hook_points(self, keep_hidden, explain=()):
         """Every stream's modules; with pan-and-scan, ``vision`` from the probes the tower's hooks
-        feed, one block per crop (as LLaVA-NeXT's)."""
+        feed, one block per crop (``CropTower``)."""
         if self.pan_and_scan is None:
             return DecoderAdapter.hook_points(self, keep_hidden, explain)
-        return LlavaNextAdapter.hook_points(self, keep_hidden, explain)
+        return CropTower.hook_points(self, keep_hidden, explain)
 
     # -- loading ------------------------------------------------------------------
     @classmethod
@@ -202,29 +188,12 @@ class Gemma3Adapter(DecoderAdapter):
             out["token_type_ids"] = torch.cat([tt, torch.zeros_like(new, dtype=tt.dtype)], dim=1)
 
     # -- the model --------------------------------------------------------------------
-    def crops_of(self, inputs) -> list[int]:
-        """Image blocks per example (the whole image + its crops): the prompt's image tokens over
-        ``mm_tokens_per_image``, checked against the crops in ``pixel_values``."""
-        ids = inputs["input_ids"].cpu()
-        state = getattr(inputs, "state", {})
-        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
-        counts = [int((ids[b, :start[b]] == self.image_token_id).sum()) for b in range(ids.shape[0])]
-        if any(c == 0 or c % self.mm_tokens for c in counts):
-            raise RuntimeError(f"image tokens per example {counts} are not whole blocks of {self.mm_tokens}")
-        crops = [c // self.mm_tokens for c in counts]
-        if sum(crops) != inputs["pixel_values"].shape[0]:
-            raise RuntimeError(f"{sum(crops)} image blocks in the prompts for {inputs['pixel_values'].shape[0]} "
-                               "crops in pixel_values")
-        return crops
-
-    def run(self, inputs, model_inputs, example_ids):
+    def batch_crops(self, inputs, model_inputs) -> list[int] | None:
+        """Image blocks per example (the whole image + its crops) with pan-and-scan; None without (the
+        tower's batch is then the examples)."""
         if self.pan_and_scan is None:
-            return LlavaAdapter.run(self, inputs, model_inputs, example_ids)
-        self._crops = self.crops_of(inputs)
-        try:
-            return self.model(**model_inputs, use_cache=False, return_dict=True)
-        finally:
-            self._crops = None
+            return None
+        return self.crops_by_image_tokens(inputs, self.image_token_id, self.mm_tokens)
 
     # -- layout ---------------------------------------------------------------------
     def crop_rects(self, W: int, H: int) -> list[tuple[int, int, int, int]]:
@@ -287,7 +256,7 @@ class Gemma3Adapter(DecoderAdapter):
                 lm["stream"].append("lm")
                 lm["modality"].append("image" if img else "text")
                 lm["role"].append("patch" if img else "generated" if p >= start[b] else
-                                  self.markers.get(i) or self._text_role(i))
+                                  self._text_role(i))
                 lm["token"].append(None if img else piece)
                 lm["seq_pos"].append(p - p0)
                 lm["patch_row"].append(pooled.cells[j][0] if img else None)

@@ -21,7 +21,7 @@ the global image's tokens and a closing ``<fake_token_around_image>``. Roles:
 ``<fake_token_around_image>`` ``image_boundary``, ``<row_R_col_C>`` ``tile_marker``,
 ``<global-img>`` ``global_marker``; ``<end_of_utterance>`` ``im_end``.
 
-**``vision``**: as LLaVA-NeXT's (``pipeline/models/llava_next.py``), every crop of the example one
+**``vision``**: as LLaVA-NeXT's (``pipeline/models/crop_tower.py``), every crop of the example one
 after another in the processor's order (crops row by row, then the global image), one block each
 of a block-diagonal attention; ``seq_pos`` ``crop * n + patch``.
 
@@ -40,10 +40,11 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, greedy_generation_config,
-                                  module_at, processor_or, split_stream_layouts, stack_columns)
-from pipeline.models.llava import LlavaAdapter
-from pipeline.models.llava_next import LlavaNextAdapter, _read_json
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
+                                  greedy_generation_config, module_at, processor_or, split_stream_layouts,
+                                  stack_columns)
+from pipeline.models.crop_tower import CropTower
+from pipeline.models.llava_next import _read_json
 
 ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
 TOWER = "model.vision_model"
@@ -61,19 +62,12 @@ MODULES = {
 MAX_NEW_TOKENS = 16
 
 
-class Idefics3Adapter(DecoderAdapter):
-    """Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration: streams ``lm`` and ``vision``."""
+class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
+    """Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration: streams ``lm`` and ``vision``
+    (the tower's batch is the crops: regrouped per example, one block each)."""
 
     family = "idefics3"
-    relevancy_targets = LlavaAdapter.relevancy_targets
-    generated = LlavaAdapter.generated
-    # the tower's batch is the crops: regrouped per example, one block each (as LLaVA-NeXT)
-    _attn_hook = LlavaNextAdapter._attn_hook
-    _hidden_hook = LlavaNextAdapter._hidden_hook
-    _hook_crop_tower = LlavaNextAdapter._hook_crop_tower
-    _blocks = LlavaNextAdapter._blocks
-    _per_example = LlavaNextAdapter._per_example
-    hook_points = LlavaNextAdapter.hook_points
+    LM_NORM = "model.text_model.norm"
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
@@ -96,14 +90,14 @@ class Idefics3Adapter(DecoderAdapter):
         self.n_crop = self.side * self.side
         tok = self.tokenizer
         unk = tok.unk_token_id
-        self.markers: dict[int, str] = {}
+        self.marker_roles: dict[int, str] = {}
 
         self.cell_of: dict[int, tuple[int, int]] = {}  # <row_R_col_C> id -> (R, C)
 
         def mark(piece, role):
             i = tok.convert_tokens_to_ids(piece)
             if isinstance(i, int) and i != unk and i is not None:
-                self.markers.setdefault(i, role)
+                self.marker_roles.setdefault(i, role)
                 return i
 
         mark("<fake_token_around_image>", "image_boundary")
@@ -117,11 +111,7 @@ class Idefics3Adapter(DecoderAdapter):
         self.probe = Probe()
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.text_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
-        self._crops: list[int] | None = None
         self._hook_crop_tower(model, int(vc.num_hidden_layers))
-
-    def lens(self):
-        return module_at(self.model, "model.text_model.norm"), self.model.lm_head
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
@@ -162,12 +152,8 @@ class Idefics3Adapter(DecoderAdapter):
         pv = pixel_values.reshape(*pixel_values.shape[:2], -1)
         return (pv != 0).any(-1).sum(1).tolist()
 
-    def run(self, inputs, model_inputs, example_ids):
-        self._crops = self.crops_of(model_inputs["pixel_values"].cpu())
-        try:
-            return self.model(**model_inputs, use_cache=False, return_dict=True)
-        finally:
-            self._crops = None
+    def batch_crops(self, inputs, model_inputs) -> list[int]:
+        return self.crops_of(model_inputs["pixel_values"].cpu())
 
     # -- layout ---------------------------------------------------------------------
     def crop_boxes(self, W: int, H: int, n_crops: int, token_ids: list[int] | None = None
@@ -246,7 +232,7 @@ class Idefics3Adapter(DecoderAdapter):
                     r, c = divmod(cell, self.pooled)
                     row = ("image", "patch", None, r, c, pooled[crop][cell], tiles[crop])
                 else:
-                    role = "generated" if p >= start[b] else self.markers.get(i) or self._text_role(i)
+                    role = "generated" if p >= start[b] else self._text_role(i)
                     row = ("text", role, piece, None, None, None, None)
                 for key, v in zip(lm, ("lm", row[0], row[1], row[2], p - p0, row[3], row[4], row[5], row[6])):
                     lm[key].append(v)

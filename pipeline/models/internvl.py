@@ -48,7 +48,6 @@ import torch
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, module_at,
                                   processor_or, split_stream_layouts, stack_columns)
 from pipeline.models.geometry import _size
-from pipeline.models.llava import LlavaAdapter
 from pipeline.models.llava_next import LlavaNextAdapter, _read_json
 
 PATHS = {
@@ -111,7 +110,6 @@ class InternVLAdapter(LlavaNextAdapter):
         self.probe = Probe()
         self.first_hidden = {"lm": self.probe}
         module_at(model, "model.language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
-        self._crops = None
         self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
     # -- loading ------------------------------------------------------------------
@@ -127,27 +125,13 @@ class InternVLAdapter(LlavaNextAdapter):
     def load_processor(cls, model_id: str, revision: str | None = None):
         return processor_or(model_id, revision, InternVLImageTextProcessor)
 
-    def _text_role(self, token_id: int, piece: str | None = None, real: bool = True) -> str:
-        if real and token_id in self.marker_roles:
-            return self.marker_roles[token_id]
-        return LlavaAdapter._text_role(self, token_id, piece, real)
-
     # -- crops ------------------------------------------------------------------------
     @property
     def tokens_per_crop(self) -> int:
         return self.merged * self.merged
 
-    def run(self, inputs, model_inputs, example_ids):
-        ids = model_inputs["input_ids"]
-        state = getattr(inputs, "state", {})
-        n = (ids == self.image_token_id)
-        if GEN_START in state:  # generated tokens are never image features
-            n = n & (torch.arange(ids.shape[1], device=ids.device)[None, :] < state[GEN_START].to(ids.device)[:, None])
-        self._crops = [int(c) // self.tokens_per_crop for c in n.sum(1).tolist()]
-        try:
-            return self.model(**model_inputs, use_cache=False, return_dict=True)
-        finally:
-            self._crops = None
+    def batch_crops(self, inputs, model_inputs) -> list[int]:
+        return self.crops_by_image_tokens(inputs, self.image_token_id, self.tokens_per_crop)
 
     def grid_of(self, H: int, W: int) -> tuple[int, int]:
         """``(rows, cols)`` of the tile grid the image processor picks for an ``H x W`` image (1 x 1 when it

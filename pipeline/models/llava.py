@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Probe,
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
                                   greedy_generation_config, image_columns, module_at, split_stream_layouts,
                                   stack_columns)
 from pipeline.models.geometry import pad_square_geometry, patch_grid
@@ -81,7 +81,7 @@ MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets n
 # key in the batch's Inputs.state (set by prepare(); not a model input)
 
 
-class LlavaAdapter(DecoderAdapter):
+class LlavaAdapter(LanguageModelExplained, DecoderAdapter):
     """LlavaForConditionalGeneration: streams ``lm`` and ``vision``."""
 
     family = "llava"
@@ -114,26 +114,6 @@ class LlavaAdapter(DecoderAdapter):
         lm = module_at(model, "model.language_model")
         lm.register_forward_pre_hook(self._feed_probe, with_kwargs=True)
 
-    def relevancy_targets(self, inputs, outputs: ForwardOutput) -> list[dict]:
-        """``--explain relevancy`` targets of a decoder: each generated token, scored by its logit at
-        the position before it (the one that predicted it) and read there, in the ``lm`` stream."""
-        ids, start = inputs["input_ids"], inputs.state[GEN_START]
-        logits = outputs.outputs.logits
-        dev = logits.device
-        out = []
-        for s in range(max((len(g) for g in outputs.generated), default=0)):
-            active = torch.tensor([s < len(g) for g in outputs.generated], device=dev)
-            pos = (start.to(dev) + s).clamp(max=ids.shape[1] - 1)  # the generated token's position
-            row = pos - 1
-            tok = ids.to(dev).gather(1, pos[:, None])[:, 0]
-            score = logits[torch.arange(len(pos), device=dev), row].gather(1, tok[:, None])[:, 0]
-            out.append({"stream": "lm", "row": row, "score": score, "active": active, "target": pos})
-        return out
-
-    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The language model's final norm and unembedding, for ``--explain lens``."""
-        return module_at(self.model, "model.language_model.norm"), self.model.lm_head
-
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
@@ -163,14 +143,6 @@ class LlavaAdapter(DecoderAdapter):
         return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
                                         max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
                                         prompt_length=prompt_length)
-
-    def run(self, inputs, model_inputs, example_ids):
-        return self.model(**model_inputs, use_cache=False, return_dict=True)
-
-    def generated(self, inputs: Inputs) -> list[list[int]]:
-        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
-        start = inputs.state[GEN_START].cpu()
-        return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
 
     # -- layout ---------------------------------------------------------------------
     def _geometry(self, W: int, H: int):

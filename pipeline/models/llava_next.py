@@ -81,9 +81,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.capture import HookPoint
-from pipeline.models.base import (AttnProbe, BatchLayout, Inputs, Probe, module_at, processor_or,
-                                  split_stream_layouts, stack_columns, stream_hook_points)
+from pipeline.models.base import BatchLayout, Inputs, processor_or, split_stream_layouts, stack_columns
+from pipeline.models.crop_tower import CropTower
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.llava import GEN_START, LlavaAdapter
 
@@ -95,7 +94,7 @@ NEWLINE = -1.0  # the image_newline's coordinates in image_token_sources
 
 
 
-class LlavaNextAdapter(LlavaAdapter):
+class LlavaNextAdapter(CropTower, LlavaAdapter):
     """LlavaNextForConditionalGeneration: streams ``lm`` and ``vision`` (crops as blocks)."""
 
     family = "llava_next"
@@ -114,19 +113,7 @@ class LlavaNextAdapter(LlavaAdapter):
                                       f"{type(model).__name__} cannot lay such features out on its tile grid")
         self.n_crop = self.side * self.side + (1 if self.tower_cls else 0)  # tower tokens per crop
         # the vision tower: its batch is the crops; hooks regroup it per example into probes
-        self._crops: list[int] | None = None  # crops per example of the pass being captured
         self._hook_crop_tower(model, int(vc.num_hidden_layers))
-
-    def _hook_crop_tower(self, model: torch.nn.Module, layers: int) -> None:
-        """Probes for the tower's ``layers`` attention maps and ``layers + 1`` hidden states, fed by hooks
-        on the modules of ``self.paths["vision"]`` that regroup the tower's batch of crops per example."""
-        self.vis_attn = [AttnProbe() for _ in range(layers)]
-        self.vis_hidden = [Probe() for _ in range(layers + 1)]
-        vp = self.paths["vision"]
-        for i in range(layers):
-            module_at(model, vp["attention"].format(layer=i)).register_forward_hook(self._attn_hook(i))
-            module_at(model, vp["hidden"].format(layer=i)).register_forward_hook(self._hidden_hook(i + 1))
-        module_at(model, vp["hidden_0"]).register_forward_hook(self._hidden_hook(0))
 
     # -- loading ------------------------------------------------------------------
     @classmethod
@@ -137,60 +124,7 @@ class LlavaNextAdapter(LlavaAdapter):
                                       f"{config.model_type} adapter handles {arch}")
         return arch
 
-    # -- streams and hooks ----------------------------------------------------------
-    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
-        """``lm`` as LLaVA's; ``vision`` from the probes the tower's hooks feed, one block per crop
-        (no ``--explain value`` for the tower: its batch is the crops, not the examples)."""
-        pts = stream_hook_points(self.model, {"lm": self.configs["lm"]}, {"lm": self.paths["lm"]}, keep_hidden,
-                                 first_hidden={"lm": self.probe}, explain=explain)
-        pts += [HookPoint("vision", i, "attention", p, index=1) for i, p in enumerate(self.vis_attn)]
-        every = "sinks" in explain or "lens" in explain
-        for i, p in enumerate(self.vis_hidden):
-            kept = keep_hidden is None or i in keep_hidden
-            if kept or every:
-                pts.append(HookPoint("vision", i, "hidden", p, store=kept))
-        return pts
-
-    def _attn_hook(self, layer: int):
-        probe = self.vis_attn[layer]
-
-        def fn(module, args, output):
-            if self._crops is not None and self._watched(probe) and isinstance(output, tuple) and len(output) > 1 \
-                    and output[1] is not None:
-                probe(self._blocks(output[1]))
-            return None
-
-        return fn
-
-    def _hidden_hook(self, layer: int):
-        probe = self.vis_hidden[layer]
-
-        def fn(module, args, output):
-            if self._crops is not None and self._watched(probe):
-                h = output[0] if isinstance(output, (tuple, list)) else output
-                probe(self._per_example(h))
-            return None
-
-        return fn
-
-    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
-        """``[crop, head, n, n]`` (the crops of the whole batch) -> ``[example, head, C n, C n]``: each
-        example's crops on the block diagonal, ``C`` the batch's most crops, zero elsewhere."""
-        crops, n = self._crops, w.shape[-1]
-        N = max(crops) * n
-        out = w.new_zeros(len(crops), w.shape[1], N, N)
-        k = 0
-        for b, c in enumerate(crops):
-            for j in range(c):
-                out[b, :, j * n:(j + 1) * n, j * n:(j + 1) * n] = w[k]
-                k += 1
-        return out
-
-    def _per_example(self, h: torch.Tensor) -> torch.Tensor:
-        """``[crop, n, dim]`` -> ``[example, C n, dim]`` (each example's crops one after the other)."""
-        parts = [p.reshape(-1, h.shape[-1]) for p in torch.split(h, self._crops, dim=0)]
-        return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
-
+    # -- the tower's crops -------------------------------------------------------------
     def crops_of(self, image_sizes) -> list[int]:
         """Crops per image (base image + tiles), by the model's own ``image_size_to_num_patches``."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -198,12 +132,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return [int(image_size_to_num_patches(image_size=[int(s) for s in hw], grid_pinpoints=self.pinpoints,
                                               patch_size=self.crop_px)) for hw in image_sizes.tolist()]
 
-    def run(self, inputs, model_inputs, example_ids):
-        self._crops = self.crops_of(model_inputs["image_sizes"].cpu())
-        try:
-            return self.model(**model_inputs, use_cache=False, return_dict=True)
-        finally:
-            self._crops = None
+    def batch_crops(self, inputs, model_inputs) -> list[int]:
+        return self.crops_of(model_inputs["image_sizes"].cpu())
 
     # -- where each image token comes from -----------------------------------------------
     def _pack(self, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor):

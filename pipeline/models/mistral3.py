@@ -54,9 +54,9 @@ import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Probe,
-                                  greedy_generation_config, module_at, processor_or, require_eager,
-                                  split_stream_layouts, stream_hook_points, token_rows)
+from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
+                                  Probe, greedy_generation_config, module_at, processor_or, require_eager,
+                                  probed_points, split_stream_layouts, stream_hook_points, token_rows)
 from pipeline.models.qwen2vl import QwenVLAdapter, _chat_template
 
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
@@ -137,7 +137,7 @@ def load_processor(model_id: str, revision: str | None = None):
     return processor_or(model_id, revision, ImageTextProcessor)
 
 
-class Mistral3Adapter(DecoderAdapter):
+class Mistral3Adapter(LanguageModelExplained, DecoderAdapter):
     """Mistral3ForConditionalGeneration (Pixtral tower): streams ``lm`` and ``vision``."""
 
     family = "mistral3"
@@ -192,13 +192,7 @@ class Mistral3Adapter(DecoderAdapter):
         """``lm`` as LLaVA's; ``vision`` from the probes the tower's hooks feed (per image)."""
         pts = stream_hook_points(self.model, {"lm": self.configs["lm"]}, {"lm": MODULES["lm"]}, keep_hidden,
                                  first_hidden={"lm": self.probe}, explain=explain)
-        pts += [HookPoint("vision", i, "attention", p, index=1) for i, p in enumerate(self.vis_attn)]
-        every = "sinks" in explain or "lens" in explain
-        for i, p in enumerate(self.vis_hidden):
-            kept = keep_hidden is None or i in keep_hidden
-            if kept or every:
-                pts.append(HookPoint("vision", i, "hidden", p, store=kept))
-        return pts
+        return pts + probed_points("vision", self.vis_attn, self.vis_hidden, keep_hidden, explain)
 
     # -- hooks ----------------------------------------------------------------------
     # Shared with Qwen-VL, whose tower also packs a batch's images into one sequence: the hidden-state
@@ -265,35 +259,7 @@ class Mistral3Adapter(DecoderAdapter):
         finally:
             self._lengths = None
 
-    def generated(self, inputs: Inputs) -> list[list[int]]:
-        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
-        start = inputs.state[GEN_START].cpu()
-        return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
-
-    def relevancy_targets(self, inputs, outputs: ForwardOutput) -> list[dict]:
-        """``--explain relevancy``: each generated token, scored by its logit at the position before it."""
-        ids, start = inputs["input_ids"], inputs.state[GEN_START]
-        logits = outputs.outputs.logits
-        dev = logits.device
-        out = []
-        for s in range(max((len(g) for g in outputs.generated), default=0)):
-            active = torch.tensor([s < len(g) for g in outputs.generated], device=dev)
-            pos = (start.to(dev) + s).clamp(max=ids.shape[1] - 1)
-            row = pos - 1
-            tok = ids.to(dev).gather(1, pos[:, None])[:, 0]
-            score = logits[torch.arange(len(pos), device=dev), row].gather(1, tok[:, None])[:, 0]
-            out.append({"stream": "lm", "row": row, "score": score, "active": active, "target": pos})
-        return out
-
-    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        return module_at(self.model, "model.language_model.norm"), self.model.lm_head
-
     # -- layout ---------------------------------------------------------------------
-    def _text_role(self, token_id: int, piece: str | None = None, real: bool = True) -> str:
-        if real and token_id in self.marker_roles:
-            return self.marker_roles[token_id]
-        return super()._text_role(token_id, piece, real)
-
     def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
         ids = inputs["input_ids"].cpu()
         seen = inputs["attention_mask"].cpu().bool()

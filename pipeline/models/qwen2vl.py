@@ -81,9 +81,9 @@ import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, ForwardOutput, Inputs, Probe,
-                                  first_line, greedy_generation_config, module_at, processor_or, require_eager,
-                                  split_stream_layouts, stream_hook_points, token_rows)
+from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
+                                  Probe, first_line, greedy_generation_config, module_at, processor_or, require_eager,
+                                  probed_points, split_stream_layouts, stream_hook_points, token_rows)
 
 # config.model_type -> the class VL-Atlas loads
 ARCHITECTURES = {
@@ -210,7 +210,7 @@ def load_processor(model_id: str, revision: str | None = None):
 
 
 # -- the adapter ---------------------------------------------------------------------------------
-class QwenVLAdapter(DecoderAdapter):
+class QwenVLAdapter(LanguageModelExplained, DecoderAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: streams ``lm`` and ``vision``."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
@@ -296,13 +296,7 @@ class QwenVLAdapter(DecoderAdapter):
         the tower's value projection is part of a fused qkv over the packed sequence of all images)."""
         pts = stream_hook_points(self.model, {"lm": self.configs["lm"]}, {"lm": MODULES["lm"]}, keep_hidden,
                                  first_hidden={"lm": self.probe}, explain=explain)
-        pts += [HookPoint("vision", i, "attention", p, index=1) for i, p in enumerate(self.vis_attn)]
-        every = "sinks" in explain or "lens" in explain
-        for i, p in enumerate(self.vis_hidden):
-            kept = keep_hidden is None or i in keep_hidden
-            if kept or every:
-                pts.append(HookPoint("vision", i, "hidden", p, store=kept))
-        return pts
+        return pts + probed_points("vision", self.vis_attn, self.vis_hidden, keep_hidden, explain)
 
     # -- the tower's hooks ------------------------------------------------------------
     def _open_segments(self, layer: int):
@@ -412,38 +406,7 @@ class QwenVLAdapter(DecoderAdapter):
         finally:
             self._lengths = None
 
-    def generated(self, inputs: Inputs) -> list[list[int]]:
-        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
-        start = inputs.state[GEN_START].cpu()
-        return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
-
-    def relevancy_targets(self, inputs, outputs: ForwardOutput) -> list[dict]:
-        """``--explain relevancy``: each generated token, scored by its logit at the position before it
-        and read there, in the ``lm`` stream (as LLaVA's)."""
-        ids, start = inputs["input_ids"], inputs.state[GEN_START]
-        logits = outputs.outputs.logits
-        dev = logits.device
-        out = []
-        for s in range(max((len(g) for g in outputs.generated), default=0)):
-            active = torch.tensor([s < len(g) for g in outputs.generated], device=dev)
-            pos = (start.to(dev) + s).clamp(max=ids.shape[1] - 1)
-            row = pos - 1
-            tok = ids.to(dev).gather(1, pos[:, None])[:, 0]
-            score = logits[torch.arange(len(pos), device=dev), row].gather(1, tok[:, None])[:, 0]
-            out.append({"stream": "lm", "row": row, "score": score, "active": active, "target": pos})
-        return out
-
-    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The language model's final norm and unembedding, for ``--explain lens``."""
-        return module_at(self.model, "model.language_model.norm"), self.model.lm_head
-
     # -- layout ---------------------------------------------------------------------
-    def _text_role(self, token_id: int, piece: str | None = None, real: bool = True) -> str:
-        """The chat template's and the image's markers by id (``marker_roles``), else the base's roles."""
-        if real and token_id in self.marker_roles:
-            return self.marker_roles[token_id]
-        return super()._text_role(token_id, piece, real)
-
     def tower_order(self, grid_thw: torch.Tensor) -> list[np.ndarray]:
         """Per image, the tower sequence position of each patch in raster order (``[h * w]``).
 
