@@ -295,6 +295,16 @@ def conform(adapter):
     return adapter
 
 
+def checked_architecture(config, model_id: str, arch: str | None, family: str, what: str = "") -> str:
+    """``arch``, the transformers class that loads a family's checkpoints, once the checkpoint's config
+    declares it (or declares no architecture); else ``NotImplementedError`` saying what the checkpoint is
+    (``what``: a note after the class's name)."""
+    given = getattr(config, "architectures", None)
+    if arch is None or arch not in (given or [arch]):
+        raise NotImplementedError(f"{model_id!r} is a {given}; VL-Atlas's {family} adapter handles {arch}{what}")
+    return arch
+
+
 def greedy_generation_config(model: torch.nn.Module, tokenizer, *, suppress: tuple[int, ...] = (),
                              max_new_tokens: int | None = None, default_new_tokens: int = 16,
                              prompt_length: int | None = None):

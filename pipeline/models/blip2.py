@@ -60,8 +60,9 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, greedy_generation_config,
-                                  image_columns, module_at, stack_columns, stream_hook_points, stream_layout)
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, checked_architecture,
+                                  greedy_generation_config, image_columns, module_at, stack_columns,
+                                  stream_hook_points, stream_layout)
 from pipeline.models.geometry import crop_geometry, patch_grid
 from pipeline.models.llava import MAX_NEW_TOKENS
 
@@ -124,11 +125,7 @@ class Blip2Adapter(DecoderAdapter):
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = getattr(config, "architectures", None) or ["Blip2ForConditionalGeneration"]
-        if "Blip2ForConditionalGeneration" not in arch:
-            raise NotImplementedError(f"{model_id!r} is a {arch}; VL-Atlas's blip2 adapter handles "
-                                      "Blip2ForConditionalGeneration")
-        return "Blip2ForConditionalGeneration"
+        return checked_architecture(config, model_id, "Blip2ForConditionalGeneration", "blip2")
 
     INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
@@ -239,11 +236,7 @@ class InstructBlipAdapter(Blip2Adapter):
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = getattr(config, "architectures", None) or ["InstructBlipForConditionalGeneration"]
-        if "InstructBlipForConditionalGeneration" not in arch:
-            raise NotImplementedError(f"{model_id!r} is a {arch}; VL-Atlas's instructblip adapter handles "
-                                      "InstructBlipForConditionalGeneration")
-        return "InstructBlipForConditionalGeneration"
+        return checked_architecture(config, model_id, "InstructBlipForConditionalGeneration", "instructblip")
 
     def encode(self, texts: list[str], images: list):
         """As BLIP-2, with the instruction padded on the right: the Q-Former numbers its instruction

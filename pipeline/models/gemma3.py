@@ -60,7 +60,8 @@ import numpy as np
 import torch
 
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
-                                  greedy_generation_config, module_at, split_stream_layouts, stack_columns)
+                                  checked_architecture, greedy_generation_config, module_at, split_stream_layouts,
+                                  stack_columns)
 from pipeline.models.crop_tower import CropTower
 from pipeline.models.geometry import PatchGrid, crop_geometry, patch_grid
 
@@ -149,11 +150,8 @@ class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = getattr(config, "architectures", None) or ["Gemma3ForConditionalGeneration"]
-        if "Gemma3ForConditionalGeneration" not in arch:
-            raise NotImplementedError(f"{model_id!r} is a {arch}; VL-Atlas's gemma3 adapter handles "
-                                      "Gemma3ForConditionalGeneration (an image-text checkpoint)")
-        return "Gemma3ForConditionalGeneration"
+        return checked_architecture(config, model_id, "Gemma3ForConditionalGeneration", "gemma3",
+                                    " (an image-text checkpoint)")
 
     # -- inputs ---------------------------------------------------------------------
     def prompt(self, text: str) -> str:

@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
-                                  greedy_generation_config, module_at, processor_or, split_stream_layouts,
-                                  stack_columns)
+                                  checked_architecture, greedy_generation_config, module_at, processor_or,
+                                  split_stream_layouts, stack_columns)
 from pipeline.models.crop_tower import CropTower
 from pipeline.models.llava_next import _read_json
 
@@ -115,11 +115,7 @@ class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = ARCHITECTURES.get(config.model_type)
-        if arch is None or arch not in (getattr(config, "architectures", None) or [arch]):
-            raise NotImplementedError(f"{model_id!r} is a {getattr(config, 'architectures', None)}; VL-Atlas's "
-                                      f"{config.model_type} adapter handles {arch}")
-        return arch
+        return checked_architecture(config, model_id, ARCHITECTURES.get(config.model_type), config.model_type)
 
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):

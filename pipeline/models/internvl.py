@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, module_at,
-                                  processor_or, split_stream_layouts, stack_columns)
+from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, checked_architecture,
+                                  module_at, processor_or, split_stream_layouts, stack_columns)
 from pipeline.models.geometry import _size
 from pipeline.models.llava_next import LlavaNextAdapter, _read_json
 
@@ -115,11 +115,7 @@ class InternVLAdapter(LlavaNextAdapter):
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = "InternVLForConditionalGeneration"
-        if arch not in (getattr(config, "architectures", None) or [arch]):
-            raise NotImplementedError(f"{model_id!r} is a {config.architectures}; VL-Atlas's internvl adapter "
-                                      f"handles {arch}")
-        return arch
+        return checked_architecture(config, model_id, "InternVLForConditionalGeneration", "internvl")
 
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):

@@ -54,8 +54,8 @@ from typing import Any
 import torch
 
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
-                                  greedy_generation_config, image_columns, module_at, split_stream_layouts,
-                                  stack_columns)
+                                  checked_architecture, greedy_generation_config, image_columns, module_at,
+                                  split_stream_layouts, stack_columns)
 from pipeline.models.geometry import pad_square_geometry, patch_grid
 
 # Native module paths -> (stream, layer). Attention modules return (attn_output, attn_weights).
@@ -117,11 +117,7 @@ class LlavaAdapter(LanguageModelExplained, DecoderAdapter):
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        if "LlavaForConditionalGeneration" not in (getattr(config, "architectures", None) or
-                                                   ["LlavaForConditionalGeneration"]):
-            raise NotImplementedError(f"{model_id!r} is a {config.architectures}; VL-Atlas's llava adapter "
-                                      "handles LlavaForConditionalGeneration")
-        return "LlavaForConditionalGeneration"
+        return checked_architecture(config, model_id, "LlavaForConditionalGeneration", "llava")
 
     # -- inputs ---------------------------------------------------------------------
     def prompt(self, text: str) -> str:

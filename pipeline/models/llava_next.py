@@ -81,7 +81,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import BatchLayout, Inputs, processor_or, split_stream_layouts, stack_columns
+from pipeline.models.base import (BatchLayout, Inputs, checked_architecture, processor_or, split_stream_layouts,
+                                  stack_columns)
 from pipeline.models.crop_tower import CropTower
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.llava import GEN_START, LlavaAdapter
@@ -118,11 +119,7 @@ class LlavaNextAdapter(CropTower, LlavaAdapter):
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = ARCHITECTURES.get(config.model_type)
-        if arch is None or arch not in (getattr(config, "architectures", None) or [arch]):
-            raise NotImplementedError(f"{model_id!r} is a {getattr(config, 'architectures', None)}; VL-Atlas's "
-                                      f"{config.model_type} adapter handles {arch}")
-        return arch
+        return checked_architecture(config, model_id, ARCHITECTURES.get(config.model_type), config.model_type)
 
     # -- the tower's crops -------------------------------------------------------------
     def crops_of(self, image_sizes) -> list[int]:

@@ -55,8 +55,8 @@ import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
-                                  Probe, greedy_generation_config, module_at, processor_or, require_eager,
-                                  probed_points, split_stream_layouts, stream_hook_points, token_rows)
+                                  Probe, checked_architecture, greedy_generation_config, module_at, probed_points,
+                                  processor_or, require_eager, split_stream_layouts, stream_hook_points, token_rows)
 from pipeline.models.qwen2vl import QwenVLAdapter, _chat_template
 
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
@@ -179,10 +179,7 @@ class Mistral3Adapter(LanguageModelExplained, DecoderAdapter):
     # -- loading ------------------------------------------------------------------
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        given = getattr(config, "architectures", None) or [ARCHITECTURE]
-        if ARCHITECTURE not in given:
-            raise NotImplementedError(f"{model_id!r} is a {given}; VL-Atlas's mistral3 adapter handles {ARCHITECTURE}")
-        return ARCHITECTURE
+        return checked_architecture(config, model_id, ARCHITECTURE, "mistral3")
 
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):

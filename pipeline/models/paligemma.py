@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import DecoderAdapter, Inputs, Probe, greedy_generation_config, module_at
+from pipeline.models.base import (DecoderAdapter, Inputs, Probe, checked_architecture, greedy_generation_config,
+                                  module_at)
 from pipeline.models.geometry import crop_geometry
 from pipeline.models.llava import MAX_NEW_TOKENS, LlavaAdapter
 
@@ -84,11 +85,7 @@ class PaliGemmaAdapter(LlavaAdapter):
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        arch = getattr(config, "architectures", None) or ["PaliGemmaForConditionalGeneration"]
-        if "PaliGemmaForConditionalGeneration" not in arch:
-            raise NotImplementedError(f"{model_id!r} is a {arch}; VL-Atlas's paligemma adapter handles "
-                                      "PaliGemmaForConditionalGeneration")
-        return "PaliGemmaForConditionalGeneration"
+        return checked_architecture(config, model_id, "PaliGemmaForConditionalGeneration", "paligemma")
 
     # -- inputs ---------------------------------------------------------------------
     def prompt(self, text: str) -> str:

@@ -82,8 +82,9 @@ import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
-                                  Probe, first_line, greedy_generation_config, module_at, processor_or, require_eager,
-                                  probed_points, split_stream_layouts, stream_hook_points, token_rows)
+                                  Probe, checked_architecture, first_line, greedy_generation_config, module_at,
+                                  probed_points, processor_or, require_eager, split_stream_layouts, stream_hook_points,
+                                  token_rows)
 
 # config.model_type -> the class VL-Atlas loads
 ARCHITECTURES = {
@@ -276,10 +277,7 @@ class QwenVLAdapter(LanguageModelExplained, DecoderAdapter):
         arch = ARCHITECTURES.get(config.model_type)
         if arch is None:
             raise NotImplementedError(f"model type {config.model_type!r} is not one of {', '.join(ARCHITECTURES)}")
-        given = getattr(config, "architectures", None) or [arch]
-        if arch not in given:
-            raise NotImplementedError(f"{model_id!r} is a {given}; VL-Atlas's {config.model_type} adapter "
-                                      f"handles {arch}")
+        checked_architecture(config, model_id, arch, config.model_type)
         klass = getattr(transformers, arch, None)
         if klass is None:
             raise NotImplementedError(f"transformers {transformers.__version__} has no {arch}; upgrade transformers")
