@@ -20,7 +20,7 @@ import torch
 
 from pipeline.extract import extract
 from pipeline.models import load_adapter
-from tests.tiny import WORDS, noise_image, write_manifest
+from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
 
 IMG, PS, G, Q = 32, 8, 4, 4
 IMAGE_ID = 4
@@ -33,18 +33,10 @@ SCENES = [  # (original size (w, h), question, answer)
 
 def blip2_tokenizer():
     """A word-level fast tokenizer with ``<image>`` at IMAGE_ID; it adds bos (as OPT's does)."""
-    import transformers as tf
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-
     vocab = {"<pad>": 0, "</s>": 2, "<s>": 1, "<unk>": 3, "<image>": IMAGE_ID,
              **{w: i + 5 for i, w in enumerate(WORDS)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
-                          AddedToken("<s>", special=True, normalized=False)])
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                     pad_token="<pad>", padding_side="left")
+    tok = word_tokenizer(vocab, ("<image>", "<s>"), bos="<s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                         padding_side="left")
     return tok, vocab
 
 

@@ -22,7 +22,7 @@ import torch
 from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.idefics3 import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, write_manifest
+from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
 
 CROP, PS, SF, LONG = 32, 8, 2, 64
 SIDE, POOL = CROP // PS, CROP // PS // SF  # 4 x 4 tower patches, 2 x 2 lm tokens a crop
@@ -42,15 +42,10 @@ RUN = "idefics3"
 
 def make_tiny(out, family: str = "idefics3", seed: int = 0):
     import transformers as tf
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
     out.mkdir(parents=True, exist_ok=True)
-    t = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in MARKS])
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                     pad_token="<pad>", padding_side="left")
+    tok = word_tokenizer(VOCAB, MARKS, bos="<s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                         padding_side="left")
     ipc = tf.Idefics3ImageProcessorPil if family == "idefics3" else tf.SmolVLMImageProcessorPil
     ip = ipc(size={"longest_edge": LONG}, max_image_size={"longest_edge": CROP}, do_image_splitting=True)
     vision = dict(image_size=CROP, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -19,7 +19,8 @@ import torch
 from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, write_manifest
+from tests.test_llava import assert_rows_as_generated
+from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
 
 CROP, PS, S, M = 32, 8, 4, 2  # crop size, tower patch size, patches a side, shuffled tokens a side
 EOS, PAD, IMG, IMG_END, CTX, VIDEO = 2, 3, 4, 5, 6, 7
@@ -37,17 +38,9 @@ RUN = "intern"
 
 
 def tokenizer():
-    import transformers as tf
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-
-    t = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False)
-                          for s in ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")])
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return tf.PreTrainedTokenizerFast(
-        tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        padding_side="left", extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+    return word_tokenizer(
+        VOCAB, ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"), bos="<s>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>", padding_side="left", extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
                                                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
 
@@ -257,12 +250,7 @@ def test_attention_is_the_models_own_and_rows_sum_to_one(intern, lake_df):
                     continue
                 A = np.zeros((2, n, n), np.float32)
                 A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-                np.testing.assert_allclose(A[:, :P, :P], g.attentions[0][layer][0].numpy(), atol=2e-3)
-                for s in range(1, len(g.attentions)):  # each generated token's row as it had it
-                    if P + s - 1 >= n:
-                        break
-                    np.testing.assert_allclose(A[:, P + s - 1, :P + s], g.attentions[s][layer][0, :, 0].numpy(),
-                                               atol=2e-3)
+                assert_rows_as_generated(A, g, layer, P)
 
 
 def test_vision_attention_is_the_towers_own_crop_by_crop(intern, lake_df):

@@ -19,7 +19,7 @@ import torch
 from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, write_manifest
+from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
 
 IMG, PS, G = 32, 8, 4
 IMAGE_ID = 4
@@ -33,17 +33,10 @@ SCENES = [  # (original size (w, h), question, answer)
 
 def llava_tokenizer():
     """A word-level fast tokenizer with ``<image>`` at IMAGE_ID, padding on the left; and its vocab."""
-    import transformers as tf
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": IMAGE_ID,
              **{w: i + 5 for i, w in enumerate(WORDS)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                     pad_token="<pad>", padding_side="left")
+    tok = word_tokenizer(vocab, ("<image>",), bos="<s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                         padding_side="left")
     return tok, vocab
 
 
@@ -199,6 +192,22 @@ def test_prediction_is_the_generated_text(llava, lake_df):
     assert set(json.loads(runs.streams.iloc[0])) == {"lm", "vision"}
 
 
+def assert_rows_as_generated(A: np.ndarray, g, layer: int, P: int) -> None:
+    """An ``lm`` layer's stored attention ``A`` (``[head, n, n]``, the example's lm tokens in sequence
+    order) against ``generate``'s own (``g.attentions``, with ``output_attentions``): the prompt's rows
+    equal the prefill step, and the row of generated token ``s - 1`` equals step ``s`` (the last token was
+    never fed back) over the keys that step saw (a sliding layer's cache holds only its window), 0 on
+    every other key."""
+    n = A.shape[-1]
+    np.testing.assert_allclose(A[:, :P, :P], g.attentions[0][layer][0].numpy(), atol=2e-3)
+    for s in range(1, min(len(g.attentions), n - P + 1)):  # step s: query = generated token s - 1
+        step = g.attentions[s][layer][0, :, 0].numpy()  # [head, keys the step saw]
+        row = A[:, P + s - 1]
+        seen = P + s - step.shape[-1]  # the first key the step saw
+        np.testing.assert_allclose(row[:, seen:P + s], step, atol=2e-3)
+        assert np.abs(row[:, :seen]).max(initial=0) < 1e-6 and np.abs(row[:, P + s:]).max(initial=0) < 1e-6
+
+
 def test_attention_equals_generates_own_and_rows_sum_to_one(llava, lake_df):
     """Teacher forcing reproduces generation: prompt rows = generate's prefill step, the row of
     generated token s = generate's step s + 1 (the step that fed it back in)."""
@@ -221,14 +230,7 @@ def test_attention_equals_generates_own_and_rows_sum_to_one(llava, lake_df):
                 assert a.query_idx.max() < n and a.key_idx.max() < n
                 A = np.zeros((2, n, n), np.float32)
                 A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-                pre = g.attentions[0][layer][0].numpy()  # [head, P, P]
-                np.testing.assert_allclose(A[:, :P, :P], pre, atol=2e-3)
-                for s in range(1, len(g.attentions)):  # step s: query = generated token s - 1
-                    if P + s - 1 >= n:
-                        break
-                    step = g.attentions[s][layer][0, :, 0].numpy()  # [head, P + s]
-                    np.testing.assert_allclose(A[:, P + s - 1, :P + s], step, atol=2e-3)
-                    assert np.abs(A[:, P + s - 1, P + s:]).max() < 1e-6  # causal
+                assert_rows_as_generated(A, g, layer, P)
 
 
 def test_vision_attention_equals_the_towers_own(llava, lake_df):

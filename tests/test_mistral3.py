@@ -21,7 +21,7 @@ import torch
 from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.mistral3 import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, write_manifest
+from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 VOCAB = {"<unk>": 0, **{s: i + 1 for i, s in enumerate(SPECIAL)}}
@@ -40,14 +40,7 @@ CIRCLE = [10, 5, 30, 25]
 
 
 def tokenizer():
-    import transformers as tf
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
-    t = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                      pad_token="<pad>", padding_side="left")
+    return word_tokenizer(VOCAB, SPECIAL, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left")
 
 
 def image_processor():

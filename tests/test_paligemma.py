@@ -18,7 +18,7 @@ import torch
 from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, write_manifest
+from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
 
 IMG, PS, G = 32, 8, 4
 IMAGE_ID = 4
@@ -31,17 +31,10 @@ SCENES = [  # (original size (w, h), question, answer)
 
 def paligemma_tokenizer():
     """A word-level fast tokenizer with ``<image>`` at IMAGE_ID (no bos added: the processor writes it)."""
-    import transformers as tf
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "<image>": IMAGE_ID,
              **{w: i + 5 for i, w in enumerate(WORDS)}}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens([AddedToken("<image>", special=True, normalized=False),
-                          AddedToken("<bos>", special=True, normalized=False)])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                     pad_token="<pad>", padding_side="left")
+    tok = word_tokenizer(vocab, ("<image>", "<bos>"), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                         padding_side="left")
     return tok, vocab
 
 

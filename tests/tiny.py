@@ -27,6 +27,23 @@ def write_vocab(path: Path) -> Path:
     return path
 
 
+def word_tokenizer(vocab: dict[str, int], special: tuple[str, ...] = (), bos: str | None = None, **kwargs):
+    """A word-level fast tokenizer over ``vocab`` (whitespace-split words, ``<unk>`` for any other), built
+    from nothing on disk: ``special`` are added special tokens (never split), ``bos`` (a piece of
+    ``vocab``) is put before every text, and ``kwargs`` go to ``PreTrainedTokenizerFast`` (its bos, eos
+    and pad tokens, ``padding_side``, ``extra_special_tokens`` …)."""
+    import transformers as tf
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    if special:
+        t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    if bos is not None:
+        t.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", **kwargs)
+
+
 def make_tiny_vilt(out: Path, *, layers: int = 2, heads: int = 2, hidden: int = 32, image_size: int = 64,
                    patch_size: int = 16, max_text: int = 16, head: str = "vqa", seed: int = 0,
                    intermediate: int | None = None) -> Path:
