@@ -88,9 +88,7 @@ def token_text(t) -> str:
         return tok
     r, c = getattr(t, "patch_row", None), getattr(t, "patch_col", None)
     if r is not None and c is not None and pd.notna(r) and pd.notna(c):
-        tile = getattr(t, "tile", None)
-        prefix = f"t{int(tile)}" if tile is not None and pd.notna(tile) and int(tile) > 0 else ""
-        return f"patch {prefix}r{int(r)}c{int(c)}"
+        return f"patch {views.patch_label(t)}"
     role = getattr(t, "role", None)
     return f"[{role}]" if isinstance(role, str) else "?"
 
