@@ -50,13 +50,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
                                   Probe, checked_architecture, greedy_generation_config, module_at, probed_points,
-                                  processor_or, require_eager, split_stream_layouts, stream_hook_points, token_rows)
+                                  processor_or, require_eager, split_stream_layouts, stream_hook_points)
 from pipeline.models.qwen2vl import QwenVLAdapter, _chat_template
 
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
@@ -197,6 +196,7 @@ class Mistral3Adapter(LanguageModelExplained, DecoderAdapter):
     _hidden_hook = QwenVLAdapter._hidden_hook
     _hidden_0 = QwenVLAdapter._hidden_0
     check_image = QwenVLAdapter.check_image
+    _merged_table = QwenVLAdapter._merged_table  # the token table of merged blocks and tower patches
 
     def _attn_hook(self, layer: int):
         probe = self.vis_attn[layer]
@@ -271,7 +271,6 @@ class Mistral3Adapter(LanguageModelExplained, DecoderAdapter):
             gh, gw = grid_list[b]
             bh, bw = gh // m, gw // m
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            p0 = pos[0]
             tid = ids[b, pos].tolist()
             prompt = [p < start[b] for p in pos]
             kinds = [("img" if i == self.image_token_id else "brk" if i == self.break_id else
@@ -283,42 +282,12 @@ class Mistral3Adapter(LanguageModelExplained, DecoderAdapter):
                 raise RuntimeError(f"example's image tokens are {pattern.count('img')} [IMG], {pattern.count('brk')} "
                                    f"[IMG_BREAK], {pattern.count('end')} [IMG_END] (or out of order) where "
                                    f"image_sizes and spatial_merge_size {m} make rows of {bw} x {bh}")
-            W, H = images[b].size
-            fx, fy = W / gw, H / gh  # original pixels per tower patch
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            cols = {k: [] for k in ("modality", "role", "token", "text_pos", "row", "col", "x0", "y0", "x1", "y1")}
-            k = nt = 0
-            for i, p, kind, piece in zip(tid, pos, kinds, pieces):
-                if kind == "img":
-                    R, C = divmod(k, bw)
-                    vals = ("image", "patch", None, None, R, C, C * m * fx, R * m * fy, (C + 1) * m * fx,
-                            (R + 1) * m * fy)
-                    k += 1
-                else:
-                    vals = ("text", "generated" if p >= start[b] else self._text_role(i), piece, nt) + (None,) * 6
-                    nt += 1
-                for key, v in zip(cols, vals):
-                    cols[key].append(v)
-            n_lm, nv = len(pos), gh * gw
-            r, c = np.divmod(np.arange(nv), gw)
-            none_v = [None] * nv
-            vis_seq = list(range(nv))  # the tower's raster order
-            tables.append(token_rows(
-                token_idx=list(range(n_lm + nv)),
-                stream=["lm"] * n_lm + ["vision"] * nv,
-                modality=cols["modality"] + ["image"] * nv,
-                role=cols["role"] + ["patch"] * nv,
-                token=cols["token"] + none_v,
-                seq_pos=[p - p0 for p in pos] + vis_seq,
-                text_pos=cols["text_pos"] + none_v,
-                patch_row=cols["row"] + r.tolist(),
-                patch_col=cols["col"] + c.tolist(),
-                x0=cols["x0"] + (c * fx).tolist(), y0=cols["y0"] + (r * fy).tolist(),
-                x1=cols["x1"] + ((c + 1) * fx).tolist(), y1=cols["y1"] + ((r + 1) * fy).tolist(),
-            ))
+            vis_seq = list(range(gh * gw))  # the tower's raster order
+            tables.append(self._merged_table(images[b], tid, pos, [k == "img" for k in kinds], start[b], gh, gw,
+                                             vis_seq))
             lm_orders.append(pos)
             vis_orders.append(vis_seq)
-            offsets.append(n_lm)
+            offsets.append(len(pos))
             grids.append((gh, gw))
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)

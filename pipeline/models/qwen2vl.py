@@ -78,6 +78,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.capture import HookPoint
@@ -436,6 +437,45 @@ class QwenVLAdapter(LanguageModelExplained, DecoderAdapter):
             start += len(o)
         return out
 
+    def _merged_table(self, image, tid: list[int], pos: list[int], is_img: list[bool], start: int, gh: int, gw: int,
+                      vis_seq: list[int]) -> pa.Table:
+        """One example's token table: its ``lm`` tokens (ids ``tid`` at sequence positions ``pos``; image
+        token ``k`` is merged block ``k`` of the ``(gh / m) x (gw / m)`` grid, row-major, boxed in pixels of
+        the original ``image``; text tokens by role, ``generated`` from ``start`` on), then the tower's
+        ``gh x gw`` patches in raster order at ``vis_seq``, their positions in the tower's sequence."""
+        m, bw = self.merge, gw // self.merge
+        W, H = image.size
+        fx, fy = W / gw, H / gh  # original pixels per tower patch (the resize ratio's inverse)
+        pieces = self.tokenizer.convert_ids_to_tokens(tid)
+        cols = {k: [] for k in ("modality", "role", "token", "text_pos", "row", "col", "x0", "y0", "x1", "y1")}
+        k = nt = 0
+        for i, p, img, piece in zip(tid, pos, is_img, pieces):
+            if img:
+                R, C = divmod(k, bw)  # merged block k, row-major
+                vals = ("image", "patch", None, None, R, C, C * m * fx, R * m * fy, (C + 1) * m * fx, (R + 1) * m * fy)
+                k += 1
+            else:
+                vals = ("text", "generated" if p >= start else self._text_role(i), piece, nt) + (None,) * 6
+                nt += 1
+            for key, v in zip(cols, vals):
+                cols[key].append(v)
+        n_lm, nv = len(pos), gh * gw
+        r, c = np.divmod(np.arange(nv), gw)
+        none_v = [None] * nv
+        return token_rows(
+            token_idx=list(range(n_lm + nv)),
+            stream=["lm"] * n_lm + ["vision"] * nv,
+            modality=cols["modality"] + ["image"] * nv,
+            role=cols["role"] + ["patch"] * nv,
+            token=cols["token"] + none_v,
+            seq_pos=[p - pos[0] for p in pos] + vis_seq,
+            text_pos=cols["text_pos"] + none_v,
+            patch_row=cols["row"] + r.tolist(),
+            patch_col=cols["col"] + c.tolist(),
+            x0=cols["x0"] + (c * fx).tolist(), y0=cols["y0"] + (r * fy).tolist(),
+            x1=cols["x1"] + ((c + 1) * fx).tolist(), y1=cols["y1"] + ((r + 1) * fy).tolist(),
+        )
+
     def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
         ids = inputs["input_ids"].cpu()
         seen = inputs["attention_mask"].cpu().bool()
@@ -452,49 +492,17 @@ class QwenVLAdapter(LanguageModelExplained, DecoderAdapter):
             if t != 1:
                 raise RuntimeError(f"image_grid_thw {grid[b].tolist()}: VL-Atlas takes still images (t = 1)")
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            p0 = pos[0]
             tid = ids[b, pos].tolist()
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             n_img, bh, bw = sum(is_img), gh // m, gw // m
             if n_img != bh * bw:
                 raise RuntimeError(f"example has {n_img} image tokens where image_grid_thw {grid[b].tolist()} and "
                                    f"spatial_merge_size {m} make {bh * bw}")
-            W, H = images[b].size
-            fx, fy = W / gw, H / gh  # original pixels per tower patch (the resize ratio's inverse)
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            cols = {k: [] for k in ("modality", "role", "token", "text_pos", "row", "col", "x0", "y0", "x1", "y1")}
-            k = nt = 0
-            for i, p, img, piece in zip(tid, pos, is_img, pieces):
-                if img:
-                    R, C = divmod(k, bw)  # merged block k, row-major
-                    vals = ("image", "patch", None, None, R, C, C * m * fx, R * m * fy, (C + 1) * m * fx,
-                            (R + 1) * m * fy)
-                    k += 1
-                else:
-                    vals = ("text", "generated" if p >= start[b] else self._text_role(i), piece, nt) + (None,) * 6
-                    nt += 1
-                for key, v in zip(cols, vals):
-                    cols[key].append(v)
-            n_lm, nv = len(pos), gh * gw
-            r, c = np.divmod(np.arange(nv), gw)
             vis_seq = orders[b].tolist()
-            none_v = [None] * nv
-            tables.append(token_rows(
-                token_idx=list(range(n_lm + nv)),
-                stream=["lm"] * n_lm + ["vision"] * nv,
-                modality=cols["modality"] + ["image"] * nv,
-                role=cols["role"] + ["patch"] * nv,
-                token=cols["token"] + none_v,
-                seq_pos=[p - p0 for p in pos] + vis_seq,
-                text_pos=cols["text_pos"] + none_v,
-                patch_row=cols["row"] + r.tolist(),
-                patch_col=cols["col"] + c.tolist(),
-                x0=cols["x0"] + (c * fx).tolist(), y0=cols["y0"] + (r * fy).tolist(),
-                x1=cols["x1"] + ((c + 1) * fx).tolist(), y1=cols["y1"] + ((r + 1) * fy).tolist(),
-            ))
+            tables.append(self._merged_table(images[b], tid, pos, is_img, start[b], gh, gw, vis_seq))
             lm_orders.append(pos)
             vis_orders.append(vis_seq)
-            offsets.append(n_lm)
+            offsets.append(len(pos))
             grids.append((gh, gw))
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
