@@ -421,6 +421,24 @@ class DecoderAdapter(Adapter):
         start = inputs.state[GEN_START].cpu()
         return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
 
+    def _lm_columns(self, tid: list[int], pos: list[int], is_img: list[bool], start: int,
+                    image_rows: list[tuple]) -> dict[str, list]:
+        """One example's ``lm`` token-table columns (:func:`stack_columns`' keys and ``tile``): image token
+        ``k`` (``is_img``) takes ``image_rows[k]`` = (role, tile, patch_row, patch_col, box in original
+        pixels); a text token its role (``generated`` from sequence position ``start`` on) and word piece;
+        ``seq_pos`` counts from the example's first real token (``pos``: the tokens' sequence positions)."""
+        cols = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
+                                "tile")}
+        k = 0
+        for i, p, img, piece in zip(tid, pos, is_img, self.tokenizer.convert_ids_to_tokens(tid)):
+            role, tile, pr, pc, bx = image_rows[k] if img else (
+                "generated" if p >= start else self._text_role(i), None, None, None, None)
+            for key, v in zip(cols, ("lm", "image" if img else "text", role, None if img else piece, p - pos[0],
+                                     pr, pc, bx, tile)):
+                cols[key].append(v)
+            k += img
+        return cols
+
     @abstractmethod
     def generation_config(self, prompt_length: int | None = None):
         """The merged generation config for prompts of ``prompt_length`` tokens."""

@@ -18,6 +18,25 @@ from pipeline.capture import HookPoint
 from pipeline.models.base import GEN_START, AttnProbe, Probe, module_at, probed_points, stream_hook_points
 
 
+def crop_columns(crops: list[tuple[int, list[tuple], tuple | None]], cols: int, cls: bool) -> dict[str, list]:
+    """The ``vision`` stream's token-table columns of one example whose crops the tower saw one after
+    another: ``crops`` in the tower's order, each ``(tile, boxes of its patches in raster order, its
+    whole box)``; each crop's tokens are its image ``[CLS]`` (when ``cls``, boxed as the whole crop) then
+    its patches, ``cols`` a row, and ``seq_pos`` is ``crop * n + token``."""
+    out = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
+                           "tile")}
+    first = 1 if cls else 0
+    for j, (tile, boxes, whole) in enumerate(crops):
+        n = len(boxes) + first
+        for q in range(n):
+            head = q < first
+            r, c = divmod(q - first, cols) if not head else (None, None)
+            for key, v in zip(out, ("vision", "image", "image_cls" if head else "patch", None, j * n + q, r, c,
+                                    whole if head else boxes[q - first], tile)):
+                out[key].append(v)
+    return out
+
+
 class CropTower:
     """A mixin before :class:`~pipeline.models.base.DecoderAdapter` for a tower whose batch is crops."""
 

@@ -62,7 +62,7 @@ import torch
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
                                   checked_architecture, greedy_generation_config, module_at, split_stream_layouts,
                                   stack_columns)
-from pipeline.models.crop_tower import CropTower
+from pipeline.models.crop_tower import CropTower, crop_columns
 from pipeline.models.geometry import PatchGrid, crop_geometry, patch_grid
 
 TOWER = "model.vision_tower"
@@ -235,7 +235,6 @@ class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
         tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
         for b in range(ids.shape[0]):
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            p0 = pos[0]
             tid = ids[b, pos].tolist()
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             W, H = images[b].size
@@ -244,31 +243,11 @@ class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
             if sum(is_img) != per * len(crops):
                 raise RuntimeError(f"example has {sum(is_img)} image tokens where {len(crops)} crop(s) of a "
                                    f"{crops[0][1].rows}x{crops[0][1].cols} pooled grid make {per * len(crops)}")
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
-                                  "tile")}
-            k = 0
-            for i, p, img, piece in zip(tid, pos, is_img, pieces):
-                t, j = divmod(k, per)
-                pooled = crops[t][1] if img else None
-                lm["stream"].append("lm")
-                lm["modality"].append("image" if img else "text")
-                lm["role"].append("patch" if img else "generated" if p >= start[b] else
-                                  self._text_role(i))
-                lm["token"].append(None if img else piece)
-                lm["seq_pos"].append(p - p0)
-                lm["patch_row"].append(pooled.cells[j][0] if img else None)
-                lm["patch_col"].append(pooled.cells[j][1] if img else None)
-                lm["box"].append(pooled.boxes[j] if img else None)
-                lm["tile"].append(t if img else None)
-                k += img
-            vision = {key: [] for key in lm}
-            for t, (tower, _) in enumerate(crops):
-                n = len(tower.cells)
-                for (r, c), bx in zip(tower.cells, tower.boxes):
-                    for key, v in zip(vision, ("vision", "image", "patch", None, t * n + r * tower.cols + c, r, c,
-                                               bx, t)):
-                        vision[key].append(v)
+            img_rows = [("patch", t, *pooled.cells[j], pooled.boxes[j])
+                        for t, (_, pooled) in enumerate(crops) for j in range(per)]
+            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
+            vision = crop_columns([(t, tower.boxes, None) for t, (tower, _) in enumerate(crops)], crops[0][0].cols,
+                                  False)
             tables.append(stack_columns(lm, vision))
             lm_orders.append(pos)
             vis_orders.append(vision["seq_pos"])

@@ -43,7 +43,7 @@ import torch
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
                                   checked_architecture, greedy_generation_config, module_at, processor_or,
                                   split_stream_layouts, stack_columns)
-from pipeline.models.crop_tower import CropTower
+from pipeline.models.crop_tower import CropTower, crop_columns
 from pipeline.models.llava_next import _read_json
 
 ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
@@ -87,7 +87,6 @@ class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
         if self.side % self.scale:
             raise NotImplementedError(f"scale_factor={self.scale} does not divide a {self.side}x{self.side} patch grid")
         self.pooled = self.side // self.scale
-        self.n_crop = self.side * self.side
         tok = self.tokenizer
         unk = tok.unk_token_id
         self.marker_roles: dict[int, str] = {}
@@ -211,35 +210,16 @@ class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
         for b in range(ids.shape[0]):
             W, H = images[b].size
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            p0 = pos[0]
             tid = ids[b, pos].tolist()
             tiles, pooled, tower = self.crop_boxes(W, H, crops[b], [i for i, p in zip(tid, pos) if p < start[b]])
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             if sum(is_img) != per * crops[b]:
                 raise RuntimeError(f"example has {sum(is_img)} image tokens where {crops[b]} crops make "
                                    f"{per * crops[b]}")
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
-                                  "tile")}
-            k = 0
-            for i, p, img, piece in zip(tid, pos, is_img, pieces):
-                crop, cell = divmod(k, per)
-                if img:
-                    r, c = divmod(cell, self.pooled)
-                    row = ("image", "patch", None, r, c, pooled[crop][cell], tiles[crop])
-                else:
-                    role = "generated" if p >= start[b] else self._text_role(i)
-                    row = ("text", role, piece, None, None, None, None)
-                for key, v in zip(lm, ("lm", row[0], row[1], row[2], p - p0, row[3], row[4], row[5], row[6])):
-                    lm[key].append(v)
-                k += img
-            vis = {key: [] for key in lm}
-            for t in range(crops[b]):
-                for j in range(self.n_crop):
-                    r, c = divmod(j, self.side)
-                    for key, v in zip(vis, ("vision", "image", "patch", None, t * self.n_crop + j, r, c,
-                                            tower[t][j], tiles[t])):
-                        vis[key].append(v)
+            img_rows = [("patch", tiles[crop], *divmod(cell, self.pooled), pooled[crop][cell])
+                        for crop in range(crops[b]) for cell in range(per)]
+            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
+            vis = crop_columns([(tiles[t], tower[t], None) for t in range(crops[b])], self.side, False)
             tables.append(stack_columns(lm, vis))
             lm_orders.append(pos)
             vis_orders.append(vis["seq_pos"])

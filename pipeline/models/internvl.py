@@ -47,6 +47,7 @@ import torch
 
 from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, checked_architecture,
                                   module_at, processor_or, split_stream_layouts, stack_columns)
+from pipeline.models.crop_tower import crop_columns
 from pipeline.models.geometry import _size
 from pipeline.models.llava_next import LlavaNextAdapter, _read_json
 
@@ -99,7 +100,6 @@ class InternVLAdapter(LlavaNextAdapter):
         self.ratio = float(cfg.downsample_ratio)
         self.merged = int(round(self.side * self.ratio))  # shuffled tokens a side of one crop
         self.tower_cls = True
-        self.n_crop = self.side * self.side + 1
         self.paths = {s: PATHS[s] for s in ("lm", "vision")}
         tok = self.tokenizer
         self.marker_roles = {}
@@ -199,37 +199,15 @@ class InternVLAdapter(LlavaNextAdapter):
             for t in order:
                 pb = crop_boxes[t][0]
                 for k, blk in enumerate(blocks):
-                    img_rows.append((t, k // m, k % m, union([pb[r * self.side + c] for r, c in blk])))
+                    img_rows.append(("patch", t, k // m, k % m, union([pb[r * self.side + c] for r, c in blk])))
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            p0 = pos[0]
             tid = ids[b, pos].tolist()
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             if sum(is_img) != len(img_rows):
                 raise RuntimeError(f"example has {sum(is_img)} image tokens where the model makes {len(img_rows)} "
                                    f"for a {W}x{H} image ({len(order)} crops)")
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
-                                  "tile")}
-            k = 0
-            for i, p, img, piece in zip(tid, pos, is_img, pieces):
-                if img:
-                    tile, pr, pc, bx = img_rows[k]
-                    row = ("lm", "image", "patch", None, p - p0, pr, pc, bx, tile)
-                else:
-                    role = "generated" if p >= start[b] else self._text_role(i)
-                    row = ("lm", "text", role, piece, p - p0, None, None, None, None)
-                for key, v in zip(lm, row):
-                    lm[key].append(v)
-                k += img
-            vis = {key: [] for key in lm}
-            for j, t in enumerate(order):
-                pboxes, whole = crop_boxes[t]
-                for q in range(self.n_crop):
-                    cls = q == 0
-                    r, c = divmod(q - 1, self.side) if not cls else (None, None)
-                    for key, v in zip(vis, ("vision", "image", "image_cls" if cls else "patch", None,
-                                            j * self.n_crop + q, r, c, whole if cls else pboxes[q - 1], t)):
-                        vis[key].append(v)
+            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
+            vis = crop_columns([(t, *crop_boxes[t]) for t in order], self.side, True)
             tables.append(stack_columns(lm, vis))
             lm_orders.append(pos)
             vis_orders.append(vis["seq_pos"])

@@ -83,7 +83,7 @@ import torch
 
 from pipeline.models.base import (BatchLayout, Inputs, checked_architecture, processor_or, split_stream_layouts,
                                   stack_columns)
-from pipeline.models.crop_tower import CropTower
+from pipeline.models.crop_tower import CropTower, crop_columns
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.llava import GEN_START, LlavaAdapter
 
@@ -112,7 +112,6 @@ class LlavaNextAdapter(CropTower, LlavaAdapter):
         if self.strategy == "full" and self.tower_cls:
             raise NotImplementedError("vision_feature_select_strategy='full' with a tower that has a [CLS] token: "
                                       f"{type(model).__name__} cannot lay such features out on its tile grid")
-        self.n_crop = self.side * self.side + (1 if self.tower_cls else 0)  # tower tokens per crop
         # the vision tower: its batch is the crops; hooks regroup it per example into probes
         self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
@@ -277,33 +276,14 @@ class LlavaNextAdapter(CropTower, LlavaAdapter):
                 if src[0] in ("base", "newline"):  # the next row starts after the base image or a newline
                     row_start = len(img_rows)
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            p0 = pos[0]
             tid = ids[b, pos].tolist()
             is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
             if sum(is_img) != len(img_rows):
                 raise RuntimeError(f"example has {sum(is_img)} image tokens where the model packs {len(img_rows)} "
                                    f"features for a {W}x{H} image ({nph} x {npw} tiles)")
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            lm = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
-                                  "tile")}
-            k = 0
-            for i, p, img, piece in zip(tid, pos, is_img, pieces):
-                role, tile, pr, pc, bx = img_rows[k] if img else (
-                    "generated" if p >= start[b] else self._text_role(i), None, None, None, None)
-                for key, v in zip(lm, ("lm", "image" if img else "text", role, None if img else piece, p - p0,
-                                       pr, pc, bx, tile)):
-                    lm[key].append(v)
-                k += img
-            vis = {key: [] for key in lm}
-            first = 1 if self.tower_cls else 0
-            for t, (pboxes, whole) in enumerate(crop_boxes):
-                base = t * self.n_crop
-                for j in range(self.n_crop):
-                    cls = j < first
-                    r, c = divmod(j - first, w) if not cls else (None, None)
-                    for key, v in zip(vis, ("vision", "image", "image_cls" if cls else "patch", None, base + j, r, c,
-                                            whole if cls else pboxes[j - first], t)):
-                        vis[key].append(v)
+            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
+            vis = crop_columns([(t, pboxes, whole) for t, (pboxes, whole) in enumerate(crop_boxes)], w,
+                               self.tower_cls)
             tables.append(stack_columns(lm, vis))
             lm_orders.append(pos)
             vis_orders.append(vis["seq_pos"])
