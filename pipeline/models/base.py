@@ -374,6 +374,40 @@ def processor_or(model_id: str, revision: str | None, fallback):
 GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
 
 
+IMAGE_HOLD = "<|vlatlas_placeholder|>"  # stands for one image token while prompts are expanded
+
+
+class AssembledProcessor:
+    """A family's processor assembled from its image processor and tokenizer where transformers cannot
+    build its own without torchvision (:func:`processor_or`): the two, the chat template, and each
+    prompt's image placeholder (``image_token``) expanded into the image tokens its image gets."""
+
+    image_token: str
+
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+
+    def expand(self, texts: list[str], n_images: int, expansion) -> list[str]:
+        """``texts`` with the ``i``-th ``image_token`` (counted over all prompts) replaced by
+        ``expansion(i)``, a text in which :data:`IMAGE_HOLD` stands for one image token; there must be
+        ``n_images`` placeholders."""
+        out, i = [], 0
+        for t in texts:
+            while self.image_token in t:
+                t = t.replace(self.image_token, expansion(i), 1)
+                i += 1
+            out.append(t.replace(IMAGE_HOLD, self.image_token))
+        if i != n_images:
+            raise ValueError(f"{i} {self.image_token} in the prompts for {n_images} images")
+        return out
+
+
 class Probe(torch.nn.Module):
     """Identity; a capture hook on it sees what the adapter hands it (hidden states the model never
     exposes as a module output)."""

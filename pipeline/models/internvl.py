@@ -45,8 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, checked_architecture,
-                                  module_at, processor_or, split_stream_layouts, stack_columns)
+from pipeline.models.base import (GEN_START, IMAGE_HOLD, AssembledProcessor, BatchLayout, DecoderAdapter, Inputs,
+                                  Probe, checked_architecture, module_at, processor_or, split_stream_layouts,
+                                  stack_columns)
 from pipeline.models.crop_tower import crop_columns
 from pipeline.models.geometry import _size
 from pipeline.models.llava_next import LlavaNextAdapter, _read_json
@@ -217,7 +218,7 @@ class InternVLAdapter(LlavaNextAdapter):
         return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
 
 
-class InternVLImageTextProcessor:
+class InternVLImageTextProcessor(AssembledProcessor):
     """What ``InternVLProcessor`` does for images and text, from a tokenizer and an image processor (no video
     processor: transformers builds InternVL's only with torchvision).
 
@@ -227,10 +228,8 @@ class InternVLImageTextProcessor:
     """
 
     def __init__(self, image_processor, tokenizer, image_seq_length: int = 256, chat_template: str | None = None):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
+        super().__init__(image_processor, tokenizer, chat_template)
         self.image_seq_length = int(image_seq_length)
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.start_image_token = getattr(tokenizer, "start_image_token", None) or "<img>"
         self.end_image_token = getattr(tokenizer, "end_image_token", None) or "</img>"
         self.image_token = getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>"
@@ -246,10 +245,6 @@ class InternVLImageTextProcessor:
         return cls(AutoImageProcessor.from_pretrained(model_id, revision=revision),
                    AutoTokenizer.from_pretrained(model_id, revision=revision), chat_template=template, **kw)
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
-
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kw):
         texts = [text] if isinstance(text, str) else list(text)
         out: dict[str, Any] = {}
@@ -257,14 +252,7 @@ class InternVLImageTextProcessor:
             got = self.image_processor(images=images, crop_to_patches=True, return_tensors=return_tensors)
             counts = [int(n) for n in np.asarray(got["num_patches"]).reshape(-1)]
             out["pixel_values"] = got["pixel_values"]
-            i, hold = 0, "<|vlatlas_placeholder|>"
-            for j, t in enumerate(texts):
-                while self.image_token in t:
-                    t = t.replace(self.image_token, self.start_image_token + hold * (self.image_seq_length * counts[i])
-                                  + self.end_image_token, 1)
-                    i += 1
-                texts[j] = t.replace(hold, self.image_token)
-            if i != len(counts):
-                raise ValueError(f"{i} {self.image_token} in the prompts for {len(counts)} images")
+            texts = self.expand(texts, len(counts), lambda i: self.start_image_token
+                                + IMAGE_HOLD * (self.image_seq_length * counts[i]) + self.end_image_token)
         enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kw)
         return {**enc, **out}

@@ -81,8 +81,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import (BatchLayout, Inputs, checked_architecture, processor_or, split_stream_layouts,
-                                  stack_columns)
+from pipeline.models.base import (IMAGE_HOLD, AssembledProcessor, BatchLayout, Inputs, checked_architecture,
+                                  processor_or, split_stream_layouts, stack_columns)
 from pipeline.models.crop_tower import CropTower, crop_columns
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.llava import GEN_START, LlavaAdapter
@@ -317,7 +317,7 @@ def _read_json(model_id: str, name: str, revision: str | None):
     return None if not path else open(path, encoding="utf-8").read()
 
 
-class OnevisionImageTextProcessor:
+class OnevisionImageTextProcessor(AssembledProcessor):
     """What ``LlavaOnevisionProcessor`` does for one image per prompt, from a tokenizer and an image
     processor (no video processor: transformers builds one only with torchvision).
 
@@ -333,12 +333,10 @@ class OnevisionImageTextProcessor:
                  image_token: str = "<image>"):
         from transformers import LlavaOnevisionProcessor
 
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
+        super().__init__(image_processor, tokenizer, chat_template)
         self.num_image_tokens = int(num_image_tokens)
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.vision_aspect_ratio = vision_aspect_ratio
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = getattr(tokenizer, "image_token", None) or image_token
         self._count = LlavaOnevisionProcessor._get_number_of_features
         self._get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features.__get__(self)
@@ -360,25 +358,18 @@ class OnevisionImageTextProcessor:
                    AutoTokenizer.from_pretrained(model_id, revision=revision), chat_template=template,
                    **{k: settings[k] for k in keep if settings.get(k) is not None})
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
-
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kw):
         texts = [text] if isinstance(text, str) else list(text)
         out: dict[str, Any] = {}
         if images is not None:
             out.update(self.image_processor(images=images, return_tensors=return_tensors))
             sizes, (h, w) = out["image_sizes"], out["pixel_values"].shape[-2:]
-            i, hold = 0, "<|vlatlas_placeholder|>"
-            for j, t in enumerate(texts):
-                while self.image_token in t:
-                    H, W = (int(x) for x in sizes[i].tolist())
-                    n = self._count(self, H, W, int(h), int(w)) - (self.vision_feature_select_strategy == "default")
-                    t = t.replace(self.image_token, hold * n, 1)
-                    i += 1
-                texts[j] = t.replace(hold, self.image_token)
-            if i != len(sizes):
-                raise ValueError(f"{i} {self.image_token} in the prompts for {len(sizes)} images")
+
+            def tokens_of(i: int) -> str:
+                H, W = (int(x) for x in sizes[i].tolist())
+                n = self._count(self, H, W, int(h), int(w)) - (self.vision_feature_select_strategy == "default")
+                return IMAGE_HOLD * n
+
+            texts = self.expand(texts, len(sizes), tokens_of)
         enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kw)
         return {**enc, **out}

@@ -53,9 +53,10 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
-                                  Probe, checked_architecture, greedy_generation_config, module_at, probed_points,
-                                  processor_or, require_eager, split_stream_layouts, stream_hook_points)
+from pipeline.models.base import (GEN_START, IMAGE_HOLD, AssembledProcessor, AttnProbe, BatchLayout, DecoderAdapter,
+                                  Inputs, LanguageModelExplained, Probe, checked_architecture,
+                                  greedy_generation_config, module_at, probed_points, processor_or, require_eager,
+                                  split_stream_layouts, stream_hook_points)
 from pipeline.models.qwen2vl import QwenVLAdapter, _chat_template
 
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
@@ -75,7 +76,7 @@ IMG, IMG_BREAK, IMG_END = "[IMG]", "[IMG_BREAK]", "[IMG_END]"
 MARKERS = {IMG_BREAK: "img_break", IMG_END: "img_end", "[INST]": "inst", "[/INST]": "inst_end"}
 
 
-class ImageTextProcessor:
+class ImageTextProcessor(AssembledProcessor):
     """What ``PixtralProcessor`` does for images and text, from a tokenizer and an image processor: the
     image processor run with ``patch_size = patch_size * spatial_merge_size``, the ``i``-th ``[IMG]`` of the
     prompts expanded to ``h / P`` rows of ``w / P`` ``[IMG]`` closed by ``[IMG_BREAK]`` (the last by
@@ -83,11 +84,9 @@ class ImageTextProcessor:
 
     def __init__(self, image_processor, tokenizer, patch_size: int, spatial_merge_size: int,
                  chat_template: str | None = None):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
+        super().__init__(image_processor, tokenizer, chat_template)
         self.patch_size = int(patch_size)
         self.spatial_merge_size = int(spatial_merge_size)
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token, self.image_break_token, self.image_end_token = IMG, IMG_BREAK, IMG_END
 
     @classmethod
@@ -105,10 +104,6 @@ class ImageTextProcessor:
         m = cfg.get("spatial_merge_size") or getattr(mc, "spatial_merge_size", 1)
         return cls(ip, tok, ps, m, _chat_template(model_id, revision))
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
-
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kw):
         texts = [text] if isinstance(text, str) else list(text)
         out: dict[str, Any] = {}
@@ -117,17 +112,13 @@ class ImageTextProcessor:
             out.update(self.image_processor(images=images, patch_size={"height": P, "width": P},
                                             return_tensors=return_tensors))
             sizes = out["image_sizes"]
-            i, hold = 0, "<|vlatlas_placeholder|>"
-            for j, t in enumerate(texts):
-                while self.image_token in t:
-                    h, w = (int(x) for x in sizes[i])
-                    rows = [hold * (w // P) + self.image_break_token] * (h // P)
-                    expanded = "".join(rows)[:-len(self.image_break_token)] + self.image_end_token
-                    t = t.replace(self.image_token, expanded, 1)
-                    i += 1
-                texts[j] = t.replace(hold, self.image_token)
-            if i != len(sizes):
-                raise ValueError(f"{i} {self.image_token} in the prompts for {len(sizes)} images")
+
+            def rows_of(i: int) -> str:  # rows of [IMG] closed by [IMG_BREAK], the last by [IMG_END]
+                h, w = (int(x) for x in sizes[i])
+                rows = [IMAGE_HOLD * (w // P) + self.image_break_token] * (h // P)
+                return "".join(rows)[:-len(self.image_break_token)] + self.image_end_token
+
+            texts = self.expand(texts, len(sizes), rows_of)
         enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kw)
         return {**enc, **out}
 

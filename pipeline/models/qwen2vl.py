@@ -82,10 +82,10 @@ import pyarrow as pa
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained,
-                                  Probe, checked_architecture, first_line, greedy_generation_config, module_at,
-                                  probed_points, processor_or, require_eager, split_stream_layouts, stream_hook_points,
-                                  token_rows)
+from pipeline.models.base import (GEN_START, IMAGE_HOLD, AssembledProcessor, AttnProbe, BatchLayout, DecoderAdapter,
+                                  Inputs, LanguageModelExplained, Probe, checked_architecture, first_line,
+                                  greedy_generation_config, module_at, probed_points, processor_or, require_eager,
+                                  split_stream_layouts, stream_hook_points, token_rows)
 
 # config.model_type -> the class VL-Atlas loads
 ARCHITECTURES = {
@@ -136,7 +136,7 @@ def _register_attention_function() -> None:
 
 
 # -- the processor without torchvision -----------------------------------------------------------
-class ImageTextProcessor:
+class ImageTextProcessor(AssembledProcessor):
     """What ``Qwen2VLProcessor`` does for images and text, from a tokenizer and an image processor.
 
     ``__call__(images=, text=)`` runs the image processor on the images (``pixel_values``: every
@@ -146,9 +146,7 @@ class ImageTextProcessor:
     """
 
     def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template)
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -162,10 +160,6 @@ class ImageTextProcessor:
         ip = AutoImageProcessor.from_pretrained(model_id, revision=revision)
         return cls(ip, tok, _chat_template(model_id, revision))
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
-
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kw):
         texts = [text] if isinstance(text, str) else list(text)
         out: dict[str, Any] = {}
@@ -173,14 +167,7 @@ class ImageTextProcessor:
             out.update(self.image_processor(images=images, return_tensors=return_tensors))
             grid = out["image_grid_thw"]
             merge = int(self.image_processor.merge_size)
-            i, hold = 0, "<|vlatlas_placeholder|>"
-            for j, t in enumerate(texts):
-                while self.image_token in t:
-                    t = t.replace(self.image_token, hold * int(grid[i].prod() // merge ** 2), 1)
-                    i += 1
-                texts[j] = t.replace(hold, self.image_token)
-            if i != len(grid):
-                raise ValueError(f"{i} {self.image_token} in the prompts for {len(grid)} images")
+            texts = self.expand(texts, len(grid), lambda i: IMAGE_HOLD * int(grid[i].prod() // merge ** 2))
         enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kw)
         ids = enc["input_ids"]
         mm = torch.zeros_like(ids)
