@@ -7,9 +7,11 @@ their partition folders, each appearing whole or not at all (written aside and
 renamed on a disk; an object store shows an object only once its upload is
 complete, ``lake/store.py``). When all files of a chunk are in place, a marker
 ``_state/<run>/chunk-<chunk>.done`` is written: that marker is the chunk's
-commit. Readers (``lake/catalog.py``) show a run's rows only from committed
+commit. Readers (``lake/views.py``) show a run's rows only from committed
 chunks, so a chunk being written, or left half-written by a crash, is never
-seen, on a disk or on an object store that cannot rename.
+seen, on a disk or on an object store that cannot rename. The names of files
+and markers, and the committed-chunk rule, are ``lake/commit.py``'s, shared by
+this writer and the views.
 
 Resuming a run (the same command again) first deletes every file of a chunk
 that has no marker, then skips the chunks that have one; since file names are
@@ -27,6 +29,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 
+from lake.commit import (IMAGE_FILE, NOT_CHUNKED, chunk_of, chunk_rel, done_chunks, image_owner,  # noqa: F401
+                         image_rel, marker_rel, partition_rel, read_run_row, run_rel, state_rel)
 from lake.schema import IMAGES, RUNS, TABLES, Table
 from lake.store import Store, open_store
 
@@ -36,11 +40,6 @@ RUN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,99}$")
 # a date, Spark run=Infinity as a double); refused in any case.
 RESERVED_RUN_NAMES = frozenset({"nan", "inf", "infinity", "true", "false", "null", "none", "na", "nat",
                                 "epoch", "now", "today", "tomorrow", "yesterday", "allballs"})
-STATE_DIR = "_state"
-NOT_CHUNKED = ("embeddings",)  # tables written whole by later steps, never by a chunk
-CHUNK_FILE = re.compile(r"^part-(\d{6})\.parquet$")
-IMAGE_FILE = re.compile(r"^part-(.+)-(\d{6})\.parquet$")
-MARKER_FILE = re.compile(r"^chunk-(\d{6})\.done$")
 
 
 def check_run_name(run: str) -> str:
@@ -66,21 +65,6 @@ def check_run_name(run: str) -> str:
     return run
 
 
-def partition_rel(table: Table, values: Mapping[str, object]) -> str:
-    """Folder of one partition, relative to the root: ``table/run=R/stream=S/layer=L``."""
-    parts = [table.name]
-    for key in table.partition:
-        if key not in values:
-            raise KeyError(f"partition key {key!r} missing for table {table.name}")
-        parts.append(f"{key}={values[key]}")
-    return "/".join(parts)
-
-
-def chunk_rel(table: Table, values: Mapping[str, object], chunk: int) -> str:
-    """The file holding one chunk's rows of a partitioned table, relative to the root."""
-    return f"{partition_rel(table, values)}/part-{chunk:06d}.parquet"
-
-
 def partition_dir(root: str | Path, table: Table, values: Mapping[str, object]) -> Path:
     """Folder of one partition of a local lake: ``root/table/run=R/stream=S/layer=L``."""
     return Path(root) / partition_rel(table, values)
@@ -89,20 +73,6 @@ def partition_dir(root: str | Path, table: Table, values: Mapping[str, object]) 
 def chunk_file(root: str | Path, table: Table, values: Mapping[str, object], chunk: int) -> Path:
     """The file holding one chunk's rows of a partitioned table of a local lake."""
     return Path(root) / chunk_rel(table, values, chunk)
-
-
-def chunk_of(rel: str) -> int | None:
-    """The chunk number of a data file (a partitioned table's ``part-NNNNNN.parquet``), else None."""
-    m = CHUNK_FILE.match(rel.rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else None
-
-
-def run_of(rel: str) -> str | None:
-    """The ``run=`` partition value in a relative path, else None."""
-    for part in rel.split("/"):
-        if part.startswith("run="):
-            return part[4:]
-    return None
 
 
 # How rows are ordered and grouped inside a chunk's file (the rows themselves are unchanged):
@@ -194,19 +164,16 @@ class LakeWriter:
         self.root = self.store.uri
         self.run = check_run_name(run)
         self.metadata = {"vlatlas.run": run, **(metadata or {})}
-        self.state = f"{STATE_DIR}/{run}"
+        self.state = state_rel(run)
         self.store.ensure_dir(self.state)
 
     # -- chunks -----------------------------------------------------------------
-    def _marker(self, chunk: int) -> str:
-        return f"{self.state}/chunk-{chunk:06d}.done"
-
     def done_chunks(self) -> set[int]:
         return done_chunks(self.store, self.run)
 
     def _own_image_file(self, rel: str) -> bool:
-        m = IMAGE_FILE.match(rel.rsplit("/", 1)[-1])
-        return m is not None and m.group(1) == self.run
+        owner = image_owner(rel)
+        return owner is not None and owner[0] == self.run
 
     def _run_files(self) -> Iterable[str]:
         """Every data file (and leftover temp file) this run owns in partitioned tables.
@@ -273,15 +240,15 @@ class LakeWriter:
                 if t.partition:
                     rel = chunk_rel(t, {"run": self.run, **values}, chunk)
                 else:
-                    rel = f"{t.name}/part-{self.run}-{chunk:06d}.parquet"
+                    rel = image_rel(self.run, chunk)
                 write_table(self.store, rel, t, data, self.metadata)
-        self.store.write_text(self._marker(chunk), json.dumps({"chunk": chunk}))
+        self.store.write_text(marker_rel(self.run, chunk), json.dumps({"chunk": chunk}))
         return True
 
     # -- the runs table -----------------------------------------------------------
     def write_run_row(self, row: Mapping[str, object]) -> None:
         data = pa.Table.from_pylist([dict(row)], schema=RUNS.schema)
-        self.store.write_parquet(f"{RUNS.name}/{self.run}.parquet", with_metadata(data, self.metadata))
+        self.store.write_parquet(run_rel(self.run), with_metadata(data, self.metadata))
 
     def read_run_row(self) -> dict | None:
         return read_run_row(self.store, self.run)
@@ -297,25 +264,7 @@ class LakeWriter:
         for t in TABLES.values():
             if t.partition:
                 self.store.delete_tree(f"{t.name}/run={self.run}")
-        self.store.delete(f"{RUNS.name}/{self.run}.parquet")
+        self.store.delete(run_rel(self.run))
         self.store.delete_tree(self.state)
         self.store.ensure_dir(self.state)
 
-
-def done_chunks(store: Store, run: str) -> set[int]:
-    """The committed chunks of ``run``: those with a done marker."""
-    out = set()
-    for rel in store.list(f"{STATE_DIR}/{run}", recursive=False):
-        m = MARKER_FILE.match(rel.rsplit("/", 1)[-1])
-        if m:
-            out.add(int(m.group(1)))
-    return out
-
-
-def read_run_row(root: str | Path | Store, run: str) -> dict | None:
-    store = open_store(root)
-    rel = f"{RUNS.name}/{run}.parquet"
-    if not store.is_file(rel):
-        return None
-    rows = store.read_parquet(rel).to_pylist()
-    return rows[0] if rows else None
