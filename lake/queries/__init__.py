@@ -2,8 +2,9 @@
 
 Each function takes a :class:`lake.catalog.Catalog` (anything with
 ``df(sql, params) -> pandas.DataFrame``) and returns a DataFrame. Values are
-always bound as parameters (``?``); the SQL text is assembled only from
-constant fragments chosen by Python code, never from user input.
+always bound as named parameters (DuckDB's ``$run``, with a dict ``{"run": ...}``), so
+a name used twice is bound once; the SQL text is assembled only from constant fragments
+chosen by Python code, never from user input.
 
 One module per subject: ``runs``, ``examples`` (with tokens and images), ``stats`` (head
 statistics), ``attention`` (one example's weights and the explanation methods), ``hidden``

@@ -13,28 +13,30 @@ def n_heads(cat, run: str, stream: str) -> int:
     s = s[s.stream == stream]
     if len(s):
         return int(s.heads.iloc[0])
-    d = cat.df("SELECT max(head) + 1 AS h FROM attention WHERE run = ? AND stream = ?", [run, stream])
+    d = cat.df("SELECT max(head) + 1 AS h FROM attention WHERE run = $run AND stream = $stream",
+               {"run": run, "stream": stream})
     return int(d.h.iloc[0]) if len(d) and pd.notna(d.h.iloc[0]) else 0
 
 
-def _attention_sources(cat, run: str, example_id: int, stream: str, layer: int) -> list[tuple[str, list]]:
+def _attention_sources(cat, run: str, example_id: int, stream: str, layer: int) -> list[tuple[str, dict]]:
     """Where one example's attention at ``(stream, layer)`` can be read, fastest first: ``(FROM …
-    WHERE … text, params)``.
+    WHERE … text, its named params)``; ``$example_id`` is always among them.
 
     First the chunk file that holds the example, when the run records its chunk size (the
     pipeline does): DuckDB then opens one file instead of reading the footer of every chunk's
     file, which is what the view costs (about 0.4 s at 157 chunks of ViLT-B, each with ~100 row
     groups; see bench/bench_queries.py). Then the view, which is always right.
     """
-    view = ("FROM attention WHERE run = ? AND stream = ? AND layer = ? AND example_id = ?",
-            [run, stream, int(layer), int(example_id)])
+    view = ("FROM attention WHERE run = $run AND stream = $stream AND layer = $layer AND example_id = $example_id",
+            {"run": run, "stream": stream, "layer": int(layer), "example_id": int(example_id)})
     chunk = run_capture(cat, run).get("chunk_size")
     if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0 and hasattr(cat, "chunk_file")):
         return [view]
     path = cat.chunk_file("attention", {"run": run, "stream": stream, "layer": int(layer)}, int(example_id) // chunk)
     if path is None:
         return [view]
-    return [("FROM read_parquet(?) WHERE example_id = ?", [path, int(example_id)]), view]
+    return [("FROM read_parquet($path) WHERE example_id = $example_id", {"path": path, "example_id": int(example_id)}),
+            view]
 
 
 def attention_block(cat, run: str, example_id: int, stream: str, layer: int, head: int | None = None,
@@ -53,11 +55,11 @@ def attention_block(cat, run: str, example_id: int, stream: str, layer: int, hea
     d = pd.DataFrame({"query_idx": [], "key_idx": [], "weight": []})
     for src, params in _attention_sources(cat, run, example_id, stream, layer):
         if head is not None:
-            d = cat.df(f"SELECT query_idx, key_idx, CAST(weight AS DOUBLE) AS weight {src} AND head = ? "
-                       "ORDER BY query_idx, key_idx", [*params, int(head)])
+            d = cat.df(f"SELECT query_idx, key_idx, CAST(weight AS DOUBLE) AS weight {src} AND head = $head "
+                       "ORDER BY query_idx, key_idx", {**params, "head": int(head)})
         else:
-            d = cat.df(f"SELECT query_idx, key_idx, sum(CAST(weight AS DOUBLE)) / ? AS weight {src} "
-                       "GROUP BY query_idx, key_idx ORDER BY query_idx, key_idx", [float(heads), *params])
+            d = cat.df(f"SELECT query_idx, key_idx, sum(CAST(weight AS DOUBLE)) / $heads AS weight {src} "
+                       "GROUP BY query_idx, key_idx ORDER BY query_idx, key_idx", {**params, "heads": float(heads)})
         if len(d):
             break
     return d
@@ -82,43 +84,45 @@ def method_block(cat, run: str, example_id: int, stream: str, layer: int, head: 
         return attention_block(cat, run, example_id, stream, layer, head, heads)
     if method == "value":
         divisor = 1.0 if head is not None else float(heads or n_heads(cat, run, stream))
-        hsel = "" if head is None else "AND head = ?"
+        hsel = "" if head is None else "AND head = $head"
         d = pd.DataFrame({"query_idx": [], "key_idx": [], "weight": []})
         for src, params in _attention_sources(cat, run, example_id, stream, layer):  # the chunk file first
             d = cat.df(f"""
                 WITH a AS (SELECT head, query_idx, key_idx, CAST(weight AS DOUBLE) AS weight {src} {hsel}),
                 w AS (SELECT a.head, a.query_idx, a.key_idx, a.weight * v.norm AS c
                       FROM a JOIN value_norms v ON v.head = a.head AND v.token_idx = a.key_idx
-                      WHERE v.run = ? AND v.stream = ? AND v.layer = ? AND v.example_id = ?),
+                      WHERE v.run = $run AND v.stream = $stream AND v.layer = $layer AND v.example_id = $example_id),
                 s AS (SELECT query_idx, key_idx, c / nullif(sum(c) OVER (PARTITION BY head, query_idx), 0) AS share
                       FROM w)
-                SELECT query_idx, key_idx, sum(coalesce(share, 0)) / ? AS weight FROM s
+                SELECT query_idx, key_idx, sum(coalesce(share, 0)) / $divisor AS weight FROM s
                 GROUP BY query_idx, key_idx ORDER BY query_idx, key_idx""",
-                       [*params, *([] if head is None else [int(head)]), run, stream, int(layer), int(example_id),
-                        divisor])
+                       {**params, **({} if head is None else {"head": int(head)}), "run": run, "stream": stream,
+                        "layer": int(layer), "example_id": int(example_id), "divisor": divisor})
             if len(d):
                 break
         return d
     if method == "rollout":
-        return cat.df("SELECT target AS query_idx, token_idx AS key_idx, CAST(value AS DOUBLE) AS weight FROM relevancy "
-                      "WHERE run = ? AND method = 'rollout' AND stream = ? AND layer = ? AND example_id = ? "
-                      "ORDER BY 1, 2", [run, stream, int(layer), int(example_id)])
+        return cat.df("SELECT target AS query_idx, token_idx AS key_idx, CAST(value AS DOUBLE) AS weight "
+                      "FROM relevancy WHERE run = $run AND method = 'rollout' AND stream = $stream "
+                      "AND layer = $layer AND example_id = $example_id ORDER BY 1, 2",
+                      {"run": run, "stream": stream, "layer": int(layer), "example_id": int(example_id)})
     if method == "relevancy":
         return cat.df("SELECT coalesce(target, -1) AS query_idx, token_idx AS key_idx, CAST(value AS DOUBLE) AS weight "
-                      "FROM relevancy WHERE run = ? AND method = 'relevancy' AND stream = ? AND example_id = ? "
-                      "ORDER BY 1, 2", [run, stream, int(example_id)])
+                      "FROM relevancy WHERE run = $run AND method = 'relevancy' AND stream = $stream "
+                      "AND example_id = $example_id ORDER BY 1, 2",
+                      {"run": run, "stream": stream, "example_id": int(example_id)})
     raise ValueError(f"unknown method {method!r}; the methods are {', '.join(METHODS)}")
 
 
 def lens_words(cat, run: str, stream: str, example_id: int, token_idx: int) -> pd.DataFrame:
     """layer, rank, piece, vocab_id, prob: the logit lens of one token through the layers
     (``--explain lens``; empty without it)."""
-    return cat.df("SELECT layer, rank, piece, vocab_id, CAST(prob AS DOUBLE) AS prob FROM lens WHERE run = ? "
-                  "AND stream = ? AND example_id = ? AND token_idx = ? ORDER BY layer, rank",
-                  [run, stream, int(example_id), int(token_idx)])
+    return cat.df("SELECT layer, rank, piece, vocab_id, CAST(prob AS DOUBLE) AS prob FROM lens WHERE run = $run "
+                  "AND stream = $stream AND example_id = $example_id AND token_idx = $token_idx ORDER BY layer, rank",
+                  {"run": run, "stream": stream, "example_id": int(example_id), "token_idx": int(token_idx)})
 
 
 def attention_layers(cat, run: str, stream: str) -> pd.DataFrame:
     """layer: the layers of a stream that have attention stored."""
-    return cat.df("SELECT DISTINCT layer FROM attention WHERE run = ? AND stream = ? ORDER BY layer",
-                  [run, stream])
+    return cat.df("SELECT DISTINCT layer FROM attention WHERE run = $run AND stream = $stream ORDER BY layer",
+                  {"run": run, "stream": stream})

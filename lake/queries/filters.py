@@ -50,23 +50,28 @@ def _json_pointer(key: str) -> str:
     return "/" + key.replace("~", "~0").replace("/", "~1")
 
 
-def _example_where(run: str, flt: ExampleFilter | None) -> tuple[str, list]:
-    """WHERE clause (constant text) and its parameters for examples of ``run`` passing ``flt``."""
-    sql, params = ["run = ?"], [run]
+def _example_where(run: str, flt: ExampleFilter | None, prefix: str = "") -> tuple[str, dict]:
+    """WHERE clause (constant text) and its named parameters for examples of ``run`` passing ``flt``.
+
+    The parameters are named ``$<prefix>run``, ``$<prefix>text``, ``$<prefix>answer`` and so on,
+    so that two filters can sit in one query under two prefixes; with the default prefix the
+    run is ``$run``, which the enclosing query may share.
+    """
+    sql, params = [f"run = ${prefix}run"], {f"{prefix}run": run}
     flt = flt or ExampleFilter()
     if flt.text:
-        sql.append("text ILIKE ?")
-        params.append("%" + flt.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        sql[-1] += " ESCAPE '\\'"
+        sql.append(f"text ILIKE ${prefix}text ESCAPE '\\'")
+        params[f"{prefix}text"] = "%" + flt.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     for col in ("answer", "prediction", "split"):
         v = getattr(flt, col)
         if v not in (None, ""):
-            sql.append(f"{col} = ?")  # col is one of three constants
-            params.append(v)
+            sql.append(f"{col} = ${prefix}{col}")  # col is one of three constants
+            params[f"{prefix}{col}"] = v
     if flt.correct is not None:
-        sql.append("correct = ?")
-        params.append(bool(flt.correct))
+        sql.append(f"correct = ${prefix}correct")
+        params[f"{prefix}correct"] = bool(flt.correct)
     if flt.meta_key and flt.meta_value not in (None, ""):
-        sql.append("json_extract_string(meta, ?) = ?")
-        params += [_json_pointer(flt.meta_key), str(flt.meta_value)]
+        sql.append(f"json_extract_string(meta, ${prefix}meta_key) = ${prefix}meta_value")
+        params[f"{prefix}meta_key"] = _json_pointer(flt.meta_key)
+        params[f"{prefix}meta_value"] = str(flt.meta_value)
     return " AND ".join(sql), params

@@ -17,7 +17,7 @@ def list_runs(cat) -> pd.DataFrame:
 
 def run_info(cat, run: str) -> pd.DataFrame:
     """The run's row of ``runs`` (empty when the run is unknown)."""
-    return cat.df("SELECT * FROM runs WHERE run = ?", [run])
+    return cat.df("SELECT * FROM runs WHERE run = $run", {"run": run})
 
 
 def parse_json(text) -> dict:
@@ -47,8 +47,8 @@ def run_streams(cat, run: str) -> pd.DataFrame:
     declared = parse_json(info["streams"].iloc[0]) if len(info) else {}
     seen = cat.df(
         "SELECT stream, max(layer) + 1 AS layers, max(head) + 1 AS heads FROM head_stats "
-        "WHERE run = ? GROUP BY stream ORDER BY stream",
-        [run],
+        "WHERE run = $run GROUP BY stream ORDER BY stream",
+        {"run": run},
     )
     rows = []
     for stream, d in declared.items():
@@ -69,14 +69,15 @@ def run_streams(cat, run: str) -> pd.DataFrame:
 
 def run_errors(cat, run: str) -> pd.DataFrame:
     """Rows the run skipped or altered: source_id, stage, message."""
-    return cat.df("SELECT source_id, stage, message FROM errors WHERE run = ? ORDER BY source_id", [run])
+    return cat.df("SELECT source_id, stage, message FROM errors WHERE run = $run ORDER BY source_id",
+                  {"run": run})
 
 
 def runs_same_manifest(cat, run: str) -> pd.DataFrame:
     """run, model, status, n_examples of the *other* runs whose ``runs.manifest`` equals ``run``'s."""
     return cat.df(
-        "SELECT run, model, status, n_examples FROM runs WHERE run <> ? "
-        "AND manifest = (SELECT any_value(manifest) FROM runs WHERE run = ?) "
+        "SELECT run, model, status, n_examples FROM runs WHERE run <> $run "
+        "AND manifest = (SELECT any_value(manifest) FROM runs WHERE run = $run) "
         "ORDER BY created_at DESC NULLS LAST, run",
-        [run, run],
+        {"run": run},
     )

@@ -20,26 +20,28 @@ NORM_LABELS = {
 def stats_available(cat, run: str, stream: str | None = None) -> pd.DataFrame:
     """stream, stat, n_values (non-null), n_rows of the head statistics stored for a run."""
     sql = ("SELECT stream, stat, count(value) AS n_values, count(*) AS n_rows FROM head_stats "
-           "WHERE run = ?")
-    params: list = [run]
+           "WHERE run = $run")
+    params: dict = {"run": run}
     if stream is not None:
-        sql += " AND stream = ?"
-        params.append(stream)
+        sql += " AND stream = $stream"
+        params["stream"] = stream
     return cat.df(sql + " GROUP BY stream, stat ORDER BY stream, stat", params)
 
 
 def _matrix_sql(run: str, stream: str, stat: str, example_id: int | None,
-                flt: ExampleFilter | None) -> tuple[str, list]:
-    """SQL of (layer, head, value, n): one example's values or the mean over filtered examples."""
+                flt: ExampleFilter | None) -> tuple[str, dict]:
+    """SQL of (layer, head, value, n): one example's values or the mean over filtered examples.
+    Its parameters include ``$run``, ``$stream`` and ``$stat``."""
+    base = {"run": run, "stream": stream, "stat": stat}
     if example_id is not None:
         return ("SELECT layer, head, value, CAST(value IS NOT NULL AS BIGINT) AS n FROM head_stats "
-                "WHERE run = ? AND stream = ? AND stat = ? AND example_id = ?",
-                [run, stream, stat, int(example_id)])
+                "WHERE run = $run AND stream = $stream AND stat = $stat AND example_id = $example_id",
+                {**base, "example_id": int(example_id)})
     where, params = _example_where(run, flt)
     return ("SELECT layer, head, avg(value) AS value, count(value) AS n FROM head_stats "
-            "WHERE run = ? AND stream = ? AND stat = ? AND example_id IN "
+            "WHERE run = $run AND stream = $stream AND stat = $stat AND example_id IN "
             f"(SELECT example_id FROM examples WHERE {where}) GROUP BY layer, head",
-            [run, stream, stat, *params])
+            {**base, **params})
 
 
 def head_stat_matrix(cat, run: str, stream: str, stat: str, example_id: int | None = None,
@@ -65,10 +67,9 @@ def head_stat_matrix(cat, run: str, stream: str, stat: str, example_id: int | No
                f"AS value, value AS raw, n FROM ({inner})")
     else:
         sql = (f"WITH m AS ({inner}), d AS (SELECT layer, head, avg(value) AS mu, stddev_pop(value) AS sd "
-               "FROM head_stats WHERE run = ? AND stream = ? AND stat = ? GROUP BY layer, head) "
+               "FROM head_stats WHERE run = $run AND stream = $stream AND stat = $stat GROUP BY layer, head) "
                "SELECT m.layer, m.head, (m.value - d.mu) / nullif(d.sd, 0) AS value, m.value AS raw, m.n "
                "FROM m LEFT JOIN d USING (layer, head)")
-        params = [*params, run, stream, stat]
     return cat.df(sql + " ORDER BY layer, head", params)
 
 
@@ -76,8 +77,9 @@ def head_stat_dataset(cat, run: str, stream: str, stat: str) -> pd.DataFrame:
     """layer, head, mean, std (population), n of a statistic over all examples of a run."""
     return cat.df(
         "SELECT layer, head, avg(value) AS mean, stddev_pop(value) AS std, count(value) AS n "
-        "FROM head_stats WHERE run = ? AND stream = ? AND stat = ? GROUP BY layer, head ORDER BY layer, head",
-        [run, stream, stat],
+        "FROM head_stats WHERE run = $run AND stream = $stream AND stat = $stat "
+        "GROUP BY layer, head ORDER BY layer, head",
+        {"run": run, "stream": stream, "stat": stat},
     )
 
 
@@ -89,26 +91,25 @@ def top_examples(cat, run: str, stream: str, layer: int, head: int | None, stat:
     (ties by example_id). ``head=None`` ranks by the mean over the layer's heads.
     Only examples passing ``flt`` compete; null values never do.
     """
-    params: list = [run, stream, int(layer), stat]
+    params: dict = {"run": run, "stream": stream, "layer": int(layer), "stat": stat, "n": int(n)}
     head_sql = ""
     if head is not None:
-        head_sql = " AND head = ?"
-        params.append(int(head))
+        head_sql = " AND head = $head"
+        params["head"] = int(head)
     in_sql = ""
     if flt is not None and not flt.is_empty():
         where, wp = _example_where(run, flt)
         in_sql = f" AND example_id IN (SELECT example_id FROM examples WHERE {where})"
-        params += wp
+        params.update(wp)
     order = "ASC" if ascending else "DESC"  # one of two constants
     # Rank inside head_stats first (a top-n over one column), then fetch only the winners' rows.
-    inner = (f"SELECT example_id, avg(value) AS value FROM head_stats WHERE run = ? AND stream = ? AND layer = ? "
-             f"AND stat = ?{head_sql} AND value IS NOT NULL{in_sql} GROUP BY example_id "
-             f"ORDER BY value {order}, example_id LIMIT ?")
-    params.append(int(n))
+    inner = ("SELECT example_id, avg(value) AS value FROM head_stats WHERE run = $run AND stream = $stream "
+             f"AND layer = $layer AND stat = $stat{head_sql} AND value IS NOT NULL{in_sql} GROUP BY example_id "
+             f"ORDER BY value {order}, example_id LIMIT $n")
     return cat.df(
         f"SELECT t.example_id, t.value, e.text, e.answer, e.prediction, e.correct FROM ({inner}) t "
-        f"JOIN examples e ON e.run = ? AND e.example_id = t.example_id ORDER BY t.value {order}, t.example_id",
-        [*params, run],
+        f"JOIN examples e ON e.run = $run AND e.example_id = t.example_id ORDER BY t.value {order}, t.example_id",
+        params,
     )
 
 
@@ -116,8 +117,8 @@ def head_means(cat, run: str, stats: list[str], stream: str = "self") -> pd.Data
     """layer, head and one column per statistic: its mean over the run's examples (nulls skipped)."""
     d = cat.df(
         "SELECT layer, head, stat, avg(value) AS mean FROM head_stats "
-        "WHERE run = ? AND stream = ? AND list_contains(?, stat) GROUP BY ALL",
-        [run, stream, list(stats)],
+        "WHERE run = $run AND stream = $stream AND list_contains($stats, stat) GROUP BY ALL",
+        {"run": run, "stream": stream, "stats": list(stats)},
     )
     return d.pivot_table(index=["layer", "head"], columns="stat", values="mean").reset_index()
 
@@ -126,8 +127,8 @@ def layer_means(cat, run: str, stats: list[str], stream: str = "self") -> pd.Dat
     """layer and one column per statistic: its mean over heads and examples."""
     d = cat.df(
         "SELECT layer, stat, avg(value) AS mean FROM head_stats "
-        "WHERE run = ? AND stream = ? AND list_contains(?, stat) GROUP BY ALL",
-        [run, stream, list(stats)],
+        "WHERE run = $run AND stream = $stream AND list_contains($stats, stat) GROUP BY ALL",
+        {"run": run, "stream": stream, "stats": list(stats)},
     )
     return d.pivot_table(index="layer", columns="stat", values="mean").reset_index()
 
@@ -139,9 +140,9 @@ def stat_by_correctness(cat, run: str, stat: str, stream: str = "self") -> pd.Da
         "avg(value) FILTER (WHERE NOT e.correct) AS wrong, "
         "avg(value) FILTER (WHERE e.correct) - avg(value) FILTER (WHERE NOT e.correct) AS diff "
         "FROM head_stats h JOIN examples e ON e.run = h.run AND e.example_id = h.example_id "
-        "WHERE h.run = ? AND h.stream = ? AND h.stat = ? AND e.correct IS NOT NULL "
+        "WHERE h.run = $run AND h.stream = $stream AND h.stat = $stat AND e.correct IS NOT NULL "
         "GROUP BY h.layer, h.head ORDER BY h.layer, h.head",
-        [run, stream, stat],
+        {"run": run, "stream": stream, "stat": stat},
     )
 
 
@@ -150,14 +151,14 @@ def pointing_chance(cat, run: str) -> float:
     examples, of the share of the example's patches whose centre lies in the box."""
     d = cat.df(
         "WITH b AS (SELECT example_id, unnest(from_json(boxes, '[{\"label\": \"VARCHAR\", \"box\": [\"DOUBLE\"]}]')) "
-        "AS bx FROM examples WHERE run = ? AND boxes IS NOT NULL), "
+        "AS bx FROM examples WHERE run = $run AND boxes IS NOT NULL), "
         "p AS (SELECT example_id, (x0 + x1) / 2 AS cx, (y0 + y1) / 2 AS cy FROM tokens "
-        "WHERE run = ? AND role = 'patch'), "
+        "WHERE run = $run AND role = 'patch'), "
         "f AS (SELECT b.example_id, b.bx, avg(CASE WHEN cx BETWEEN bx.box[1] AND bx.box[3] "
         "AND cy BETWEEN bx.box[2] AND bx.box[4] THEN 1.0 ELSE 0.0 END) AS frac "
         "FROM b JOIN p ON p.example_id = b.example_id GROUP BY ALL) "
         "SELECT avg(frac) AS chance FROM f",
-        [run, run],
+        {"run": run},
     )
     return float(d.chance.iloc[0]) if len(d) and pd.notna(d.chance.iloc[0]) else float("nan")
 
@@ -171,10 +172,10 @@ def first_view_head(cat, run: str, stream: str) -> pd.DataFrame:
     """
     for stat in ("grounding", "t2i"):
         d = cat.df(
-            "SELECT layer, head, ? AS stat, avg(CAST(value AS DOUBLE)) AS value FROM head_stats "
-            "WHERE run = ? AND stream = ? AND stat = ? AND value IS NOT NULL GROUP BY layer, head "
+            "SELECT layer, head, $stat AS stat, avg(CAST(value AS DOUBLE)) AS value FROM head_stats "
+            "WHERE run = $run AND stream = $stream AND stat = $stat AND value IS NOT NULL GROUP BY layer, head "
             "ORDER BY value DESC, layer, head LIMIT 1",
-            [stat, run, stream, stat],
+            {"stat": stat, "run": run, "stream": stream},
         )
         if len(d) and pd.notna(d.value.iloc[0]) and d.value.iloc[0] > 0:
             return d
