@@ -1,7 +1,9 @@
-"""lake/catalog.py through real DuckDB over a small real lake written by LakeWriter."""
+"""The lake's reading side (lake/catalog.py, views.py, sandbox.py, format.py) through real DuckDB over a
+small real lake written by LakeWriter."""
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import threading
 import time
@@ -13,16 +15,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from lake.catalog import (
-    Catalog,
-    LakeError,
-    QueryError,
-    SandboxError,
-    column_types,
-    format_table,
-    open_catalog,
-)
+from lake.catalog import Catalog, open_catalog
+from lake.errors import LakeError, QueryError, SandboxError
+from lake.format import format_table
 from lake.schema import TABLES
+from lake.views import column_types
 from lake.writer import LakeWriter
 
 SECRET = "not-for-the-sandbox-1f3a"
@@ -599,3 +596,46 @@ def test_format_table_of_a_query(cat):
     assert len(lines) == 2 + 3 + 1 and lines[-1] == "3 rows"
     vec = cat.df("SELECT vec FROM hidden_states ORDER BY token_idx")
     assert format_table(vec).splitlines()[2] == "[0.5, -1, 0.25, 0]"
+
+
+# -- module boundaries --------------------------------------------------------------------
+
+
+def _lake_imports() -> dict[str, set[str]]:
+    """``{module: the lake modules it imports}`` over lake/*.py, read from their source."""
+    root = Path(__file__).resolve().parents[1] / "lake"
+    graph: dict[str, set[str]] = {}
+    for f in sorted(root.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "lake":
+                deps.update(f"lake.{a.name}" for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lake."):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("lake."))
+        graph[f"lake.{f.stem}"] = {d for d in deps if d != f"lake.{f.stem}"}
+    return graph
+
+
+def test_readers_and_writer_share_only_the_commit_protocol():
+    graph = _lake_imports()
+    readers = ("lake.catalog", "lake.views", "lake.sandbox", "lake.format")
+    for m in readers:
+        assert "lake.writer" not in graph[m], m
+    assert not set(readers) & graph["lake.writer"]
+    assert "lake.commit" in graph["lake.writer"] and "lake.commit" in graph["lake.views"]
+    # no import cycle among the lake's modules
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        assert seen.get(m) != 1, " -> ".join(path + (m,))
+        if m in seen or m not in graph:
+            return
+        seen[m] = 1
+        for d in sorted(graph[m]):
+            visit(d, path + (m,))
+        seen[m] = 2
+
+    for m in graph:
+        visit(m, ())
