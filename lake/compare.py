@@ -1,6 +1,6 @@
 """Two groups of examples compared head by head: difference of means, effect size, test, correction.
 
-Pure numpy/scipy on the DataFrames of ``lake/queries.py`` (``compare_moments``,
+Pure numpy/scipy on the DataFrames of ``lake/queries/`` (``compare_moments``,
 ``compare_values``, ``paired_moments``, ``paired_values``); no SQL, no Streamlit.
 Every head ``(stream, layer, head)`` is one test; a statistic's per-example
 value is its ``head_stats.value``. Differences are always **B − A**.

@@ -9,7 +9,8 @@ Every path below is *relative to the root*, with ``/`` separators. Writes are wh
 nothing for a reader: on a disk a file is written aside and renamed into place; on an
 object store, which cannot rename, an object appears only when its upload completes. What
 makes a chunk of rows visible is its done marker, written after its files (``lake/writer.py``);
-readers list the markers (``lake/catalog.py``), never the data files alone.
+readers list the markers (``lake/views.py``; the rule is ``lake/commit.py``'s), never the data
+files alone.
 """
 
 from __future__ import annotations
