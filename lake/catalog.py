@@ -33,12 +33,12 @@ from lake.errors import LakeError, QueryError, SandboxError, first_line
 from lake.format import format_table  # noqa: F401  (imported from here by the CLI)
 from lake.schema import RUNS, TABLES
 from lake.store import Store, open_store
-from lake.views import column_types, committed_sources, ident, view_sources, view_sql  # noqa: F401
+from lake.views import column_types, ident, view_sources, view_sql  # noqa: F401
 
 # Besides its own names, code outside lake/ imports from here LakeError, QueryError, SandboxError
 # (lake.errors), column_types, view_sources, view_sql (lake.views) and format_table (lake.format).
 __all__ = ["Catalog", "QueryResult", "open_catalog", "THREADS", "LakeError", "QueryError", "SandboxError",
-           "column_types", "committed_sources", "view_sources", "view_sql", "format_table"]
+           "column_types", "view_sources", "view_sql", "format_table"]
 
 # DuckDB threads per catalog; the app and the CLI share the machine with the user.
 THREADS = max(1, min(4, os.cpu_count() or 1))
