@@ -32,7 +32,8 @@ from pipeline.models.tokens import TOKEN_SCHEMA, boxed_masks, column, token_rows
 from pipeline.stats import TokenMasks
 
 # also importable from here (older imports): the token-table builders and the module lookup
-__all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout", "TOKEN_SCHEMA",
+__all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout",
+           "TOKEN_SCHEMA",
            "boxed_masks", "checked_architecture", "conform", "encoder_relevancy_targets", "map_inputs", "module_at",
            "normalise_answer", "require_eager", "split_stream_layouts", "stream_layout", "token_rows", "token_table"]
 

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import BatchLayout, GEN_START, Inputs, stream_layout
+from pipeline.models.base import GEN_START, BatchLayout, Inputs, stream_layout
 from pipeline.models.decoder import DecoderAdapter
 from pipeline.models.family import FamilySpec
 from pipeline.models.geometry import crop_geometry, patch_grid
@@ -106,7 +106,6 @@ class Blip2Adapter(DecoderAdapter):
                              if module_at(model, f"qformer.encoder.layer.{i}").has_cross_attention]
         super().__init__(model, processor, device, max_new_tokens)
         self.num_query = int(cfg.num_query_tokens)
-        self.patch_size = int(cfg.vision_config.patch_size)
 
     def stream_configs(self, cfg) -> dict[str, Any]:
         qc = cfg.qformer_config
@@ -207,7 +206,7 @@ class Blip2Adapter(DecoderAdapter):
         cross = replace(qf, masks=replace(qf.masks, in_box=torch.zeros(B, nq, nk, dtype=torch.bool),
                                           boxed=torch.zeros(B, nq, dtype=torch.bool)))
         layouts["qformer_cross"] = cross
-        return BatchLayout(tables, layouts, grids, keys={"qformer_cross": "vision"})
+        return BatchLayout(tables, layouts, grids, keys=dict(self.spec.cross))
 
 
 class InstructBlipAdapter(Blip2Adapter):

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, Adapter, BatchLayout, ForwardOutput, Inputs, Prediction, checked_architecture,
-                                  normalise_answer, require_eager, split_stream_layouts)
+from pipeline.models.base import (GEN_START, Adapter, BatchLayout, ForwardOutput, Inputs, Prediction,
+                                  checked_architecture, normalise_answer, require_eager, split_stream_layouts)
 from pipeline.models.family import MAX_NEW_TOKENS, FamilySpec
-from pipeline.models.processors import first_line
 from pipeline.models.hooks import Probe, module_at, stream_hook_points, watched
+from pipeline.models.processors import first_line
 from pipeline.models.tokens import lm_columns, stack_columns
 from pipeline.models.towers import CropTower, ModuleTower, PackedTower
 
@@ -36,7 +36,7 @@ __all__ = ["GEN_START", "MAX_NEW_TOKENS", "DecoderAdapter", "ExplainedDecoder", 
 
 
 def greedy_generation_config(model: torch.nn.Module, tokenizer, *, suppress: tuple[int, ...] = (),
-                             max_new_tokens: int | None = None, default_new_tokens: int = 16,
+                             max_new_tokens: int | None = None, default_new_tokens: int = MAX_NEW_TOKENS,
                              prompt_length: int | None = None):
     """The checkpoint's own generation config, made greedy, for the answer of a decoder.
 
@@ -73,13 +73,6 @@ def eos_ids(generation_config) -> list[int]:
     """A generation config's end-of-sequence ids as a list (it may hold one id or several)."""
     eos = generation_config.eos_token_id
     return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def eos_ids(generation_config) -> list[int]:
-    """A generation config's end-of-sequence ids as a list (it may hold one id or several)."""
-    eos = generation_config.eos_token_id
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
 
 @dataclass
 class Example:
@@ -133,6 +126,11 @@ class DecoderAdapter(Adapter):
         self.tokenizer.padding_side = spec.padding_side
         self.max_new_tokens = max_new_tokens
         self.configs = self.stream_configs(cfg)
+        ps = getattr(cfg.vision_config, "patch_size", None)
+        self.patch_size = ps if isinstance(ps, int) else None  # the tower's, in processed pixels
+        px = getattr(cfg.vision_config, "image_size", None)
+        self.crop_px = px if isinstance(px, int) else None  # the side of the tower's input (one crop)
+        self.side = self.crop_px // self.patch_size if self.crop_px and self.patch_size else None  # patches a side
         self.paths = self.module_paths(model)
         token = getattr(cfg, spec.image_token, None)
         self.image_token_id = int(token if token is not None else cfg.image_token_index)
@@ -142,9 +140,9 @@ class DecoderAdapter(Adapter):
             i = self._token_id(key)
             if i is not None:
                 self.marker_roles.setdefault(i, role)
-        self.pieces = {}  # role -> the piece of its first marker (for the prompt without a template)
+        self.marker_pieces = {}  # role -> the piece of its first marker (for the prompt without a template)
         for i, role in self.marker_roles.items():
-            self.pieces.setdefault(role, self.tokenizer.convert_ids_to_tokens(i))
+            self.marker_pieces.setdefault(role, self.tokenizer.convert_ids_to_tokens(i))
         self.suppress = (self.image_token_id,) + tuple(self._token_id(k) for k in spec.suppress)
         self.probe = Probe()  # the lm's hidden state 0: what the language model is fed
         self.first_hidden = {"lm": self.probe}
@@ -219,7 +217,7 @@ class DecoderAdapter(Adapter):
         if self.spec.chat_template and getattr(self.processor, "chat_template", None):
             conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
             return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return self.spec.prompt.format(image=self.image_token, text=text, **self.pieces)
+        return self.spec.prompt.format(image=self.image_token, text=text, **self.marker_pieces)
 
     def check_image(self, image) -> None:
         """Where the declaration asks (``image_check``), run the image processor on the image alone: it

@@ -113,7 +113,6 @@ class Gemma3Adapter(ExplainedDecoder):
         super().__init__(model, processor, device, max_new_tokens)
         cfg = model.config
         vc = cfg.vision_config
-        self.patch_size = int(vc.patch_size)
         side = int(vc.image_size) // self.patch_size
         per_side = int(math.isqrt(int(cfg.mm_tokens_per_image)))
         if per_side * per_side != int(cfg.mm_tokens_per_image) or side % per_side:

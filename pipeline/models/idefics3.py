@@ -78,10 +78,6 @@ class Idefics3Adapter(ExplainedDecoder):
                  max_new_tokens: int | None = None):
         super().__init__(model, processor, device, max_new_tokens)
         cfg = model.config
-        vc = cfg.vision_config
-        self.patch_size = int(vc.patch_size)
-        self.crop_px = int(vc.image_size)
-        self.side = self.crop_px // self.patch_size
         self.scale = int(cfg.scale_factor)
         if self.side % self.scale:
             raise NotImplementedError(f"scale_factor={self.scale} does not divide a {self.side}x{self.side} patch grid")

@@ -162,4 +162,5 @@ class InternVLAdapter(ExplainedDecoder):
         rows = [("patch", t, k // m, k % m, union([crop_boxes[t][0][r * self.side + c] for r, c in blk]))
                 for t in order for k, blk in enumerate(ctx)]
         vision = crop_columns([(t, *crop_boxes[t]) for t in order], self.side, True)
-        return ImageTokens(rows, vision, (m, m), f"the model makes {len(rows)} for a {W}x{H} image ({len(order)} crops)")
+        return ImageTokens(rows, vision, (m, m),
+                           f"the model makes {len(rows)} for a {W}x{H} image ({len(order)} crops)")

@@ -40,7 +40,7 @@ Token table of one example, one index space::
 
 ``prediction`` is the generated text (special tokens skipped, stripped); ``correct`` compares it
 with the manifest's answer after ``normalise_answer``. The answer is the model's own greedy answer
-under the checkpoint's own generation config (``base.greedy_generation_config``: its suppressed
+under the checkpoint's own generation config (``decoder.greedy_generation_config``: its suppressed
 and bad words, its eos list, its ``max_new_tokens`` or ``max_length``; :data:`MAX_NEW_TOKENS` new
 tokens when it sets no length; ``max_new_tokens`` given to the adapter caps it). The image
 placeholder is added to the suppressed tokens (a generated ``<image>`` would make the
@@ -77,11 +77,7 @@ class LlavaAdapter(ExplainedDecoder):
 
     def __init__(self, model: torch.nn.Module, processor, device: str = "cpu", max_new_tokens: int | None = None):
         super().__init__(model, processor, device, max_new_tokens)
-        self.strategy = model.config.vision_feature_select_strategy
-        if self.strategy not in ("default", "full"):
-            raise NotImplementedError(f"vision_feature_select_strategy={self.strategy!r}: VL-Atlas knows "
-                                      "'default' (CLS dropped) and 'full'")
-        self.patch_size = int(model.config.vision_config.patch_size)
+        self.strategy = select_strategy(model.config)
         tower = module_at(model, "model.vision_tower")
         self.tower_cls = hasattr(getattr(tower, "embeddings", None), "class_embedding")
 
@@ -107,3 +103,10 @@ class LlavaAdapter(ExplainedDecoder):
     def batch_context(self, inputs, images):
         return inputs["pixel_values"].shape[-2:]
 
+
+def select_strategy(cfg) -> str:
+    """The projector's ``vision_feature_select_strategy``: ``default`` (the tower's CLS dropped) or ``full``."""
+    if cfg.vision_feature_select_strategy not in ("default", "full"):
+        raise NotImplementedError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: "
+                                  "VL-Atlas knows 'default' (CLS dropped) and 'full'")
+    return cfg.vision_feature_select_strategy

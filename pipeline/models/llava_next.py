@@ -85,6 +85,7 @@ from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
 from pipeline.models.geometry import _size, crop_geometry
 from pipeline.models.hooks import module_at
+from pipeline.models.llava import select_strategy
 from pipeline.models.processors import OnevisionImageTextProcessor, processor_or
 from pipeline.models.tokens import crop_columns, union
 
@@ -110,15 +111,8 @@ class LlavaNextAdapter(ExplainedDecoder):
                  max_new_tokens: int | None = None):
         super().__init__(model, processor, device, max_new_tokens)
         cfg = model.config
-        vc = cfg.vision_config
-        self.strategy = cfg.vision_feature_select_strategy
-        if self.strategy not in ("default", "full"):
-            raise NotImplementedError(f"vision_feature_select_strategy={self.strategy!r}: VL-Atlas knows "
-                                      "'default' (CLS dropped) and 'full'")
-        self.patch_size = int(vc.patch_size)
+        self.strategy = select_strategy(cfg)
         self.tower_cls = hasattr(getattr(module_at(model, "model.vision_tower"), "embeddings", None), "class_embedding")
-        self.crop_px = int(vc.image_size)
-        self.side = self.crop_px // self.patch_size  # h = w: features a side of one crop
         self.pinpoints = [list(p) for p in cfg.image_grid_pinpoints]
         if self.strategy == "full" and self.tower_cls:
             raise NotImplementedError("vision_feature_select_strategy='full' with a tower that has a [CLS] token: "

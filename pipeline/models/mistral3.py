@@ -23,7 +23,8 @@ then one teacher-forced pass over prompt + answer runs with the capture hooks), 
 The Pixtral tower runs all images of a batch as ONE sequence (``[1, patches of all images, dim]``, each
 image's patches in raster order) with a block-diagonal attention mask (``generate_block_attention_mask``:
 an image's patches see only its own). Its eager attention modules return their weights,
-``[1, head, N, N]`` over the whole packed sequence; a forward hook (``towers.PackedTower``) cuts each image's diagonal block out
+``[1, head, N, N]`` over the whole packed sequence; a forward hook (``towers.PackedTower``) cuts each image's
+diagonal block out
 (``[image, head, n, n]``, padded to the batch's largest ``n``; the off-diagonal blocks are exactly 0 after
 the mask's softmax, so nothing is lost), and the layers' hidden states (``[1, N, dim]``) are split the
 same way. Hidden state 0 is the patch embeddings after ``ln_pre`` (the first layer's input). What is not
@@ -91,7 +92,6 @@ class Mistral3Adapter(ExplainedDecoder):
             raise NotImplementedError(f"the tokenizer has no {IMG_BREAK} / {IMG_END}: not a Pixtral tokenizer")
         super().__init__(model, processor, device, max_new_tokens)
         self.merge = int(model.config.spatial_merge_size)
-        self.patch_size = int(model.config.vision_config.patch_size)
 
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):

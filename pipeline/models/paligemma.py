@@ -65,8 +65,7 @@ class PaliGemmaAdapter(ExplainedDecoder):
         ``size`` (no crop, no pad: each axis by its own ratio)."""
         ph, pw = ctx
         W, H = ex.image.size
-        ps = int(self.model.config.vision_config.patch_size)
-        grid = patch_grid(crop_geometry(self.processor.image_processor, W, H), W, H, (pw, ph), ps)
+        grid = patch_grid(crop_geometry(self.processor.image_processor, W, H), W, H, (pw, ph), self.patch_size)
         return ImageTokens(plain_rows(grid, False), image_columns(grid, "vision", False), (grid.rows, grid.cols),
                            f"a {grid.rows}x{grid.cols} grid and vision_feature_select_strategy='default' make "
                            f"{len(grid.cells)}")

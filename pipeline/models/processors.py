@@ -60,8 +60,8 @@ class AssembledProcessor:
         self.tokenizer = tokenizer
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
 
-    def applychat_template_of(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
-        return self.tokenizer.applychat_template_of(conversation, chat_template=self.chat_template,
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
                                                   add_generation_prompt=add_generation_prompt, tokenize=tokenize)
 
     def expand(self, texts: list[str], n_images: int, expansion) -> list[str]:

@@ -31,7 +31,8 @@ attention segments by ``cu_seqlens``: one per image (Qwen2-VL, Qwen3-VL, and Qwe
 ``window_size`` pixels, 112 = 8 x 8 patches at the released checkpoints; the tower reorders its
 sequence window by window before the first block and back after the merger). Its attention modules
 run eager attention segment by segment and return no weights. The adapter sees them where they are
-computed (``towers.SegmentedTower``): each tower attention module dispatches to ``vlatlas_eager``, an attention function that
+computed (``towers.SegmentedTower``): each tower attention module dispatches to ``vlatlas_eager``, an attention
+function that
 calls the modeling module's own ``eager_attention_forward`` unchanged and hands the weights of each
 segment to the adapter (registered in transformers' ``AttentionInterface``; only the tower's
 attention modules are pointed at it, through a copy of the vision config with that name, and only
@@ -123,7 +124,6 @@ class QwenVLAdapter(ExplainedDecoder):
             raise NotImplementedError(f"model type {cfg.model_type!r} is not one of {', '.join(self.spec.classes)}")
         vc = cfg.vision_config
         self.merge = int(vc.spatial_merge_size)
-        self.patch_size = int(vc.patch_size)
         self.windowed = getattr(vc, "window_size", None) is not None and hasattr(vc, "fullatt_block_indexes")
         super().__init__(model, processor, device, max_new_tokens)
         self.video_token_id = int(cfg.video_token_id)
