@@ -25,13 +25,17 @@ Declaring the next families (issue 19's three), without new base classes:
 
 - *Cross-attention in the decoder* (Llama 3.2 Vision, ``MllamaForConditionalGeneration``): a third
   stream ``lm_cross`` in ``streams`` with the ``cross_attn`` module paths of the decoder's cross
-  layers (``{"attention": "model.language_model.layers.{layer}.cross_attn"}``, layer numbers mapped
-  as BLIP-2's ``qformer_cross``), declared a cross stream by ``cross = {"lm_cross": "vision"}``
-  (``BatchLayout.keys``); tower kind ``crops`` (tiles with aspect-ratio ids; the tower's batch is
-  the tiles).
+  layers (``{"attention": "model.language_model.layers.{layer}.cross_attn"}``; its ``hook_points``
+  map the cross layers' indices to stream layers, as BLIP-2's for ``qformer_cross``), declared a cross
+  stream by ``cross = {"lm_cross": "vision"}`` (``BatchLayout.keys``: its rows are ``lm`` tokens, its
+  columns ``vision`` tokens; ``layout`` adds it to the decoder's ``lm``/``vision`` layouts as BLIP-2's
+  adds ``qformer_cross``); tower kind ``crops`` (tiles with aspect-ratio ids: the tower's batch is the
+  tiles, ``tower_batch`` says how many per example).
 - *A perceiver resampler* (Idefics2): tower kind ``query_tokens`` (its learned latents are the image
-  tokens, as BLIP-2's queries), a ``resampler`` stream for the latents' self-attention and a
-  ``resampler_cross`` cross stream over the patches (``cross = {"resampler_cross": "vision"}``).
+  tokens, as BLIP-2's queries: role ``query``, no patch), a ``resampler`` stream for the latents'
+  self-attention and a ``resampler_cross`` cross stream over the patches
+  (``cross = {"resampler_cross": "vision"}``); ``image_tokens`` maps ``lm`` image token ``k`` to latent
+  ``k``.
 - *Tiles and pixel shuffle* (Aya Vision): tower kind ``pixel_shuffle`` (crops, each folded by the
   model's own ``pixel_shuffle``), its ``image_tokens`` as InternVL's.
 """
