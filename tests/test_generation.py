@@ -130,7 +130,7 @@ def test_greedy_generation_config_lengths_and_union():
 
     from transformers import GenerationConfig
 
-    from pipeline.models.base import greedy_generation_config
+    from pipeline.models.decoder import greedy_generation_config
 
     tok = SimpleNamespace(eos_token_id=2, pad_token_id=None)
 

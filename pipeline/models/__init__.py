@@ -1,4 +1,5 @@
-"""Model adapters, one per family, each a subclass of ``base.Adapter`` (the protocol and what families share)."""
+"""Model adapters, one module per family: a declaration (``family.FamilySpec``) and an adapter class that
+implements ``base.Adapter`` (the protocol the pipeline calls) with the family's own image-token mapping."""
 
 from __future__ import annotations
 

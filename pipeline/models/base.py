@@ -1,18 +1,22 @@
-"""The adapter protocol: what the pipeline needs to know about a model family, and what families share.
+"""The adapter protocol: what the pipeline needs to know about a model family.
 
 An adapter (a subclass of :class:`Adapter`) loads a model and its processor (eager attention),
 turns manifest rows into model inputs (:class:`Inputs`: the model's inputs plus the adapter's own
 state for the batch), names the tensors to capture (``HookPoint``), runs the model
 (:class:`ForwardOutput`, one shape for every family), and, once the model has embedded a batch,
-returns its *layout*: the token table of every example and, per stream, where each token of the
-table sits in the model's sequence. Positions come from the model's own bookkeeping (ViLT, for
-one, samples and permutes image patches inside its embedding layer). Pixel boxes come from
-``pipeline.models.geometry``.
+returns its *layout* (:class:`BatchLayout`): the token table of every example and, per stream,
+where each token of the table sits in the model's sequence (:class:`StreamLayout`). Positions come
+from the model's own bookkeeping (ViLT, for one, samples and permutes image patches inside its
+embedding layer). Pixel boxes come from ``pipeline.models.geometry``.
+
+What families share lives beside this module, by subject: ``family.py`` (a family's declaration),
+``decoder.py`` (the decoder LVLMs' two passes), ``towers.py`` (vision towers as strategies),
+``tokens.py`` (token-table builders), ``hooks.py`` (module paths to hook points) and
+``processors.py`` (processors built without torchvision).
 """
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +25,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lake.schema import ROLES_SPECIAL, TOKENS
+from lake.schema import ROLES_SPECIAL
 from pipeline.capture import HookPoint
-from pipeline.models.geometry import PatchGrid
+from pipeline.models.hooks import module_at, stream_hook_points, stream_shapes
+from pipeline.models.tokens import TOKEN_SCHEMA, boxed_masks, column, token_rows, token_table
 from pipeline.stats import TokenMasks
 
-TOKEN_SCHEMA = pa.schema([f for f in TOKENS.schema if f.name != "example_id"])
+# also importable from here (older imports): the token-table builders and the module lookup
+__all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout",
+           "TOKEN_SCHEMA",
+           "boxed_masks", "checked_architecture", "conform", "encoder_relevancy_targets", "map_inputs", "module_at",
+           "normalise_answer", "require_eager", "split_stream_layouts", "stream_layout", "token_rows", "token_table"]
+
+
+GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
 
 
 @dataclass
@@ -305,415 +317,8 @@ def checked_architecture(config, model_id: str, arch: str | None, family: str, w
     return arch
 
 
-def greedy_generation_config(model: torch.nn.Module, tokenizer, *, suppress: tuple[int, ...] = (),
-                             max_new_tokens: int | None = None, default_new_tokens: int = 16,
-                             prompt_length: int | None = None):
-    """The checkpoint's own generation config, made greedy, for the answer of a decoder.
-
-    A copy of ``model.generation_config``: ``suppress`` added to its ``suppress_tokens`` (a union,
-    never a replacement), its ``bad_words_ids``, ``eos_token_id`` (one id or a list) and other
-    logits processors kept; ``do_sample`` False and ``num_beams`` 1 (the captured teacher-forced
-    pass reproduces greedy decoding only). Length: the checkpoint's ``max_new_tokens`` or
-    ``max_length``; ``default_new_tokens`` when it sets neither (transformers' global default,
-    ``max_length`` 20 with the prompt, leaves an LVLM's long image prompt no room); a
-    ``max_new_tokens`` given here (the user's) caps either. ``pad_token_id`` falls back to the
-    tokenizer's, then to the first eos id.
-    """
-    gc = copy.deepcopy(model.generation_config)
-    have = list(gc.suppress_tokens or [])
-    gc.suppress_tokens = have + [int(t) for t in suppress if int(t) not in have] or None
-    gc.do_sample = False
-    gc.num_beams = 1
-    if gc.eos_token_id is None:
-        gc.eos_token_id = tokenizer.eos_token_id
-    if gc.pad_token_id is None:
-        eos = eos_ids(gc)
-        gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    if gc.max_new_tokens is None and gc.max_length is None:
-        gc.max_new_tokens = default_new_tokens
-    if max_new_tokens is not None:
-        room = gc.max_new_tokens
-        if room is None and prompt_length is not None:
-            room = gc.max_length - prompt_length
-        gc.max_new_tokens = max_new_tokens if room is None else max(0, min(room, max_new_tokens))
-    return gc
-
-
-def eos_ids(generation_config) -> list[int]:
-    """A generation config's end-of-sequence ids as a list (it may hold one id or several)."""
-    eos = generation_config.eos_token_id
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line (its type's name when it says nothing)."""
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def processor_or(model_id: str, revision: str | None, fallback):
-    """``AutoProcessor`` when it builds a processor with an image processor and a tokenizer; else
-    ``fallback.from_pretrained(model_id, revision)``: without torchvision a family whose processor
-    holds a video processor (Qwen-VL, LLaVA-OneVision) cannot build it, and the fallback assembles one
-    from the checkpoint's tokenizer and PIL image processor."""
-    from transformers import AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(model_id, revision=revision)
-        if hasattr(proc, "image_processor") and hasattr(proc, "tokenizer"):
-            return proc
-        why = f"AutoProcessor gave a {type(proc).__name__}"
-    except Exception as e:  # noqa: BLE001 - e.g. the video processor needs torchvision
-        why = first_line(e)
-    try:
-        return fallback.from_pretrained(model_id, revision)
-    except Exception as e:  # noqa: BLE001
-        raise NotImplementedError(f"cannot build a processor for {model_id!r}: AutoProcessor failed ({why}), and "
-                                  f"so did a tokenizer + image processor ({first_line(e)})") from None
-
-
-GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
-
-
-IMAGE_HOLD = "<|vlatlas_placeholder|>"  # stands for one image token while prompts are expanded
-
-
-class AssembledProcessor:
-    """A family's processor assembled from its image processor and tokenizer where transformers cannot
-    build its own without torchvision (:func:`processor_or`): the two, the chat template, and each
-    prompt's image placeholder (``image_token``) expanded into the image tokens its image gets."""
-
-    image_token: str
-
-    def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = False):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize)
-
-    def expand(self, texts: list[str], n_images: int, expansion) -> list[str]:
-        """``texts`` with the ``i``-th ``image_token`` (counted over all prompts) replaced by
-        ``expansion(i)``, a text in which :data:`IMAGE_HOLD` stands for one image token; there must be
-        ``n_images`` placeholders."""
-        out, i = [], 0
-        for t in texts:
-            while self.image_token in t:
-                t = t.replace(self.image_token, expansion(i), 1)
-                i += 1
-            out.append(t.replace(IMAGE_HOLD, self.image_token))
-        if i != n_images:
-            raise ValueError(f"{i} {self.image_token} in the prompts for {n_images} images")
-        return out
-
-
-class Probe(torch.nn.Module):
-    """Identity; a capture hook on it sees what the adapter hands it (hidden states the model never
-    exposes as a module output)."""
-
-    def forward(self, x):
-        return x
-
-
-class AttnProbe(torch.nn.Module):
-    """``(None, weights)``: an attention module's output as the capture hooks read it (index 1), for
-    weights the adapter collects itself."""
-
-    def forward(self, w):
-        return None, w
-
-
-class DecoderAdapter(Adapter):
-    """A decoder LVLM: :meth:`prepare` generates the answer greedily, without capture, under
-    :meth:`generation_config` (the checkpoint's own, see :func:`greedy_generation_config`) and
-    appends it to the inputs, cut after its first eos; :meth:`forward` is then one teacher-forced
-    pass over prompt + answer, so each generated token's attention row is the one it had when the
-    model fed it back. Where the answer starts goes to ``Inputs.state[GEN_START]``."""
-
-    probe: Probe  # the lm's hidden state 0 (what the language model is fed), where a family hooks it
-
-    def _feed_probe(self, module, args, kwargs):
-        """A forward pre-hook on the language model: hands its ``inputs_embeds`` (text embeddings with the
-        image features scattered in, which no module outputs) to ``self.probe``, the lm's hidden state 0."""
-        emb = kwargs.get("inputs_embeds")
-        if emb is not None:
-            self.probe(emb)
-
-    @staticmethod
-    def _watched(probe: torch.nn.Module) -> bool:
-        """Whether a hook (a capture) reads the probe: no work for passes nobody captures."""
-        return bool(probe._forward_hooks or probe._forward_pre_hooks)
-
-    def run(self, inputs: Inputs, model_inputs: dict[str, Any], example_ids: list[int] | None) -> Any:
-        """The teacher-forced pass: the model on prompt + answer, no cache."""
-        return self.model(**model_inputs, use_cache=False, return_dict=True)
-
-    def generated(self, inputs: Inputs) -> list[list[int]]:
-        """The ids :meth:`prepare` appended to each example (its answer, pads left out)."""
-        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu().bool()
-        start = inputs.state[GEN_START].cpu()
-        return [ids[b, int(start[b]):][mask[b, int(start[b]):]].tolist() for b in range(ids.shape[0])]
-
-    def _lm_columns(self, tid: list[int], pos: list[int], is_img: list[bool], start: int,
-                    image_rows: list[tuple]) -> dict[str, list]:
-        """One example's ``lm`` token-table columns (:func:`stack_columns`' keys and ``tile``): image token
-        ``k`` (``is_img``) takes ``image_rows[k]`` = (role, tile, patch_row, patch_col, box in original
-        pixels); a text token its role (``generated`` from sequence position ``start`` on) and word piece;
-        ``seq_pos`` counts from the example's first real token (``pos``: the tokens' sequence positions)."""
-        cols = {k: [] for k in ("stream", "modality", "role", "token", "seq_pos", "patch_row", "patch_col", "box",
-                                "tile")}
-        k = 0
-        for i, p, img, piece in zip(tid, pos, is_img, self.tokenizer.convert_ids_to_tokens(tid)):
-            role, tile, pr, pc, bx = image_rows[k] if img else (
-                "generated" if p >= start else self._text_role(i), None, None, None, None)
-            for key, v in zip(cols, ("lm", "image" if img else "text", role, None if img else piece, p - pos[0],
-                                     pr, pc, bx, tile)):
-                cols[key].append(v)
-            k += img
-        return cols
-
-    @abstractmethod
-    def generation_config(self, prompt_length: int | None = None):
-        """The merged generation config for prompts of ``prompt_length`` tokens."""
-
-    def extend_inputs(self, out: "Inputs", model_inputs: dict, new: torch.Tensor) -> None:
-        """Model inputs other than ids and mask that the appended answer ``new`` ([batch, n]) needs
-        (Qwen-VL: ``mm_token_type_ids``); none by default."""
-
-    def prepare(self, inputs: "Inputs") -> "Inputs":
-        mi = self._model_inputs(inputs)
-        P = mi["input_ids"].shape[1]
-        gc = self.generation_config(P)
-        stops = set(eos_ids(gc))
-        with torch.no_grad():
-            seq = self.model.generate(**mi, generation_config=gc)
-        new = seq[:, P:]  # [batch, n]
-        keep = torch.ones_like(new, dtype=torch.bool)
-        for b in range(new.shape[0]):
-            row = new[b].tolist()
-            stop = next((i for i, t in enumerate(row) if t in stops), None)
-            if stop is not None:
-                keep[b, stop + 1:] = False
-        out = Inputs(mi, getattr(inputs, "state", None))
-        out["input_ids"] = seq
-        out["attention_mask"] = torch.cat([mi["attention_mask"], keep.to(mi["attention_mask"].dtype)], dim=1)
-        self.extend_inputs(out, mi, new)
-        out.state[GEN_START] = torch.full((seq.shape[0],), P, dtype=torch.long, device=seq.device)
-        return out
-
-    def predict(self, outputs: "ForwardOutput", answers: list[str | None]) -> list["Prediction"]:
-        """The generated text (special tokens dropped); correct when it matches the answer, normalised."""
-        preds = []
-        for gen, ans in zip(outputs.generated, answers):
-            text = self.tokenizer.decode(gen, skip_special_tokens=True).strip()
-            correct = None if ans is None else normalise_answer(text) == normalise_answer(ans)
-            preds.append(Prediction(text, correct, {"generated_tokens": len(gen)}))
-        return preds
-
-    def forward(self, inputs: "Inputs", example_ids=None, grad: bool = False) -> "ForwardOutput":
-        """One teacher-forced pass over prompt + generated tokens (``prepare`` runs first when it has
-        not); ``grad``: build the autograd graph (``--explain relevancy``'s second pass)."""
-        if GEN_START not in getattr(inputs, "state", {}):
-            prepared = self.prepare(inputs)
-            inputs.update(prepared)
-            if isinstance(inputs, Inputs):
-                inputs.state.update(prepared.state)
-            else:
-                inputs = prepared
-        return super().forward(inputs, example_ids, grad)
-
-
-
-class LanguageModelExplained:
-    """``--explain relevancy`` and ``lens`` for a decoder whose language model ends in a final norm at
-    ``LM_NORM`` and the model's ``lm_head`` (a mixin before :class:`DecoderAdapter`; a family without
-    it, BLIP-2, offers neither)."""
-
-    LM_NORM = "model.language_model.norm"
-
-    def relevancy_targets(self, inputs, outputs: ForwardOutput) -> list[dict]:
-        """Each generated token, scored by its logit at the position before it (the one that predicted
-        it) and read there, in the ``lm`` stream."""
-        ids, start = inputs["input_ids"], inputs.state[GEN_START]
-        logits = outputs.outputs.logits
-        dev = logits.device
-        out = []
-        for s in range(max((len(g) for g in outputs.generated), default=0)):
-            active = torch.tensor([s < len(g) for g in outputs.generated], device=dev)
-            pos = (start.to(dev) + s).clamp(max=ids.shape[1] - 1)  # the generated token's position
-            row = pos - 1
-            tok = ids.to(dev).gather(1, pos[:, None])[:, 0]
-            score = logits[torch.arange(len(pos), device=dev), row].gather(1, tok[:, None])[:, 0]
-            out.append({"stream": "lm", "row": row, "score": score, "active": active, "target": pos})
-        return out
-
-    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The language model's final norm and unembedding, for ``--explain lens``."""
-        return module_at(self.model, self.LM_NORM), self.model.lm_head
-
-
-def probed_points(stream: str, attn: list[AttnProbe], hidden: list[Probe], keep_hidden: set[int] | None,
-                  explain: tuple[str, ...] = ()) -> list[HookPoint]:
-    """The hook points of a stream whose attention maps and hidden states the adapter's own hooks hand
-    to probes (a tower that packs or crops its batch): every layer's attention, and the hidden states
-    kept (all of them pass through when ``sinks`` or ``lens`` reads them unstored)."""
-    pts = [HookPoint(stream, i, "attention", p, index=1) for i, p in enumerate(attn)]
-    every = "sinks" in explain or "lens" in explain
-    for i, p in enumerate(hidden):
-        kept = keep_hidden is None or i in keep_hidden
-        if kept or every:
-            pts.append(HookPoint(stream, i, "hidden", p, store=kept))
-    return pts
-
-
-def token_rows(**cols) -> pa.Table:
-    """A token table from its columns (lists, one value per token). ``tile`` may be left out: image
-    tokens are then tile 0 (the base image) and text tokens null; a tiling family gives its own."""
-    if "tile" not in cols:
-        cols["tile"] = [0 if m == "image" else None for m in cols["modality"]]
-    return pa.table(cols, schema=TOKEN_SCHEMA)
-
-
-def text_columns(stream: str, pieces: list[str], roles: list[str], seq_pos: list[int]) -> dict[str, list]:
-    """Token-table columns of text tokens (see :func:`stack_columns`)."""
-    n = len(pieces)
-    return {"stream": [stream] * n, "modality": ["text"] * n, "role": list(roles), "token": list(pieces),
-            "seq_pos": list(seq_pos), "patch_row": [None] * n, "patch_col": [None] * n, "box": [None] * n}
-
-
-def image_columns(grid: PatchGrid, stream: str, image_cls: bool) -> dict[str, list]:
-    """Token-table columns of a vision tower's tokens: its image ``[CLS]`` (when it has one; boxed
-    with the whole processed image) then the patches in raster order; ``seq_pos`` as the tower
-    sees them (``[CLS]`` 0, patch ``(r, c)`` at ``[1 +] r * cols + c``: ``flatten(2)`` is row-major)."""
-    first = 1 if image_cls else 0
-    n, cells = first + len(grid.cells), grid.cells
-    return {"stream": [stream] * n, "modality": ["image"] * n,
-            "role": ["image_cls"] * first + ["patch"] * len(cells), "token": [None] * n,
-            "seq_pos": list(range(first)) + [first + r * grid.cols + c for r, c in cells],
-            "patch_row": [None] * first + [r for r, _ in cells], "patch_col": [None] * first + [c for _, c in cells],
-            "box": ([grid.whole] if first else []) + list(grid.boxes)}
-
-
-def stack_columns(*parts: dict[str, list]) -> pa.Table:
-    """One example's token table from column parts (:func:`text_columns`, :func:`image_columns`, or
-    a family's own with the same keys: ``box`` a 4-tuple in original pixels or None), in order:
-    ``token_idx`` numbers the rows, ``text_pos`` the text tokens. A ``tile`` key (every part's) is
-    passed on; without it image tokens are tile 0 (:func:`token_rows`)."""
-    cols = {k: [v for p in parts for v in p[k]] for k in parts[0]}
-    box = cols.pop("box")
-    text_pos, i = [], 0
-    for m in cols["modality"]:
-        text_pos.append(i if m == "text" else None)
-        i += m == "text"
-    extra = {"tile": cols["tile"]} if "tile" in cols else {}
-    return token_rows(token_idx=list(range(len(box))), stream=cols["stream"], modality=cols["modality"],
-                      role=cols["role"], token=cols["token"], seq_pos=cols["seq_pos"], text_pos=text_pos,
-                      patch_row=cols["patch_row"], patch_col=cols["patch_col"],
-                      **{name: [None if b is None else b[j] for b in box]
-                         for j, name in enumerate(("x0", "y0", "x1", "y1"))}, **extra)
-
-
-def token_table(*, n_text: int, n_image: int, stream: str, roles_text, roles_image, pieces, seq,
-                patch_row, patch_col, x0, y0, x1, y1, tile=None) -> pa.Table:
-    """One stream's token table from arrays: ``n_text`` text tokens then ``n_image`` image tokens.
-
-    ``roles_text``/``pieces`` cover the text tokens; ``roles_image``, ``patch_row``/``patch_col``
-    (-1 = none), the box ``x0..y1`` and ``tile`` (default 0, the base image) the image tokens;
-    ``seq`` every token's sequence position.
-    """
-    n = n_text + n_image
-    nulls_t = np.ones(n_text, bool)
-    pr, pc = np.asarray(patch_row, np.int32), np.asarray(patch_col, np.int32)
-
-    def img(values, dtype, mask=None):
-        full = np.concatenate([np.zeros(n_text, dtype), np.asarray(values, dtype)])
-        m = np.concatenate([nulls_t, np.zeros(n_image, bool) if mask is None else mask])
-        return pa.array(full, mask=m)
-
-    return pa.table({
-        "token_idx": pa.array(np.arange(n, dtype=np.int32)),
-        "stream": pa.array([stream] * n, pa.string()),
-        "modality": pa.array(["text"] * n_text + ["image"] * n_image, pa.string()),
-        "role": pa.array(list(roles_text) + list(roles_image), pa.string()),
-        "token": pa.array(list(pieces) + [None] * n_image, pa.string()),
-        "seq_pos": pa.array(np.asarray(seq, np.int32)),
-        "text_pos": pa.array(np.arange(n, dtype=np.int32), mask=np.arange(n) >= n_text),
-        "patch_row": img(pr, np.int32, pr < 0),
-        "patch_col": img(pc, np.int32, pc < 0),
-        "x0": img(x0, np.float32), "y0": img(y0, np.float32), "x1": img(x1, np.float32), "y1": img(y1, np.float32),
-        "tile": img(np.zeros(n_image) if tile is None else tile, np.int16),
-    }, schema=TOKEN_SCHEMA)
-
-
-def role_is_special(role: str) -> bool:
-    return role in ROLES_SPECIAL
-
-
 def normalise_answer(text: str | None) -> str | None:
     return None if text is None else " ".join(str(text).lower().strip().split())
-
-
-def _col(t: pa.Table, name: str, dtype=None) -> np.ndarray:
-    a = t.column(name).to_numpy(zero_copy_only=False)
-    return a if dtype is None else a.astype(dtype)
-
-
-def boxed_masks(tokens: pa.Table, boxes: list[dict] | None, pieces_of) -> tuple[np.ndarray, np.ndarray]:
-    """Which text tokens belong to a boxed word, and which patches lie in that word's box.
-
-    Parameters
-    ----------
-    tokens : one example's token table (one stream).
-    boxes : the manifest's ``[{"label": word, "box": [x0, y0, x1, y1]}]``.
-    pieces_of : ``label -> list of word pieces`` (the model's tokenizer).
-
-    Returns
-    -------
-    ``boxed`` ``[token]`` bool, and ``in_box`` ``[token, token]`` bool (token ``j``'s box
-    contains patch ``k``). A patch is in a box when its centre is; when no patch centre is,
-    the patch holding the box's centre stands for it.
-    """
-    n = tokens.num_rows
-    boxed = np.zeros(n, bool)
-    in_box = np.zeros((n, n), bool)
-    if not boxes or n == 0:
-        return boxed, in_box
-    role = _col(tokens, "role")
-    modality = _col(tokens, "modality")
-    patches = np.flatnonzero(role == "patch")
-    words_at = np.flatnonzero(modality == "text")
-    words = [(w or "").lower() for w in _col(tokens, "token")[words_at]]
-    if len(patches):
-        x0p, x1p = _col(tokens, "x0", float)[patches], _col(tokens, "x1", float)[patches]
-        y0p, y1p = _col(tokens, "y0", float)[patches], _col(tokens, "y1", float)[patches]
-        cxp, cyp = (x0p + x1p) / 2, (y0p + y1p) / 2
-    for b in boxes:
-        pieces = [p.lower() for p in pieces_of(b["label"])]
-        if not pieces or not len(patches):
-            continue
-        x0, y0, x1, y1 = b["box"]
-        inside = patches[(x0 <= cxp) & (cxp <= x1) & (y0 <= cyp) & (cyp <= y1)]
-        if not len(inside):
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            inside = patches[(x0p <= cx) & (cx < x1p) & (y0p <= cy) & (cy < y1p)][:1]
-        if not len(inside):
-            continue
-        m = len(pieces)
-        for s in range(len(words) - m + 1):  # word matching: a few dozen text tokens at most
-            if words[s:s + m] == pieces:
-                js = words_at[s:s + m]
-                boxed[js] = True
-                in_box[np.ix_(js, inside)] = True
-    return boxed, in_box
-
-
-def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The submodule at a dotted path such as ``vilt.encoder.layer.3.attention``."""
-    m = root
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
 
 
 def stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
@@ -728,7 +333,7 @@ def stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
         n = len(o)
         seq[b, :n] = np.asarray(o, np.int64)
         valid[b, :n] = True
-        modality, role = _col(t, "modality"), _col(t, "role")
+        modality, role = column(t, "modality"), column(t, "role")
         text[b, :n] = modality == "text"
         image[b, :n] = modality == "image"
         patch[b, :n] = role == "patch"
@@ -739,55 +344,6 @@ def stream_layout(tables, orders, boxes, pieces_of) -> StreamLayout:
     tv = torch.from_numpy
     return StreamLayout(tv(seq), tv(valid), TokenMasks(tv(valid), tv(text), tv(image), tv(patch), tv(special),
                                                        tv(in_box), tv(boxed)), [0] * B)
-
-
-def stream_shapes(configs: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """``{stream: {"layers", "heads", "hidden_size"}}`` from each stream's (sub-)config."""
-    return {s: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}
-            for s, c in configs.items()}
-
-
-def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: dict[str, dict[str, str]],
-                       keep_hidden: set[int] | None,
-                       first_hidden: dict[str, torch.nn.Module] | None = None,
-                       explain: tuple[str, ...] = ()) -> list[HookPoint]:
-    """Hook points of every stream: each layer's attention (index 1 of its module's output) and the
-    hidden states kept (``keep_hidden``: hidden-state layers, None = all).
-
-    ``paths[stream]`` maps ``attention`` and ``hidden`` (formatted with ``layer``) and ``hidden_0``
-    (the module whose output is hidden state 0) to module paths; a stream without ``hidden`` keeps
-    no hidden states. ``first_hidden[stream]`` replaces the ``hidden_0`` module.
-
-    ``explain`` (``pipeline.explain``): with ``value``, each layer's value projection (``value``,
-    ``PATH#i/n`` for part ``i`` of a fused projection) with its output projection (``out``); with
-    ``sinks`` or ``lens``, every hidden state, those outside ``keep_hidden`` marked not to be stored.
-    """
-    pts: list[HookPoint] = []
-    for stream, p in paths.items():
-        c = configs[stream]
-        n = c.num_hidden_layers
-        if "value" in explain and "value" in p:
-            for i in range(n):
-                path, _, part = p["value"].format(layer=i).partition("#")
-                pts.append(HookPoint(stream, i, "value", module_at(model, path), index=0, drop=False,
-                                     out=module_at(model, p["out"].format(layer=i)), heads=c.num_attention_heads,
-                                     kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                                     part=tuple(int(x) for x in part.split("/")) if part else None))
-        pts += [HookPoint(stream, i, "attention", module_at(model, p["attention"].format(layer=i)), index=1)
-                for i in range(n)]
-        if "hidden" not in p:
-            continue
-        every = "sinks" in explain or "lens" in explain  # both read every layer's hidden state
-
-        def kept(layer: int) -> bool:
-            return keep_hidden is None or layer in keep_hidden
-
-        if kept(0) or every:
-            first = (first_hidden or {}).get(stream) or module_at(model, p["hidden_0"])
-            pts.append(HookPoint(stream, 0, "hidden", first, store=kept(0)))
-        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)), store=kept(i + 1))
-                for i in range(n) if kept(i + 1) or every]
-    return pts
 
 
 def encoder_relevancy_targets(adapter, inputs, outputs) -> list[dict]:

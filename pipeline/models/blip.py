@@ -41,31 +41,38 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, boxed_masks, image_columns, module_at,
-                                  normalise_answer, split_stream_layouts, stack_columns, text_columns)
-from pipeline.models.geometry import crop_geometry, patch_grid
+from pipeline.models.base import BatchLayout, Inputs, Prediction, module_at, normalise_answer
+from pipeline.models.encoders import TextVisionEncoder
+from pipeline.models.family import FamilySpec
+from pipeline.models.tokens import boxed_masks
 
-MODULES = {
-    "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
-               "hidden_0": "vision_model.embeddings",
-               "hidden": "vision_model.encoder.layers.{layer}",
-               # the vision tower's q, k and v come from one fused projection: v is its last third
-               "value": "vision_model.encoder.layers.{layer}.self_attn.qkv#2/3",
-               "out": "vision_model.encoder.layers.{layer}.self_attn.projection"},
-    "text": {"attention": "text_encoder.encoder.layer.{layer}.attention.self",
-             "hidden_0": "text_encoder.embeddings",
-             "hidden": "text_encoder.encoder.layer.{layer}",
-             "value": "text_encoder.encoder.layer.{layer}.attention.self.value",
-             "out": "text_encoder.encoder.layer.{layer}.attention.output.dense"},
-    "cross": {"attention": "text_encoder.encoder.layer.{layer}.crossattention.self",
-              "value": "text_encoder.encoder.layer.{layer}.crossattention.self.value",
-              "out": "text_encoder.encoder.layer.{layer}.crossattention.output.dense"},
-}
+BLIP = FamilySpec(
+    name="blip",
+    classes={"blip": "BlipForQuestionAnswering"},  # or BlipForImageTextRetrieval: HEADS
+    streams={
+        "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
+                   "hidden_0": "vision_model.embeddings",
+                   "hidden": "vision_model.encoder.layers.{layer}",
+                   # the vision tower's q, k and v come from one fused projection: v is its last third
+                   "value": "vision_model.encoder.layers.{layer}.self_attn.qkv#2/3",
+                   "out": "vision_model.encoder.layers.{layer}.self_attn.projection"},
+        "text": {"attention": "text_encoder.encoder.layer.{layer}.attention.self",
+                 "hidden_0": "text_encoder.embeddings",
+                 "hidden": "text_encoder.encoder.layer.{layer}",
+                 "value": "text_encoder.encoder.layer.{layer}.attention.self.value",
+                 "out": "text_encoder.encoder.layer.{layer}.attention.output.dense"},
+        "cross": {"attention": "text_encoder.encoder.layer.{layer}.crossattention.self",
+                  "value": "text_encoder.encoder.layer.{layer}.crossattention.self.value",
+                  "out": "text_encoder.encoder.layer.{layer}.crossattention.output.dense"},
+    },
+    cross={"cross": "vision"},
+    max_new_tokens=10,
+)
 HEADS = {"BlipForQuestionAnswering": "vqa", "BlipForImageTextRetrieval": "retrieval"}
-MAX_NEW_TOKENS = 10
+MAX_NEW_TOKENS = BLIP.max_new_tokens  # the VQA answer's length
 
 
-class BlipAdapter(Adapter):
+class BlipAdapter(TextVisionEncoder):
     """BLIP VQA / ITM: streams ``vision``, ``text`` and ``cross``."""
 
     family = "blip"
@@ -83,7 +90,7 @@ class BlipAdapter(Adapter):
         self.max_text = int(tc.max_position_embeddings)
         self.patch_size = int(vc.patch_size)
         self.configs = {"vision": vc, "text": tc, "cross": tc}
-        self.paths = MODULES
+        self.paths = dict(BLIP.streams)
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
@@ -142,24 +149,11 @@ class BlipAdapter(Adapter):
         return super()._text_role(i, piece, real)
 
     def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()
-        seen = inputs["attention_mask"].cpu().bool()
-        ph, pw = inputs["pixel_values"].shape[-2:]
-        tables, text_orders, vis_orders, offsets, grids = [], [], [], [], []
-        for b in range(ids.shape[0]):
-            text_pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, text_pos].tolist()
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            roles = [self._text_role(i, p) for i, p in zip(tid, pieces)]
-            W, H = images[b].size  # resized to a square, no crop: x and y scales differ
-            grid = patch_grid(crop_geometry(self.processor.image_processor, W, H), W, H, (pw, ph), self.patch_size)
-            vision = image_columns(grid, "vision", image_cls=True)
-            tables.append(stack_columns(text_columns("text", pieces, roles, text_pos), vision))
-            text_orders.append(text_pos)
-            vis_orders.append(vision["seq_pos"])
-            offsets.append(len(text_pos))
-            grids.append((grid.rows, grid.cols))
-        text_sl, vis_sl = split_stream_layouts(tables, offsets, text_orders, vis_orders, boxes, self._pieces)
+        """``text`` and ``vision`` (``encoders.TextVisionEncoder``), and ``cross``: the text layout for
+        the queries, with word boxes over the vision tokens (keys)."""
+        out = super().layout(inputs, images, boxes)
+        tables, text_sl, vis_sl = out.tokens, out.streams["text"], out.streams["vision"]
+        offsets = vis_sl.token_offset
         nq, nk = text_sl.valid.shape[1], vis_sl.valid.shape[1]
         in_box = torch.zeros(len(tables), nq, nk, dtype=torch.bool)
         boxed = torch.zeros(len(tables), nq, dtype=torch.bool)
@@ -169,8 +163,8 @@ class BlipAdapter(Adapter):
             in_box[b, :nt, :t.num_rows - nt] = torch.from_numpy(ib[:nt, nt:])
         # cross: the text layout for the queries, with word boxes over the vision tokens (keys)
         cross_sl = replace(text_sl, masks=replace(text_sl.masks, in_box=in_box, boxed=boxed))
-        return BatchLayout(tables, {"text": text_sl, "vision": vis_sl, "cross": cross_sl}, grids,
-                           keys={"cross": "vision"})
+        return BatchLayout(tables, {"text": text_sl, "vision": vis_sl, "cross": cross_sl}, out.grid,
+                           keys=dict(BLIP.cross))
 
     # -- predictions ----------------------------------------------------------------
     def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:

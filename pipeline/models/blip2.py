@@ -37,7 +37,7 @@ Token table of one example, one index space::
   outputs scattered in, before OPT's position embeddings), of ``qformer`` the Q-Former's
   ``layernorm`` output (the query tokens as they enter layer 0); ``qformer_cross`` keeps none.
 
-Two passes per batch (``base.DecoderAdapter``): ``prepare()`` answers greedily under the
+Two passes per batch (``decoder.DecoderAdapter``): ``prepare()`` answers greedily under the
 checkpoint's own generation config (``<image>`` added to its suppressed tokens) with the model's own
 ``generate`` (which scatters the query outputs into the prompt), uncaptured; then one captured
 teacher-forced pass over prompt + answer.
@@ -60,37 +60,60 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, Probe, checked_architecture,
-                                  greedy_generation_config, image_columns, module_at, stack_columns,
-                                  stream_hook_points, stream_layout)
+from pipeline.models.base import GEN_START, BatchLayout, Inputs, stream_layout
+from pipeline.models.decoder import DecoderAdapter
+from pipeline.models.family import FamilySpec
 from pipeline.models.geometry import crop_geometry, patch_grid
-from pipeline.models.llava import MAX_NEW_TOKENS
+from pipeline.models.hooks import module_at
+from pipeline.models.tokens import image_columns, stack_columns
 
-MODULES = {
-    "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
-               "hidden_0": "vision_model.embeddings",
-               "hidden": "vision_model.encoder.layers.{layer}"},
-    "qformer": {"attention": "qformer.encoder.layer.{layer}.attention.attention",
-                "hidden_0": "qformer.layernorm",
-                "hidden": "qformer.encoder.layer.{layer}"},
-}  # and lm: the language model's layers (OPT's or Llama's, see ``Blip2Adapter.__init__``)
-CROSS = "qformer.encoder.layer.{layer}.crossattention.attention"
+CROSS = "qformer.encoder.layer.{layer}.crossattention.attention"  # in the layers that have cross-attention
+BLIP2 = FamilySpec(
+    name="blip2",
+    classes={"blip-2": "Blip2ForConditionalGeneration"},
+    # and lm: the language model's layers, OPT's or Llama's (Blip2Adapter.module_paths)
+    streams={"vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
+                        "hidden_0": "vision_model.embeddings", "hidden": "vision_model.encoder.layers.{layer}"},
+             "qformer": {"attention": "qformer.encoder.layer.{layer}.attention.attention",
+                         "hidden_0": "qformer.layernorm", "hidden": "qformer.encoder.layer.{layer}"}},
+    tower="query_tokens",
+    lm="language_model",
+    cross={"qformer_cross": "vision"},
+    eager_parts=("text_config", "vision_config", "qformer_config"),
+)
+INSTRUCTBLIP = replace(
+    BLIP2, name="instructblip", classes={"instructblip": "InstructBlipForConditionalGeneration"},
+    streams={**BLIP2.streams, "qformer": {**BLIP2.streams["qformer"], "hidden_0": "qformer.embeddings"}})
 STREAMS = ("lm", "qformer", "vision")  # token-table order
 
 
 class Blip2Adapter(DecoderAdapter):
     """Blip2ForConditionalGeneration with a decoder-only language model (OPT or Llama-like)."""
 
-    family = "blip2"
-    EAGER_PARTS = ("text_config", "vision_config", "qformer_config")
+    spec = BLIP2
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
-        super().__init__(model, processor, device)
         cfg = model.config
         if getattr(cfg.text_config, "is_encoder_decoder", False):
             raise NotImplementedError("BLIP-2 with an encoder-decoder language model (Flan-T5) is not supported; "
                                       "VL-Atlas handles BLIP-2 with a decoder-only one (OPT)")
+        if getattr(processor, "num_query_tokens", None) != cfg.num_query_tokens:
+            raise NotImplementedError(f"the processor expands {getattr(processor, 'num_query_tokens', None)} "
+                                      f"image tokens, the model has {cfg.num_query_tokens} query tokens; "
+                                      "VL-Atlas needs a processor with num_query_tokens set (recent checkpoints)")
+        self.cross_layers = [i for i in range(cfg.qformer_config.num_hidden_layers)
+                             if module_at(model, f"qformer.encoder.layer.{i}").has_cross_attention]
+        super().__init__(model, processor, device, max_new_tokens)
+        self.num_query = int(cfg.num_query_tokens)
+
+    def stream_configs(self, cfg) -> dict[str, Any]:
+        qc = cfg.qformer_config
+        cross_cfg = copy.copy(qc)
+        cross_cfg.num_hidden_layers = len(self.cross_layers)
+        return {"lm": cfg.text_config, "qformer": qc, "qformer_cross": cross_cfg, "vision": cfg.vision_config}
+
+    def module_paths(self, model):
         inner = getattr(module_at(model, "language_model"), "model", None)
         self.mask_positions = False  # OPT numbers positions from the attention mask itself
         if hasattr(inner, "decoder"):  # OPT
@@ -101,38 +124,14 @@ class Blip2Adapter(DecoderAdapter):
         else:
             raise NotImplementedError("VL-Atlas's blip2 adapter knows BLIP-2 and InstructBLIP with an OPT or "
                                       "Llama-like (Vicuna) language model")
-        if getattr(processor, "num_query_tokens", None) != cfg.num_query_tokens:
-            raise NotImplementedError(f"the processor expands {getattr(processor, 'num_query_tokens', None)} "
-                                      f"image tokens, the model has {cfg.num_query_tokens} query tokens; "
-                                      "VL-Atlas needs a processor with num_query_tokens set (recent checkpoints)")
-        self.tokenizer.padding_side = "left"
-        self.max_new_tokens = max_new_tokens
-        self.num_query = int(cfg.num_query_tokens)
-        self.image_token_id = int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None
-                                  else cfg.image_token_index)
-        qc = cfg.qformer_config
-        self.cross_layers = [i for i in range(qc.num_hidden_layers)
-                             if module_at(model, f"qformer.encoder.layer.{i}").has_cross_attention]
-        cross_cfg = copy.copy(qc)
-        cross_cfg.num_hidden_layers = len(self.cross_layers)
-        self.configs = {"lm": cfg.text_config, "qformer": qc, "qformer_cross": cross_cfg,
-                        "vision": cfg.vision_config}
-        self.paths = {**MODULES, "lm": {"attention": lm_layers + ".self_attn", "hidden": lm_layers}}
-        self.patch_size = int(cfg.vision_config.patch_size)
-        self.probe = Probe()
-        self.first_hidden = {"lm": self.probe}
-        module_at(model, "language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
-
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, "Blip2ForConditionalGeneration", "blip2")
+        return {**self.spec.streams, "lm": {"attention": lm_layers + ".self_attn", "hidden": lm_layers}}
 
     INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
     def hook_points(self, keep_hidden, explain=()):
-        configs = {s: c for s, c in self.configs.items() if s != "qformer_cross"}
-        pts = stream_hook_points(self.model, configs, self.paths, keep_hidden, first_hidden=self.first_hidden,
-                                 explain=())
+        """Every stream's modules (no ``--explain``), and ``qformer_cross`` layer ``k`` in the ``k``-th
+        Q-Former layer that has cross-attention."""
+        pts = super().hook_points(keep_hidden, ())
         return pts + [HookPoint("qformer_cross", k, "attention", module_at(self.model, CROSS.format(layer=i)), index=1)
                       for k, i in enumerate(self.cross_layers)]
 
@@ -143,11 +142,6 @@ class Blip2Adapter(DecoderAdapter):
 
     def _model_inputs(self, inputs):
         return {k: inputs[k] for k in self.INPUTS}
-
-    def generation_config(self, prompt_length: int | None = None):
-        return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
-                                        max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
-                                        prompt_length=prompt_length)
 
     def run(self, inputs, model_inputs, example_ids):
         """The teacher-forced pass. A Llama-like language model numbers positions 0, 1, ... whatever the
@@ -212,7 +206,7 @@ class Blip2Adapter(DecoderAdapter):
         cross = replace(qf, masks=replace(qf.masks, in_box=torch.zeros(B, nq, nk, dtype=torch.bool),
                                           boxed=torch.zeros(B, nq, dtype=torch.bool)))
         layouts["qformer_cross"] = cross
-        return BatchLayout(tables, layouts, grids, keys={"qformer_cross": "vision"})
+        return BatchLayout(tables, layouts, grids, keys=dict(self.spec.cross))
 
 
 class InstructBlipAdapter(Blip2Adapter):
@@ -225,18 +219,14 @@ class InstructBlipAdapter(Blip2Adapter):
     ``qformer`` tokens. ``hidden_0`` of ``qformer`` is ``qformer.embeddings`` (queries and
     instruction embedded and normalised together)."""
 
-    family = "instructblip"
     INPUTS = ("input_ids", "attention_mask", "pixel_values", "qformer_input_ids", "qformer_attention_mask")
+
+    spec = INSTRUCTBLIP
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
         super().__init__(model, processor, device, max_new_tokens)
-        self.paths = {**self.paths, "qformer": {**self.paths["qformer"], "hidden_0": "qformer.embeddings"}}
         self.qformer_tokenizer = processor.qformer_tokenizer
-
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, "InstructBlipForConditionalGeneration", "instructblip")
 
     def encode(self, texts: list[str], images: list):
         """As BLIP-2, with the instruction padded on the right: the Q-Former numbers its instruction

@@ -33,47 +33,25 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, encoder_relevancy_targets,
-                                  image_columns, split_stream_layouts, stack_columns, text_columns)
-from pipeline.models.geometry import crop_geometry, patch_grid
+from pipeline.models.base import Inputs, Prediction, encoder_relevancy_targets
+from pipeline.models.encoders import TextVisionEncoder
+from pipeline.models.family import FamilySpec, encoder_paths
 
-# Native module paths -> (stream, layer): one dict per family (docs/DESIGN.md, Model adapters). Attention modules
-# (CLIPAttention / SiglipAttention) return (attn_output, attn_weights); encoder layers return
-# their hidden state. Hidden state 0 is the input of block 0, as in the model's own
+# Native module paths -> (stream, layer): one declaration per family (docs/DESIGN.md, Model adapters).
+# Attention modules (CLIPAttention / SiglipAttention) return (attn_output, attn_weights); encoder layers
+# return their hidden state. Hidden state 0 is the input of block 0, as in the model's own
 # ``hidden_states[0]``: for CLIP's vision tower that is *after* ``pre_layrnorm``.
-MODULES = {
-    "clip": {
-        "text": {"attention": "text_model.encoder.layers.{layer}.self_attn",
-                 "hidden_0": "text_model.embeddings",
-                 "hidden": "text_model.encoder.layers.{layer}",
-                 "value": "text_model.encoder.layers.{layer}.self_attn.v_proj",
-                 "out": "text_model.encoder.layers.{layer}.self_attn.out_proj"},
-        "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
-                   "hidden_0": "vision_model.pre_layrnorm",
-                   "hidden": "vision_model.encoder.layers.{layer}",
-                   "value": "vision_model.encoder.layers.{layer}.self_attn.v_proj",
-                   "out": "vision_model.encoder.layers.{layer}.self_attn.out_proj"},
-    },
-    "siglip": {
-        "text": {"attention": "text_model.encoder.layers.{layer}.self_attn",
-                 "hidden_0": "text_model.embeddings",
-                 "hidden": "text_model.encoder.layers.{layer}",
-                 "value": "text_model.encoder.layers.{layer}.self_attn.v_proj",
-                 "out": "text_model.encoder.layers.{layer}.self_attn.out_proj"},
-        "vision": {"attention": "vision_model.encoder.layers.{layer}.self_attn",
-                   "hidden_0": "vision_model.embeddings",
-                   "hidden": "vision_model.encoder.layers.{layer}",
-                   "value": "vision_model.encoder.layers.{layer}.self_attn.v_proj",
-                   "out": "vision_model.encoder.layers.{layer}.self_attn.out_proj"},
-    },
-}
-MODEL_CLASS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
-STREAMS = ("text", "vision")  # token-table order: text tokens first
+TEXT = encoder_paths("text_model")
+CLIP = FamilySpec(name="clip", classes={"clip": "CLIPModel"},
+                  streams={"text": TEXT, "vision": encoder_paths("vision_model", hidden_0="pre_layrnorm")})
+SIGLIP = FamilySpec(name="siglip", classes={"siglip": "SiglipModel"},
+                    streams={"text": TEXT, "vision": encoder_paths("vision_model")})
+SPECS = {"clip": CLIP, "siglip": SIGLIP}
 HAS_IMAGE_CLS = {"clip": True, "siglip": False}
 REAL_MASK = "text_real"  # key of the tokenizer's own padding mask in the batch's Inputs.state
 
 
-class DualEncoderAdapter(Adapter):
+class DualEncoderAdapter(TextVisionEncoder):
     """CLIPModel / SiglipModel: streams ``text`` and ``vision``."""
 
     family = "dual"
@@ -87,11 +65,13 @@ class DualEncoderAdapter(Adapter):
         self.max_text = int(tc.max_position_embeddings)
         self.patch_size = int(vc.patch_size)
         self.configs = {"text": tc, "vision": vc}
-        self.paths = {s: MODULES[self.kind][s] for s in STREAMS}
+        self.paths = dict(SPECS[self.kind].streams)
+        self.image_cls = HAS_IMAGE_CLS[self.kind]
 
     @classmethod
     def model_class(cls, config, model_id: str) -> str:
-        return MODEL_CLASS["siglip" if config.model_type == "siglip" else "clip"]
+        kind = "siglip" if config.model_type == "siglip" else "clip"
+        return SPECS[kind].classes[kind]
 
     # -- inputs ---------------------------------------------------------------------
     def encode(self, texts: list[str], images: list):
@@ -128,28 +108,15 @@ class DualEncoderAdapter(Adapter):
         return {"text": text, "vision": torch.zeros_like(text)}
 
     # -- layout ---------------------------------------------------------------------
-    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()  # [batch, T]
+    def seen(self, inputs: Inputs) -> torch.Tensor:
+        """The tokens the model attends to: those of its attention mask, or all when it gets none."""
         real = inputs.state[REAL_MASK].cpu().bool()  # [batch, T]
-        # tokens the model attends to: those of its attention mask, or all when it gets none
-        seen = inputs["attention_mask"].cpu().bool() if "attention_mask" in inputs else torch.ones_like(real)
-        ph, pw = inputs["pixel_values"].shape[-2:]  # [batch, channel, height, width]
-        tables, text_orders, vis_orders, offsets, grids = [], [], [], [], []
-        for b in range(ids.shape[0]):
-            text_pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, text_pos].tolist()
-            pieces = self.tokenizer.convert_ids_to_tokens(tid)
-            roles = [self._text_role(i, real=bool(real[b, p])) for i, p in zip(tid, text_pos)]
-            W, H = images[b].size
-            grid = patch_grid(crop_geometry(self.processor.image_processor, W, H), W, H, (pw, ph), self.patch_size)
-            vision = image_columns(grid, "vision", HAS_IMAGE_CLS[self.kind])
-            tables.append(stack_columns(text_columns("text", pieces, roles, text_pos), vision))
-            text_orders.append(text_pos)
-            vis_orders.append(vision["seq_pos"])
-            offsets.append(len(text_pos))
-            grids.append((grid.rows, grid.cols))
-        text_sl, vis_sl = split_stream_layouts(tables, offsets, text_orders, vis_orders, boxes, self._pieces)
-        return BatchLayout(tables, {"text": text_sl, "vision": vis_sl}, grids)
+        return inputs["attention_mask"].cpu().bool() if "attention_mask" in inputs else torch.ones_like(real)
+
+    def text_roles(self, inputs: Inputs, b: int, tid: list[int], pieces: list[str], text_pos: list[int]) -> list[str]:
+        """Pads by the tokenizer's own mask (SigLIP's pads are attended to: role ``pad``)."""
+        real = inputs.state[REAL_MASK][b].cpu().bool()
+        return [self._text_role(i, real=bool(real[p])) for i, p in zip(tid, text_pos)]
 
     # -- predictions ----------------------------------------------------------------
     def predict(self, outputs: Any, answers: list[str | None]) -> list[Prediction]:

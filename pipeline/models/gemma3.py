@@ -25,7 +25,7 @@ image <image block> and here are some crops to help you see better <image block>
 (``<start_of_image>``, ``mm_tokens_per_image`` soft tokens, ``<end_of_image>`` per block). ``tile``
 in the token table: 0 the whole image, ``k`` crop ``k`` (in the processor's order); lm image block
 ``k`` is tile ``k``. The vision tower's batch is then the crops of all examples: as LLaVA-NeXT's
-(``pipeline/models/crop_tower.py``), the adapter's hooks regroup it per example, the ``vision``
+(``towers.CropTower``), the adapter's hooks regroup it per example, the ``vision``
 stream of an example holds its crops one after another (whole image first; ``seq_pos`` ``crop * n +
 patch``, ``n = gh gw``), its attention block diagonal (a crop sees only its own patches), examples
 with fewer crops zero padded outside their token table. Not captured then: the tower's
@@ -47,7 +47,7 @@ Token table of one example, one index space (without crops: one image block, one
 - Pads (batches pad on the left) are left out; ``seq_pos`` counts from the example's first real
   token.
 
-The answer: ``DecoderAdapter`` (greedy under the checkpoint's own generation config, the image
+The answer: ``decoder.DecoderAdapter`` (greedy under the checkpoint's own generation config, the image
 placeholder suppressed; then one teacher-forced captured pass).
 """
 
@@ -59,27 +59,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
-                                  checked_architecture, greedy_generation_config, module_at, split_stream_layouts,
-                                  stack_columns)
-from pipeline.models.crop_tower import CropTower, crop_columns
+from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
 from pipeline.models.geometry import PatchGrid, crop_geometry, patch_grid
+from pipeline.models.tokens import crop_columns
+from pipeline.models.towers import CropTower, crops_by_image_tokens
 
-TOWER = "model.vision_tower"
-MODULES = {
-    "lm": {"attention": "model.language_model.layers.{layer}.self_attn",
-           "hidden": "model.language_model.layers.{layer}",
-           "value": "model.language_model.layers.{layer}.self_attn.v_proj",
-           "out": "model.language_model.layers.{layer}.self_attn.o_proj",
-           "layers": "model.language_model.layers"},
-    "vision": {"attention": TOWER + ".encoder.layers.{layer}.self_attn",
-               "hidden_0": TOWER + ".embeddings",
-               "hidden": TOWER + ".encoder.layers.{layer}",
-               "value": TOWER + ".encoder.layers.{layer}.self_attn.v_proj",
-               "out": TOWER + ".encoder.layers.{layer}.self_attn.out_proj",
-               "layers": TOWER + ".encoder.layers"},
-}
-MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
+__all__ = ["GEMMA3", "MAX_NEW_TOKENS", "Gemma3Adapter", "pan_and_scan_settings"]
+
+GEMMA3 = FamilySpec(
+    name="gemma3",
+    classes={"gemma3": "Gemma3ForConditionalGeneration"},
+    streams={"lm": LM_PATHS, "vision": encoder_paths("model.vision_tower")},
+    tower="pooled",
+    markers={"config.boi_token_index": "vision_start", "config.eoi_token_index": "vision_end",
+             "<start_of_turn>": "im_start", "<end_of_turn>": "im_end"},
+    prompt="{vision_start} {text}",
+    answer_inputs={"token_type_ids": 0},  # the answer's tokens are text
+    drop_inputs=("num_crops",),
+    nested_images=True,
+)
 PAN_AND_SCAN = ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops", "pan_and_scan_min_ratio_to_activate")
 
 
@@ -101,31 +100,19 @@ def pan_and_scan_settings(processor: Any) -> dict[str, Any] | None:
     return out
 
 
-class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
+
+class Gemma3Adapter(ExplainedDecoder):
     """Gemma3ForConditionalGeneration: streams ``lm`` and ``vision`` (with pan-and-scan the tower's batch
     is the crops, regrouped per example, one block each)."""
 
-    family = "gemma3"
+    spec = GEMMA3
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
-        super().__init__(model, processor, device)
-        self.tokenizer.padding_side = "left"
-        self.max_new_tokens = max_new_tokens
-        cfg = model.config
         self.pan_and_scan = pan_and_scan_settings(processor)  # processor keywords, None when off
-        self.configs = {"lm": cfg.text_config, "vision": cfg.vision_config}
-        self.image_token_id = int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None
-                                  else cfg.image_token_index)
-        self.marker_roles = {int(cfg.boi_token_index): "vision_start", int(cfg.eoi_token_index): "vision_end"}
-        unk = self.tokenizer.unk_token_id
-        for piece, role in (("<start_of_turn>", "im_start"), ("<end_of_turn>", "im_end")):
-            i = self.tokenizer.convert_tokens_to_ids(piece)
-            if isinstance(i, int) and i != unk:
-                self.marker_roles.setdefault(i, role)
-        self.boi_token = self.tokenizer.convert_ids_to_tokens(int(cfg.boi_token_index))
+        super().__init__(model, processor, device, max_new_tokens)
+        cfg = model.config
         vc = cfg.vision_config
-        self.patch_size = int(vc.patch_size)
         side = int(vc.image_size) // self.patch_size
         per_side = int(math.isqrt(int(cfg.mm_tokens_per_image)))
         if per_side * per_side != int(cfg.mm_tokens_per_image) or side % per_side:
@@ -133,65 +120,32 @@ class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
                                       "patch grid into square blocks")
         self.kernel = side // per_side  # one lm image token = a kernel x kernel block of tower patches
         self.mm_tokens = int(cfg.mm_tokens_per_image)
-        self.paths = MODULES
-        self.probe = Probe()
-        self.first_hidden = {"lm": self.probe}
-        module_at(model, "model.language_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
-        if self.pan_and_scan is not None:
-            self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
-    def hook_points(self, keep_hidden, explain=()):
-        """Every stream's modules; with pan-and-scan, ``vision`` from the probes the tower's hooks
-        feed, one block per crop (``CropTower``)."""
+    def make_tower(self):
+        """With pan-and-scan the tower's batch is the crops (``CropTower``); else its own modules."""
         if self.pan_and_scan is None:
-            return DecoderAdapter.hook_points(self, keep_hidden, explain)
-        return CropTower.hook_points(self, keep_hidden, explain)
-
-    # -- loading ------------------------------------------------------------------
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, "Gemma3ForConditionalGeneration", "gemma3",
-                                    " (an image-text checkpoint)")
+            return super().make_tower()
+        return CropTower(self.model, self.paths["vision"], int(self.configs["vision"].num_hidden_layers))
 
     # -- inputs ---------------------------------------------------------------------
-    def prompt(self, text: str) -> str:
-        """The processor's chat template when it has one, else ``"<start_of_image> question"``."""
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return f"{self.boi_token} {text}"
-
-    def encode(self, texts: list[str], images: list):
-        prompts = [self.prompt(t) for t in texts]
+    def processor_kwargs(self, prompts: list[str]) -> dict[str, Any]:
         bos = self.tokenizer.bos_token
         # Gemma's chat template writes <bos> itself: the tokenizer must not add a second one
         kw = {"add_special_tokens": False} if bos and all(p.startswith(bos) for p in prompts) else {}
         kw.update(self.pan_and_scan or {})
-        enc = self.processor(images=[[im] for im in images], text=prompts,  # one image each
-                             return_tensors="pt", padding=True, **kw)
-        enc = {k: v for k, v in dict(enc).items() if k != "num_crops"}
+        return kw
+
+    def fill_inputs(self, enc) -> None:
         if "token_type_ids" not in enc:  # the image block's bidirectional mask reads them
             enc["token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
-        return Inputs(enc), [[] for _ in texts]
-
-    def generation_config(self, prompt_length: int | None = None):
-        return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
-                                        max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
-                                        prompt_length=prompt_length)
-
-    def extend_inputs(self, out: Inputs, model_inputs: dict, new: torch.Tensor) -> None:
-        """The answer's tokens are text: ``token_type_ids`` 0."""
-        tt = model_inputs.get("token_type_ids")
-        if tt is not None:
-            out["token_type_ids"] = torch.cat([tt, torch.zeros_like(new, dtype=tt.dtype)], dim=1)
 
     # -- the model --------------------------------------------------------------------
-    def batch_crops(self, inputs, model_inputs) -> list[int] | None:
+    def tower_batch(self, inputs, model_inputs) -> list[int] | None:
         """Image blocks per example (the whole image + its crops) with pan-and-scan; None without (the
         tower's batch is then the examples)."""
         if self.pan_and_scan is None:
             return None
-        return self.crops_by_image_tokens(inputs, self.image_token_id, self.mm_tokens)
+        return crops_by_image_tokens(inputs, self.image_token_id, self.mm_tokens)
 
     # -- layout ---------------------------------------------------------------------
     def crop_rects(self, W: int, H: int) -> list[tuple[int, int, int, int]]:
@@ -226,32 +180,20 @@ class Gemma3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
             out.append(tuple(grids))
         return out
 
-    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()
-        seen = inputs["attention_mask"].cpu().bool()
-        state = getattr(inputs, "state", {})
-        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
+    def batch_context(self, inputs, images):
         ph, pw = inputs["pixel_values"].shape[-2:]
-        tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
-        for b in range(ids.shape[0]):
-            pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, pos].tolist()
-            is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
-            W, H = images[b].size
-            crops = self.crop_grids(W, H, (pw, ph))
-            per = len(crops[0][1].cells)
-            if sum(is_img) != per * len(crops):
-                raise RuntimeError(f"example has {sum(is_img)} image tokens where {len(crops)} crop(s) of a "
-                                   f"{crops[0][1].rows}x{crops[0][1].cols} pooled grid make {per * len(crops)}")
-            img_rows = [("patch", t, *pooled.cells[j], pooled.boxes[j])
-                        for t, (_, pooled) in enumerate(crops) for j in range(per)]
-            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
-            vision = crop_columns([(t, tower.boxes, None) for t, (tower, _) in enumerate(crops)], crops[0][0].cols,
-                                  False)
-            tables.append(stack_columns(lm, vision))
-            lm_orders.append(pos)
-            vis_orders.append(vision["seq_pos"])
-            offsets.append(len(pos))
-            grids.append((crops[0][0].rows, crops[0][0].cols))
-        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
-        return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
+        return pw, ph
+
+    def image_tokens(self, ex: Example, ctx) -> ImageTokens:
+        """Image block ``j`` is crop ``j`` (0 the whole image); its token ``(r, c)`` the pooled block of tower
+        patches ``r k .. r k + k - 1`` x ``c k .. c k + k - 1``, boxed in original pixels."""
+        W, H = ex.image.size
+        crops = self.crop_grids(W, H, ctx)
+        per = len(crops[0][1].cells)
+        rows = [("patch", t, *pooled.cells[j], pooled.boxes[j]) for t, (_, pooled) in enumerate(crops)
+                for j in range(per)]
+        vision = crop_columns([(t, tower.boxes, None) for t, (tower, _) in enumerate(crops)], crops[0][0].cols, False)
+        return ImageTokens(rows, vision, (crops[0][0].rows, crops[0][0].cols),
+                           f"{len(crops)} crop(s) of a {crops[0][1].rows}x{crops[0][1].cols} pooled grid make "
+                           f"{per * len(crops)}")
+

@@ -21,7 +21,7 @@ the global image's tokens and a closing ``<fake_token_around_image>``. Roles:
 ``<fake_token_around_image>`` ``image_boundary``, ``<row_R_col_C>`` ``tile_marker``,
 ``<global-img>`` ``global_marker``; ``<end_of_utterance>`` ``im_end``.
 
-**``vision``**: as LLaVA-NeXT's (``pipeline/models/crop_tower.py``), every crop of the example one
+**``vision``**: as LLaVA-NeXT's (``towers.CropTower``), every crop of the example one
 after another in the processor's order (crops row by row, then the global image), one block each
 of a block-diagonal attention; ``seq_pos`` ``crop * n + patch``.
 
@@ -30,7 +30,7 @@ Token table of one example::
     lm:     [bos] ... <fake> <row_1_col_1> <img (0,0)> ... <fake> <row_1_col_2> ... \\n \\n <fake> <global-img> <img> ... <fake> ... g1 ... gm
     vision: crop 1: p(0,0) ... crop 2: ... global image: p(0,0) ...
 
-The answer: ``DecoderAdapter`` (greedy under the checkpoint's own generation config, the image
+The answer: ``decoder.DecoderAdapter`` (greedy under the checkpoint's own generation config, the image
 token suppressed; then one teacher-forced captured pass). One image per example.
 """
 
@@ -38,107 +38,58 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
-                                  checked_architecture, greedy_generation_config, module_at, processor_or,
-                                  split_stream_layouts, stack_columns)
-from pipeline.models.crop_tower import CropTower, crop_columns
-from pipeline.models.llava_next import _read_json
+from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.family import FamilySpec, encoder_paths
+from pipeline.models.processors import SmolVLMImageTextProcessor, processor_or
+from pipeline.models.tokens import crop_columns
 
-ARCHITECTURES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
-TOWER = "model.vision_model"
-MODULES = {
-    "lm": {"attention": "model.text_model.layers.{layer}.self_attn",
-           "hidden": "model.text_model.layers.{layer}",
-           "value": "model.text_model.layers.{layer}.self_attn.v_proj",
-           "out": "model.text_model.layers.{layer}.self_attn.o_proj",
-           "layers": "model.text_model.layers"},
-    "vision": {"attention": TOWER + ".encoder.layers.{layer}.self_attn",
-               "hidden_0": TOWER + ".embeddings",
-               "hidden": TOWER + ".encoder.layers.{layer}",
-               "layers": TOWER + ".encoder.layers"},
-}
-MAX_NEW_TOKENS = 16
+__all__ = ["IDEFICS3", "MAX_NEW_TOKENS", "Idefics3Adapter", "SmolVLMImageTextProcessor"]
+
+CELLS = [(r, c) for r in range(1, 7) for c in range(1, 7)]  # the processor's <row_R_col_C> markers
+IDEFICS3 = FamilySpec(
+    name="",  # config.model_type: idefics3 or smolvlm
+    classes={"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"},
+    streams={"lm": {"attention": "model.text_model.layers.{layer}.self_attn",
+                    "hidden": "model.text_model.layers.{layer}",
+                    "value": "model.text_model.layers.{layer}.self_attn.v_proj",
+                    "out": "model.text_model.layers.{layer}.self_attn.o_proj",
+                    "layers": "model.text_model.layers"},
+             "vision": {k: v for k, v in encoder_paths("model.vision_model").items() if k not in ("value", "out")}},
+    tower="pixel_shuffle",
+    lm="model.text_model", lm_norm="model.text_model.norm",
+    markers={"<fake_token_around_image>": "image_boundary", "<global-img>": "global_marker",
+             "<end_of_utterance>": "im_end", **{f"<row_{r}_col_{c}>": "tile_marker" for r, c in CELLS}},
+    prompt="<image>{text}",
+    drop_inputs=("rows", "cols"),
+    nested_images=True,
+)
 
 
-class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
+class Idefics3Adapter(ExplainedDecoder):
     """Idefics3ForConditionalGeneration / SmolVLMForConditionalGeneration: streams ``lm`` and ``vision``
     (the tower's batch is the crops: regrouped per example, one block each)."""
 
-    family = "idefics3"
-    LM_NORM = "model.text_model.norm"
+    spec = IDEFICS3
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
-        super().__init__(model, processor, device)
-        self.tokenizer.padding_side = "left"
-        self.max_new_tokens = max_new_tokens
+        super().__init__(model, processor, device, max_new_tokens)
         cfg = model.config
-        self.family = cfg.model_type
-        self.configs = {"lm": cfg.text_config, "vision": cfg.vision_config}
-        self.paths = MODULES
-        self.image_token_id = int(cfg.image_token_id)
-        vc = cfg.vision_config
-        self.patch_size = int(vc.patch_size)
-        self.crop_px = int(vc.image_size)
-        self.side = self.crop_px // self.patch_size
         self.scale = int(cfg.scale_factor)
         if self.side % self.scale:
             raise NotImplementedError(f"scale_factor={self.scale} does not divide a {self.side}x{self.side} patch grid")
         self.pooled = self.side // self.scale
-        tok = self.tokenizer
-        unk = tok.unk_token_id
-        self.marker_roles: dict[int, str] = {}
-
-        self.cell_of: dict[int, tuple[int, int]] = {}  # <row_R_col_C> id -> (R, C)
-
-        def mark(piece, role):
-            i = tok.convert_tokens_to_ids(piece)
-            if isinstance(i, int) and i != unk and i is not None:
-                self.marker_roles.setdefault(i, role)
-                return i
-
-        mark("<fake_token_around_image>", "image_boundary")
-        mark("<global-img>", "global_marker")
-        mark("<end_of_utterance>", "im_end")
-        for r in range(1, 7):
-            for c in range(1, 7):
-                i = mark(f"<row_{r}_col_{c}>", "tile_marker")
-                if i is not None:
-                    self.cell_of[i] = (r, c)
-        self.probe = Probe()
-        self.first_hidden = {"lm": self.probe}
-        module_at(model, "model.text_model").register_forward_pre_hook(self._feed_probe, with_kwargs=True)
-        self._hook_crop_tower(model, int(vc.num_hidden_layers))
-
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, ARCHITECTURES.get(config.model_type), config.model_type)
+        vocab = self.tokenizer.get_vocab()  # <row_R_col_C> id -> (R, C)
+        self.cell_of = {vocab[f"<row_{r}_col_{c}>"]: (r, c) for r, c in CELLS if f"<row_{r}_col_{c}>" in vocab}
 
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):
         """``AutoProcessor``; SmolVLM's needs a video processor (torchvision) and ``num2words``, so
-        without them :class:`SmolVLMImageTextProcessor` (images only)."""
+        without them ``processors.SmolVLMImageTextProcessor`` (images only)."""
         return processor_or(model_id, revision, SmolVLMImageTextProcessor)
-
-    # -- inputs ---------------------------------------------------------------------
-    def prompt(self, text: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return f"<image>{text}"
-
-    def encode(self, texts: list[str], images: list):
-        enc = self.processor(images=[[im] for im in images], text=[self.prompt(t) for t in texts],
-                             return_tensors="pt", padding=True)
-        enc = {k: v for k, v in dict(enc).items() if k not in ("rows", "cols")}
-        return Inputs(enc), [[] for _ in texts]
-
-    def generation_config(self, prompt_length: int | None = None):
-        return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
-                                        max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
-                                        prompt_length=prompt_length)
 
     # -- the model --------------------------------------------------------------------
     @staticmethod
@@ -147,7 +98,7 @@ class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
         pv = pixel_values.reshape(*pixel_values.shape[:2], -1)
         return (pv != 0).any(-1).sum(1).tolist()
 
-    def batch_crops(self, inputs, model_inputs) -> list[int]:
+    def tower_batch(self, inputs, model_inputs) -> list[int]:
         return self.crops_of(model_inputs["pixel_values"].cpu())
 
     # -- layout ---------------------------------------------------------------------
@@ -191,7 +142,6 @@ class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
         ip = self.processor.image_processor
         from PIL import Image
 
-        import numpy as np
         out = ip(images=[[Image.fromarray(np.zeros((H, W, 3), np.uint8))]], return_tensors="np",
                  return_row_col_info=True)
         rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
@@ -199,61 +149,15 @@ class Idefics3Adapter(CropTower, LanguageModelExplained, DecoderAdapter):
             raise RuntimeError(f"{n} crops where the processor cuts {rows} x {cols}")
         return rows, cols
 
-    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()
-        seen = inputs["attention_mask"].cpu().bool()
-        state = getattr(inputs, "state", {})
-        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
-        crops = self.crops_of(inputs["pixel_values"].cpu())
-        per = self.pooled * self.pooled
-        tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
-        for b in range(ids.shape[0]):
-            W, H = images[b].size
-            pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, pos].tolist()
-            tiles, pooled, tower = self.crop_boxes(W, H, crops[b], [i for i, p in zip(tid, pos) if p < start[b]])
-            is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
-            if sum(is_img) != per * crops[b]:
-                raise RuntimeError(f"example has {sum(is_img)} image tokens where {crops[b]} crops make "
-                                   f"{per * crops[b]}")
-            img_rows = [("patch", tiles[crop], *divmod(cell, self.pooled), pooled[crop][cell])
-                        for crop in range(crops[b]) for cell in range(per)]
-            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
-            vis = crop_columns([(tiles[t], tower[t], None) for t in range(crops[b])], self.side, False)
-            tables.append(stack_columns(lm, vis))
-            lm_orders.append(pos)
-            vis_orders.append(vis["seq_pos"])
-            offsets.append(len(pos))
-            grids.append((self.side, self.side))
-        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
-        return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
+    def batch_context(self, inputs, images):
+        return self.crops_of(inputs["pixel_values"].cpu())
 
-
-class SmolVLMImageTextProcessor:
-    """What ``SmolVLMProcessor`` does for images, from the checkpoint's tokenizer, (PIL) image processor and
-    ``processor_config.json`` (``image_seq_len``, chat template): transformers' ``Idefics3Processor``, whose
-    image prompt (``<fake_token_around_image><row_R_col_C><image>...``, ``<global-img>``) is SmolVLM's
-    (``processing_smolvlm.get_image_prompt_string``; ``tests/test_idefics3.py`` checks it)."""
-
-    @classmethod
-    def from_pretrained(cls, model_id: str, revision: str | None = None):
-        import json
-
-        from transformers import AutoImageProcessor, AutoTokenizer, Idefics3Processor
-
-        settings = json.loads(_read_json(model_id, "processor_config.json", revision) or "{}")
-        template = settings.get("chat_template")
-        if template is None:
-            text = _read_json(model_id, "chat_template.jinja", revision)
-            js = _read_json(model_id, "chat_template.json", revision)
-            template = text if text is not None else json.loads(js).get("chat_template") if js else None
-        if settings.get("image_seq_len") is None:
-            raise ValueError("processor_config.json gives no image_seq_len")
-        tok = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        ip = AutoImageProcessor.from_pretrained(model_id, revision=revision)
-        for name, default in (("fake_image_token", "<fake_token_around_image>"), ("image_token", "<image>"),
-                              ("global_image_token", "<global-img>")):
-            if getattr(tok, name, default) != default:
-                raise ValueError(f"the tokenizer's {name} is {getattr(tok, name)!r}, not {default!r}")
-        return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=int(settings["image_seq_len"]),
-                                 chat_template=template)
+    def image_tokens(self, ex: Example, ctx) -> ImageTokens:
+        """Crop by crop in the processor's order, each crop's pooled cells in raster order."""
+        W, H = ex.image.size
+        n, per = ctx[ex.b], self.pooled * self.pooled
+        tiles, pooled, tower = self.crop_boxes(W, H, n, ex.prompt_ids)
+        rows = [("patch", tiles[crop], *divmod(cell, self.pooled), pooled[crop][cell])
+                for crop in range(n) for cell in range(per)]
+        vision = crop_columns([(tiles[t], tower[t], None) for t in range(n)], self.side, False)
+        return ImageTokens(rows, vision, (self.side, self.side), f"{n} crops make {per * n}")

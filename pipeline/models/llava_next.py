@@ -1,7 +1,7 @@
 """Any-resolution LLaVA: LLaVA-NeXT (``LlavaNextForConditionalGeneration``) and LLaVA-OneVision
 (``LlavaOnevisionForConditionalGeneration``), streams ``lm`` and ``vision``.
 
-A decoder LVLM like LLaVA (``pipeline/models/llava.py``, which this adapter subclasses: the answer
+A decoder LVLM like LLaVA (``pipeline/models/llava.py``; ``decoder.DecoderAdapter``: the answer
 is generated greedily first under the checkpoint's own generation config, uncaptured, then one
 teacher-forced pass over prompt + answer runs with the capture hooks), with tiles.
 
@@ -63,7 +63,7 @@ Token table of one example::
 
 Processor: ``AutoProcessor`` when it builds (LLaVA-NeXT's has no video processor); LLaVA-OneVision's
 holds a video processor that needs torchvision, so without it the adapter assembles
-:class:`OnevisionImageTextProcessor` from the checkpoint's tokenizer, image processor (transformers' PIL
+``processors.OnevisionImageTextProcessor`` from the checkpoint's tokenizer, image processor (transformers' PIL
 backend) and ``processor_config.json`` settings (images only; the same inputs as
 ``LlavaOnevisionProcessor``, ``tests/test_llava_next.py`` checks it).
 
@@ -74,51 +74,54 @@ multi-image path, which does not tile).
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.models.base import (IMAGE_HOLD, AssembledProcessor, BatchLayout, Inputs, checked_architecture,
-                                  processor_or, split_stream_layouts, stack_columns)
-from pipeline.models.crop_tower import CropTower, crop_columns
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
+from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
 from pipeline.models.geometry import _size, crop_geometry
-from pipeline.models.llava import GEN_START, LlavaAdapter
+from pipeline.models.hooks import module_at
+from pipeline.models.llava import select_strategy
+from pipeline.models.processors import OnevisionImageTextProcessor, processor_or
+from pipeline.models.tokens import crop_columns, union
 
-ARCHITECTURES = {"llava_next": "LlavaNextForConditionalGeneration",
-                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+__all__ = ["LLAVA_NEXT", "LLAVA_ONEVISION", "LlavaNextAdapter", "LlavaOnevisionAdapter", "OnevisionImageTextProcessor"]
+
+LLAVA_NEXT = FamilySpec(
+    name="",  # config.model_type
+    classes={"llava_next": "LlavaNextForConditionalGeneration"},
+    streams={"lm": LM_PATHS, "vision": encoder_paths("model.vision_tower", hidden_0="pre_layrnorm")},
+    tower="crops",
+)
+LLAVA_ONEVISION = replace(LLAVA_NEXT,
+                          classes={"llava_onevision": "LlavaOnevisionForConditionalGeneration"})
 NEWLINE = -1.0  # the image_newline's coordinates in image_token_sources
 
 
-
-
-
-class LlavaNextAdapter(CropTower, LlavaAdapter):
+class LlavaNextAdapter(ExplainedDecoder):
     """LlavaNextForConditionalGeneration: streams ``lm`` and ``vision`` (crops as blocks)."""
 
-    family = "llava_next"
+    spec = LLAVA_NEXT
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
         super().__init__(model, processor, device, max_new_tokens)
         cfg = model.config
-        self.family = cfg.model_type
-        vc = cfg.vision_config
-        self.crop_px = int(vc.image_size)
-        self.side = self.crop_px // self.patch_size  # h = w: features a side of one crop
+        self.strategy = select_strategy(cfg)
+        self.tower_cls = hasattr(getattr(module_at(model, "model.vision_tower"), "embeddings", None), "class_embedding")
         self.pinpoints = [list(p) for p in cfg.image_grid_pinpoints]
         if self.strategy == "full" and self.tower_cls:
             raise NotImplementedError("vision_feature_select_strategy='full' with a tower that has a [CLS] token: "
                                       f"{type(model).__name__} cannot lay such features out on its tile grid")
-        # the vision tower: its batch is the crops; hooks regroup it per example into probes
-        self._hook_crop_tower(model, int(vc.num_hidden_layers))
 
-    # -- loading ------------------------------------------------------------------
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, ARCHITECTURES.get(config.model_type), config.model_type)
+    def module_paths(self, model):
+        if hasattr(module_at(model, "model.vision_tower"), "pre_layrnorm"):
+            return dict(self.spec.streams)
+        return {**self.spec.streams, "vision": encoder_paths("model.vision_tower")}  # e.g. a SigLIP tower
 
     # -- the tower's crops -------------------------------------------------------------
     def crops_of(self, image_sizes) -> list[int]:
@@ -128,7 +131,7 @@ class LlavaNextAdapter(CropTower, LlavaAdapter):
         return [int(image_size_to_num_patches(image_size=[int(s) for s in hw], grid_pinpoints=self.pinpoints,
                                               patch_size=self.crop_px)) for hw in image_sizes.tolist()]
 
-    def batch_crops(self, inputs, model_inputs) -> list[int]:
+    def tower_batch(self, inputs, model_inputs) -> list[int]:
         return self.crops_of(model_inputs["image_sizes"].cpu())
 
     # -- where each image token comes from -----------------------------------------------
@@ -234,69 +237,52 @@ class LlavaNextAdapter(CropTower, LlavaAdapter):
         return out
 
     # -- layout ---------------------------------------------------------------------
-    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()
-        seen = inputs["attention_mask"].cpu().bool()
-        state = getattr(inputs, "state", {})
-        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
+    def batch_context(self, inputs, images):
+        ids = inputs["input_ids"]
         sizes = inputs["image_sizes"].cpu().tolist()
         if len(sizes) != ids.shape[0]:
             raise RuntimeError(f"{len(sizes)} images for {ids.shape[0]} examples; VL-Atlas takes one image each")
+        return sizes
+
+    def image_tokens(self, ex: Example, ctx) -> ImageTokens:
+        """The image tokens as the model's own ``pack_image_features`` orders them
+        (:meth:`image_token_sources`): base image patches, tile patches or pooled cells of the canvas, and
+        a newline closing each row."""
         h = w = self.side
-        tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
-        for b in range(ids.shape[0]):
-            H, W = (int(x) for x in sizes[b])
-            nph, npw = self.grid_shape(H, W)
-            crop_boxes = self._crop_boxes(H, W)
-            sources = self.image_token_sources(H, W)
+        H, W = (int(x) for x in ctx[ex.b])
+        nph, npw = self.grid_shape(H, W)
+        crop_boxes = self._crop_boxes(H, W)
 
-            def cell(R, C):  # canvas feature (R, C) -> tile, row and column in it, box
-                t = 1 + (R // h) * npw + C // w
-                return t, R % h, C % w, crop_boxes[t][0][(R % h) * w + C % w]
+        def cell(R, C):  # canvas feature (R, C) -> tile, row and column in it, box
+            t = 1 + (R // h) * npw + C // w
+            return t, R % h, C % w, crop_boxes[t][0][(R % h) * w + C % w]
 
-            def union(bs):
-                return (min(x[0] for x in bs), min(x[1] for x in bs), max(x[2] for x in bs), max(x[3] for x in bs))
-
-            img_rows: list[tuple] = []  # (role, tile, patch_row, patch_col, box) per image token
-            row_start = 0
-            for src in sources:
-                if src[0] == "base":
-                    _, r, c = src
-                    img_rows.append(("patch", 0, r, c, crop_boxes[0][0][r * w + c]))
-                elif src[0] == "tile":
-                    t, r, c, bx = cell(src[1], src[2])
-                    img_rows.append(("patch", t, r, c, bx))
-                elif src[0] == "pool":
-                    _, i, j, rows, cols = src
-                    t = cell(rows[len(rows) // 2], cols[len(cols) // 2])[0]
-                    img_rows.append(("patch", t, i, j, union([cell(R, C)[3] for R in rows for C in cols])))
-                else:  # the newline closing the row that started at row_start
-                    row = img_rows[row_start:]
-                    img_rows.append(("image_newline", row[-1][1], None, None, union([x[4] for x in row])))
-                if src[0] in ("base", "newline"):  # the next row starts after the base image or a newline
-                    row_start = len(img_rows)
-            pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, pos].tolist()
-            is_img = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
-            if sum(is_img) != len(img_rows):
-                raise RuntimeError(f"example has {sum(is_img)} image tokens where the model packs {len(img_rows)} "
-                                   f"features for a {W}x{H} image ({nph} x {npw} tiles)")
-            lm = self._lm_columns(tid, pos, is_img, start[b], img_rows)
-            vis = crop_columns([(t, pboxes, whole) for t, (pboxes, whole) in enumerate(crop_boxes)], w,
-                               self.tower_cls)
-            tables.append(stack_columns(lm, vis))
-            lm_orders.append(pos)
-            vis_orders.append(vis["seq_pos"])
-            offsets.append(len(pos))
-            grids.append((h, w))
-        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
-        return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
+        rows: list[tuple] = []  # (role, tile, patch_row, patch_col, box) per image token
+        row_start = 0
+        for src in self.image_token_sources(H, W):
+            if src[0] == "base":
+                _, r, c = src
+                rows.append(("patch", 0, r, c, crop_boxes[0][0][r * w + c]))
+            elif src[0] == "tile":
+                rows.append(("patch", *cell(src[1], src[2])))
+            elif src[0] == "pool":
+                _, i, j, rr, cc = src
+                t = cell(rr[len(rr) // 2], cc[len(cc) // 2])[0]
+                rows.append(("patch", t, i, j, union([cell(R, C)[3] for R in rr for C in cc])))
+            else:  # the newline closing the row that started at row_start
+                row = rows[row_start:]
+                rows.append(("image_newline", row[-1][1], None, None, union([x[4] for x in row])))
+            if src[0] in ("base", "newline"):  # the next row starts after the base image or a newline
+                row_start = len(rows)
+        vision = crop_columns([(t, pboxes, whole) for t, (pboxes, whole) in enumerate(crop_boxes)], w, self.tower_cls)
+        return ImageTokens(rows, vision, (h, w),
+                           f"the model packs {len(rows)} features for a {W}x{H} image ({nph} x {npw} tiles)")
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LlavaOnevisionForConditionalGeneration: as LLaVA-NeXT, with ``anyres_max`` pooling."""
 
-    family = "llava_onevision"
+    spec = LLAVA_ONEVISION
 
     def _pack(self, features, image_sizes, newline):
         return self.model.model.pack_image_features(features, image_sizes, image_newline=newline,
@@ -305,71 +291,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):
         """``AutoProcessor``; without torchvision (the video processor cannot be built)
-        :class:`OnevisionImageTextProcessor` from the checkpoint's files, images only."""
+        ``processors.OnevisionImageTextProcessor`` from the checkpoint's files, images only."""
         return processor_or(model_id, revision, OnevisionImageTextProcessor)
-
-
-def _read_json(model_id: str, name: str, revision: str | None):
-    from transformers.utils import cached_file
-
-    path = cached_file(model_id, name, revision=revision, _raise_exceptions_for_missing_entries=False,
-                       _raise_exceptions_for_connection_errors=False)
-    return None if not path else open(path, encoding="utf-8").read()
-
-
-class OnevisionImageTextProcessor(AssembledProcessor):
-    """What ``LlavaOnevisionProcessor`` does for one image per prompt, from a tokenizer and an image
-    processor (no video processor: transformers builds one only with torchvision).
-
-    ``__call__(images=, text=)`` runs the image processor (``pixel_values`` ``[image, crop, 3, s, s]``,
-    ``image_sizes``, ``batch_num_images``), expands the ``i``-th ``<image>`` of the prompts to the
-    number of features ``LlavaOnevisionProcessor._get_number_of_features`` (transformers' own method,
-    borrowed) gives for image ``i`` (one fewer with ``vision_feature_select_strategy="default"``), and
-    tokenizes.
-    """
-
-    def __init__(self, image_processor, tokenizer, num_image_tokens: int, vision_feature_select_strategy: str,
-                 vision_aspect_ratio: str = "anyres_max_9", chat_template: str | None = None,
-                 image_token: str = "<image>"):
-        from transformers import LlavaOnevisionProcessor
-
-        super().__init__(image_processor, tokenizer, chat_template)
-        self.num_image_tokens = int(num_image_tokens)
-        self.vision_feature_select_strategy = vision_feature_select_strategy
-        self.vision_aspect_ratio = vision_aspect_ratio
-        self.image_token = getattr(tokenizer, "image_token", None) or image_token
-        self._count = LlavaOnevisionProcessor._get_number_of_features
-        self._get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features.__get__(self)
-
-    @classmethod
-    def from_pretrained(cls, model_id: str, revision: str | None = None) -> "OnevisionImageTextProcessor":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        settings = json.loads(_read_json(model_id, "processor_config.json", revision) or "{}")
-        template = settings.get("chat_template")
-        if template is None:
-            text = _read_json(model_id, "chat_template.jinja", revision)
-            js = _read_json(model_id, "chat_template.json", revision)
-            template = text if text is not None else json.loads(js).get("chat_template") if js else None
-        if settings.get("num_image_tokens") is None:
-            raise ValueError("processor_config.json gives no num_image_tokens")
-        keep = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token")
-        return cls(AutoImageProcessor.from_pretrained(model_id, revision=revision),
-                   AutoTokenizer.from_pretrained(model_id, revision=revision), chat_template=template,
-                   **{k: settings[k] for k in keep if settings.get(k) is not None})
-
-    def __call__(self, images=None, text=None, return_tensors: str = "pt", padding: bool = True, **kw):
-        texts = [text] if isinstance(text, str) else list(text)
-        out: dict[str, Any] = {}
-        if images is not None:
-            out.update(self.image_processor(images=images, return_tensors=return_tensors))
-            sizes, (h, w) = out["image_sizes"], out["pixel_values"].shape[-2:]
-
-            def tokens_of(i: int) -> str:
-                H, W = (int(x) for x in sizes[i].tolist())
-                n = self._count(self, H, W, int(h), int(w)) - (self.vision_feature_select_strategy == "default")
-                return IMAGE_HOLD * n
-
-            texts = self.expand(texts, len(sizes), tokens_of)
-        enc = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kw)
-        return {**enc, **out}

@@ -30,16 +30,21 @@ import torch
 from pipeline.data import BadInput
 from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, encoder_relevancy_targets, module_at,
                                   normalise_answer, stream_layout, token_table)
+from pipeline.models.family import FamilySpec
 
-# Native module paths -> (stream, layer): one dict per family (docs/DESIGN.md, Model adapters).
-MODULES = {
-    "attention": "vilt.encoder.layer.{layer}.attention.attention",  # ViltSelfAttention -> (context, probs)
-    "hidden_0": "vilt.embeddings",  # (embeddings, masks): hidden state 0
-    "hidden": "vilt.encoder.layer.{layer}",  # (layer_output, ...): hidden state layer + 1
-    "value": "vilt.encoder.layer.{layer}.attention.attention.value",  # --explain value: W_V x + b_V
-    "out": "vilt.encoder.layer.{layer}.attention.output.dense",  # and W_O
-}
+# Native module paths -> (stream, layer): one declaration per family (docs/DESIGN.md, Model adapters).
+# The paths are a head's (``vilt.`` first); a bare ViltModel's drop that prefix (``ViltAdapter._path``).
 STREAM = "self"
+VILT = FamilySpec(
+    name="vilt",
+    classes={"vilt": "ViltForQuestionAnswering"},  # or another head: HEADS
+    streams={STREAM: {"attention": "vilt.encoder.layer.{layer}.attention.attention",  # -> (context, probs)
+                      "hidden_0": "vilt.embeddings",  # (embeddings, masks): hidden state 0
+                      "hidden": "vilt.encoder.layer.{layer}",  # (layer_output, ...): hidden state layer + 1
+                      "value": "vilt.encoder.layer.{layer}.attention.attention.value",  # --explain value: W_V x + b_V
+                      "out": "vilt.encoder.layer.{layer}.attention.output.dense"}},  # and W_O
+)
+MODULES = VILT.streams[STREAM]
 PATCH_SEED = 1_000_003  # + example_id: the generator of an example's patch sampling
 
 HEADS = {
