@@ -65,7 +65,7 @@ class ChunkWorker:
 
     def run_chunk(self, spec: dict, known_images: set[str], vec_ids: set[int] | None, progress) -> dict:
         """Run one chunk into the lake; return its counts for the driver's summary."""
-        from pipeline.extract import KeepPolicy, LakeWriter, Summary, plan_jobs, run_chunks
+        from pipeline.extract import LakeWriter, Summary, plan_jobs, run_chunks
 
         chunk = spec["chunk"]
         writer = LakeWriter(spec["lake"], spec["run"], spec["metadata"])
@@ -74,7 +74,7 @@ class ChunkWorker:
         summary = Summary(spec["run"], spec["lake"])
         bar = _ProgressReporter(progress, chunk)
         jobs = plan_jobs({chunk: spec["rows"]}, spec["batch_size"], spec["first_chunk"])
-        run_chunks(self.adapter, writer, jobs, known_images, KeepPolicy.parse(spec["policy"]), spec["hidden_layers"],
+        run_chunks(self.adapter, writer, jobs, known_images, spec["policy"], spec["hidden_layers"],
                    vec_ids, self.device, spec["workers"], bar, summary, spec["manifest_errors"], spec["explain"])
         return {"chunk": chunk, "extracted": summary.extracted, "skipped": summary.skipped,
                 "truncated": summary.truncated, "errors": summary.errors, "pid": os.getpid()}
@@ -187,7 +187,7 @@ class RayPool:
         return info
 
     def run(self, lake: str, run: str, metadata: dict, chunks: dict[int, list], first_chunk: int, batch_size: int,
-            known_images: set[str], policy: str, hidden_layers, vec_ids, manifest_errors, bar, summary,
+            known_images: set[str], policy, hidden_layers, vec_ids, manifest_errors, bar, summary,
             explain: tuple[str, ...] = ()) -> None:
         """Run every chunk on the actors, updating ``bar`` and ``summary`` as they finish."""
         ray = self.ray

@@ -23,21 +23,8 @@ from __future__ import annotations
 
 import torch
 
-EXPLAIN_METHODS = ("relevancy", "rollout", "value", "lens", "sinks")
 SINK_RATIO = 20.0  # |h_d| / rms(h) above which an activation is massive
 LENS_TOP_K = 5
-
-
-def parse_explain(text: str | None) -> tuple[str, ...]:
-    """``--explain relevancy,rollout,...`` -> the methods in canonical order; ValueError on a typo."""
-    if not text:
-        return ()
-    want = {x.strip().lower() for x in text.split(",") if x.strip()}
-    bad = sorted(want - set(EXPLAIN_METHODS))
-    if bad:
-        raise ValueError(f"--explain {text!r}: unknown method(s) {', '.join(bad)}; choose any of "
-                         f"{','.join(EXPLAIN_METHODS)}")
-    return tuple(m for m in EXPLAIN_METHODS if m in want)
 
 
 # -- rollout ------------------------------------------------------------------------------------

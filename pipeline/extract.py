@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,16 +48,16 @@ from lake.store import Store
 from lake.writer import LakeWriter, check_run_name
 from pipeline.capture import HookPoint, capture
 from pipeline.data import BadInput, Row, load_image, read_manifest, thumbnail_png
-from pipeline.explain import (lens_topk, norm_weighted, parse_explain, relevancy_cross, relevancy_self, rollout_step,
-                              sinks, value_norms)
-from pipeline.flatten import (DEFAULT_KEEP_ATTENTION, Kept, KeepPolicy, SeqLayout, attention_arrow,
+from pipeline.capture_config import (DEFAULT_KEEP_ATTENTION, DEFAULT_KEEP_HIDDEN, AttentionPolicy, Budget, Capture,
+                                     ExplainSet, KeepNone)
+from pipeline.explain import lens_topk, norm_weighted, relevancy_cross, relevancy_self, rollout_step, sinks, value_norms
+from pipeline.flatten import (Kept, SeqLayout, attention_arrow,
                               head_stats_arrow, hidden_arrow, kept_rows, row_mean_mass, select, select_budget_seq,
                               seq_in_box, seq_layout)
 from pipeline.models import families_with, load_adapter
 from pipeline.models.base import BatchLayout, StreamLayout, conform, map_inputs
 from pipeline.stats import head_stats
 
-DEFAULT_KEEP_HIDDEN = "sample:256"
 HIDDEN_SAMPLE_SEED = 0
 STAT_ORDER = sorted(STATS)  # rows of the per-layer statistics block (runs without --explain)
 
@@ -76,54 +76,6 @@ def default_workers(device: str = "cpu") -> int:
     at least 1, at most 8; on CUDA all but one core, at most 8."""
     n = os.cpu_count() or 2
     return max(1, min(8, n - 1 if str(device).startswith("cuda") else n // 2))
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    """What a run stores; recorded in ``runs.capture`` and every file's metadata."""
-
-    keep_attention: str = DEFAULT_KEEP_ATTENTION
-    keep_hidden: str = DEFAULT_KEEP_HIDDEN  # sample:N / all / none / comma-separated hidden-state layers
-    chunk_size: int = 64
-    random_weights: bool = False
-    explain: str = ""  # --explain methods, comma-separated in canonical order (pipeline.explain)
-
-    def hidden_layers(self) -> set[int] | None:
-        """None for all layers, else the set of hidden-state layers to keep."""
-        k = self.keep_hidden.strip().lower()
-        if k == "all":
-            return None
-        if k.startswith("sample:"):
-            self.hidden_sample()  # checks N
-            return None
-        if k == "none":
-            return set()
-        try:
-            layers = {int(x) for x in k.split(",") if x.strip()}
-        except ValueError:
-            raise ValueError(f"--keep-hidden {self.keep_hidden!r} is not understood: use sample:N (norms of every "
-                             "token, vectors of N sampled examples), all, none or a comma-separated list of layers "
-                             "such as 0,4,12") from None
-        if any(x < 0 for x in layers):
-            raise ValueError("--keep-hidden layers are 0 (embeddings) or more")
-        return layers
-
-    def hidden_sample(self) -> int | None:
-        """N of ``sample:N`` (vectors for N examples, norms for all), None when every kept row has its vector."""
-        k = self.keep_hidden.strip().lower()
-        if not k.startswith("sample:"):
-            return None
-        try:
-            n = int(k.partition(":")[2])
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise ValueError(f"--keep-hidden {self.keep_hidden!r} is not understood: sample:N needs a whole "
-                             "number of examples N >= 0")
-        return n
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 def hidden_vector_examples(rows: list[Row], n: int | None, seed: int = HIDDEN_SAMPLE_SEED) -> set[int] | None:
@@ -340,7 +292,7 @@ class _LayerOut:
 class _BatchSink:
     """Receives each layer's tensors during the forward pass; keeps every result on the device."""
 
-    def __init__(self, adapter, inputs, images, boxes, example_ids, policy: KeepPolicy, device,
+    def __init__(self, adapter, inputs, images, boxes, example_ids, policy: AttentionPolicy, device,
                  with_vec: np.ndarray, explain: tuple[str, ...] = ()):
         """``with_vec`` ``[batch]`` bool: the examples whose hidden vectors are stored; ``explain``:
         the --explain methods computed in the same pass (value, sinks, rollout)."""
@@ -387,9 +339,9 @@ class _BatchSink:
             masks = q_seq.masks if key_stream is None else replace(q_seq.masks, in_box=seq_in_box(sl, ksl, q_seq, k_seq))
             stats = head_stats(tensor, masks, None if key_stream is None else k_seq.masks)
             kept = None
-            if self.policy.kind == "budget":
+            if isinstance(self.policy, Budget):
                 kept = select_budget_seq(tensor, self.policy, sl, q_seq, k_seq)
-            elif self.policy.kind != "none":
+            elif not isinstance(self.policy, KeepNone):
                 a = _gather_tokens(tensor.float(), sl, ksl)  # [batch, head, token, token_k]
                 kept = select(a, sl.valid, sl.masks.image, self.policy, ksl.valid, ksl.masks.image)
             stats["kept_mass"] = (row_mean_mass(kept.mass, sl.valid) if kept is not None
@@ -725,7 +677,7 @@ def plan_jobs(chunks: dict[int, list[Row]], batch_size: int, first_chunk: int) -
     return jobs
 
 
-def run_chunks(adapter, writer: LakeWriter, jobs: list[_Job], known_images: set[str], policy: KeepPolicy,
+def run_chunks(adapter, writer: LakeWriter, jobs: list[_Job], known_images: set[str], policy: AttentionPolicy,
                hidden_layers: set[int] | None, vec_ids: set[int] | None, device: str, workers: int, bar,
                summary: Summary, manifest_errors, explain: tuple[str, ...] = ()) -> None:
     """Run the planned batches through the three stages; every chunk's files and marker are
@@ -768,13 +720,11 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
         raise ValueError("--batch-size and --chunk-size must be at least 1")
     if workers is not None and workers < 0:
         raise ValueError("--workers must be 0 (read and encode in the main process) or more")
-    policy = KeepPolicy.parse(keep_attention)
-    methods = parse_explain(explain)
+    capture = Capture.from_options(keep_attention, keep_hidden, explain, chunk_size)  # bad options fail here
     data = Path(data).resolve()
     rows, manifest_errors = read_manifest(data)
     if limit is not None:  # manifest errors are kept whole: they describe the manifest
         rows = [r for r in rows if r.example_id < limit]
-    CaptureConfig(keep_hidden=keep_hidden).hidden_layers()  # a bad option fails before the model loads
     store = Store(lake)
     pool = None
     if ray is not None:
@@ -791,30 +741,31 @@ def extract(model: str, data: str | Path, lake: str | Path, run: str, *, batch_s
             if adapter is None:
                 adapter = load_adapter(model, device=device, dtype=dtype, revision=revision)
             info = describe(adapter)
-        return _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods,
-                        batch_size=batch_size, device=device, dtype=dtype, keep_hidden=keep_hidden,
-                        chunk_size=chunk_size, overwrite=overwrite, progress=progress, revision=revision,
+        return _extract(model, data, store, run, rows, manifest_errors, capture, info, adapter, pool,
+                        batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite, progress=progress, revision=revision,
                         workers=workers, t0=t0)
     finally:
         if pool is not None:
             pool.close()
 
 
-def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapter, pool, methods, *, batch_size,
-             device, dtype, keep_hidden, chunk_size, overwrite, progress, revision, workers, t0) -> Summary:
+def _extract(model, data, store, run, rows, manifest_errors, capture, info, adapter, pool, *, batch_size,
+             device, dtype, overwrite, progress, revision, workers, t0) -> Summary:
+    methods = capture.explain.methods
     if "relevancy" in methods and info.get("relevancy"):
         raise ValueError(f"{info['relevancy']}; rollout, value, sinks (and lens for decoders) are available")
     if "lens" in methods and not info.get("lens"):
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
                          f"LVLM ({', '.join(families_with('lens'))}), and this model is a {info['family']}")
-    cfg = CaptureConfig(str(policy), keep_hidden, chunk_size, info["random_weights"], ",".join(methods))
-    hidden_layers = cfg.hidden_layers()
+    cfg = replace(capture, random_weights=info["random_weights"])
+    policy, methods, chunk_size = cfg.attention, cfg.explain.methods, cfg.chunk_size
+    hidden_layers = cfg.hidden.layers()
     top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
     if hidden_layers and max(hidden_layers) > top:
-        raise ValueError(f"--keep-hidden {keep_hidden!r} asks for hidden-state layer(s) "
+        raise ValueError(f"--keep-hidden {str(cfg.hidden)!r} asks for hidden-state layer(s) "
                          f"{sorted(x for x in hidden_layers if x > top)}, but this model has hidden states "
                          f"0..{top} (0 is the embedding output, l + 1 the output of block l)")
-    vec_ids = hidden_vector_examples(rows, cfg.hidden_sample())
+    vec_ids = hidden_vector_examples(rows, cfg.hidden.sample())
     store.ensure_dir()
     lake = store.uri
     metadata = {"vlatlas.model": model, "vlatlas.capture": cfg.to_json(), "vlatlas.version": pipeline.__version__}
@@ -861,7 +812,7 @@ def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapt
     try:
         if pool is not None:
             summary.ray_actors = pool.size
-            pool.run(store.uri, run, metadata, todo, min(chunks), batch_size, writer.known_image_ids(), str(policy),
+            pool.run(store.uri, run, metadata, todo, min(chunks), batch_size, writer.known_image_ids(), policy,
                      hidden_layers, vec_ids, manifest_errors, bar, summary, methods)
         else:
             workers = default_workers(device) if workers is None else workers
@@ -880,7 +831,7 @@ def _extract(model, data, store, run, rows, manifest_errors, policy, info, adapt
     return summary
 
 
-def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: KeepPolicy, points: list[HookPoint],
+def _run_jobs(adapter, jobs: list[_Job], known_images: set[str], policy: AttentionPolicy, points: list[HookPoint],
               vec_ids: set[int] | None, device: str, workers: int, stage: _WriteStage, bar, summary: Summary,
               manifest_errors, explain: tuple[str, ...] = ()) -> None:
     if not jobs:
@@ -989,7 +940,7 @@ def _to_device(v, device: str):
     return v.to(device)
 
 
-def _run_batch(adapter, item: dict, policy: KeepPolicy, points, vec_ids, device, known_images: set[str],
+def _run_batch(adapter, item: dict, policy: AttentionPolicy, points, vec_ids, device, known_images: set[str],
                chunk_images: set[str], summary: Summary, explain: tuple[str, ...] = ()) -> _BatchRows:
     rows: list[Row] = item["rows"]
     pics = item["images"]

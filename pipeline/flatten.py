@@ -1,21 +1,8 @@
 """Tensors -> Arrow tables: pruning, casting, long format. No I/O.
 
-The pruning policy decides which weights of the full attention are stored in
-the ``attention`` table (statistics are always computed before pruning):
-
-- ``all``: every weight between valid tokens;
-- ``topk:K``: the ``K`` largest keys of each query row;
-- ``mass:P``: the largest keys of each row, in descending order, until their
-  mass reaches ``P`` (the key that crosses ``P`` is kept);
-- ``cross``: only weights between tokens of different modalities;
-- ``budget:K:P:C`` (the default, :data:`DEFAULT_KEEP_ATTENTION`): a bounded
-  budget per query row: the largest keys in descending order until their mass
-  reaches ``P`` (the key that crosses ``P`` is kept), at most ``K`` of them,
-  plus the ``C`` largest keys *of the other modality* with a non-zero weight
-  (text -> image for a text query, image -> text for an image query), so the
-  cross-modal views always have the strongest cross-modal weights even when a
-  row's mass sits on its own modality. At most ``K + C`` weights a row;
-- ``none``: nothing.
+The pruning policy (``pipeline.capture_config``: :class:`KeepAll`, :class:`TopK`, :class:`Mass`,
+:class:`KeepCross`, :class:`Budget`, :class:`KeepNone`) decides which weights of the full attention
+are stored in the ``attention`` table (statistics are always computed before pruning).
 
 Two representations of what is kept leave the device (see :class:`Kept`):
 *dense* (``all``, ``cross``, ``mass``) is the whole ``[batch, head, query,
@@ -27,92 +14,20 @@ host.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES
+from pipeline.capture_config import (DEFAULT_KEEP_ATTENTION, AttentionPolicy, Budget, KeepAll, KeepCross,
+                                     KeepNone, Mass, TopK)
 from pipeline.stats import TokenMasks
 
 
-DEFAULT_KEEP_ATTENTION = "budget:8:0.9:2"
-
-
-@dataclass(frozen=True)
-class KeepPolicy:
-    kind: str  # all / topk / mass / cross / budget / none
-    k: int | None = None
-    p: float | None = None
-    c: int | None = None  # budget: cross-modal keys kept on top of the row's own
-
-    @classmethod
-    def parse(cls, text: str) -> "KeepPolicy":
-        """Parse ``all``, ``topk:K``, ``mass:P``, ``cross`` or ``none``."""
-        t = (text or "all").strip().lower()
-        if t in ("all", "cross", "none"):
-            return cls(t)
-        name, _, arg = t.partition(":")
-        try:
-            if name == "topk":
-                k = int(arg)
-                if k >= 1:
-                    return cls("topk", k=k)
-            elif name == "mass":
-                p = float(arg)
-                if 0 < p <= 1:
-                    return cls("mass", p=p)
-            elif name == "budget":
-                parts = arg.split(":")
-                if len(parts) == 3:
-                    k, p, c = int(parts[0]), float(parts[1]), int(parts[2])
-                    if k >= 1 and 0 < p <= 1 and c >= 0:
-                        return cls("budget", k=k, p=p, c=c)
-        except ValueError:
-            pass
-        raise ValueError(
-            f"--keep-attention {text!r} is not understood: use all, topk:K (K >= 1), "
-            "mass:P (0 < P <= 1), budget:K:P:C (K >= 1, 0 < P <= 1, C >= 0; the default is "
-            f"{DEFAULT_KEEP_ATTENTION}), cross or none"
-        )
-
-    def __str__(self) -> str:
-        if self.kind == "topk":
-            return f"topk:{self.k}"
-        if self.kind == "mass":
-            return f"mass:{self.p:g}"
-        if self.kind == "budget":
-            return f"budget:{self.k}:{self.p:g}:{self.c}"
-        return self.kind
-
-    @property
-    def sparse(self) -> bool:
-        """Whether the kept weights leave the device as per-row slots (bounded policies)."""
-        return self.kind in ("topk", "budget")
-
-    def describe(self) -> str:
-        """One sentence for a user: what a query row keeps."""
-        if self.kind == "all":
-            return "every weight is stored"
-        if self.kind == "none":
-            return "no weights are stored (statistics only)"
-        if self.kind == "cross":
-            return "only weights between text and image tokens are stored"
-        if self.kind == "topk":
-            return f"each query row keeps its {self.k} largest weights"
-        if self.kind == "mass":
-            return f"each query row keeps its largest weights until they reach {self.p:g} of its mass"
-        return (f"each query row keeps its largest weights until they reach {self.p:g} of its mass (at most "
-                f"{self.k}), plus its {self.c} largest weights on the other modality")
-
-    def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
-
-
 def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor,
-              policy: KeepPolicy, key_valid: torch.Tensor | None = None,
+              policy: AttentionPolicy, key_valid: torch.Tensor | None = None,
               key_image: torch.Tensor | None = None) -> torch.Tensor:
     """Which weights to store.
 
@@ -132,26 +47,27 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     key_valid = valid if key_valid is None else key_valid
     key_image = modality_image if key_image is None else key_image
     pair = (valid[:, :, None] & key_valid[:, None, :])[:, None]  # [batch, 1, query, key]
-    if policy.kind == "all":
-        return pair.expand_as(attn)
-    if policy.kind == "none":
-        return torch.zeros_like(attn, dtype=torch.bool)
-    if policy.kind == "cross":
-        cross = modality_image[:, :, None] != key_image[:, None, :]  # [batch, query, key]
-        return pair & cross[:, None]
-    scores = attn.masked_fill(~pair, -1.0)  # invalid keys sort last
-    if policy.kind == "topk":
-        k = min(policy.k, attn.shape[-1])
-        idx = scores.topk(k, dim=-1).indices  # [batch, head, query, k]
-        keep = torch.zeros_like(attn, dtype=torch.bool).scatter_(-1, idx, True)
-        return keep & pair
-    if policy.kind == "mass":
-        sorted_w, order = scores.sort(dim=-1, descending=True)  # [batch, head, query, key]
-        before = sorted_w.clamp(min=0).cumsum(-1) - sorted_w.clamp(min=0)  # mass before each key
-        keep_sorted = before < policy.p - 1e-7
-        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-        return keep & pair
-    raise ValueError(f"unknown policy {policy}")
+    match policy:
+        case KeepAll():
+            return pair.expand_as(attn)
+        case KeepNone():
+            return torch.zeros_like(attn, dtype=torch.bool)
+        case KeepCross():
+            cross = modality_image[:, :, None] != key_image[:, None, :]  # [batch, query, key]
+            return pair & cross[:, None]
+        case TopK(k=k):
+            scores = attn.masked_fill(~pair, -1.0)  # invalid keys sort last
+            idx = scores.topk(min(k, attn.shape[-1]), dim=-1).indices  # [batch, head, query, k]
+            keep = torch.zeros_like(attn, dtype=torch.bool).scatter_(-1, idx, True)
+            return keep & pair
+        case Mass(p=p):
+            scores = attn.masked_fill(~pair, -1.0)  # invalid keys sort last
+            sorted_w, order = scores.sort(dim=-1, descending=True)  # [batch, head, query, key]
+            before = sorted_w.clamp(min=0).cumsum(-1) - sorted_w.clamp(min=0)  # mass before each key
+            keep_sorted = before < p - 1e-7
+            keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+            return keep & pair
+    raise ValueError(f"{policy} is selected in sequence order: use select_budget_seq")
 
 
 @dataclass
@@ -174,7 +90,7 @@ class Kept:
         return self.index is not None
 
 
-def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor, policy: KeepPolicy,
+def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor, policy: AttentionPolicy,
            key_valid: torch.Tensor | None = None, key_image: torch.Tensor | None = None) -> Kept:
     """Apply ``policy`` on the device to attention in token order: the weights to store and the row
     mass they keep.
@@ -183,7 +99,7 @@ def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor
     ``cross`` and ``mass`` as a dense mask. ``budget`` is selected on the attention in sequence
     order, by :func:`select_budget_seq`.
     """
-    if policy.kind == "budget":
+    if isinstance(policy, Budget):
         raise ValueError("budget policies are selected in sequence order: use select_budget_seq")
     key_valid = valid if key_valid is None else key_valid
     key_image = modality_image if key_image is None else key_image
@@ -258,7 +174,7 @@ def _pairs_to_seq(pairs: torch.Tensor, q_index: torch.Tensor, k_index: torch.Ten
     return out
 
 
-def select_budget_seq(attn: torch.Tensor, policy: KeepPolicy, sl, q_seq: SeqLayout, k_seq: SeqLayout) -> Kept:
+def select_budget_seq(attn: torch.Tensor, policy: Budget, sl, q_seq: SeqLayout, k_seq: SeqLayout) -> Kept:
     """``budget:K:P:C`` on the attention in the model's sequence order; the result in token order.
 
     Only ``[.., K + C]`` slots per row are reordered, never the full matrix. Keys that are no token

@@ -283,15 +283,12 @@ def add_example(lake, run: str, image, text: str, answer: str | None = None, **k
 def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note) -> LiveResult:
     import pipeline
     from pipeline.data import Row
-    from pipeline.explain import parse_explain
-    from pipeline.extract import CaptureConfig, Summary, describe, plan_jobs, prepare_batch, run_chunks
-    from pipeline.flatten import KeepPolicy
+    from pipeline.capture_config import Capture
+    from pipeline.extract import Summary, describe, plan_jobs, prepare_batch, run_chunks
 
     try:
-        cfg = CaptureConfig(**cap)
-        policy = KeepPolicy.parse(cfg.keep_attention)
-        hidden_layers = cfg.hidden_layers()
-        methods = parse_explain(cfg.explain)
+        cfg = Capture.from_json(cap)
+        policy, methods, hidden_layers = cfg.attention, cfg.explain.methods, cfg.hidden.layers()
     except (TypeError, ValueError) as e:
         raise LiveError(f"run {run!r} has a capture configuration this version cannot repeat: "
                         f"{_first_line(e)}") from None
@@ -316,7 +313,7 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
     while source_id in sources:
         k += 1
         source_id = f"live-{example_id}-{digest}-{k}"
-    n = cfg.hidden_sample()
+    n = cfg.hidden.sample()
     vec_ids = None if n is None else ({example_id} if n > 0 else set())
     known = _all_image_ids(store)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.flatten import KeepPolicy, kept_rows, seq_layout, select_budget_seq
+from pipeline.capture_config import AttentionPolicy as KeepPolicy
+from pipeline.flatten import kept_rows, seq_layout, select_budget_seq
 from pipeline.models.base import StreamLayout
 from pipeline.stats import TokenMasks
 

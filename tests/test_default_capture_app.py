@@ -208,7 +208,7 @@ def mass_table(at) -> pd.DataFrame:
 
 @pytest.mark.parametrize("head", [1, "mean"])
 def test_attention_says_pruned_and_shows_the_stored_mass(lake, monkeypatch, head):
-    from pipeline.flatten import KeepPolicy
+    from pipeline.capture_config import AttentionPolicy as KeepPolicy
 
     ex, layer = 1, 1
     tok = read_table(lake, "tokens", run=RUN, example_id=ex)

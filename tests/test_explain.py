@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.explain import (lens_topk, massive, norm_weighted, parse_explain, relevancy_self, rollout_step, sinks,
+from pipeline.capture_config import ExplainSet
+from pipeline.explain import (lens_topk, massive, norm_weighted, relevancy_self, rollout_step, sinks,
                               value_norms)
 
 
@@ -23,6 +24,10 @@ def attention(rng, B, H, S, valid):
     a = a * valid[:, None, None, :]
     a = a / a.sum(-1, keepdims=True)
     return a * valid[:, None, :, None]
+
+
+def parse_explain(text):
+    return ExplainSet.parse(text).methods
 
 
 def test_parse_explain():
