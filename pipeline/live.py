@@ -5,7 +5,9 @@ example of the run like any other: :func:`add_example` loads the model the ``run
 folder that exists, or a Hugging Face id already in the local cache; nothing is ever downloaded),
 runs it with the run's capture configuration (keep-attention, keep-hidden, explain, dtype: read from
 the ``runs`` row, never chosen here) through the extraction's own machinery
-(:func:`pipeline.extract.run_chunks`: capture, statistics, flattening, the writer), and commits it
+(the run's :class:`~pipeline.capture_config.Capture`, a
+:class:`~pipeline.extraction.executor.LocalExecutor` and the chunk function behind ``vlatlas extract``:
+capture, statistics, rows, the writer), and commits it
 as a NEW chunk of the run with its done marker, so every view, query and page sees it.
 
 - ``example_id`` is the next free id after the run's largest (past every row of the manifest while
@@ -281,20 +283,22 @@ def add_example(lake, run: str, image, text: str, answer: str | None = None, **k
 
 
 def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note) -> LiveResult:
-    import pipeline
-    from pipeline.data import Row
     from pipeline.capture_config import Capture
-    from pipeline.extract import Summary, describe, plan_jobs, prepare_batch, run_chunks
+    from pipeline.data import Row
+    from pipeline.extraction.chunk import ChunkWork
+    from pipeline.extraction.executor import LocalExecutor
+    from pipeline.extraction.inputs import prepare_batch
+    from pipeline.extraction.summary import Summary
 
     try:
         cfg = Capture.from_json(cap)
-        policy, methods, hidden_layers = cfg.attention, cfg.explain.methods, cfg.hidden.layers()
     except (TypeError, ValueError) as e:
         raise LiveError(f"run {run!r} has a capture configuration this version cannot repeat: "
                         f"{_first_line(e)}") from None
     if adapter is None:
         adapter = _adapter(folder, row.get("dtype") or "float32", device)
-    info = describe(adapter)
+    executor = LocalExecutor(adapter)
+    info = executor.describe()
     if info["family"] != row.get("model_family") or info["streams"] != json.loads(row.get("streams") or "{}"):
         raise LiveError(f"the model at {folder or row['model']} is no longer the run's model (its family or "
                         f"layers and heads differ from run {run!r}'s)")
@@ -329,7 +333,7 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
             msg = checked["errors"][0][2].replace(tmp, "the upload")
             raise LiveError(f"the upload cannot be used: {msg}")
         metadata = {"vlatlas.model": row["model"], "vlatlas.capture": row["capture"],
-                    "vlatlas.version": pipeline.__version__}
+                    "vlatlas.version": info["version"]}
         writer = LakeWriter(store, run, metadata)
         complete = row.get("status") == "complete"
         if complete:  # the catalog reads only committed chunks of a running run
@@ -337,8 +341,9 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
         ok = False
         try:
             summary = Summary(run, store.uri)
-            run_chunks(adapter, writer, plan_jobs({chunk: [r]}, 1, chunk), known, policy, hidden_layers, vec_ids,
-                       device, 0, _NoBar(), summary, [], methods)
+            work = ChunkWork(store, run, metadata, cfg, device=device, workers=0, batch_size=1, first_chunk=chunk,
+                             vec_ids=vec_ids, known_images=frozenset(known))
+            executor.run(work, {chunk: [r]}, _NoBar(), summary)
             if chunk not in writer.done_chunks() or summary.extracted != 1:
                 why = "; ".join(m for _, _, m in summary.errors) or "the chunk was not committed"
                 raise LiveError(f"the example could not be extracted: {why.replace(tmp, 'the upload')}")
@@ -362,7 +367,7 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
 
 
 class _NoBar:
-    """The progress bar ``run_chunks`` updates, for one example: none."""
+    """The progress bar the executor updates, for one example: none."""
 
     def update(self, n: int = 1) -> None:
         pass

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.capture_config import AttentionPolicy as KeepPolicy
-from pipeline.flatten import kept_rows, seq_layout, select_budget_seq
+from pipeline.extraction.keep import seq_layout, select_budget_seq
+from pipeline.extraction.rows import kept_rows
 from pipeline.models.base import StreamLayout
 from pipeline.stats import TokenMasks
 

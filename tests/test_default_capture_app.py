@@ -27,7 +27,7 @@ def lake(tiny_vilt, tmp_path_factory):
     """Run ``dflt``: 5 examples, default attention pruning, vectors of 2 examples, t-SNE maps;
     run ``novec``: 2 examples extracted with ``keep_hidden="sample:0"`` (norms only, no maps)."""
     from pipeline.embed import TSNEConfig, embed
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest
 
     root = tmp_path_factory.mktemp("default_capture") / "lake"

@@ -1,34 +1,26 @@
-"""Tensors -> Arrow tables: pruning, casting, long format. No I/O.
+"""Which attention weights a run stores, selected on the device: the attention policies of
+``pipeline.capture_config`` acted on (matched by type), and the stream's token masks scattered to the
+model's sequence order.
 
-The pruning policy (``pipeline.capture_config``: :class:`KeepAll`, :class:`TopK`, :class:`Mass`,
-:class:`KeepCross`, :class:`Budget`, :class:`KeepNone`) decides which weights of the full attention
-are stored in the ``attention`` table (statistics are always computed before pruning).
-
-Two representations of what is kept leave the device (see :class:`Kept`):
-*dense* (``all``, ``cross``, ``mass``) is the whole ``[batch, head, query,
-key]`` weight block with a keep mask; *sparse* (``topk``, ``budget``) is, per
-query row, ``slots`` key indices in ascending key order with their weights and
-a keep flag, so a bounded policy never moves or scans the full matrix on the
-host.
+Two representations of what is kept leave the device (see :class:`Kept`): *dense* (``all``,
+``cross``, ``mass``) is the whole ``[batch, head, query, key]`` weight block with a keep mask;
+*sparse* (``topk``, ``budget``) is, per query row, ``slots`` key indices in ascending key order with
+their weights and a keep flag, so a bounded policy never moves or scans the full matrix on the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
 import torch
 
-from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES
-from pipeline.capture_config import (DEFAULT_KEEP_ATTENTION, AttentionPolicy, Budget, KeepAll, KeepCross,
-                                     KeepNone, Mass, TopK)
+from pipeline.capture_config import AttentionPolicy, Budget, KeepAll, KeepCross, KeepNone, Mass, TopK
+from pipeline.extraction.outputs import Kept
 from pipeline.stats import TokenMasks
 
 
-def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor,
-              policy: AttentionPolicy, key_valid: torch.Tensor | None = None,
-              key_image: torch.Tensor | None = None) -> torch.Tensor:
+def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor, policy: AttentionPolicy,
+              keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Which weights to store.
 
     Parameters
@@ -37,15 +29,14 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     valid : ``[batch, token]`` real tokens of each example.
     modality_image : ``[batch, token]`` True for image tokens.
     policy : the pruning policy.
-    key_valid, key_image : ``[batch, key]`` the same for the keys, when they are another
-        stream's tokens (cross attention); default ``valid`` / ``modality_image``.
+    keys : ``(key_valid, key_image)``, ``[batch, key]`` each, the same for the keys when they are
+        another stream's tokens (cross attention); default ``(valid, modality_image)``.
 
     Returns
     -------
     ``[batch, head, query, key]`` bool.
     """
-    key_valid = valid if key_valid is None else key_valid
-    key_image = modality_image if key_image is None else key_image
+    key_valid, key_image = (valid, modality_image) if keys is None else keys
     pair = (valid[:, :, None] & key_valid[:, None, :])[:, None]  # [batch, 1, query, key]
     match policy:
         case KeepAll():
@@ -70,28 +61,8 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     raise ValueError(f"{policy} is selected in sequence order: use select_budget_seq")
 
 
-@dataclass
-class Kept:
-    """What one layer keeps of a batch's attention: tensors on the device, numpy arrays on the host.
-
-    Dense: ``weight`` ``[batch, head, query, key]`` float16 and ``keep`` of the same shape.
-    Sparse: ``index`` ``[batch, head, query, slots]`` key positions (ascending, unkept slots last),
-    ``weight`` their float16 weights and ``keep`` which slots are stored.
-    ``mass`` ``[batch, head, query]`` is the row mass kept, computed in float32 on the full rows.
-    """
-
-    weight: object
-    keep: object
-    mass: object
-    index: object = None
-
-    @property
-    def sparse(self) -> bool:
-        return self.index is not None
-
-
 def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor, policy: AttentionPolicy,
-           key_valid: torch.Tensor | None = None, key_image: torch.Tensor | None = None) -> Kept:
+           keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> Kept:
     """Apply ``policy`` on the device to attention in token order: the weights to store and the row
     mass they keep.
 
@@ -101,11 +72,10 @@ def select(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Tensor
     """
     if isinstance(policy, Budget):
         raise ValueError("budget policies are selected in sequence order: use select_budget_seq")
-    key_valid = valid if key_valid is None else key_valid
-    key_image = modality_image if key_image is None else key_image
+    key_valid, key_image = (valid, modality_image) if keys is None else keys
     a = attn.float()
     if not policy.sparse:
-        keep = keep_mask(a, valid, modality_image, policy, key_valid, key_image)
+        keep = keep_mask(a, valid, modality_image, policy, (key_valid, key_image))
         return Kept(a.to(torch.float16), keep, (a * keep).sum(-1))
     pair = (valid[:, :, None] & key_valid[:, None, :])[:, None]  # [batch, 1, query, key]
     n_keys = a.shape[-1]
@@ -191,7 +161,7 @@ def select_budget_seq(attn: torch.Tensor, policy: Budget, sl, q_seq: SeqLayout, 
         plan = q_seq.plans.get(id(k_seq))
         if plan is None:
             plan = q_seq.plans[id(k_seq)] = _cross_plan(q_seq.masks, k_seq.masks, policy.c, vals.shape[-1])
-        cross = _cross_top(a, policy.c, q_seq.masks, k_seq.masks, vals, idx, plan)
+        cross = _cross_top(a, policy.c, (q_seq.masks, k_seq.masks), (vals, idx), plan)
     if cross is not None:
         cvals, cidx = cross
         dup = ((cidx[..., :, None] == idx[..., None, :]) & keep[..., None, :]).any(-1)
@@ -231,8 +201,8 @@ def _cross_plan(qm: TokenMasks, km: TokenMasks, c: int, k: int) -> tuple:
     return ("full",)
 
 
-def _cross_top(a: torch.Tensor, c: int, qm: TokenMasks, km: TokenMasks, vals: torch.Tensor,
-               idx: torch.Tensor, plan: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _cross_top(a: torch.Tensor, c: int, masks: tuple[TokenMasks, TokenMasks], top: tuple[torch.Tensor, torch.Tensor],
+               plan: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The ``c`` largest weights of each row on keys of the other modality (values, key positions),
     or None when no row has such a key. Non-positive values mark slots that hold no such key.
 
@@ -240,8 +210,9 @@ def _cross_top(a: torch.Tensor, c: int, qm: TokenMasks, km: TokenMasks, vals: to
     modality have none; for the others every key is "other", so their cross keys are their own top
     ``c``: ``vals``/``idx`` are each row's descending top keys), and ``block``, image keys in one
     block at either end of the sequence in every example (text queries look in the block, image
-    queries outside it).
+    queries outside it). ``masks``: the queries' and the keys' masks; ``top``: ``(vals, idx)``.
     """
+    (qm, km), (vals, idx) = masks, top
     if plan[0] == "none":
         return None
     if plan[0] == "own":
@@ -260,46 +231,6 @@ def _cross_top(a: torch.Tensor, c: int, qm: TokenMasks, km: TokenMasks, vals: to
     return (a * other[:, None]).topk(min(c, a.shape[-1]), dim=-1)
 
 
-def kept_rows(kept: Kept, example_ids, token_offset, key_offset) -> dict[str, np.ndarray]:
-    """Host side: the ``attention`` rows of one layer as numpy columns, sorted by example, head,
-    query, key. ``kept`` holds numpy arrays; offsets as in :func:`attention_table`."""
-    off = np.asarray(token_offset, np.int64)
-    koff = np.asarray(key_offset, np.int64)
-    if kept.sparse:
-        b, h, q, j = np.nonzero(kept.keep)
-        k = kept.index[b, h, q, j]
-        w = kept.weight[b, h, q, j]
-    else:
-        b, h, q, k = np.nonzero(kept.keep)
-        w = kept.weight[b, h, q, k]
-    return {
-        "example_id": np.asarray(example_ids, np.int64)[b],
-        "head": h.astype(np.int16),
-        "query_idx": (q + off[b]).astype(np.int32),
-        "key_idx": (k + koff[b]).astype(np.int32),
-        "weight": w.astype(np.float16).astype(np.float32),  # float16 precision, stored as float32
-    }
-
-
-def attention_table(attn: torch.Tensor, keep: torch.Tensor, example_ids: list[int],
-                    token_offset: list[int] | None = None, key_offset: list[int] | None = None) -> pa.Table:
-    """Long-format rows of the ``attention`` table (one layer, one stream) from a dense keep mask.
-
-    ``token_offset[b]`` (default 0) is the ``token_idx`` of the stream's first token in
-    example ``b``'s token table: slot ``j`` of the stream is token ``token_offset[b] + j``.
-    ``key_offset`` (default ``token_offset``) is the same for the keys, when they are another
-    stream's tokens (cross attention).
-    Rows come out sorted by example, head, query, key.
-    """
-    off = [0] * len(example_ids) if token_offset is None else token_offset
-    kept = Kept(attn.to(torch.float16).cpu().numpy(), keep.cpu().numpy(), None)
-    return attention_arrow(kept_rows(kept, example_ids, off, off if key_offset is None else key_offset))
-
-
-def attention_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
-    return pa.table({k: pa.array(v) for k, v in cols.items()}, schema=ATTENTION.schema)
-
-
 def kept_mass(attn: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over valid query rows of the row mass kept: ``[batch, head]``."""
     return row_mean_mass((attn.float() * keep).sum(-1), valid)
@@ -310,76 +241,3 @@ def row_mean_mass(mass: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     w = valid[:, None, :].float()
     n = w.sum(-1).clamp(min=1)
     return (mass * w).sum(-1) / n
-
-
-def head_stats_arrow(names: list[str], vals: np.ndarray, example_ids: list[int], stream: str,
-                     layer: int) -> pa.Table:
-    """Rows of ``head_stats`` from ``vals`` ``[stat, batch, head]`` (numpy); NaN becomes null."""
-    n_stat, n_b, n_h = vals.shape
-    s_idx, b_idx, h_idx = np.meshgrid(np.arange(n_stat), np.arange(n_b), np.arange(n_h), indexing="ij")
-    v = vals.reshape(-1).astype(np.float32)
-    return pa.table(
-        {
-            "example_id": pa.array(np.asarray(example_ids, np.int64)[b_idx.reshape(-1)], pa.int64()),
-            "stream": pa.array(np.full(v.size, stream, dtype=object), pa.string()),
-            "layer": pa.array(np.full(v.size, layer, np.int32), pa.int32()),
-            "head": pa.array(h_idx.reshape(-1).astype(np.int16), pa.int16()),
-            "stat": pa.array(np.asarray(names, dtype=object)[s_idx.reshape(-1)], pa.string()),
-            "value": pa.array(v, pa.float32(), mask=np.isnan(v)),
-        },
-        schema=HEAD_STATS.schema,
-    )
-
-
-def head_stats_table(stats: dict[str, torch.Tensor], example_ids: list[int], stream: str,
-                     layer: int) -> pa.Table:
-    """Rows of ``head_stats`` from ``{stat: [batch, head]}``; NaN becomes null."""
-    names = sorted(stats)
-    vals = torch.stack([stats[s].float() for s in names], 0).cpu().numpy()  # [stat, batch, head]
-    return head_stats_arrow(names, vals, example_ids, stream, layer)
-
-
-def hidden_arrow(norm: np.ndarray, valid: np.ndarray, example_ids: list[int], token_offset: list[int],
-                 vectors: np.ndarray | None, with_vec: np.ndarray) -> pa.Table:
-    """Rows of ``hidden_states`` for one layer (host side).
-
-    norm : ``[batch, token]`` float32 L2 norms; valid : ``[batch, token]`` bool.
-    vectors : ``[n, token, dim]`` float16 vectors of the examples flagged in ``with_vec``
-        (``[batch]`` bool, in batch order), or None when none has them; the other rows' ``vec``
-        is null.
-    """
-    b, t = np.nonzero(valid)
-    off = np.asarray(token_offset, np.int64)
-    has = with_vec[b]
-    if vectors is not None and has.any():
-        slot = np.cumsum(with_vec) - 1  # batch index -> row of ``vectors``
-        flat = vectors[slot[b[has]], t[has]].reshape(-1)
-        dim = vectors.shape[-1]
-    else:
-        flat, dim = np.zeros(0, np.float16), 0
-    lengths = np.where(has, dim, 0)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    # float16 precision (the vectors cross from the device as float16), stored as float32: see lake/schema.py
-    flat = flat.astype(np.float16).astype(np.float32)
-    vecs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float32()),
-                                    mask=pa.array(~has))
-    return pa.table(
-        {
-            "example_id": pa.array(np.asarray(example_ids, np.int64)[b], pa.int64()),
-            "token_idx": pa.array((t + off[b]).astype(np.int32), pa.int32()),
-            "norm": pa.array(norm[b, t].astype(np.float32), pa.float32()),
-            "vec": vecs,
-        },
-        schema=HIDDEN_STATES.schema,
-    )
-
-
-def hidden_table(hidden: torch.Tensor, valid: torch.Tensor, example_ids: list[int],
-                 token_offset: list[int] | None = None) -> pa.Table:
-    """Rows of ``hidden_states`` from ``[batch, token, dim]`` in the stream's token order, every
-    vector kept; ``token_offset`` as in :func:`attention_table`."""
-    vec = hidden.float()
-    norm = vec.norm(dim=-1).cpu().numpy()
-    off = [0] * len(example_ids) if token_offset is None else token_offset
-    return hidden_arrow(norm, valid.cpu().numpy(), example_ids, off, vec.to(torch.float16).cpu().numpy(),
-                        np.ones(len(example_ids), bool))
