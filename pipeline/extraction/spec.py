@@ -67,6 +67,15 @@ class RunSpec:
         ray = None if address is None else RaySpec(address, actors, 1.0 if cpus is None else cpus)
         return RunSpec(model, Path(data).resolve(), str(lake), run, capture, ray=ray, **o)
 
+    @staticmethod
+    def from_run_row(row: dict, lake: str, device: str) -> "RunSpec":
+        """The spec a run's ``runs`` row records (its capture parsed back), for one more example on
+        ``device`` in this process (the live example); ValueError or TypeError when this version
+        cannot read the capture."""
+        return RunSpec(row["model"], Path(row.get("manifest") or "."), lake, row["run"],
+                       Capture.from_json(row["capture"]), device=device, dtype=row.get("dtype") or "float32",
+                       revision=row.get("revision"), batch_size=1, workers=0, progress=False)
+
     def capture_of(self, info: dict) -> Capture:
         """The capture as recorded: with whether the model's weights are random."""
         return replace(self.capture, random_weights=bool(info["random_weights"]))
