@@ -39,8 +39,8 @@ def keep_mask(attn: torch.Tensor, valid: torch.Tensor, modality_image: torch.Ten
     key_valid, key_image = (valid, modality_image) if keys is None else keys
     pair = (valid[:, :, None] & key_valid[:, None, :])[:, None]  # [batch, 1, query, key]
     match policy:
-        case KeepAll():
-            return pair.expand_as(attn)
+        case KeepAll():  # the keys the query can see: raw weight > 0 (a masked key's is exactly 0.0, KeepAll)
+            return pair & (attn > 0)
         case KeepNone():
             return torch.zeros_like(attn, dtype=torch.bool)
         case KeepCross():
