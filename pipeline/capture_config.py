@@ -27,7 +27,7 @@ Attention policies (``--keep-attention``): which weights of the full attention a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
 DEFAULT_KEEP_ATTENTION = "budget:8:0.9:2"
@@ -273,9 +273,9 @@ class ExplainSet:
 class Capture:
     """What a run stores; recorded once as ``runs.capture`` (and in every file's metadata)."""
 
-    attention: AttentionPolicy = Budget(8, 0.9, 2)
-    hidden: HiddenPolicy = HiddenSample(256)
-    explain: ExplainSet = ExplainSet()
+    attention: AttentionPolicy = field(default_factory=lambda: AttentionPolicy.parse(DEFAULT_KEEP_ATTENTION))
+    hidden: HiddenPolicy = field(default_factory=lambda: HiddenPolicy.parse(DEFAULT_KEEP_HIDDEN))
+    explain: ExplainSet = field(default_factory=ExplainSet)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     random_weights: bool = False
 
