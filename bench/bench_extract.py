@@ -392,11 +392,10 @@ def row_bytes(lake: Path) -> dict:
 def project(rb: dict, layers: int, heads: int, tokens: int, width: int, run_examples: int = 10_000) -> dict:
     """MB per example of the default capture for a model of that shape, at the policy's worst case."""
     from lake.schema import STATS
-    from pipeline.extract import CaptureConfig
-    from pipeline.flatten import DEFAULT_KEEP_ATTENTION, KeepPolicy
+    from pipeline.capture_config import Capture
 
-    pol = KeepPolicy.parse(DEFAULT_KEEP_ATTENTION)
-    sample = CaptureConfig().hidden_sample()
+    cap = Capture()
+    pol, sample = cap.attention, cap.hidden.sample()
     attn = layers * heads * tokens * (pol.k + (pol.c or 0)) * rb["per_attention_row"]
     norms = tokens * (layers + 1) * rb["per_norm_row"]
     vectors = min(sample, run_examples) / run_examples * tokens * (layers + 1) * width * 2
@@ -413,8 +412,7 @@ PROJECTIONS = (  # label, (layers, heads, tokens, width), target MB per example
 
 
 def print_projection(rb: dict, source: str) -> list[dict]:
-    from pipeline.extract import DEFAULT_KEEP_HIDDEN
-    from pipeline.flatten import DEFAULT_KEEP_ATTENTION
+    from pipeline.capture_config import DEFAULT_KEEP_ATTENTION, DEFAULT_KEEP_HIDDEN
 
     print(f"\n### lake size under the default capture ({DEFAULT_KEEP_ATTENTION}, {DEFAULT_KEEP_HIDDEN})\n")
     print(f"measured on {source}: {rb['per_attention_row']:.2f} bytes / attention row "

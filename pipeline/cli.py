@@ -23,15 +23,17 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from pipeline.distributed import RayError
-    from pipeline.extract import DEFAULT_KEEP_ATTENTION, DEFAULT_KEEP_HIDDEN, RunConflict, extract
+    from pipeline.extraction.executor import RayError
+    from pipeline.extraction.run import RunConflict, run_spec
+    from pipeline.extraction.spec import RunSpec
 
+    spec = RunSpec.from_options(a.model, a.data, a.lake, a.run, batch_size=a.batch_size, device=a.device,
+                                dtype=a.dtype, limit=a.limit, keep_attention=a.keep_attention,
+                                keep_hidden=a.keep_hidden, chunk_size=a.chunk_size, overwrite=a.overwrite,
+                                progress=not a.quiet, revision=a.revision, workers=a.workers, ray=a.ray,
+                                ray_actors=a.ray_actors, ray_cpus=a.ray_cpus, explain=a.explain)
     try:
-        s = extract(a.model, a.data, a.lake, a.run, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                    limit=a.limit, keep_attention=a.keep_attention or DEFAULT_KEEP_ATTENTION,
-                    keep_hidden=a.keep_hidden or DEFAULT_KEEP_HIDDEN, chunk_size=a.chunk_size,
-                    overwrite=a.overwrite, progress=not a.quiet, revision=a.revision, workers=a.workers,
-                    ray=a.ray, ray_actors=a.ray_actors, ray_cpus=a.ray_cpus, explain=a.explain)
+        s = run_spec(spec)
     except KeyboardInterrupt:
         print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume run {a.run!r}.",
               file=sys.stderr)

@@ -23,21 +23,8 @@ from __future__ import annotations
 
 import torch
 
-EXPLAIN_METHODS = ("relevancy", "rollout", "value", "lens", "sinks")
 SINK_RATIO = 20.0  # |h_d| / rms(h) above which an activation is massive
 LENS_TOP_K = 5
-
-
-def parse_explain(text: str | None) -> tuple[str, ...]:
-    """``--explain relevancy,rollout,...`` -> the methods in canonical order; ValueError on a typo."""
-    if not text:
-        return ()
-    want = {x.strip().lower() for x in text.split(",") if x.strip()}
-    bad = sorted(want - set(EXPLAIN_METHODS))
-    if bad:
-        raise ValueError(f"--explain {text!r}: unknown method(s) {', '.join(bad)}; choose any of "
-                         f"{','.join(EXPLAIN_METHODS)}")
-    return tuple(m for m in EXPLAIN_METHODS if m in want)
 
 
 # -- rollout ------------------------------------------------------------------------------------
@@ -153,20 +140,21 @@ def _bar(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return rh / torch.where(sums != 0, sums, torch.ones_like(sums)) + eye
 
 
-def relevancy_cross(v_attns, v_grads, t_attns, t_grads, c_attns, c_grads, v_valid: torch.Tensor,
-                    t_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def relevancy_cross(attns: dict[str, list[torch.Tensor]], grads: dict[str, list[torch.Tensor]],
+                    v_valid: torch.Tensor, t_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Relevancy of a text encoder that cross-attends to a vision tower (BLIP), Chefer et al. 2021's
     rules for self- and bi-modal attention: ``R^ii`` from the vision tower's self-attention; then per
     text layer, its self-attention ``R^tt += Ā R^tt``, ``R^ti += Ā R^ti``, and its cross-attention
     (text queries over image keys) ``R^ti += (R̄^tt)ᵀ Ā^ti R^ii``. The image never attends to the
     text, so ``R^it`` stays 0 and ``R^tt`` gets nothing from the cross-attention.
 
-    Returns ``(R^tt [batch, St, St], R^ti [batch, St, Si])`` float32.
+    ``attns``/``grads``: the ``vision``, ``text`` and ``cross`` streams' attentions and their
+    gradients, layer by layer. Returns ``(R^tt [batch, St, St], R^ti [batch, St, Si])`` float32.
     """
-    r_ii = relevancy_self(v_attns, v_grads, v_valid)
+    r_ii = relevancy_self(attns["vision"], grads["vision"], v_valid)
     r_tt = torch.diag_embed(t_valid.float())
     r_ti = torch.zeros(t_valid.shape[0], t_valid.shape[1], v_valid.shape[1], device=t_valid.device)
-    for a, g, ca, cg in zip(t_attns, t_grads, c_attns, c_grads):
+    for a, g, ca, cg in zip(attns["text"], grads["text"], attns["cross"], grads["cross"]):
         cam = (g.float() * a.float()).clamp(min=0).mean(1)
         r_tt = r_tt + torch.bmm(cam, r_tt)
         r_ti = r_ti + torch.bmm(cam, r_ti)

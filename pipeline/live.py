@@ -5,7 +5,9 @@ example of the run like any other: :func:`add_example` loads the model the ``run
 folder that exists, or a Hugging Face id already in the local cache; nothing is ever downloaded),
 runs it with the run's capture configuration (keep-attention, keep-hidden, explain, dtype: read from
 the ``runs`` row, never chosen here) through the extraction's own machinery
-(:func:`pipeline.extract.run_chunks`: capture, statistics, flattening, the writer), and commits it
+(the run's :class:`~pipeline.capture_config.Capture`, a
+:class:`~pipeline.extraction.executor.LocalExecutor` and the chunk function behind ``vlatlas extract``:
+capture, statistics, rows, the writer), and commits it
 as a NEW chunk of the run with its done marker, so every view, query and page sees it.
 
 - ``example_id`` is the next free id after the run's largest (past every row of the manifest while
@@ -262,7 +264,7 @@ def add_live_example(lake, run: str, image, text: str, answer: str | None = None
     if row is None:
         raise LiveError(f"there is no run {run!r} in the lake at {store.uri}")
     try:
-        cap = json.loads(row["capture"])
+        json.loads(row["capture"])
     except (TypeError, ValueError):
         raise LiveError(f"run {run!r} records no capture configuration") from None
     folder = None
@@ -272,7 +274,7 @@ def add_live_example(lake, run: str, image, text: str, answer: str | None = None
             raise LiveError(f"live examples are not available for run {run!r}: {why}")
     used_device, note = _device(device)
     with _LOCK:
-        return _add(store, run, row, cap, data, text, answer, folder, adapter, used_device, note)
+        return _add(store, row, _Upload(data, text, answer), _Model(folder, adapter, used_device, note))
 
 
 def add_example(lake, run: str, image, text: str, answer: str | None = None, **kwargs) -> int:
@@ -280,24 +282,38 @@ def add_example(lake, run: str, image, text: str, answer: str | None = None, **k
     return add_live_example(lake, run, image, text, answer, **kwargs).example_id
 
 
-def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note) -> LiveResult:
-    import pipeline
-    from pipeline.data import Row
-    from pipeline.explain import parse_explain
-    from pipeline.extract import CaptureConfig, Summary, describe, plan_jobs, prepare_batch, run_chunks
-    from pipeline.flatten import KeepPolicy
+@dataclass(frozen=True)
+class _Upload:
+    data: bytes  # the image file
+    text: str
+    answer: str | None
 
+
+@dataclass(frozen=True)
+class _Model:
+    folder: Path | None  # where the run's model loads from (None: ``adapter`` given)
+    adapter: object
+    device: str
+    note: str | None  # why ``device`` is not the one asked for
+
+
+def _add(store, row: dict, up: _Upload, m: _Model) -> LiveResult:
+    from pipeline.data import Row
+    from pipeline.extraction.chunk import ChunkWork
+    from pipeline.extraction.executor import LocalExecutor
+    from pipeline.extraction.inputs import prepare_batch
+    from pipeline.extraction.spec import RunSpec
+    from pipeline.extraction.summary import Summary
+
+    run, data, text, answer, folder, device = row["run"], up.data, up.text, up.answer, m.folder, m.device
     try:
-        cfg = CaptureConfig(**cap)
-        policy = KeepPolicy.parse(cfg.keep_attention)
-        hidden_layers = cfg.hidden_layers()
-        methods = parse_explain(cfg.explain)
+        spec = RunSpec.from_run_row(row, store.uri, device)
     except (TypeError, ValueError) as e:
         raise LiveError(f"run {run!r} has a capture configuration this version cannot repeat: "
                         f"{_first_line(e)}") from None
-    if adapter is None:
-        adapter = _adapter(folder, row.get("dtype") or "float32", device)
-    info = describe(adapter)
+    cfg = spec.capture
+    executor = LocalExecutor(m.adapter if m.adapter is not None else _adapter(folder, spec.dtype, device))
+    info = executor.describe()
     if info["family"] != row.get("model_family") or info["streams"] != json.loads(row.get("streams") or "{}"):
         raise LiveError(f"the model at {folder or row['model']} is no longer the run's model (its family or "
                         f"layers and heads differ from run {run!r}'s)")
@@ -316,7 +332,7 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
     while source_id in sources:
         k += 1
         source_id = f"live-{example_id}-{digest}-{k}"
-    n = cfg.hidden_sample()
+    n = cfg.hidden.sample()
     vec_ids = None if n is None else ({example_id} if n > 0 else set())
     known = _all_image_ids(store)
 
@@ -327,12 +343,12 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
         r = Row(example_id=example_id, source_id=source_id, image_path=Path(tmp), text=text, answer=answer,
                 split=LIVE_SPLIT, boxes=None, meta={"live": True, "device": device})
         # the checks the extraction makes (image decoding, the processor), made before anything is written
-        checked = prepare_batch(adapter, [r], known)
+        checked = prepare_batch(executor.adapter, [r], known)
         if checked["errors"]:
             msg = checked["errors"][0][2].replace(tmp, "the upload")
             raise LiveError(f"the upload cannot be used: {msg}")
         metadata = {"vlatlas.model": row["model"], "vlatlas.capture": row["capture"],
-                    "vlatlas.version": pipeline.__version__}
+                    "vlatlas.version": info["version"]}
         writer = LakeWriter(store, run, metadata)
         complete = row.get("status") == "complete"
         if complete:  # the catalog reads only committed chunks of a running run
@@ -340,8 +356,10 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
         ok = False
         try:
             summary = Summary(run, store.uri)
-            run_chunks(adapter, writer, plan_jobs({chunk: [r]}, 1, chunk), known, policy, hidden_layers, vec_ids,
-                       device, 0, _NoBar(), summary, [], methods)
+            work = ChunkWork(store, run, metadata, cfg, device=device, workers=spec.workers,
+                             batch_size=spec.batch_size, first_chunk=chunk, vec_ids=vec_ids,
+                             known_images=frozenset(known))
+            executor.run(work, {chunk: [r]}, _NoBar(), summary)
             if chunk not in writer.done_chunks() or summary.extracted != 1:
                 why = "; ".join(m for _, _, m in summary.errors) or "the chunk was not committed"
                 raise LiveError(f"the example could not be extracted: {why.replace(tmp, 'the upload')}")
@@ -361,11 +379,11 @@ def _add(store, run, row, cap, data, text, answer, folder, adapter, device, note
         Path(tmp).unlink(missing_ok=True)
     ex = store.read_parquet(f"examples/run={run}/part-{chunk:06d}.parquet",
                             columns=["prediction", "correct"]).to_pylist()[0]
-    return LiveResult(example_id, source_id, chunk, ex["prediction"], ex["correct"], device, note)
+    return LiveResult(example_id, source_id, chunk, ex["prediction"], ex["correct"], device, m.note)
 
 
 class _NoBar:
-    """The progress bar ``run_chunks`` updates, for one example: none."""
+    """The progress bar the executor updates, for one example: none."""
 
     def update(self, n: int = 1) -> None:
         pass

@@ -46,11 +46,11 @@ page = st.navigation([
 @st.cache_resource(show_spinner=False)
 def _warm_up() -> threading.Thread:
     """Import in the background, once per server, what later pages need beyond the first one: altair
-    (the charts), the capture policies' descriptions (``pipeline.flatten``, which imports torch) for
-    the Attention page, and openTSNE, scipy and scikit-learn for the Hidden states page's placements
-    (each a second or two on a small CPU), so that a page's first visit does not wait for them."""
+    (the charts), and openTSNE, scipy and scikit-learn for the Hidden states page's placements (each a
+    second or two on a small CPU), so that a page's first visit does not wait for them. Not torch: the
+    app imports it only when a live example runs."""
     def work() -> None:
-        for name in ("streamlit_app.charts", "pipeline.flatten", "openTSNE.affinity", "sklearn.neighbors"):
+        for name in ("streamlit_app.charts", "openTSNE.affinity", "sklearn.neighbors"):
             try:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - the page imports it itself and reports what is missing

@@ -64,6 +64,7 @@ import streamlit as st
 from lake import queries
 from lake.catalog import Catalog, open_catalog
 from lake.queries import ExampleFilter
+from pipeline.capture_config import ExplainSet
 from streamlit_app import views
 
 ENV_LAKE = "VLATLAS_LAKE"
@@ -373,8 +374,11 @@ class Ctx:
 
     @property
     def explained(self) -> tuple[str, ...]:
-        """The ``--explain`` methods the run was extracted with."""
-        return tuple(m for m in str(self.capture.get("explain") or "").split(",") if m)
+        """The ``--explain`` methods the run was extracted with (those this version knows)."""
+        try:
+            return ExplainSet.parse(self.capture.get("explain")).methods
+        except ValueError:
+            return ()
 
     def stream_shape(self, stream: str) -> tuple[int, int]:
         """(layers, heads) of a stream."""

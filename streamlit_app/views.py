@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.capture_config import AttentionPolicy, KeepAll
+
 # viridis at 0, 0.1, ..., 1: the sequential scale of every weight in the app
 VIRIDIS = np.array([
     [68, 1, 84], [72, 36, 117], [65, 68, 135], [53, 95, 141], [42, 120, 142], [33, 145, 140],
@@ -212,20 +214,21 @@ def row_mass(block: pd.DataFrame, queries: pd.DataFrame) -> pd.DataFrame:
 
 
 def keep_description(keep: str | None) -> str:
-    """One sentence on what a run's ``keep_attention`` policy stores (``pipeline.flatten.KeepPolicy``),
-    or the policy's text when the pipeline (torch) is not importable or the text is not understood."""
+    """One sentence on what a run's ``keep_attention`` policy stores (``pipeline.capture_config``, which
+    imports no torch), or the policy's text when it is not understood."""
     text = str(keep or "all")
     try:
-        from pipeline.flatten import KeepPolicy
-
-        return KeepPolicy.parse(text).describe()
-    except Exception:  # noqa: BLE001 - the app can run without the pipeline's torch
+        return AttentionPolicy.parse(text).describe()
+    except ValueError:
         return f"weights kept by `{text}`"
 
 
 def is_pruned(keep: str | None) -> bool:
     """Whether a run's ``keep_attention`` leaves out some weights (anything but ``all``)."""
-    return str(keep or "all").strip().lower() != "all"
+    try:
+        return not isinstance(AttentionPolicy.parse(keep), KeepAll)
+    except ValueError:
+        return True
 
 
 # -- the image side ---------------------------------------------------------------------

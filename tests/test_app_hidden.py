@@ -1,5 +1,5 @@
 """The Hidden states page under AppTest, on a lake built by the real pipeline: a tiny random ViLT
-(tests/tiny.py) over a small manifest, ``pipeline.extract.extract``, then ``pipeline.embed.embed``
+(tests/tiny.py) over a small manifest, ``pipeline.extraction.run.extract``, then ``pipeline.embed.embed``
 with a small sample.
 
 Charts are found by their Vega-Lite ``description``; expected values are computed here in numpy
@@ -25,7 +25,7 @@ def lake(tiny_vilt, tmp_path_factory):
     """Runs ``tiny`` (8 examples, maps of hidden-state layers 0..2), ``nomaps`` (3 examples, no
     maps) and ``nohidden`` (2 examples extracted with --keep-hidden none)."""
     from pipeline.embed import TSNEConfig, embed
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest
 
     root = tmp_path_factory.mktemp("hidden") / "lake"

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.flatten import KeepPolicy, kept_rows, seq_layout, select_budget_seq
+from pipeline.capture_config import AttentionPolicy as KeepPolicy
+from pipeline.extraction.keep import seq_layout, select_budget_seq
+from pipeline.extraction.rows import kept_rows
 from pipeline.models.base import StreamLayout
 from pipeline.stats import TokenMasks
 

@@ -27,7 +27,7 @@ def lake(tiny_vilt, tmp_path_factory):
     """Run ``dflt``: 5 examples, default attention pruning, vectors of 2 examples, t-SNE maps;
     run ``novec``: 2 examples extracted with ``keep_hidden="sample:0"`` (norms only, no maps)."""
     from pipeline.embed import TSNEConfig, embed
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest
 
     root = tmp_path_factory.mktemp("default_capture") / "lake"
@@ -208,7 +208,7 @@ def mass_table(at) -> pd.DataFrame:
 
 @pytest.mark.parametrize("head", [1, "mean"])
 def test_attention_says_pruned_and_shows_the_stored_mass(lake, monkeypatch, head):
-    from pipeline.flatten import KeepPolicy
+    from pipeline.capture_config import AttentionPolicy as KeepPolicy
 
     ex, layer = 1, 1
     tok = read_table(lake, "tokens", run=RUN, example_id=ex)

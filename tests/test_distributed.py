@@ -27,7 +27,7 @@ from lake import queries
 from lake.catalog import Catalog
 from lake.schema import TABLES
 from lake.writer import LakeWriter
-from pipeline.extract import extract
+from pipeline.extraction.run import extract
 from tests.tiny import free_port, make_manifest
 
 pytestmark = pytest.mark.slow

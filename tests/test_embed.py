@@ -286,7 +286,7 @@ def test_cli_errors(mapped, capsys, tmp_path):
 
 
 def test_run_without_hidden_states(tiny_vilt, tmp_path, capsys):
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest
 
     manifest = make_manifest(tmp_path / "data", n=2)

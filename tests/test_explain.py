@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.explain import (lens_topk, massive, norm_weighted, parse_explain, relevancy_self, rollout_step, sinks,
+from pipeline.capture_config import ExplainSet
+from pipeline.explain import (lens_topk, massive, norm_weighted, relevancy_self, rollout_step, sinks,
                               value_norms)
 
 
@@ -23,6 +24,10 @@ def attention(rng, B, H, S, valid):
     a = a * valid[:, None, None, :]
     a = a / a.sum(-1, keepdims=True)
     return a * valid[:, None, :, None]
+
+
+def parse_explain(text):
+    return ExplainSet.parse(text).methods
 
 
 def test_parse_explain():
@@ -169,7 +174,7 @@ def test_relevancy_against_autograd_reimplementation():
 
 
 # -- the capture: --explain on real (tiny) models, checked against the lake's own full attention ----------
-from pipeline.extract import extract  # noqa: E402
+from pipeline.extraction.run import extract  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tests.tiny import make_manifest, make_sink_vilt  # noqa: E402
@@ -243,7 +248,7 @@ def test_value_norms_against_the_model_per_head(explained):
     """||W_O^h (W_V^h x + b_V^h)|| from the model's own weights and the value layer's input."""
     lake, mdir = explained
     from pipeline.data import read_manifest
-    from pipeline.extract import prepare_batch
+    from pipeline.extraction.inputs import prepare_batch
     from pipeline.models import load_adapter
 
     ad = load_adapter(str(mdir))  # the checkpoint's model, run the way extraction runs it (seeded patches)
@@ -420,7 +425,7 @@ def test_relevancy_of_vilt_and_clip_against_autograd(tmp_path):
     read at [CLS]; CLIP: the image-text similarity, read at the pooled token of each tower), against
     the rule applied by hand to the model's own attentions and their autograd gradients."""
     from pipeline.data import read_manifest
-    from pipeline.extract import prepare_batch
+    from pipeline.extraction.inputs import prepare_batch
     from pipeline.models import load_adapter
     from tests.test_dual import make_tiny_dual
     from tests.tiny import make_tiny_vilt
@@ -467,7 +472,7 @@ def test_relevancy_of_llava_generated_tokens_against_autograd(tmp_path):
     """A decoder: every generated token is a target, scored by its logit at the position before it
     and read there; checked against the rule by hand on the model's own teacher-forced attentions."""
     from pipeline.data import read_manifest
-    from pipeline.extract import prepare_batch
+    from pipeline.extraction.inputs import prepare_batch
     from pipeline.models import load_adapter
     from tests.test_llava import make_tiny_llava
 
@@ -591,7 +596,7 @@ def test_relevancy_of_blip_matching_against_the_bimodal_rule(tmp_path):
     """BLIP's image-text matching: the cross-attention rule (Chefer et al. 2021, eq. 10-11) applied by
     hand to the model's own vision, text and cross attentions and their autograd gradients."""
     from pipeline.data import read_manifest
-    from pipeline.extract import prepare_batch
+    from pipeline.extraction.inputs import prepare_batch
     from pipeline.models import load_adapter
     from tests.test_blip import make_tiny_blip
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from pipeline.extract import extract
+from pipeline.extraction.run import extract
 from tests.test_llava import IMAGE_ID, SCENES, make_tiny_llava
 from tests.tiny import noise_image, write_manifest
 

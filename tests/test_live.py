@@ -22,7 +22,7 @@ from PIL import Image
 
 from lake.writer import LakeWriter, read_run_row
 from pipeline import live
-from pipeline.extract import extract
+from pipeline.extraction.run import extract
 from tests.tiny import make_manifest, make_tiny_vilt, noise_image
 
 RUN, TOPK = "tiny", "topk"

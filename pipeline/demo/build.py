@@ -23,7 +23,7 @@ def build_demo_lake(lake: Path, n: int = 1000, progress: bool = True, rebuild: b
                     model_dir: Path = MODEL_DIR, embed_maps: bool = True) -> Path:
     """Generate ``n`` held-out scenes, extract them into ``lake`` (run ``demo``), add the maps."""
     from pipeline.demo.shapes import write_dataset
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
 
     lake = Path(lake)
     row = read_run_row(lake, RUN)

@@ -1,35 +1,82 @@
-"""Extraction on a Ray cluster: ``vlatlas extract ... --ray [ADDRESS]``.
+"""Where the chunks run: one :class:`Executor` interface, in this process or on a Ray cluster.
 
-The driver (the process that runs ``vlatlas extract``) does what a single-process run does
-before and after the model: it checks the arguments, writes the run row, deletes what an
-interrupted attempt left, plans the chunks and, at the end, marks the run complete. The
-chunks themselves run on the cluster:
+The driver (:mod:`pipeline.extraction.run`) asks an executor what model it holds
+(:meth:`Executor.describe`), hands it the run's :class:`~pipeline.extraction.chunk.ChunkWork` and the
+chunks to do (:meth:`Executor.run`), and closes it; it never asks which kind it has. Both kinds run
+the same chunk function, :func:`pipeline.extraction.chunk.run_chunks`, so a lake is the same
+whichever ran it.
 
-- one **actor per GPU** (``--device cuda``: each holds the model on the GPU Ray gives it) or
-  one actor per requested CPU slot (``--ray-actors N``, ``--ray-cpus C`` each); each loads the
-  model once, then takes chunk after chunk;
-- a chunk is **one task**: the actor runs the same three-stage pipeline as a local run over
-  that chunk's batches (the same batches, so the same numbers) and writes the chunk's files,
-  then its done marker, straight into the lake, which must therefore be reachable from every
-  node (a shared folder, or an object store such as ``s3://bucket/prefix``);
-- **Ray's own retries**: an actor whose process dies is restarted (``max_restarts``) and the
-  chunk it was running is run again (``max_task_retries``). The redo first deletes what the
-  dead attempt left, and file names are fixed by chunk and partition, so a chunk done twice
-  leaves no duplicates. A chunk that still fails stops the run; finished chunks are kept and
-  the same command resumes it, on the cluster or on one machine;
-- **progress** comes back per batch, so the terminal shows one bar as for a local run.
+- :class:`LocalExecutor` holds the model in this process and runs every chunk in one pass (the
+  input workers read ahead across chunks).
+- :class:`RayExecutor` (``vlatlas extract ... --ray [ADDRESS]``): one **actor per GPU** (``--device
+  cuda``: each holds the model on the GPU Ray gives it) or one actor per requested CPU slot
+  (``--ray-actors N``, ``--ray-cpus C`` each); each loads the model once, then takes chunk after
+  chunk. A chunk is **one task**, written with its done marker straight into the lake, which must
+  therefore be reachable from every node (a shared folder, or an object store such as
+  ``s3://bucket/prefix``). **Ray's own retries**: an actor whose process dies is restarted
+  (``max_restarts``) and the chunk it was running is run again (``max_task_retries``); the redo
+  first deletes what the dead attempt left, and file names are fixed by chunk and partition, so a
+  chunk done twice leaves no duplicates. A chunk that still fails stops the run; finished chunks
+  are kept and the same command resumes it, on the cluster or on one machine. **Progress** comes
+  back per batch, so the terminal shows one bar as for a local run.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol
+
+from pipeline.extraction.chunk import ChunkWork, describe, run_chunks
+from pipeline.extraction.spec import RunSpec
+from pipeline.extraction.summary import Summary
 
 # Ray's retries: an actor process that dies (killed, out of memory, node lost) is restarted this
 # many times, and each of its unfinished chunks is run again as many times.
 MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
 POLL_S = 0.25  # how often the driver looks at the progress of running chunks
+
+
+class Executor(Protocol):
+    def describe(self) -> dict:
+        """What the model says of itself (:func:`pipeline.extraction.chunk.describe`)."""
+
+    def run(self, work: ChunkWork, chunks: dict[int, list], bar, summary: Summary) -> None:
+        """Run every chunk into the lake, updating ``bar`` (``n``, ``update``) and ``summary``."""
+
+    def close(self) -> None:
+        """Free what the executor holds."""
+
+
+def executor_for(spec: RunSpec, adapter=None) -> Executor:
+    """The executor ``spec`` asks for; ``adapter``: a model already loaded (local runs only)."""
+    if spec.ray is not None:
+        return RayExecutor(spec)
+    return LocalExecutor(adapter) if adapter is not None else LocalExecutor.load(spec)
+
+
+class LocalExecutor:
+    """The chunks in this process, with the model it holds."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    @staticmethod
+    def load(spec: RunSpec) -> "LocalExecutor":
+        from pipeline.models import load_adapter
+
+        return LocalExecutor(load_adapter(spec.model, device=spec.device, dtype=spec.dtype, revision=spec.revision))
+
+    def describe(self) -> dict:
+        return describe(self.adapter)
+
+    def run(self, work: ChunkWork, chunks: dict[int, list], bar, summary: Summary) -> None:
+        summary.workers = work.workers
+        run_chunks(self.adapter, work, chunks, bar, summary)
+
+    def close(self) -> None:
+        pass
 
 
 class RayError(RuntimeError):
@@ -48,34 +95,30 @@ class ChunkWorker:
     """A Ray actor that holds the model and runs chunks (the class is wrapped by ``ray.remote``
     at run time, so importing this module needs no Ray)."""
 
-    def __init__(self, model: str, device: str, dtype: str, revision: str | None, threads: int):
+    def __init__(self, spec: RunSpec, threads: int):
         import torch
 
         from pipeline.models import load_adapter
 
         torch.set_num_threads(max(1, threads))
         # Ray hands each GPU actor one device, visible to it as cuda:0
-        self.device = "cuda" if str(device).startswith("cuda") else device
-        self.adapter = load_adapter(model, device=self.device, dtype=dtype, revision=revision)
+        self.device = "cuda" if str(spec.device).startswith("cuda") else spec.device
+        self.adapter = load_adapter(spec.model, device=self.device, dtype=spec.dtype, revision=spec.revision)
 
     def describe(self) -> dict:
-        from pipeline.extract import describe
-
         return describe(self.adapter)
 
-    def run_chunk(self, spec: dict, known_images: set[str], vec_ids: set[int] | None, progress) -> dict:
+    def run_chunk(self, work: ChunkWork, chunk: int, rows: list, progress) -> dict:
         """Run one chunk into the lake; return its counts for the driver's summary."""
-        from pipeline.extract import KeepPolicy, LakeWriter, Summary, plan_jobs, run_chunks
+        from lake.writer import LakeWriter
 
-        chunk = spec["chunk"]
-        writer = LakeWriter(spec["lake"], spec["run"], spec["metadata"])
+        writer = LakeWriter(work.lake, work.run, work.metadata)
         if chunk not in writer.done_chunks():
             writer.purge_chunk(chunk)  # what an attempt that died left (a retry)
-        summary = Summary(spec["run"], spec["lake"])
-        bar = _ProgressReporter(progress, chunk)
-        jobs = plan_jobs({chunk: spec["rows"]}, spec["batch_size"], spec["first_chunk"])
-        run_chunks(self.adapter, writer, jobs, known_images, KeepPolicy.parse(spec["policy"]), spec["hidden_layers"],
-                   vec_ids, self.device, spec["workers"], bar, summary, spec["manifest_errors"], spec["explain"])
+        summary = Summary(work.run, str(work.lake))
+        work = replace(work, device=self.device, workers=0,
+                       manifest_errors=work.manifest_errors if chunk == work.first_chunk else ())
+        run_chunks(self.adapter, work, {chunk: rows}, _ProgressReporter(progress, chunk), summary)
         return {"chunk": chunk, "extracted": summary.extracted, "skipped": summary.skipped,
                 "truncated": summary.truncated, "errors": summary.errors, "pid": os.getpid()}
 
@@ -106,22 +149,16 @@ class Progress:
         return dict(self.n)
 
 
-class RayPool:
-    """The actors of one extraction.
+class RayExecutor:
+    """The actors of one extraction, as ``spec.ray`` asks (:class:`pipeline.extraction.spec.RaySpec`):
+    the cluster at its address (``""``: the one in ``$RAY_ADDRESS`` or already running on this
+    machine, else a new local instance on the loopback interface; or ``HOST:PORT``,
+    ``ray://HOST:10001``, ``auto``), with its number of actors (default: one per GPU of the cluster
+    on CUDA; on CPU, the cluster's CPUs divided by ``cpus``) of ``cpus`` CPUs each (their torch
+    threads). Every actor loads the model."""
 
-    Parameters
-    ----------
-    address : ``""`` for the cluster in ``$RAY_ADDRESS`` or one already running on this machine
-        (else a new local instance on the loopback interface), or a cluster address
-        (``HOST:PORT``, ``ray://HOST:10001``, ``auto``).
-    model, device, dtype, revision : as for ``vlatlas extract``; every actor loads the model.
-    actors : how many actors (default: one per GPU of the cluster on CUDA; on CPU, the
-        cluster's CPUs divided by ``cpus``).
-    cpus : CPUs per actor (its torch threads).
-    """
-
-    def __init__(self, address: str, model: str, *, device: str = "cpu", dtype: str = "float32",
-                 revision: str | None = None, actors: int | None = None, cpus: float = 1.0):
+    def __init__(self, spec: RunSpec):
+        address, actors, cpus, device = spec.ray.address, spec.ray.actors, spec.ray.cpus, spec.device
         addr = address or os.environ.get("RAY_ADDRESS") or ""
         host_port = _host_port(addr)
         if host_port:
@@ -166,7 +203,7 @@ class RayPool:
         self.size = n
         worker = ray.remote(ChunkWorker).options(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
                                                  **opts)
-        self.actors = [worker.remote(model, device, dtype, revision, max(1, int(cpus))) for _ in range(n)]
+        self.actors = [worker.remote(spec, max(1, int(cpus))) for _ in range(n)]
         self.progress = ray.remote(Progress).options(num_cpus=0).remote()
 
     def describe(self) -> dict:
@@ -186,12 +223,11 @@ class RayPool:
                            "install the same version on every node")
         return info
 
-    def run(self, lake: str, run: str, metadata: dict, chunks: dict[int, list], first_chunk: int, batch_size: int,
-            known_images: set[str], policy: str, hidden_layers, vec_ids, manifest_errors, bar, summary,
-            explain: tuple[str, ...] = ()) -> None:
+    def run(self, work: ChunkWork, chunks: dict[int, list], bar, summary: Summary) -> None:
         """Run every chunk on the actors, updating ``bar`` and ``summary`` as they finish."""
         ray = self.ray
-        known_ref, vec_ref = ray.put(known_images), ray.put(vec_ids)
+        summary.ray_actors = self.size
+        work_ref = ray.put(replace(work, lake=getattr(work.lake, "uri", work.lake)))  # actors open the lake
         todo = sorted(chunks)
         base = bar.n
         finished = 0
@@ -199,11 +235,7 @@ class RayPool:
 
         def submit(actor) -> None:
             c = todo.pop(0)
-            spec = {"lake": lake, "run": run, "metadata": metadata, "chunk": c, "rows": chunks[c],
-                    "first_chunk": first_chunk, "batch_size": batch_size, "policy": policy,
-                    "hidden_layers": hidden_layers, "workers": 0, "explain": tuple(explain),
-                    "manifest_errors": list(manifest_errors) if c == first_chunk else []}
-            running[actor.run_chunk.remote(spec, known_ref, vec_ref, self.progress)] = (actor, c)
+            running[actor.run_chunk.remote(work_ref, c, chunks[c], self.progress)] = (actor, c)
 
         for actor in self.actors:
             if todo:
@@ -219,10 +251,8 @@ class RayPool:
                                    f"{_last_line(getattr(e, 'cause', None) or e)}. Finished chunks are saved; "
                                    "run the same command again to resume") from None
                 finished += len(chunks[c])
-                summary.extracted += res["extracted"]
-                summary.skipped += res["skipped"]
-                summary.truncated += res["truncated"]
-                summary.errors.extend(tuple(x) for x in res["errors"])
+                summary.add(Summary(work.run, "", res["extracted"], res["skipped"], res["truncated"],
+                                    errors=res["errors"]))
                 if todo:
                     submit(actor)
             live = ray.get(self.progress.get.remote())
