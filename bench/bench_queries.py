@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"VL-Atlas query bench: ViLT-B shape, {LAYERS} layers x {HEADS} heads, {N_TOK} tokens "
           f"({N_TEXT} text + {N_IMAGE} image), lake {out}")
     if a.reuse and (out / "runs" / f"{RUN}.parquet").exists():
-        from lake.writer import read_run_row
+        from lake.commit import read_run_row
 
         cap = json.loads(read_run_row(out, RUN)["capture"])["bench"]
         a.examples, n_att, n_hid = cap["examples"], cap["attention_examples"], cap["hidden_examples"]
@@ -470,7 +470,8 @@ def report_file_scaling(out: Path, n_examples: int, chunk_size: int, repeats: in
     row group) but whose row groups are tiny: what is measured is the cost of many files.
     """
     from lake.store import Store
-    from lake.writer import chunk_rel, read_run_row, write_parquet_atomic
+    from lake.commit import chunk_rel, read_run_row
+    from lake.writer import write_parquet_atomic
     from lake.schema import ATTENTION as ATT, RUNS
 
     n_chunks = -(-n_examples // chunk_size)

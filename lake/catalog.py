@@ -25,20 +25,15 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
-import pyarrow.parquet as pq  # noqa: F401  (tests patch lake.catalog.pq.read_schema)
 
 from lake import sandbox
 from lake.commit import chunk_committed, chunk_rel, run_statuses, state_rel
-from lake.errors import LakeError, QueryError, SandboxError, first_line
-from lake.format import format_table  # noqa: F401  (imported from here by the CLI)
+from lake.errors import LakeError, QueryError, first_line
 from lake.schema import RUNS, TABLES
 from lake.store import Store, open_store
-from lake.views import column_types, ident, view_sources, view_sql  # noqa: F401
+from lake.views import ident, view_sources, view_sql
 
-# Besides its own names, code outside lake/ imports from here LakeError, QueryError, SandboxError
-# (lake.errors), column_types, view_sources, view_sql (lake.views) and format_table (lake.format).
-__all__ = ["Catalog", "QueryResult", "open_catalog", "THREADS", "LakeError", "QueryError", "SandboxError",
-           "column_types", "view_sources", "view_sql", "format_table"]
+__all__ = ["Catalog", "QueryResult", "open_catalog", "THREADS"]
 
 # DuckDB threads per catalog; the app and the CLI share the machine with the user.
 THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -262,11 +257,6 @@ class Catalog:
         if truncated:
             out = out.iloc[: self.max_rows]
         return QueryResult(df=out, truncated=truncated, elapsed_s=elapsed)
-
-
-def open_catalog(root: str | Path) -> Catalog:
-    """A :class:`Catalog` over the lake at ``root`` with the default limits."""
-    return Catalog(root)
 
 
 def open_catalog(root: str | Path) -> Catalog:

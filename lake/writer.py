@@ -29,10 +29,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 
-# The commit protocol's names; pipeline/live.py, embed.py, demo/build.py and bench/ import some of them
-# (IMAGE_FILE, chunk_of, chunk_rel, done_chunks, partition_rel, read_run_row) from here too.
-from lake.commit import (IMAGE_FILE, NOT_CHUNKED, chunk_of, chunk_rel, done_chunks, image_owner,  # noqa: F401
-                         image_rel, marker_rel, partition_rel, read_run_row, run_rel, state_rel)
+from lake.commit import (NOT_CHUNKED, chunk_of, chunk_rel, done_chunks, image_owner, image_rel, marker_rel,
+                         partition_rel, read_run_row, run_rel, state_rel)
 from lake.schema import IMAGES, RUNS, TABLES, Table
 from lake.store import Store, open_store
 

@@ -45,7 +45,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
 
 def cmd_sql(a: argparse.Namespace) -> int:
-    from lake.catalog import Catalog, format_table
+    from lake.catalog import Catalog
+    from lake.format import format_table
 
     cat = Catalog(a.lake, timeout_s=a.timeout, max_rows=a.max_rows)
     res = cat.user_sql(a.query)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "fn", None):
         p.print_help()
         return EXIT_USAGE
-    from lake.catalog import LakeError, QueryError, SandboxError
+    from lake.errors import LakeError, QueryError, SandboxError
     from pipeline.data import ManifestError
     from pipeline.models import ModelLoadError
 

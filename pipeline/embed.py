@@ -57,7 +57,8 @@ from lake import queries
 from lake.catalog import Catalog
 from lake.schema import EMBEDDINGS
 from lake.store import Store, open_store
-from lake.writer import check_run_name, conform, partition_rel, with_metadata
+from lake.commit import partition_rel
+from lake.writer import check_run_name, conform, with_metadata
 
 METHOD = "tsne"
 FILE_NAME = "part-tsne.parquet"

@@ -48,7 +48,8 @@ from PIL import Image, UnidentifiedImageError
 
 from lake.schema import IMAGES, TABLES
 from lake.store import Store, open_store
-from lake.writer import IMAGE_FILE, NOT_CHUNKED, LakeWriter, chunk_of, done_chunks, read_run_row
+from lake.commit import IMAGE_FILE, NOT_CHUNKED, chunk_of, done_chunks, read_run_row
+from lake.writer import LakeWriter
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an uploaded file's size
 MAX_UPLOAD_PIXELS = 50_000_000  # width x height of an uploaded image

@@ -19,7 +19,7 @@ if str(HERE.parent) not in sys.path:  # `streamlit run streamlit_app/app.py` fro
 import streamlit as st  # noqa: E402
 
 from lake import queries  # noqa: E402
-from lake.catalog import LakeError  # noqa: E402
+from lake.errors import LakeError  # noqa: E402
 from lake.queries import parse_json  # noqa: E402
 from streamlit_app import state  # noqa: E402
 

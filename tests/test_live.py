@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lake.writer import LakeWriter, read_run_row
+from lake.commit import read_run_row
+from lake.writer import LakeWriter
 from pipeline import live
 from pipeline.extraction.run import extract
 from tests.tiny import make_manifest, make_tiny_vilt, noise_image

@@ -12,7 +12,8 @@ from PIL import Image
 from lake import queries as Q
 from lake.catalog import open_catalog
 from lake.queries import ExampleFilter
-from lake.writer import LakeWriter, read_run_row
+from lake.commit import read_run_row
+from lake.writer import LakeWriter
 from tests.lakegen import make_synthetic_lake
 
 

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lake import catalog as catalog_mod
+from lake import views as catalog_mod
 from lake import queries
-from lake.catalog import open_catalog, view_sources
+from lake.catalog import open_catalog
+from lake.views import view_sources
 from lake.store import open_store
 from tests.lakegen import make_synthetic_lake
 from tests.test_app import chart, chart_data, open_app, select_on_chart

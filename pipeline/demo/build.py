@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lake.writer import read_run_row
+from lake.commit import read_run_row
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 RUN = "demo"

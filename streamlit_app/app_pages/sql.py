@@ -4,7 +4,8 @@ the result as a table and a quick chart, and downloads."""
 import streamlit as st
 
 from lake import queries
-from lake.catalog import QueryError, SandboxError, column_types
+from lake.errors import QueryError, SandboxError
+from lake.views import column_types
 from lake.queries import example_sql
 from lake.schema import TABLES
 from streamlit_app import charts, export, state, views
