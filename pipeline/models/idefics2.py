@@ -153,8 +153,10 @@ class Idefics2Adapter(LanguageModelExplained, DecoderAdapter):
         seen = inputs["attention_mask"].cpu().bool()
         state = getattr(inputs, "state", {})
         start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
-        pixel_mask = inputs["pixel_attention_mask"].cpu()[:, 0]  # [batch, height, width]: the first image
-        Hp, Wp = (d // self.patch_size for d in inputs["pixel_values"].shape[-2:])  # the tower's padded grid
+        pv = inputs["pixel_values"]  # [batch, image, channel, height, width]
+        pixel_mask = (inputs["pixel_attention_mask"].cpu()[:, 0] if "pixel_attention_mask" in inputs
+                      else torch.ones(pv.shape[0], *pv.shape[-2:], dtype=torch.bool))  # [batch, height, width]
+        Hp, Wp = (d // self.patch_size for d in pv.shape[-2:])  # the tower's padded grid
         Q = self.num_latents
         tables, orders, sizes, grids = [], {s: [] for s in STREAMS}, [], []
         for b in range(ids.shape[0]):
