@@ -23,6 +23,7 @@ FAMILIES = {
     "instructblip": ("instructblip", "pipeline.models.blip2", "InstructBlipAdapter"),
     **{t: (t, "pipeline.models.idefics3", "Idefics3Adapter") for t in ("idefics3", "smolvlm")},
     "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
+    "mllama": ("mllama", "pipeline.models.mllama", "MllamaAdapter"),
 }
 
 def families_with(capability: str) -> list[str]:
