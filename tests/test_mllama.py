@@ -10,6 +10,7 @@ from the image processor's geometry recomputed here, never from pipeline code.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -356,3 +357,37 @@ def test_app_pages_on_the_mllama_lake(mll, monkeypatch, raw_df):
     examples = raw_df(lake, f"SELECT example_id, text, prediction FROM {{examples}} WHERE run = '{RUN}' "
                       "ORDER BY example_id")
     check_every_page(lake, monkeypatch, RUN, 0, att, hid, examples, column="prediction")
+
+
+def test_attention_page_and_head_summary_of_the_cross_stream(mll, monkeypatch, raw_df):
+    """lm_cross on the Attention page: text → image only, the lm stream's text tokens as its queries and
+    the vision stream's patches as its keys, the weights the lake's row; the Head summary's t2i and
+    entropy of lm_cross are the lake's means per (layer, head)."""
+    from tests.test_app import chart_data, heatmap, open_app
+
+    mdir, lake, *_ = mll
+    ex, layer, h = 0, 1, 1
+    tok = raw_df(lake, f"SELECT * FROM {{tokens}} WHERE run = '{RUN}' AND example_id = ? ORDER BY token_idx", [ex])
+    text = tok[tok.stream == "lm"].sort_values("text_pos")
+    patches = tok[(tok.stream == "vision") & (tok.role == "patch")]
+    g = text[text.role == "generated"].iloc[0]
+    at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=RUN, ex=ex, stream="lm_cross", layer=layer,
+                  head=h, tokens=int(g.text_pos))
+    assert at.selectbox(key="w_stream").value == "lm_cross"
+    assert {json.loads(e.proto.spec).get("description") for e in at.get("vega_lite_chart")} == {"text-image"}
+    ti = chart_data(at, "text-image", "weight")
+    assert sorted(ti.token_idx) == sorted(patches.token_idx)
+    a = raw_df(lake, f"SELECT key_idx, weight FROM {{attention}} WHERE run = '{RUN}' AND stream = 'lm_cross' AND "
+               "layer = ? AND example_id = ? AND head = ? AND query_idx = ?", [layer, ex, h, int(g.token_idx)])
+    row = a.set_index("key_idx").weight.astype(float)
+    np.testing.assert_allclose(ti.weight.to_numpy(float), row.reindex(ti.token_idx).fillna(0).to_numpy(), atol=1e-6)
+    assert ti.weight.sum() > 0
+    for stat in ("t2i", "entropy"):
+        at = open_app(lake, monkeypatch, page="app_pages/head_summary.py", run=RUN, ex=ex, stream="lm_cross",
+                      stat=stat, layer=0, head=0)
+        assert at.selectbox(key="w_stream").value == "lm_cross"
+        want = raw_df(lake, "SELECT layer, head, avg(value) AS v FROM {head_stats} WHERE run = ? AND "
+                      "stream = 'lm_cross' AND stat = ? GROUP BY layer, head ORDER BY layer, head", [RUN, stat])
+        d = heatmap(at)
+        assert len(want) == 2 * 2 and not want.v.isna().any()
+        np.testing.assert_allclose(d.value.to_numpy(float), want.v.to_numpy(float), atol=1e-6)
