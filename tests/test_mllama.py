@@ -391,3 +391,32 @@ def test_attention_page_and_head_summary_of_the_cross_stream(mll, monkeypatch, r
         d = heatmap(at)
         assert len(want) == 2 * 2 and not want.v.isna().any()
         np.testing.assert_allclose(d.value.to_numpy(float), want.v.to_numpy(float), atol=1e-6)
+
+
+def test_hidden_states_are_the_layers_outputs(mll, lake_df):
+    """lm: hidden 0 the token embeddings, hidden k + 1 decoder layer SELF[k]'s output (the last one after
+    the cross layer before it); vision: hidden 0 the local transformer's padded input, hidden 3 the global
+    layer's output, in the tower's order (padding included)."""
+    mdir, lake, model, proc, images, texts = mll
+    ex = 1
+    enc, gen = reference(model, proc, images[ex], texts[ex])
+    got = {}
+    m = model.model
+    hooks = [m.language_model.layers[SELF[1]].register_forward_hook(lambda mod, a, o: got.__setitem__("lm2", o[0])),
+             m.vision_model.transformer.register_forward_pre_hook(lambda mod, a: got.__setitem__("v0", a[0][0])),
+             m.vision_model.global_transformer.layers[0].register_forward_hook(
+                 lambda mod, a, o: got.__setitem__("v3", o[0]))]
+    try:
+        teacher_forced(model, enc, gen)
+    finally:
+        for h in hooks:
+            h.remove()
+    ids = enc["input_ids"][0].tolist() + gen
+    want = {("lm", 0): m.language_model.embed_tokens.weight[ids].detach(), ("lm", 2): got["lm2"],
+            ("vision", 0): got["v0"], ("vision", 3): got["v3"]}
+    for (stream, layer), w in want.items():
+        h = lake_df(lake, f"SELECT vec FROM hidden_states WHERE run = '{RUN}' AND example_id = ? AND stream = ? "
+                    "AND layer = ? ORDER BY token_idx", [ex, stream, layer])
+        vec = np.stack(h.vec.to_list()).astype(np.float32)
+        assert vec.shape == tuple(w.shape)
+        np.testing.assert_allclose(vec, w.numpy(), atol=2e-2, rtol=2e-2)
