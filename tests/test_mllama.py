@@ -104,7 +104,8 @@ def mll(tmp_path_factory):
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 20, 15]}]
     manifest = write_manifest(tmp / "data", rows)
     lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, RUN, batch_size=2, keep_attention="all", keep_hidden="all", progress=False)
+    extract(str(mdir), manifest, lake, RUN, batch_size=2, keep_attention="all", keep_hidden="all", progress=False,
+            explain="lens")
     model = MllamaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
     proc = AutoProcessor.from_pretrained(mdir)
     images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
@@ -157,10 +158,10 @@ def tokens(lake_df, lake, ex):
     return lake_df(lake, f"SELECT * FROM tokens WHERE run = '{RUN}' AND example_id = ? ORDER BY token_idx", [ex])
 
 
-def block(lake_df, lake, ex, stream, layer, n_heads=2):
-    a = lake_df(lake, f"SELECT head, query_idx, key_idx, weight FROM attention WHERE run = '{RUN}' AND "
-                "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
-    return a
+def block(lake_df, lake, ex, stream, layer):
+    """One layer's stored attention of one example (every head)."""
+    return lake_df(lake, f"SELECT head, query_idx, key_idx, weight FROM attention WHERE run = '{RUN}' AND "
+                   "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
 
 
 def canvas_grid(w, h):
@@ -420,3 +421,24 @@ def test_hidden_states_are_the_layers_outputs(mll, lake_df):
         vec = np.stack(h.vec.to_list()).astype(np.float32)
         assert vec.shape == tuple(w.shape)
         np.testing.assert_allclose(vec, w.numpy(), atol=2e-2, rtol=2e-2)
+
+
+def test_lens_is_the_head_of_the_stored_lm_hidden_states(mll, lake_df):
+    """``--explain lens``: at every lm hidden-state layer, the stored top items are lm_head(norm(h)) of the
+    stored vectors (float16-rounded); the vision stream has none."""
+    mdir, lake, model, *_ = mll
+    lens = lake_df(lake, "SELECT stream, example_id, layer, token_idx, rank, vocab_id, prob FROM lens "
+                   f"WHERE run = '{RUN}'")
+    assert set(lens.stream) == {"lm"} and set(lens.layer) == {0, 1, 2}
+    hs = lake_df(lake, f"SELECT example_id, layer, token_idx, vec FROM hidden_states WHERE run = '{RUN}' AND "
+                 "stream = 'lm'")
+    assert len(lens[lens["rank"] == 0]) == len(hs)
+    with torch.no_grad():
+        h = torch.tensor(np.stack(hs.vec.to_numpy()), dtype=torch.float32)
+        p = torch.softmax(model.lm_head(model.model.language_model.norm(h)), -1).numpy()
+    row = {(r.example_id, r.layer, r.token_idx): i for i, r in enumerate(hs.itertuples())}
+    for r in lens.itertuples():
+        want = p[row[(r.example_id, r.layer, r.token_idx)]]
+        assert r.prob == pytest.approx(want[r.vocab_id], abs=5e-3)
+        if r.rank == 0:
+            assert want[r.vocab_id] >= want.max() - 5e-3

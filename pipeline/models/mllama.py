@@ -59,7 +59,9 @@ answer under the checkpoint's own generation config first, then one teacher-forc
 it). ``<|image|>`` is suppressed only when the language model's head can produce it (the released
 checkpoints give it the id just past the head's vocabulary). Batches are padded on the left.
 
-Not captured: ``--explain value``, ``relevancy`` and ``lens``; several images per example.
+``--explain lens`` reads the ``lm`` hidden states through the final norm and ``lm_head``. Not captured:
+``--explain value`` and ``relevancy`` (a rule over the self-attention layers alone would leave out the
+cross layers, the only way the image reaches the text); several images per example.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ MODULES = {
                "global": "model.vision_model.global_transformer.layers.{layer}",
                "hidden_0": "model.vision_model.transformer"},  # a pre-hook hands its input to a probe
 }
+LM_NORM = "model.language_model.norm"  # with the model's lm_head: --explain lens
 STREAMS = ("lm", "vision")  # token-table order; lm_cross has the lm tokens as queries
 MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
 
@@ -215,6 +218,11 @@ class MllamaAdapter(DecoderAdapter):
             return None
 
         return fn
+
+    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The language model's final norm and unembedding, for ``--explain lens`` (of the ``lm`` hidden
+        states: after a self-attention layer, whatever cross layers come before or after it)."""
+        return module_at(self.model, LM_NORM), self.model.lm_head
 
     # -- inputs ---------------------------------------------------------------------
     def prompt(self, text: str) -> str:
