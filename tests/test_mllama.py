@@ -442,3 +442,16 @@ def test_lens_is_the_head_of_the_stored_lm_hidden_states(mll, lake_df):
         assert r.prob == pytest.approx(want[r.vocab_id], abs=5e-3)
         if r.rank == 0:
             assert want[r.vocab_id] >= want.max() - 5e-3
+
+
+def test_a_processor_with_other_tiles_is_refused(mll):
+    import transformers as tf
+
+    from pipeline.models.mllama import MllamaAdapter
+
+    mdir, lake, model, proc, *_ = mll
+    other = tf.MllamaProcessor(image_processor=tf.MllamaImageProcessorPil(size={"height": S, "width": S},
+                                                                          max_image_tiles=2),
+                               tokenizer=proc.tokenizer, chat_template=TEMPLATE)
+    with pytest.raises(NotImplementedError, match="makes up to 2 tiles of 24 px, the vision tower takes 4 of 24 px"):
+        MllamaAdapter(model, other)

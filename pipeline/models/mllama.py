@@ -75,6 +75,7 @@ from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdap
                                   checked_architecture, greedy_generation_config, module_at, probed_points,
                                   processor_or, split_stream_layouts, stack_columns)
 from pipeline.models.crop_tower import crop_columns
+from pipeline.models.geometry import _size
 
 # -- the family's declaration -------------------------------------------------------------
 MODEL_CLASS = "MllamaForConditionalGeneration"
@@ -95,11 +96,11 @@ STREAMS = ("lm", "vision")  # token-table order; lm_cross has the lm tokens as q
 MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
 
 
-def tile_patch_boxes(image_processor, width: int, height: int, tiles: tuple[int, int],
+def tile_patch_boxes(tile_size: int, width: int, height: int, tiles: tuple[int, int],
                      patch_size: int) -> list[tuple[list[tuple], tuple]]:
     """The family's mapping from tower tokens to the original image: for each tile of the
     ``tiles = (rows, cols)`` grid, row by row, its patches' boxes in raster order and its whole box,
-    in original pixels (clipped to the image).
+    in original pixels (clipped to the image); ``tile_size`` the image processor's (square) tile.
 
     The processor resizes the ``width x height`` image to fit the ``rows x cols`` canvas of tiles
     (transformers' ``get_image_size_fit_to_canvas``), puts it at the canvas's top left and pads the
@@ -107,7 +108,7 @@ def tile_patch_boxes(image_processor, width: int, height: int, tiles: tuple[int,
     """
     from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
 
-    S = int(image_processor.size["height"])
+    S = tile_size
     rows, cols = tiles
     new_h, new_w = get_image_size_fit_to_canvas(height, width, rows * S, cols * S, S)
     sx, sy = new_w / width, new_h / height
@@ -134,6 +135,8 @@ class MllamaAdapter(DecoderAdapter):
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
         """``max_new_tokens``: a cap on the answer's length (default: the checkpoint's own)."""
+        from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
         super().__init__(model, processor, device)
         self.tokenizer.padding_side = "left"  # generation pads on the left
         self.max_new_tokens = max_new_tokens
@@ -147,9 +150,15 @@ class MllamaAdapter(DecoderAdapter):
                              if (i := self.tokenizer.convert_tokens_to_ids(t)) is not None
                              and i != self.tokenizer.unk_token_id}
         self.patch_size = int(vc.patch_size)
+        ip = processor.image_processor
         self.max_tiles = int(vc.max_num_tiles)
-        self.supported = [tuple(a) for a in vc.supported_aspect_ratios]  # (rows, cols) by aspect_ratio_id - 1
-        self.n_tile = (int(vc.image_size) // self.patch_size) ** 2 + 1  # CLS + patches
+        if int(ip.max_image_tiles) != self.max_tiles or _size(ip.size, "height") != vc.image_size:
+            raise NotImplementedError(f"the image processor makes up to {ip.max_image_tiles} tiles of "
+                                      f"{_size(ip.size, 'height')} px, the vision tower takes {self.max_tiles} of "
+                                      f"{vc.image_size} px")
+        self.tile_size = int(vc.image_size)
+        self.supported = list(get_all_supported_aspect_ratios(self.max_tiles))  # the processor's ids - 1
+        self.n_tile = (self.tile_size // self.patch_size) ** 2 + 1  # CLS + patches
         self.tile_len = self.n_tile + (8 - self.n_tile % 8) % 8  # with the padding patches
         self._shapes = {
             "lm": {"layers": len(self.self_layers), "heads": tc.num_attention_heads, "hidden_size": tc.hidden_size},
@@ -267,11 +276,11 @@ class MllamaAdapter(DecoderAdapter):
         """The ``vision`` columns of example ``b``: every tile slot in the tower's order, each real tile's
         CLS and patches (boxed) then its padding patches, the unused tiles' tokens all padding."""
         W, H = image.size
-        g = int(self.processor.image_processor.size["height"]) // self.patch_size
-        if (g * g + 1) != self.n_tile:
-            raise RuntimeError(f"the image processor's {g * self.patch_size} px tiles make {g * g} patches, "
-                               f"the tower {self.n_tile - 1}")
-        tiles = tile_patch_boxes(self.processor.image_processor, W, H, self.tile_grid(inputs, b), self.patch_size)
+        g = self.tile_size // self.patch_size
+        if tuple(inputs["pixel_values"].shape[-2:]) != (self.tile_size, self.tile_size):
+            raise RuntimeError(f"the image processor made {tuple(inputs['pixel_values'].shape[-2:])} tiles where "
+                               f"its settings say {self.tile_size} px")
+        tiles = tile_patch_boxes(self.tile_size, W, H, self.tile_grid(inputs, b), self.patch_size)
         cols = crop_columns([(t + 1, boxes, whole) for t, (boxes, whole) in enumerate(tiles)], g, True)
         n, L = self.n_tile, self.tile_len
         cols["seq_pos"] = [s // n * L + s % n for s in cols["seq_pos"]]  # crop_columns packs tiles unpadded
@@ -298,8 +307,7 @@ class MllamaAdapter(DecoderAdapter):
             lm_orders.append(pos)
             vis_orders.append(vision["seq_pos"])
             offsets.append(len(pos))
-            g = int(self.processor.image_processor.size["height"]) // self.patch_size
-            grids.append((g, g))
+            grids.append((self.tile_size // self.patch_size,) * 2)  # a tile's patch grid
         lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
         # lm_cross: the lm tokens as queries, with their words' boxes over the vision tokens (keys)
         nq, nk = lm_sl.valid.shape[1], vis_sl.valid.shape[1]
