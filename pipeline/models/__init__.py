@@ -26,6 +26,7 @@ FAMILIES = {
     "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
     "idefics2": ("idefics2", "pipeline.models.idefics2", "Idefics2Adapter"),
     "aya_vision": ("aya_vision", "pipeline.models.aya_vision", "AyaVisionAdapter"),
+    "mllama": ("mllama", "pipeline.models.mllama", "MllamaAdapter"),
 }
 
 def families_with(capability: str) -> list[str]:
