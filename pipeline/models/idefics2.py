@@ -14,8 +14,8 @@ padding masked out) and then the latents themselves, one softmax over both. Its 
 latents (the ``perceiver`` stream's tokens, ``[batch, head, Q, N + Q]``); its columns are the
 example's ``vision`` tokens followed by its ``perceiver`` tokens — in the token table the ``vision``
 tokens sit right before the ``perceiver`` tokens, so ``key_idx`` is a vision patch's or a latent's
-own ``token_idx``. The layout names that key set ``perceiver_keys`` (``BatchLayout.keys =
-{"perceiver": "perceiver_keys"}``: vision patch ``(r, c)`` at key position ``r * W + c``, ``W`` the
+own ``token_idx``. The declaration names that key set ``perceiver_keys``, spanning the ``vision``
+and ``perceiver`` tokens (``key_sets``; ``cross = {"perceiver": "perceiver_keys"}``: vision patch ``(r, c)`` at key position ``r * W + c``, ``W`` the
 batch's padded patch columns, latent ``k`` at ``N + k``), so the stored weights are the model's and
 every row sums to 1 over the keys it may see (the padded patches it may not see are left out).
 Statistics: a cross stream with image queries and image keys (``i2i``); no grounding (latents
@@ -43,156 +43,79 @@ suppressed; then one teacher-forced captured pass). One image per example.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from pipeline.capture import HookPoint
-from pipeline.models.base import (GEN_START, BatchLayout, DecoderAdapter, Inputs, LanguageModelExplained, Probe,
-                                  checked_architecture, greedy_generation_config, image_columns, module_at,
-                                  stack_columns, stream_hook_points, stream_layout)
+from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.family import FamilySpec, decoder_paths, encoder_paths
 from pipeline.models.geometry import patch_grid
+from pipeline.models.tokens import image_columns, query_columns
 
-# -- the family's declaration ------------------------------------------------------------
-ARCHITECTURE = "Idefics2ForConditionalGeneration"
-TOWER_KIND = "learned query tokens"  # the perceiver's latents are the LM's image tokens
-MODULES = {
-    "lm": {"attention": "model.text_model.layers.{layer}.self_attn",
-           "hidden": "model.text_model.layers.{layer}",
-           "value": "model.text_model.layers.{layer}.self_attn.v_proj",
-           "out": "model.text_model.layers.{layer}.self_attn.o_proj"},
-    "vision": {"attention": "model.vision_model.encoder.layers.{layer}.self_attn",
-               "hidden_0": "model.vision_model.embeddings",
-               "hidden": "model.vision_model.encoder.layers.{layer}"},
-    "perceiver": {"attention": "model.connector.perceiver_resampler.layers.{layer}.self_attn"},
-}
-LM = "model.text_model"  # the language model: its pre-hook feeds the lm's hidden state 0
-IMAGE_TOKEN = "<image>"
-MARKERS = {"<fake_token_around_image>": "image_boundary", "<end_of_utterance>": "im_end"}
-MAX_NEW_TOKENS = 16  # when the checkpoint sets no length
-STREAMS = ("lm", "vision", "perceiver")  # token-table order: vision right before perceiver (the key set)
-KEYS = "perceiver_keys"  # the layout of the perceiver's keys: vision tokens, then the latents
+__all__ = ["IDEFICS2", "MAX_NEW_TOKENS", "Idefics2Adapter"]
+
+KEYS = "perceiver_keys"  # the perceiver's keys: the vision tokens, then the latents
+IDEFICS2 = FamilySpec(
+    name="idefics2",
+    classes={"idefics2": "Idefics2ForConditionalGeneration"},
+    # token-table order: vision right before perceiver (together the perceiver's key set)
+    streams={"lm": decoder_paths("model.text_model"),
+             "vision": {k: v for k, v in encoder_paths("model.vision_model").items() if k not in ("value", "out")},
+             "perceiver": {"attention": "model.connector.perceiver_resampler.layers.{layer}.self_attn"}},
+    tower="query_tokens",  # the perceiver's latents are the LM's image tokens
+    lm="model.text_model", lm_norm="model.text_model.norm",
+    markers={"<fake_token_around_image>": "image_boundary", "<end_of_utterance>": "im_end"},
+    prompt="<image>{text}",
+    nested_images=True,
+    cross={"perceiver": KEYS},
+    key_sets={KEYS: ("vision", "perceiver")},
+    eager_parts=("text_config", "vision_config", "perceiver_config"),
+)
 
 
-class Idefics2Adapter(LanguageModelExplained, DecoderAdapter):
+class Idefics2Adapter(ExplainedDecoder):
     """Idefics2ForConditionalGeneration, one image per example, without image splitting."""
 
-    family = "idefics2"
-    LM_NORM = LM + ".norm"
-    EAGER_PARTS = ("text_config", "vision_config", "perceiver_config")
+    spec = IDEFICS2
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
-        super().__init__(model, processor, device)
         if getattr(processor.image_processor, "do_image_splitting", False):
             raise NotImplementedError("Idefics2 with do_image_splitting is not supported: VL-Atlas takes one image "
                                       "per example; set do_image_splitting false in preprocessor_config.json")
-        cfg = model.config
-        self.tokenizer.padding_side = "left"
-        self.max_new_tokens = max_new_tokens
-        pc = cfg.perceiver_config
-        self.num_latents = int(pc.resampler_n_latents)
+        self.num_latents = int(model.config.perceiver_config.resampler_n_latents)
         if getattr(processor, "image_seq_len", self.num_latents) != self.num_latents:
             raise NotImplementedError(f"the processor expands {processor.image_seq_len} image tokens, the model has "
                                       f"{self.num_latents} perceiver latents")
+        super().__init__(model, processor, device, max_new_tokens)
+
+    def stream_configs(self, cfg) -> dict[str, Any]:
+        pc = cfg.perceiver_config
         perceiver = SimpleNamespace(num_hidden_layers=int(pc.resampler_depth),
                                     num_attention_heads=int(pc.resampler_n_heads), hidden_size=int(pc.hidden_size))
-        self.configs = {"lm": cfg.text_config, "vision": cfg.vision_config, "perceiver": perceiver}
-        self.paths = MODULES
-        self.image_token_id = int(cfg.image_token_id)
-        self.patch_size = int(cfg.vision_config.patch_size)
-        tok = self.tokenizer
-        ids = {piece: tok.convert_tokens_to_ids(piece) for piece in MARKERS}
-        self.marker_roles = {i: MARKERS[p] for p, i in ids.items() if isinstance(i, int) and i != tok.unk_token_id}
-        self.probe = Probe()
-        self.first_hidden = {"lm": self.probe}
-        module_at(model, LM).register_forward_pre_hook(self._feed_probe, with_kwargs=True)
+        return {**super().stream_configs(cfg), "perceiver": perceiver}
 
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, ARCHITECTURE, "idefics2")
-
-    def hook_points(self, keep_hidden, explain=()):
-        """``lm`` and ``vision`` from their modules; ``perceiver``: each layer's attention only."""
-        own = ("lm", "vision")
-        pts = stream_hook_points(self.model, {s: self.configs[s] for s in own}, {s: self.paths[s] for s in own},
-                                 keep_hidden, first_hidden=self.first_hidden, explain=explain)
-        path = self.paths["perceiver"]["attention"]
-        return pts + [HookPoint("perceiver", i, "attention", module_at(self.model, path.format(layer=i)), index=1)
-                      for i in range(self.configs["perceiver"].num_hidden_layers)]
-
-    # -- inputs ---------------------------------------------------------------------
-    def prompt(self, text: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return f"{IMAGE_TOKEN}{text}"
-
-    def encode(self, texts: list[str], images: list):
-        enc = self.processor(images=[[im] for im in images], text=[self.prompt(t) for t in texts],
-                             return_tensors="pt", padding=True)
-        return Inputs(dict(enc)), [[] for _ in texts]
-
-    def generation_config(self, prompt_length: int | None = None):
-        return greedy_generation_config(self.model, self.tokenizer, suppress=(self.image_token_id,),
-                                        max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
-                                        prompt_length=prompt_length)
-
-    # -- layout ---------------------------------------------------------------------
-    def patch_grid_of(self, pixel_mask: torch.Tensor, W: int, H: int):
-        """The family's mapping to the processor's grid: the real patches of one image (the processed
-        ``w x h`` area that ``pixel_mask`` [height, width] marks, a stretch of the ``W x H``
-        original), boxed in original pixels."""
-        h, w = int(pixel_mask[:, 0].sum()), int(pixel_mask[0, :].sum())
-        return patch_grid((w / W, h / H, 0.0, 0.0, w, h), W, H, (w, h), self.patch_size)
-
-    def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()
-        seen = inputs["attention_mask"].cpu().bool()
-        state = getattr(inputs, "state", {})
-        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
+    # -- the family's mapping from image tokens to the processor's grid -------------------
+    def batch_context(self, inputs, images):
+        """Each example's real pixels (``[batch, height, width]``) and the tower's padded patch grid."""
         pv = inputs["pixel_values"]  # [batch, image, channel, height, width]
         pixel_mask = (inputs["pixel_attention_mask"].cpu()[:, 0] if "pixel_attention_mask" in inputs
-                      else torch.ones(pv.shape[0], *pv.shape[-2:], dtype=torch.bool))  # [batch, height, width]
-        Hp, Wp = (d // self.patch_size for d in pv.shape[-2:])  # the tower's padded grid
+                      else torch.ones(pv.shape[0], *pv.shape[-2:], dtype=torch.bool))
+        return pixel_mask, tuple(d // self.patch_size for d in pv.shape[-2:])
+
+    def image_tokens(self, ex: Example, ctx) -> ImageTokens:
+        """``lm`` image token ``k`` is latent ``k`` (role ``query``, no patch); ``vision`` the real patches of
+        the processed ``w x h`` area (a stretch of the original, read from the pixel mask), at their places
+        in the tower's padded raster; then the latents, which the perceiver's keys follow the patches with."""
+        pixel_mask, (Hp, Wp) = ctx
+        mask = pixel_mask[ex.b]  # [height, width]
+        h, w = int(mask[:, 0].sum()), int(mask[0, :].sum())
+        W, H = ex.image.size
+        grid = patch_grid((w / W, h / H, 0.0, 0.0, w, h), W, H, (w, h), self.patch_size)
         Q = self.num_latents
-        tables, orders, sizes, grids = [], {s: [] for s in STREAMS}, [], []
-        for b in range(ids.shape[0]):
-            pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, pos].tolist()
-            is_q = [i == self.image_token_id and p < start[b] for i, p in zip(tid, pos)]
-            if sum(is_q) != Q:
-                raise RuntimeError(f"example has {sum(is_q)} image tokens where the model has {Q} latents")
-            lm = self._lm_columns(tid, pos, is_q, start[b], [("query", 0, None, None, None)] * Q)
-            W, H = images[b].size
-            grid = self.patch_grid_of(pixel_mask[b], W, H)
-            vision = {**image_columns(grid, "vision", image_cls=False), "tile": [0] * len(grid.cells)}
-            latents = {"stream": ["perceiver"] * Q, "modality": ["image"] * Q, "role": ["query"] * Q,
-                       "token": [None] * Q, "seq_pos": list(range(Q)), "patch_row": [None] * Q,
-                       "patch_col": [None] * Q, "box": [None] * Q, "tile": [0] * Q}
-            tables.append(stack_columns(lm, vision, latents))
-            orders["lm"].append(pos)
-            orders["vision"].append([r * Wp + c for r, c in grid.cells])  # the tower's padded raster
-            orders["perceiver"].append(list(range(Q)))
-            sizes.append((len(pos), len(grid.cells), Q))
-            grids.append((grid.rows, grid.cols))
-        layouts = {}
-        for k, s in enumerate(STREAMS):
-            offs = [sum(sz[:k]) for sz in sizes]
-            sl = stream_layout([t.slice(o, sz[k]) for t, o, sz in zip(tables, offs, sizes)], orders[s], boxes,
-                               self._pieces)
-            sl.token_offset = offs
-            layouts[s] = sl
-        # the perceiver's keys: concat(patches, latents), the vision tokens then the perceiver tokens
-        keys = stream_layout([t.slice(sz[0], sz[1] + sz[2]) for t, sz in zip(tables, sizes)],
-                             [v + [Hp * Wp + q for q in p] for v, p in zip(orders["vision"], orders["perceiver"])],
-                             boxes, self._pieces)
-        keys.token_offset = layouts["vision"].token_offset
-        layouts[KEYS] = keys
-        q = layouts["perceiver"]
-        B, nq, nk = len(tables), q.valid.shape[1], keys.valid.shape[1]
-        layouts["perceiver"] = replace(q, masks=replace(q.masks, in_box=torch.zeros(B, nq, nk, dtype=torch.bool),
-                                                        boxed=torch.zeros(B, nq, dtype=torch.bool)))
-        return BatchLayout(tables, layouts, grids, keys={"perceiver": KEYS})
+        patches = [r * Wp + c for r, c in grid.cells]  # the tower's padded raster
+        return ImageTokens([("query", 0, None, None, None)] * Q, image_columns(grid, "vision", image_cls=False),
+                           (grid.rows, grid.cols), f"the model has {Q} latents",
+                           more={"perceiver": query_columns("perceiver", Q)},
+                           orders={"vision": patches, KEYS: patches + [Hp * Wp + q for q in range(Q)]})
