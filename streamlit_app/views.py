@@ -35,7 +35,8 @@ def colormap(v: np.ndarray) -> np.ndarray:
 
 # -- which tokens a stream's queries and keys are --------------------------------------
 # cross streams: (the stream whose tokens are the queries, the stream whose tokens are the keys)
-CROSS_STREAMS = {"cross": ("text", "vision"), "qformer_cross": ("qformer", "vision")}
+CROSS_STREAMS = {"cross": ("text", "vision"), "qformer_cross": ("qformer", "vision"), "perceiver": ("perceiver", "vision"),
+                 "lm_cross": ("lm", "vision")}
 
 
 def stream_tokens(tokens: pd.DataFrame, stream: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -24,6 +24,9 @@ FAMILIES = {
     "instructblip": ("instructblip", "pipeline.models.blip2", "InstructBlipAdapter"),
     **{t: (t, "pipeline.models.idefics3", "Idefics3Adapter") for t in ("idefics3", "smolvlm")},
     "internvl": ("internvl", "pipeline.models.internvl", "InternVLAdapter"),
+    "idefics2": ("idefics2", "pipeline.models.idefics2", "Idefics2Adapter"),
+    "aya_vision": ("aya_vision", "pipeline.models.aya_vision", "AyaVisionAdapter"),
+    "mllama": ("mllama", "pipeline.models.mllama", "MllamaAdapter"),
 }
 
 def families_with(capability: str) -> list[str]:

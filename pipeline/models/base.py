@@ -18,7 +18,7 @@ What families share lives beside this module, by subject: ``family.py`` (a famil
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from pipeline.stats import TokenMasks
 __all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout",
            "TOKEN_SCHEMA",
            "boxed_masks", "checked_architecture", "conform", "encoder_relevancy_targets", "map_inputs", "module_at",
-           "normalise_answer", "require_eager", "split_stream_layouts", "stream_layout", "token_rows", "token_table"]
+           "normalise_answer", "require_eager", "split_stream_layouts", "stacked_layouts", "cross_layout", "stream_layout", "token_rows", "token_table"]
 
 
 GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
@@ -376,3 +376,26 @@ def split_stream_layouts(tables: list[pa.Table], offsets: list[int], first_order
     second = stream_layout([t.slice(o) for t, o in zip(tables, offsets)], second_orders, boxes, pieces_of)
     second.token_offset = list(offsets)
     return first, second
+
+
+def stacked_layouts(tables: list[pa.Table], sizes: list[dict[str, int]], orders: dict[str, list],
+                    boxes, pieces_of) -> dict[str, StreamLayout]:
+    """Layouts of streams whose tokens follow one another in each example's token table: ``sizes[b]``
+    maps each stream, in table order, to its number of tokens in example ``b``; ``orders[stream][b]``
+    its tokens' places in the stream's sequence. Each stream's ``token_offset`` is where it starts."""
+    out, offsets = {}, [0] * len(tables)
+    for stream in sizes[0]:
+        sl = stream_layout([t.slice(o, sz[stream]) for t, o, sz in zip(tables, offsets, sizes)], orders[stream],
+                           boxes, pieces_of)
+        sl.token_offset = list(offsets)
+        out[stream] = sl
+        offsets = [o + sz[stream] for o, sz in zip(offsets, sizes)]
+    return out
+
+
+def cross_layout(queries: StreamLayout, keys: StreamLayout) -> StreamLayout:
+    """A cross stream's layout: its queries' (the rows), with grounding masks shaped over the keys'
+    tokens (``in_box`` ``[batch, query, key]``) and empty: its queries are image tokens, with no words."""
+    B, nq, nk = queries.valid.shape[0], queries.valid.shape[1], keys.valid.shape[1]
+    return replace(queries, masks=replace(queries.masks, in_box=torch.zeros(B, nq, nk, dtype=torch.bool),
+                                          boxed=torch.zeros(B, nq, dtype=torch.bool)))

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import GEN_START, BatchLayout, Inputs, stream_layout
+from pipeline.models.base import GEN_START, BatchLayout, Inputs, cross_layout, stacked_layouts, stream_layout
 from pipeline.models.decoder import DecoderAdapter
 from pipeline.models.family import FamilySpec
 from pipeline.models.geometry import crop_geometry, patch_grid
@@ -189,23 +189,14 @@ class Blip2Adapter(DecoderAdapter):
             orders["lm"].append(pos)
             orders["qformer"].append(qf_order)
             orders["vision"].append(vision["seq_pos"])
-            sizes.append((n, len(qf_order), len(vision["seq_pos"])))
+            sizes.append(dict(zip(STREAMS, (n, len(qf_order), len(vision["seq_pos"])))))
             grids.append((grid.rows, grid.cols))
-        layouts = {}
-        for k, s in enumerate(STREAMS):
-            offs = [sum(sz[:k]) for sz in sizes]
-            sl = stream_layout([t.slice(o, sz[k]) for t, o, sz in zip(tables, offs, sizes)], orders[s], boxes,
-                               self._pieces)
-            sl.token_offset = offs
-            layouts[s] = sl
+        layouts = stacked_layouts(tables, sizes, orders, boxes, self._pieces)
         # qformer_cross: its queries are the first Q qformer tokens (the query tokens)
-        qf = stream_layout([t.slice(sz[0], Q) for t, sz in zip(tables, sizes)], [o[:Q] for o in orders["qformer"]],
+        qf = stream_layout([t.slice(sz["lm"], Q) for t, sz in zip(tables, sizes)], [o[:Q] for o in orders["qformer"]],
                            boxes, self._pieces)
         qf.token_offset = layouts["qformer"].token_offset
-        B, nq, nk = len(tables), qf.valid.shape[1], layouts["vision"].valid.shape[1]
-        cross = replace(qf, masks=replace(qf.masks, in_box=torch.zeros(B, nq, nk, dtype=torch.bool),
-                                          boxed=torch.zeros(B, nq, dtype=torch.bool)))
-        layouts["qformer_cross"] = cross
+        layouts["qformer_cross"] = cross_layout(qf, layouts["vision"])
         return BatchLayout(tables, layouts, grids, keys=dict(self.spec.cross))
 
 

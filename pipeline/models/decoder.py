@@ -24,7 +24,8 @@ import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, Adapter, BatchLayout, ForwardOutput, Inputs, Prediction,
-                                  checked_architecture, normalise_answer, require_eager, split_stream_layouts)
+                                  checked_architecture, cross_layout, normalise_answer, require_eager, stacked_layouts,
+                                  stream_layout)
 from pipeline.models.family import MAX_NEW_TOKENS, FamilySpec
 from pipeline.models.hooks import Probe, module_at, stream_hook_points, watched
 from pipeline.models.processors import first_line
@@ -106,6 +107,11 @@ class ImageTokens:
     vision: dict[str, list]
     grid: tuple[int, int]
     want: str
+    # further streams' columns after ``vision``, in token-table order (a perceiver's latents)
+    more: dict[str, dict[str, list]] = field(default_factory=dict)
+    # a stream's places in its module's sequence where they are not its ``seq_pos``, and each declared
+    # key set's (``FamilySpec.key_sets``)
+    orders: dict[str, list[int]] = field(default_factory=dict)
 
 
 class DecoderAdapter(Adapter):
@@ -317,7 +323,7 @@ class DecoderAdapter(Adapter):
         state = getattr(inputs, "state", {})
         start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
         ctx = self.batch_context(inputs, images)
-        tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
+        tables, sizes, grids, orders = [], [], [], {}
         for b in range(ids.shape[0]):
             pos = torch.nonzero(seen[b]).flatten().tolist()
             ex = Example(b, images[b], ids[b, pos].tolist(), pos, start[b], self.image_token_id)
@@ -326,13 +332,25 @@ class DecoderAdapter(Adapter):
                 raise RuntimeError(f"example has {sum(ex.is_img)} image tokens where {img.want}")
             roles = ["generated" if p >= ex.start else self._text_role(i) for i, p in zip(ex.tid, pos)]
             lm = lm_columns(self.tokenizer.convert_ids_to_tokens(ex.tid), roles, pos, ex.is_img, img.rows)
-            tables.append(stack_columns(lm, img.vision))
-            lm_orders.append(pos)
-            vis_orders.append(img.vision["seq_pos"])
-            offsets.append(len(pos))
+            parts = {"lm": lm, "vision": img.vision, **img.more}
+            tables.append(stack_columns(*parts.values()))
+            sizes.append({s: len(cols["seq_pos"]) for s, cols in parts.items()})
+            for s, cols in parts.items():
+                orders.setdefault(s, []).append(pos if s == "lm" else img.orders.get(s, cols["seq_pos"]))
+            for s in self.spec.key_sets:
+                orders.setdefault(s, []).append(img.orders[s])
             grids.append(img.grid)
-        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
-        return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl}, grids)
+        streams = stacked_layouts(tables, sizes, orders, boxes, self._pieces)
+        for name, spans in self.spec.key_sets.items():  # keys spanning consecutive streams
+            first = streams[spans[0]].token_offset
+            keys = stream_layout([t.slice(o, sum(sz[s] for s in spans)) for t, o, sz in zip(tables, first, sizes)],
+                                 orders[name], boxes, self._pieces)
+            keys.token_offset = list(first)
+            streams[name] = keys
+        for stream, keys in self.spec.cross.items():
+            if stream in streams:  # a token stream whose queries attend over other tokens
+                streams[stream] = cross_layout(streams[stream], streams[keys])
+        return BatchLayout(tables, streams, grids, keys=dict(self.spec.cross))
 
     # -- answers --------------------------------------------------------------------------
     def predict(self, outputs: "ForwardOutput", answers: list[str | None]) -> list["Prediction"]:

@@ -19,7 +19,9 @@ What a declaration names:
   ``suppress`` (more placeholders never to generate) and ``answer_inputs`` (model inputs that the
   appended answer extends, with the value its tokens take);
 - ``tower``: the tower kind, one of :data:`TOWER_KINDS`, which also picks the strategy that hooks
-  the tower (``towers.tower_for``).
+  the tower (``DecoderAdapter.make_tower``);
+- ``cross`` and ``key_sets``: streams whose keys are another stream's tokens, or a key set spanning
+  consecutive streams' tokens (``BatchLayout.keys``).
 
 Declaring the next families (issue 19's three), without new base classes:
 
@@ -32,12 +34,15 @@ Declaring the next families (issue 19's three), without new base classes:
   adds ``qformer_cross``); tower kind ``crops`` (tiles with aspect-ratio ids: the tower's batch is the
   tiles, ``tower_batch`` says how many per example).
 - *A perceiver resampler* (Idefics2): tower kind ``query_tokens`` (its learned latents are the image
-  tokens, as BLIP-2's queries: role ``query``, no patch), a ``resampler`` stream for the latents'
-  self-attention and a ``resampler_cross`` cross stream over the patches
-  (``cross = {"resampler_cross": "vision"}``); ``image_tokens`` maps ``lm`` image token ``k`` to latent
-  ``k``.
+  tokens, as BLIP-2's queries: role ``query``, no patch), and a ``perceiver`` stream whose rows are the
+  latents and whose keys are ``concat(patches, latents)``: a key set spanning the ``vision`` and
+  ``perceiver`` tokens (``key_sets = {"perceiver_keys": ("vision", "perceiver")}``,
+  ``cross = {"perceiver": "perceiver_keys"}``); ``image_tokens`` maps ``lm`` image token ``k`` to latent
+  ``k`` and gives the latents' columns (``ImageTokens.more``) and the key set's order
+  (``ImageTokens.orders``).
 - *Tiles and pixel shuffle* (Aya Vision): tower kind ``pixel_shuffle`` (crops, each folded by the
-  model's own ``pixel_shuffle``), its ``image_tokens`` as InternVL's.
+  model's own ``pixel_shuffle``), its ``image_tokens`` as InternVL's, from the same shared pieces
+  (``geometry.tiled_crops``, ``towers.shuffled_blocks``, ``tokens.shuffled_rows``).
 """
 
 from __future__ import annotations
@@ -52,11 +57,17 @@ MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets n
 # (InternVL, Idefics3); query_tokens: learned queries read the image (BLIP-2)
 TOWER_KINDS = ("plain", "packed", "crops", "pooled", "pixel_shuffle", "query_tokens")
 
-LM_PATHS = {"attention": "model.language_model.layers.{layer}.self_attn",
-            "hidden": "model.language_model.layers.{layer}",
-            "value": "model.language_model.layers.{layer}.self_attn.v_proj",
-            "out": "model.language_model.layers.{layer}.self_attn.o_proj",
-            "layers": "model.language_model.layers"}
+
+
+def decoder_paths(root: str) -> dict[str, str]:
+    """A decoder language model's module paths (``root.layers.{layer}.self_attn`` with ``v_proj`` and
+    ``o_proj``)."""
+    at = f"{root}.layers.{{layer}}.self_attn"
+    return {"attention": at, "hidden": f"{root}.layers.{{layer}}", "value": f"{at}.v_proj", "out": f"{at}.o_proj",
+            "layers": f"{root}.layers"}
+
+
+LM_PATHS = decoder_paths("model.language_model")
 
 
 def encoder_paths(root: str, layers: str = "encoder.layers", attention: str = "self_attn",
@@ -92,7 +103,9 @@ class FamilySpec:
     image_check: bool = False  # run the image processor on each image alone first (it refuses some)
     max_new_tokens: int = MAX_NEW_TOKENS
     padding_side: str = "left"  # generation pads on the left
-    cross: dict[str, str] = field(default_factory=dict)  # cross stream -> the stream its keys are
+    cross: dict[str, str] = field(default_factory=dict)  # cross stream -> the stream (or key set) its keys are
+    # key set -> the consecutive streams whose tokens it spans (a perceiver's keys: patches, then latents)
+    key_sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     eager_parts: tuple[str, ...] = ("text_config", "vision_config")
 
     def __post_init__(self):

@@ -118,3 +118,44 @@ def patch_grid(geometry: Geometry, width: int, height: int, processed: tuple[int
     cells = [(r, c) for r in range(gh) for c in range(gw)]
     boxes = [px(c * ps, r * ps) + px((c + 1) * ps, (r + 1) * ps) for r, c in cells]
     return PatchGrid(gh, gw, cells, boxes, px(0, 0) + px(pw, ph))
+
+
+def tile_grid(image_processor, width: int, height: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the tile grid a GotOcr2 image processor (``crop_to_patches``: InternVL, Aya
+    Vision) picks for a ``width x height`` image, by its own ``get_optimal_tiled_canvas`` (the aspect
+    ratio with ``min_patches <= rows cols <= max_patches`` closest to the image's); 1 x 1 when it
+    takes one tile at most."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    ip = image_processor
+    most = int(getattr(ip, "max_patches", 1) or 1)
+    if most <= 1:
+        return 1, 1
+    sh, sw = _size(ip.size, "height"), _size(ip.size, "width")
+    cols, rows = get_optimal_tiled_canvas((height, width), (sh, sw), int(ip.min_patches), most)
+    return int(rows), int(cols)
+
+
+def tiled_crops(width: int, height: int, grid: tuple[int, int], crop: int,
+                patch: int) -> list[tuple[int, list[Box], Box]]:
+    """The crops of a GotOcr2 tiling in the tower's order: per crop ``(tile, its patches' boxes in raster
+    order, its whole box)``, in original pixels, ``crop`` the side of a crop and ``patch`` of a patch.
+
+    With ``grid = (rows, cols)`` over one tile, the original is stretched to ``cols crop x rows crop`` and
+    cut row by row (tile ``1 + r cols + c``), then the *thumbnail* follows (tile 0: the whole original
+    stretched to ``crop x crop``); a single-tile image is the thumbnail alone."""
+    rows, cols = grid
+    W, H, n = float(width), float(height), crop // patch
+
+    def boxed(x0, y0, sx, sy):  # crop pixel (u, v) -> original (x0 + u sx, y0 + v sy), clipped
+        def px(u, v):
+            return min(max(x0 + u * sx, 0.0), W), min(max(y0 + v * sy, 0.0), H)
+        return ([px(c * patch, r * patch) + px((c + 1) * patch, (r + 1) * patch) for r in range(n) for c in range(n)],
+                px(0, 0) + px(crop, crop))
+
+    thumb = (0, *boxed(0.0, 0.0, W / crop, H / crop))
+    if rows * cols == 1:
+        return [thumb]
+    sx, sy = W / (cols * crop), H / (rows * crop)
+    return [(1 + t, *boxed((t % cols) * crop * sx, (t // cols) * crop * sy, sx, sy)) for t in range(rows * cols)] \
+        + [thumb]

@@ -41,15 +41,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
-from pipeline.models.geometry import _size
+from pipeline.models.geometry import tile_grid, tiled_crops
 from pipeline.models.processors import InternVLImageTextProcessor, processor_or
-from pipeline.models.tokens import crop_columns, union
-from pipeline.models.towers import crops_by_image_tokens
+from pipeline.models.tokens import crop_columns, shuffled_rows
+from pipeline.models.towers import crops_by_image_tokens, shuffled_blocks
 
 __all__ = ["INTERNVL", "InternVLAdapter", "InternVLImageTextProcessor"]
 
@@ -98,52 +97,10 @@ class InternVLAdapter(ExplainedDecoder):
     def tower_batch(self, inputs, model_inputs) -> list[int]:
         return crops_by_image_tokens(inputs, self.image_token_id, self.merged * self.merged)
 
-    def grid_of(self, H: int, W: int) -> tuple[int, int]:
-        """``(rows, cols)`` of the tile grid the image processor picks for an ``H x W`` image (1 x 1 when it
-        does not tile)."""
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-
-        ip = self.processor.image_processor
-        if int(ip.max_patches) <= 1:  # InternVLProcessor always asks for crop_to_patches
-            return 1, 1
-        sh, sw = _size(ip.size, "height"), _size(ip.size, "width")
-        cols, rows = get_optimal_tiled_canvas((H, W), (sh, sw), int(ip.min_patches), int(ip.max_patches))
-        return int(rows), int(cols)
-
     def token_blocks(self) -> list[list[tuple[int, int]]]:
         """Per shuffled token of one crop (in the model's order): the tower patches ``(row, col)`` its
-        channels hold, by the model's own ``pixel_shuffle`` on coordinate features."""
-        n = self.side
-        r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-        feats = torch.tensor(np.stack([r, c], -1), dtype=torch.float64).reshape(1, n, n, 2)
-        out = self.model.model.pixel_shuffle(feats, scale_factor=self.ratio)
-        out = out.reshape(-1, out.shape[-1]).numpy()  # [tokens, 2 k]
-        return [sorted({(int(t[2 * i]), int(t[2 * i + 1])) for i in range(len(t) // 2)}) for t in out]
-
-    def _crop_boxes(self, H: int, W: int) -> list[tuple[list, tuple]]:
-        """Per crop in tile order (0 the thumbnail / whole image, then the tiles row by row): its tower
-        patches' boxes (raster) and its whole box, in original pixels."""
-        rows, cols = self.grid_of(H, W)
-        S, p, n = self.crop_px, self.patch_size, self.side
-
-        def grid(x0, y0, sx, sy):  # crop pixel (u, v) -> original (x0 + u sx, y0 + v sy)
-            def px(u, v):
-                return min(max(x0 + u * sx, 0.0), float(W)), min(max(y0 + v * sy, 0.0), float(H))
-            boxes = [px(cc * p, rr * p) + px((cc + 1) * p, (rr + 1) * p) for rr in range(n) for cc in range(n)]
-            return boxes, px(0, 0) + px(S, S)
-
-        out = [grid(0.0, 0.0, W / S, H / S)]
-        if rows * cols > 1:
-            sx, sy = W / (cols * S), H / (rows * S)
-            for t in range(rows * cols):
-                tr, tc = divmod(t, cols)
-                out.append(grid(tc * S * sx, tr * S * sy, sx, sy))
-        return out
-
-    def crop_order(self, H: int, W: int) -> list[int]:
-        """The tiles of the crops in the processor's (and the tower's) order: tiles, then the thumbnail."""
-        rows, cols = self.grid_of(H, W)
-        return [0] if rows * cols == 1 else list(range(1, rows * cols + 1)) + [0]
+        channels hold, by the model's own ``pixel_shuffle`` (``towers.shuffled_blocks``)."""
+        return shuffled_blocks(self.side, lambda f: self.model.model.pixel_shuffle(f, scale_factor=self.ratio))
 
     # -- layout ---------------------------------------------------------------------
     def batch_context(self, inputs, images):
@@ -153,14 +110,11 @@ class InternVLAdapter(ExplainedDecoder):
         return self.token_blocks()
 
     def image_tokens(self, ex: Example, ctx) -> ImageTokens:
-        """Per crop in the processor's order, its shuffled tokens: token ``k`` at ``divmod(k, m)`` of the
-        crop's shuffled grid, boxed as the union of the tower patches its channels hold."""
+        """Per crop in the processor's order (tiles, then the thumbnail; ``geometry.tiled_crops``), its
+        shuffled tokens: token ``k`` at ``divmod(k, m)`` of the crop's shuffled grid, boxed as the union of
+        the tower patches its channels hold (InternVLProcessor always asks for ``crop_to_patches``)."""
         W, H = ex.image.size
-        crop_boxes = self._crop_boxes(H, W)
-        order = self.crop_order(H, W)
-        m = self.merged
-        rows = [("patch", t, k // m, k % m, union([crop_boxes[t][0][r * self.side + c] for r, c in blk]))
-                for t in order for k, blk in enumerate(ctx)]
-        vision = crop_columns([(t, *crop_boxes[t]) for t in order], self.side, True)
-        return ImageTokens(rows, vision, (m, m),
-                           f"the model makes {len(rows)} for a {W}x{H} image ({len(order)} crops)")
+        crops = tiled_crops(W, H, tile_grid(self.processor.image_processor, W, H), self.crop_px, self.patch_size)
+        rows = shuffled_rows(crops, ctx, self.side, self.merged)
+        return ImageTokens(rows, crop_columns(crops, self.side, True), (self.merged, self.merged),
+                           f"the model makes {len(rows)} for a {W}x{H} image ({len(crops)} crops)")

@@ -86,6 +86,23 @@ def lm_columns(pieces: list[str], roles: list[str], pos: list[int], is_img: list
     return cols
 
 
+def query_columns(stream: str, n: int) -> dict[str, list]:
+    """Token-table columns of ``n`` learned query tokens (a perceiver's latents): modality ``image``, role
+    ``query``, no patch and no box (a query reads the whole image), ``seq_pos`` ``0..n-1``."""
+    return _part(stream=[stream] * n, modality=["image"] * n, role=["query"] * n, token=[None] * n,
+                 seq_pos=list(range(n)), patch_row=[None] * n, patch_col=[None] * n, box=[None] * n, tile=[0] * n)
+
+
+def shuffled_rows(crops: list[tuple[int, list[tuple], tuple | None]], blocks: list[list[tuple[int, int]]],
+                  side: int, merged: int) -> list[tuple]:
+    """The ``lm`` image tokens of crops folded by a pixel shuffle (InternVL, Aya Vision): per crop in the
+    tower's order (``(tile, its patches' boxes in raster order, ...)``, ``side`` patches a side), token
+    ``k`` of ``blocks`` (the tower patches ``(row, col)`` each token holds) at ``divmod(k, merged)`` of the
+    crop's shuffled grid, boxed as the union of its patches' boxes."""
+    return [("patch", tile, k // merged, k % merged, union([boxes[r * side + c] for r, c in blk]))
+            for tile, boxes, *_ in crops for k, blk in enumerate(blocks)]
+
+
 def plain_rows(grid, cls: bool) -> list[tuple]:
     """The ``lm`` image tokens of a plain tower: (the tower's CLS when ``cls``, then) one per patch in
     raster order, tile 0, boxed as the patch."""

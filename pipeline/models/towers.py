@@ -23,6 +23,7 @@ import copy
 import sys
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
@@ -251,3 +252,14 @@ def crops_by_image_tokens(inputs, image_token_id: int, per_crop: int) -> list[in
         raise RuntimeError(f"{sum(crops)} crops' image tokens in the prompts for {inputs['pixel_values'].shape[0]} "
                            "crops in pixel_values")
     return crops
+
+
+def shuffled_blocks(side: int, shuffle) -> list[list[tuple[int, int]]]:
+    """Per image token of one ``side x side`` crop (in the model's order): the tower patches ``(row, col)``
+    its channels hold. Not re-derived: ``shuffle``, the model's own pixel shuffle taking
+    ``[1, side, side, 2]`` features, runs on features holding each patch's coordinates."""
+    r, c = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    feats = torch.tensor(np.stack([r, c], -1), dtype=torch.float64).reshape(1, side, side, 2)
+    out = shuffle(feats)
+    out = out.reshape(-1, out.shape[-1]).numpy()  # [token, 2 k]
+    return [sorted({(int(t[2 * i]), int(t[2 * i + 1])) for i in range(len(t) // 2)}) for t in out]
