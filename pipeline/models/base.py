@@ -18,7 +18,7 @@ What families share lives beside this module, by subject: ``family.py`` (a famil
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ from pipeline.stats import TokenMasks
 # also importable from here (older imports): the token-table builders and the module lookup
 __all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout",
            "TOKEN_SCHEMA",
-           "boxed_masks", "checked_architecture", "conform", "encoder_relevancy_targets", "map_inputs", "module_at",
+           "boxed_masks", "checked_architecture", "conform", "cross_layout", "encoder_relevancy_targets", "map_inputs",
+           "module_at",
            "normalise_answer", "require_eager", "split_stream_layouts", "stream_layout", "token_rows", "token_table"]
 
 
@@ -376,3 +377,20 @@ def split_stream_layouts(tables: list[pa.Table], offsets: list[int], first_order
     second = stream_layout([t.slice(o) for t, o in zip(tables, offsets)], second_orders, boxes, pieces_of)
     second.token_offset = list(offsets)
     return first, second
+
+
+def cross_layout(layout: BatchLayout, query: str, key: str, boxes, pieces_of) -> StreamLayout:
+    """A cross stream's layout: its rows are stream ``query``'s tokens and its columns stream ``key``'s
+    (``BatchLayout.keys``), so it is ``query``'s layout with the grounding masks over those two token
+    sets (``in_box[b, q, k]``: query token ``q``'s word box holds key token ``k``, a patch)."""
+    q, k = layout.streams[query], layout.streams[key]
+    (B, nq), nk = q.valid.shape, k.valid.shape[1]
+    in_box = torch.zeros(B, nq, nk, dtype=torch.bool)
+    boxed = torch.zeros(B, nq, dtype=torch.bool)
+    for b, t in enumerate(layout.tokens):
+        qo, ko = q.token_offset[b], k.token_offset[b]
+        mq, mk = int(q.valid[b].sum()), int(k.valid[b].sum())
+        bx, ib = boxed_masks(t, boxes[b], pieces_of)  # over the whole table
+        boxed[b, :mq] = torch.from_numpy(bx[qo:qo + mq])
+        in_box[b, :mq, :mk] = torch.from_numpy(ib[qo:qo + mq, ko:ko + mk])
+    return replace(q, masks=replace(q.masks, in_box=in_box, boxed=boxed))
