@@ -34,8 +34,9 @@ from pipeline.stats import TokenMasks
 # also importable from here (older imports): the token-table builders and the module lookup
 __all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout",
            "TOKEN_SCHEMA",
-           "boxed_masks", "checked_architecture", "conform", "encoder_relevancy_targets", "map_inputs", "module_at",
-           "normalise_answer", "require_eager", "split_stream_layouts", "stacked_layouts", "cross_layout", "stream_layout", "token_rows", "token_table"]
+           "boxed_masks", "checked_architecture", "conform", "cross_layout", "encoder_relevancy_targets", "map_inputs",
+           "module_at", "normalise_answer", "query_cross_layout", "require_eager", "split_stream_layouts",
+           "stacked_layouts", "stream_layout", "token_rows", "token_table"]
 
 
 GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token
@@ -393,9 +394,26 @@ def stacked_layouts(tables: list[pa.Table], sizes: list[dict[str, int]], orders:
     return out
 
 
-def cross_layout(queries: StreamLayout, keys: StreamLayout) -> StreamLayout:
-    """A cross stream's layout: its queries' (the rows), with grounding masks shaped over the keys'
+def query_cross_layout(queries: StreamLayout, keys: StreamLayout) -> StreamLayout:
+    """A cross stream whose queries are learned query tokens (no words): its queries' layout (the rows), with grounding masks shaped over the keys'
     tokens (``in_box`` ``[batch, query, key]``) and empty: its queries are image tokens, with no words."""
     B, nq, nk = queries.valid.shape[0], queries.valid.shape[1], keys.valid.shape[1]
     return replace(queries, masks=replace(queries.masks, in_box=torch.zeros(B, nq, nk, dtype=torch.bool),
                                           boxed=torch.zeros(B, nq, dtype=torch.bool)))
+
+
+def cross_layout(layout: BatchLayout, query: str, key: str, boxes, pieces_of) -> StreamLayout:
+    """A cross stream's layout: its rows are stream ``query``'s tokens and its columns stream ``key``'s
+    (``BatchLayout.keys``), so it is ``query``'s layout with the grounding masks over those two token
+    sets (``in_box[b, q, k]``: query token ``q``'s word box holds key token ``k``, a patch)."""
+    q, k = layout.streams[query], layout.streams[key]
+    (B, nq), nk = q.valid.shape, k.valid.shape[1]
+    in_box = torch.zeros(B, nq, nk, dtype=torch.bool)
+    boxed = torch.zeros(B, nq, dtype=torch.bool)
+    for b, t in enumerate(layout.tokens):
+        qo, ko = q.token_offset[b], k.token_offset[b]
+        mq, mk = int(q.valid[b].sum()), int(k.valid[b].sum())
+        bx, ib = boxed_masks(t, boxes[b], pieces_of)  # over the whole table
+        boxed[b, :mq] = torch.from_numpy(bx[qo:qo + mq])
+        in_box[b, :mq, :mk] = torch.from_numpy(ib[qo:qo + mq, ko:ko + mk])
+    return replace(q, masks=replace(q.masks, in_box=in_box, boxed=boxed))

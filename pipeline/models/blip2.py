@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from pipeline.capture import HookPoint
-from pipeline.models.base import GEN_START, BatchLayout, Inputs, cross_layout, stacked_layouts, stream_layout
+from pipeline.models.base import GEN_START, BatchLayout, Inputs, query_cross_layout, stacked_layouts, stream_layout
 from pipeline.models.decoder import DecoderAdapter
 from pipeline.models.family import FamilySpec
 from pipeline.models.geometry import crop_geometry, patch_grid
@@ -196,7 +196,7 @@ class Blip2Adapter(DecoderAdapter):
         qf = stream_layout([t.slice(sz["lm"], Q) for t, sz in zip(tables, sizes)], [o[:Q] for o in orders["qformer"]],
                            boxes, self._pieces)
         qf.token_offset = layouts["qformer"].token_offset
-        layouts["qformer_cross"] = cross_layout(qf, layouts["vision"])
+        layouts["qformer_cross"] = query_cross_layout(qf, layouts["vision"])
         return BatchLayout(tables, layouts, grids, keys=dict(self.spec.cross))
 
 

@@ -24,9 +24,9 @@ import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import (GEN_START, Adapter, BatchLayout, ForwardOutput, Inputs, Prediction,
-                                  checked_architecture, cross_layout, normalise_answer, require_eager, stacked_layouts,
-                                  stream_layout)
-from pipeline.models.family import MAX_NEW_TOKENS, FamilySpec
+                                  checked_architecture, normalise_answer, query_cross_layout, require_eager,
+                                  stacked_layouts, stream_layout)
+from pipeline.models.family import LAST, MAX_NEW_TOKENS, FamilySpec
 from pipeline.models.hooks import Probe, module_at, stream_hook_points, watched
 from pipeline.models.processors import first_line
 from pipeline.models.tokens import lm_columns, stack_columns
@@ -85,7 +85,7 @@ class Example:
     tid: list[int]
     pos: list[int]
     start: int
-    image_token_id: int
+    image_token_id: int | None  # None: no token carries image features (a family with image_in_lm False)
     is_img: list[bool] = field(init=False)
 
     def __post_init__(self):
@@ -151,7 +151,8 @@ class DecoderAdapter(Adapter):
             self.marker_pieces.setdefault(role, self.tokenizer.convert_ids_to_tokens(i))
         self.suppress = (self.image_token_id,) + tuple(self._token_id(k) for k in spec.suppress)
         self.probe = Probe()  # the lm's hidden state 0: what the language model is fed
-        self.first_hidden = {"lm": self.probe}
+        # (unless the lm stream declares its hidden_0: a language model fed input_ids, e.g. Mllama's)
+        self.first_hidden = {} if "hidden_0" in self.paths.get("lm", {}) else {"lm": self.probe}
         module_at(model, spec.lm).register_forward_pre_hook(self._feed_probe, with_kwargs=True)
         self.tower = self.make_tower()
 
@@ -197,11 +198,14 @@ class DecoderAdapter(Adapter):
 
     # -- streams and hooks ----------------------------------------------------------------
     def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
-        """Every stream's modules, in the declared order; ``vision`` as the tower strategy hooks it."""
+        """Every stream's modules, in the declared order; ``vision``, and a cross stream over it, as the
+        tower strategy hooks them."""
         pts: list[HookPoint] = []
         for stream, paths in self.paths.items():
             if stream == "vision":
                 pts += self.tower.hook_points(keep_hidden, explain)
+            elif self.spec.cross.get(stream) == "vision":
+                pts += self.tower.cross_points(stream, self.configs[stream], paths, keep_hidden, explain)
             else:
                 pts += stream_hook_points(self.model, self.configs, {stream: paths}, keep_hidden,
                                           first_hidden=self.first_hidden, explain=explain)
@@ -264,11 +268,16 @@ class DecoderAdapter(Adapter):
 
     def extend_inputs(self, out: Inputs, model_inputs: dict, new: torch.Tensor) -> None:
         """The declared ``answer_inputs`` (e.g. ``token_type_ids``), extended over the appended answer
-        ``new`` ([batch, n]) with the value its tokens take."""
+        ``new`` ([batch, n]) with the value its tokens take (``LAST``: the prompt's last position's)."""
         for key, value in self.spec.answer_inputs.items():
             t = model_inputs.get(key)
-            if t is not None:
-                out[key] = torch.cat([t, torch.full_like(new, value, dtype=t.dtype)], dim=1)
+            if t is None:
+                continue
+            if value == LAST:  # [batch, seq, ...]
+                ext = t[:, -1:].expand(t.shape[0], new.shape[1], *t.shape[2:])
+            else:
+                ext = torch.full_like(new, value, dtype=t.dtype)
+            out[key] = torch.cat([t, ext], dim=1)
 
     def prepare(self, inputs: "Inputs") -> "Inputs":
         mi = self._model_inputs(inputs)
@@ -326,7 +335,8 @@ class DecoderAdapter(Adapter):
         tables, sizes, grids, orders = [], [], [], {}
         for b in range(ids.shape[0]):
             pos = torch.nonzero(seen[b]).flatten().tolist()
-            ex = Example(b, images[b], ids[b, pos].tolist(), pos, start[b], self.image_token_id)
+            ex = Example(b, images[b], ids[b, pos].tolist(), pos, start[b],
+                         self.image_token_id if self.spec.image_in_lm else None)
             img = self.image_tokens(ex, ctx)
             if sum(ex.is_img) != len(img.rows):
                 raise RuntimeError(f"example has {sum(ex.is_img)} image tokens where {img.want}")
@@ -349,7 +359,7 @@ class DecoderAdapter(Adapter):
             streams[name] = keys
         for stream, keys in self.spec.cross.items():
             if stream in streams:  # a token stream whose queries attend over other tokens
-                streams[stream] = cross_layout(streams[stream], streams[keys])
+                streams[stream] = query_cross_layout(streams[stream], streams[keys])
         return BatchLayout(tables, streams, grids, keys=dict(self.spec.cross))
 
     # -- answers --------------------------------------------------------------------------

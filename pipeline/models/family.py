@@ -17,7 +17,8 @@ What a declaration names:
   pieces (or ``config.`` attributes holding ids) -> their role in the token table;
 - generation defaults: ``max_new_tokens`` when the checkpoint sets no length, ``padding_side``,
   ``suppress`` (more placeholders never to generate) and ``answer_inputs`` (model inputs that the
-  appended answer extends, with the value its tokens take);
+  appended answer extends, with the value its tokens take, or :data:`LAST`: the prompt's last
+  position's, as ``generate`` extends Mllama's ``cross_attention_mask``);
 - ``tower``: the tower kind, one of :data:`TOWER_KINDS`, which also picks the strategy that hooks
   the tower (``DecoderAdapter.make_tower``);
 - ``cross`` and ``key_sets``: streams whose keys are another stream's tokens, or a key set spanning
@@ -27,12 +28,12 @@ Declaring the next families (issue 19's three), without new base classes:
 
 - *Cross-attention in the decoder* (Llama 3.2 Vision, ``MllamaForConditionalGeneration``): a third
   stream ``lm_cross`` in ``streams`` with the ``cross_attn`` module paths of the decoder's cross
-  layers (``{"attention": "model.language_model.layers.{layer}.cross_attn"}``; its ``hook_points``
-  map the cross layers' indices to stream layers, as BLIP-2's for ``qformer_cross``), declared a cross
-  stream by ``cross = {"lm_cross": "vision"}`` (``BatchLayout.keys``: its rows are ``lm`` tokens, its
-  columns ``vision`` tokens; ``layout`` adds it to the decoder's ``lm``/``vision`` layouts as BLIP-2's
-  adds ``qformer_cross``); tower kind ``crops`` (tiles with aspect-ratio ids: the tower's batch is the
-  tiles, ``tower_batch`` says how many per example).
+  layers, declared a cross stream by ``cross = {"lm_cross": "vision"}`` (``BatchLayout.keys``: its
+  rows are ``lm`` tokens, its columns ``vision`` tokens; the tower strategy hooks it,
+  ``Tower.cross_points``, and ``base.cross_layout`` lays it out); ``image_in_lm = False`` (the image
+  token is a marker: no image features in the ``lm`` sequence); the ``lm`` and ``lm_cross`` streams
+  are some of the decoder's layers (``hooks.StreamShape``: ``{layer}`` formats with each stream layer's
+  slot); tower kind ``tiles`` (``towers.TiledTower``: an image's padded tiles in one tower sequence).
 - *A perceiver resampler* (Idefics2): tower kind ``query_tokens`` (its learned latents are the image
   tokens, as BLIP-2's queries: role ``query``, no patch), and a ``perceiver`` stream whose rows are the
   latents and whose keys are ``concat(patches, latents)``: a key set spanning the ``vision`` and
@@ -54,8 +55,10 @@ MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets n
 # plain: one token per patch (LLaVA, PaliGemma); packed: every image of a batch in one tower sequence
 # (Qwen-VL, Pixtral); crops: the tower's batch is crops (LLaVA-NeXT); pooled: blocks of patches
 # averaged into one token (Gemma 3); pixel_shuffle: crops whose patch blocks fold into one token
-# (InternVL, Idefics3); query_tokens: learned queries read the image (BLIP-2)
-TOWER_KINDS = ("plain", "packed", "crops", "pooled", "pixel_shuffle", "query_tokens")
+# (InternVL, Idefics3); query_tokens: learned queries read the image (BLIP-2); tiles: an image's tiles,
+# each padded, in one tower sequence (Mllama)
+TOWER_KINDS = ("plain", "packed", "crops", "pooled", "pixel_shuffle", "query_tokens", "tiles")
+LAST = "last"  # an answer_inputs value: each answer token takes the prompt's last position's value
 
 
 
@@ -97,7 +100,8 @@ class FamilySpec:
     prompt: str = "{image} {text}"  # the prompt without a chat template ({image}: the placeholder)
     chat_template: bool = True  # the processor's chat template, when it has one, makes the prompt
     suppress: tuple[str, ...] = ()  # config attributes of more ids never to generate (besides the image's)
-    answer_inputs: dict[str, int] = field(default_factory=dict)  # model input -> its value on answer tokens
+    answer_inputs: dict[str, int | str] = field(default_factory=dict)  # model input -> its value on answer tokens
+    image_in_lm: bool = True  # the image's features replace the image tokens (False: a marker, cross-attention)
     drop_inputs: tuple[str, ...] = ()  # processor outputs that are no model input
     nested_images: bool = False  # the processor takes [[image], ...] (one list of images per prompt)
     image_check: bool = False  # run the image processor on each image alone first (it refuses some)

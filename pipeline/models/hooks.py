@@ -16,6 +16,7 @@ A family names each stream's modules in one dict (``family.FamilySpec.streams``)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +53,30 @@ def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return m
 
 
+@dataclass(frozen=True)
+class StreamShape:
+    """A stream's shape where no one sub-config says it, read as a config (``num_hidden_layers``...):
+    its layers are some of a module list's, or several lists' one after another (Mllama's ``lm``:
+    the decoder's self-attention layers between its cross layers; its ``vision``: the local then the
+    global transformer). ``layer_slots[i]`` is what stream layer ``i`` formats ``{layer}`` with in
+    the stream's paths."""
+
+    layer_slots: tuple
+    num_attention_heads: int
+    hidden_size: int
+    num_key_value_heads: int | None = None
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layer_slots)
+
+
+def layer_slots(config) -> list:
+    """What each layer of a stream formats ``{layer}`` with: ``config.layer_slots`` (:class:`StreamShape`),
+    else ``0 .. num_hidden_layers - 1``."""
+    return list(getattr(config, "layer_slots", None) or range(config.num_hidden_layers))
+
+
 def stream_shapes(configs: dict[str, Any]) -> dict[str, dict[str, int]]:
     """``{stream: {"layers", "heads", "hidden_size"}}`` from each stream's (sub-)config."""
     return {s: {"layers": c.num_hidden_layers, "heads": c.num_attention_heads, "hidden_size": c.hidden_size}
@@ -67,7 +92,8 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
 
     ``paths[stream]`` maps ``attention`` and ``hidden`` (formatted with ``layer``) and ``hidden_0``
     (the module whose output is hidden state 0) to module paths; a stream without ``hidden`` keeps
-    no hidden states. ``first_hidden[stream]`` replaces the ``hidden_0`` module.
+    no hidden states; layer ``i`` formats ``{layer}`` with its slot (:func:`layer_slots`).
+    ``first_hidden[stream]`` replaces the ``hidden_0`` module.
 
     ``explain`` (``pipeline.explain``): with ``value``, each layer's value projection (``value``,
     ``PATH#i/n`` for part ``i`` of a fused projection) with its output projection (``out``); with
@@ -76,16 +102,18 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
     pts: list[HookPoint] = []
     for stream, p in paths.items():
         c = configs[stream]
-        n = c.num_hidden_layers
+        slots = layer_slots(c)
+        n = len(slots)
         if "value" in explain and "value" in p:
             for i in range(n):
-                path, _, part = p["value"].format(layer=i).partition("#")
+                path, _, part = p["value"].format(layer=slots[i]).partition("#")
                 pts.append(HookPoint(stream, i, "value", module_at(model, path), index=0, drop=False,
-                                     out=module_at(model, p["out"].format(layer=i)), heads=c.num_attention_heads,
+                                     out=module_at(model, p["out"].format(layer=slots[i])),
+                                     heads=c.num_attention_heads,
                                      kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                                      part=tuple(int(x) for x in part.split("/")) if part else None))
-        pts += [HookPoint(stream, i, "attention", module_at(model, p["attention"].format(layer=i)), index=1)
-                for i in range(n)]
+        pts += [HookPoint(stream, i, "attention", module_at(model, p["attention"].format(layer=slot)), index=1)
+                for i, slot in enumerate(slots)]
         if "hidden" not in p:
             continue
         every = "sinks" in explain or "lens" in explain  # both read every layer's hidden state
@@ -96,8 +124,8 @@ def stream_hook_points(model: torch.nn.Module, configs: dict[str, Any], paths: d
         if kept(0) or every:
             first = (first_hidden or {}).get(stream) or module_at(model, p["hidden_0"])
             pts.append(HookPoint(stream, 0, "hidden", first, store=kept(0)))
-        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=i)), store=kept(i + 1))
-                for i in range(n) if kept(i + 1) or every]
+        pts += [HookPoint(stream, i + 1, "hidden", module_at(model, p["hidden"].format(layer=slots[i])),
+                          store=kept(i + 1)) for i in range(n) if kept(i + 1) or every]
     return pts
 
 

@@ -53,11 +53,17 @@ Token table of one example::
   lake stores those rows as the model computed them; they sum to 1 over the ``vision`` tokens and count
   in the statistics like any row (no NaN: every row has keys).
 
-Generation and capture as every decoder (:class:`~pipeline.models.base.DecoderAdapter`): the greedy
+Generation and capture as every decoder (:class:`~pipeline.models.decoder.DecoderAdapter`): the greedy
 answer under the checkpoint's own generation config first, then one teacher-forced pass; the
-``cross_attention_mask`` gains, for each answer token, the prompt's last row (as ``generate`` extends
-it). ``<|image|>`` is suppressed only when the language model's head can produce it (the released
-checkpoints give it the id just past the head's vocabulary). Batches are padded on the left.
+``cross_attention_mask`` gains, for each answer token, the prompt's last row (``answer_inputs``
+``LAST``, as ``generate`` extends it). ``<|image|>`` is suppressed (a no-op where the language model's
+head cannot produce it: the released checkpoints give it the id just past the head's vocabulary).
+Batches are padded on the left.
+
+The declaration (:data:`MLLAMA`) says all this but the layers: ``lm`` and ``lm_cross`` are some of the
+decoder's layers, ``vision`` two module lists (``hooks.StreamShape`` slots, from the config); the tiles
+are the tower strategy's (``towers.TiledTower``), the cross stream's masks ``base.cross_layout``'s.
+What is the family's own: the tile grid of an example and its patches' boxes (:func:`tile_patch_boxes`).
 
 ``--explain lens`` reads the ``lm`` hidden states through the final norm and ``lm_head``. Not captured:
 ``--explain value`` and ``relevancy`` (a rule over the self-attention layers alone would leave out the
@@ -66,34 +72,38 @@ cross layers, the only way the image reaches the text); several images per examp
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pipeline.models.base import (GEN_START, AttnProbe, BatchLayout, DecoderAdapter, Inputs, Probe, boxed_masks,
-                                  checked_architecture, greedy_generation_config, module_at, probed_points,
-                                  processor_or, split_stream_layouts, stack_columns)
-from pipeline.models.crop_tower import crop_columns
+from pipeline.models.base import BatchLayout, Inputs, cross_layout
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
+from pipeline.models.family import LAST, FamilySpec
 from pipeline.models.geometry import _size
+from pipeline.models.hooks import StreamShape
+from pipeline.models.processors import processor_or
+from pipeline.models.tokens import crop_columns, padded_crops
+from pipeline.models.towers import TiledTower, Tiles
 
-# -- the family's declaration -------------------------------------------------------------
-MODEL_CLASS = "MllamaForConditionalGeneration"
-IMAGE_TOKEN = "<|image|>"
-MARKERS = {"<|image|>": "vision_start", "<|start_header_id|>": "im_start", "<|end_header_id|>": "im_start",
-           "<|eot_id|>": "im_end"}  # marker token -> role
-TOWER = "tiles"  # max_num_tiles tiles of CLS + patches (+ padding), no base image
-LM_LAYER = "model.language_model.layers.{layer}"  # self_attn in self layers, cross_attn in cross layers
-MODULES = {
-    "lm": {"attention": LM_LAYER + ".self_attn", "hidden": LM_LAYER, "hidden_0": "model.language_model.embed_tokens"},
-    "lm_cross": {"attention": LM_LAYER + ".cross_attn"},
-    "vision": {"local": "model.vision_model.transformer.layers.{layer}",
-               "global": "model.vision_model.global_transformer.layers.{layer}",
-               "hidden_0": "model.vision_model.transformer"},  # a pre-hook hands its input to a probe
-}
-LM_NORM = "model.language_model.norm"  # with the model's lm_head: --explain lens
-STREAMS = ("lm", "vision")  # token-table order; lm_cross has the lm tokens as queries
-MAX_NEW_TOKENS = 16  # new tokens when the checkpoint's generation config sets no length
+LAYER = "model.language_model.layers.{layer}"  # self_attn in self layers, cross_attn in cross layers
+MLLAMA = FamilySpec(
+    name="mllama",
+    classes={"mllama": "MllamaForConditionalGeneration"},
+    streams={"lm": {"attention": LAYER + ".self_attn", "hidden": LAYER,
+                    "hidden_0": "model.language_model.embed_tokens"},  # the language model is fed input_ids
+             "lm_cross": {"attention": LAYER + ".cross_attn"},
+             # {layer}: "transformer.layers.i" (local), then "global_transformer.layers.j"
+             "vision": {"attention": "model.vision_model.{layer}.self_attn", "hidden": "model.vision_model.{layer}",
+                        "input_0": "model.vision_model.transformer"}},
+    tower="tiles",
+    cross={"lm_cross": "vision"},
+    image_in_lm=False,  # <|image|> is a marker: cross-attention reads the image
+    markers={"<|image|>": "vision_start", "<|start_header_id|>": "im_start", "<|end_header_id|>": "im_start",
+             "<|eot_id|>": "im_end"},
+    prompt="{image}{text}",  # without a chat template (the processor puts bos after the image token)
+    nested_images=True,
+    answer_inputs={"cross_attention_mask": LAST},  # [batch, seq, image, tile]
+)
 
 
 def tile_patch_boxes(tile_size: int, width: int, height: int, tiles: tuple[int, int],
@@ -127,199 +137,84 @@ def tile_patch_boxes(tile_size: int, width: int, height: int, tiles: tuple[int, 
     return out
 
 
-class MllamaAdapter(DecoderAdapter):
+class MllamaAdapter(ExplainedDecoder):
     """MllamaForConditionalGeneration: streams ``lm``, ``lm_cross`` and ``vision``."""
 
-    family = "mllama"
+    spec = MLLAMA
+    relevancy_unavailable = ("--explain relevancy is not available for mllama: a rule over the self-attention "
+                             "layers would leave out the cross layers, the only way the image reaches the text")
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str = "cpu",
                  max_new_tokens: int | None = None):
-        """``max_new_tokens``: a cap on the answer's length (default: the checkpoint's own)."""
         from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
 
-        super().__init__(model, processor, device)
-        self.tokenizer.padding_side = "left"  # generation pads on the left
-        self.max_new_tokens = max_new_tokens
-        cfg = model.config
-        tc, vc = cfg.text_config, cfg.vision_config
+        tc, vc = model.config.text_config, model.config.vision_config
+        ip = processor.image_processor
+        if int(ip.max_image_tiles) != int(vc.max_num_tiles) or _size(ip.size, "height") != vc.image_size:
+            raise NotImplementedError(f"the image processor makes up to {ip.max_image_tiles} tiles of "
+                                      f"{_size(ip.size, 'height')} px, the vision tower takes {vc.max_num_tiles} of "
+                                      f"{vc.image_size} px")
         self.cross_layers = sorted(int(i) for i in tc.cross_attention_layers)
         self.self_layers = [i for i in range(tc.num_hidden_layers) if i not in self.cross_layers]
-        self.n_local, self.n_global = int(vc.num_hidden_layers), int(vc.num_global_layers)
-        self.image_token_id = int(cfg.image_token_id)
-        self.marker_roles = {i: r for t, r in MARKERS.items()
-                             if (i := self.tokenizer.convert_tokens_to_ids(t)) is not None
-                             and i != self.tokenizer.unk_token_id}
-        self.patch_size = int(vc.patch_size)
-        ip = processor.image_processor
-        self.max_tiles = int(vc.max_num_tiles)
-        if int(ip.max_image_tiles) != self.max_tiles or _size(ip.size, "height") != vc.image_size:
-            raise NotImplementedError(f"the image processor makes up to {ip.max_image_tiles} tiles of "
-                                      f"{_size(ip.size, 'height')} px, the vision tower takes {self.max_tiles} of "
-                                      f"{vc.image_size} px")
-        self.tile_size = int(vc.image_size)
-        self.supported = list(get_all_supported_aspect_ratios(self.max_tiles))  # the processor's ids - 1
-        self.n_tile = (self.tile_size // self.patch_size) ** 2 + 1  # CLS + patches
-        self.tile_len = self.n_tile + (8 - self.n_tile % 8) % 8  # with the padding patches
-        self._shapes = {
-            "lm": {"layers": len(self.self_layers), "heads": tc.num_attention_heads, "hidden_size": tc.hidden_size},
-            "lm_cross": {"layers": len(self.cross_layers), "heads": tc.num_attention_heads,
-                         "hidden_size": tc.hidden_size},
-            "vision": {"layers": self.n_local + self.n_global, "heads": vc.attention_heads,
-                       "hidden_size": vc.hidden_size},
-        }
-        self.paths = MODULES
-        # cross-attention weights come as [batch, head, query, tile * n_tile]; probes get them on the
-        # vision stream's sequence (tile * tile_len, the padding patches' columns 0)
-        self.cross_probes = [AttnProbe() for _ in self.cross_layers]
-        for probe, d in zip(self.cross_probes, self.cross_layers):
-            module_at(model, MODULES["lm_cross"]["attention"].format(layer=d)).register_forward_hook(
-                self._cross_hook(probe))
-        self.vision_probe = Probe()
-        module_at(model, MODULES["vision"]["hidden_0"]).register_forward_pre_hook(self._feed_vision)
+        n = (vc.image_size // vc.patch_size) ** 2 + 1  # CLS + patches
+        self.tiles = Tiles(int(vc.max_num_tiles), n, n + (8 - n % 8) % 8)  # padded to a multiple of 8
+        super().__init__(model, processor, device, max_new_tokens)
+        self.supported = list(get_all_supported_aspect_ratios(self.tiles.tiles))  # aspect ratio id - 1
 
-    # -- loading ------------------------------------------------------------------
-    @classmethod
-    def model_class(cls, config, model_id: str) -> str:
-        return checked_architecture(config, model_id, MODEL_CLASS, "mllama")
+    def stream_configs(self, cfg) -> dict[str, Any]:
+        """``lm`` the decoder's self-attention layers, ``lm_cross`` its cross layers, ``vision`` the local
+        then the global transformer's layers."""
+        tc, vc = cfg.text_config, cfg.vision_config
+        vision = ([f"transformer.layers.{i}" for i in range(vc.num_hidden_layers)]
+                  + [f"global_transformer.layers.{j}" for j in range(vc.num_global_layers)])
+        return {"lm": StreamShape(tuple(self.self_layers), tc.num_attention_heads, tc.hidden_size),
+                "lm_cross": StreamShape(tuple(self.cross_layers), tc.num_attention_heads, tc.hidden_size),
+                "vision": StreamShape(tuple(vision), vc.attention_heads, vc.hidden_size)}
+
+    def make_tower(self):
+        return TiledTower(self.model, self.configs["vision"], self.paths["vision"], self.tiles)
 
     @classmethod
     def load_processor(cls, model_id: str, revision: str | None = None):
         return processor_or(model_id, revision, _PilProcessor)
 
-    # -- streams and hooks ------------------------------------------------------------
-    def streams(self) -> dict[str, dict[str, int]]:
-        return {s: dict(v) for s, v in self._shapes.items()}
+    def processor_kwargs(self, prompts):
+        return {"add_special_tokens": False}  # the prompt holds bos (the template's, or the processor's)
 
-    def hook_points(self, keep_hidden, explain=()):
-        """``lm`` from the self-attention layers, ``lm_cross`` from the probes the cross layers feed,
-        ``vision`` from the local then the global transformer's layers (no ``--explain value``)."""
-        m, lm, vp = self.model, MODULES["lm"], MODULES["vision"]
-        lm_attn = [module_at(m, lm["attention"].format(layer=d)) for d in self.self_layers]
-        lm_hidden = [module_at(m, lm["hidden_0"])] + [module_at(m, lm["hidden"].format(layer=d))
-                                                      for d in self.self_layers]
-        tower = ([module_at(m, vp["local"].format(layer=i)) for i in range(self.n_local)]
-                 + [module_at(m, vp["global"].format(layer=j)) for j in range(self.n_global)])
-        return (probed_points("lm", lm_attn, lm_hidden, keep_hidden, explain)
-                + probed_points("lm_cross", self.cross_probes, [], keep_hidden, explain)
-                + probed_points("vision", [layer.self_attn for layer in tower], [self.vision_probe] + tower,
-                                keep_hidden, explain))
+    # -- the tiles ------------------------------------------------------------------------
+    def batch_context(self, inputs, images):
+        if tuple(inputs["pixel_values"].shape[-2:]) != (self.crop_px, self.crop_px):
+            raise RuntimeError(f"the image processor made {tuple(inputs['pixel_values'].shape[-2:])} tiles where "
+                               f"its settings say {self.crop_px} px")
+        return inputs["aspect_ratio_ids"].cpu(), inputs["aspect_ratio_mask"].cpu()
 
-    def _feed_vision(self, module, args):
-        """A pre-hook on the local transformer: its input (``[example, tile * tile_len, dim]``, the padded
-        tiles of each image) is the ``vision`` stream's hidden state 0."""
-        if self._watched(self.vision_probe):
-            self.vision_probe(args[0])
-
-    def _cross_hook(self, probe: AttnProbe):
-        T, n, L = self.max_tiles, self.n_tile, self.tile_len
-
-        def fn(module, args, output):
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if w is None or not self._watched(probe):
-                return None
-            B, H, S, K = w.shape  # [batch, head, query, tile * n_tile]
-            if K != T * n:
-                raise RuntimeError(f"cross-attention over {K} keys where {T} tiles of {n} tokens make {T * n} "
-                                   "(several images per example are not supported)")
-            out = w.new_zeros(B, H, S, T, L)  # [batch, head, query, tile, tile_len]
-            out[..., :n] = w.view(B, H, S, T, n)
-            probe(out.view(B, H, S, T * L))
-            return None
-
-        return fn
-
-    def lens(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The language model's final norm and unembedding, for ``--explain lens`` (of the ``lm`` hidden
-        states: after a self-attention layer, whatever cross layers come before or after it)."""
-        return module_at(self.model, LM_NORM), self.model.lm_head
-
-    # -- inputs ---------------------------------------------------------------------
-    def prompt(self, text: str) -> str:
-        """The processor's chat template (user turn: the image, then the question) when it has one, else
-        ``<|image|>question`` (the processor puts bos after the leading image token)."""
-        if getattr(self.processor, "chat_template", None):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            return self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        return f"{IMAGE_TOKEN}{text}"
-
-    def encode(self, texts: list[str], images: list):
-        # the prompt already holds bos (the template's, or the processor's): the tokenizer adds none
-        enc = self.processor(images=[[im] for im in images], text=[self.prompt(t) for t in texts],
-                             return_tensors="pt", padding=True, add_special_tokens=False)
-        return Inputs(enc), [[] for _ in texts]
-
-    def generation_config(self, prompt_length: int | None = None):
-        """Greedy under the checkpoint's own config; ``<|image|>`` suppressed where the head has it."""
-        vocab = self.model.lm_head.out_features
-        suppress = (self.image_token_id,) if self.image_token_id < vocab else ()
-        return greedy_generation_config(self.model, self.tokenizer, suppress=suppress,
-                                        max_new_tokens=self.max_new_tokens, default_new_tokens=MAX_NEW_TOKENS,
-                                        prompt_length=prompt_length)
-
-    def extend_inputs(self, out: Inputs, model_inputs: dict, new: torch.Tensor) -> None:
-        """Each answer token sees the tiles the prompt's last token sees (as ``generate`` extends the mask)."""
-        cam = model_inputs["cross_attention_mask"]  # [batch, seq, image, tile]
-        out["cross_attention_mask"] = torch.cat([cam, cam[:, -1:].expand(-1, new.shape[1], -1, -1)], dim=1)
-
-    # -- layout ---------------------------------------------------------------------
-    def tile_grid(self, inputs, b: int) -> tuple[int, int]:
+    def tile_grid(self, ctx, b: int) -> tuple[int, int]:
         """(rows, cols) of example ``b``'s tiles, from its ``aspect_ratio_ids``, checked against its
         ``aspect_ratio_mask``."""
-        aid = int(inputs["aspect_ratio_ids"][b, 0])
+        ids, mask = ctx
+        aid = int(ids[b, 0])
         rows, cols = self.supported[aid - 1]
-        used = int(inputs["aspect_ratio_mask"][b, 0].sum())
+        used = int(mask[b, 0].sum())
         if used != rows * cols:
             raise RuntimeError(f"aspect ratio id {aid} is a {rows}x{cols} grid, but the mask marks {used} tiles")
         return rows, cols
 
-    def _vision_columns(self, inputs, b: int, image) -> dict[str, list]:
-        """The ``vision`` columns of example ``b``: every tile slot in the tower's order, each real tile's
-        CLS and patches (boxed) then its padding patches, the unused tiles' tokens all padding."""
-        W, H = image.size
-        g = self.tile_size // self.patch_size
-        if tuple(inputs["pixel_values"].shape[-2:]) != (self.tile_size, self.tile_size):
-            raise RuntimeError(f"the image processor made {tuple(inputs['pixel_values'].shape[-2:])} tiles where "
-                               f"its settings say {self.tile_size} px")
-        tiles = tile_patch_boxes(self.tile_size, W, H, self.tile_grid(inputs, b), self.patch_size)
-        cols = crop_columns([(t + 1, boxes, whole) for t, (boxes, whole) in enumerate(tiles)], g, True)
-        n, L = self.n_tile, self.tile_len
-        cols["seq_pos"] = [s // n * L + s % n for s in cols["seq_pos"]]  # crop_columns packs tiles unpadded
-        pads = [(t, q) for t in range(len(tiles)) for q in range(n, L)]
-        pads += [(t, q) for t in range(len(tiles), self.max_tiles) for q in range(L)]
-        for t, q in pads:
-            for key, v in zip(cols, ("vision", "image", "pad", None, t * L + q, None, None, None, t + 1)):
-                cols[key].append(v)
-        order = sorted(range(len(cols["seq_pos"])), key=cols["seq_pos"].__getitem__)  # the tower's order
-        return {k: [v[i] for i in order] for k, v in cols.items()}
+    def image_tokens(self, ex: Example, ctx) -> ImageTokens:
+        """No ``lm`` image token; the ``vision`` tokens: every tile slot in the tower's order, each real
+        tile's CLS and patches (boxed) then its padding, the unused tiles' tokens all padding."""
+        W, H = ex.image.size
+        tiles = tile_patch_boxes(self.crop_px, W, H, self.tile_grid(ctx, ex.b), self.patch_size)
+        part = crop_columns([(t + 1, boxes, whole) for t, (boxes, whole) in enumerate(tiles)], self.side, True)
+        vision = padded_crops(part, self.tiles.n, self.tiles.padded, list(range(1, self.tiles.tiles + 1)))
+        return ImageTokens([], vision, (self.side, self.side), "the image reaches the text by cross-attention")
 
     def layout(self, inputs: Inputs, images: list, boxes: list) -> BatchLayout:
-        ids = inputs["input_ids"].cpu()
-        seen = inputs["attention_mask"].cpu().bool()
-        state = getattr(inputs, "state", {})
-        start = state[GEN_START].cpu().tolist() if GEN_START in state else [ids.shape[1]] * ids.shape[0]
-        tables, lm_orders, vis_orders, offsets, grids = [], [], [], [], []
-        for b in range(ids.shape[0]):
-            pos = torch.nonzero(seen[b]).flatten().tolist()
-            tid = ids[b, pos].tolist()
-            lm = self._lm_columns(tid, pos, [False] * len(tid), start[b], [])
-            vision = self._vision_columns(inputs, b, images[b])
-            tables.append(stack_columns(lm, vision))
-            lm_orders.append(pos)
-            vis_orders.append(vision["seq_pos"])
-            offsets.append(len(pos))
-            grids.append((self.tile_size // self.patch_size,) * 2)  # a tile's patch grid
-        lm_sl, vis_sl = split_stream_layouts(tables, offsets, lm_orders, vis_orders, boxes, self._pieces)
-        # lm_cross: the lm tokens as queries, with their words' boxes over the vision tokens (keys)
-        nq, nk = lm_sl.valid.shape[1], vis_sl.valid.shape[1]
-        in_box = torch.zeros(len(tables), nq, nk, dtype=torch.bool)
-        boxed = torch.zeros(len(tables), nq, dtype=torch.bool)
-        for b, (t, nt) in enumerate(zip(tables, offsets)):
-            bx, ib = boxed_masks(t, boxes[b], self._pieces)  # over the whole table: lm then vision
-            boxed[b, :nt] = torch.from_numpy(bx[:nt])
-            in_box[b, :nt, :t.num_rows - nt] = torch.from_numpy(ib[:nt, nt:])
-        cross = replace(lm_sl, masks=replace(lm_sl.masks, in_box=in_box, boxed=boxed))
-        return BatchLayout(tables, {"lm": lm_sl, "vision": vis_sl, "lm_cross": cross}, grids,
-                           keys={"lm_cross": "vision"})
+        """The decoder's ``lm`` and ``vision`` layouts, and ``lm_cross``: the ``lm`` tokens over the
+        ``vision`` tokens."""
+        out = super().layout(inputs, images, boxes)
+        out.streams["lm_cross"] = cross_layout(out, "lm", "vision", boxes, self._pieces)
+        out.keys = dict(self.spec.cross)
+        return out
 
 
 class _PilProcessor:

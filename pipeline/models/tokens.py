@@ -3,9 +3,9 @@
 A part is a dict of equal-length lists with the keys of :data:`COLUMNS` (``box`` a 4-tuple in
 original pixels or None, ``tile`` the crop an image token comes from); :func:`stack_columns` puts
 an example's parts one after another and numbers them. :func:`text_columns`, :func:`image_columns`,
-:func:`crop_columns` and :func:`lm_columns` build the parts every family shares; :func:`token_table`
-builds a single-stream table from arrays (ViLT). :func:`boxed_masks` reads a finished table back
-for the grounding statistics. Nothing here imports torch.
+:func:`crop_columns` (:func:`padded_crops`) and :func:`lm_columns` build the parts every family
+shares; :func:`token_table` builds a single-stream table from arrays (ViLT). :func:`boxed_masks`
+reads a finished table back for the grounding statistics. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -67,6 +67,24 @@ def crop_columns(crops: list[tuple[int, list[tuple], tuple | None]], cols: int, 
                                         whole if head else boxes[q - first], tile)):
                 out[key].append(v)
     return out
+
+
+def padded_crops(part: dict[str, list], n: int, padded: int, slot_tiles: list[int]) -> dict[str, list]:
+    """:func:`crop_columns`' part for a tower that pads each crop's ``n`` tokens to ``padded`` and always
+    sees ``len(slot_tiles)`` crops, the unused ones zeros (Mllama's tiles): every token at its place in
+    that sequence (``crop * padded + token``, the tower's order), the padding kept (a crop's last
+    ``padded - n`` tokens, an unused slot's every token: role ``pad``, modality image, no patch, no box;
+    slot ``j``'s tokens are tile ``slot_tiles[j]``)."""
+    out = {k: list(v) for k, v in part.items()}
+    out["seq_pos"] = [s // n * padded + s % n for s in part["seq_pos"]]
+    used = len(part["seq_pos"]) // n
+    pads = [(j, q) for j in range(used) for q in range(n, padded)]
+    pads += [(j, q) for j in range(used, len(slot_tiles)) for q in range(padded)]
+    for j, q in pads:
+        for key, v in zip(COLUMNS, ("vision", "image", "pad", None, j * padded + q, None, None, None, slot_tiles[j])):
+            out[key].append(v)
+    order = sorted(range(len(out["seq_pos"])), key=out["seq_pos"].__getitem__)
+    return {k: [v[i] for i in order] for k, v in out.items()}
 
 
 def lm_columns(pieces: list[str], roles: list[str], pos: list[int], is_img: list[bool],

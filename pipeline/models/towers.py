@@ -5,7 +5,8 @@ captured pass, to expect a batch of a given make-up (:meth:`Tower.batch`). Three
 six tower kinds of ``family.TOWER_KINDS``:
 
 - :class:`ModuleTower` (``plain``, ``pooled``, ``query_tokens``): the tower's batch is the examples;
-  its own modules are hooked as they are.
+  its own modules are hooked as they are. :class:`TiledTower` (``tiles``: Mllama) is one whose
+  sequence is an example's tiles, each padded, and whose output drops the padding.
 - :class:`CropTower` (``crops``, ``pixel_shuffle``, Gemma 3 with pan-and-scan): the tower's batch is
   the crops of all examples; hooks regroup each layer per example into probes, each example's crops
   one after another (``seq_pos = crop * n + patch``), its attention block diagonal (a crop sees only
@@ -22,13 +23,15 @@ from __future__ import annotations
 import copy
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.capture import HookPoint
 from pipeline.models.base import GEN_START
-from pipeline.models.hooks import AttnProbe, Probe, module_at, probed_points, stream_hook_points, watched
+from pipeline.models.hooks import (AttnProbe, Probe, layer_slots, module_at, probed_points, stream_hook_points,
+                                   watched)
 
 STREAM = "vision"
 
@@ -43,9 +46,76 @@ class ModuleTower:
         return stream_hook_points(self.model, {STREAM: self.config}, {STREAM: self.paths}, keep_hidden,
                                   explain=explain)
 
+    def cross_points(self, stream: str, config, paths: dict[str, str], keep_hidden: set[int] | None,
+                     explain: tuple[str, ...] = ()) -> list[HookPoint]:
+        """A cross stream whose keys are the tower's output tokens (``BatchLayout.keys = {stream: "vision"}``):
+        its modules as they are, their keys the tower's tokens in order."""
+        return stream_hook_points(self.model, {stream: config}, {stream: paths}, keep_hidden, explain=explain)
+
     @contextmanager
     def batch(self, sizes):
         yield
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A tiled tower's sequence: ``tiles`` tiles (always; the unused ones zeros) of ``n`` tokens each,
+    padded to ``padded``."""
+
+    tiles: int
+    n: int
+    padded: int
+
+
+class TiledTower(ModuleTower):
+    """``tiles`` (Mllama): each example's tiles in ONE tower sequence (tiles attend to each other), every
+    tile's ``n`` tokens padded to ``padded``; the tower's batch is the examples, its modules hooked as
+    they are. Hidden state 0 is the input of the module at ``paths["input_0"]`` (the padded tiles, which
+    no module outputs). The tower's output drops the padding, so a cross stream over it has its weights
+    put back on the tower's sequence (key ``t * n + q`` at ``t * padded + q``, the padding's columns 0):
+    its keys are the ``vision`` stream's tokens, as :meth:`ModuleTower.cross_points` says."""
+
+    def __init__(self, model: torch.nn.Module, config, paths: dict[str, str], shape: Tiles):
+        super().__init__(model, config, paths)
+        self.shape = shape
+        self.first = Probe()
+        module_at(model, paths["input_0"]).register_forward_pre_hook(self._feed_first)
+        self.cross: dict[str, AttnProbe] = {}  # a cross module's path -> the probe its weights go to
+
+    def hook_points(self, keep_hidden: set[int] | None, explain: tuple[str, ...] = ()) -> list[HookPoint]:
+        return stream_hook_points(self.model, {STREAM: self.config}, {STREAM: self.paths}, keep_hidden,
+                                  first_hidden={STREAM: self.first}, explain=explain)
+
+    def _feed_first(self, module, args):
+        if watched(self.first):
+            self.first(args[0])
+
+    def cross_points(self, stream, config, paths, keep_hidden, explain=()):
+        probes = []
+        for slot in layer_slots(config):
+            path = paths["attention"].format(layer=slot)
+            if path not in self.cross:
+                self.cross[path] = AttnProbe()
+                module_at(self.model, path).register_forward_hook(self._scatter(self.cross[path]))
+            probes.append(self.cross[path])
+        return probed_points(stream, probes, [], keep_hidden, explain)
+
+    def _scatter(self, probe: AttnProbe):
+        T, n, L = self.shape.tiles, self.shape.n, self.shape.padded
+
+        def fn(module, args, output):
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if w is None or not watched(probe):
+                return
+            B, H, S, K = w.shape  # [batch, head, query, tile * n]
+            if K != T * n:
+                raise RuntimeError(f"cross-attention over {K} keys where {T} tiles of {n} tokens make {T * n} "
+                                   "(several images per example are not supported)")
+            out = w.new_zeros(B, H, S, T, L)  # [batch, head, query, tile, padded]
+            out[..., :n] = w.view(B, H, S, T, n)
+            probe(out.view(B, H, S, T * L))
+
+        return fn
 
 
 class ProbedTower:
