@@ -84,7 +84,7 @@ RUNS = Table(
             ("streams", pa.string()),  # JSON {stream: {layers, heads, hidden_size}}
             ("manifest", pa.string()),
             ("n_examples", pa.int64()),
-            ("capture", pa.string()),  # JSON of the CaptureConfig
+            ("capture", pa.string()),  # JSON of pipeline.capture_config.Capture
             ("status", pa.string()),  # running / complete
             ("created_at", pa.timestamp("us", tz="UTC")),
             ("software_version", pa.string()),
@@ -372,7 +372,8 @@ STAT_HELP: dict[str, str] = {
     "pointing_nosink": "pointing with the sink tokens left out of every row (renormalised)",
 }
 
-STREAMS = ("self", "vision", "text", "cross", "lm")
+# Every stream a family writes (docs/DESIGN.md, Conventions); cross streams name their queries and keys there.
+STREAMS = ("self", "vision", "text", "cross", "lm", "qformer", "qformer_cross", "lm_cross", "perceiver")
 # Roles of the tokens that carry no content of their own (the ``sink`` statistic's keys): the
 # tokenizer's markers, an image's [CLS], LLaVA-NeXT's learned row-closing ``image_newline`` (it
 # stands for no image region of its own), and the Qwen-VL chat template's turn and image markers.
