@@ -179,6 +179,16 @@ def raw(root: Path, sql: str, params=None):
         con.close()
 
 
+def block_diagonal(blocks: np.ndarray) -> np.ndarray:
+    """A tower's attention over several crops, ``[crop, head, n, n]``, as one ``[head, crop * n, crop * n]``
+    matrix in ``seq_pos`` order (crop after crop): crops never see each other."""
+    c, h, n, _ = blocks.shape
+    out = np.zeros((h, c * n, c * n), blocks.dtype)
+    for k in range(c):
+        out[:, k * n:(k + 1) * n, k * n:(k + 1) * n] = blocks[k]
+    return out
+
+
 def tokens(s: Subject, ex: int):
     """Example ``ex``'s token table, all streams, in ``token_idx`` order."""
     return raw(s.lake, "SELECT * FROM {tokens} WHERE run = $run AND example_id = $ex ORDER BY token_idx",
