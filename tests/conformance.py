@@ -138,6 +138,11 @@ class FamilyCase:
 _SUBJECTS: dict[str, Subject] = {}
 
 
+def built(lake: Path) -> Subject:
+    """The subject built into ``lake`` (a family file's tests reuse the suite's cached references)."""
+    return next(s for s in _SUBJECTS.values() if s.lake == Path(lake))
+
+
 def build_lake(mdir: Path, manifest: Path, lake: Path, case: FamilyCase) -> Path:
     """Run the extraction of ``case`` into ``lake`` (the one place the suite calls the pipeline)."""
     extract(str(mdir), manifest, lake, case.run, progress=False, **case.extract)
@@ -252,8 +257,8 @@ def check_attention(s: Subject) -> None:
                 masked = own[h, q, k] == 0  # keys the model does not let the query see
                 assert np.abs(a.weight.to_numpy()[masked]).max(initial=0) < 1e-6
                 kept = np.zeros(own.shape, bool)
-                kept[h, q, k] = True  # the model puts no weight on a key the lake left out
-                np.testing.assert_allclose(np.where(kept, own, 0).sum(-1), 1.0, atol=2e-3)
+                kept[h, q, k] = True
+                assert kept[own > 0].all()  # every key the query sees is stored (keep_attention "all")
                 checked += 1
     assert checked, "the reference gives no stream's attention"
 
