@@ -61,7 +61,7 @@ def make_tiny_blip(out, head: str):
     return out
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, **({"answer": a} if a else {})}
             for i, (size, t, a) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]

@@ -78,7 +78,7 @@ MAX_NEW = 16  # llava.MAX_NEW_TOKENS: the tiny checkpoint sets no length
 VARIANTS = ["blip2", "instructblip", "instructblip-llama"]
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
             for i, (size, t, a) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]

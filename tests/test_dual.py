@@ -102,7 +102,7 @@ def make_tiny_dual(out, kind: str):
     return out
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t} for i, (size, t) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
     return rows

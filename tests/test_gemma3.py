@@ -75,7 +75,7 @@ def make_tiny_gemma3(out, seed: int = 0, **image_processor):
     return out
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
             for i, (size, t, a) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
@@ -348,7 +348,7 @@ def test_pas_crops_formula():
     assert pas_crops(32, 32) == [] and pas_crops(38, 32) == []  # ratio 1.19: no crops
 
 
-def pas_rows() -> list[dict]:
+def pas_rows(mdir=None) -> list[dict]:
     return [{"id": f"s{i}", "image": noise_image(size, seed=10 + i), "text": t, "answer": a}
             for i, (size, t, a) in enumerate(PAS_SCENES)]
 

@@ -94,7 +94,7 @@ def processor():
     return InternVLImageTextProcessor(image_processor(), tokenizer(), image_seq_length=M * M)
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
             for i, (size, t, a) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 20, 12]}]

@@ -121,7 +121,7 @@ def make_tiny(out, family: str, seed: int = 0):
     return out
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
             for i, (size, t, a) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 20, 12]}]

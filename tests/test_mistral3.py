@@ -124,7 +124,7 @@ class Ref:
             return self.model(**self.inputs(ex, gen), **kw)
 
 
-def scene_rows() -> list[dict]:
+def scene_rows(mdir=None) -> list[dict]:
     rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
             for i, (size, t, a) in enumerate(SCENES)]
     rows[0]["boxes"] = [{"label": "circle", "box": CIRCLE}]
