@@ -33,7 +33,28 @@ the statistic to check, the example the pages open and the checks that do not ap
 with its reason in a comment). :func:`subject` builds a case's lake ONCE per test session; the
 family's own fixture calls it too, so the suite and the family file share one lake.
 
-Extraction is called in one place only (:func:`build_lake`).
+Adding a family (Llama 3.2 Vision, say) is, in its test file::
+
+    def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
+        enc, gen = reference(s.model, s.proc, s.images[ex], s.texts[ex])  # the family's own helper
+        o = teacher_forced(s.model, enc, gen)                             # output_attentions=True
+        return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
+                              attentions={"lm": [x[0].numpy() for x in o.attentions]},
+                              patches={"vision": n_patches},
+                              prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
+
+    CASES = [conf.FamilyCase(id="mllama", family="mllama", run="mllama", make_model=make_tiny,
+                             rows=scene_rows, load=load, reference=conformance_reference,
+                             image_token=IMAGE_ID, streams=("lm", "lm_cross", "vision"))]
+
+and ``"test_mllama"`` in ``FAMILY_MODULES`` of ``tests/test_conformance.py``. A stream whose queries and
+keys are tokens of two streams (a cross-attention) is given ``[head, query, key]`` with the queries'
+``seq_pos`` in one and the keys' in the other; a tower run crop by crop is given through
+:func:`block_diagonal`; ViLT-like encoders that append image embeddings after the text give
+:data:`EMBEDDED` at those positions of ``ids``.
+
+Extraction is called in one place only (:func:`build_lake`); the family files import ``extract`` from
+here for the other lakes they build.
 """
 
 from __future__ import annotations
