@@ -235,7 +235,6 @@ def test_processor(m3):
 def test_token_table(m3, lake_df):
     """lm: the model's own sequence (prompt + answer), image tokens in rows of gw / 2 closed by [IMG_BREAK]
     ([IMG_END] for the last), each image token the box of its 2 x 2 block; vision: every patch, raster order."""
-    tok = m3.tok
     for ex, ((W, H), _, _) in enumerate(SCENES):
         enc, gen = m3.generate(ex)
         ids = enc["input_ids"][0].tolist() + gen
@@ -249,7 +248,6 @@ def test_token_table(m3, lake_df):
         assert (lm.role == "img_break").sum() == bh - 1 and (lm.role == "img_end").sum() == 1
         pattern = [r for r in lm.role if r in ("patch", "img_break", "img_end")]
         assert pattern == ((["patch"] * bw + ["img_break"]) * bh)[:-1] + ["img_end"]
-        txt = lm[lm.modality == "text"]
         P = enc["input_ids"].shape[1]
         sx, sy = W / gw, H / gh  # original px per tower patch
         assert list(zip(img.patch_row, img.patch_col)) == [(R, C) for R in range(bh) for C in range(bw)]

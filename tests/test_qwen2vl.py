@@ -346,8 +346,7 @@ def test_check_image_refuses_what_the_processor_cannot_take(qwen):
 def test_token_table_matches_the_models_inputs(qwen, lake_df):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    tok = qwen.tok
-    for ex, ((W, H), text, _) in enumerate(SCENES):
+    for ex, ((W, H), _, _) in enumerate(SCENES):
         enc, gen, _ = qwen.generate(ex)
         t = tokens(lake_df, qwen.lake, ex)
         lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
