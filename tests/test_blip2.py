@@ -21,7 +21,7 @@ import torch
 from pipeline.models import load_adapter
 from tests import conformance as conf
 from tests.conformance import extract
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer, write_manifest
 
 IMG, PS, G, Q = 32, 8, 4, 4
 IMAGE_ID = 4
@@ -79,10 +79,7 @@ VARIANTS = ["blip2", "instructblip", "instructblip-llama"]
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
-    return rows
+    return noise_scene_rows(SCENES, [0, 0, 16, 16])
 
 
 def loader(variant: str):

@@ -24,7 +24,7 @@ from pipeline.models import load_adapter
 from pipeline.models.gemma3 import MAX_NEW_TOKENS
 from tests.test_llava import assert_rows_as_generated
 from tests import conformance as conf
-from tests.tiny import WORDS, noise_image, word_tokenizer
+from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer
 
 IMG, PS, MM, WINDOW = 32, 4, 4, 4
 GRID, POOLED, K = IMG // PS, 2, 4  # tower grid 8 x 8, lm image tokens 2 x 2, block 4 x 4 patches
@@ -76,10 +76,7 @@ def make_tiny_gemma3(out, seed: int = 0, **image_processor):
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
-    return rows
+    return noise_scene_rows(SCENES, [0, 0, 16, 16])
 
 
 def load(mdir):

@@ -22,7 +22,7 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.idefics3 import MAX_NEW_TOKENS
 from tests import conformance as conf
-from tests.tiny import WORDS, noise_image, word_tokenizer
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, SF, LONG = 32, 8, 2, 64
 SIDE, POOL = CROP // PS, CROP // PS // SF  # 4 x 4 tower patches, 2 x 2 lm tokens a crop
@@ -77,10 +77,7 @@ def make_tiny(out, family: str = "idefics3", seed: int = 0):
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 40, 40]}]
-    return rows
+    return noise_scene_rows(SCENES, [0, 0, 40, 40])
 
 
 def loader(family: str):

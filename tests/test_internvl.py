@@ -20,7 +20,7 @@ from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.test_llava import assert_rows_as_generated
 from tests import conformance as conf
-from tests.tiny import WORDS, noise_image, word_tokenizer
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, S, M = 32, 8, 4, 2  # crop size, tower patch size, patches a side, shuffled tokens a side
 EOS, PAD, IMG, IMG_END, CTX, VIDEO = 2, 3, 4, 5, 6, 7
@@ -95,10 +95,7 @@ def processor():
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 20, 12]}]
-    return rows
+    return noise_scene_rows(SCENES, [0, 0, 20, 12])
 
 
 def load(mdir):

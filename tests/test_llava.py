@@ -19,7 +19,7 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests import conformance as conf
-from tests.tiny import WORDS, noise_image, word_tokenizer
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 IMG, PS, G = 32, 8, 4
 IMAGE_ID = 4
@@ -72,10 +72,7 @@ def make_tiny_llava(out, strategy: str = "default", seed: int = 0):
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
-    return rows
+    return noise_scene_rows(SCENES, [0, 0, 16, 16])
 
 
 def load(mdir):

@@ -25,7 +25,7 @@ from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.test_llava import assert_rows_as_generated
 from tests import conformance as conf
-from tests.tiny import WORDS, noise_image, word_tokenizer
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, S = 32, 8, 4  # crop size, tower patch size, features a side of one crop
 PINS = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -122,10 +122,7 @@ def make_tiny(out, family: str, seed: int = 0):
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 20, 12]}]
-    return rows
+    return noise_scene_rows(SCENES, [0, 0, 20, 12])
 
 
 def loader(family: str):

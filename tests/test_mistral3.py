@@ -22,7 +22,7 @@ from pipeline.models import load_adapter
 from pipeline.models.mistral3 import MAX_NEW_TOKENS
 from tests import conformance as conf
 from tests.conformance import extract
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer, write_manifest
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 VOCAB = {"<unk>": 0, **{s: i + 1 for i, s in enumerate(SPECIAL)}}
@@ -125,10 +125,7 @@ class Ref:
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": CIRCLE}]
-    return rows
+    return noise_scene_rows(SCENES, CIRCLE)
 
 
 def load(mdir):

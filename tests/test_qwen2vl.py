@@ -30,7 +30,7 @@ from pipeline.models import load_adapter
 from pipeline.models.qwen2vl import MAX_NEW_TOKENS
 from tests.test_llava import assert_rows_as_generated
 from tests import conformance as conf
-from tests.tiny import WORDS, noise_image, word_tokenizer
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
@@ -165,10 +165,7 @@ class Ref:
 
 
 def scene_rows(mdir=None) -> list[dict]:
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": CIRCLE}]
-    return rows
+    return noise_scene_rows(SCENES, CIRCLE)
 
 
 def loader(family: str):
