@@ -109,6 +109,7 @@ class Subject:
     texts: list[str]
     rows: list[dict]
     _refs: dict = field(default_factory=dict)
+    _tables: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"Subject({self.case.id})"
@@ -219,10 +220,42 @@ def block_diagonal(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
+def _table(s: Subject, name: str, sql: str):
+    """One query over the case's lake, run once per session (the checks then read it many times)."""
+    if name not in s._tables:
+        s._tables[name] = raw(s.lake, sql, {"run": s.case.run})
+    return s._tables[name]
+
+
 def tokens(s: Subject, ex: int):
     """Example ``ex``'s token table, all streams, in ``token_idx`` order."""
-    return raw(s.lake, "SELECT * FROM {tokens} WHERE run = $run AND example_id = $ex ORDER BY token_idx",
-               {"run": s.case.run, "ex": ex})
+    t = _table(s, "tokens", "SELECT * FROM {tokens} WHERE run = $run ORDER BY example_id, token_idx")
+    return t[t.example_id == ex].reset_index(drop=True)
+
+
+def memo(fn):
+    """``fn`` computed once per distinct arguments in a session (models, images and encodings by identity,
+    strings, numbers and id lists by value): the suite and a family's own tests share the model's
+    reference outputs instead of running generate again. The arguments are held, so no id is reused."""
+    import functools
+
+    def key(x):
+        if x is None or isinstance(x, (str, int, float, bool)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return tuple(key(i) for i in x)
+        return ("id", id(x))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        k = (fn.__code__.co_filename, fn.__qualname__, key(args), tuple(sorted((n, key(v)) for n, v in kwargs.items())))
+        if k not in _MEMO:
+            _MEMO[k] = (args, kwargs, fn(*args, **kwargs))
+        return _MEMO[k][2]
+    return wrapper
+
+
+_MEMO: dict = {}
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -257,11 +290,14 @@ def check_token_table(s: Subject) -> None:
 
 def stored_attention(s: Subject, ex: int, stream: str, layer: int):
     """The stored weights of one (example, stream, layer), with the query's and key's ``seq_pos``."""
-    return raw(s.lake, "SELECT a.head, q.seq_pos AS q, k.seq_pos AS k, a.weight FROM {attention} a "
+    a = _table(s, "attention", "SELECT a.example_id, a.stream, a.layer, a.head, q.seq_pos AS q, k.seq_pos AS k, "
+               "a.weight FROM {attention} a "
                "JOIN {tokens} q ON q.run = a.run AND q.example_id = a.example_id AND q.token_idx = a.query_idx "
                "JOIN {tokens} k ON k.run = a.run AND k.example_id = a.example_id AND k.token_idx = a.key_idx "
-               "WHERE a.run = $run AND a.example_id = $ex AND a.stream = $stream AND a.layer = $layer",
-               {"run": s.case.run, "ex": ex, "stream": stream, "layer": layer})
+               "WHERE a.run = $run")
+    if "by" not in s._tables:
+        s._tables["by"] = {k: g.reset_index(drop=True) for k, g in a.groupby(["example_id", "stream", "layer"])}
+    return s._tables["by"].get((ex, stream, layer), a.iloc[:0])
 
 
 def check_attention(s: Subject) -> None:

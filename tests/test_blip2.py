@@ -120,6 +120,7 @@ def family(b2) -> str:
     return "instructblip" if "Instruct" in type(b2[2]).__name__ else "blip2"
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy answer."""
     enc = proc(images=[image], text=[text], return_tensors="pt")
@@ -130,6 +131,7 @@ def reference(model, proc, image, text):
     return enc, (gen[:gen.index(2) + 1] if 2 in gen else gen)
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def teacher_forced(model, enc, gen):
     ids = torch.cat([enc["input_ids"], torch.tensor([gen])], 1)
     with torch.no_grad():
@@ -138,6 +140,7 @@ def teacher_forced(model, enc, gen):
                      output_attentions=True, return_dict=True, **extra)
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def own_attentions(model, enc, gen) -> dict:
     """Each stream's attention by the model's own modules, unhooked: the language model on the
     teacher-forced inputs; the tower and the Q-Former (as ``generate`` calls them) on the image."""

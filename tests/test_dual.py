@@ -119,7 +119,7 @@ def loader(kind: str):
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     """The text ids and each tower's own attention, the example alone (no padding from the batch)."""
-    ((enc, o),) = ref_outputs(s.case.run, s.model, s.proc, s.images[ex:ex + 1], s.texts[ex:ex + 1])
+    enc, o = ref_outputs(s.case.run, s.model, s.proc, s.images, s.texts)[ex]
     return conf.Reference(ids=enc["input_ids"][0].tolist(), patches={"text": 0, "vision": G * G},
                           attentions={"text": [x[0].numpy() for x in o.text_model_output.attentions],
                                       "vision": [x[0].numpy() for x in o.vision_model_output.attentions]})
@@ -139,6 +139,7 @@ def dual(request, tmp_path_factory):
     return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def ref_outputs(kind, model, proc, images, texts):
     """The model run by transformers alone, one example at a time (no padding from the batch)."""
     outs = []

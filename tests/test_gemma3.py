@@ -107,6 +107,7 @@ def gemma3(tmp_path_factory):
     return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text, **kw):
     """The model alone on one example: its inputs, its greedy answer (cut after eos), and the
     teacher-forced pass over prompt + answer with attentions (``kw``: the processor's keywords)."""

@@ -116,6 +116,7 @@ def idefics(request, tmp_path_factory):
     return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     enc = proc(images=[[image]], text=[f"<image>{text}"], return_tensors="pt")
     enc = {k: v for k, v in enc.items() if k not in ("rows", "cols")}

@@ -131,6 +131,7 @@ def intern(tmp_path_factory):
     return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     enc = proc(images=[image], text=[f"<IMG_CONTEXT> {text}"], return_tensors="pt")
     with torch.no_grad():

@@ -118,6 +118,7 @@ def llava(request, tmp_path_factory):
     return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy generation with attentions."""
     enc = proc(images=[image], text=[f"<image> {text}"], return_tensors="pt")

@@ -167,6 +167,7 @@ def anyres(request, tmp_path_factory):
     return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy generation with attentions (under its
     generation config: the suppressed word, both eos ids)."""

@@ -111,6 +111,7 @@ def pg(request, tmp_path_factory):
     return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy answer (checkpoint's config)."""
     enc = proc(images=[image], text=[f"<image>{text}"], return_tensors="pt")
@@ -122,6 +123,7 @@ def reference(model, proc, image, text):
     return enc, (gen[:gen.index(2) + 1] if 2 in gen else gen)
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def teacher_forced(model, enc, gen):
     """The teacher-forced pass by transformers alone: prefix token_type_ids 0, answer 1."""
     ids = torch.cat([enc["input_ids"], torch.tensor([gen])], 1)
