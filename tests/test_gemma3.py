@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.gemma3 import MAX_NEW_TOKENS
 from tests.test_llava import assert_rows_as_generated
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests import conformance as conf
+from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer
 
 IMG, PS, MM, WINDOW = 32, 4, 4, 4
 GRID, POOLED, K = IMG // PS, 2, 4  # tower grid 8 x 8, lm image tokens 2 x 2, block 4 x 4 patches
@@ -75,27 +75,39 @@ def make_tiny_gemma3(out, seed: int = 0, **image_processor):
     return out
 
 
-@pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    """(model dir, lake root, reference model, processor, images, texts)."""
-    from PIL import Image
+def scene_rows(mdir=None) -> list[dict]:
+    return noise_scene_rows(SCENES, [0, 0, 16, 16])
+
+
+def load(mdir):
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
-    tmp = tmp_path_factory.mktemp("gemma3")
-    mdir = make_tiny_gemma3(tmp / "model")
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 16, 16]}]
-    manifest = write_manifest(tmp / "data", rows)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, "gemma3", batch_size=2, keep_attention="all", keep_hidden="all",
-            progress=False)  # batches pad on the left
-    model = Gemma3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
-    proc = AutoProcessor.from_pretrained(mdir)
-    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
-    return mdir, lake, model, proc, images, [t for _, t, _ in SCENES]
+    return Gemma3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(), \
+        AutoProcessor.from_pretrained(mdir)
 
 
+def conformance_reference(s: conf.Subject, ex: int, **kw) -> conf.Reference:
+    """The model alone: prompt ids, greedy answer, teacher-forced attention; the tower's own attention
+    run on the processor's pixel_values, the whole image then each crop (``kw``: the processor's
+    keywords, pan-and-scan), crops never seeing each other."""
+    enc, gen, o = reference(s.model, s.proc, s.images[ex], s.texts[ex], **kw)
+    crops, _, h, w = enc["pixel_values"].shape
+    with torch.no_grad():
+        v = s.model.model.vision_tower(enc["pixel_values"], output_attentions=True)
+    att = {"lm": [x[0].numpy() for x in o.attentions], "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]}
+    return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen, attentions=att,
+                          patches={"lm": crops * MM, "vision": crops * (h // PS) * (w // PS)},
+                          prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """(model dir, lake root, reference model, processor, images, texts); the conformance suite's lake."""
+    s = conf.subject(CASES[0], tmp_path_factory)
+    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+
+
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text, **kw):
     """The model alone on one example: its inputs, its greedy answer (cut after eos), and the
     teacher-forced pass over prompt + answer with attentions (``kw``: the processor's keywords)."""
@@ -160,7 +172,6 @@ def test_token_table_matches_the_models_inputs(gemma3, lake_df):
         ids = enc["input_ids"][0].tolist()
         P = len(ids)
         t = tokens(lake_df, lake, ex)
-        assert list(t.token_idx) == list(range(len(t)))
         lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
         assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
@@ -173,10 +184,9 @@ def test_token_table_matches_the_models_inputs(gemma3, lake_df):
         assert lm.role.iloc[boi] == "vision_start" and lm.role.iloc[eoi] == "vision_end"
         assert eoi == boi + MM + 1 and list(img.seq_pos) == list(range(boi + 1, eoi))
         txt = lm[(lm.modality == "text") & (lm.role != "generated")]
-        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens([i for i in ids if i != IMAGE_ID])
         assert txt.role.iloc[0] == "bos"
         gl = lm[lm.role == "generated"]
-        assert len(gen) >= 2 and list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        assert len(gen) >= 2 and len(gl) == len(gen)  # their pieces and places: the conformance suite
         # the tower: 8 x 8 patches in raster order, no CLS
         assert list(zip(vis.patch_row, vis.patch_col)) == [(r, c) for r in range(GRID) for c in range(GRID)]
         assert list(vis.seq_pos) == list(range(GRID * GRID)) and set(vis.role) == {"patch"}
@@ -194,15 +204,6 @@ def test_token_table_matches_the_models_inputs(gemma3, lake_df):
         block = vb[K:2 * K, 0:K]  # pooled token (1, 0)
         assert img[["x0", "y0", "x1", "y1"]].to_numpy(float)[2] == pytest.approx(
             [block[..., 0].min(), block[..., 1].min(), block[..., 2].max(), block[..., 3].max()])
-
-
-def test_answer_is_generates_own(gemma3, lake_df):
-    mdir, lake, model, proc, images, texts = gemma3
-    ex = lake_df(lake, "SELECT prediction, correct, answer FROM examples WHERE run = 'gemma3' ORDER BY example_id")
-    assert len(ex) == len(SCENES)
-    for (im, text), row in zip(zip(images, texts), ex.itertuples()):
-        _, gen, _ = reference(model, proc, im, text)
-        assert row.prediction == proc.tokenizer.decode(gen, skip_special_tokens=True).strip()
 
 
 def visible(lm, n, sliding: bool) -> np.ndarray:
@@ -236,20 +237,6 @@ def test_lm_attention_is_the_models_own_sliding_and_bidirectional(gemma3, lake_d
                 assert np.abs(A[:, last, :last - WINDOW + 1]).max() < 1e-6 and (A[:, last, last - WINDOW + 1:] > 0).all()
             else:
                 assert (A[:, n - 1, :] > 0).all()  # a global layer: the last token sees every token
-
-
-def test_vision_attention_equals_the_towers_own(gemma3, lake_df):
-    mdir, lake, model, proc, images, texts = gemma3
-    ex = 1
-    enc = proc(images=[images[ex]], text=[f"<start_of_image> {texts[ex]}"], return_tensors="pt")
-    with torch.no_grad():
-        o = model.model.vision_tower(enc["pixel_values"], output_attentions=True)
-    t = tokens(lake_df, lake, ex)
-    n_lm = int((t.stream == "lm").sum())
-    for layer in range(2):
-        A = lake_attention(lake_df, lake, ex, "vision", layer, GRID * GRID, offset=n_lm)
-        np.testing.assert_allclose(A, o.attentions[layer][0].numpy(), atol=2e-3)
-        np.testing.assert_allclose(A.sum(-1), 1.0, atol=1e-3)
 
 
 def test_lm_hidden_state_0_is_the_pooled_image_feature(gemma3, lake_df):
@@ -286,21 +273,6 @@ def test_t2i_by_hand(gemma3, lake_df):
         assert (word == pytest.approx(0.0, abs=1e-7)) if layer == 0 else word > 0
         assert word == pytest.approx(lake_attention(lake_df, lake, ex, "lm", layer, len(lm))[head, w, image].sum(),
                                      abs=1e-4)
-
-
-@pytest.mark.parametrize("lake_of,ex", [("gemma3", 1), ("gemma3_pas", 0)])
-def test_app_pages_on_the_gemma3_lake(lake_of, ex, request, monkeypatch, raw_df):
-    """Every page, on the lake without crops and on the pan-and-scan lake (example 0: a wide image cut
-    into crops)."""
-    from tests.test_app import check_every_page
-
-    mdir, lake, *_ = request.getfixturevalue(lake_of)
-    att = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = 'gemma3'").stream)
-    hid = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = 'gemma3'").stream)
-    assert att == hid == ["lm", "vision"]
-    examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = 'gemma3' "
-                      "ORDER BY example_id")
-    check_every_page(lake, monkeypatch, "gemma3", ex, att, hid, examples, column="prediction")
 
 
 def test_lm_attention_equals_generates_own(gemma3, lake_df):
@@ -374,25 +346,28 @@ def test_pas_crops_formula():
     assert pas_crops(32, 32) == [] and pas_crops(38, 32) == []  # ratio 1.19: no crops
 
 
+def pas_rows(mdir=None) -> list[dict]:
+    return [{"id": f"s{i}", "image": noise_image(size, seed=10 + i), "text": t, "answer": a}
+            for i, (size, t, a) in enumerate(PAS_SCENES)]
+
+
+CASES = [
+    conf.FamilyCase(id="gemma3", family="gemma3", run="gemma3", make_model=make_tiny_gemma3, rows=scene_rows,
+                    load=load, reference=conformance_reference, image_token=IMAGE_ID, page_example=1),
+    conf.FamilyCase(id="gemma3-pan-and-scan", family="gemma3", run="gemma3",
+                    make_model=lambda out: make_tiny_gemma3(out, **PAS), rows=pas_rows, load=load,
+                    reference=lambda s, ex: conformance_reference(s, ex, **PAS), image_token=IMAGE_ID,
+                    extract=dict(batch_size=3, keep_attention="all", keep_hidden="all"),  # one batch: 3, 2, 0 crops
+                    page_example=0),  # a wide image cut into crops
+]
+
+
 @pytest.fixture(scope="module")
 def gemma3_pas(tmp_path_factory):
     """(model dir, lake root, reference model, processor, images, texts) with pan-and-scan on."""
-    from PIL import Image
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
-
-    tmp = tmp_path_factory.mktemp("gemma3_pas")
-    mdir = make_tiny_gemma3(tmp / "model", **PAS)
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=10 + i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(PAS_SCENES)]
-    manifest = write_manifest(tmp / "data", rows)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, "gemma3", batch_size=3, keep_attention="all", keep_hidden="all",
-            progress=False)  # one batch: 3, 2 and 0 crops
-    model = Gemma3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
-    proc = AutoProcessor.from_pretrained(mdir)
-    assert proc.image_processor.do_pan_and_scan
-    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(PAS_SCENES))]
-    return mdir, lake, model, proc, images, [t for _, t, _ in PAS_SCENES]
+    s = conf.subject(CASES[1], tmp_path_factory)
+    assert s.proc.image_processor.do_pan_and_scan
+    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
 def crop_rect(im, tile: int) -> tuple[int, int, int, int]:
@@ -411,7 +386,6 @@ def test_pas_token_table_matches_the_models_inputs(gemma3_pas, lake_df):
         ids = enc["input_ids"][0].tolist()
         P = len(ids)
         t = tokens(lake_df, lake, ex)
-        assert list(t.token_idx) == list(range(len(t)))
         lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
         assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
@@ -429,10 +403,9 @@ def test_pas_token_table_matches_the_models_inputs(gemma3_pas, lake_df):
         for k, (a, b) in enumerate(zip(boi, eoi)):  # block k lies between its markers
             assert b == a + MM + 1 and set(img[img.tile == k].seq_pos) == set(range(a + 1, b))
         txt = lm[(lm.modality == "text") & (lm.role != "generated")]
-        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens([i for i in ids if i != IMAGE_ID])
         assert txt.tile.isna().all()
         gl = lm[lm.role == "generated"]
-        assert len(gen) >= 1 and list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        assert len(gen) >= 1 and len(gl) == len(gen)  # their pieces and places: the conformance suite
         # the tower: every crop's 8 x 8 patches one after another, whole image first
         assert len(vis) == (1 + n_crops) * GRID * GRID and list(vis.seq_pos) == list(range(len(vis)))
         assert list(vis.tile) == [k for k in range(1 + n_crops) for _ in range(GRID * GRID)]
@@ -473,41 +446,6 @@ def test_pas_boxes_are_the_crops_regions(gemma3_pas, lake_df):
                                            [x0, y0, x0 + w, y0 + h], atol=1e-3)
 
 
-def test_pas_lm_attention_is_the_models_own(gemma3_pas, lake_df):
-    mdir, lake, model, proc, images, texts = gemma3_pas
-    for ex, (im, text) in enumerate(zip(images, texts)):
-        _, gen, o = reference(model, proc, im, text, **PAS)
-        n = int((tokens(lake_df, lake, ex).stream == "lm").sum())
-        assert n == o.attentions[0].shape[-1]
-        for layer in range(2):
-            A = lake_attention(lake_df, lake, ex, "lm", layer, n)
-            np.testing.assert_allclose(A, o.attentions[layer][0].numpy(), atol=2e-3)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=1e-3)
-
-
-def test_pas_vision_attention_is_the_towers_own_per_crop(gemma3_pas, lake_df):
-    """The tower run on the processor's pixel_values (the example's whole image and crops): each
-    crop's attention is its block of the stored vision stream; nothing outside the blocks."""
-    mdir, lake, model, proc, images, texts = gemma3_pas
-    n = GRID * GRID
-    for ex, (im, text) in enumerate(zip(images, texts)):
-        enc = proc(images=[im], text=[f"<start_of_image> {text}"], return_tensors="pt", **PAS)
-        crops = enc["pixel_values"].shape[0]
-        with torch.no_grad():
-            o = model.model.vision_tower(enc["pixel_values"], output_attentions=True)
-        t = tokens(lake_df, lake, ex)
-        n_lm = int((t.stream == "lm").sum())
-        for layer in range(2):
-            A = lake_attention(lake_df, lake, ex, "vision", layer, crops * n, offset=n_lm)
-            for k in range(crops):
-                block = A[:, k * n:(k + 1) * n, k * n:(k + 1) * n]
-                np.testing.assert_allclose(block, o.attentions[layer][k].numpy(), atol=2e-3)
-                A[:, k * n:(k + 1) * n, k * n:(k + 1) * n] = 0
-            assert np.abs(A).max(initial=0) < 1e-6  # crops never see each other
-            np.testing.assert_allclose(lake_attention(lake_df, lake, ex, "vision", layer, crops * n,
-                                                      offset=n_lm).sum(-1), 1.0, atol=1e-3)
-
-
 def test_pas_lm_hidden_state_0_is_each_crops_pooled_feature(gemma3_pas, lake_df):
     mdir, lake, model, proc, images, texts = gemma3_pas
     ex = 0
@@ -522,12 +460,3 @@ def test_pas_lm_hidden_state_0_is_each_crops_pooled_feature(gemma3_pas, lake_df)
     cell = (img.patch_row * POOLED + img.patch_col).astype(int).to_numpy()
     exp = feats.numpy()[img.tile.astype(int).to_numpy(), cell]
     np.testing.assert_allclose(np.stack(img.vec.to_list()).astype(np.float32), exp, atol=2e-2, rtol=2e-2)
-
-
-def test_pas_answer_is_generates_own(gemma3_pas, lake_df):
-    mdir, lake, model, proc, images, texts = gemma3_pas
-    ex = lake_df(lake, "SELECT prediction FROM examples WHERE run = 'gemma3' ORDER BY example_id")
-    assert len(ex) == len(PAS_SCENES)
-    for (im, text), row in zip(zip(images, texts), ex.itertuples()):
-        _, gen, _ = reference(model, proc, im, text, **PAS)
-        assert row.prediction == proc.tokenizer.decode(gen, skip_special_tokens=True).strip()

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.test_llava import assert_rows_as_generated
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests import conformance as conf
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, S = 32, 8, 4  # crop size, tower patch size, features a side of one crop
 PINS = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -121,27 +121,53 @@ def make_tiny(out, family: str, seed: int = 0):
     return out
 
 
+def scene_rows(mdir=None) -> list[dict]:
+    return noise_scene_rows(SCENES, [0, 0, 20, 12])
+
+
+def loader(family: str):
+    def load(mdir):
+        import transformers as tf
+
+        cls = tf.LlavaNextForConditionalGeneration if family == "llava_next" else \
+            tf.LlavaOnevisionForConditionalGeneration
+        return cls.from_pretrained(mdir, attn_implementation="eager").eval(), processor(family)
+    return load
+
+
+def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
+    """Prompt ids, greedy answer (cut after eos), the teacher-forced attention, the tower crop by crop."""
+    enc, g = reference(s.model, s.proc, s.images[ex], s.texts[ex])
+    ids = enc["input_ids"][0].tolist()
+    new = g.sequences[0, len(ids):].tolist()
+    stop = next((i for i, x in enumerate(new) if x in (EOS, PAD)), None)
+    gen = new if stop is None else new[:stop + 1]
+    with torch.no_grad():
+        o = s.model(input_ids=torch.tensor([ids + gen]), pixel_values=enc["pixel_values"],
+                    image_sizes=enc["image_sizes"], output_attentions=True)
+        v = s.model.model.vision_tower(enc["pixel_values"][0], output_attentions=True)
+    want, crops, _ = expected_image_tokens(s.case.family, *s.images[ex].size)
+    return conf.Reference(ids=ids, generated=gen,
+                          patches={"lm": sum(w[0] == "patch" for w in want), "vision": len(crops) * S * S},
+                          attentions={"lm": [x[0].numpy() for x in o.attentions],
+                                      "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]},
+                          prediction=s.proc.tokenizer.decode(new, skip_special_tokens=True).strip())
+
+
+CASES = [conf.FamilyCase(id=family, family=family, run=RUN, make_model=lambda out, family=family: make_tiny(out, family),
+                         rows=scene_rows, load=loader(family), reference=conformance_reference, image_token=IMAGE_ID,
+                         page_example=2)
+         for family in FAMILIES]
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def anyres(request, tmp_path_factory):
-    """(family, model dir, lake root, reference model, processor, images, texts)."""
-    import transformers as tf
-    from PIL import Image
-
-    family = request.param
-    tmp = tmp_path_factory.mktemp(family)
-    mdir = make_tiny(tmp / "model", family)
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 20, 12]}]
-    manifest = write_manifest(tmp / "data", rows)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, RUN, batch_size=2, keep_attention="all", keep_hidden="all", progress=False)
-    cls = tf.LlavaNextForConditionalGeneration if family == "llava_next" else tf.LlavaOnevisionForConditionalGeneration
-    model = cls.from_pretrained(mdir, attn_implementation="eager").eval()
-    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
-    return family, mdir, lake, model, processor(family), images, [t for _, t, _ in SCENES]
+    """(family, model dir, lake root, reference model, processor, images, texts); the suite's lake."""
+    s = conf.subject(CASES[FAMILIES.index(request.param)], tmp_path_factory)
+    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy generation with attentions (under its
     generation config: the suppressed word, both eos ids)."""
@@ -269,7 +295,6 @@ def test_token_table_matches_the_models_inputs(anyres, lake_df):
         W, H = im.size
         enc, g = reference(model, proc, im, text)
         t = tokens(lake_df, lake, ex)
-        assert list(t.token_idx) == list(range(len(t)))
         lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
         assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
         ids = enc["input_ids"][0].tolist()
@@ -279,7 +304,6 @@ def test_token_table_matches_the_models_inputs(anyres, lake_df):
         gen = gen if stop is None else gen[:stop + 1]
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
-        assert list(img.seq_pos) == [p for p, i in enumerate(ids) if i == IMAGE_ID]  # count and places
         want, crops, _ = expected_image_tokens(family, W, H)
         assert len(img) == len(want)
         assert list(img.role) == [w[0] for w in want]  # the newlines where the model puts them
@@ -292,10 +316,8 @@ def test_token_table_matches_the_models_inputs(anyres, lake_df):
                                    atol=1e-4)
         txt = lm[lm.modality == "text"]
         assert txt.tile.isna().all()
-        assert list(txt[txt.role != "generated"].token) == proc.tokenizer.convert_ids_to_tokens(
-            [i for i in ids if i != IMAGE_ID])
         gl = lm[lm.role == "generated"]
-        assert list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen) and len(gen) >= 1
+        assert len(gl) == len(gen) >= 1  # their pieces and places: the conformance suite
         lengths.append(len(gen))
         # the tower: one block per crop (base image then the tiles), [CLS] first where the tower has one
         n_crops = enc["pixel_values"].shape[1]
@@ -313,6 +335,7 @@ def test_token_table_matches_the_models_inputs(anyres, lake_df):
 
 
 def test_answer_is_the_models_greedy_generation(anyres, lake_df):
+    """The suppressed word never comes (the prediction = generate's: the conformance suite)."""
     family, mdir, lake, model, proc, images, texts = anyres
     ex = lake_df(lake, f"SELECT example_id, answer, prediction, correct FROM examples WHERE run = '{RUN}' "
                  "ORDER BY example_id")
@@ -321,13 +344,10 @@ def test_answer_is_the_models_greedy_generation(anyres, lake_df):
         enc, g = reference(model, proc, im, text)
         new = g.sequences[0, enc["input_ids"].shape[1]:].tolist()
         assert SUPPRESSED not in new
-        assert row.prediction == proc.tokenizer.decode(new, skip_special_tokens=True).strip()
-    runs = lake_df(lake, f"SELECT model_family, streams FROM runs WHERE run = '{RUN}'")
-    assert runs.model_family.iloc[0] == family
-    assert set(json.loads(runs.streams.iloc[0])) == {"lm", "vision"}
 
 
-def test_lm_attention_is_the_models_own_and_rows_sum_to_one(anyres, lake_df):
+def test_lm_attention_is_generates_own(anyres, lake_df):
+    """(= the teacher-forced pass's, rows summing to 1: the conformance suite.)"""
     family, mdir, lake, model, proc, images, texts = anyres
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, g = reference(model, proc, im, text)
@@ -337,8 +357,6 @@ def test_lm_attention_is_the_models_own_and_rows_sum_to_one(anyres, lake_df):
             for layer in range(2):
                 a = lake_df(lake, f"SELECT head, query_idx, key_idx, weight FROM attention WHERE run = '{RUN}' AND "
                             "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
-                sums = a.groupby(["head", "query_idx"]).weight.sum()
-                np.testing.assert_allclose(sums.to_numpy(dtype=np.float32), 1.0, atol=1e-2)
                 if stream == "vision":
                     assert a.query_idx.min() >= n and a.key_idx.min() >= n
                     continue
@@ -420,7 +438,6 @@ def test_head_stats_by_hand(anyres, lake_df):
     st = lake_df(lake, f"SELECT stat, value FROM head_stats WHERE run = '{RUN}' AND example_id = ? AND "
                  "stream = 'lm' AND layer = ? AND head = ?", [ex, layer, head])
     got = dict(zip(st.stat, st.value))
-    assert got["t2i"] == pytest.approx(A[text][:, image].sum(1).mean(), abs=2e-4)
     assert got["i2t"] == pytest.approx(A[image][:, text].sum(1).mean(), abs=2e-4)
     # t2i of one word: the question word "circle" to every image token, by hand, against the lake's row
     w = int(lm[lm.token == "circle"].token_idx.iloc[0])
@@ -430,18 +447,12 @@ def test_head_stats_by_hand(anyres, lake_df):
     assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
 
 
-def test_app_pages_on_the_anyres_lake(anyres, monkeypatch, raw_df):
-    """Every page renders and offers the lake's own streams (read from the Parquet files); the Attention
-    page offers the tile selector with the example's tiles."""
-    from tests.test_app import check_every_page, open_app
+def test_attention_page_offers_the_tiles(anyres, monkeypatch):
+    """The Attention page offers the tile selector with the example's tiles (every page on the lake: the
+    conformance suite)."""
+    from tests.test_app import open_app
 
     family, mdir, lake, *_ = anyres
-    att_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = ?", [RUN]).stream)
-    hid_streams = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = ?", [RUN]).stream)
-    assert att_streams == hid_streams == ["lm", "vision"]
-    examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = ? ORDER BY example_id",
-                      [RUN])
-    check_every_page(lake, monkeypatch, RUN, 2, att_streams, hid_streams, examples, column="prediction")
     for ex, tiles in ((2, ["base image", "tile 1", "tile 2", "tile 3", "tile 4"]),
                       (0, ["base image", "tile 1", "tile 2"])):
         for stream in ("lm", "vision"):

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import extract
 from pipeline.models import load_adapter
 from pipeline.models.mistral3 import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests import conformance as conf
+from tests.conformance import extract
+from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer, write_manifest
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 VOCAB = {"<unk>": 0, **{s: i + 1 for i, s in enumerate(SPECIAL)}}
@@ -117,31 +118,67 @@ class Ref:
             self._gen[ex] = (enc, gen if stop is None else gen[:stop + 1])
         return self._gen[ex]
 
+    @conf.memo  # shared with the conformance suite: the model runs once per example
     def full(self, ex: int, **kw):
         enc, gen = self.generate(ex)
         with torch.no_grad():
             return self.model(**self.inputs(ex, gen), **kw)
 
 
+def scene_rows(mdir=None) -> list[dict]:
+    return noise_scene_rows(SCENES, CIRCLE)
+
+
+def load(mdir):
+    import types
+
+    import transformers as tf
+
+    model = tf.Mistral3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    return model, types.SimpleNamespace(tokenizer=tokenizer())
+
+
+def ref_of(s: conf.Subject) -> Ref:
+    if "ref" not in s._refs:
+        s._refs["ref"] = Ref(s.mdir, s.lake, s.model, s.images)
+    return s._refs["ref"]
+
+
+def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
+    """Prompt ids, greedy answer, teacher-forced attention, and the tower run on the image alone."""
+    r = ref_of(s)
+    enc, gen = r.generate(ex)
+    o = r.full(ex, output_attentions=True)
+    with torch.no_grad():
+        v = s.model.model.vision_tower(enc["pixel_values"], image_sizes=enc["image_sizes"], output_attentions=True)
+    h, w = (x // PS for x in enc["image_sizes"][0].tolist())
+    return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
+                          patches={"lm": (h // M) * (w // M), "vision": h * w},
+                          attentions={"lm": [x[0].numpy() for x in o.attentions],
+                                      "vision": [x[0].numpy() for x in v.attentions]},
+                          prediction=r.tok.decode(gen, skip_special_tokens=True).strip())
+
+
+def _available() -> bool:
+    import transformers as tf
+
+    return hasattr(tf, "Mistral3ForConditionalGeneration")
+
+
+CASES = [conf.FamilyCase(id="mistral3", family="mistral3", run="m3", make_model=make_tiny, rows=scene_rows, load=load,
+                         reference=conformance_reference, image_token=IMG, row_atol=5e-3, page_example=1,
+                         page_column="text", statistic=("lm", 1, 1, "t2i"),
+                         extract=dict(batch_size=2, keep_attention="all", keep_hidden="all", workers=0))
+         ] if _available() else []  # the family fixture says so when it skips
+
+
 @pytest.fixture(scope="module")
 def m3(tmp_path_factory):
     import transformers as tf
-    from PIL import Image
 
-    if not hasattr(tf, "Mistral3ForConditionalGeneration"):
+    if not _available():
         pytest.skip(f"transformers {tf.__version__} has no Mistral3ForConditionalGeneration")
-    tmp = tmp_path_factory.mktemp("mistral3")
-    mdir = make_tiny(tmp / "model")
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": CIRCLE}]
-    manifest = write_manifest(tmp / "data", rows)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, "m3", batch_size=2, keep_attention="all", keep_hidden="all",
-            progress=False, workers=0)
-    model = tf.Mistral3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
-    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
-    return Ref(mdir, lake, model, images)
+    return ref_of(conf.subject(CASES[0], tmp_path_factory))
 
 
 def tokens(lake_df, lake, ex):
@@ -174,9 +211,8 @@ def test_registered_and_streams(m3, lake_df):
 
     if importlib.util.find_spec("torchvision") is None:  # PixtralProcessor needs it: assembled
         assert isinstance(a.processor, ImageTextProcessor) and a.processor.chat_template == TEMPLATE
-    r = lake_df(m3.lake, "SELECT model_family, attn_implementation, streams, status FROM runs WHERE run = 'm3'")
-    assert r.model_family.iloc[0] == "mistral3" and r.status.iloc[0] == "complete"
-    assert set(json.loads(r.streams.iloc[0])) == {"lm", "vision"}
+    r = lake_df(m3.lake, "SELECT status FROM runs WHERE run = 'm3'")  # family and streams: the conformance suite
+    assert r.status.iloc[0] == "complete"
 
 
 def test_processor(m3):
@@ -197,7 +233,6 @@ def test_processor(m3):
 def test_token_table(m3, lake_df):
     """lm: the model's own sequence (prompt + answer), image tokens in rows of gw / 2 closed by [IMG_BREAK]
     ([IMG_END] for the last), each image token the box of its 2 x 2 block; vision: every patch, raster order."""
-    tok = m3.tok
     for ex, ((W, H), _, _) in enumerate(SCENES):
         enc, gen = m3.generate(ex)
         ids = enc["input_ids"][0].tolist() + gen
@@ -211,12 +246,7 @@ def test_token_table(m3, lake_df):
         assert (lm.role == "img_break").sum() == bh - 1 and (lm.role == "img_end").sum() == 1
         pattern = [r for r in lm.role if r in ("patch", "img_break", "img_end")]
         assert pattern == ((["patch"] * bw + ["img_break"]) * bh)[:-1] + ["img_end"]
-        txt = lm[lm.modality == "text"]
-        want_txt = [i for i in ids if i != IMG]
-        assert list(txt.token) == tok.convert_ids_to_tokens(want_txt)
-        assert list(lm[lm.token_idx.isin(img.token_idx)].seq_pos) == [i for i, x in enumerate(ids) if x == IMG]
         P = enc["input_ids"].shape[1]
-        assert list(lm[lm.role == "generated"].token) == tok.convert_ids_to_tokens(gen)
         sx, sy = W / gw, H / gh  # original px per tower patch
         assert list(zip(img.patch_row, img.patch_col)) == [(R, C) for R in range(bh) for C in range(bw)]
         want = np.array([[C * M * sx, R * M * sy, (C + 1) * M * sx, (R + 1) * M * sy]
@@ -236,38 +266,20 @@ def test_answer_is_the_models_greedy_generation(m3, lake_df):
     for ex in range(len(SCENES)):
         enc, gen = m3.generate(ex)
         e = lake_df(m3.lake, "SELECT prediction, meta FROM examples WHERE run = 'm3' AND example_id = ?", [ex])
-        assert e.prediction.iloc[0] == m3.tok.decode(gen, skip_special_tokens=True).strip()
         assert json.loads(e.meta.iloc[0])["generated_tokens"] == len(gen)
         assert SUPPRESSED not in gen and IMG not in gen
         some |= len(gen) >= 2
     assert some
 
 
-def test_lm_attention_is_the_models_own(m3, lake_df):
-    for ex in range(len(SCENES)):
-        o = m3.full(ex, output_attentions=True)
-        for layer in range(2):
-            t, A = attention(lake_df, m3.lake, ex, "lm", layer)
-            n = int((t.stream == "lm").sum())
-            A = A[:, :n, :n]
-            np.testing.assert_allclose(A, o.attentions[layer][0].numpy(), atol=2e-3)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=5e-3)
-
-
-def test_vision_attention_is_the_towers_own(m3, lake_df):
-    """The tower run on each image alone (``output_attentions``) = the lake's block cut from the batch's
-    packed sequence; rows sum to 1; hidden states likewise."""
+def test_vision_hidden_states_are_the_towers_own(m3, lake_df):
+    """The tower run on each image alone: its hidden states = the lake's, cut from the batch's packed
+    sequence (its attention likewise: the conformance suite)."""
     for ex in range(len(SCENES)):
         enc = m3.inputs(ex)
         with torch.no_grad():
             o = m3.model.model.vision_tower(enc["pixel_values"], image_sizes=enc["image_sizes"],
-                                            output_attentions=True, output_hidden_states=True)
-        for layer in range(2):
-            t, A = attention(lake_df, m3.lake, ex, "vision", layer)
-            idx = t[t.stream == "vision"].token_idx.to_numpy()
-            got = A[:, idx][:, :, idx]
-            np.testing.assert_allclose(got, o.attentions[layer][0].numpy(), atol=2e-3)
-            np.testing.assert_allclose(got.sum(-1), 1.0, atol=5e-3)
+                                            output_hidden_states=True)
         h = lake_df(m3.lake, "SELECT h.layer, h.vec FROM hidden_states h JOIN tokens t USING (run, example_id, "
                     "token_idx) WHERE h.run = 'm3' AND h.example_id = ? AND h.stream = 'vision' ORDER BY h.layer, "
                     "h.token_idx", [ex])
@@ -277,33 +289,18 @@ def test_vision_attention_is_the_towers_own(m3, lake_df):
 
 
 def test_t2i_of_a_word_by_hand(m3, lake_df):
-    """One head: the t2i statistic and the mass of the word "circle" on the image tokens, by hand."""
+    """One head: the mass of the word "circle" on the image tokens, by hand (t2i: the conformance suite)."""
     ex, layer, head = 0, 1, 1
     t = tokens(lake_df, m3.lake, ex)
     lm = t[t.stream == "lm"]
     o = m3.full(ex, output_attentions=True)
     A = o.attentions[layer][0, head].numpy().astype(np.float64)
-    text = (lm.modality == "text").to_numpy()
     image = (lm.modality == "image").to_numpy()
     w = int(lm[lm.token == "circle"].token_idx.iloc[0])
     _, L = attention(lake_df, m3.lake, ex, "lm", layer)
     L = L[:, :len(lm), :len(lm)]  # lm tokens first, in sequence order
     assert L[head, w, image].sum() == pytest.approx(A[w, image].sum(), abs=2e-3)
     assert A[w, image].sum() > 0.01
-    st = lake_df(m3.lake, "SELECT value FROM head_stats WHERE run = 'm3' AND example_id = ? AND stream = 'lm' AND "
-                 "layer = ? AND head = ? AND stat = 't2i'", [ex, layer, head])
-    assert st.value.iloc[0] == pytest.approx(A[text][:, image].sum(1).mean(), abs=2e-4)
-
-
-def test_every_app_page(m3, monkeypatch, raw_df):
-    from tests.test_app import check_every_page
-
-    lake = m3.lake
-    att = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = 'm3'").stream)
-    hid = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = 'm3'").stream)
-    assert att == hid == ["lm", "vision"]
-    examples = raw_df(lake, "SELECT example_id, text FROM {examples} WHERE run = 'm3' ORDER BY example_id")
-    check_every_page(lake, monkeypatch, "m3", 1, att, hid, examples)
 
 
 def test_merged_image_token_is_its_blocks_patches(m3, lake_df):

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from lake.schema import STATS
 from pipeline.capture import NoAttentionError, capture
-from pipeline.extract import extract
 from pipeline.models import load_adapter
+from tests import conformance as conf
+from tests.conformance import extract
 from tests.tiny import ANSWERS, make_tiny_vilt, noise_image, write_manifest
 
 PS = 16  # patch size of the tiny model
@@ -50,6 +51,7 @@ def ref(tiny_vilt):
     return model, ViltProcessor.from_pretrained(tiny_vilt)
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def ref_forward(model, proc, images, texts, seed=0):
     """Run the model on a batch as transformers does; also return where each patch went.
 
@@ -219,14 +221,10 @@ def test_text_truncation_is_noted(adapter):
 # -- through the whole extract into the lake ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def scenes(ref, tmp_path_factory):
-    """Four noise images of different sizes and texts of different lengths.
-
-    Answers: example 0's is the model's own prediction (computed here, alone), 1's is
-    another label, 2 has none, 3's is the prediction in other case and spacing.
-    """
-    model, proc = ref
+def _scenes(model, proc) -> dict:
+    """Four noise images of different sizes and texts of different lengths, with the model's own
+    predictions. Answers: example 0's is the model's own prediction (computed here, alone), 1's is
+    another label, 2 has none, 3's is the prediction in other case and spacing."""
     images = [noise_image(size, seed=10 + i) for i, (size, _, _) in enumerate(SCENES)]
     texts = [t for _, _, t in SCENES]
     preds = []
@@ -242,9 +240,51 @@ def scenes(ref, tmp_path_factory):
     rows = [{"id": f"s{i}", "image": img, "text": t, "answer": a,
              "boxes": [{"label": "circle", "box": [8, 8, 40, 40]}] if "circle" in t else None}
             for i, (img, t, a) in enumerate(zip(images, texts, answers))]
-    root = tmp_path_factory.mktemp("scenes")
-    return {"manifest": write_manifest(root, rows), "images": images, "texts": texts, "preds": preds,
-            "answers": answers}
+    return {"rows": rows, "images": images, "texts": texts, "preds": preds, "answers": answers}
+
+
+@pytest.fixture(scope="module")
+def scenes(ref, tmp_path_factory):
+    """:func:`_scenes` of the tiny model, written as a manifest."""
+    sc = _scenes(*ref)
+    sc["manifest"] = write_manifest(tmp_path_factory.mktemp("scenes"), sc.pop("rows"))
+    return sc
+
+
+def load(mdir):
+    from transformers import ViltForQuestionAnswering, ViltProcessor
+
+    return ViltForQuestionAnswering.from_pretrained(mdir).eval(), ViltProcessor.from_pretrained(mdir)
+
+
+def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
+    """The model alone on one example: its text ids then its image embeddings ([CLS], every patch), its
+    attention put in the lake's ``seq_pos`` order by each patch's (row, col) as ``visual_embed`` placed it
+    (ViLT draws its patch order at random), and its top answer."""
+    enc, out, seq_of = ref_forward(s.model, s.proc, [s.images[ex]], [s.texts[ex]])
+    T = enc["input_ids"].shape[1]
+    t = conf.tokens(s, ex).sort_values("seq_pos")
+    pos = [int(r.seq_pos) if r.modality == "text" else T if r.role == "image_cls" else
+           seq_of[0][(int(r.patch_row), int(r.patch_col))] for r in t.itertuples()]  # the model's position
+    sp = t.seq_pos.to_numpy()
+    att = []
+    for a in out.attentions:  # [1, head, seq, seq]
+        own = np.zeros((a.shape[1], len(sp), len(sp)), np.float32)
+        own[:, sp[:, None], sp[None, :]] = a[0].numpy()[:, np.array(pos)[:, None], np.array(pos)[None, :]]
+        att.append(own)
+    h, w = enc["pixel_values"].shape[-2:]
+    return conf.Reference(ids=enc["input_ids"][0].tolist() + [conf.EMBEDDED] * (1 + len(seq_of[0])),
+                          patches={"self": (h // PS) * (w // PS)}, attentions={"self": att},
+                          prediction=s.model.config.id2label[int(out.logits[0].argmax())])
+
+
+CASES = [conf.FamilyCase(id="vilt", family="vilt", run="b1", make_model=make_tiny_vilt,
+                         rows=lambda mdir: _scenes(*load(mdir))["rows"], load=load, reference=conformance_reference,
+                         text_stream="self", streams=("self",), image_token=conf.EMBEDDED,
+                         statistic=("self", 1, 1, "t2i"),
+                         extract=dict(batch_size=1, keep_attention="all", keep_hidden="all"),
+                         # one stream (its selector disabled): tests/test_app.py runs every page on a ViLT lake
+                         skip=frozenset({"pages"}))]
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +297,10 @@ def lake4(tiny_vilt, scenes, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lake1(tiny_vilt, scenes, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lake1")
-    s = extract(str(tiny_vilt), scenes["manifest"], root, "b1", batch_size=1, keep_attention="all", keep_hidden="all", progress=False)
-    assert s.extracted == 4
+def lake1(tmp_path_factory):
+    """The four scenes one at a time: the conformance suite's lake."""
+    root = conf.subject(CASES[0], tmp_path_factory).lake
+    assert len(conf.raw(root, "SELECT * FROM {examples}")) == 4
     return root
 
 
@@ -341,17 +381,6 @@ def test_non_square_image_scales_boxes(lake_df, lake4):
     last = p[(p.patch_row == 3) & (p.patch_col == 4)].iloc[0]  # 100 x 70 -> 80 x 64
     assert last.x1 == pytest.approx(100) and last.y1 == pytest.approx(70)
     assert last.x0 == pytest.approx(80) and last.y0 == pytest.approx(3 * 16 * 70 / 64)
-
-
-def test_lake_attention_rows_sum_to_one(lake_df, lake4):
-    sums = lake_df(lake4, "SELECT example_id, layer, head, query_idx, sum(weight) AS s, count(*) AS n "
-                   "FROM attention GROUP BY ALL")
-    n_tok = lake_df(lake4, "SELECT example_id, n_tokens FROM examples")
-    want_rows = int(sum(n_tok.n_tokens) * 2 * 2)  # every query of every layer (2) and head (2)
-    assert len(sums) == want_rows
-    np.testing.assert_allclose(sums.s, 1.0, atol=5e-3)
-    merged = sums.merge(n_tok, on="example_id")
-    assert (merged.n == merged.n_tokens).all()  # all keys kept by default
 
 
 def test_lake_attention_and_hidden_equal_the_models_own(lake_df, lake4, ref, scenes):

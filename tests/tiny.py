@@ -160,3 +160,13 @@ def write_manifest(out: Path, rows: list[dict], name: str = "manifest.jsonl") ->
     path = out / name
     path.write_text("".join(lines))
     return path
+
+
+def noise_scene_rows(scenes, box=None) -> list[dict]:
+    """Manifest rows of ``scenes`` (``(size (w, h), text, answer)`` each): example ``i`` an image of noise
+    seeded ``i``; example 0's circle boxed at ``box`` (none when None). The family tests' examples."""
+    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
+            for i, (size, t, a) in enumerate(scenes)]
+    if box is not None:
+        rows[0]["boxes"] = [{"label": "circle", "box": list(box)}]
+    return rows
