@@ -30,7 +30,7 @@ def require_chromium() -> None:
 def tiny_vilt_lake(tmp: Path) -> Path:
     """A lake of run ``tiny``: a tiny random ViLT (saved under ``tmp/model``, so a live example can load
     it again) over six scenes, extracted three at a time; returns the lake's root."""
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest, make_tiny_vilt
 
     model = make_tiny_vilt(tmp / "model")

@@ -68,7 +68,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from pipeline.extract import extract  # the one extraction entry point the suite uses
+from pipeline.extraction.run import extract  # the one extraction entry point the suite uses
 
 CHECKS = ("token_table", "attention", "statistic", "answer", "pages")
 EMBEDDED = -1  # Reference.ids at a position that holds an image embedding, not a token id

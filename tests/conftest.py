@@ -65,7 +65,7 @@ def tiny_lake(tmp_path_factory, tiny_vilt):
     """A lake built by the real pipeline: the tiny random ViLT over six scenes (run ``tiny``),
     with t-SNE maps of its hidden states. Page tests run against it as well as ``synth_lake``."""
     from pipeline.embed import embed
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest
 
     tmp = tmp_path_factory.mktemp("tiny_lake")

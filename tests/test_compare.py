@@ -349,7 +349,7 @@ def test_page_on_synth_lake(synth_lake, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """Two runs over one manifest by two tiny random ViLTs (seeds 0 and 1), through the real pipeline."""
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest, make_tiny_vilt
 
     tmp = tmp_path_factory.mktemp("tinypair")

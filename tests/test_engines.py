@@ -90,7 +90,7 @@ def test_spec_covers_every_table():
 @pytest.fixture(scope="module")
 def lake(tiny_vilt, tmp_path_factory) -> Path:
     from pipeline.embed import TSNEConfig, embed
-    from pipeline.extract import extract
+    from pipeline.extraction.run import extract
     from tests.tiny import make_manifest
 
     tmp = tmp_path_factory.mktemp("engines")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extract import extract
+from pipeline.extraction.run import extract
 from pipeline.models import load_adapter
 from pipeline.models.idefics2 import MAX_NEW_TOKENS
 from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest

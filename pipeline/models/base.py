@@ -141,7 +141,7 @@ class ForwardOutput:
 class Adapter(ABC):
     """The protocol of a model family, and what the families share.
 
-    The pipeline (``pipeline.extract``) calls, per run: :meth:`load` (through
+    The pipeline (``pipeline.extraction``) calls, per run: :meth:`load` (through
     ``pipeline.models.load_adapter``), :meth:`streams`, :meth:`hook_points`; per batch, in input
     workers: :meth:`encode` (then :meth:`rejects`, or :meth:`check_image` per image when the
     processor fails on the batch); on the model's device: :meth:`prepare` (uncaptured),
