@@ -38,7 +38,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: install Debian's chromium (/usr/bin/chromium) to run the browser test"; fi; }
 
-# tests/test_engines.py reads the lake with PySpark, which needs a Java runtime (Debian's, headless).
+# tests/lake/test_engines.py reads the lake with PySpark, which needs a Java runtime (Debian's, headless).
 java:
 	@command -v java >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -50,8 +50,8 @@ tokens x (layers + 1) x width x 2 bytes), and layers x heads x statistics head_s
 (a) the ViLT-B shape (12 x 12 x 185 tokens, 768 wide; target 2 MB) and (b) a 7B LVLM shape
 (32 x 32 x 600 tokens, 4096 wide; target 20 MB).
 
-Sizes: ``tiny`` = the tests' configs (tests/tiny.py, tests/test_dual.py, tests/test_blip.py,
-tests/test_llava.py). ``base`` = ViT-B-like towers (hidden 768, 12 layers, 12 heads, MLP 3072):
+Sizes: ``tiny`` = the tests' configs (tests/tiny.py, tests/models/test_dual.py, tests/models/test_blip.py,
+tests/models/test_llava.py). ``base`` = ViT-B-like towers (hidden 768, 12 layers, 12 heads, MLP 3072):
 ViLT-B/32 on 384 px (text 40), CLIP-B/32 and SigLIP-B/16 on 224 px (text 64), BLIP-B/16 on 224 px
 (VQA head; text encoder and decoder BERT-base sized), LLaVA with a CLIP-B/16 224 px tower and a
 Llama language model of GPT-2/base size (hidden 768, 12 layers, 12 heads, MLP 3072). Vocabularies

@@ -2,7 +2,7 @@
 
 Each table is declared once here. The writer validates every batch against
 these schemas, the catalog builds one DuckDB view per table from them, and
-``tests/test_schema.py`` pins the full list so that a change to the contract is
+``tests/lake/test_schema.py`` pins the full list so that a change to the contract is
 a visible diff.
 
 Conventions (see docs/DESIGN.md): ``weight = A[query, key]``; layers and heads are

@@ -1,7 +1,7 @@
 """Beyond raw attention: the formulas behind ``vlatlas extract --explain``.
 
 Pure torch on the device, one function per method, each tested against an independent
-computation (``tests/test_explain.py``). ``A`` is a ``[batch, head, query, key]`` attention in the
+computation (``tests/pipeline/test_explain.py``). ``A`` is a ``[batch, head, query, key]`` attention in the
 model's sequence order; padding rows and columns are zero.
 
 - **Rollout** (Abnar and Zuidema 2020): ``Â_l = rownorm(mean_h A_l + I)``, ``R_0 = Â_0``,

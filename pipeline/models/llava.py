@@ -16,7 +16,7 @@ Two passes per batch (``extract._extract_chunk``):
    it during generation: the prompt's rows are generate's prefill step, and the row of the
    ``s``-th generated token (0-based) is generate's step ``s + 1`` (the step that fed it back
    in). The last generated token was never fed back during generation; its row is what the
-   model would attend with next. ``tests/test_llava.py`` checks this against
+   model would attend with next. ``tests/models/test_llava.py`` checks this against
    ``generate(output_attentions=True)``.
 
 Token table of one example, one index space::

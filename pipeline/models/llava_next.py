@@ -65,7 +65,7 @@ Processor: ``AutoProcessor`` when it builds (LLaVA-NeXT's has no video processor
 holds a video processor that needs torchvision, so without it the adapter assembles
 ``processors.OnevisionImageTextProcessor`` from the checkpoint's tokenizer, image processor (transformers' PIL
 backend) and ``processor_config.json`` settings (images only; the same inputs as
-``LlavaOnevisionProcessor``, ``tests/test_llava_next.py`` checks it).
+``LlavaOnevisionProcessor``, ``tests/models/test_llava_next.py`` checks it).
 
 ``examples.grid_h``/``grid_w`` are one crop's feature grid (``h x w``). Not captured: the tower's
 ``--explain value`` (its batch is the crops); videos and several images per example (OneVision's

@@ -291,7 +291,7 @@ class SmolVLMImageTextProcessor:
     """What ``SmolVLMProcessor`` does for images, from the checkpoint's tokenizer, (PIL) image processor and
     ``processor_config.json`` (``image_seq_len``, chat template): transformers' ``Idefics3Processor``, whose
     image prompt (``<fake_token_around_image><row_R_col_C><image>...``, ``<global-img>``) is SmolVLM's
-    (``processing_smolvlm.get_image_prompt_string``; ``tests/test_idefics3.py`` checks it)."""
+    (``processing_smolvlm.get_image_prompt_string``; ``tests/models/test_idefics3.py`` checks it)."""
 
     @classmethod
     def from_pretrained(cls, model_id: str, revision: str | None = None):

@@ -66,7 +66,7 @@ Processor: ``AutoProcessor`` (``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / `
 when it loads; it also holds a video processor, which needs torchvision. Without torchvision it
 fails to build, and the adapter assembles ``processors.QwenImageTextProcessor`` from the checkpoint's own
 tokenizer, image processor (transformers picks its PIL backend, ``Qwen2VLImageProcessorPil``) and
-chat template: the same inputs for images and text (``tests/test_qwen2vl.py`` checks it against
+chat template: the same inputs for images and text (``tests/models/test_qwen2vl.py`` checks it against
 ``Qwen2VLProcessor``), no videos.
 """
 
