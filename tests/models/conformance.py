@@ -49,7 +49,9 @@ Adding a family (Llama 3.2 Vision, say) is, in its test file::
 
 and ``"test_mllama"`` in ``FAMILY_MODULES`` of ``tests/models/test_conformance.py``. A stream whose queries and
 keys are tokens of two streams (a cross-attention) is given ``[head, query, key]`` with the queries'
-``seq_pos`` in one and the keys' in the other; a tower run crop by crop is given through
+``seq_pos`` in one and the keys' in the other; a stream whose keys are the tokens of several streams
+(Idefics2's perceiver: its latents attend over the vision tokens then themselves) names those streams,
+in the order of the reference's key axis, in ``key_streams``; a tower run crop by crop is given through
 :func:`block_diagonal`; ViLT-like encoders that append image embeddings after the text give
 :data:`EMBEDDED` at those positions of ``ids``.
 
@@ -136,6 +138,9 @@ class FamilyCase:
     page_example, page_column : the example the pages open and the Examples table column compared.
     hidden : the streams the lake's hidden states hold, when not ``streams``.
     row_atol : how far a stored row's sum may be from 1 (the weights are stored rounded).
+    key_streams : ``{stream: (key stream, ...)}`` for a stream whose keys span several streams: the
+        reference's key axis holds those streams' tokens one stream after the other, each in ``seq_pos``
+        order (a stream left out has its keys' ``seq_pos`` as the key axis).
     skip : checks that do not apply to this case.
     """
 
@@ -155,6 +160,7 @@ class FamilyCase:
     page_example: int = 1
     page_column: str = "prediction"
     row_atol: float = 1e-3
+    key_streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
     skip: frozenset[str] = frozenset()
 
     def applies(self, check: str) -> bool:
@@ -291,13 +297,25 @@ def check_token_table(s: Subject) -> None:
 def stored_attention(s: Subject, ex: int, stream: str, layer: int):
     """The stored weights of one (example, stream, layer), with the query's and key's ``seq_pos``."""
     a = _table(s, "attention", "SELECT a.example_id, a.stream, a.layer, a.head, q.seq_pos AS q, k.seq_pos AS k, "
-               "a.weight FROM {attention} a "
+               "k.stream AS key_stream, a.weight FROM {attention} a "
                "JOIN {tokens} q ON q.run = a.run AND q.example_id = a.example_id AND q.token_idx = a.query_idx "
                "JOIN {tokens} k ON k.run = a.run AND k.example_id = a.example_id AND k.token_idx = a.key_idx "
                "WHERE a.run = $run")
     if "by" not in s._tables:
         s._tables["by"] = {k: g.reset_index(drop=True) for k, g in a.groupby(["example_id", "stream", "layer"])}
     return s._tables["by"].get((ex, stream, layer), a.iloc[:0])
+
+
+def key_axis(s: Subject, ex: int, stream: str, a) -> np.ndarray:
+    """The stored keys' places on the reference's key axis: their ``seq_pos``, or for a stream whose keys
+    span several streams (``FamilyCase.key_streams``) the tokens of the earlier key streams before them."""
+    order = s.case.key_streams.get(stream)
+    if order is None:
+        return a.k.to_numpy()
+    assert set(a.key_stream) <= set(order), (ex, stream, sorted(set(a.key_stream)))
+    counts = tokens(s, ex).stream.value_counts()
+    offset = dict(zip(order, np.cumsum([0] + [int(counts.get(o, 0)) for o in order[:-1]])))
+    return a.k.to_numpy() + a.key_stream.map(offset).to_numpy(np.int64)
 
 
 def check_attention(s: Subject) -> None:
@@ -309,7 +327,7 @@ def check_attention(s: Subject) -> None:
             for layer, own in enumerate(layers):  # own: [head, query, key] in seq_pos order
                 a = stored_attention(s, ex, stream, layer)
                 assert len(a), (ex, stream, layer)
-                h, q, k = a["head"].to_numpy(), a.q.to_numpy(), a.k.to_numpy()
+                h, q, k = a["head"].to_numpy(), a.q.to_numpy(), key_axis(s, ex, stream, a)
                 np.testing.assert_allclose(a.weight.to_numpy(np.float32), own[h, q, k], atol=2e-3,
                                            err_msg=f"{s.case.id} ex {ex} {stream} layer {layer}")
                 sums = a.groupby(["head", "q"]).weight.sum()

@@ -1,6 +1,9 @@
-"""Idefics2 (decoder LVLM whose image tokens are a perceiver resampler's learned latents): token table,
-boxes, the perceiver's cross stream over patches and latents, the answer, and attention, checked against
-the model's own inputs and outputs.
+"""Idefics2 (decoder LVLM whose image tokens are a perceiver resampler's learned latents): what is
+particular to it. The conformance suite (tests/models/conformance.py, case ``idefics2``) checks its token table,
+every stream's stored weights (the tower's of each image alone, though examples 0 and 1 run padded to one
+48 x 48 batch; the perceiver's over the vision tokens then the latents), the t2i statistic, the answer and
+every page; here: the streams, the refused image splitting, boundaries, roles and boxes, the perceiver's
+key layout, one word's mass on the latents and the perceiver's Attention page.
 
 A tiny random Idefics2ForConditionalGeneration (SigLIP-like tower: 8 px patches, 2 layers; perceiver of
 4 latents, 2 layers, 2 heads; Mistral text model, 2 layers) with an Idefics2Processor of the PIL image
@@ -16,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extraction.run import extract
 from pipeline.models import load_adapter
 from pipeline.models.idefics2 import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests.models import conformance as conf
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 PS, SHORT, LONG, Q = 8, 24, 48, 4
 MARKS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
@@ -79,25 +82,45 @@ def make_tiny(out, seed: int = 0, splitting: bool = False):
     return out
 
 
+def scene_rows(mdir=None) -> list[dict]:
+    return noise_scene_rows(SCENES, [0, 0, 25, 20])
+
+
+def load(mdir):
+    import transformers as tf
+
+    model = tf.Idefics2ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    return model, tf.AutoProcessor.from_pretrained(mdir)
+
+
+def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
+    """Prompt ids, greedy answer, and each stream's attention by the model's own modules; the perceiver's
+    keys are the vision tokens then the latents (``key_streams``), as transformers concatenates them."""
+    enc, gen, o, v, perceiver = reference(s.model, s.proc, s.images[ex], s.texts[ex])
+    W, H = s.images[ex].size
+    w, h = processed(W, H)
+    return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
+                          attentions={"lm": [x[0].numpy() for x in o.attentions],
+                                      "vision": [x[0].numpy() for x in v.attentions],
+                                      "perceiver": [x.numpy() for x in perceiver]},
+                          patches={"lm": 0, "vision": (h // PS) * (w // PS), "perceiver": 0},
+                          prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
+
+
+CASES = [conf.FamilyCase(id="idefics2", family="idefics2", run=RUN, make_model=make_tiny, rows=scene_rows,
+                         load=load, reference=conformance_reference, image_token=IMAGE_ID,
+                         streams=("lm", "vision", "perceiver"), hidden=("lm", "vision"), page_example=0,
+                         key_streams={"perceiver": ("vision", "perceiver")})]
+
+
 @pytest.fixture(scope="module")
 def i2(tmp_path_factory):
-    import transformers as tf
-    from PIL import Image
-
-    tmp = tmp_path_factory.mktemp("idefics2")
-    mdir = make_tiny(tmp / "model")
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 25, 20]}]
-    manifest = write_manifest(tmp / "data", rows)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, RUN, batch_size=2, keep_attention="all", keep_hidden="all", progress=False)
-    model = tf.Idefics2ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
-    proc = tf.AutoProcessor.from_pretrained(mdir)
-    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
-    return mdir, lake, model, proc, images, [t for _, t, _ in SCENES]
+    """(model dir, lake root, reference model, processor, images, texts): the conformance suite's lake."""
+    s = conf.subject(CASES[0], tmp_path_factory)
+    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """One example alone: its inputs, generated ids, the LM's own attentions, the tower's and the
     perceiver's (hooks on its attention modules: ``[head, Q, patches + Q]`` per layer)."""
@@ -124,14 +147,6 @@ def reference(model, proc, image, text):
 
 def tokens(lake_df, lake, ex):
     return lake_df(lake, f"SELECT * FROM tokens WHERE run = '{RUN}' AND example_id = ? ORDER BY token_idx", [ex])
-
-
-def lake_attention(lake_df, lake, ex, stream, layer, shape, q_off=0, k_off=0):
-    a = lake_df(lake, f"SELECT head, query_idx, key_idx, weight FROM attention WHERE run = '{RUN}' AND "
-                "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
-    A = np.zeros(shape, np.float32)
-    A[a["head"].to_numpy(), a.query_idx.to_numpy() - q_off, a.key_idx.to_numpy() - k_off] = a.weight.to_numpy()
-    return A
 
 
 def test_registered_and_streams(i2):
@@ -163,17 +178,16 @@ def test_token_table_matches_the_models_inputs(i2, lake_df):
         t = tokens(lake_df, lake, ex)
         lm, vis, per = (t[t.stream == s] for s in ("lm", "vision", "perceiver"))
         assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis) + ["perceiver"] * Q
-        assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
+        assert len(lm) == P + len(gen)  # every input and its place: the conformance suite
         img = lm[lm.modality == "image"]
-        assert list(img.seq_pos) == [p for p, i in enumerate(ids) if i == IMAGE_ID] and len(img) == Q
+        assert len(img) == Q
         assert set(img.role) == {"query"} and img.patch_row.isna().all() and img.x0.isna().all()
         assert list(lm.seq_pos[lm.role == "image_boundary"]) == [p for p, i in enumerate(ids) if i == FAKE]
         assert (lm.role == "image_boundary").sum() == 2
         txt = lm[(lm.modality == "text") & (lm.role != "generated")]
-        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens([i for i in ids if i != IMAGE_ID])
         assert txt.role.iloc[0] == "bos"
         gl = lm[lm.role == "generated"]
-        assert len(gen) >= 1 and list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        assert len(gen) >= 1 and len(gl) == len(gen)  # their pieces and places: the conformance suite
         # the perceiver's latents: role query, no patch, no box
         assert list(per.role) == ["query"] * Q and list(per.seq_pos) == list(range(Q)) and per.x0.isna().all()
         # the tower's real patches, computed here from the processed size (a stretch, no crop)
@@ -190,58 +204,19 @@ def test_token_table_matches_the_models_inputs(i2, lake_df):
         np.testing.assert_allclose(vis[["x0", "y0", "x1", "y1"]].to_numpy(float), exp, atol=1e-3)
 
 
-def test_answer_is_generates_own(i2, lake_df):
-    mdir, lake, model, proc, images, texts = i2
-    ex = lake_df(lake, f"SELECT prediction FROM examples WHERE run = '{RUN}' ORDER BY example_id")
-    assert len(ex) == len(SCENES)
-    for (im, text), pred in zip(zip(images, texts), ex.prediction):
-        _, gen, _, _, _ = reference(model, proc, im, text)
-        assert pred == proc.tokenizer.decode(gen, skip_special_tokens=True).strip()
-
-
-def test_lm_attention_is_the_models_own_and_rows_sum_to_one(i2, lake_df):
-    mdir, lake, model, proc, images, texts = i2
-    for ex in range(len(SCENES)):
-        _, gen, o, _, _ = reference(model, proc, images[ex], texts[ex])
-        n = o.attentions[0].shape[-1]
-        for layer in range(2):
-            A = lake_attention(lake_df, lake, ex, "lm", layer, (2, n, n))
-            np.testing.assert_allclose(A, o.attentions[layer][0].numpy(), atol=2e-3)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=2e-3)
-
-
-def test_vision_attention_is_the_towers_own_without_the_batch_padding(i2, lake_df):
-    """Examples 0 and 1 ran padded to one 48 x 48 image; their stored weights are those of each image
-    alone (the padded patches masked out), rows summing to 1 over the real patches."""
-    mdir, lake, model, proc, images, texts = i2
-    for ex in range(len(SCENES)):
-        _, _, _, v, _ = reference(model, proc, images[ex], texts[ex])
-        t = tokens(lake_df, lake, ex)
-        off, n = int((t.stream == "lm").sum()), int((t.stream == "vision").sum())
-        for layer in range(2):
-            own = v.attentions[layer][0].numpy()  # [head, patch, patch]
-            assert own.shape[-1] == n
-            A = lake_attention(lake_df, lake, ex, "vision", layer, (2, n, n), off, off)
-            np.testing.assert_allclose(A, own, atol=2e-3)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=2e-3)
-
-
-def test_perceiver_attention_over_patches_then_latents(i2, lake_df):
+def test_perceiver_attends_over_patches_then_latents(i2, lake_df):
     """Stream perceiver: rows the latents, keys the vision tokens then the latents (transformers'
-    concat(context, latents)); the model's own weights, rows summing to 1."""
-    mdir, lake, model, proc, images, texts = i2
+    concat(context, latents)); the model's own weights (the suite's reference, checked there against every
+    stored weight through ``key_streams``, rows summing to 1) put mass on both kinds of key."""
+    s = conf.built(i2[1])
     for ex in range(len(SCENES)):
-        _, _, _, _, own = reference(model, proc, images[ex], texts[ex])
-        t = tokens(lake_df, lake, ex)
-        v_off = int((t.stream == "lm").sum())
-        q_off = int(t.token_idx[t.stream == "perceiver"].iloc[0])
-        n_keys = len(t) - v_off
-        for layer in range(2):
-            assert own[layer].shape == (2, Q, n_keys)
-            A = lake_attention(lake_df, lake, ex, "perceiver", layer, (2, Q, n_keys), q_off, v_off)
-            np.testing.assert_allclose(A, own[layer].numpy(), atol=2e-3)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=2e-3)
-            assert A[:, :, :q_off - v_off].sum() > 0 and A[:, :, q_off - v_off:].sum() > 0  # both key kinds
+        own = s.ref(ex).attentions["perceiver"]
+        t = tokens(lake_df, i2[1], ex)
+        n_vis = int((t.stream == "vision").sum())
+        assert len(own) == 2
+        for A in own:
+            assert A.shape == (2, Q, n_vis + Q)
+            assert A[:, :, :n_vis].sum() > 0 and A[:, :, n_vis:].sum() > 0  # both key kinds
 
 
 def test_t2i_of_a_word_by_hand(i2, lake_df):
@@ -260,15 +235,10 @@ def test_t2i_of_a_word_by_hand(i2, lake_df):
     assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
 
 
-def test_app_pages(i2, monkeypatch, raw_df):
-    from tests.app.test_app import check_every_page, open_app
+def test_perceiver_page(i2, monkeypatch):
+    """The Attention page on the perceiver's stream (every page on every stream: the conformance suite)."""
+    from tests.app.test_app import open_app
 
     lake = i2[1]
-    att = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = ?", [RUN]).stream)
-    hid = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = ?", [RUN]).stream)
-    assert att == ["lm", "perceiver", "vision"] and hid == ["lm", "vision"]
-    examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = ? ORDER BY example_id",
-                      [RUN])
-    check_every_page(lake, monkeypatch, RUN, 0, att, hid, examples, column="prediction")
     at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=RUN, ex=0, stream="perceiver", layer=1)
     assert not at.exception
