@@ -1,11 +1,14 @@
-"""Aya Vision (decoder LVLM with tiles, a thumbnail and pixel-shuffle downsampling): token table with
-tiles and ``<|START_OF_IMG|>`` / ``TILE_k`` / ``TILE_GLOBAL`` / ``<|END_OF_IMG|>`` markers, boxes, the
-answer, and attention, checked against the model's own inputs and outputs.
+"""Aya Vision (decoder LVLM with tiles, a thumbnail and pixel-shuffle downsampling): what is particular to
+it, the token table's tiles, ``<|START_OF_IMG|>`` / ``TILE_k`` / ``TILE_GLOBAL`` / ``<|END_OF_IMG|>``
+markers and boxes, and the sliding-window layer's stored keys; the checks every family passes (the
+model's inputs, its attention per stream, generate, a statistic, the pages) run on the same lake from
+``tests/models/test_conformance.py`` (``CASES`` below).
 
 A tiny random AyaVisionForConditionalGeneration (SigLIP tower: 32 px crops, 8 px patches -> 4 x 4
 patches a crop, 2 layers; ``downsample_factor`` 2, so one lm image token stands for a 2 x 2 block of
-patches, 4 tokens a crop; Cohere2 text model, 2 layers) with an AyaVisionProcessor of the PIL
-GotOcr2 image processor (crops of 32, 1 to 4 tiles) and a word-level tokenizer, all built from files.
+patches, 4 tokens a crop; Cohere2 text model, 2 layers, the first sliding over ``WINDOW`` positions)
+with an AyaVisionProcessor of the PIL GotOcr2 image processor (crops of 32, 1 to 4 tiles) and a
+word-level tokenizer, all built from files.
 Nothing is downloaded. Expected values come from transformers alone, one example at a time, and from
 independent arithmetic on the image sizes.
 """
@@ -16,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.extraction.run import extract
 from pipeline.models import load_adapter
 from pipeline.models.aya_vision import MAX_NEW_TOKENS
-from tests.tiny import WORDS, noise_image, word_tokenizer, write_manifest
+from tests.models import conformance as conf
+from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, SF = 32, 8, 2
 SIDE, POOL = CROP // PS, CROP // PS // SF  # 4 x 4 tower patches, 2 x 2 lm tokens a crop
@@ -35,6 +38,7 @@ SCENES = [  # (original size (w, h), question, answer, (rows, cols) of tiles)
     ((20, 20), "how many ?", None, (1, 1)),  # square: one crop, the whole image
 ]
 RUN = "aya"
+WINDOW = 8  # Cohere2's sliding window, short enough to bite in layer 0 (layer 1 attends to the whole prefix)
 
 
 def make_tiny(out, seed: int = 0):
@@ -49,7 +53,8 @@ def make_tiny(out, seed: int = 0):
                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vision_use_head=False)
     text = dict(model_type="cohere2", vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                bos_token_id=1, eos_token_id=2, pad_token_id=3, sliding_window=WINDOW,
+                layer_types=["sliding_attention", "full_attention"])
     cfg = tf.AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, downsample_factor=SF)
     cfg.vlatlas_random_weights = True
     torch.manual_seed(seed)
@@ -66,25 +71,42 @@ def make_tiny(out, seed: int = 0):
     return out
 
 
+def scene_rows(mdir=None) -> list[dict]:
+    return noise_scene_rows([(size, t, a) for size, t, a, _ in SCENES], [0, 0, 40, 30])
+
+
+def load(mdir):
+    import transformers as tf
+
+    return (tf.AyaVisionForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(),
+            tf.AutoProcessor.from_pretrained(mdir))
+
+
+def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
+    """Prompt ids, greedy answer, the teacher-forced attention (Cohere2's sliding-window layers as the
+    model masks them), the tower crop by crop (tiles, then the thumbnail)."""
+    enc, gen, o = reference(s.model, s.proc, s.images[ex], s.texts[ex])
+    with torch.no_grad():
+        v = s.model.model.vision_tower(pixel_values=enc["pixel_values"], output_attentions=True)
+    crops = enc["pixel_values"].shape[0]
+    return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
+                          patches={"lm": crops * SEQ, "vision": crops * SIDE * SIDE},
+                          attentions={"lm": [x[0].numpy() for x in o.attentions],
+                                      "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]},
+                          prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
+
+
+CASES = [conf.FamilyCase(id="aya_vision", family="aya_vision", run=RUN, make_model=make_tiny, rows=scene_rows,
+                         load=load, reference=conformance_reference, image_token=IMAGE_ID, page_example=0)]
+
+
 @pytest.fixture(scope="module")
 def aya(tmp_path_factory):
-    import transformers as tf
-    from PIL import Image
-
-    tmp = tmp_path_factory.mktemp("aya")
-    mdir = make_tiny(tmp / "model")
-    rows = [{"id": f"s{i}", "image": noise_image(size, seed=i), "text": t, "answer": a}
-            for i, (size, t, a, _) in enumerate(SCENES)]
-    rows[0]["boxes"] = [{"label": "circle", "box": [0, 0, 40, 30]}]
-    manifest = write_manifest(tmp / "data", rows)
-    lake = tmp / "lake"
-    extract(str(mdir), manifest, lake, RUN, batch_size=2, keep_attention="all", keep_hidden="all", progress=False)
-    model = tf.AyaVisionForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
-    proc = tf.AutoProcessor.from_pretrained(mdir)
-    images = [Image.open(tmp / "data" / "images" / f"s{i}.png").convert("RGB") for i in range(len(SCENES))]
-    return mdir, lake, model, proc, images, [t for _, t, _, _ in SCENES]
+    s = conf.subject(CASES[0], tmp_path_factory)
+    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
 
 
+@conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     enc = proc(images=[image], text=[f"<image>{text}"], return_tensors="pt")
     enc = {k: v for k, v in enc.items() if k != "num_patches"}
@@ -102,14 +124,6 @@ def reference(model, proc, image, text):
 
 def tokens(lake_df, lake, ex):
     return lake_df(lake, f"SELECT * FROM tokens WHERE run = '{RUN}' AND example_id = ? ORDER BY token_idx", [ex])
-
-
-def lake_attention(lake_df, lake, ex, stream, layer, n, offset=0):
-    a = lake_df(lake, f"SELECT head, query_idx, key_idx, weight FROM attention WHERE run = '{RUN}' AND "
-                "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
-    A = np.zeros((2, n, n), np.float32)
-    A[a["head"].to_numpy(), a.query_idx.to_numpy() - offset, a.key_idx.to_numpy() - offset] = a.weight.to_numpy()
-    return A
 
 
 def expected_crops(W, H, rows, cols):
@@ -149,7 +163,6 @@ def test_token_table_matches_the_models_inputs(aya, lake_df):
         assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
-        assert list(img.seq_pos) == [p for p, i in enumerate(ids) if i == IMAGE_ID]
         assert len(img) == SEQ * len(crops) and set(img.role) == {"patch"}
         # markers: one start and one end; TILE_k before each tile, TILE_GLOBAL before the thumbnail
         assert list(lm.token[lm.role == "vision_start"]) == ["<|START_OF_IMG|>"]
@@ -164,10 +177,9 @@ def test_token_table_matches_the_models_inputs(aya, lake_df):
         assert list(zip(img.patch_row, img.patch_col)) == [(r, c) for _ in crops for r in range(POOL)
                                                            for c in range(POOL)]
         txt = lm[(lm.modality == "text") & (lm.role != "generated")]
-        assert list(txt.token) == proc.tokenizer.convert_ids_to_tokens([i for i in ids if i != IMAGE_ID])
         assert txt.role.iloc[0] == "bos"
         gl = lm[lm.role == "generated"]
-        assert len(gen) >= 1 and list(gl.token) == proc.tokenizer.convert_ids_to_tokens(gen)
+        assert len(gen) >= 1 and len(gl) == len(gen)  # their pieces and places: the conformance suite
         # boxes computed here: 2 x 2 blocks of 8 px patches, through the crop's place
         q = PS * SF
         exp = [((ox + c * q) * sx, (oy + r * q) * sy, (ox + (c + 1) * q) * sx, (oy + (r + 1) * q) * sy)
@@ -181,45 +193,6 @@ def test_token_table_matches_the_models_inputs(aya, lake_df):
         np.testing.assert_allclose(vis[["x0", "y0", "x1", "y1"]].to_numpy(float), expv, atol=1e-3)
         g = img[img.tile == 0]  # the thumbnail covers the whole original
         assert g.x0.min() == pytest.approx(0) and g.x1.max() == pytest.approx(W) and g.y1.max() == pytest.approx(H)
-
-
-def test_answer_is_generates_own(aya, lake_df):
-    mdir, lake, model, proc, images, texts = aya
-    ex = lake_df(lake, f"SELECT prediction FROM examples WHERE run = '{RUN}' ORDER BY example_id")
-    assert len(ex) == len(SCENES)
-    for (im, text), pred in zip(zip(images, texts), ex.prediction):
-        _, gen, _ = reference(model, proc, im, text)
-        assert pred == proc.tokenizer.decode(gen, skip_special_tokens=True).strip()
-
-
-def test_lm_attention_is_the_models_own_and_rows_sum_to_one(aya, lake_df):
-    mdir, lake, model, proc, images, texts = aya
-    for ex in range(len(SCENES)):
-        _, gen, o = reference(model, proc, images[ex], texts[ex])
-        n = o.attentions[0].shape[-1]
-        for layer in range(2):
-            A = lake_attention(lake_df, lake, ex, "lm", layer, n)
-            np.testing.assert_allclose(A, o.attentions[layer][0].numpy(), atol=2e-3)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=2e-3)
-
-
-def test_vision_attention_is_block_diagonal_and_the_towers_own(aya, lake_df):
-    mdir, lake, model, proc, images, texts = aya
-    for ex in (0, 1):
-        enc, _, _ = reference(model, proc, images[ex], texts[ex])
-        t = tokens(lake_df, lake, ex)
-        lm_n = int((t.stream == "lm").sum())
-        C = enc["pixel_values"].shape[0]
-        n = SIDE * SIDE
-        with torch.no_grad():
-            vo = model.model.vision_tower(pixel_values=enc["pixel_values"], output_attentions=True)
-        for layer in range(2):
-            A = lake_attention(lake_df, lake, ex, "vision", layer, C * n, offset=lm_n)
-            np.testing.assert_allclose(A.sum(-1), 1.0, atol=2e-3)
-            for k in range(C):
-                blk = A[:, k * n:(k + 1) * n, k * n:(k + 1) * n]
-                np.testing.assert_allclose(blk, vo.attentions[layer][k].numpy(), atol=2e-3)
-                assert A[:, k * n:(k + 1) * n].sum() == pytest.approx(blk.sum(), abs=1e-3)
 
 
 def test_t2i_of_a_word_by_hand(aya, lake_df):
@@ -237,13 +210,17 @@ def test_t2i_of_a_word_by_hand(aya, lake_df):
     assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
 
 
-def test_app_pages(aya, monkeypatch, raw_df):
-    from tests.app.test_app import check_every_page
-
+def test_sliding_window_layer_stores_only_the_window(aya, lake_df):
+    """Layer 0 slides: each lm query's stored keys are exactly the last ``WINDOW`` positions up to its own,
+    computed here from the window alone; layer 1 is full: every position up to its own."""
     lake = aya[1]
-    att = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {attention} WHERE run = ?", [RUN]).stream)
-    hid = sorted(raw_df(lake, "SELECT DISTINCT stream FROM {hidden_states} WHERE run = ?", [RUN]).stream)
-    assert att == hid == ["lm", "vision"]
-    examples = raw_df(lake, "SELECT example_id, text, prediction FROM {examples} WHERE run = ? ORDER BY example_id",
-                      [RUN])
-    check_every_page(lake, monkeypatch, RUN, 0, att, hid, examples, column="prediction")
+    for ex in range(len(SCENES)):
+        a = lake_df(lake, f"SELECT a.layer, a.head, q.seq_pos AS q, k.seq_pos AS k FROM attention a "
+                    "JOIN tokens q ON q.run = a.run AND q.example_id = a.example_id AND q.token_idx = a.query_idx "
+                    "JOIN tokens k ON k.run = a.run AND k.example_id = a.example_id AND k.token_idx = a.key_idx "
+                    f"WHERE a.run = '{RUN}' AND a.example_id = ? AND a.stream = 'lm'", [ex])
+        n = int(a.q.max()) + 1
+        assert n > WINDOW
+        for layer, lo in ((0, lambda q: max(0, q - WINDOW + 1)), (1, lambda q: 0)):
+            got = sorted(map(tuple, a[a.layer == layer][["head", "q", "k"]].to_numpy().tolist()))
+            assert got == [(h, q, k) for h in range(2) for q in range(n) for k in range(lo(q), q + 1)], (ex, layer)
