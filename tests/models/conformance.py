@@ -45,13 +45,15 @@ Adding a family (Llama 3.2 Vision, say) is, in its test file::
 
     CASES = [conf.FamilyCase(id="mllama", family="mllama", run="mllama", make_model=make_tiny,
                              rows=scene_rows, load=load, reference=conformance_reference,
-                             image_token=IMAGE_ID, streams=("lm", "lm_cross", "vision"))]
+                             image_token=IMAGE_ID, streams=("lm", "lm_cross", "vision"),
+                             cross=(("lm_cross", "lm", "vision"),))]
 
 and ``"test_mllama"`` in ``FAMILY_MODULES`` of ``tests/models/test_conformance.py``. A stream whose queries and
 keys are tokens of two streams (a cross-attention) is given ``[head, query, key]`` with the queries'
-``seq_pos`` in one and the keys' in the other; a stream whose keys are the tokens of several streams
-(Idefics2's perceiver: its latents attend over the vision tokens then themselves) names those streams,
-in the order of the reference's key axis, in ``key_streams``; a tower run crop by crop is given through
+``seq_pos`` in one and the keys' in the other, and named in ``cross`` with those two streams; a stream
+whose keys are the tokens of several streams (Idefics2's perceiver: its latents attend over the vision
+tokens then themselves) names those streams, in the order of the reference's key axis, in
+``key_streams``; a tower run crop by crop is given through
 :func:`block_diagonal`; ViLT-like encoders that append image embeddings after the text give
 :data:`EMBEDDED` at those positions of ``ids``.
 
@@ -141,6 +143,10 @@ class FamilyCase:
     key_streams : ``{stream: (key stream, ...)}`` for a stream whose keys span several streams: the
         reference's key axis holds those streams' tokens one stream after the other, each in ``seq_pos``
         order (a stream left out has its keys' ``seq_pos`` as the key axis).
+    cross : ``(stream, query stream, key stream)`` of each cross-attention stream whose queries and keys are
+        tokens of two other streams (Mllama's ``lm_cross``: lm tokens over vision tokens). When given, every
+        stored row's query and key are checked to be tokens of those streams (of the stream itself for the
+        others), and the statistic of a cross stream reads its queries and keys from them.
     skip : checks that do not apply to this case.
     """
 
@@ -161,10 +167,15 @@ class FamilyCase:
     page_column: str = "prediction"
     row_atol: float = 1e-3
     key_streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    cross: tuple[tuple[str, str, str], ...] = ()
     skip: frozenset[str] = frozenset()
 
     def applies(self, check: str) -> bool:
         return check not in self.skip
+
+    def sides(self, stream: str) -> tuple[str, str]:
+        """The streams holding ``stream``'s query and key tokens (itself, twice, unless a declared cross)."""
+        return next(((q, k) for c, q, k in self.cross if c == stream), (stream, stream))
 
 
 _SUBJECTS: dict[str, Subject] = {}
@@ -297,7 +308,7 @@ def check_token_table(s: Subject) -> None:
 def stored_attention(s: Subject, ex: int, stream: str, layer: int):
     """The stored weights of one (example, stream, layer), with the query's and key's ``seq_pos``."""
     a = _table(s, "attention", "SELECT a.example_id, a.stream, a.layer, a.head, q.seq_pos AS q, k.seq_pos AS k, "
-               "k.stream AS key_stream, a.weight FROM {attention} a "
+               "q.stream AS q_stream, k.stream AS key_stream, a.weight FROM {attention} a "
                "JOIN {tokens} q ON q.run = a.run AND q.example_id = a.example_id AND q.token_idx = a.query_idx "
                "JOIN {tokens} k ON k.run = a.run AND k.example_id = a.example_id AND k.token_idx = a.key_idx "
                "WHERE a.run = $run")
@@ -327,6 +338,8 @@ def check_attention(s: Subject) -> None:
             for layer, own in enumerate(layers):  # own: [head, query, key] in seq_pos order
                 a = stored_attention(s, ex, stream, layer)
                 assert len(a), (ex, stream, layer)
+                if case.cross:  # the queries and keys are the declared streams' tokens
+                    assert (set(a.q_stream), set(a.key_stream)) == tuple({x} for x in case.sides(stream)), (ex, stream)
                 h, q, k = a["head"].to_numpy(), a.q.to_numpy(), key_axis(s, ex, stream, a)
                 np.testing.assert_allclose(a.weight.to_numpy(np.float32), own[h, q, k], atol=2e-3,
                                            err_msg=f"{s.case.id} ex {ex} {stream} layer {layer}")
@@ -345,15 +358,18 @@ def check_attention(s: Subject) -> None:
 def check_statistic(s: Subject) -> None:
     """One head's statistic of each example, by hand from the model's own attention and the token
     table: ``t2i`` = mean over text queries of the mass on image keys; ``entropy`` = mean over the
-    queries of ``-sum_k A log A / log(n_keys)``."""
+    queries of ``-sum_k A log A / log(n_keys)``. A cross stream's queries and keys are the tokens of the
+    streams it declares (``FamilyCase.cross``)."""
     stream, layer, head, stat = s.case.statistic
     for ex in range(len(s.rows)):
         A = s.ref(ex).attentions[stream][layer][head].astype(np.float64)  # [query, key], seq_pos order
         t = tokens(s, ex)
-        t = t[t.stream == stream].sort_values("seq_pos")
-        assert list(t.seq_pos) == list(range(A.shape[0]))
+        qs, ks = s.case.sides(stream)
+        tq, tk = (t[t.stream == x].sort_values("seq_pos") for x in (qs, ks))
+        assert list(tq.seq_pos) == list(range(A.shape[0]))
+        assert list(tk.seq_pos) == list(range(A.shape[1]))
         if stat == "t2i":
-            text, image = (t.modality == "text").to_numpy(), (t.modality == "image").to_numpy()
+            text, image = (tq.modality == "text").to_numpy(), (tk.modality == "image").to_numpy()
             want = A[text][:, image].sum(1).mean()
         elif stat == "entropy":
             want = (-(A * np.log(np.clip(A, 1e-30, None))).sum(1) / math.log(A.shape[1])).mean()

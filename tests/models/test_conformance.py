@@ -11,7 +11,7 @@ from tests.models import conformance as conf
 
 FAMILY_MODULES = ["test_vilt", "test_dual", "test_blip", "test_blip2", "test_llava", "test_llava_next",
                   "test_paligemma", "test_gemma3", "test_idefics3", "test_internvl", "test_mistral3",
-                  "test_qwen2vl", "test_idefics2", "test_aya_vision"]
+                  "test_qwen2vl", "test_idefics2", "test_aya_vision", "test_mllama"]
 CASES = [c for m in FAMILY_MODULES for c in importlib.import_module(f"tests.models.{m}").CASES]
 assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
 
