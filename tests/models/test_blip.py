@@ -18,6 +18,7 @@ import torch
 
 from pipeline.models import load_adapter
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import noise_image, write_vocab
 
 IMG, PS, G = 32, 8, 4
@@ -69,12 +70,7 @@ def scene_rows(mdir=None) -> list[dict]:
 
 
 def loader(head: str):
-    def load(mdir):
-        from transformers import AutoProcessor, BlipForImageTextRetrieval, BlipForQuestionAnswering
-
-        cls = BlipForQuestionAnswering if head == "vqa" else BlipForImageTextRetrieval
-        return cls.from_pretrained(mdir, attn_implementation="eager").eval(), AutoProcessor.from_pretrained(mdir)
-    return load
+    return dec.auto_loader("BlipForQuestionAnswering" if head == "vqa" else "BlipForImageTextRetrieval")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -101,8 +97,7 @@ CASES = [conf.FamilyCase(id=f"blip-{head}", family="blip", run=head, rows=scene_
 @pytest.fixture(scope="module", params=["vqa", "retrieval"])
 def blip(request, tmp_path_factory):
     """(head, model dir, lake root, reference model, processor, images, texts); the suite's lake."""
-    s = conf.subject(CASES[["vqa", "retrieval"].index(request.param)], tmp_path_factory)
-    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return (request.param, *dec.parts(conf.subject(CASES[["vqa", "retrieval"].index(request.param)], tmp_path_factory)))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example

@@ -18,6 +18,7 @@ import torch
 from tests.models.conformance import extract
 from pipeline.models import load_adapter
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_image, write_manifest
 
 IMG, PS, G = 32, 8, 4  # image size, patch size, grid
@@ -109,12 +110,7 @@ def scene_rows(mdir=None) -> list[dict]:
 
 
 def loader(kind: str):
-    def load(mdir):
-        from transformers import AutoProcessor, CLIPModel, SiglipModel
-
-        model = (CLIPModel if kind == "clip" else SiglipModel).from_pretrained(mdir, attn_implementation="eager")
-        return model.eval(), AutoProcessor.from_pretrained(mdir)
-    return load
+    return dec.auto_loader("CLIPModel" if kind == "clip" else "SiglipModel")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -135,8 +131,7 @@ CASES = [conf.FamilyCase(id=kind, family=kind, run=kind, make_model=lambda out, 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def dual(request, tmp_path_factory):
     """(kind, model dir, lake root, reference model, processor, images, texts); the suite's lake."""
-    s = conf.subject(CASES[["clip", "siglip"].index(request.param)], tmp_path_factory)
-    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return (request.param, *dec.parts(conf.subject(CASES[["clip", "siglip"].index(request.param)], tmp_path_factory)))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
