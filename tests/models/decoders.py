@@ -50,8 +50,9 @@ def tower_and_lm(model) -> list:
 
 
 def sharpen_with_positions(model) -> None:
-    """Peaked rows in the tower and the language model, then distinct patch positions (a CLIP or SigLIP
-    tower's: HF's init makes them too alike for patch-position checks to mean anything)."""
+    """Peaked rows in the tower and the language model, then the tower's patch position embeddings redrawn
+    larger than HF's small init (a CLIP or SigLIP tower's), as LLaVA's, LLaVA-NeXT's and PaliGemma's builders
+    always did."""
     sharpen(tower_and_lm(model))
     with torch.no_grad():
         model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.5)
@@ -301,3 +302,33 @@ def merger_inputs(lake_df, lake, run: str, ex: int):
     lm, vis = h[h.stream == "lm"], h[h.stream == "vision"]
     last = {(int(r), int(c)): np.asarray(v, np.float32) for r, c, v in zip(vis.patch_row, vis.patch_col, vis.vec)}
     return lm, last, lm[lm.modality == "image"]
+
+
+@dataclass(frozen=True)
+class RowAt:
+    """One stored attention row: run, stream, example, layer, head and query token."""
+    run: str
+    stream: str
+    ex: int
+    layer: int
+    head: int
+    query_idx: int
+
+
+def raw_row(raw_df, lake, at: RowAt):
+    """{key_idx: weight} of one attention row, read straight from the Parquet files."""
+    a = raw_df(lake, "SELECT key_idx, weight FROM {attention} WHERE run = ? AND stream = ? AND layer = ? AND "
+               "example_id = ? AND head = ? AND query_idx = ?",
+               [at.run, at.stream, at.layer, at.ex, at.head, at.query_idx])
+    assert len(a), "the row must be in the lake"
+    return a.set_index("key_idx").weight.astype(float)
+
+
+def stored_patch_vectors(lake_df, lake, run: str, ex: int):
+    """``[patch, dim]``: the vision stream's stored hidden layer 0 of one example's patch tokens, in order."""
+    import numpy as np
+
+    h = lake_df(lake, "SELECT h.vec FROM hidden_states h JOIN tokens t USING (run, example_id, token_idx) "
+                "WHERE h.run = ? AND h.example_id = ? AND h.stream = 'vision' AND h.layer = 0 "
+                "AND t.role = 'patch' ORDER BY h.token_idx", [run, ex])
+    return np.stack(h.vec.to_list()).astype(np.float32)
