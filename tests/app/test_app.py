@@ -60,14 +60,24 @@ def select_on_chart(at: AppTest, key: str, selection: dict) -> AppTest:
     AppTest has no API for chart selections; this sends the widget state the
     frontend would, so the chart's on_select callback runs as in the browser.
     """
-    el = next(e for e in at.get("vega_lite_chart") if e.key == key)
+    send_selection(at, next(e for e in at.get("vega_lite_chart") if e.key == key), selection)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def send_selection(at: AppTest, el, selection: dict) -> None:
+    """Send the widget state the frontend would for ``selection`` on the element ``el`` (a chart or a
+    dataframe), and rerun."""
     states: WidgetStates = at._tree.get_widget_states()
     ws = states.widgets.add()
     ws.id = el.proto.id
     ws.string_value = json.dumps({"selection": selection})
     at._run(states)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+
+
+def click_row(at: AppTest, el, row: int) -> None:
+    """A click on row ``row`` of the dataframe ``el`` (as the browser sends it), and rerun."""
+    send_selection(at, el, {"rows": [row], "columns": [], "cells": []})
 
 
 def texts(at: AppTest) -> str:
@@ -194,12 +204,7 @@ def test_examples_filters(synth_lake, monkeypatch, params, keep):
 
 def test_picking_a_row_selects_the_example_everywhere(synth_lake, monkeypatch):
     at = open_app(synth_lake.root, monkeypatch, run="synth")
-    el = at.dataframe[0]
-    states = at._tree.get_widget_states()
-    ws = states.widgets.add()
-    ws.id = el.proto.id
-    ws.string_value = json.dumps({"selection": {"rows": [2], "columns": [], "cells": []}})
-    at._run(states)
+    click_row(at, at.dataframe[0], 2)
     assert not at.exception
     assert at.session_state["ex"] == 2 and at.sidebar.selectbox(key="w_ex").value == 2
     at.switch_page("app_pages/attention.py").run()

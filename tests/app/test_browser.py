@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium, require_chromium, serve, settle, tiny_vilt_lake
+from tests.browser import require_chromium, serve, settle, tiny_vilt_lake
 
 PAGES = {"": "Examples", "head_summary": "Head summary", "attention": "Attention"}
 
@@ -31,12 +31,6 @@ def vilt_lake(tmp_path_factory):
 def server(vilt_lake):
     with serve(vilt_lake) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 @pytest.mark.parametrize("path,title", list(PAGES.items()))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium, require_chromium, serve, settle, tiny_vilt_lake
+from tests.browser import require_chromium, serve, settle, tiny_vilt_lake
 from tests.tiny import noise_image
 
 pytestmark = pytest.mark.browser
@@ -28,12 +28,6 @@ def server(vilt_lake):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
-
-
 def _settle(page) -> None:
     settle(page, timeout_ms=90_000)  # a live example runs the model inside the script run
 
@@ -46,6 +40,16 @@ def _png(seed: int) -> bytes:
 
 def _files(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _open_example_1(browser, server):
+    """A new page on example 1 of run ``tiny``, settled, and the list its page errors go to."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/?run=tiny&ex=1")
+    _settle(page)
+    return page, errors
 
 
 def _open_form(page):
@@ -67,11 +71,7 @@ def _fill(page, name: str, data: bytes, text: str) -> None:
 
 
 def test_a_bad_upload_says_why_and_changes_nothing(server, browser, vilt_lake):
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{server}/?run=tiny&ex=1")
-    _settle(page)
+    page, errors = _open_example_1(browser, server)
     before = _files(vilt_lake)
     _open_form(page)
     _fill(page, "fake.png", b"this is not an image, whatever its name says", "what color is the circle ?")
@@ -86,11 +86,7 @@ def test_a_bad_upload_says_why_and_changes_nothing(server, browser, vilt_lake):
 
 
 def test_upload_adds_and_selects_the_example(server, browser, vilt_lake):
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(f"{server}/?run=tiny&ex=1")
-    _settle(page)
+    page, errors = _open_example_1(browser, server)
     _open_form(page)
     _fill(page, "scene.png", _png(5), "what color is the square ?")
     page.wait_for_selector('text=/Added live example #6/', timeout=120_000)

@@ -17,7 +17,7 @@ import urllib.parse
 import pyarrow.dataset as ds
 import pytest
 
-from tests.browser import chromium, require_chromium, serve, settle
+from tests.browser import require_chromium, serve, settle
 
 pytestmark = pytest.mark.browser
 require_chromium()
@@ -30,12 +30,6 @@ LONG = 4  # the demo lake's example with the longest question: "is the triangle 
 def server(small_demo_lake):
     with serve(small_demo_lake) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
 
 
 def _open(browser, url: str, charts: bool = True):

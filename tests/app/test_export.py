@@ -29,7 +29,7 @@ from PIL import Image
 from lake import queries
 from lake.catalog import Catalog
 from streamlit_app import charts, export
-from tests.app.test_app import APP, open_app
+from tests.app.test_app import APP, click_row, open_app
 
 PAGES = re.findall(r'"app_pages" / "(\w+\.py)"', APP.read_text())
 SQL_PAGE = "app_pages/sql.py"
@@ -376,12 +376,7 @@ def test_head_summary_top_examples_for_the_selected_head(synth_lake, monkeypatch
     top = at.dataframe[0].value
     assert top.example_id.tolist() == s.example_id.tolist()
     np.testing.assert_allclose(top["max"], s.value, rtol=1e-6)
-    el = at.dataframe[0]
-    states = at._tree.get_widget_states()
-    ws = states.widgets.add()
-    ws.id = el.proto.id
-    ws.string_value = json.dumps({"selection": {"rows": [1], "columns": [], "cells": []}})
-    at._run(states)
+    click_row(at, at.dataframe[0], 1)
     assert not at.exception and at.session_state["ex"] == int(s.example_id.iloc[1])
 
 

@@ -25,7 +25,7 @@ from lake.catalog import open_catalog
 from lake.schema import EXAMPLES, HEAD_STATS
 from lake.writer import LakeWriter
 from streamlit_app import charts, export
-from tests.app.test_app import chart, chart_data, open_app, read_table, select_on_chart, texts
+from tests.app.test_app import chart, chart_data, click_row, open_app, read_table, select_on_chart, texts
 
 PAGE = "app_pages/compare.py"
 
@@ -280,11 +280,7 @@ def test_page_independent_map_list_and_drill(hand_lake, monkeypatch):
 def test_page_row_click_selects_head(hand_lake, monkeypatch):
     at = open_app(hand_lake, monkeypatch, page=PAGE, run="ind", a_split="a", b_split="b")
     el = next(d for d in at.dataframe if "adjusted p" in d.value.columns)
-    states = at._tree.get_widget_states()
-    ws = states.widgets.add()
-    ws.id = el.proto.id
-    ws.string_value = json.dumps({"selection": {"rows": [2], "columns": [], "cells": []}})
-    at._run(states)
+    click_row(at, el, 2)
     assert not at.exception
     assert at.session_state["cmp_head"] == [1, 0]  # the third row by |B − A|
 

@@ -15,18 +15,19 @@ independent arithmetic on the image sizes.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline.models import load_adapter
 from pipeline.models.aya_vision import MAX_NEW_TOKENS
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, SF = 32, 8, 2
 SIDE, POOL = CROP // PS, CROP // PS // SF  # 4 x 4 tower patches, 2 x 2 lm tokens a crop
 SEQ = POOL * POOL
+LAYOUT = dec.CropLayout(seq=SEQ, pool=POOL, side=SIDE, ps=PS, sf=SF)
 MARKS = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE_GLOBAL"] + \
         [f"TILE_{k}" for k in range(1, 5)]
 VOCAB = {"<unk>": 0, "<BOS_TOKEN>": 1, "<EOS_TOKEN>": 2, "<PAD>": 3, **{m: 4 + i for i, m in enumerate(MARKS)}}
@@ -49,37 +50,21 @@ def make_tiny(out, seed: int = 0):
                          pad_token="<PAD>", padding_side="left")
     ip = tf.GotOcr2ImageProcessorPil(size={"height": CROP, "width": CROP}, crop_to_patches=True, min_patches=1,
                                      max_patches=4)
-    vision = dict(model_type="siglip_vision_model", image_size=CROP, patch_size=PS, hidden_size=32,
-                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vision_use_head=False)
-    text = dict(model_type="cohere2", vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=1, eos_token_id=2, pad_token_id=3, sliding_window=WINDOW,
-                layer_types=["sliding_attention", "full_attention"])
+    vision = dec.tiny_tower("siglip_vision_model", CROP, PS, vision_use_head=False)
+    text = dec.tiny_lm("cohere2", len(VOCAB), num_key_value_heads=2, max_position_embeddings=256,
+                       sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
     cfg = tf.AyaVisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, downsample_factor=SF)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.AyaVisionForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked attention, so that a wrong permutation shows
-        for layer in list(model.model.vision_tower.encoder.layers) + list(model.model.language_model.layers):
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(out)
-    tf.AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=PS, img_size=CROP,
-                          downsample_factor=SF).save_pretrained(out)
-    return out
+    model = dec.random_model(tf.AyaVisionForConditionalGeneration, cfg, seed)
+    dec.sharpen(dec.tower_and_lm(model))
+    return dec.save(model, out, tf.AyaVisionProcessor(image_processor=ip, tokenizer=tok, patch_size=PS, img_size=CROP,
+                                                      downsample_factor=SF))
 
 
 def scene_rows(mdir=None) -> list[dict]:
     return noise_scene_rows([(size, t, a) for size, t, a, _ in SCENES], [0, 0, 40, 30])
 
 
-def load(mdir):
-    import transformers as tf
-
-    return (tf.AyaVisionForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(),
-            tf.AutoProcessor.from_pretrained(mdir))
+load = dec.auto_loader("AyaVisionForConditionalGeneration")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -91,8 +76,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     crops = enc["pixel_values"].shape[0]
     return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
                           patches={"lm": crops * SEQ, "vision": crops * SIDE * SIDE},
-                          attentions={"lm": [x[0].numpy() for x in o.attentions],
-                                      "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]},
+                          attentions=dec.attentions(o, v, tiled=True),
                           prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
 
 
@@ -102,19 +86,14 @@ CASES = [conf.FamilyCase(id="aya_vision", family="aya_vision", run=RUN, make_mod
 
 @pytest.fixture(scope="module")
 def aya(tmp_path_factory):
-    s = conf.subject(CASES[0], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[0], tmp_path_factory))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     enc = proc(images=[image], text=[f"<image>{text}"], return_tensors="pt")
     enc = {k: v for k, v in enc.items() if k != "num_patches"}
-    with torch.no_grad():
-        seq = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID])
-    P = enc["input_ids"].shape[1]
-    gen = seq[0, P:].tolist()
-    gen = gen[:gen.index(2) + 1] if 2 in gen else gen
+    gen = dec.greedy(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
     ids = torch.tensor([enc["input_ids"][0].tolist() + gen])
     with torch.no_grad():
         o = model(input_ids=ids, pixel_values=enc["pixel_values"], attention_mask=torch.ones_like(ids),
@@ -152,15 +131,13 @@ def test_token_table_matches_the_models_inputs(aya, lake_df):
     mdir, lake, model, proc, images, texts = aya
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen, _ = reference(model, proc, im, text)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         W, H = im.size
         rows, cols = SCENES[ex][3]
         crops = expected_crops(W, H, rows, cols)
         assert enc["pixel_values"].shape[0] == len(crops)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
+        lm, vis = dec.lm_then_vision(t)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
         assert len(img) == SEQ * len(crops) and set(img.role) == {"patch"}
@@ -170,44 +147,16 @@ def test_token_table_matches_the_models_inputs(aya, lake_df):
         assert list(lm.token[lm.role == "tile_marker"]) == [f"TILE_{k}" for k in range(1, rows * cols + 1)
                                                             if rows * cols > 1]
         assert list(lm.token[lm.role == "global_marker"]) == ["TILE_GLOBAL"]
-        tiles = [c[0] for c in crops]
-        assert list(img.tile) == [tl for tl in tiles for _ in range(SEQ)]
-        for k, p in enumerate(lm.seq_pos[lm.role.isin(["tile_marker", "global_marker"])]):
-            assert list(lm.tile.iloc[p + 1:p + 1 + SEQ]) == [tiles[k]] * SEQ
-        assert list(zip(img.patch_row, img.patch_col)) == [(r, c) for _ in crops for r in range(POOL)
-                                                           for c in range(POOL)]
-        txt = lm[(lm.modality == "text") & (lm.role != "generated")]
-        assert txt.role.iloc[0] == "bos"
-        gl = lm[lm.role == "generated"]
-        assert len(gen) >= 1 and len(gl) == len(gen)  # their pieces and places: the conformance suite
-        # boxes computed here: 2 x 2 blocks of 8 px patches, through the crop's place
-        q = PS * SF
-        exp = [((ox + c * q) * sx, (oy + r * q) * sy, (ox + (c + 1) * q) * sx, (oy + (r + 1) * q) * sy)
-               for _, ox, oy, sx, sy in crops for r in range(POOL) for c in range(POOL)]
-        np.testing.assert_allclose(img[["x0", "y0", "x1", "y1"]].to_numpy(float), exp, atol=1e-3)
-        # the tower: every crop's 4 x 4 patches, one after another, tiles then the thumbnail
-        assert list(vis.seq_pos) == list(range(len(crops) * SIDE * SIDE)) and set(vis.role) == {"patch"}
-        assert list(vis.tile) == [tl for tl in tiles for _ in range(SIDE * SIDE)]
-        expv = [((ox + c * PS) * sx, (oy + r * PS) * sy, (ox + (c + 1) * PS) * sx, (oy + (r + 1) * PS) * sy)
-                for _, ox, oy, sx, sy in crops for r in range(SIDE) for c in range(SIDE)]
-        np.testing.assert_allclose(vis[["x0", "y0", "x1", "y1"]].to_numpy(float), expv, atol=1e-3)
-        g = img[img.tile == 0]  # the thumbnail covers the whole original
-        assert g.x0.min() == pytest.approx(0) and g.x1.max() == pytest.approx(W) and g.y1.max() == pytest.approx(H)
+        # the tower: every crop's 4 x 4 patches, tiles then the thumbnail; the thumbnail covers the original
+        assert set(vis.role) == {"patch"}
+        dec.assert_crop_tokens(lm, vis, crops, gen, (W, H), LAYOUT)
 
 
 def test_t2i_of_a_word_by_hand(aya, lake_df):
     """The mass the word 'circle' puts on image tokens, head 1 of the last layer, by hand."""
     mdir, lake, model, proc, images, texts = aya
     _, _, o = reference(model, proc, images[0], texts[0])
-    A = o.attentions[1][0, 1].numpy()
-    t = tokens(lake_df, lake, 0)
-    lm = t[t.stream == "lm"]
-    w = int(lm.token_idx[lm.token == "circle"].iloc[0])
-    image = lm.token_idx[lm.modality == "image"].to_numpy()
-    a = lake_df(lake, f"SELECT key_idx, weight FROM attention WHERE run = '{RUN}' AND example_id = 0 AND "
-                "stream = 'lm' AND layer = 1 AND head = 1 AND query_idx = ?", [w])
-    mass = a[a.key_idx.isin(image)].weight.sum()
-    assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
+    dec.word_t2i_by_hand(lake_df, lake, RUN, o.attentions[1][0, 1].numpy())
 
 
 def test_sliding_window_layer_stores_only_the_window(aya, lake_df):

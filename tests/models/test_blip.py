@@ -18,6 +18,7 @@ import torch
 
 from pipeline.models import load_adapter
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import noise_image, write_vocab
 
 IMG, PS, G = 32, 8, 4
@@ -69,12 +70,7 @@ def scene_rows(mdir=None) -> list[dict]:
 
 
 def loader(head: str):
-    def load(mdir):
-        from transformers import AutoProcessor, BlipForImageTextRetrieval, BlipForQuestionAnswering
-
-        cls = BlipForQuestionAnswering if head == "vqa" else BlipForImageTextRetrieval
-        return cls.from_pretrained(mdir, attn_implementation="eager").eval(), AutoProcessor.from_pretrained(mdir)
-    return load
+    return dec.auto_loader("BlipForQuestionAnswering" if head == "vqa" else "BlipForImageTextRetrieval")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -101,8 +97,7 @@ CASES = [conf.FamilyCase(id=f"blip-{head}", family="blip", run=head, rows=scene_
 @pytest.fixture(scope="module", params=["vqa", "retrieval"])
 def blip(request, tmp_path_factory):
     """(head, model dir, lake root, reference model, processor, images, texts); the suite's lake."""
-    s = conf.subject(CASES[["vqa", "retrieval"].index(request.param)], tmp_path_factory)
-    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return (request.param, *dec.parts(conf.subject(CASES[["vqa", "retrieval"].index(request.param)], tmp_path_factory)))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -161,10 +156,7 @@ def test_hidden_state_0_of_each_patch_from_the_models_parameters(blip, lake_df):
             pe = emb.patch_embedding(enc["pixel_values"])[0]  # [dim, G, G]
             pos = emb.position_embedding[0]
             exp = torch.stack([pe[:, r, c] + pos[1 + r * G + c] for r in range(G) for c in range(G)])
-        h = lake_df(lake, "SELECT h.vec FROM hidden_states h JOIN tokens t USING (run, example_id, token_idx) "
-                    "WHERE h.run = ? AND h.example_id = ? AND h.stream = 'vision' AND h.layer = 0 "
-                    "AND t.role = 'patch' ORDER BY h.token_idx", [head, ex])
-        got = np.stack(h.vec.to_list()).astype(np.float32)
+        got = dec.stored_patch_vectors(lake_df, lake, head, ex)
         np.testing.assert_allclose(got, exp.numpy(), atol=2e-2, rtol=2e-2)
 
 
@@ -227,14 +219,6 @@ def _pills(at) -> list[str]:
     return [o.content for g in groups for o in g.proto.options]
 
 
-def _raw_row(raw_df, lake, run, stream, ex, layer, head, query_idx):
-    """{key_idx: weight} of one attention row, read straight from the Parquet files."""
-    a = raw_df(lake, "SELECT key_idx, weight FROM {attention} WHERE run = ? AND stream = ? AND layer = ? AND "
-               "example_id = ? AND head = ? AND query_idx = ?", [run, stream, layer, ex, head, query_idx])
-    assert len(a), "the row must be in the lake"
-    return a.set_index("key_idx").weight.astype(float)
-
-
 def test_head_summary_of_each_stream_is_the_lakes(blip, monkeypatch, raw_df):
     """The heatmap of each stream = mean over the examples of head_stats' values per (layer, head),
     computed here from the Parquet files; the statistic selector marks as empty what the stream cannot
@@ -291,7 +275,7 @@ def test_attention_page_of_each_stream(blip, monkeypatch, raw_df):
     assert sorted(ii.token_idx) == sorted(patches.token_idx)
     q = int(patches[(patches.patch_row == 1) & (patches.patch_col == 2)].token_idx.iloc[0])
     assert ii[ii.selected].token_idx.tolist() == [q]
-    row = _raw_row(raw_df, lake, head, "vision", ex, layer, h, q)
+    row = dec.raw_row(raw_df, lake, dec.RowAt(head, "vision", ex, layer, h, q))
     np.testing.assert_allclose(ii.weight.to_numpy(float), row.reindex(ii.token_idx).to_numpy(), atol=1e-6)
 
     at = open_app(lake, monkeypatch, page="app_pages/attention.py", run=head, ex=ex, stream="text", layer=layer,
@@ -320,6 +304,6 @@ def test_attention_page_of_each_stream(blip, monkeypatch, raw_df):
     assert _pills(at) == [f"{int(t.text_pos)} · {t.token}" for t in text.itertuples()]  # the text stream's tokens
     ti = chart_data(at, "text-image", "weight")
     assert sorted(ti.token_idx) == sorted(patches.token_idx)  # keys: the vision stream's patches
-    row = _raw_row(raw_df, lake, head, "cross", ex, layer, h, int(circle.token_idx))
+    row = dec.raw_row(raw_df, lake, dec.RowAt(head, "cross", ex, layer, h, int(circle.token_idx)))
     np.testing.assert_allclose(ti.weight.to_numpy(float), row.reindex(ti.token_idx).to_numpy(), atol=1e-6)
     assert any(f"text → image mass {ti.weight.sum():.4f}" in str(c.value) for c in at.caption)

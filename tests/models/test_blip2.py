@@ -20,6 +20,7 @@ import torch
 
 from pipeline.models import load_adapter
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.models.conformance import extract
 from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer, write_manifest
 
@@ -48,8 +49,7 @@ def make_tiny_blip2(out, seed: int = 0, qformer_layers: int = 2, cross_every: in
     tok, vocab = blip2_tokenizer()
     ip = tf.BlipImageProcessorPil(size={"height": IMG, "width": IMG})
     proc = tf.Blip2Processor(image_processor=ip, tokenizer=tok, num_query_tokens=Q)
-    vision = dict(image_size=IMG, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2)
+    vision = dec.tiny_tower(None, IMG, PS)
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=qformer_layers, num_attention_heads=2,
                    encoder_hidden_size=32, cross_attention_frequency=cross_every, vocab_size=64)
     text = dict(model_type="opt", vocab_size=len(vocab), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
@@ -57,19 +57,19 @@ def make_tiny_blip2(out, seed: int = 0, qformer_layers: int = 2, cross_every: in
                 eos_token_id=2, pad_token_id=0)
     cfg = tf.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=Q,
                          image_token_index=IMAGE_ID)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.Blip2ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
+    model = dec.random_model(tf.Blip2ForConditionalGeneration, cfg, seed)
+    sharpen_everything(model)
+    return dec.save(model, out, proc, pad=0)
+
+
+def sharpen_everything(model) -> None:
+    """Peaked, distinct attention rows (HF's init is near uniform): every weight of two or more dimensions
+    (linear and conv weights, position and class embeddings) redrawn, and distinct query tokens."""
+    with torch.no_grad():
         for p in model.parameters():
-            if p.dim() >= 2:  # linear and conv weights, position and class embeddings
+            if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
         model.query_tokens.normal_(0.0, 1.0)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
 
 
 MAX_NEW = 16  # llava.MAX_NEW_TOKENS: the tiny checkpoint sets no length
@@ -83,12 +83,8 @@ def scene_rows(mdir=None) -> list[dict]:
 
 
 def loader(variant: str):
-    def load(mdir):
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
-
-        klass = Blip2ForConditionalGeneration if variant == "blip2" else InstructBlipForConditionalGeneration
-        return klass.from_pretrained(mdir, attn_implementation="eager").eval(), AutoProcessor.from_pretrained(mdir)
-    return load
+    return dec.auto_loader("Blip2ForConditionalGeneration" if variant == "blip2"
+                           else "InstructBlipForConditionalGeneration")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -112,8 +108,7 @@ CASES = [conf.FamilyCase(id=v, family=v.split("-")[0], run="b2", make_model=lamb
 def b2(request, tmp_path_factory):
     """(model dir, lake root, reference model, processor, images, texts) of BLIP-2 / InstructBLIP; the
     conformance suite's lake."""
-    s = conf.subject(CASES[VARIANTS.index(request.param)], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[VARIANTS.index(request.param)], tmp_path_factory))
 
 
 def family(b2) -> str:
@@ -124,11 +119,7 @@ def family(b2) -> str:
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy answer."""
     enc = proc(images=[image], text=[text], return_tensors="pt")
-    with torch.no_grad():
-        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW, suppress_tokens=[IMAGE_ID])
-    P = enc["input_ids"].shape[1]
-    gen = g[0, P:].tolist()
-    return enc, (gen[:gen.index(2) + 1] if 2 in gen else gen)
+    return enc, dec.greedy(model, enc, MAX_NEW, [IMAGE_ID])
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -186,8 +177,7 @@ def test_token_table_matches_the_models_inputs(b2, lake_df):
     mdir, lake, model, proc, images, texts = b2
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen = reference(model, proc, im, text)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         assert ids[:Q] == [IMAGE_ID] * Q and ids[Q] == 1  # the processor's Q placeholders, then bos
         t = tokens(lake_df, lake, ex)
         lm, qf, vis = (t[t.stream == s] for s in ("lm", "qformer", "vision"))
@@ -355,8 +345,7 @@ def make_tiny_instructblip(out, seed: int = 0, lm: str = "opt"):
     qtok = tf.BertTokenizer(str(write_vocab(out / "qformer_vocab.txt")), do_lower_case=True)
     ip = tf.BlipImageProcessorPil(size={"height": IMG, "width": IMG})
     proc = tf.InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qtok, num_query_tokens=Q)
-    vision = dict(image_size=IMG, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2)
+    vision = dec.tiny_tower(None, IMG, PS)
     qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                    encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=len(qtok), pad_token_id=0)
     text = dict(model_type="opt", vocab_size=len(vocab), hidden_size=32, ffn_dim=64, word_embed_proj_dim=32,
@@ -368,16 +357,6 @@ def make_tiny_instructblip(out, seed: int = 0, lm: str = "opt"):
                     max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = tf.InstructBlipConfig(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=Q,
                                 image_token_index=IMAGE_ID)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.InstructBlipForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-        model.query_tokens.normal_(0.0, 1.0)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    model = dec.random_model(tf.InstructBlipForConditionalGeneration, cfg, seed)
+    sharpen_everything(model)
+    return dec.save(model, out, proc, pad=0)

@@ -18,6 +18,7 @@ import torch
 from tests.models.conformance import extract
 from pipeline.models import load_adapter
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_image, write_manifest
 
 IMG, PS, G = 32, 8, 4  # image size, patch size, grid
@@ -109,12 +110,7 @@ def scene_rows(mdir=None) -> list[dict]:
 
 
 def loader(kind: str):
-    def load(mdir):
-        from transformers import AutoProcessor, CLIPModel, SiglipModel
-
-        model = (CLIPModel if kind == "clip" else SiglipModel).from_pretrained(mdir, attn_implementation="eager")
-        return model.eval(), AutoProcessor.from_pretrained(mdir)
-    return load
+    return dec.auto_loader("CLIPModel" if kind == "clip" else "SiglipModel")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -135,8 +131,7 @@ CASES = [conf.FamilyCase(id=kind, family=kind, run=kind, make_model=lambda out, 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def dual(request, tmp_path_factory):
     """(kind, model dir, lake root, reference model, processor, images, texts); the suite's lake."""
-    s = conf.subject(CASES[["clip", "siglip"].index(request.param)], tmp_path_factory)
-    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return (request.param, *dec.parts(conf.subject(CASES[["clip", "siglip"].index(request.param)], tmp_path_factory)))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -225,10 +220,7 @@ def test_hidden_state_0_of_each_patch_from_the_models_parameters(dual, lake_df):
             if kind == "clip":
                 cls = vm.embeddings.class_embedding + pos[0]
                 exp = vm.pre_layrnorm(torch.cat([cls[None], exp]))[first:]
-        h = lake_df(lake, "SELECT h.token_idx, h.vec, t.role FROM hidden_states h JOIN tokens t USING (run, "
-                    "example_id, token_idx) WHERE h.run = ? AND h.example_id = ? AND h.stream = 'vision' "
-                    "AND h.layer = 0 AND t.role = 'patch' ORDER BY h.token_idx", [kind, ex])
-        got = np.stack(h.vec.to_list()).astype(np.float32)
+        got = dec.stored_patch_vectors(lake_df, lake, kind, ex)
         np.testing.assert_allclose(got, exp.numpy(), atol=2e-2, rtol=2e-2)
 
 
@@ -310,14 +302,6 @@ def _infos(at) -> str:
     return " | ".join(str(e.value) for e in at.info)
 
 
-def _raw_row(raw_df, lake, run, stream, ex, layer, head, query_idx):
-    """{key_idx: weight} of one attention row, read straight from the Parquet files."""
-    a = raw_df(lake, "SELECT key_idx, weight FROM {attention} WHERE run = ? AND stream = ? AND layer = ? AND "
-               "example_id = ? AND head = ? AND query_idx = ?", [run, stream, layer, ex, head, query_idx])
-    assert len(a), "the row must be in the lake"
-    return a.set_index("key_idx").weight.astype(float)
-
-
 def test_head_summary_of_each_tower_is_the_lakes(dual, monkeypatch, raw_df):
     """The heatmap of each stream = mean over the examples of head_stats' values, per (layer, head), computed
     here from the Parquet files; each tower's statistic selector marks the other modality's statistics
@@ -389,7 +373,7 @@ def test_attention_page_of_each_tower(dual, monkeypatch, raw_df):
     assert sorted(ii.token_idx) == sorted(patches.token_idx)
     q = int(patches[(patches.patch_row == 1) & (patches.patch_col == 2)].token_idx.iloc[0])
     assert ii[ii.selected].token_idx.tolist() == [q]
-    row = _raw_row(raw_df, lake, kind, "vision", ex, layer, head, q)
+    row = dec.raw_row(raw_df, lake, dec.RowAt(kind, "vision", ex, layer, head, q))
     np.testing.assert_allclose(ii.weight.to_numpy(float), row.reindex(ii.token_idx).to_numpy(), atol=1e-6)
 
 

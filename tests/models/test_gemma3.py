@@ -24,6 +24,7 @@ from pipeline.models import load_adapter
 from pipeline.models.gemma3 import MAX_NEW_TOKENS
 from tests.models.test_llava import assert_rows_as_generated
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer
 
 IMG, PS, MM, WINDOW = 32, 4, 4, 4
@@ -53,37 +54,21 @@ def make_tiny_gemma3(out, seed: int = 0, **image_processor):
     tok, vocab = gemma3_tokenizer()
     ip = tf.Gemma3ImageProcessorPil(size={"height": IMG, "width": IMG}, **image_processor)
     proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=MM)
-    vision = dict(model_type="siglip_vision_model", image_size=IMG, patch_size=PS, hidden_size=32,
-                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
-                layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
-                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    vision = dec.tiny_tower("siglip_vision_model", IMG, PS)
+    text = dec.tiny_lm(None, len(vocab), num_key_value_heads=1, head_dim=16, sliding_window=WINDOW,
+                       layer_types=["sliding_attention", "full_attention"])
     cfg = tf.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=MM, boi_token_index=BOI,
                           eoi_token_index=EOI, image_token_index=IMAGE_ID)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows
-        for layer in list(model.model.vision_tower.encoder.layers) + list(model.model.language_model.layers):
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    model = dec.random_model(tf.Gemma3ForConditionalGeneration, cfg, seed)
+    dec.sharpen(dec.tower_and_lm(model))
+    return dec.save(model, out, proc)
 
 
 def scene_rows(mdir=None) -> list[dict]:
     return noise_scene_rows(SCENES, [0, 0, 16, 16])
 
 
-def load(mdir):
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
-
-    return Gemma3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(), \
-        AutoProcessor.from_pretrained(mdir)
+load = dec.auto_loader("Gemma3ForConditionalGeneration")
 
 
 def conformance_reference(s: conf.Subject, ex: int, **kw) -> conf.Reference:
@@ -94,7 +79,7 @@ def conformance_reference(s: conf.Subject, ex: int, **kw) -> conf.Reference:
     crops, _, h, w = enc["pixel_values"].shape
     with torch.no_grad():
         v = s.model.model.vision_tower(enc["pixel_values"], output_attentions=True)
-    att = {"lm": [x[0].numpy() for x in o.attentions], "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]}
+    att = dec.attentions(o, v, tiled=True)
     return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen, attentions=att,
                           patches={"lm": crops * MM, "vision": crops * (h // PS) * (w // PS)},
                           prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
@@ -103,8 +88,7 @@ def conformance_reference(s: conf.Subject, ex: int, **kw) -> conf.Reference:
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory):
     """(model dir, lake root, reference model, processor, images, texts); the conformance suite's lake."""
-    s = conf.subject(CASES[0], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[0], tmp_path_factory))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -112,11 +96,7 @@ def reference(model, proc, image, text, **kw):
     """The model alone on one example: its inputs, its greedy answer (cut after eos), and the
     teacher-forced pass over prompt + answer with attentions (``kw``: the processor's keywords)."""
     enc = proc(images=[image], text=[f"<start_of_image> {text}"], return_tensors="pt", **kw)
-    with torch.no_grad():
-        seq = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID])
-    P = enc["input_ids"].shape[1]
-    gen = seq[0, P:].tolist()
-    gen = gen[:gen.index(2) + 1] if 2 in gen else gen
+    gen = dec.greedy(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
     ids = torch.tensor([enc["input_ids"][0].tolist() + gen])
     tt = torch.cat([enc["token_type_ids"], torch.zeros((1, len(gen)), dtype=torch.long)], dim=1)
     with torch.no_grad():
@@ -132,9 +112,7 @@ def tokens(lake_df, lake, ex):
 def lake_attention(lake_df, lake, ex, stream, layer, n, offset=0):
     a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'gemma3' AND "
                 "example_id = ? AND stream = ? AND layer = ?", [ex, stream, layer])
-    A = np.zeros((2, n, n), np.float32)
-    A[a["head"].to_numpy(), a.query_idx.to_numpy() - offset, a.key_idx.to_numpy() - offset] = a.weight.to_numpy()
-    return A
+    return dec.square(a, n, offset)
 
 
 def test_registered_and_streams(gemma3):
@@ -169,11 +147,9 @@ def test_token_table_matches_the_models_inputs(gemma3, lake_df):
     mdir, lake, model, proc, images, texts = gemma3
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen, _ = reference(model, proc, im, text)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
+        lm, vis = dec.lm_then_vision(t)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
         assert list(img.seq_pos) == [p for p, i in enumerate(ids) if i == IMAGE_ID] and len(img) == MM
@@ -282,9 +258,7 @@ def test_lm_attention_equals_generates_own(gemma3, lake_df):
     mdir, lake, model, proc, images, texts = gemma3
     ex = 1
     enc = proc(images=[images[ex]], text=[f"<start_of_image> {texts[ex]}"], return_tensors="pt")
-    with torch.no_grad():
-        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID],
-                           output_attentions=True, return_dict_in_generate=True)
+    g = dec.generate_with_attentions(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
     P = enc["input_ids"].shape[1]
     n = int((tokens(lake_df, lake, ex).stream == "lm").sum())
     assert n - P >= 2
@@ -383,11 +357,9 @@ def test_pas_token_table_matches_the_models_inputs(gemma3_pas, lake_df):
         enc, gen, _ = reference(model, proc, im, text, **PAS)
         n_crops = len(pas_crops(*im.size))
         assert enc["pixel_values"].shape[0] == 1 + n_crops  # the whole image, then its crops
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
+        lm, vis = dec.lm_then_vision(t)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         # 1 + n_crops image blocks, in order: the whole image (tile 0), then crop k (tile k)
         assert ids.count(BOI) == ids.count(EOI) == 1 + n_crops

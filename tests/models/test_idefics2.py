@@ -22,6 +22,7 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.idefics2 import MAX_NEW_TOKENS
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 PS, SHORT, LONG, Q = 8, 24, 48, 4
@@ -55,42 +56,26 @@ def make_tiny(out, seed: int = 0, splitting: bool = False):
                          padding_side="left")
     ip = tf.Idefics2ImageProcessorPil(size={"shortest_edge": SHORT, "longest_edge": LONG},
                                       do_image_splitting=splitting)
-    vision = dict(image_size=32, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2)
-    text = dict(model_type="mistral", vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=1, eos_token_id=2, pad_token_id=3, sliding_window=None)
+    vision = dec.tiny_tower(None, 32, PS)
+    text = dec.tiny_lm("mistral", len(VOCAB), num_key_value_heads=2, max_position_embeddings=256, sliding_window=None)
     perceiver = dict(resampler_n_latents=Q, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
                      num_key_value_heads=1)
     cfg = tf.Idefics2Config(vision_config=vision, text_config=text, perceiver_config=perceiver,
                             image_token_id=IMAGE_ID, pad_token_id=3)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.Idefics2ForConditionalGeneration(cfg).eval()
+    model = dec.random_model(tf.Idefics2ForConditionalGeneration, cfg, seed)
     m = model.model
-    with torch.no_grad():  # peaked attention, so that a wrong permutation shows
-        attn = [l.self_attn for l in list(m.vision_model.encoder.layers) + list(m.text_model.layers)
-                + list(m.connector.perceiver_resampler.layers)]
-        for a in attn:
-            a.q_proj.weight.normal_(0.0, 0.4)
-            a.k_proj.weight.normal_(0.0, 0.4)
+    dec.sharpen(list(m.vision_model.encoder.layers) + list(m.text_model.layers)
+                + list(m.connector.perceiver_resampler.layers))
+    with torch.no_grad():
         m.connector.perceiver_resampler.latents.normal_(0.0, 1.0)  # distinct latents (HF starts them at ones)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(out)
-    tf.Idefics2Processor(image_processor=ip, tokenizer=tok, image_seq_len=Q).save_pretrained(out)
-    return out
+    return dec.save(model, out, tf.Idefics2Processor(image_processor=ip, tokenizer=tok, image_seq_len=Q))
 
 
 def scene_rows(mdir=None) -> list[dict]:
     return noise_scene_rows(SCENES, [0, 0, 25, 20])
 
 
-def load(mdir):
-    import transformers as tf
-
-    model = tf.Idefics2ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
-    return model, tf.AutoProcessor.from_pretrained(mdir)
+load = dec.auto_loader("Idefics2ForConditionalGeneration")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -116,8 +101,7 @@ CASES = [conf.FamilyCase(id="idefics2", family="idefics2", run=RUN, make_model=m
 @pytest.fixture(scope="module")
 def i2(tmp_path_factory):
     """(model dir, lake root, reference model, processor, images, texts): the conformance suite's lake."""
-    s = conf.subject(CASES[0], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[0], tmp_path_factory))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -125,11 +109,7 @@ def reference(model, proc, image, text):
     """One example alone: its inputs, generated ids, the LM's own attentions, the tower's and the
     perceiver's (hooks on its attention modules: ``[head, Q, patches + Q]`` per layer)."""
     enc = proc(images=[[image]], text=[f"<image>{text}"], return_tensors="pt")
-    with torch.no_grad():
-        seq = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID])
-    P = enc["input_ids"].shape[1]
-    gen = seq[0, P:].tolist()
-    gen = gen[:gen.index(2) + 1] if 2 in gen else gen
+    gen = dec.greedy(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
     ids = torch.tensor([enc["input_ids"][0].tolist() + gen])
     perceiver = []
     hooks = [l.self_attn.register_forward_hook(lambda m, a, o: perceiver.append(o[1][0].clone()))
@@ -173,8 +153,7 @@ def test_token_table_matches_the_models_inputs(i2, lake_df):
     mdir, lake, model, proc, images, texts = i2
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen, _, _, _ = reference(model, proc, im, text)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         t = tokens(lake_df, lake, ex)
         lm, vis, per = (t[t.stream == s] for s in ("lm", "vision", "perceiver"))
         assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis) + ["perceiver"] * Q
@@ -224,15 +203,7 @@ def test_t2i_of_a_word_by_hand(i2, lake_df):
     hand, and the stored t2i of the perceiver (i2i: its queries and keys are all image tokens)."""
     mdir, lake, model, proc, images, texts = i2
     _, _, o, _, _ = reference(model, proc, images[0], texts[0])
-    A = o.attentions[1][0, 1].numpy()
-    t = tokens(lake_df, lake, 0)
-    lm = t[t.stream == "lm"]
-    w = int(lm.token_idx[lm.token == "circle"].iloc[0])
-    image = lm.token_idx[lm.modality == "image"].to_numpy()
-    a = lake_df(lake, f"SELECT key_idx, weight FROM attention WHERE run = '{RUN}' AND example_id = 0 AND "
-                "stream = 'lm' AND layer = 1 AND head = 1 AND query_idx = ?", [w])
-    mass = a[a.key_idx.isin(image)].weight.sum()
-    assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
+    dec.word_t2i_by_hand(lake_df, lake, RUN, o.attentions[1][0, 1].numpy())
 
 
 def test_perceiver_page(i2, monkeypatch):

@@ -22,11 +22,13 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.idefics3 import MAX_NEW_TOKENS
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, SF, LONG = 32, 8, 2, 64
 SIDE, POOL = CROP // PS, CROP // PS // SF  # 4 x 4 tower patches, 2 x 2 lm tokens a crop
 SEQ = POOL * POOL
+LAYOUT = dec.CropLayout(seq=SEQ, pool=POOL, side=SIDE, ps=PS, sf=SF)
 MARKS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + \
         [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{m: 4 + i for i, m in enumerate(MARKS)}}
@@ -48,24 +50,14 @@ def make_tiny(out, family: str = "idefics3", seed: int = 0):
                          padding_side="left")
     ipc = tf.Idefics3ImageProcessorPil if family == "idefics3" else tf.SmolVLMImageProcessorPil
     ip = ipc(size={"longest_edge": LONG}, max_image_size={"longest_edge": CROP}, do_image_splitting=True)
-    vision = dict(image_size=CROP, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2)
-    text = dict(model_type="llama", vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    vision = dec.tiny_tower(None, CROP, PS)
+    text = dec.tiny_lm("llama", len(VOCAB), num_key_value_heads=2, max_position_embeddings=256)
     Config, Model = ((tf.Idefics3Config, tf.Idefics3ForConditionalGeneration) if family == "idefics3" else
                      (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration))
     cfg = Config(vision_config=vision, text_config=text, scale_factor=SF, image_token_id=IMAGE_ID, pad_token_id=3)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = Model(cfg).eval()
-    with torch.no_grad():
-        for layer in list(model.model.vision_model.encoder.layers) + list(model.model.text_model.layers):
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(out)
+    model = dec.random_model(Model, cfg, seed)
+    dec.sharpen(list(model.model.vision_model.encoder.layers) + list(model.model.text_model.layers))
+    dec.save(model, out)
     if family == "idefics3":
         tf.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=SEQ).save_pretrained(out)
     else:  # SmolVLMProcessor needs torchvision and num2words: its files, written by hand
@@ -87,7 +79,7 @@ def loader(family: str):
         from pipeline.models.idefics3 import Idefics3Adapter
 
         Model = tf.Idefics3ForConditionalGeneration if family == "idefics3" else tf.SmolVLMForConditionalGeneration
-        return Model.from_pretrained(mdir, attn_implementation="eager").eval(), Idefics3Adapter.load_processor(str(mdir))
+        return dec.load_eager(Model, mdir), Idefics3Adapter.load_processor(str(mdir))
     return load
 
 
@@ -99,8 +91,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     crops = enc["pixel_values"].shape[1]
     return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
                           patches={"lm": crops * SEQ, "vision": crops * SIDE * SIDE},
-                          attentions={"lm": [x[0].numpy() for x in o.attentions],
-                                      "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]},
+                          attentions=dec.attentions(o, v, tiled=True),
                           prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
 
 
@@ -112,19 +103,14 @@ CASES = [conf.FamilyCase(id=family, family=family, run=RUN, make_model=lambda ou
 
 @pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
 def idefics(request, tmp_path_factory):
-    s = conf.subject(CASES[["idefics3", "smolvlm"].index(request.param)], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[["idefics3", "smolvlm"].index(request.param)], tmp_path_factory))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     enc = proc(images=[[image]], text=[f"<image>{text}"], return_tensors="pt")
     enc = {k: v for k, v in enc.items() if k not in ("rows", "cols")}
-    with torch.no_grad():
-        seq = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID])
-    P = enc["input_ids"].shape[1]
-    gen = seq[0, P:].tolist()
-    gen = gen[:gen.index(2) + 1] if 2 in gen else gen
+    gen = dec.greedy(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
     ids = torch.tensor([enc["input_ids"][0].tolist() + gen])
     with torch.no_grad():
         o = model(input_ids=ids, pixel_values=enc["pixel_values"], pixel_attention_mask=enc["pixel_attention_mask"],
@@ -182,14 +168,12 @@ def test_token_table_matches_the_models_inputs(idefics, lake_df):
     mdir, lake, model, proc, images, texts = idefics
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen, _ = reference(model, proc, im, text)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         W, H = im.size
         crops, rows, cols = expected_crops(W, H)
         assert enc["pixel_values"].shape[1] == len(crops)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
+        lm, vis = dec.lm_then_vision(t)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
         assert len(img) == SEQ * len(crops) and set(img.role) == {"patch"}
@@ -199,48 +183,19 @@ def test_token_table_matches_the_models_inputs(idefics, lake_df):
         assert list(lm.token[lm.role == "tile_marker"]) == [f"<row_{r + 1}_col_{c + 1}>" for r in range(rows)
                                                             for c in range(cols)]
         assert list(lm.token[lm.role == "global_marker"]) == ["<global-img>"]
-        # each marker is followed by its crop's image tokens, whose tile is the crop's
-        tiles = [c[0] for c in crops]
-        assert list(img.tile) == [tl for tl in tiles for _ in range(SEQ)]
-        for k, p in enumerate(lm.seq_pos[lm.role.isin(["tile_marker", "global_marker"])]):
-            assert list(lm.tile.iloc[p + 1:p + 1 + SEQ]) == [tiles[k]] * SEQ
-        assert list(zip(img.patch_row, img.patch_col)) == [(r, c) for _ in crops for r in range(POOL)
-                                                           for c in range(POOL)]
-        txt = lm[(lm.modality == "text") & (lm.role != "generated")]
-        assert txt.role.iloc[0] == "bos"
-        gl = lm[lm.role == "generated"]
-        assert len(gen) >= 1 and len(gl) == len(gen)  # their pieces and places: the conformance suite
         # boxes computed here: pooled 2 x 2 blocks of 8 px patches, through the crop's place
         q = PS * SF
         exp = [(ox + c * q) * sx for _, ox, oy, sx, sy in crops for r in range(POOL) for c in range(POOL)]
         np.testing.assert_allclose(img.x0.to_numpy(float), exp, atol=1e-3)
-        exp = [((ox + c * q) * sx, (oy + r * q) * sy, (ox + (c + 1) * q) * sx, (oy + (r + 1) * q) * sy)
-               for _, ox, oy, sx, sy in crops for r in range(POOL) for c in range(POOL)]
-        np.testing.assert_allclose(img[["x0", "y0", "x1", "y1"]].to_numpy(float), exp, atol=1e-3)
-        # the tower: every crop's 4 x 4 patches, one after another
-        assert list(vis.seq_pos) == list(range(len(crops) * SIDE * SIDE))
-        assert list(vis.tile) == [tl for tl in tiles for _ in range(SIDE * SIDE)]
-        expv = [((ox + c * PS) * sx, (oy + r * PS) * sy, (ox + (c + 1) * PS) * sx, (oy + (r + 1) * PS) * sy)
-                for _, ox, oy, sx, sy in crops for r in range(SIDE) for c in range(SIDE)]
-        np.testing.assert_allclose(vis[["x0", "y0", "x1", "y1"]].to_numpy(float), expv, atol=1e-3)
-        # the whole original is covered by the global image's tokens
-        g = img[img.tile == 0]
-        assert g.x0.min() == pytest.approx(0) and g.x1.max() == pytest.approx(W) and g.y1.max() == pytest.approx(H)
+        # each marker is followed by its crop's image tokens; the whole original is covered by the global image
+        dec.assert_crop_tokens(lm, vis, crops, gen, (W, H), LAYOUT)
 
 
 def test_t2i_of_a_word_by_hand(idefics, lake_df):
     """The mass the word 'circle' puts on image tokens, head 1 of the last layer, by hand."""
     mdir, lake, model, proc, images, texts = idefics
     _, _, o = reference(model, proc, images[0], texts[0])
-    A = o.attentions[1][0, 1].numpy()
-    t = tokens(lake_df, lake, 0)
-    lm = t[t.stream == "lm"]
-    w = int(lm.token_idx[lm.token == "circle"].iloc[0])
-    image = lm.token_idx[lm.modality == "image"].to_numpy()
-    a = lake_df(lake, f"SELECT key_idx, weight FROM attention WHERE run = '{RUN}' AND example_id = 0 AND "
-                "stream = 'lm' AND layer = 1 AND head = 1 AND query_idx = ?", [w])
-    mass = a[a.key_idx.isin(image)].weight.sum()
-    assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
+    dec.word_t2i_by_hand(lake_df, lake, RUN, o.attentions[1][0, 1].numpy())
 
 
 def test_smolvlm_prompt_is_transformers_own(idefics):

@@ -20,6 +20,7 @@ from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.models.test_llava import assert_rows_as_generated
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, S, M = 32, 8, 4, 2  # crop size, tower patch size, patches a side, shuffled tokens a side
@@ -55,32 +56,19 @@ def make_tiny(out, seed: int = 0):
     import transformers as tf
 
     out.mkdir(parents=True, exist_ok=True)
-    text = dict(model_type="qwen2", vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
-    vision = dict(image_size=[CROP, CROP], patch_size=[PS, PS], hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=2)
+    text = dec.tiny_lm("qwen2", len(VOCAB), num_key_value_heads=2, max_position_embeddings=512, eos_token_id=EOS,
+                       pad_token_id=PAD)
+    vision = dec.tiny_tower(None, [CROP, CROP], [PS, PS])
     cfg = tf.InternVLConfig(vision_config=vision, text_config=text, image_token_id=CTX, downsample_ratio=0.5,
                             vision_feature_layer=-1, vision_feature_select_strategy="default")
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.InternVLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
+    model = dec.random_model(tf.InternVLForConditionalGeneration, cfg, seed)
+    dec.sharpen(model.model.vision_tower.encoder.layer, "attention")
+    with torch.no_grad():  # layer scales at 1 (HF starts them at the config's layer_scale_init_value)
         for layer in model.model.vision_tower.encoder.layer:
-            layer.attention.q_proj.weight.normal_(0.0, 0.4)
-            layer.attention.k_proj.weight.normal_(0.0, 0.4)
             layer.lambda_1.fill_(1.0)
             layer.lambda_2.fill_(1.0)
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-    gc = model.generation_config
-    gc.eos_token_id = [EOS, PAD]
-    gc.pad_token_id = PAD
-    gc.suppress_tokens = [SUPPRESSED]
-    model.save_pretrained(out)
-    tokenizer().save_pretrained(out)
-    image_processor().save_pretrained(out)
+    dec.sharpen(model.model.language_model.layers)
+    dec.save(model, out, tokenizer(), image_processor(), eos=[EOS, PAD], pad=PAD, suppress=[SUPPRESSED])
     (out / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
                                                            "image_seq_length": M * M}))
     return out
@@ -101,23 +89,20 @@ def scene_rows(mdir=None) -> list[dict]:
 def load(mdir):
     import transformers as tf
 
-    return tf.InternVLForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(), processor()
+    return dec.load_eager(tf.InternVLForConditionalGeneration, mdir), processor()
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     """Prompt ids, greedy answer (cut after eos), the teacher-forced attention, the tower crop by crop."""
     enc, g = reference(s.model, s.proc, s.images[ex], s.texts[ex])
     ids = enc["input_ids"][0].tolist()
-    new = g.sequences[0, len(ids):].tolist()
-    stop = next((i for i, x in enumerate(new) if x in (EOS, PAD)), None)
-    gen = new if stop is None else new[:stop + 1]
+    new, gen = dec.answer(g, ids, (EOS, PAD))
     with torch.no_grad():
         o = s.model(input_ids=torch.tensor([ids + gen]), pixel_values=enc["pixel_values"], output_attentions=True)
         v = s.model.model.vision_tower(enc["pixel_values"], output_attentions=True)
     crops = enc["pixel_values"].shape[0]
     return conf.Reference(ids=ids, generated=gen, patches={"lm": crops * M * M, "vision": crops * S * S},
-                          attentions={"lm": [x[0].numpy() for x in o.attentions],
-                                      "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]},
+                          attentions=dec.attentions(o, v, tiled=True),
                           prediction=s.proc.tokenizer.decode(new, skip_special_tokens=True).strip())
 
 
@@ -127,17 +112,13 @@ CASES = [conf.FamilyCase(id="internvl", family="internvl", run=RUN, make_model=m
 
 @pytest.fixture(scope="module")
 def intern(tmp_path_factory):
-    s = conf.subject(CASES[0], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[0], tmp_path_factory))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     enc = proc(images=[image], text=[f"<IMG_CONTEXT> {text}"], return_tensors="pt")
-    with torch.no_grad():
-        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                           suppress_tokens=[SUPPRESSED, CTX], output_attentions=True, return_dict_in_generate=True)
-    return enc, g
+    return enc, dec.generate_with_attentions(model, enc, MAX_NEW_TOKENS, [SUPPRESSED, CTX])
 
 
 def tokens(lake_df, lake, ex):
@@ -171,25 +152,16 @@ def test_registered_and_processor(intern, monkeypatch):
     """Registered; the assembled processor gives exactly what transformers' ``InternVLProcessor`` gives (built
     here without its video processor)."""
     import transformers as tf
-    from transformers.processing_utils import ProcessorMixin
 
     from pipeline.models import FAMILIES
     from pipeline.models.internvl import InternVLImageTextProcessor
 
     mdir, lake, model, proc, images, texts = intern
     assert "internvl" in FAMILIES
-    check = ProcessorMixin.check_argument_for_proper_class
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class",
-                        lambda self, name, arg: None if arg is None else check(self, name, arg))
-    theirs = tf.InternVLProcessor(image_processor=image_processor(), tokenizer=tokenizer(), video_processor=None,
-                                  image_seq_length=M * M)
-    prompts = [f"<IMG_CONTEXT> {t}" for t in texts]
-    e1 = theirs(images=images, text=prompts, return_tensors="pt", padding=True)
-    e2 = proc(images=images, text=prompts, return_tensors="pt", padding=True)
-    assert set(e1) == set(e2)
-    for k in e1:
-        assert torch.equal(torch.as_tensor(e1[k]), torch.as_tensor(e2[k])), k
-    monkeypatch.undo()
+    dec.assert_processor_is_theirs(
+        monkeypatch, lambda: tf.InternVLProcessor(image_processor=image_processor(), tokenizer=tokenizer(),
+                                                  video_processor=None, image_seq_length=M * M),
+        proc, images, [f"<IMG_CONTEXT> {t}" for t in texts])
     a = load_adapter(str(mdir))
     assert a.family == "internvl" and isinstance(a.processor, InternVLImageTextProcessor)
     assert a.streams() == {"lm": {"layers": 2, "heads": 2, "hidden_size": 32},
@@ -212,11 +184,8 @@ def test_token_table_matches_the_models_inputs(intern, lake_df):
         assert enc["pixel_values"].shape[0] == len(crops)
         t = tokens(lake_df, lake, ex)
         lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
-        gen = g.sequences[0, P:].tolist()
-        stop = next((i for i, x in enumerate(gen) if x in (EOS, PAD)), None)
-        gen = gen if stop is None else gen[:stop + 1]
+        ids, P = dec.prompt(enc)
+        _, gen = dec.answer(g, ids, (EOS, PAD))
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
         assert len(img) == len(want) == len(crops) * M * M
@@ -244,10 +213,7 @@ def test_answer_is_the_models_greedy_generation(intern, lake_df):
     mdir, lake, model, proc, images, texts = intern
     ex = lake_df(lake, f"SELECT example_id, prediction FROM examples WHERE run = '{RUN}' ORDER BY example_id")
     assert len(ex) == len(SCENES)
-    for (im, text), row in zip(zip(images, texts), ex.itertuples()):
-        enc, g = reference(model, proc, im, text)
-        new = g.sequences[0, enc["input_ids"].shape[1]:].tolist()
-        assert SUPPRESSED not in new
+    dec.assert_never_generated((reference(model, proc, im, text) for im, text in zip(images, texts)), SUPPRESSED)
 
 
 def test_lm_attention_is_generates_own(intern, lake_df):
@@ -260,9 +226,7 @@ def test_lm_attention_is_generates_own(intern, lake_df):
         for layer in range(2):
             a = lake_df(lake, f"SELECT head, query_idx, key_idx, weight FROM attention WHERE run = '{RUN}' AND "
                         "example_id = ? AND stream = 'lm' AND layer = ?", [ex, layer])
-            A = np.zeros((2, n, n), np.float32)
-            A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-            assert_rows_as_generated(A, g, layer, P)
+            assert_rows_as_generated(dec.square(a, n), g, layer, P)
 
 
 def test_hidden_states_are_the_models_own(intern, lake_df):
@@ -294,16 +258,10 @@ def test_t2i_of_a_word_by_hand(intern, lake_df):
     enc, g = reference(model, proc, images[ex], texts[ex])
     lm = tokens(lake_df, lake, ex)
     lm = lm[lm.stream == "lm"]
-    ids = g.sequences[0].tolist()[:len(lm)]
-    with torch.no_grad():
-        o = model(input_ids=torch.tensor([ids]), pixel_values=enc["pixel_values"], output_attentions=True)
+    o = dec.rerun(model, g, len(lm), pixel_values=enc["pixel_values"])
     A = o.attentions[layer][0, head].numpy().astype(np.float64)
-    image = (lm.modality == "image").to_numpy()
-    w = int(lm[lm.token == "circle"].token_idx.iloc[0])
-    a = lake_df(lake, f"SELECT key_idx, weight FROM attention WHERE run = '{RUN}' AND example_id = ? AND "
-                "stream = 'lm' AND layer = ? AND head = ? AND query_idx = ?", [ex, layer, head, w])
-    mass = a[a.key_idx.isin(lm[lm.modality == "image"].token_idx)].weight.sum()
-    assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
+    # t2i of one word: the question word "circle" to every image token, by hand, against the lake's row
+    dec.assert_circle_mass(lake_df, lake, RUN, lm, A, (ex, layer, head))
 
 
 def test_attention_page_offers_the_tiles(intern, monkeypatch):

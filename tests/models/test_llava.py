@@ -19,6 +19,7 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 IMG, PS, G = 32, 8, 4
@@ -48,38 +49,21 @@ def make_tiny_llava(out, strategy: str = "default", seed: int = 0):
     ip = tf.CLIPImageProcessor(size={"shortest_edge": IMG}, crop_size={"height": IMG, "width": IMG})
     proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PS,
                              vision_feature_select_strategy=strategy, num_additional_image_tokens=1)
-    vision = dict(model_type="clip_vision_model", image_size=IMG, patch_size=PS, hidden_size=32,
-                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    vision = dec.tiny_tower("clip_vision_model", IMG, PS)
+    text = dec.tiny_lm("llama", len(vocab), num_key_value_heads=2)
     cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID,
                          vision_feature_select_strategy=strategy, vision_feature_layer=-2,
                          image_seq_length=G * G + (strategy == "full"))
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
-        for layer in list(model.model.vision_tower.encoder.layers) + list(model.model.language_model.layers):
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-        model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.5)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 3
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    model = dec.random_model(tf.LlavaForConditionalGeneration, cfg, seed)
+    dec.sharpen_with_positions(model)
+    return dec.save(model, out, proc)
 
 
 def scene_rows(mdir=None) -> list[dict]:
     return noise_scene_rows(SCENES, [0, 0, 16, 16])
 
 
-def load(mdir):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(), \
-        AutoProcessor.from_pretrained(mdir)
+load = dec.auto_loader("LlavaForConditionalGeneration")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -95,7 +79,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     h, w = enc["pixel_values"].shape[-2:]
     return conf.Reference(
         ids=ids, generated=gen, patches={"lm": (h // PS) * (w // PS), "vision": (h // PS) * (w // PS)},
-        attentions={"lm": [x[0].numpy() for x in o.attentions], "vision": [x[0].numpy() for x in v.attentions]},
+        attentions=dec.attentions(o, v),
         prediction=proc.tokenizer.decode(g.sequences[0, len(ids):], skip_special_tokens=True).strip())
 
 
@@ -114,18 +98,14 @@ CASES = [case("default"), case("full")]
 def llava(request, tmp_path_factory):
     """(strategy, model dir, lake root, reference model, processor, images, texts); the lake is the
     conformance suite's (batches of 2 pad on the left)."""
-    s = conf.subject(CASES[["default", "full"].index(request.param)], tmp_path_factory)
-    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return (request.param, *dec.parts(conf.subject(CASES[["default", "full"].index(request.param)], tmp_path_factory)))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
 def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy generation with attentions."""
     enc = proc(images=[image], text=[f"<image> {text}"], return_tensors="pt")
-    with torch.no_grad():
-        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID],
-                           output_attentions=True, return_dict_in_generate=True)
-    return enc, g
+    return enc, dec.generate_with_attentions(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
 
 
 def tokens(lake_df, lake, ex):
@@ -149,10 +129,8 @@ def test_token_table_matches_the_models_inputs(llava, lake_df):
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, g = reference(model, proc, im, text)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)  # lm first
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        lm, vis = dec.lm_then_vision(t)  # lm first
+        ids, P = dec.prompt(enc)
         gen = g.sequences[0, P:].tolist()
         gen = gen[:gen.index(2) + 1] if 2 in gen else gen
         assert list(lm.seq_pos) == list(range(P + len(gen)))  # no left pads from the batch, in order
@@ -228,9 +206,7 @@ def test_attention_equals_generates_own(llava, lake_df):
                     assert a.query_idx.min() >= n and a.key_idx.min() >= n
                     continue
                 assert a.query_idx.max() < n and a.key_idx.max() < n
-                A = np.zeros((2, n, n), np.float32)
-                A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-                assert_rows_as_generated(A, g, layer, P)
+                assert_rows_as_generated(dec.square(a, n), g, layer, P)
 
 
 def test_lm_hidden_state_0_is_the_projected_patch_or_the_word_embedding(llava, lake_df):
@@ -262,9 +238,7 @@ def test_head_stats_by_hand(llava, lake_df):
     enc, g = reference(model, proc, images[ex], texts[ex])
     t = tokens(lake_df, lake, ex)
     lm = t[t.stream == "lm"]
-    ids = g.sequences[0].tolist()[:len(lm)]
-    with torch.no_grad():  # the teacher-forced pass, by transformers alone
-        o = model(input_ids=torch.tensor([ids]), pixel_values=enc["pixel_values"], output_attentions=True)
+    o = dec.rerun(model, g, len(lm), pixel_values=enc["pixel_values"])
     A = o.attentions[layer][0, head].numpy().astype(np.float64)  # [query, key], sequence = token order here
     text = (lm.modality == "text").to_numpy()
     image = (lm.modality == "image").to_numpy()

@@ -25,6 +25,7 @@ from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.models.test_llava import assert_rows_as_generated
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 CROP, PS, S = 32, 8, 4  # crop size, tower patch size, features a side of one crop
@@ -83,11 +84,9 @@ def make_tiny(out, family: str, seed: int = 0):
     import transformers as tf
 
     out.mkdir(parents=True, exist_ok=True)
-    text = dict(model_type="llama", vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
-    tower = dict(image_size=CROP, patch_size=PS, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2)
+    text = dec.tiny_lm("llama", len(VOCAB), num_key_value_heads=2, max_position_embeddings=512, eos_token_id=EOS,
+                       pad_token_id=PAD)
+    tower = dec.tiny_tower(None, CROP, PS)
     if family == "llava_next":
         cfg = tf.LlavaNextConfig(vision_config=dict(tower, model_type="clip_vision_model"), text_config=text,
                                  image_token_id=IMAGE_ID, vision_feature_select_strategy="default",
@@ -97,20 +96,10 @@ def make_tiny(out, family: str, seed: int = 0):
                                       image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
                                       vision_feature_select_strategy="full", vision_feature_layer=-1,
                                       image_grid_pinpoints=PINS, vision_aspect_ratio="anyres_max_1")
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = (tf.LlavaNextForConditionalGeneration if family == "llava_next"
-             else tf.LlavaOnevisionForConditionalGeneration)(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
-        for layer in list(model.model.vision_tower.encoder.layers) + list(model.model.language_model.layers):
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-        model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.5)
-    gc = model.generation_config
-    gc.eos_token_id = [EOS, PAD]
-    gc.pad_token_id = PAD
-    gc.suppress_tokens = [SUPPRESSED]
-    model.save_pretrained(out)
+    model = dec.random_model(tf.LlavaNextForConditionalGeneration if family == "llava_next"
+                             else tf.LlavaOnevisionForConditionalGeneration, cfg, seed)
+    dec.sharpen_with_positions(model)
+    dec.save(model, out, eos=[EOS, PAD], pad=PAD, suppress=[SUPPRESSED])
     if family == "llava_next":
         processor(family).save_pretrained(out)
     else:  # the files a released checkpoint has: tokenizer, image processor, processor settings
@@ -131,7 +120,7 @@ def loader(family: str):
 
         cls = tf.LlavaNextForConditionalGeneration if family == "llava_next" else \
             tf.LlavaOnevisionForConditionalGeneration
-        return cls.from_pretrained(mdir, attn_implementation="eager").eval(), processor(family)
+        return dec.load_eager(cls, mdir), processor(family)
     return load
 
 
@@ -139,9 +128,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     """Prompt ids, greedy answer (cut after eos), the teacher-forced attention, the tower crop by crop."""
     enc, g = reference(s.model, s.proc, s.images[ex], s.texts[ex])
     ids = enc["input_ids"][0].tolist()
-    new = g.sequences[0, len(ids):].tolist()
-    stop = next((i for i, x in enumerate(new) if x in (EOS, PAD)), None)
-    gen = new if stop is None else new[:stop + 1]
+    new, gen = dec.answer(g, ids, (EOS, PAD))
     with torch.no_grad():
         o = s.model(input_ids=torch.tensor([ids + gen]), pixel_values=enc["pixel_values"],
                     image_sizes=enc["image_sizes"], output_attentions=True)
@@ -149,8 +136,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     want, crops, _ = expected_image_tokens(s.case.family, *s.images[ex].size)
     return conf.Reference(ids=ids, generated=gen,
                           patches={"lm": sum(w[0] == "patch" for w in want), "vision": len(crops) * S * S},
-                          attentions={"lm": [x[0].numpy() for x in o.attentions],
-                                      "vision": [conf.block_diagonal(x.numpy()) for x in v.attentions]},
+                          attentions=dec.attentions(o, v, tiled=True),
                           prediction=s.proc.tokenizer.decode(new, skip_special_tokens=True).strip())
 
 
@@ -163,8 +149,7 @@ CASES = [conf.FamilyCase(id=family, family=family, run=RUN, make_model=lambda ou
 @pytest.fixture(scope="module", params=FAMILIES)
 def anyres(request, tmp_path_factory):
     """(family, model dir, lake root, reference model, processor, images, texts); the suite's lake."""
-    s = conf.subject(CASES[FAMILIES.index(request.param)], tmp_path_factory)
-    return request.param, s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return (request.param, *dec.parts(conf.subject(CASES[FAMILIES.index(request.param)], tmp_path_factory)))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -172,11 +157,7 @@ def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy generation with attentions (under its
     generation config: the suppressed word, both eos ids)."""
     enc = proc(images=[image], text=[f"<image> {text}"], return_tensors="pt")
-    with torch.no_grad():
-        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                           suppress_tokens=[SUPPRESSED, IMAGE_ID], output_attentions=True,
-                           return_dict_in_generate=True)
-    return enc, g
+    return enc, dec.generate_with_attentions(model, enc, MAX_NEW_TOKENS, [SUPPRESSED, IMAGE_ID])
 
 
 def tokens(lake_df, lake, ex):
@@ -259,25 +240,16 @@ def test_onevision_processor_is_transformers_own(anyres, monkeypatch):
     """The assembled OneVision processor gives exactly what ``LlavaOnevisionProcessor`` gives (built here
     without its video processor, which needs torchvision); the adapter loads the assembled one."""
     import transformers as tf
-    from transformers.processing_utils import ProcessorMixin
 
     from pipeline.models.llava_next import OnevisionImageTextProcessor
 
     family, mdir, lake, model, proc, images, texts = anyres
     if family != "llava_onevision":
         pytest.skip("LLaVA-NeXT's processor is transformers' own")
-    check = ProcessorMixin.check_argument_for_proper_class
-    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class",
-                        lambda self, name, arg: None if arg is None else check(self, name, arg))
-    theirs = tf.LlavaOnevisionProcessor(image_processor=image_processor(family), tokenizer=tokenizer(),
-                                        video_processor=None, **ONEVISION_SETTINGS)
-    prompts = [f"<image> {t}" for t in texts]
-    e1 = theirs(images=images, text=prompts, return_tensors="pt", padding=True)
-    e2 = proc(images=images, text=prompts, return_tensors="pt", padding=True)
-    assert set(e1) == set(e2)
-    for k in e1:
-        assert torch.equal(torch.as_tensor(e1[k]), torch.as_tensor(e2[k])), k
-    monkeypatch.undo()
+    dec.assert_processor_is_theirs(
+        monkeypatch, lambda: tf.LlavaOnevisionProcessor(image_processor=image_processor(family), tokenizer=tokenizer(),
+                                                        video_processor=None, **ONEVISION_SETTINGS),
+        proc, images, [f"<image> {t}" for t in texts])
     assert isinstance(load_adapter(str(mdir)).processor, OnevisionImageTextProcessor)
 
 
@@ -295,13 +267,9 @@ def test_token_table_matches_the_models_inputs(anyres, lake_df):
         W, H = im.size
         enc, g = reference(model, proc, im, text)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
-        gen = g.sequences[0, P:].tolist()
-        stop = next((i for i, x in enumerate(gen) if x in (EOS, PAD)), None)
-        gen = gen if stop is None else gen[:stop + 1]
+        lm, vis = dec.lm_then_vision(t)
+        ids, P = dec.prompt(enc)
+        _, gen = dec.answer(g, ids, (EOS, PAD))
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
         want, crops, _ = expected_image_tokens(family, W, H)
@@ -340,10 +308,7 @@ def test_answer_is_the_models_greedy_generation(anyres, lake_df):
     ex = lake_df(lake, f"SELECT example_id, answer, prediction, correct FROM examples WHERE run = '{RUN}' "
                  "ORDER BY example_id")
     assert len(ex) == len(SCENES)
-    for (im, text), row in zip(zip(images, texts), ex.itertuples()):
-        enc, g = reference(model, proc, im, text)
-        new = g.sequences[0, enc["input_ids"].shape[1]:].tolist()
-        assert SUPPRESSED not in new
+    dec.assert_never_generated((reference(model, proc, im, text) for im, text in zip(images, texts)), SUPPRESSED)
 
 
 def test_lm_attention_is_generates_own(anyres, lake_df):
@@ -360,9 +325,7 @@ def test_lm_attention_is_generates_own(anyres, lake_df):
                 if stream == "vision":
                     assert a.query_idx.min() >= n and a.key_idx.min() >= n
                     continue
-                A = np.zeros((2, n, n), np.float32)
-                A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-                assert_rows_as_generated(A, g, layer, P)
+                assert_rows_as_generated(dec.square(a, n), g, layer, P)
 
 
 def test_vision_attention_is_the_towers_own_crop_by_crop(anyres, lake_df):
@@ -429,10 +392,7 @@ def test_head_stats_by_hand(anyres, lake_df):
     enc, g = reference(model, proc, images[ex], texts[ex])
     t = tokens(lake_df, lake, ex)
     lm = t[t.stream == "lm"]
-    ids = g.sequences[0].tolist()[:len(lm)]
-    with torch.no_grad():
-        o = model(input_ids=torch.tensor([ids]), pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"],
-                  output_attentions=True)
+    o = dec.rerun(model, g, len(lm), pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"])
     A = o.attentions[layer][0, head].numpy().astype(np.float64)
     text, image = (lm.modality == "text").to_numpy(), (lm.modality == "image").to_numpy()
     st = lake_df(lake, f"SELECT stat, value FROM head_stats WHERE run = '{RUN}' AND example_id = ? AND "
@@ -440,11 +400,7 @@ def test_head_stats_by_hand(anyres, lake_df):
     got = dict(zip(st.stat, st.value))
     assert got["i2t"] == pytest.approx(A[image][:, text].sum(1).mean(), abs=2e-4)
     # t2i of one word: the question word "circle" to every image token, by hand, against the lake's row
-    w = int(lm[lm.token == "circle"].token_idx.iloc[0])
-    a = lake_df(lake, f"SELECT key_idx, weight FROM attention WHERE run = '{RUN}' AND example_id = ? AND "
-                "stream = 'lm' AND layer = ? AND head = ? AND query_idx = ?", [ex, layer, head, w])
-    mass = a[a.key_idx.isin(lm[lm.modality == "image"].token_idx)].weight.sum()
-    assert mass == pytest.approx(A[w][image].sum(), abs=2e-3) and mass > 0
+    dec.assert_circle_mass(lake_df, lake, RUN, lm, A, (ex, layer, head))
 
 
 def test_attention_page_offers_the_tiles(anyres, monkeypatch):

@@ -21,6 +21,7 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.mistral3 import MAX_NEW_TOKENS
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.models.conformance import extract
 from tests.tiny import WORDS, noise_image, noise_scene_rows, word_tokenizer, write_manifest
 
@@ -61,23 +62,10 @@ def make_tiny(out, seed: int = 0):
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
                          max_position_embeddings=512, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS),
         image_token_index=IMG, spatial_merge_size=M, vision_feature_layer=-1)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.Mistral3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-        for layer in model.model.vision_tower.transformer.layers:
-            layer.attention.q_proj.weight.normal_(0.0, 0.4)
-            layer.attention.k_proj.weight.normal_(0.0, 0.4)
-    gc = model.generation_config
-    gc.eos_token_id = [EOS, PAD]
-    gc.pad_token_id = PAD
-    gc.suppress_tokens = [SUPPRESSED]
-    model.save_pretrained(out)
-    tokenizer().save_pretrained(out)
-    image_processor().save_pretrained(out)
+    model = dec.random_model(tf.Mistral3ForConditionalGeneration, cfg, seed)
+    dec.sharpen(model.model.language_model.layers)
+    dec.sharpen(model.model.vision_tower.transformer.layers, "attention")
+    dec.save(model, out, tokenizer(), image_processor(), eos=[EOS, PAD], pad=PAD, suppress=[SUPPRESSED])
     pre = json.loads((out / "preprocessor_config.json").read_text())
     pre["processor_class"] = "PixtralProcessor"
     (out / "preprocessor_config.json").write_text(json.dumps(pre))
@@ -134,7 +122,7 @@ def load(mdir):
 
     import transformers as tf
 
-    model = tf.Mistral3ForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
+    model = dec.load_eager(tf.Mistral3ForConditionalGeneration, mdir)
     return model, types.SimpleNamespace(tokenizer=tokenizer())
 
 
@@ -154,8 +142,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     h, w = (x // PS for x in enc["image_sizes"][0].tolist())
     return conf.Reference(ids=enc["input_ids"][0].tolist(), generated=gen,
                           patches={"lm": (h // M) * (w // M), "vision": h * w},
-                          attentions={"lm": [x[0].numpy() for x in o.attentions],
-                                      "vision": [x[0].numpy() for x in v.attentions]},
+                          attentions=dec.attentions(o, v),
                           prediction=r.tok.decode(gen, skip_special_tokens=True).strip())
 
 
@@ -186,13 +173,7 @@ def tokens(lake_df, lake, ex):
 
 
 def attention(lake_df, lake, ex, stream, layer):
-    t = tokens(lake_df, lake, ex)
-    n = len(t)
-    a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'm3' AND example_id = ? "
-                "AND stream = ? AND layer = ?", [ex, stream, layer])
-    A = np.zeros((int(a["head"].max()) + 1, n, n))
-    A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-    return t, A
+    return dec.stored_attention(lake_df, lake, "m3", ex, stream, layer)
 
 
 def test_registered_and_streams(m3, lake_df):
@@ -308,13 +289,7 @@ def test_merged_image_token_is_its_blocks_patches(m3, lake_df):
     tower hidden states of the 2 x 2 patches of its block, read from the lake (unfold's channel order:
     dim-major, then the block's patches in raster order); and = the model's own image features."""
     ex = 1
-    h = lake_df(m3.lake, "SELECT t.stream, t.modality, t.token, t.patch_row, t.patch_col, h.layer, h.vec "
-                "FROM hidden_states h JOIN tokens t USING (run, example_id, token_idx) WHERE h.run = 'm3' AND "
-                "h.example_id = ? AND ((h.stream = 'lm' AND h.layer = 0) OR (h.stream = 'vision' AND h.layer = 2)) "
-                "ORDER BY h.token_idx", [ex])
-    lm, vis = h[h.stream == "lm"], h[h.stream == "vision"]
-    last = {(int(r), int(c)): np.asarray(v, np.float32) for r, c, v in zip(vis.patch_row, vis.patch_col, vis.vec)}
-    img = lm[lm.modality == "image"]
+    lm, last, img = dec.merger_inputs(lake_df, m3.lake, "m3", ex)
     proj = m3.model.model.multi_modal_projector
     with torch.no_grad():
         normed = {k: proj.norm(torch.from_numpy(v)) for k, v in last.items()}

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.models import load_adapter
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 S, PS, G, T = 24, 8, 3, 4  # tile size, patch size, patches a side, max tiles
@@ -138,8 +139,7 @@ CASES = [conf.FamilyCase(id="mllama", family="mllama", run=RUN, make_model=make_
 @pytest.fixture(scope="module")
 def mll(tmp_path_factory):
     """(model dir, lake root, reference model, processor, images, texts); the conformance suite's lake."""
-    s = conf.subject(CASES[0], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[0], tmp_path_factory))
 
 
 def prompt(proc, text):
@@ -241,10 +241,8 @@ def test_token_table_matches_the_models_inputs(mll, lake_df):
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen = reference(model, proc, im, text)
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        lm, vis = dec.lm_then_vision(t)
+        ids, P = dec.prompt(enc)
         assert len(gen) >= 2
         assert (lm.modality == "text").all()  # <|image|> included: a marker, the tiles are the vision stream's
         assert list(lm.seq_pos) == list(range(P + len(gen)))  # in order; no left pads from the batch
@@ -428,15 +426,7 @@ def test_lens_is_the_head_of_the_stored_lm_hidden_states(mll, lake_df):
     hs = lake_df(lake, f"SELECT example_id, layer, token_idx, vec FROM hidden_states WHERE run = '{RUN}' AND "
                  "stream = 'lm'")
     assert len(lens[lens["rank"] == 0]) == len(hs)
-    with torch.no_grad():
-        h = torch.tensor(np.stack(hs.vec.to_numpy()), dtype=torch.float32)
-        p = torch.softmax(model.lm_head(model.model.language_model.norm(h)), -1).numpy()
-    row = {(r.example_id, r.layer, r.token_idx): i for i, r in enumerate(hs.itertuples())}
-    for r in lens.itertuples():
-        want = p[row[(r.example_id, r.layer, r.token_idx)]]
-        assert r.prob == pytest.approx(want[r.vocab_id], abs=5e-3)
-        if r.rank == 0:
-            assert want[r.vocab_id] >= want.max() - 5e-3
+    dec.assert_lens_is_lm_head(model, lens, hs)
 
 
 def test_a_processor_with_other_tiles_is_refused(mll):

@@ -16,6 +16,7 @@ import torch
 from pipeline.models import load_adapter
 from pipeline.models.llava import MAX_NEW_TOKENS
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 IMG, PS, G = 32, 8, 4
@@ -46,40 +47,23 @@ def make_tiny_paligemma(out, lm: str = "gemma", seed: int = 0):
     ip = tf.SiglipImageProcessorPil(size={"height": IMG, "width": IMG})
     ip.image_seq_length = G * G
     proc = tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
-    vision = dict(model_type="siglip_vision_model", image_size=IMG, patch_size=PS, hidden_size=32,
-                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(model_type="gemma", vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dec.tiny_tower("siglip_vision_model", IMG, PS)
+    text = dec.tiny_lm("gemma", len(vocab), num_key_value_heads=2, head_dim=16, pad_token_id=0)
     if lm == "gemma2":  # a window shorter than the prompt: the sliding layers' prefix mask is windowed too
         text.update(model_type="gemma2", sliding_window=8, attn_logit_softcapping=50.0,
                     final_logit_softcapping=30.0, query_pre_attn_scalar=16)
     text["model_type"] = lm
     cfg = tf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, projection_dim=32)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = tf.PaliGemmaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
-        for layer in list(model.model.vision_tower.encoder.layers) + list(model.model.language_model.layers):
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
-        model.model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.5)
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(out)
-    proc.save_pretrained(out)
-    return out
+    model = dec.random_model(tf.PaliGemmaForConditionalGeneration, cfg, seed)
+    dec.sharpen_with_positions(model)
+    return dec.save(model, out, proc, pad=0)
 
 
 def scene_rows(mdir=None) -> list[dict]:
     return noise_scene_rows(SCENES, [0, 0, 16, 16])
 
 
-def load(mdir):
-    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
-
-    return PaliGemmaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval(), \
-        AutoProcessor.from_pretrained(mdir)
+load = dec.auto_loader("PaliGemmaForConditionalGeneration")
 
 
 def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
@@ -92,7 +76,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
     n = (h // PS) * (w // PS)
     return conf.Reference(
         ids=enc["input_ids"][0].tolist(), generated=gen, patches={"lm": n, "vision": n},
-        attentions={"lm": [x[0].numpy() for x in o.attentions], "vision": [x[0].numpy() for x in v.attentions]},
+        attentions=dec.attentions(o, v),
         prediction=s.proc.tokenizer.decode(gen, skip_special_tokens=True).strip())
 
 
@@ -107,8 +91,7 @@ CASES = [conf.FamilyCase(id=f"paligemma-{lm}", family="paligemma", run="pg",
 def pg(request, tmp_path_factory):
     """(model dir, lake root, reference model, processor, images, texts) of PaliGemma / PaliGemma 2; the
     lake is the conformance suite's."""
-    s = conf.subject(CASES[["gemma", "gemma2"].index(request.param)], tmp_path_factory)
-    return s.mdir, s.lake, s.model, s.proc, s.images, s.texts
+    return dec.parts(conf.subject(CASES[["gemma", "gemma2"].index(request.param)], tmp_path_factory))
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -116,11 +99,7 @@ def reference(model, proc, image, text):
     """The model alone on one example: its inputs and its own greedy answer (checkpoint's config)."""
     enc = proc(images=[image], text=[f"<image>{text}"], return_tensors="pt")
     enc.pop("labels")
-    with torch.no_grad():
-        g = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=[IMAGE_ID])
-    P = enc["input_ids"].shape[1]
-    gen = g[0, P:].tolist()
-    return enc, (gen[:gen.index(2) + 1] if 2 in gen else gen)
+    return enc, dec.greedy(model, enc, MAX_NEW_TOKENS, [IMAGE_ID])
 
 
 @conf.memo  # shared with the conformance suite: the model runs once per example
@@ -140,9 +119,7 @@ def tokens(lake_df, lake, ex):
 def lm_attention(lake_df, lake, ex, layer, n):
     a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'pg' AND "
                 "example_id = ? AND stream = 'lm' AND layer = ?", [ex, layer])
-    A = np.zeros((2, n, n), np.float32)
-    A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-    return A
+    return dec.square(a, n)
 
 
 def test_registered_and_streams(pg):
@@ -161,12 +138,10 @@ def test_token_table_matches_the_models_inputs(pg, lake_df):
     mdir, lake, model, proc, images, texts = pg
     for ex, (im, text) in enumerate(zip(images, texts)):
         enc, gen = reference(model, proc, im, text)
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         assert ids[:G * G] == [IMAGE_ID] * (G * G) and ids[G * G] == 1  # image tokens first, then bos
         t = tokens(lake_df, lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)
+        lm, vis = dec.lm_then_vision(t)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))
         img = lm[lm.modality == "image"]
         assert list(img.seq_pos) == list(range(G * G)) and set(img.role) == {"patch"}

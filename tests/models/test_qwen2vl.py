@@ -30,6 +30,7 @@ from pipeline.models import load_adapter
 from pipeline.models.qwen2vl import MAX_NEW_TOKENS
 from tests.models.test_llava import assert_rows_as_generated
 from tests.models import conformance as conf
+from tests.models import decoders as dec
 from tests.tiny import WORDS, noise_scene_rows, word_tokenizer
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -94,22 +95,12 @@ def make_tiny_qwen(out, family: str, seed: int = 0):
         cfg = tf.Qwen3VLConfig(vision_config=dict(vision, hidden_size=32, intermediate_size=64, out_hidden_size=32,
                                                   num_position_embeddings=16, deepstack_visual_indexes=[0]),
                                text_config=text, **ids)
-    cfg.vlatlas_random_weights = True
-    torch.manual_seed(seed)
-    model = getattr(tf, CLASSES[family])(cfg).eval()
-    with torch.no_grad():  # peaked, distinct attention rows (HF's init is near uniform)
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.normal_(0.0, 0.4)
-            layer.self_attn.k_proj.weight.normal_(0.0, 0.4)
+    model = dec.random_model(getattr(tf, CLASSES[family]), cfg, seed)
+    dec.sharpen(model.model.language_model.layers)
+    with torch.no_grad():
         for block in model.model.visual.blocks:
             block.attn.qkv.weight[:64].normal_(0.0, 0.4)  # query and key rows of the fused projection
-    gc = model.generation_config
-    gc.eos_token_id = [IM_END, PAD]
-    gc.pad_token_id = PAD
-    gc.suppress_tokens = [SUPPRESSED]
-    model.save_pretrained(out)
-    qwen_tokenizer().save_pretrained(out)
-    image_processor().save_pretrained(out)
+    dec.save(model, out, qwen_tokenizer(), image_processor(), eos=[IM_END, PAD], pad=PAD, suppress=[SUPPRESSED])
     pre = json.loads((out / "preprocessor_config.json").read_text())
     pre["processor_class"] = "Qwen2VLProcessor" if family == "qwen2_vl" else \
         {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family]
@@ -175,7 +166,7 @@ def loader(family: str):
 
         import transformers as tf
 
-        model = getattr(tf, CLASSES[family]).from_pretrained(mdir, attn_implementation="eager").eval()
+        model = dec.load_eager(getattr(tf, CLASSES[family]), mdir)
         return model, types.SimpleNamespace(tokenizer=qwen_tokenizer(), image_processor=image_processor())
     return load
 
@@ -232,13 +223,7 @@ def tokens(lake_df, lake, ex):
 
 def attention(lake_df, lake, ex, stream, layer):
     """``[head, token, token]`` of one example's stored weights (0 where none is stored)."""
-    t = tokens(lake_df, lake, ex)
-    n = len(t)
-    a = lake_df(lake, "SELECT head, query_idx, key_idx, weight FROM attention WHERE run = 'qwen' AND example_id = ? "
-                "AND stream = ? AND layer = ?", [ex, stream, layer])
-    A = np.zeros((int(a["head"].max()) + 1, n, n))
-    A[a["head"].to_numpy(), a.query_idx.to_numpy(), a.key_idx.to_numpy()] = a.weight.to_numpy()
-    return t, A
+    return dec.stored_attention(lake_df, lake, "qwen", ex, stream, layer)
 
 
 def tower_positions(ref, grid_thw) -> np.ndarray:
@@ -347,15 +332,13 @@ def test_token_table_matches_the_models_inputs(qwen, lake_df):
     for ex, ((W, H), _, _) in enumerate(SCENES):
         enc, gen, _ = qwen.generate(ex)
         t = tokens(lake_df, qwen.lake, ex)
-        lm, vis = t[t.stream == "lm"], t[t.stream == "vision"]
-        assert list(t.stream) == ["lm"] * len(lm) + ["vision"] * len(vis)  # lm first
+        lm, vis = dec.lm_then_vision(t)  # lm first
         # the grid: the image processor's resize to multiples of patch * merge, as image_grid_thw says
         grid = enc["image_grid_thw"][0].tolist()
         rh, rw = smart_resize(H, W, factor=PS * M, min_pixels=64, max_pixels=64 * 64)
         assert grid == [1, rh // PS, rw // PS] and tuple(grid[1:]) == GRIDS[ex]
         gh, gw = grid[1:]
-        ids = enc["input_ids"][0].tolist()
-        P = len(ids)
+        ids, P = dec.prompt(enc)
         assert len(lm) == P + len(gen) and list(lm.seq_pos) == list(range(P + len(gen)))  # no left pads
         img = lm[lm.modality == "image"]
         pads = [p for p, i in enumerate(ids) if i == IMAGE_ID]
@@ -491,13 +474,7 @@ def test_merged_image_token_is_its_blocks_patches(qwen, lake_df):
     tower hidden states of the 2 x 2 patches of its block, read from the lake: the block <-> patches
     mapping, by the model's own merger. Text tokens carry their word embeddings."""
     ex = 1
-    h = lake_df(qwen.lake, "SELECT t.stream, t.modality, t.token, t.patch_row, t.patch_col, h.layer, h.vec "
-                "FROM hidden_states h JOIN tokens t USING (run, example_id, token_idx) WHERE h.run = 'qwen' AND "
-                "h.example_id = ? AND ((h.stream = 'lm' AND h.layer = 0) OR (h.stream = 'vision' AND h.layer = 2)) "
-                "ORDER BY h.token_idx", [ex])
-    lm, vis = h[h.stream == "lm"], h[h.stream == "vision"]
-    last = {(int(r), int(c)): np.asarray(v, np.float32) for r, c, v in zip(vis.patch_row, vis.patch_col, vis.vec)}
-    img = lm[lm.modality == "image"]
+    lm, last, img = dec.merger_inputs(lake_df, qwen.lake, "qwen", ex)
     blocks = np.stack([np.stack([last[(R * M + i, C * M + j)] for i in range(M) for j in range(M)])
                        for R, C in zip(img.patch_row.astype(int), img.patch_col.astype(int))])  # [token, 4, dim]
     with torch.no_grad():

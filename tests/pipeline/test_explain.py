@@ -177,6 +177,7 @@ def test_relevancy_against_autograd_reimplementation():
 from pipeline.extraction.run import extract  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from tests.models.decoders import assert_lens_is_lm_head  # noqa: E402
 from tests.tiny import make_manifest, make_sink_vilt  # noqa: E402
 
 
@@ -392,15 +393,7 @@ def test_lens_on_llava_is_the_models_own_next_token_at_the_last_layer(tmp_path):
 
     model = LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager").eval()
     hs = lake_df(lake, "SELECT example_id, layer, token_idx, vec FROM hidden_states WHERE stream = 'lm'")
-    with torch.no_grad():
-        h = torch.tensor(np.stack(hs.vec.to_numpy()), dtype=torch.float32)
-        p = torch.softmax(model.lm_head(model.model.language_model.norm(h)), -1).numpy()
-    row = {(r.example_id, r.layer, r.token_idx): i for i, r in enumerate(hs.itertuples())}
-    for r in lens.itertuples():
-        want = p[row[(r.example_id, r.layer, r.token_idx)]]
-        assert r.prob == pytest.approx(want[r.vocab_id], abs=5e-3)
-        if r.rank == 0:
-            assert want[r.vocab_id] >= want.max() - 5e-3
+    assert_lens_is_lm_head(model, lens, hs)
 
 
 def test_lens_needs_a_decoder(tmp_path):
