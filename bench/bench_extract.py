@@ -117,7 +117,7 @@ def build(family: str, size: str, out: Path) -> Path:
     import torch
     import transformers as tf
 
-    from tests import test_blip, test_dual, test_llava
+    from tests.models import test_blip, test_dual, test_llava
     from tests.tiny import make_tiny_vilt, write_vocab
 
     tf.utils.logging.disable_progress_bar()  # "Writing model shards" bars
