@@ -46,14 +46,14 @@ from typing import Any
 
 import torch
 
-from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
 from pipeline.models.geometry import tile_grid, tiled_crops
 from pipeline.models.hooks import module_at
 from pipeline.models.tokens import crop_columns, shuffled_rows
 from pipeline.models.towers import crops_by_image_tokens, shuffled_blocks
 
-__all__ = ["AYA_VISION", "MAX_NEW_TOKENS", "AyaVisionAdapter"]
+__all__ = ["AYA_VISION", "AyaVisionAdapter"]
 
 MAX_TILES = 12  # TILE_1 .. TILE_12: the released checkpoints' max_patches
 AYA_VISION = FamilySpec(

@@ -27,16 +27,14 @@ import torch
 
 from lake.schema import ROLES_SPECIAL
 from pipeline.capture import HookPoint
-from pipeline.models.hooks import module_at, stream_hook_points, stream_shapes
-from pipeline.models.tokens import TOKEN_SCHEMA, boxed_masks, column, token_rows, token_table
+from pipeline.models.hooks import stream_hook_points, stream_shapes
+from pipeline.models.tokens import boxed_masks, column
 from pipeline.stats import TokenMasks
 
-# also importable from here (older imports): the token-table builders and the module lookup
 __all__ = ["GEN_START", "Adapter", "BatchLayout", "ForwardOutput", "Inputs", "Prediction", "StreamLayout",
-           "TOKEN_SCHEMA",
-           "boxed_masks", "checked_architecture", "conform", "cross_layout", "encoder_relevancy_targets", "map_inputs",
-           "module_at", "normalise_answer", "query_cross_layout", "require_eager", "split_stream_layouts",
-           "stacked_layouts", "stream_layout", "token_rows", "token_table"]
+           "checked_architecture", "conform", "cross_layout", "encoder_relevancy_targets", "map_inputs",
+           "normalise_answer", "query_cross_layout", "require_eager", "split_stream_layouts",
+           "stacked_layouts", "stream_layout"]
 
 
 GEN_START = "gen_start"  # Inputs.state key of a decoder's batch: [batch] long, index of the first generated token

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from pipeline.models.base import BatchLayout, Inputs, Prediction, module_at, normalise_answer
+from pipeline.models.base import BatchLayout, Inputs, Prediction, normalise_answer
+from pipeline.models.hooks import module_at
 from pipeline.models.encoders import TextVisionEncoder
 from pipeline.models.family import FamilySpec
 from pipeline.models.tokens import boxed_masks

@@ -59,13 +59,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
 from pipeline.models.geometry import PatchGrid, crop_geometry, patch_grid
 from pipeline.models.tokens import crop_columns
 from pipeline.models.towers import CropTower, crops_by_image_tokens
 
-__all__ = ["GEMMA3", "MAX_NEW_TOKENS", "Gemma3Adapter", "pan_and_scan_settings"]
+__all__ = ["GEMMA3", "Gemma3Adapter", "pan_and_scan_settings"]
 
 GEMMA3 = FamilySpec(
     name="gemma3",

@@ -48,12 +48,12 @@ from typing import Any
 
 import torch
 
-from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import FamilySpec, decoder_paths, encoder_paths
 from pipeline.models.geometry import patch_grid
 from pipeline.models.tokens import image_columns, query_columns
 
-__all__ = ["IDEFICS2", "MAX_NEW_TOKENS", "Idefics2Adapter"]
+__all__ = ["IDEFICS2", "Idefics2Adapter"]
 
 KEYS = "perceiver_keys"  # the perceiver's keys: the vision tokens, then the latents
 IDEFICS2 = FamilySpec(

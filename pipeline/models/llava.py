@@ -41,7 +41,7 @@ Token table of one example, one index space::
 ``prediction`` is the generated text (special tokens skipped, stripped); ``correct`` compares it
 with the manifest's answer after ``normalise_answer``. The answer is the model's own greedy answer
 under the checkpoint's own generation config (``decoder.greedy_generation_config``: its suppressed
-and bad words, its eos list, its ``max_new_tokens`` or ``max_length``; :data:`MAX_NEW_TOKENS` new
+and bad words, its eos list, its ``max_new_tokens`` or ``max_length``; :data:`pipeline.models.family.MAX_NEW_TOKENS` new
 tokens when it sets no length; ``max_new_tokens`` given to the adapter caps it). The image
 placeholder is added to the suppressed tokens (a generated ``<image>`` would make the
 teacher-forced pass ask for a second image).
@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec, encoder_paths
 from pipeline.models.geometry import pad_square_geometry, patch_grid
 from pipeline.models.hooks import module_at
 from pipeline.models.tokens import image_columns, plain_rows
 
-__all__ = ["LLAVA", "MAX_NEW_TOKENS", "LlavaAdapter"]
+__all__ = ["LLAVA", "LlavaAdapter"]
 
 # ``hidden_0`` of ``lm`` is the language model's ``inputs_embeds`` (text embeddings with the projected
 # image features scattered in), handed to a probe by a pre-hook; of ``vision`` the CLIP tower's

@@ -52,12 +52,12 @@ from typing import Any
 
 import torch
 
-from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec
 from pipeline.models.processors import IMG_BREAK, IMG_END, PixtralImageTextProcessor, processor_or
 from pipeline.models.tokens import merged_columns
 
-__all__ = ["MAX_NEW_TOKENS", "MISTRAL3", "ImageTextProcessor", "Mistral3Adapter", "load_processor"]
+__all__ = ["MISTRAL3", "ImageTextProcessor", "Mistral3Adapter", "load_processor"]
 
 ImageTextProcessor = PixtralImageTextProcessor  # the name tests and older code import
 

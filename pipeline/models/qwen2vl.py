@@ -59,7 +59,7 @@ Generation is greedy under the checkpoint's own generation config, merged rather
 video placeholders added to the config's ``suppress_tokens`` (a generated ``<|image_pad|>`` would
 make the teacher-forced pass ask for another image); its ``eos_token_id`` list,
 ``repetition_penalty``, ``bad_words_ids`` … apply as they are; its ``max_new_tokens`` or
-``max_length``, :data:`MAX_NEW_TOKENS` new tokens when it sets no length (``max_new_tokens`` given
+``max_length``, :data:`pipeline.models.family.MAX_NEW_TOKENS` new tokens when it sets no length (``max_new_tokens`` given
 to the adapter caps it). Where the answer starts is the batch's own state (``Inputs.state``).
 
 Processor: ``AutoProcessor`` (``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``)
@@ -78,13 +78,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.models.decoder import MAX_NEW_TOKENS, Example, ExplainedDecoder, ImageTokens
+from pipeline.models.decoder import Example, ExplainedDecoder, ImageTokens
 from pipeline.models.family import LM_PATHS, FamilySpec
 from pipeline.models.processors import QwenImageTextProcessor, processor_or
 from pipeline.models.tokens import merged_columns
 from pipeline.models.towers import SegmentedTower
 
-__all__ = ["MAX_NEW_TOKENS", "QWEN_VL", "ImageTextProcessor", "QwenVLAdapter", "load_processor"]
+__all__ = ["QWEN_VL", "ImageTextProcessor", "QwenVLAdapter", "load_processor"]
 
 ImageTextProcessor = QwenImageTextProcessor  # the name tests and older code import
 

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 
 from pipeline.data import BadInput
-from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, encoder_relevancy_targets, module_at,
-                                  normalise_answer, stream_layout, token_table)
+from pipeline.models.base import (Adapter, BatchLayout, Inputs, Prediction, encoder_relevancy_targets,
+                                  normalise_answer, stream_layout)
+from pipeline.models.hooks import module_at
+from pipeline.models.tokens import token_table
 from pipeline.models.family import FamilySpec
 
 # Native module paths -> (stream, layer): one declaration per family (docs/DESIGN.md, Model adapters).

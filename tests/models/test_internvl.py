@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.models import load_adapter
-from pipeline.models.llava import MAX_NEW_TOKENS
+from pipeline.models.family import MAX_NEW_TOKENS
 from tests.models.test_llava import assert_rows_as_generated
 from tests.models import conformance as conf
 from tests.models import decoders as dec

@@ -99,7 +99,7 @@ def test_queries_return_the_tile(tiled):
 
 
 def test_pipeline_token_tables_default_to_the_base_image():
-    from pipeline.models.base import token_rows, token_table
+    from pipeline.models.tokens import token_rows, token_table
 
     cols = dict(token_idx=[0, 1, 2], stream=["s"] * 3, modality=["text", "image", "image"],
                 role=["cls", "image_cls", "patch"], token=["[CLS]", None, None], seq_pos=[0, 1, 2],

@@ -20,7 +20,7 @@ from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES
 from pipeline.capture_config import AttentionPolicy as KeepPolicy
 from pipeline.extraction.keep import keep_mask, kept_mass
 from pipeline.extraction.rows import attention_table, head_stats_table, hidden_table
-from pipeline.models.base import boxed_masks as _boxed_masks, token_rows
+from pipeline.models.tokens import boxed_masks as _boxed_masks, token_rows
 from pipeline.stats import STAT_HELP, TokenMasks, head_stats
 
 NAN = float("nan")
