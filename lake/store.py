@@ -15,10 +15,13 @@ files alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -178,10 +181,110 @@ class Store:
         for f in self.list(rel):  # an object store has no folders to remove, only keys
             self.delete(f)
 
+    # -- locking ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, rel: str, wait_s: float = 300.0) -> Iterator[None]:
+        """Hold the lock ``rel`` across processes and machines while the block runs; raise
+        :class:`LockTimeout` after waiting ``wait_s`` seconds for another holder.
+
+        On a disk, ``flock`` on the file ``rel``, removed by its holder as it lets go (the kernel
+        frees the lock of a holder that dies; a shared folder must be one whose filesystem honours
+        ``flock``, as NFSv4 does). On S3, the object
+        ``rel`` created with a conditional put (``If-None-Match: *``: S3 creates it for one writer
+        and refuses the others, 412), deleted on release by its holder; one older than
+        :data:`STALE_LOCK_S` is taken as left by a dead holder and removed. Other object stores have
+        no such write here: NotImplementedError."""
+        if self.local:
+            with self._file_lock(rel, wait_s):
+                yield
+        elif self.scheme == "s3":
+            with self._s3_lock(rel, wait_s):
+                yield
+        else:
+            raise NotImplementedError(f"a {self.scheme}:// lake offers no lock across processes here "
+                                      "(a folder or an s3:// lake does)")
+
+    @contextlib.contextmanager
+    def _file_lock(self, rel: str, wait_s: float) -> Iterator[None]:
+        import fcntl
+
+        path = Path(self.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise LockTimeout(f"{path} is locked by another process") from None
+                        time.sleep(0.1)
+                # the holder before us removes the file as it lets go: a lock on that file is no one's
+                st, now = os.fstat(fd), (os.stat(path) if path.exists() else None)
+            except BaseException:
+                os.close(fd)
+                raise
+            if now is not None and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                break
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # before letting go: the lake keeps no lock file
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _s3_lock(self, rel: str, wait_s: float) -> Iterator[None]:
+        try:  # pyarrow's S3 filesystem has no conditional write
+            import boto3
+            from botocore.exceptions import ClientError
+        except ImportError:
+            raise NotImplementedError("a lock on an s3:// lake needs boto3 (pip install boto3)") from None
+        bucket, _, prefix = self.base.partition("/")
+        key = f"{prefix}/{rel}" if prefix else rel
+        s3 = boto3.client("s3")  # the AWS settings pyarrow reads too (AWS_ENDPOINT_URL …)
+        token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex}".encode()
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                s3.put_object(Bucket=bucket, Key=key, Body=token, IfNoneMatch="*")
+                break
+            except ClientError as e:  # 412: another holder's object is there; 409: a put racing ours
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (409, 412):
+                    raise
+            try:
+                head = s3.head_object(Bucket=bucket, Key=key)
+                if time.time() - head["LastModified"].timestamp() > STALE_LOCK_S:
+                    s3.delete_object(Bucket=bucket, Key=key)
+                    continue
+            except ClientError:  # released meanwhile: try again
+                continue
+            if time.monotonic() > deadline:
+                raise LockTimeout(f"{self.url(rel)} is held by another process")
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            try:  # only our own: a lock taken as stale and retaken by another stays
+                if s3.get_object(Bucket=bucket, Key=key)["Body"].read() == token:
+                    s3.delete_object(Bucket=bucket, Key=key)
+            except ClientError:
+                pass
+
     def ensure_dir(self, rel: str = "") -> None:
         """Create a local folder (object stores need none)."""
         if self.local:
             Path(self.path(rel)).mkdir(parents=True, exist_ok=True)
+
+
+class LockTimeout(TimeoutError):
+    """Another process held a :meth:`Store.lock` for longer than the caller would wait."""
+
+
+STALE_LOCK_S = 3600  # an object-store lock older than this was left by a process that died holding it
 
 
 def write_parquet_to(sink, data: pa.Table, row_groups: list[int] | None = None, row_group_size: int = 256 * 1024,

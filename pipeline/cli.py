@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,13 +61,48 @@ def cmd_sql(a: argparse.Namespace) -> int:
     return 0
 
 
-def streamlit_command(port: int | None, headless: bool | None, interactive: bool) -> list[str]:
-    """``streamlit run`` with only what the user asked for: Streamlit's own configuration (its
-    ``STREAMLIT_*`` environment variables, ``.streamlit/config.toml``) decides everything else. Without a
-    terminal the server runs headless (it would otherwise stop at Streamlit's first-run e-mail prompt),
-    unless the user said otherwise."""
-    app = Path(__file__).resolve().parent.parent / "streamlit_app" / "app.py"
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app)]
+APP = Path(__file__).resolve().parent.parent / "streamlit_app" / "app.py"
+LOOPBACK = "127.0.0.1"
+# What `vlatlas app` sets when the user's Streamlit configuration does not: the server listens on this
+# machine only (the app runs a model on uploads and SQL over the lake), and the browser sends Streamlit
+# no usage statistics (a request leaving the machine).
+LOCAL_DEFAULTS = {"server.address": LOOPBACK, "browser.gatherUsageStats": "false"}
+READ_ONLY_ENV = "VLATLAS_READ_ONLY"  # pipeline.live's (not imported here: the wrapper stays small)
+URL_LINE = re.compile(r"URL:\s*(https?://\S+)")  # Streamlit's "Local URL: http://localhost:8501"
+
+
+def streamlit_configured(option: str) -> bool:
+    """Whether the user's Streamlit configuration sets ``option`` (``section.key``): its
+    ``STREAMLIT_SECTION_KEY`` environment variable, or a ``config.toml`` Streamlit reads (``~/.streamlit``,
+    ``./.streamlit``, the app's folder's ``.streamlit``). Read without importing Streamlit."""
+    import tomllib
+
+    section, key = option.split(".")
+    if "STREAMLIT_" + re.sub(r"(?<!^)(?=[A-Z])", "_", option.replace(".", "_")).upper() in os.environ:
+        return True
+    for folder in (Path.home(), Path.cwd(), APP.parent):
+        try:
+            with open(folder / ".streamlit" / "config.toml", "rb") as fh:
+                if key in tomllib.load(fh).get(section, {}):
+                    return True
+        except (OSError, tomllib.TOMLDecodeError):  # Streamlit reports a broken file itself
+            continue
+    return False
+
+
+def streamlit_command(port: int | None, headless: bool | None, interactive: bool, address: str | None = None,
+                      defaults: dict[str, str] | None = None) -> list[str]:
+    """``streamlit run`` with only what the user asked for (``port``, ``address``, ``headless``) and
+    those of ``defaults`` (``{"section.key": value}``) that Streamlit's own configuration (its
+    ``STREAMLIT_*`` environment variables, ``.streamlit/config.toml``) does not set: that configuration
+    decides everything else. Without a terminal the server runs headless (it would otherwise stop at
+    Streamlit's first-run e-mail prompt), unless the user said otherwise."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP)]
+    if address is not None:
+        cmd += ["--server.address", address]
+    for option, value in (defaults or {}).items():
+        if not (option == "server.address" and address is not None) and not streamlit_configured(option):
+            cmd += [f"--{option}", value]
     if port is not None:
         cmd += ["--server.port", str(port)]
     if headless is None and not interactive and "STREAMLIT_SERVER_HEADLESS" not in os.environ:
@@ -75,51 +112,115 @@ def streamlit_command(port: int | None, headless: bool | None, interactive: bool
     return cmd
 
 
-def _streamlit(lake: str | Path, port: int | None, headless: bool | None) -> int:
-    """Run the app's server until it exits; SIGTERM and SIGINT are passed on to it, and its exit
-    code is ours."""
-    import signal
+class _Exit(Exception):
+    """A step run in a child process failed; it has said why on stderr."""
 
-    from lake.store import open_store
+    def __init__(self, code: int):
+        self.code = code
 
-    env = dict(os.environ, VLATLAS_LAKE=open_store(lake).uri)
-    cmd = streamlit_command(port, headless, sys.stdin.isatty() and sys.stdout.isatty())
-    where = f"port {port}" if port is not None else "the port Streamlit is configured with (8501 by default)"
-    print(f"vlatlas: serving {lake} on {where}  (Ctrl-C to stop)", file=sys.stderr)
-    proc = subprocess.Popen(cmd, env=env)
+
+def _in_child(fn) -> str:
+    """``fn()`` (a string) computed in a forked child, so that what it imports (DuckDB, pyarrow, torch
+    for the demo's extraction) never weighs on the wrapper that waits on Streamlit for hours. A failure
+    there is reported there, as :func:`main` would, and raises :class:`_Exit` here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(r)
+        code = 1
+        try:
+            os.write(w, fn().encode())
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported as main() reports it
+            try:
+                code = _report(e)
+            except BaseException:  # noqa: BLE001 - VLATLAS_DEBUG: the traceback
+                import traceback
+
+                traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise _Exit(EXIT_INTERRUPTED if code == -signal.SIGINT else code)
+    return out
+
+
+def _free_port(address: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def _streamlit(uri: str, shown: str, a: argparse.Namespace) -> int:
+    """Run the app's server on the lake ``uri`` until it exits; SIGTERM and SIGINT are passed on to it,
+    and its exit code is ours. Streamlit's output is passed on, and once its URL line names the port the
+    server listens on (another than the configured one when that was taken), so does ours."""
+    env = dict(os.environ, VLATLAS_LAKE=uri, PYTHONUNBUFFERED="1")
+    if a.read_only:
+        env[READ_ONLY_ENV] = "1"
+    port = _free_port(a.address or LOOPBACK) if a.port == 0 else a.port
+    cmd = streamlit_command(port, a.headless, sys.stdin.isatty() and sys.stdout.isatty(), a.address, LOCAL_DEFAULTS)
+    mode = ", read-only: no live examples" if a.read_only else ""
+    print(f"vlatlas: starting the app on {shown}{mode} …", file=sys.stderr)
+    proc: subprocess.Popen | None = None
 
     def forward(signum, _frame):
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:  # a second Ctrl-C while the server shuts down
-                forward(signal.SIGINT, None)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
+        said = False
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if not said and (m := URL_LINE.search(line)):
+                said = True
+                print(f"vlatlas: serving {shown} at {m.group(1)}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        code = proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
 
 
-def cmd_app(a: argparse.Namespace) -> int:
+def _lake_uri(lake: str) -> str:
+    """The lake's URI, once the catalog has opened it (a clear error now rather than in the browser)."""
     from lake.catalog import open_catalog
+    from lake.store import open_store
 
-    open_catalog(a.lake).close()  # a clear error now rather than in the browser
-    return _streamlit(a.lake, a.port, a.headless)
+    open_catalog(lake).close()
+    return open_store(lake).uri
+
+
+def cmd_app(a: argparse.Namespace) -> int:
+    return _streamlit(_in_child(lambda: _lake_uri(a.lake)), a.lake, a)
+
+
+def _demo_lake(a: argparse.Namespace) -> str:
+    from lake.store import open_store
+    from pipeline.demo.build import build_demo_lake
+
+    return open_store(build_demo_lake(Path(a.lake), n=a.n, progress=not a.quiet, rebuild=a.rebuild)).uri
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from pipeline.demo.build import build_demo_lake
-
-    lake = build_demo_lake(Path(a.lake), n=a.n, progress=not a.quiet, rebuild=a.rebuild)
     if a.no_app:
+        _demo_lake(a)
         return 0
-    return _streamlit(lake, a.port, a.headless)
+    return _streamlit(_in_child(lambda: _demo_lake(a)), a.lake, a)
 
 
 def cmd_demo_data(a: argparse.Namespace) -> int:
@@ -154,11 +255,29 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def _port(s: str) -> int:
+    try:
+        port = int(s)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a port: give a number from 1 to 65535, or 0 for any free port")
+    return port
+
+
 def _server_options(p: argparse.ArgumentParser) -> None:
-    """``--port`` and ``--headless`` of the commands that start the app (only what the user gives
-    reaches Streamlit: see :func:`streamlit_command`)."""
-    p.add_argument("--port", type=int, default=None,
-                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501)")
+    """The options of the commands that start the app (only what the user gives, and the local
+    defaults their Streamlit configuration leaves unset, reach Streamlit: see :func:`streamlit_command`)."""
+    p.add_argument("--port", type=_port, default=None,
+                   help="the server's port (default: Streamlit's configuration, STREAMLIT_SERVER_PORT or 8501; "
+                        "0: any free port)")
+    p.add_argument("--address", default=None,
+                   help="the interface the server listens on (default: Streamlit's configuration, "
+                        "STREAMLIT_SERVER_ADDRESS or server.address in .streamlit/config.toml, else 127.0.0.1: "
+                        "this machine only); 0.0.0.0 serves every interface, so anyone who reaches the port "
+                        "can run SQL over the lake and, without --read-only, the run's model on uploads")
+    p.add_argument("--read-only", action="store_true",
+                   help="no live examples: the app never writes to the lake (for a shared deployment)")
     p.add_argument("--headless", action="store_true", default=None,
                    help="don't open a browser (the default without a terminal)")
 
@@ -256,28 +375,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# the errors a user can cause, by module: looked up only in modules already imported (an error of a
+# module never imported cannot have been raised), so that `vlatlas app` does not import torch for them
+USER_ERRORS = (("lake.errors", "LakeError"), ("lake.errors", "QueryError"), ("lake.errors", "SandboxError"),
+               ("pipeline.data", "ManifestError"), ("pipeline.models", "ModelLoadError"))
+
+
+def _report(e: BaseException) -> int:
+    """Say what went wrong in one sentence on stderr; the exit code."""
+    if isinstance(e, _Exit):
+        return e.code
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    user = tuple(getattr(sys.modules[m], n) for m, n in USER_ERRORS if m in sys.modules)
+    if isinstance(e, (*user, ValueError, FileNotFoundError, NotImplementedError)):
+        return _fail(str(e))
+    if not isinstance(e, Exception):
+        raise e
+    if os.environ.get("VLATLAS_DEBUG"):
+        raise e
+    # a bug: still one sentence, with the way to the traceback
+    return _fail(f"unexpected {type(e).__name__}: {e} (set VLATLAS_DEBUG=1 to see the traceback, "
+                 "and please report it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
     if not getattr(a, "fn", None):
         p.print_help()
         return EXIT_USAGE
-    from lake.errors import LakeError, QueryError, SandboxError
-    from pipeline.data import ManifestError
-    from pipeline.models import ModelLoadError
-
     try:
         return a.fn(a)
-    except (ManifestError, ModelLoadError, LakeError, SandboxError, QueryError, ValueError,
-            FileNotFoundError, NotImplementedError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as e:  # a bug: still one sentence, with the way to the traceback
-        if os.environ.get("VLATLAS_DEBUG"):
-            raise
-        return _fail(f"unexpected {type(e).__name__}: {e} (set VLATLAS_DEBUG=1 to see the traceback, "
-                     "and please report it)")
+    except BaseException as e:  # noqa: BLE001 - _report re-raises what is not an error (SystemExit)
+        return _report(e)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,18 @@ as a NEW chunk of the run with its done marker, so every view, query and page se
   is no longer the run's raises :class:`LiveError` (one line) before anything is written.
 - Device: CUDA when torch sees one (the lake does not record which device a run used), else the CPU,
   and :attr:`LiveResult.note` says when a requested CUDA device was not available here.
-- One live example is added at a time per process (a lock); two processes adding to one run at the
-  same moment are not coordinated.
+- One live example is added to a run at a time, across processes and machines (two app servers on
+  one lake): from reading the run's ids to the restored ``runs`` row, the adder holds the run's lock
+  ``_state/<run>/live.lock`` (:meth:`lake.store.Store.lock`: ``flock`` on a disk, a create-only
+  conditional put on S3), and a second adder waits for it, then numbers its example after the first's.
+  A lake on another object store offers no live examples.
+- ``$VLATLAS_READ_ONLY`` (set by ``vlatlas app --read-only``) turns live examples off: nothing here
+  writes to the lake while it is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -47,8 +53,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lake.schema import IMAGES, TABLES
-from lake.store import Store, open_store
-from lake.commit import IMAGE_FILE, NOT_CHUNKED, chunk_of, done_chunks, read_run_row
+from lake.store import LockTimeout, Store, open_store
+from lake.commit import IMAGE_FILE, NOT_CHUNKED, chunk_of, done_chunks, read_run_row, state_rel
 from lake.writer import LakeWriter
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an uploaded file's size
@@ -56,6 +62,8 @@ MAX_UPLOAD_PIXELS = 50_000_000  # width x height of an uploaded image
 MAX_TEXT_CHARS = 2000  # the question or text typed with it
 LIVE_SPLIT = "live"
 UPLOAD_TYPES = ("png", "jpg", "jpeg", "webp")  # what the app's uploader offers
+READ_ONLY_ENV = "VLATLAS_READ_ONLY"  # set (to anything but "", 0, false, no): no live examples
+LOCK_WAIT_S = 600.0  # how long an adder waits for another app server's live example on the same run
 
 _LOCK = threading.Lock()  # one live example at a time in this process (chunk and id numbering)
 _ADAPTERS: dict[tuple, object] = {}  # the last loaded model, kept for the next upload
@@ -109,10 +117,29 @@ def model_folder(model: str, revision: str | None = None) -> tuple[Path | None, 
     return folder, None
 
 
+def read_only() -> bool:
+    """Whether this process serves the lake read-only (``$VLATLAS_READ_ONLY``, read here only)."""
+    return os.environ.get(READ_ONLY_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_lock(run: str) -> str:
+    """The lock (relative to the lake's root) an adder of a live example to ``run`` holds."""
+    return f"{state_rel(run)}/live.lock"
+
+
 def unavailable(lake, run: str) -> str | None:
     """Why live examples cannot be added to ``run`` of ``lake`` (one line), or None when they can."""
+    if read_only():
+        return "uploads are off, as this app serves the lake read-only (`vlatlas app --read-only`)"
     try:
-        row = read_run_row(open_store(lake), run)
+        store = open_store(lake)
+    except Exception as e:  # noqa: BLE001 - an unreachable lake is a reason, not a traceback
+        return f"the lake cannot be opened: {_first_line(e)}"
+    if not store.local and store.scheme != "s3":
+        return (f"on a {store.scheme}:// lake two app servers' live examples could not be kept apart "
+                "(a folder or an s3:// lake has a lock for them)")
+    try:
+        row = read_run_row(store, run)
     except Exception as e:  # noqa: BLE001 - an unreadable runs row is a reason, not a traceback
         return f"the runs row of {run!r} cannot be read: {_first_line(e)}"
     if row is None:
@@ -257,6 +284,8 @@ def add_live_example(lake, run: str, image, text: str, answer: str | None = None
     (see the module docstring). ``image``: the bytes of an image file or a PIL image. ``device``:
     ``cuda``/``cpu`` (default: CUDA when available). ``adapter``: an already loaded adapter of the
     run's model (tests). Raises :class:`LiveError` with one line, the lake unchanged, when it cannot."""
+    if read_only():
+        raise LiveError("live examples are off: this app serves the lake read-only (`vlatlas app --read-only`)")
     text = _text(text, "text", required=True)
     answer = _text(answer, "answer", required=False)
     data = _image_bytes(image)
@@ -274,8 +303,27 @@ def add_live_example(lake, run: str, image, text: str, answer: str | None = None
         if folder is None:
             raise LiveError(f"live examples are not available for run {run!r}: {why}")
     used_device, note = _device(device)
-    with _LOCK:
+    with _LOCK, _run_locked(store, run):
+        # read again under the lock: another app server may have added an example meanwhile
+        row = read_run_row(store, run) or row
         return _add(store, row, _Upload(data, text, answer), _Model(folder, adapter, used_device, note))
+
+
+@contextlib.contextmanager
+def _run_locked(store: Store, run: str):
+    """Hold ``run``'s live-example lock (a LiveError when it cannot be had)."""
+    lock = store.lock(run_lock(run), LOCK_WAIT_S)
+    try:
+        lock.__enter__()
+    except LockTimeout:
+        raise LiveError(f"another app is still adding a live example to run {run!r} after "
+                        f"{LOCK_WAIT_S / 60:g} minutes; try again later") from None
+    except NotImplementedError as e:
+        raise LiveError(f"live examples are not available on this lake: {e}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def add_example(lake, run: str, image, text: str, answer: str | None = None, **kwargs) -> int:

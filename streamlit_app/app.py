@@ -25,7 +25,9 @@ from streamlit_app import state  # noqa: E402
 
 MAX_PICK = 1000  # examples offered by the sidebar picker; the Examples page finds the rest
 
-st.set_page_config(page_title="VL-Atlas", page_icon=":material/travel_explore:", layout="wide")
+# The tab's icon is a file of the app's own: a ":material/…:" icon there is fetched by the browser from a
+# font CDN, a request leaving the machine (and failing offline).
+st.set_page_config(page_title="VL-Atlas", page_icon=str(HERE / "icon.png"), layout="wide")
 state.init()
 # Pills (the Attention page's query tokens) wrap onto further lines: by default their row scrolls
 # sideways with no visible scrollbar, so tokens past the column's edge could not be reached.

@@ -66,3 +66,41 @@ def test_server_follows_streamlits_configuration_and_stops_with_vlatlas(tiny_lak
             proc.kill()
         for p in _children(proc.pid):
             os.kill(p, signal.SIGKILL)
+
+
+def test_the_startup_message_names_the_port_the_server_took(tiny_lake, tmp_path):
+    """Streamlit's default port taken (here by the test): Streamlit listens on the next one, and
+    vlatlas's message names that one, not the default."""
+    import re
+    import socket
+
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        held.bind(("127.0.0.1", 8501))
+        held.listen()
+    except OSError:  # already taken by someone else: as good
+        held.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLIT_")}
+    env.update(HOME=str(tmp_path), STREAMLIT_SERVER_FILE_WATCHER_TYPE="none")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "app", "--lake", str(tiny_lake)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said, deadline = "", time.monotonic() + 90
+        while time.monotonic() < deadline and "vlatlas: serving" not in said:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            said += line
+        m = re.search(r"vlatlas: serving .* at http://127\.0\.0\.1:(\d+)", said)
+        assert m, said
+        port = int(m.group(1))
+        assert port != 8501
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5).read() == b"ok"
+    finally:
+        held.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
