@@ -181,15 +181,27 @@ def _streamlit(uri: str, shown: str, a: argparse.Namespace) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
-        said = False
+        said, echo = False, True
         for raw in proc.stdout:
             line = raw.decode(errors="replace")
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            if echo:
+                try:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                except OSError:  # our output was closed (`vlatlas app | head`): the server goes on
+                    echo = False
             if not said and (m := URL_LINE.search(line)):
                 said = True
-                print(f"vlatlas: serving {shown} at {m.group(1)}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                try:
+                    print(f"vlatlas: serving {shown} at {m.group(1)}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                except OSError:
+                    pass
         code = proc.wait()
+    except BaseException:  # never a server left behind without its vlatlas
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
