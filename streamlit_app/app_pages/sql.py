@@ -51,9 +51,19 @@ def _load(sql: str | None) -> None:
         state.set_value(k, None)
 
 
+# the examples over --explain tables only where the run has their rows (elsewhere they return none);
+# a button keeps its key (its place in EXAMPLE_SQL) whichever are offered
+has = state.q(queries.explain_rows, c.run)
+offered = [(i, t, sql) for i, (t, sql) in enumerate(worked.items()) if t not in queries.NEEDS or queries.NEEDS[t] in has]
 cols = st.columns(4)
-for i, (title, sql) in enumerate(worked.items()):
-    cols[i % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
+for n, (i, title, sql) in enumerate(offered):
+    cols[n % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
+METHOD = {"value_norms": "value", "rollout": "rollout", "sinks": "sinks"}  # the --explain method writing each
+left_out = [(t, METHOD[queries.NEEDS[t]]) for t in worked if t in queries.NEEDS and queries.NEEDS[t] not in has]
+if left_out:
+    st.caption(f"Not offered for run `{c.run}`, which has no rows for them: " + "; ".join(
+        f"*{t}* ({'extracted without' if m not in c.explained else 'no rows from'} `--explain {m}`)"
+        for t, m in left_out) + ".")
 
 with st.expander("Views and columns"):
     st.markdown("\n".join(
