@@ -313,7 +313,7 @@ def _button(where, label: str, run: str, example_id: int, key: str) -> None:
 def _driver_row(where):
     """A driving example's line: its button(s) as wide as their labels, the text in the rest. (Columns of
     fixed shares cut the buttons to "O…" in a half-width column.)"""
-    return where.container(horizontal=True, vertical_alignment="center", gap="small")
+    return where.container(horizontal=True, vertical_alignment="center", gap="small", wrap=False)
 
 
 if len(drv):
