@@ -243,8 +243,9 @@ m[1].metric("mean B", f"{row.mean_b:.4f}", help=label_b)
 m[2].metric("B − A", f"{row['diff']:+.4f}")
 m[3].metric(effect_name, "–" if pd.isna(row.effect) else f"{row.effect:+.3f}")
 why = cmp.untested(res[(res.layer == layer) & (res["head"] == head)], paired, test).iloc[0]
-m[4].metric("p", "–" if pd.isna(row.p) else f"{row.p:.2e}", help=f"not tested: {why}" if why else None)
-m[5].metric("adjusted p", "–" if pd.isna(row.p_adj) else f"{row.p_adj:.2e}", help=f"not tested: {why}" if why else None)
+why_help = f"not tested: {why}" if why else None
+m[4].metric("p", "–" if pd.isna(row.p) else f"{row.p:.2e}", help=why_help)
+m[5].metric("adjusted p", "–" if pd.isna(row.p_adj) else f"{row.p_adj:.2e}", help=why_help)
 if why:
     st.caption(f"Layer {layer}, head {head} is not tested: {why}.")
 

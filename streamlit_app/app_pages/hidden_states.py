@@ -270,8 +270,8 @@ with right:
     else:  # say why there is none, rather than nothing: decoder runs with --explain lens show one here
         decoder = "lm" in set(c.streams.stream)
         st.caption(f"**Logit lens**: none for run **{c.run}**: "
-                   + (f"its model ({c.info.get('model_family')}) has no language model (no `lm` stream) whose head could "
-                      "read its hidden states out as words; the lens is for decoder LVLMs (LLaVA, Qwen2-VL, …) "
+                   + (f"its model ({c.info.get('model_family')}) has no language model (no `lm` stream) whose "
+                      "head could read its hidden states out as words; the lens is for decoder LVLMs (LLaVA, Qwen2-VL, …) "
                       "extracted with `--explain lens`." if not decoder else
                       "it was extracted without `--explain lens`; extract it again with `--explain lens` "
                       "(and `--keep-hidden`) to see what each layer's hidden state would read out as words."))

@@ -54,7 +54,8 @@ def _load(sql: str | None) -> None:
 # the examples over --explain tables only where the run has their rows (elsewhere they return none);
 # a button keeps its key (its place in EXAMPLE_SQL) whichever are offered
 has = state.q(queries.explain_rows, c.run)
-offered = [(i, t, sql) for i, (t, sql) in enumerate(worked.items()) if t not in queries.NEEDS or queries.NEEDS[t] in has]
+offered = [(i, t, sql) for i, (t, sql) in enumerate(worked.items())
+           if t not in queries.NEEDS or queries.NEEDS[t] in has]
 cols = st.columns(4)
 for n, (i, title, sql) in enumerate(offered):
     cols[n % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")

@@ -5,7 +5,9 @@ demo model over 48 scenes, maps included), against issue 13's points 1-5 and 9.
 - the Attention page's query-token pills wrap, so every token can be clicked (point 5);
 - the SQL page draws its quick chart for an unaliased aggregate and follows a new query (point 3);
 - the masses the Attention captions state equal the lake's stored weights, read with pyarrow (point 1);
-- each page's time from navigation to a finished script run is printed (point 9: figures, no limits).
+- each page's time from navigation to a finished script run is printed (point 9: figures, no limits);
+- issue 24: a click on a Head summary cell opens that head on the Attention page, and the Compare
+  page's Open buttons show their whole label beside their example's line.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def test_compare_driver_buttons_show_their_whole_label(server, browser):
     boxes = [x for x in boxes if x["b"][1] > x["b"][0]]  # Streamlit keeps a hidden copy of each button
     assert len(boxes) >= 2
     for x in boxes:  # the example's line beside its button, to its right, starting on the button's line
-        (bl, br, bt, bb), t = x["b"], x["t"]
+        (bl, br, _, bb), t = x["b"], x["t"]
         assert br - bl >= 40 and t is not None and t[0] >= br - 1 and t[2] < bb, x
     assert not problems, problems
     page.close()

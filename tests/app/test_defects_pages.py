@@ -9,14 +9,13 @@ from the Parquet files, never through ``lake/queries.py``.
 
 from __future__ import annotations
 
-import json
 
 import duckdb
 import numpy as np
 import pytest
 
 from lake.queries import EXAMPLE_SQL, NEEDS
-from tests.app.test_app import chart, chart_data, heatmap, open_app, t2i_matrix
+from tests.app.test_app import chart, heatmap, open_app, t2i_matrix
 
 HEAD_SUMMARY, HIDDEN, SQL = "app_pages/head_summary.py", "app_pages/hidden_states.py", "app_pages/sql.py"
 
@@ -63,8 +62,8 @@ def test_whole_run_z_scored_against_itself_says_why_the_map_is_blank(synth_lake,
     z = (every.mean(0) - every.mean(0)) / every.std(0)  # the run's mean against the run: 0
     np.testing.assert_allclose(heatmap(at).value.to_numpy(dtype=float), z.ravel(), atol=1e-9)
     # the note is for that case only: one example, a filtered subset, raw values
-    for params in (dict(scope="example", ex=2, norm="z_dataset"), dict(scope="filtered", norm="z_dataset", split="train"),
-                   dict(scope="filtered", norm="raw"), dict(scope="filtered", norm="z_example")):
+    for params in (dict(scope="example", ex=2, norm="z_dataset"), dict(scope="filtered", norm="raw"),
+                   dict(scope="filtered", norm="z_dataset", split="train"), dict(scope="filtered", norm="z_example")):
         at = open_app(synth_lake.root, monkeypatch, page=HEAD_SUMMARY, run="synth", **params)
         assert not [i for i in infos(at) if Z_RUN in i or "for every head" in i], (params, infos(at))
         assert np.ptp(heatmap(at).value.to_numpy(dtype=float)) > 1e-3, params  # and the map is not blank
