@@ -267,6 +267,20 @@ def compare_paired(moments: pd.DataFrame, values: pd.DataFrame | None = None, te
     return _finish(out, correction)
 
 
+def untested(result: pd.DataFrame, paired: bool, test: str = "t") -> pd.Series:
+    """Why each head of a comparison has no p-value, as a short phrase ("" where it has one): too few
+    values (pairs) in a group, or values that leave the test nothing to measure (no spread)."""
+    n_a, n_b = result.n_a.to_numpy(), result.n_b.to_numpy()
+    if paired:
+        few = np.where(n_a < 2, "fewer than 2 pairs", "")
+        flat = "every B − A is 0" if test == "rank" else "every B − A is the same (no variance)"
+    else:
+        few = np.where(n_a < 2, "fewer than 2 values in A", np.where(n_b < 2, "fewer than 2 values in B", ""))
+        flat = "every value is the same" if test == "rank" else "no variance in either group"
+    why = np.where(few != "", few, flat)
+    return pd.Series(np.where(result.p.isna(), why, ""), index=result.index, dtype=object)
+
+
 RANKS = ("diff", "effect")
 
 

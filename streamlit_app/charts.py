@@ -28,7 +28,9 @@ def value_scale(values: pd.Series, diverging: bool) -> alt.Scale:
         return alt.Scale(scheme=DIVERGING, reverse=True, domain=[-a, a], domainMid=0)
     hi = float(v.max()) if len(v) else 1.0
     lo = float(v.min()) if len(v) else 0.0
-    return alt.Scale(scheme=SEQUENTIAL, domain=[lo, hi if hi > lo else lo + 1e-9])
+    if hi <= lo:  # one value everywhere: a range from 0 to it (0 to 1 for 0), not lo … lo + 1e-9
+        lo, hi = min(lo, 0.0), max(hi, 0.0) if hi != 0 else 1.0
+    return alt.Scale(scheme=SEQUENTIAL, domain=[lo, hi])
 
 
 # -- head summary ---------------------------------------------------------------------
@@ -474,7 +476,11 @@ def hidden_map(points: pd.DataFrame, *, color_field: str, color_title: str, path
         p["image"] = None
     click = alt.selection_point(name="tok", fields=["example_id", "token_idx"], on="click", clear=False)
     zoom = alt.selection_interval(name="zoom", bind="scales")
-    xs, ys = alt.X("x:Q", axis=None), alt.Y("y:Q", axis=None)
+    # the domains padded past the outermost points (and the path's), so that a point at the edge is drawn
+    # whole rather than cut in half by the frame; t-SNE coordinates have no meaningful zero
+    both = p if path is None or not len(path) else pd.concat([p[["x", "y"]], path[["x", "y"]]])
+    xs = alt.X("x:Q", axis=None, scale=alt.Scale(domain=_pad_domain(both.x), nice=False, zero=False))
+    ys = alt.Y("y:Q", axis=None, scale=alt.Scale(domain=_pad_domain(both.y), nice=False, zero=False))
     # The tooltip is one object per point, so that only patches carry an ``image`` key (vega-tooltip
     # draws that key as a picture; a text token's missing image would show as a broken one).
     rows = {"token": "datum.label", "role": "datum.role", "modality": "datum.modality",

@@ -67,6 +67,8 @@ from lake.queries.groups import (
 )
 from lake.queries.sql_examples import (
     EXAMPLE_SQL,
+    NEEDS,
+    explain_rows,
     sql_literal,
     example_sql,
 )
@@ -133,6 +135,8 @@ __all__ = [
     "paired_moments",
     "paired_values",
     "EXAMPLE_SQL",
+    "NEEDS",
+    "explain_rows",
     "sql_literal",
     "example_sql",
     "n_heads",

@@ -118,6 +118,25 @@ ORDER BY tokens DESC""",
 }
 
 
+# The worked examples that read what only ``--explain`` writes, and the rows each needs (the names of
+# :func:`explain_rows`): on a run without them they return no rows, so the SQL page leaves them out.
+NEEDS: dict[str, str] = {
+    "Contribution norms (--explain value)": "value_norms",
+    "Rollout to the image (--explain rollout)": "rollout",
+    "Sink tokens (--explain sinks)": "sinks",
+}
+
+
+def explain_rows(cat, run: str) -> set[str]:
+    """Which of the ``--explain`` rows the worked examples read a run has: a subset of ``value_norms``,
+    ``rollout`` (rows of ``relevancy`` with method ``rollout``) and ``sinks`` (a run extracted with
+    ``--explain sinks`` on a model where no token is a sink has none)."""
+    d = cat.df("SELECT EXISTS (SELECT 1 FROM value_norms WHERE run = $run) AS value_norms, "
+               "EXISTS (SELECT 1 FROM relevancy WHERE run = $run AND method = 'rollout') AS rollout, "
+               "EXISTS (SELECT 1 FROM sinks WHERE run = $run) AS sinks", {"run": run})
+    return {k for k in ("value_norms", "rollout", "sinks") if bool(d[k].iloc[0])}
+
+
 def sql_literal(text: str) -> str:
     """``text`` as a SQL string literal (single quotes doubled)."""
     return "'" + str(text).replace("'", "''") + "'"

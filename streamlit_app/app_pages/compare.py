@@ -204,7 +204,14 @@ st.radio("Rank heads by", list(cmp.RANKS), horizontal=True, format_func=RANK_LAB
               "high. The drilled head below is the first of the ranking until you pick one.")
 table = ranked.rename(columns={"mean_a": "mean A", "mean_b": "mean B", "diff": "B − A", "effect": effect_name,
                                "p_adj": "adjusted p", "n_a": "n A", "n_b": "n B"})
-table = table[["layer", "head", "mean A", "mean B", "B − A", effect_name, "p", "adjusted p", "n A", "n B"]]
+table["not tested"] = cmp.untested(ranked, paired, test)
+table = table[["layer", "head", "mean A", "mean B", "B − A", effect_name, "p", "adjusted p", "n A", "n B"]
+              + (["not tested"] if (table["not tested"] != "").any() else [])]
+FOUR, SCI = "{:.4f}".format, "{:.2e}".format
+# shown through a Styler: an untestable head's empty cells read "–" (a plain null reads "None"), its
+# reason in the last column, and the numbers stay numbers (the columns sort as numbers)
+shown = table.style.format({"mean A": FOUR, "mean B": FOUR, "B − A": FOUR, effect_name: FOUR, "p": SCI,
+                            "adjusted p": SCI}, na_rep="–")
 
 
 def _row_picked() -> None:
@@ -213,11 +220,15 @@ def _row_picked() -> None:
         state.set_value("cmp_head", [int(table.layer.iloc[rows[0]]), int(table["head"].iloc[rows[0]])])
 
 
-st.dataframe(table, key="cmp_table", on_select=_row_picked, selection_mode="single-row", hide_index=True,
+# widths in pixels: wide enough for "-1.0000" and "7.53e-05" whole (measured on the header alone,
+# "p" was cut to "7.53e-…"), the reason wider still
+st.dataframe(shown, key="cmp_table", on_select=_row_picked, selection_mode="single-row", hide_index=True,
              width="stretch", height=min(38 + 35 * len(table), 400),
-             column_config={c_: st.column_config.NumberColumn(c_, format="%.4f")
+             column_config={c_: st.column_config.NumberColumn(c_, width=84)
                             for c_ in ("mean A", "mean B", "B − A", effect_name)}
-             | {c_: st.column_config.NumberColumn(c_, format="%.2e") for c_ in ("p", "adjusted p")})
+             | {c_: st.column_config.NumberColumn(c_, width=96) for c_ in ("p", "adjusted p")}
+             | {"not tested": st.column_config.TextColumn("not tested", width=260,
+                                                          help="why a head has no p-value")})
 st.caption(f"Ranked by {RANK_LABELS[rank_by]}, largest first"
            + (" (heads without an effect size last)" if rank_by == "effect" else "")
            + ". Click a row to see the examples behind that head.")
@@ -230,9 +241,13 @@ m = st.columns(6)
 m[0].metric("mean A", f"{row.mean_a:.4f}", help=label_a)
 m[1].metric("mean B", f"{row.mean_b:.4f}", help=label_b)
 m[2].metric("B − A", f"{row['diff']:+.4f}")
-m[3].metric(effect_name, "—" if pd.isna(row.effect) else f"{row.effect:+.3f}")
-m[4].metric("p", "—" if pd.isna(row.p) else f"{row.p:.2e}")
-m[5].metric("adjusted p", "—" if pd.isna(row.p_adj) else f"{row.p_adj:.2e}")
+m[3].metric(effect_name, "–" if pd.isna(row.effect) else f"{row.effect:+.3f}")
+why = cmp.untested(res[(res.layer == layer) & (res["head"] == head)], paired, test).iloc[0]
+why_help = f"not tested: {why}" if why else None
+m[4].metric("p", "–" if pd.isna(row.p) else f"{row.p:.2e}", help=why_help)
+m[5].metric("adjusted p", "–" if pd.isna(row.p_adj) else f"{row.p_adj:.2e}", help=why_help)
+if why:
+    st.caption(f"Layer {layer}, head {head} is not tested: {why}.")
 
 
 def _open(run: str, example_id: int) -> None:
@@ -296,6 +311,12 @@ def _button(where, label: str, run: str, example_id: int, key: str) -> None:
         st.switch_page(ATTENTION)
 
 
+def _driver_row(where):
+    """A driving example's line: its button(s) as wide as their labels, the text in the rest. (Columns of
+    fixed shares cut the buttons to "O…" in a half-width column.)"""
+    return where.container(horizontal=True, vertical_alignment="center", gap="small", wrap=False)
+
+
 if len(drv):
     n_g = drv.groupby("group").n.first() if not paired else None
     st.caption("An even share is " + (f"1/{int(drv.n.iloc[0])} = {_share(1 / drv.n.iloc[0])} of the pairs" if paired
@@ -307,11 +328,11 @@ if paired:
     st.caption(f"Largest differences B − A in the direction of the mean difference; "
                f"**Open A** / **Open B** opens the example in run `{c.run}` / `{b_run}`.")
     for r in drv.head(2 * TOP).itertuples():
-        a, b, t = st.columns([1, 1, 7])
-        _button(a, "Open A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
-        _button(b, "Open B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
-        t.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {_share(r.share)} of Σd, "
-                   f"{_even(r.vs_even)})")
+        row_ = _driver_row(st)
+        _button(row_, "Open A", c.run, int(r.example_id), f"cmp_open_a_{int(r.example_id)}")
+        _button(row_, "Open B", b_run, int(r.example_id), f"cmp_open_b_{int(r.example_id)}")
+        row_.markdown(f"{_line(r)} — A {r.a:.4f} → B {r.b:.4f} (d {r.d:+.4f}, share {_share(r.share)} of Σd, "
+                      f"{_even(r.vs_even)})", width="stretch")
 else:
     col_a, col_b = st.columns(2, gap="large")
     for where, g, other in ((col_a, "A", "B"), (col_b, "B", "A")):
@@ -319,7 +340,7 @@ else:
         where.caption(f"furthest from the mean of {other} ({row.mean_b if g == 'A' else row.mean_a:.4f}) "
                       f"in the direction of B − A")
         for r in drv[drv.group == g].head(TOP).itertuples():
-            b, t = where.columns([1, 6])
-            _button(b, "Open", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
-            t.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {_share(r.share)} in {g}, "
-                       f"{_even(r.vs_even)})")
+            row_ = _driver_row(where)
+            _button(row_, "Open", c.run, int(r.example_id), f"cmp_open_{g}_{int(r.example_id)}")
+            row_.markdown(f"{_line(r)} — {stat} {r.value:.4f} (share {_share(r.share)} in {g}, "
+                          f"{_even(r.vs_even)})", width="stretch")

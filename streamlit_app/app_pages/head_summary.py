@@ -6,7 +6,11 @@ from lake import queries
 from lake.queries import NORM_LABELS, NORMS
 from streamlit_app import charts, export, state
 
+ATTENTION = "app_pages/attention.py"
+
 c = state.ctx()
+if st.session_state.pop("_hs_open", False):  # a click on a cell (its callback set the head): open it
+    st.switch_page(ATTENTION)
 st.title("Head summary")
 state.require_examples(c, "no statistics to show")
 
@@ -52,10 +56,32 @@ if m.empty or m.raw.notna().sum() == 0:
 
 
 def _clicked() -> None:
+    """Select the clicked head and open it on the Attention page (the rerun this callback precedes
+    switches page before drawing anything: ``st.switch_page`` is not for callbacks)."""
     cell = st.session_state["hs_chart"].selection.get("cell") or []
     if cell:
         state.set_value("layer", int(cell[0]["layer"]))
         state.set_value("head", "mean" if cell[0]["col"] == "mean" else int(cell[0]["col"]))
+        st.session_state["_hs_open"] = True
+
+
+# A blank or one-coloured map says why: a statistic with one value at every head (``sink_mass`` of a
+# run where no token is a sink), or the whole run z-scored against itself (0 at every head by definition).
+raw = m.raw.dropna()
+if len(raw) and float(raw.max() - raw.min()) <= 1e-12 * max(1.0, float(raw.abs().max())):
+    v = float(raw.iloc[0])
+    if stat == "sink_mass" and v == 0:
+        who = (f"example #{c.example['example_id']}" if scope == "example" else f"run **{c.run}**"
+               if c.n_filtered == c.n_examples else f"the {c.n_filtered} filtered examples")
+        st.info(f"No sink tokens were found in {who}: **sink_mass** is 0 for every head (no token's activation "
+                "in a layer's input reached |h_d| / rms(h) >= 20), so the map has one colour.")
+    else:
+        st.info(f"**{stat}** is {v:.4g} for every head of {what}, so the map has one colour"
+                + (" (and its z-scores, which divide by a spread of 0, are undefined)." if norm != "raw" else "."))
+elif norm == "z_dataset" and scope == "filtered" and c.n_filtered == c.n_examples:
+    st.info(f"Z-scored against the whole run, the mean over every example of run **{c.run}** is each head's own "
+            "run mean, so every z-score is 0 and the map is blank. Pick one example (**Of**), filter the examples "
+            "(Examples page), or choose **raw value** under Normalisation to see the heads differ.")
 
 
 legend = stat if norm == "raw" else f"{stat} (z)"
@@ -82,8 +108,8 @@ with right:
     if len(shown):
         st.metric(f"layer {layer}, {'mean over heads' if head == 'mean' else f'head {head}'}",
                   f"{shown.value.mean():.4f}", help=f"raw {stat}: {shown.raw.mean():.4f}")
-    st.caption("Click a cell to select that head (the *mean* column selects the mean over heads).")
-    st.page_link("app_pages/attention.py", label=f"Open layer {layer}, head {head} on the Attention page",
+    st.caption("Click a cell to open that head on the Attention page (the *mean* column: the mean over heads).")
+    st.page_link(ATTENTION, label=f"Open layer {layer}, head {head} on the Attention page",
                  icon=":material/visibility:")
 
 # -- the examples on which the selected head scores highest ---------------------------------------

@@ -267,6 +267,14 @@ with right:
                        "the language model's final norm and unembedding, its most likely vocabulary items with "
                        "their probabilities: what the model would read out of the token at that depth (for an "
                        "image token, the words the language model sees in that patch).")
+    else:  # say why there is none, rather than nothing: decoder runs with --explain lens show one here
+        decoder = "lm" in set(c.streams.stream)
+        st.caption(f"**Logit lens**: none for run **{c.run}**: "
+                   + (f"its model ({c.info.get('model_family')}) has no language model (no `lm` stream) whose "
+                      "head could read its hidden states out as words; the lens is for decoder LVLMs (LLaVA, Qwen2-VL, …) "
+                      "extracted with `--explain lens`." if not decoder else
+                      "it was extracted without `--explain lens`; extract it again with `--explain lens` "
+                      "(and `--keep-hidden`) to see what each layer's hidden state would read out as words."))
     flt_label = "all examples" if c.flt.is_empty() else f"filtered examples ({c.flt.describe()})"
     norm_all = state.q(queries.hidden_norms, c.run, stream, flt=c.flt, max_examples=MAX_NORM_EXAMPLES)
     n_norm = int(norm_all.n_examples.max()) if len(norm_all) else 0

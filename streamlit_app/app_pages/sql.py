@@ -51,9 +51,32 @@ def _load(sql: str | None) -> None:
         state.set_value(k, None)
 
 
+# the examples over --explain tables only where the run has their rows (elsewhere they return none);
+# a button keeps its key (its place in EXAMPLE_SQL) whichever are offered
+has = state.q(queries.explain_rows, c.run)
+offered = [(i, t, sql) for i, (t, sql) in enumerate(worked.items())
+           if t not in queries.NEEDS or queries.NEEDS[t] in has]
 cols = st.columns(4)
-for i, (title, sql) in enumerate(worked.items()):
-    cols[i % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
+for n, (i, title, sql) in enumerate(offered):
+    cols[n % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
+# what each left-out example shows, and the --explain method that writes its rows
+WHAT = {"value_norms": ("contribution norms", "value"), "rollout": ("rollout", "rollout"),
+        "sinks": ("sink tokens", "sinks")}
+missing = [queries.NEEDS[t] for t in worked if t in queries.NEEDS and queries.NEEDS[t] not in has]
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+parts = []
+for found, why in ((False, "run `{run}` was extracted without {methods}"), (True, "{methods} found none in this run")):
+    keys = [k for k in missing if (WHAT[k][1] in c.explained) == found]
+    if keys:
+        parts.append(_and([WHAT[k][0] for k in keys]) + " (" + why.format(
+            run=c.run, methods=_and([f"`--explain {WHAT[k][1]}`" for k in keys])) + ")")
+if parts:
+    st.caption("Not offered, as they would return no rows: the worked examples on " + "; ".join(parts) + ".")
 
 with st.expander("Views and columns"):
     st.markdown("\n".join(

@@ -279,14 +279,19 @@ def test_head_summary_several_streams(synth_lake, monkeypatch):
 
 
 def test_clicking_a_cell_selects_the_head(synth_lake, monkeypatch):
+    """A click selects the head and opens it on the Attention page (as the README says); back on the
+    Head summary the head is outlined."""
     at = open_app(synth_lake.root, monkeypatch, page="app_pages/head_summary.py", run="synth")
     select_on_chart(at, "hs_chart", {"cell": [{"layer": 1, "col": "1"}]})
     assert at.session_state["layer"] == 1 and at.session_state["head"] == 1
+    assert at.title[0].value == "Attention"
+    assert at.selectbox(key="w_head").value == 1 and at.slider(key="w_layer").value == 1
+    at.switch_page("app_pages/head_summary.py").run()
     d = chart_data(at, "head-summary", "selected")
     assert d[d.selected][["layer", "col"]].values.tolist() == [[1, "1"]]
     select_on_chart(at, "hs_chart", {"cell": [{"layer": 0, "col": "mean"}]})
     assert at.session_state["head"] == "mean"
-    at.switch_page("app_pages/attention.py").run()
+    assert at.title[0].value == "Attention"
     assert at.selectbox(key="w_head").value == "mean" and at.slider(key="w_layer").value == 0
 
 

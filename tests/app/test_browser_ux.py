@@ -5,7 +5,9 @@ demo model over 48 scenes, maps included), against issue 13's points 1-5 and 9.
 - the Attention page's query-token pills wrap, so every token can be clicked (point 5);
 - the SQL page draws its quick chart for an unaliased aggregate and follows a new query (point 3);
 - the masses the Attention captions state equal the lake's stored weights, read with pyarrow (point 1);
-- each page's time from navigation to a finished script run is printed (point 9: figures, no limits).
+- each page's time from navigation to a finished script run is printed (point 9: figures, no limits);
+- issue 24: a click on a Head summary cell opens that head on the Attention page, and the Compare
+  page's Open buttons show their whole label beside their example's line.
 """
 
 from __future__ import annotations
@@ -166,4 +168,72 @@ def test_time_to_interactive_per_page(server, browser, capsys):
     with capsys.disabled():
         print("\nseconds from navigation to a finished page (small demo lake, warm server): "
               + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+    page.close()
+
+
+# -- issue 24: the Head summary's click, the Compare page's buttons ---------------------------------------
+TOOLTIP = "#vg-tooltip-element"
+
+
+def _hover_cell(page, chart, want) -> tuple[int, str] | None:
+    """Move the mouse over the chart until its tooltip names a cell for which ``want(layer, head)`` holds;
+    return that (layer, head) with the mouse left on it, or None."""
+    box = chart.bounding_box()
+    for y in range(int(box["y"]) + 5, int(box["y"] + box["height"]), 12):
+        for x in range(int(box["x"]) + 5, int(box["x"] + box["width"]), 12):
+            page.mouse.move(x, y)
+            time.sleep(0.03)
+            tip = page.locator(TOOLTIP)
+            if not tip.count() or not tip.first.is_visible():
+                continue
+            text = tip.first.inner_text()
+            m = re.search(r"layer\s+(\d+)\s+head\s+(\S+)", text)
+            if m and want(int(m.group(1)), m.group(2)):
+                return int(m.group(1)), m.group(2)
+    return None
+
+
+def test_a_click_on_the_head_summary_opens_that_head_on_the_attention_page(server, browser):
+    page, problems = _open(browser, f"{server}/head_summary?layer=0&head=0")
+    chart = page.locator('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg').first
+    cell = _hover_cell(page, chart, lambda layer, head: layer >= 1 and head.isdigit() and head != "0")
+    assert cell is not None, "no cell of layer >= 1 found under the mouse"
+    layer, head = cell
+    page.mouse.down()
+    page.mouse.up()
+    page.wait_for_url(re.compile(r"/attention"), timeout=30_000)
+    settle(page)
+    assert page.locator('[data-testid="stMainBlockContainer"] h1').first.inner_text().strip() == "Attention"
+    assert f"layer={layer}" in page.url and f"head={head}" in page.url, page.url
+    assert page.locator('input[type="range"][aria-label="Layer"]').first.input_value() == str(layer)
+    assert page.locator('input[role="combobox"][aria-label="Head"]').first.input_value() == f"head {head}"
+    assert not problems, problems
+    page.close()
+
+
+# Elements inside a button whose text is wider than the room it has (an ellipsis cuts it).
+CUT = """els => els.map(b => ({text: b.innerText.trim(), cut: Array.from(b.querySelectorAll('*')).concat([b])
+  .filter(e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflow !== 'visible').length}))"""
+
+
+def test_compare_driver_buttons_show_their_whole_label(server, browser):
+    page, problems = _open(browser, f"{server}/compare")
+    page.get_by_text("Examples that drive the difference").first.scroll_into_view_if_needed()
+    buttons = page.locator('[data-testid="stMainBlockContainer"] button').filter(has_text=re.compile(r"^Open"))
+    assert buttons.count() >= 2, page.inner_text("body")[-2000:]
+    got = buttons.evaluate_all(CUT)
+    assert all(b["text"] == "Open" for b in got), got
+    assert not [b for b in got if b["cut"]], got
+    boxes = buttons.evaluate_all("""els => els.map(b => {
+      const r = b.getBoundingClientRect(), row = b.closest('[data-testid="stHorizontalBlock"]');
+      const md = row && row.querySelector('[data-testid="stMarkdownContainer"]:not(button *)');
+      const t = md ? md.getBoundingClientRect() : null;
+      return {b: [r.left, r.right, r.top, r.bottom], t: t && [t.left, t.right, t.top, t.bottom],
+              text: md ? md.innerText.slice(0, 40) : null}; })""")
+    boxes = [x for x in boxes if x["b"][1] > x["b"][0]]  # Streamlit keeps a hidden copy of each button
+    assert len(boxes) >= 2
+    for x in boxes:  # the example's line beside its button, to its right, starting on the button's line
+        (bl, br, _, bb), t = x["b"], x["t"]
+        assert br - bl >= 40 and t is not None and t[0] >= br - 1 and t[2] < bb, x
+    assert not problems, problems
     page.close()

@@ -261,6 +261,9 @@ def test_worked_examples_run(synth_lake, monkeypatch):
     at = open_app(synth_lake.root, monkeypatch, page=SQL_PAGE, run="synth", ex=2)
     titles = list(queries.EXAMPLE_SQL)
     for i, title in enumerate(titles):
+        if title in queries.NEEDS:  # --explain rows the synthetic run lacks: not offered (test_defects_pages.py)
+            assert not [b for b in at.button if b.key == f"sql_example_{i}"], title
+            continue
         at.button(key=f"sql_example_{i}").click().run()
         assert not at.exception and not at.error, (title, [e.value for e in at.error])
         assert at.text_area(key="w_sql").value.startswith("--")

@@ -582,3 +582,50 @@ def test_heads_ranked_by_difference_of_means_as_pandas_ranks_them(big_lake, monk
     assert [(int(l), int(h)) for l, h in zip(t.layer, t["head"])] == by_g
     assert "Ranked by effect size |Hedges' g|" in texts_of(at, "caption")
     assert at.query_params["cmp_rank"] == "effect"
+
+
+# -- issue 24: what an untestable head and a p-value read ---------------------------------------------
+def display_values(el) -> pd.DataFrame:
+    """The text a dataframe element shows in its cells (its Styler's display values)."""
+    return pa.ipc.open_stream(el.proto.arrow_data.styler.display_values).read_all().to_pandas()
+
+
+def test_untestable_heads_read_a_dash_and_why_and_p_values_are_whole(hand_lake, monkeypatch):
+    at = open_app(hand_lake, monkeypatch, page=PAGE, run="ind", a_split="a", b_split="b", cmp_head="1,1")
+    el = next(d for d in at.dataframe if "adjusted p" in d.value.columns)
+    t, shown = el.value, display_values(el)
+    key = list(zip(t.layer, t["head"]))
+    row = {k: i for i, k in enumerate(key)}
+    # (1, 1): one value in A; (0, 1): 2, 2, 2 against 2, 2, 2, 2 — neither can be tested
+    assert t["not tested"][row[(1, 1)]] == "fewer than 2 values in A"
+    assert t["not tested"][row[(0, 1)]] == "no variance in either group"
+    assert t["not tested"][row[(0, 0)]] == t["not tested"][row[(1, 0)]] == ""
+    for k in ((1, 1), (0, 1)):
+        assert [shown[c][row[k]] for c in ("Hedges' g", "p", "adjusted p")] == ["–", "–", "–"], k
+    assert "None" not in shown.to_string() and "nan" not in shown.to_string().lower()
+    # the tested heads' p-values in full, as computed by hand (Holm over m = 2)
+    p00 = hand_independent(IND_A[(0, 0)], IND_B[(0, 0)])[4]
+    p10 = hand_independent(IND_A[(1, 0)], IND_B[(1, 0)])[4]
+    lo, hi = sorted([p00, p10])
+    adj = {lo: min(1, 2 * lo), hi: max(min(1, 2 * lo), min(1, hi))}  # Holm: 2 p(1), then max(that, 1 p(2))
+    for k, p in (((0, 0), p00), ((1, 0), p10)):
+        assert shown["p"][row[k]] == f"{p:.2e}" and shown["adjusted p"][row[k]] == f"{adj[p]:.2e}"
+        assert re.fullmatch(r"\d\.\d\de-\d\d", shown["p"][row[k]])
+    cfg = json.loads(el.proto.columns)
+    assert cfg["p"]["width"] >= 90 and cfg["adjusted p"]["width"] >= 90  # "7.53e-05" whole, not "7.53e-…"
+    # the drilled untestable head: "–" and the reason, never "None"
+    metrics = {m.label: m for m in at.metric}
+    assert metrics["p"].value == metrics["adjusted p"].value == metrics["Hedges' g"].value == "–"
+    assert metrics["p"].help == "not tested: fewer than 2 values in A"
+    assert "Layer 1, head 1 is not tested: fewer than 2 values in A." in texts_of(at, "caption")
+    # paired, and the rank tests: their own reasons
+    ind = cmp.compare_independent(pd.DataFrame({"layer": [0, 0], "head": [0, 0], "group": ["A", "B"], "n": [3, 3],
+                                                "mean": [1.0, 1.0], "var": [0.0, 0.0]}))
+    assert cmp.untested(ind, paired=False).tolist() == ["no variance in either group"]
+    assert cmp.untested(ind.assign(n_b=1), paired=False).tolist() == ["fewer than 2 values in B"]
+    assert cmp.untested(ind, paired=False, test="rank").tolist() == ["every value is the same"]
+    pr = cmp.compare_paired(pd.DataFrame({"layer": [0, 0], "head": [0, 1], "n": [4, 1], "mean_a": [1.0, 1.0],
+                                          "mean_b": [2.0, 2.0], "mean_d": [1.0, 1.0], "var_d": [0.0, 0.0]}))
+    assert cmp.untested(pr, paired=True).tolist() == ["every B − A is the same (no variance)", "fewer than 2 pairs"]
+    tested = ind.assign(p=0.01)
+    assert cmp.untested(tested, paired=False).tolist() == [""]

@@ -555,7 +555,9 @@ def test_hidden_states_page_shows_the_lens(tmp_path, monkeypatch):
     from tests.app.test_app import open_app
     from tests.models.test_llava import make_tiny_llava
 
-    _, _, lake = explained_run(make_tiny_llava, tmp_path, "lens", 2, "lens", keep_hidden="all")
+    mdir, manifest, lake = explained_run(make_tiny_llava, tmp_path, "lens", 2, "lens", keep_hidden="all")
+    extract(str(mdir), manifest, lake, "nolens", batch_size=2, keep_attention="none", keep_hidden="all",
+            progress=False, workers=0)  # before the app opens the lake (it keeps its catalog)
     tok = lake_df(lake, "SELECT token_idx FROM tokens WHERE stream = 'lm' AND example_id = 0 AND role = 'patch' "
                         "ORDER BY token_idx LIMIT 1").token_idx[0]
     at = open_app(lake, monkeypatch, page="app_pages/hidden_states.py", run="lens", ex=0, stream="lm", tok=int(tok))
@@ -564,6 +566,12 @@ def test_hidden_states_page_shows_the_lens(tmp_path, monkeypatch):
     for r in want[want["rank"] == 0].itertuples():
         assert grid.loc[r.layer, "#1"] == f"{r.piece} ({r.prob:.2f})"
     assert len(grid) == 3 and list(grid.columns) == ["#1", "#2", "#3", "#4", "#5"]
+    assert not [c for c in at.caption if "none for run" in str(c.value)]
+    # the same decoder extracted without --explain lens: the page says so instead of showing nothing
+    at = open_app(lake, monkeypatch, page="app_pages/hidden_states.py", run="nolens", ex=0, stream="lm", tok=int(tok))
+    assert at.session_state["run"] == "nolens" and not [d for d in at.dataframe if "#1" in d.value.columns]
+    note = [str(c.value) for c in at.caption if "Logit lens" in str(c.value)]
+    assert note and "none for run **nolens**" in note[0] and "extracted without `--explain lens`" in note[0], note
 
 
 def test_head_summary_leaves_sink_tokens_out(explained, monkeypatch):
