@@ -41,13 +41,12 @@ def live_example() -> None:
         st.caption(f"Upload an image and type a question or text: the run's model ({c.info.get('model')}) runs on "
                    f"it with the run's capture configuration and the example is added to run **{c.run}** "
                    f"(split `{live.LIVE_SPLIT}`). Up to {live.MAX_UPLOAD_BYTES // 2**20} MB and "
-                   f"{live.MAX_UPLOAD_PIXELS // 1_000_000} megapixels.")
+                   f"{live.MAX_UPLOAD_PIXELS // 1_000_000} megapixels; the text up to {live.MAX_TEXT_CHARS:,} characters.")
         # the uploader states the app's own limit ("20MB per file"), not Streamlit's default 200 MB
         up = st.file_uploader("Image", type=list(live.UPLOAD_TYPES), key=f"live_file_{n}",
                               max_upload_size=live.MAX_UPLOAD_BYTES // 2**20)
         # no max_chars: the browser would drop a longer paste silently; a long text is kept and said so
-        text = st.text_input("Question or text", key=f"live_text_{n}",
-                             help=f"at most {live.MAX_TEXT_CHARS:,} characters")
+        text = st.text_input("Question or text", key=f"live_text_{n}")
         if len(text.strip()) > live.MAX_TEXT_CHARS:
             st.warning(f"The question or text has {len(text.strip()):,} characters, more than the limit of "
                        f"{live.MAX_TEXT_CHARS:,}: shorten it before running the model (what you typed is kept).")
