@@ -298,6 +298,7 @@ def test_page_legends_use_three_significant_digits(lake, lake_np, monkeypatch, s
     assert lake_np["A"][(1, 1)][text][:, text].max() < 1e-3
     at = open_app(lake, monkeypatch, PAGE, run=RUN, ex=EX, layer=1, head=1, stretch="true",
                   tokens=int(_first_word(tok).text_pos), patches=_patch(tok, int(patches_of(tok)[0])))
+    assert at.session_state["stretch"] is True
     for key in ("ti_chart", "ii_chart", "it_chart", "tt_chart"):
         _, data = saved[f"dl_svg_{key}"]
         labels = _legend_labels(data() if callable(data) else data)
