@@ -213,6 +213,25 @@ def _image_bytes(image) -> bytes:
     return data
 
 
+def _about_upload(message: str, path: str) -> str:
+    """An extraction message about the image file at ``path`` (the upload's temporary file) as a clause
+    about the upload: "image /tmp/x.img is truncated …" reads "the uploaded image is truncated …",
+    "file is not an image …: /tmp/x.img" reads "the uploaded file is not an image …"; the temporary
+    path never shows. A message that names no path (the model's processor) is kept as it is."""
+    m = message.strip()
+    if m.endswith(f": {path}"):  # "<what is wrong with the file>: <path>"
+        m = m[: -len(f": {path}")]
+        m = {"image file not found": "the uploaded file is missing"}.get(m, m)
+        for old in ("image file ", "file "):
+            if m.startswith(old):
+                m = "the uploaded file " + m[len(old):]
+                break
+    for old, new in ((f"cannot read image file {path}", "the uploaded file cannot be read"),
+                     (f"image file {path}", "the uploaded file"), (f"image {path}", "the uploaded image")):
+        m = m.replace(old, new)
+    return m.replace(path, "the upload")
+
+
 def _text(text, what: str, required: bool) -> str | None:
     if text is not None and not isinstance(text, str):
         raise LiveError(f"the {what} must be text, not {type(text).__name__}")
@@ -394,8 +413,7 @@ def _add(store, row: dict, up: _Upload, m: _Model) -> LiveResult:
         # the checks the extraction makes (image decoding, the processor), made before anything is written
         checked = prepare_batch(executor.adapter, [r], known)
         if checked["errors"]:
-            msg = checked["errors"][0][2].replace(tmp, "the upload")
-            raise LiveError(f"the upload cannot be used: {msg}")
+            raise LiveError(_about_upload(checked["errors"][0][2], tmp))
         metadata = {"vlatlas.model": row["model"], "vlatlas.capture": row["capture"],
                     "vlatlas.version": info["version"]}
         writer = LakeWriter(store, run, metadata)
@@ -411,7 +429,7 @@ def _add(store, row: dict, up: _Upload, m: _Model) -> LiveResult:
             executor.run(work, {chunk: [r]}, _NoBar(), summary)
             if chunk not in writer.done_chunks() or summary.extracted != 1:
                 why = "; ".join(m for _, _, m in summary.errors) or "the chunk was not committed"
-                raise LiveError(f"the example could not be extracted: {why.replace(tmp, 'the upload')}")
+                raise LiveError(f"the example could not be extracted: {_about_upload(why, tmp)}")
             ok = True
         except LiveError:
             raise

@@ -18,6 +18,9 @@ SELECT_COLOR = "#ff2b2b"
 # Sizes below are of the plotting area; axes and legends add to them (Streamlit would
 # otherwise squeeze everything into the given width, misplacing patches over images).
 PAD = alt.AutoSizeParams(type="pad")
+# The attention views' legend labels: 3 significant digits, trailing zeros dropped, in scientific notation
+# below 1e-6, so a stretched legend of tiny weights reads "0 … 4e-8" rather than "0.00000000 0.00000004".
+LEGEND_FORMAT = ".3~g"
 
 
 def value_scale(values: pd.Series, diverging: bool) -> alt.Scale:
@@ -135,7 +138,8 @@ def image_map(uri: str, width: int, height: int, display: tuple[int, int], patch
         y=alt.Y("y0:Q", scale=ys, axis=None), y2="y1:Q",
         # the legend goes under the image: on its right it would widen the chart past its column
         color=alt.Color("weight:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, vmax]), title=weight_title,
-                        legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=min(dw, 240))),
+                        legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=min(dw, 240),
+                                          format=LEGEND_FORMAT)),
         stroke=alt.condition("datum.selected", alt.value(SELECT_COLOR), alt.value(None)),
         tooltip=[alt.Tooltip("patch:N", title="patch (row, col)"), alt.Tooltip("token_idx:Q"),
                  alt.Tooltip("weight:Q", format=".4f")],
@@ -196,7 +200,8 @@ def token_strip(tokens: pd.DataFrame, *, weight_title: str, vmax: float | None =
     rect = base.mark_rect(cornerRadius=3, height=22, strokeWidth=2).encode(
         x=alt.X("x:Q", scale=xs_, axis=None), x2="x2:Q",
         color=alt.Color("weight:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, vmax]), title=weight_title,
-                        legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=160)),
+                        legend=alt.Legend(orient="bottom", direction="horizontal", gradientLength=160,
+                                          format=LEGEND_FORMAT)),
         stroke=alt.condition("datum.selected", alt.value(SELECT_COLOR), alt.value(None)),
         tooltip=[alt.Tooltip("word:N", title="token"), alt.Tooltip("role:N"), alt.Tooltip("text_pos:Q"),
                  alt.Tooltip("token_idx:Q"), alt.Tooltip("weight:Q", format=".4f")],
@@ -216,7 +221,8 @@ def token_matrix(m: pd.DataFrame, *, weight_title: str = "weight", cell: int = 2
     return alt.Chart(m).mark_rect(stroke="white", strokeWidth=0.3).encode(
         x=alt.X("key:N", sort=k_order, title="key →", axis=alt.Axis(labelAngle=-50, orient="top", labelOverlap=False)),
         y=alt.Y("query:N", sort=q_order, title="query", axis=alt.Axis(labelOverlap=False)),
-        color=alt.Color("weight:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, vmax or 1.0]), title=weight_title),
+        color=alt.Color("weight:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, vmax or 1.0]), title=weight_title,
+                        legend=alt.Legend(format=LEGEND_FORMAT)),
         tooltip=[alt.Tooltip("query:N"), alt.Tooltip("key:N"), alt.Tooltip("weight:Q", format=".4f")],
     ).properties(width=max(160, cell * len(k_order)), height=max(120, cell * len(q_order)),
                  description=description, autosize=PAD)

@@ -123,10 +123,44 @@ def object_word(text_q: pd.DataFrame, boxes) -> int | None:
     labels = {str(b.get("label", "")).lower().split()[0] for b in items
               if isinstance(b, dict) and str(b.get("label", "")).strip()}
     for t in text_q.itertuples():
-        piece = t.token.lower().lstrip("#Ġ▁ ") if isinstance(t.token, str) else ""
+        piece = _piece(t)
         if t.role == "word" and piece and piece in labels:
             return int(t.text_pos)
     return None
+
+
+# Words that name nothing in a picture (English question and function words): a first view without a
+# boxed object opens on a content word, never on "is" or "the".
+STOP_WORDS = frozenset("""
+    a an the is are was were be been being am do does did has have had what which who whom whose where when
+    how why there here this that these those it its they them their he she his her i you we of in on at to
+    from by for with about as into onto over under and or but not no nor any some many much more most very
+    can could should would will may might must shall than then so if s""".split())
+
+
+def _piece(t) -> str:
+    """A token's word piece, lowercased and without the tokenizer's word marks."""
+    return t.token.lower().lstrip("#Ġ▁ ") if isinstance(t.token, str) else ""
+
+
+def content_word(text_q: pd.DataFrame, image_mass: pd.Series | None = None) -> int | None:
+    """The text position of the word a first view opens on when no word names a boxed object: of the
+    content words (role ``word``, a piece with a letter or digit, not in :data:`STOP_WORDS`), the one
+    whose query row puts the most mass on the image (``image_mass``: by token_idx), the first in the
+    text on a tie or when no mass is known. None when the text has no content word."""
+    words = [t for t in text_q.itertuples() if t.role == "word" and any(ch.isalnum() for ch in _piece(t))
+             and _piece(t) not in STOP_WORDS]
+    if not words:
+        return None
+    masses = image_mass if image_mass is not None else pd.Series(dtype=float)
+    best = max(words, key=lambda t: (float(masses.get(int(t.token_idx), 0.0)), -float(t.text_pos)))
+    return int(best.text_pos)
+
+
+def image_mass(block: pd.DataFrame, queries: pd.DataFrame, keys: pd.DataFrame) -> pd.Series:
+    """Each query row's mass on ``keys``: the sum of its weights over them (float64), by query token_idx."""
+    sel = block[block.query_idx.isin(queries.token_idx) & block.key_idx.isin(keys.token_idx)]
+    return sel.weight.astype(np.float64).groupby(sel.query_idx.astype(int)).sum()
 
 
 def patch_label(t) -> str:

@@ -10,6 +10,15 @@ from streamlit_app import charts, export, state, views
 
 DISPLAY_W = 400  # fits a half-width column at 1400 px with the sidebar open (about 438 px)
 METHOD_LABEL = {"attention": "attention", "value": "value-weighted", "rollout": "rollout", "relevancy": "relevancy"}
+# What a panel's numbers are under each method: the noun of its sentences ("put only 0.0002 of their
+# value-weighted attention on the text"), its legends' title, and the cell's formula in its captions.
+METHOD_NOUN = {"attention": "attention", "value": "value-weighted attention", "rollout": "rollout",
+               "relevancy": "relevancy"}
+METHOD_QUANTITY = {"attention": "weight", "value": "value-weighted share", "rollout": "rollout",
+                   "relevancy": "relevancy"}
+METHOD_CELL = {"attention": "`A[query, key]`",
+               "value": "`V[query, key] = A[query, key]·‖f(key)‖ / Σₖ A[query, k]·‖f(k)‖`",
+               "rollout": "`R[query, key]`, the rollout", "relevancy": "the relevancy of the key to the query"}
 METHOD_HELP = {
     "attention": "the stored weights, `A[query, key]`",
     "value": "each weight times the norm of what its key sends through the head, `a·‖f(x)‖` (Kobayashi et al. "
@@ -55,8 +64,6 @@ st.session_state["w_play"] = state.get("play")
 t4.toggle("Play", key="w_play", on_change=_play, disabled=n_layers < 2, help="step through the layers")
 layer, head = int(state.get("layer")), state.get("head")
 head_text = "mean over heads" if head == "mean" else f"head {head}"
-view_name = f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}"  # download file names
-about = f"run {c.run} · example #{ex_id} · stream {stream} · layer {layer} · {head_text}"  # exports' titles
 
 explained = [m for m in ("value", "rollout", "relevancy") if m in c.explained]
 methods = ["attention", *explained]
@@ -66,6 +73,17 @@ if len(methods) > 1:
                          help="what the views show; the run was extracted with `--explain "
                               f"{c.capture.get('explain')}`", **state.bind("method"))
 method = state.get("method") if state.get("method") in methods else "attention"
+# What the views show, by method: rollout combines the heads up to the layer, relevancy every layer and
+# head, so neither is "layer 3 · head 3". The download file names and the exports' titles say it.
+shown = {"attention": f"attention · layer {layer} · {head_text}",
+         "value": f"value-weighted · layer {layer} · {head_text}",
+         "rollout": f"rollout through layer {layer} (heads combined)",
+         "relevancy": "relevancy (all layers and heads)"}[method]
+view_name = {"attention": f"attention-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}",
+             "value": f"value-weighted-{c.run}-ex{ex_id}-{stream}-L{layer}-H{head}",
+             "rollout": f"rollout-{c.run}-ex{ex_id}-{stream}-L{layer}",
+             "relevancy": f"relevancy-{c.run}-ex{ex_id}-{stream}"}[method]  # download file names
+about = f"{shown} · run {c.run} · example #{ex_id} · stream {stream}"  # exports' titles
 tokens = state.q(queries.example_tokens, c.run, ex_id)
 block = state.q(queries.method_block, c.run, ex_id, stream, layer, None if head == "mean" else int(head), n_heads, method)
 keep = c.capture.get("keep_attention", "all")
@@ -88,11 +106,22 @@ o1.toggle("Stretch colours", disabled=method == "relevancy", **state.bind("stret
           help="colour each panel from 0 to its own largest value instead of from 0 to 1: small differences "
                "show, but a panel whose queries hardly look at its keys then paints noise")
 o2.button("Back to the first view", on_click=_first_view,
-          help="the run's best grounding head (or largest text → image head) and a word naming a boxed object; "
-               "query tokens, patches, method and colours as they start")
+          help="the run's best grounding head (or largest text → image head) and a word naming a boxed object (or "
+               "the content word that puts the most mass on the image); query tokens, patches, method and colours "
+               "as they start")
 stretch = bool(state.get("stretch")) or method == "relevancy"
 VMAX = None if stretch else 1.0
 NEGLIGIBLE = 0.01  # a panel's mass below which it is called negligible
+
+
+def mass_text(mass: float) -> tuple[str, str]:
+    """A panel's mass as its caption gives it, and what to say after it. A mass is at most 1, but the
+    stored weights are rounded to float16 precision (``lake/schema.py``), so a row that puts all its mass
+    on the panel's keys can sum to 1.0002: shown as 1, with the stored sum in a note."""
+    if mass > 1.0 and method != "relevancy":
+        return "1.0000", (f" (the stored weights, rounded to float16 precision, sum to {mass:.4f}; a mass is at "
+                          "most 1)")
+    return f"{mass:.4f}", ""
 
 
 def scale_note(mass: float, what: str) -> str:
@@ -100,15 +129,24 @@ def scale_note(mass: float, what: str) -> str:
     if method == "relevancy":
         return "colour scaled to the panel's largest value (relevancy has no fixed top)"
     if mass < NEGLIGIBLE:
-        st.info(f"The selected queries put only {mass:.4f} of their {METHOD_LABEL[method]} on {what}: negligible. "
+        st.info(f"The selected queries put only {mass:.4f} of their {METHOD_NOUN[method]} on {what}: negligible. "
                 "On the absolute scale this shows as nearly nothing"
                 + (", and stretched colours would paint noise." if not stretch else
                    "; the stretched colours below magnify noise."))
     return ("colour scaled to this panel's largest value (stretched)" if stretch
             else "colour on the absolute scale 0 to 1")
-st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · layer **{layer}** of {n_layers} · "
-           f"**{head_text}** of {n_heads} · attention read query → key, `weight = A[query, key]`"
-           + ("; mean over heads = Σₕ Aₕ[query, key] / heads, pruned weights counting as 0" if head == "mean" else "")
+if method == "rollout":
+    where = (f"**rollout through layer {layer}** of {n_layers} (the {n_heads} heads combined, layers 0 to {layer}) · "
+             "read text query → key, `R[query, key]`")
+elif method == "relevancy":
+    where = f"**relevancy** over all {n_layers} layers and {n_heads} heads · read target → token"
+else:
+    cell = "weight = A[query, key]" if method == "attention" else "V[query, key] = A[query, key]·‖f(key)‖ / Σₖ A[query, k]·‖f(k)‖"
+    letter = "A" if method == "attention" else "V"
+    where = (f"layer **{layer}** of {n_layers} · **{head_text}** of {n_heads} · {METHOD_NOUN[method]} read query → key, "
+             f"`{cell}`" + (f"; mean over heads = Σₕ {letter}ₕ[query, key] / heads, pruned weights counting as 0"
+                            if head == "mean" else ""))
+st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · {where}"
            + (f" · stored weights pruned (`{keep}`): missing weights show as 0" if pruned else ""))
 if method != "attention":
     st.caption(f"**Method: {METHOD_LABEL[method]}** — {METHOD_HELP[method]}.")
@@ -165,18 +203,25 @@ def image_chart(patches, description, select=False):
         vmax = float(views.heat(patches, width, height, (DISPLAY_W, dh)).max()) or None
     jpeg, dw, dh = views.overlay(png, patches, width, height, DISPLAY_W, vmax=vmax)
     return charts.image_map(views.data_uri(jpeg), width, height, (dw, dh), patches,
-                            weight_title="weight" if method == "attention" else METHOD_LABEL[method],
+                            weight_title=METHOD_QUANTITY[method],
                             vmax=vmax, select=select, description=description, outlines=outlines)
 
 
+# The panels' titles, which the notes of the methods that fill only some of them point at.
+LEFT_TITLE = ("Prediction → image" if predicted else "Text → query tokens → image" if composable
+              else "Query tokens → image" if crossed else "Text → image")
+TEXT_TITLE = "Prediction → text" if predicted else "Image → text"
+
+
 def not_here(view: str) -> bool:
-    """Whether ``view`` has nothing under the method (and say so)."""
+    """Whether ``view`` has nothing under the method (and say so, naming the panels that have it)."""
     if method == "rollout" and view != "text-image":
-        st.info("Rollout is stored for text queries over image patches: see **Text → image**.")
+        st.info(f"Rollout is stored for text queries over image patches: see **{LEFT_TITLE}**.")
         return True
     if method == "relevancy" and (view in ("image-image", "image-text") or (predicted and view == "text-text")):
-        st.info("Relevancy explains the model's output, not a patch or word query: see **Text → image** and "
-                "**Image → text**." if predicted else "Relevancy is stored for the generated tokens' rows.")
+        st.info(f"Relevancy explains the model's output, not a patch or word query: see **{LEFT_TITLE}** and "
+                f"**{TEXT_TITLE}**." if predicted else
+                f"Relevancy is stored for the generated tokens' rows: see **{LEFT_TITLE}** and **Text → text**.")
         return True
     return False
 
@@ -188,7 +233,11 @@ def pick_text_tokens() -> tuple[list[int], dict[int, str]]:
     """The query text tokens' pills: (their token_idx, labels by text position)."""
     pos = [int(p) for p in text_q.text_pos]
     labels = {int(t.text_pos): views.token_label(t) for t in text_q.itertuples()}
-    first_word = views.object_word(text_q, ex.get("boxes"))  # a word naming a boxed object, else the first word
+    # a word naming a boxed object; else the content word (no "is", "the", special token or punctuation) that
+    # puts the most mass on the image here; else the first word
+    first_word = views.object_word(text_q, ex.get("boxes"))
+    if first_word is None:
+        first_word = views.content_word(text_q, views.image_mass(block, text_q, patch_k))
     if first_word is None:
         first_word = next((int(t.text_pos) for t in text_q.itertuples() if t.role == "word"), pos[0])
     valid = [p for p in (state.get("tokens") or []) if p in pos]
@@ -229,11 +278,12 @@ def composed_view() -> tuple[list[int], pd.DataFrame]:
         st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
     q_mass, mass = float(to_q.weight.sum()), float(comp.weight.sum())
     note = scale_note(mass, "the image patches through the query tokens")
+    (q_shown, q_round), (shown_mass, rounding) = mass_text(q_mass), mass_text(mass)
     st.caption(f"**Composed, not an attention the model computes**: `c[p] = Σₖ A[t, qₖ] · C[k, p]`, the LM's "
                f"attention from the selected token(s) `t` (layer {layer}, {head_text}, averaged over the "
                f"{len(sel)} selected) to each learned query token `qₖ`, times that query's Q-Former "
                f"cross-attention `C` to patch `p` (cross layer {xlayer}, {xhead_text}), summed over the queries. "
-               f"Mass on the query tokens **{q_mass:.4f}**; through them on the patches **{mass:.4f}** (the "
+               f"Mass on the query tokens **{q_shown}**{q_round}; through them on the patches **{shown_mass}**{rounding} (the "
                f"rest of each query's cross-attention goes to the vision [CLS]); largest patch "
                f"{comp.weight.max():.4f}; {note}.")
     return sel, to_q
@@ -255,16 +305,17 @@ def query_tokens_view() -> None:
                       width="content", context=f"Query tokens → image · {about} · query tokens "
                       f"{', '.join(f'q{p}' for p in chosen)}")
     note = scale_note(float(qi.weight.sum()), "the image patches")
-    st.caption(f"**query tokens → image**: the Q-Former's cross-attention from the selected learned query "
-               f"token(s) (query) to each image patch (key), averaged over the {len(sel)} selected: **mass "
-               f"{qi.weight.sum():.4f}** (the rest goes to the vision [CLS]), largest patch {qi.weight.max():.4f}; "
+    qi_mass, rounding = mass_text(float(qi.weight.sum()))
+    st.caption(f"**query tokens → image**: the Q-Former's {METHOD_NOUN[method].replace('attention', 'cross-attention')} "
+               f"from the selected learned query token(s) (query) to each image patch (key), averaged over the "
+               f"{len(sel)} selected: **mass {qi_mass}**{rounding} (the rest goes to the vision [CLS]), largest patch "
+               f"{qi.weight.max():.4f}; "
                f"{note}. On the `lm` stream the LM's own query tokens lead here: see its composed view.")
 
 
 to_queries = None  # what the selected LM tokens put on each query token (composed view)
 with left:
-    st.subheader("Prediction → image" if predicted else "Text → query tokens → image" if composable
-                 else "Query tokens → image" if crossed else "Text → image")
+    st.subheader(LEFT_TITLE)
     if composable:
         sel_text, to_queries = composed_view()
     elif crossed:
@@ -274,8 +325,8 @@ with left:
         if patch_k.empty:
             st.info(f"Stream `{stream}` has no image tokens.")
         else:
-            export.show_chart(image_chart(ti, "text-image"), f"{view_name}-relevancy-image", key="ti_chart",
-                              width="content", context=f"Prediction → image · relevancy · {about}")
+            export.show_chart(image_chart(ti, "text-image"), f"{view_name}-prediction-image", key="ti_chart",
+                              width="content", context=f"Prediction → image · {about}")
             st.caption("**relevancy of the prediction** to each image patch (the model's output: its answer, "
                        f"or its image–text score); colour scaled to the largest value ({ti.weight.max():.3g}).")
     elif text_q.empty or patch_k.empty:
@@ -284,14 +335,15 @@ with left:
         sel_text, labels = pick_text_tokens()
         ti = views.mean_rows(block, sel_text, patch_k)
         export.show_chart(image_chart(ti, "text-image"), f"{view_name}-text-image", key="ti_chart",
-                          width="content", context=f"Text → image · {METHOD_LABEL[method]} · {about} · query "
+                          width="content", context=f"Text → image · {about} · query "
                           f"tokens {', '.join(labels.get(p, str(p)) for p in state.get('tokens') or [])}")
         if png is None:
             st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
         note = scale_note(float(ti.weight.sum()), "the image patches")
-        st.caption(f"**text → image**: {METHOD_LABEL[method]} from the selected text token(s) (query) to each image "
+        ti_mass, rounding = mass_text(float(ti.weight.sum()))
+        st.caption(f"**text → image**: {METHOD_NOUN[method]} from the selected text token(s) (query) to each image "
                    f"patch (key), averaged over the {len(sel_text)} selected queries: **text → image mass "
-                   f"{ti.weight.sum():.4f}**, largest patch {ti.weight.max():.4f}. Patch values sit at their (row, "
+                   f"{ti_mass}**{rounding}, largest patch {ti.weight.max():.4f}. Patch values sit at their (row, "
                    f"col) on the grid and are interpolated bilinearly; {note}." + tile_note)
 
 with right:
@@ -303,13 +355,14 @@ with right:
                 "`qformer`; the LM's attention to them, followed on to the patches, is stream `lm`.")
     elif composable:
         strip = to_queries.assign(token=[views.query_label(t) for t in to_queries.itertuples()])
-        export.show_chart(charts.token_strip(strip, weight_title="weight", width=DISPLAY_W, vmax=VMAX,
+        export.show_chart(charts.token_strip(strip, weight_title=METHOD_QUANTITY[method], width=DISPLAY_W, vmax=VMAX,
                                              description="text-queries"),
                           f"{view_name}-text-queries", key="tq_chart", width="content",
                           context=f"Text → query tokens · {about}")
         st.caption(f"**text → query tokens**: the LM's attention from the selected token(s) to each learned query "
                    f"token `qₖ` (the image tokens the LM reads; they have no patch), the first factor of the composed "
-                   f"view: **mass {to_queries.weight.sum():.4f}**. Stream `qformer_cross` shows where each query "
+                   f"view: **mass {mass_text(float(to_queries.weight.sum()))[0]}**"
+                   f"{mass_text(float(to_queries.weight.sum()))[1]}. Stream `qformer_cross` shows where each query "
                    "looks.")
     elif not_here("image-image"):
         sel_patch = []
@@ -337,22 +390,23 @@ with right:
         ii["selected"] = ii.token_idx.isin(sel_patch)
         export.show_chart(image_chart(ii, "image-image", select=True), f"{view_name}-image-image",
                           key="ii_chart", width="content", on_select=_pick_patches,
-                          selection_mode=["patch", "box"], context=f"Image → image · {METHOD_LABEL[method]} · "
+                          selection_mode=["patch", "box"], context=f"Image → image · "
                           f"{about} · query patches {', '.join(state.get('patches'))}")
         note = scale_note(float(ii.weight.sum()), "the image patches")
-        st.caption(f"**image → image**: {METHOD_LABEL[method]} from the selected patch(es) "
+        ii_mass, rounding = mass_text(float(ii.weight.sum()))
+        st.caption(f"**image → image**: {METHOD_NOUN[method]} from the selected patch(es) "
                    f"{', '.join(state.get('patches'))} (query, outlined) to every patch (key): **image → image mass "
-                   f"{ii.weight.sum():.4f}**; {note}. Click a patch to choose it, shift-click to add, or drag a box."
+                   f"{ii_mass}**{rounding}; {note}. Click a patch to choose it, shift-click to add, or drag a box."
                    + tile_note)
     if not (composable or crossed):
-        st.subheader("Image → text" if not predicted else "Prediction → text")
+        st.subheader(TEXT_TITLE)
     if composable or crossed:
         pass
     elif predicted and not text_k.empty:
         it = views.mean_rows(block, [-1], text_k)
         export.show_chart(charts.token_strip(it, weight_title="relevancy", width=DISPLAY_W, description="image-text"),
-                          f"{view_name}-relevancy-text", key="it_chart", width="content",
-                          context=f"Prediction → text · relevancy · {about}")
+                          f"{view_name}-prediction-text", key="it_chart", width="content",
+                          context=f"Prediction → text · {about}")
         st.caption("**relevancy of the prediction** to each text token.")
     elif method in ("rollout", "relevancy"):
         not_here("image-text")
@@ -361,13 +415,14 @@ with right:
     else:
         it = views.mean_rows(block, sel_patch, text_k)
         note = scale_note(float(it.weight.sum()), "the text")
-        export.show_chart(charts.token_strip(it, weight_title="weight", width=DISPLAY_W, vmax=VMAX,
+        export.show_chart(charts.token_strip(it, weight_title=METHOD_QUANTITY[method], width=DISPLAY_W, vmax=VMAX,
                                              description="image-text"),
                           f"{view_name}-image-text", key="it_chart", width="content",
-                          context=f"Image → text · {METHOD_LABEL[method]} · {about} · query patches "
+                          context=f"Image → text · {about} · query patches "
                                   f"{', '.join(state.get('patches') or [])}")
-        st.caption(f"**image → text**: each text token (key) coloured by the {METHOD_LABEL[method]} the selected "
-                   f"patch(es) (query) put on it: **image → text mass {it.weight.sum():.4f}**; {note}.")
+        it_mass, rounding = mass_text(float(it.weight.sum()))
+        st.caption(f"**image → text**: each text token (key) coloured by the {METHOD_NOUN[method]} the selected "
+                   f"patch(es) (query) put on it: **image → text mass {it_mass}**{rounding}; {note}.")
 
 if not crossed:
     st.subheader("Text → text")
@@ -376,13 +431,25 @@ if crossed or not_here("text-text"):
 elif text_q.empty or text_k.empty:
     st.info(f"Stream `{stream}` has no text queries or no text keys.")
 else:
-    export.show_chart(charts.token_matrix(views.matrix(block, text_q, text_k), vmax=VMAX, description="text-text"),
+    tt = views.matrix(block, text_q, text_k)
+    export.show_chart(charts.token_matrix(tt, weight_title=METHOD_QUANTITY[method], vmax=VMAX,
+                                          description="text-text"),
                       f"{view_name}-text-text", key="tt_chart", width="content",
-                      context=f"Text → text · {METHOD_LABEL[method]} · {about}")
+                      context=f"Text → text · {about}")
+    # the panel's mass as the other panels give theirs: each query row's sum over the text keys, averaged over
+    # the rows shown (relevancy: over the target rows it has)
+    rows = tt[tt.query_idx.isin(block.query_idx)] if method == "relevancy" else tt
+    row_sums = rows.groupby("query_idx").weight.sum()
+    tt_mass = float(row_sums.mean()) if len(row_sums) else 0.0
+    note = scale_note(tt_mass, "the text (Text → text, every text query)")
+    shown_mass, rounding = mass_text(tt_mass)
     rest = [w for w, on in (("image keys", bool((kt.modality == "image").any())),
                             ("the weights that were not stored", pruned)) if on]
-    st.caption("**text → text**: row = query token, column = key token, colour = `A[query, key]`. "
-               + (f"A row's weights over text keys need not sum to 1: the rest of its mass goes to {' and to '.join(rest)}."
+    values = {"attention": "weights", "value": "value-weighted shares"}.get(method, "values")
+    st.caption(f"**text → text**: row = query token, column = key token, colour = {METHOD_CELL[method]}: "
+               f"**text → text mass {shown_mass}**{rounding} (each query row's sum over the text keys, averaged over "
+               f"the {len(row_sums)} rows), largest cell {tt.weight.max():.4f}; {note}. "
+               + (f"A row's {values} over text keys need not sum to 1: the rest of its mass goes to {' and to '.join(rest)}."
                   if rest else "Each row sums to 1 over its text keys (this stream has no image keys).")
                + (" Rows marked ✦ are generated tokens: generated word → question word." if
                   (text_q.role == "generated").any() else ""))

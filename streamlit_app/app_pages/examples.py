@@ -14,6 +14,13 @@ st.title("Examples")
 st.caption(f"Run **{c.run}** · {c.info.get('model')} · manifest `{c.info.get('manifest')}`")
 
 
+def sentence(text: str) -> str:
+    """A one-line message as a sentence: a capital first letter and a full stop."""
+    t = text.strip()
+    t = t[:1].upper() + t[1:]
+    return t if t.endswith((".", "!", "?", "…")) else t + "."
+
+
 def live_example() -> None:
     """The "Add a live example" section: an uploaded image and a text through the run's own model,
     appended to the run as a new chunk (``pipeline/live.py``), then selected."""
@@ -34,9 +41,15 @@ def live_example() -> None:
         st.caption(f"Upload an image and type a question or text: the run's model ({c.info.get('model')}) runs on "
                    f"it with the run's capture configuration and the example is added to run **{c.run}** "
                    f"(split `{live.LIVE_SPLIT}`). Up to {live.MAX_UPLOAD_BYTES // 2**20} MB and "
-                   f"{live.MAX_UPLOAD_PIXELS // 1_000_000} megapixels.")
-        up = st.file_uploader("Image", type=list(live.UPLOAD_TYPES), key=f"live_file_{n}")
-        text = st.text_input("Question or text", key=f"live_text_{n}", max_chars=live.MAX_TEXT_CHARS)
+                   f"{live.MAX_UPLOAD_PIXELS // 1_000_000} megapixels; the text up to {live.MAX_TEXT_CHARS:,} characters.")
+        # the uploader states the app's own limit ("20MB per file"), not Streamlit's default 200 MB
+        up = st.file_uploader("Image", type=list(live.UPLOAD_TYPES), key=f"live_file_{n}",
+                              max_upload_size=live.MAX_UPLOAD_BYTES // 2**20)
+        # no max_chars: the browser would drop a longer paste silently; a long text is kept and said so
+        text = st.text_input("Question or text", key=f"live_text_{n}")
+        if len(text.strip()) > live.MAX_TEXT_CHARS:
+            st.warning(f"The question or text has {len(text.strip()):,} characters, more than the limit of "
+                       f"{live.MAX_TEXT_CHARS:,}: shorten it before running the model (what you typed is kept).")
         answer = st.text_input("Answer (optional)", key=f"live_answer_{n}")
         if not st.button("Run the model and add the example", key="live_add", type="primary"):
             return
@@ -47,11 +60,11 @@ def live_example() -> None:
             with st.spinner("Running the model…"):
                 res = live.add_live_example(c.lake, c.run, up.getvalue(), text, answer or None)
         except live.LiveError as e:
-            st.error(str(e))
+            st.error(sentence(str(e)))
             return
         except Exception as e:  # noqa: BLE001 - never a traceback: one line
             said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            st.error(f"Adding the example failed: {said}")
+            st.error(sentence(f"Adding the example failed: {said}"))
             return
     state.reload_lake()
     state.set_value("ex", res.example_id)
@@ -60,8 +73,9 @@ def live_example() -> None:
     st.session_state["_live_n"] = n + 1
     hidden = "" if state.example_filter().is_empty() else " (the filters may hide it from the table)"
     st.session_state["_live_added"] = (
-        f"Added live example #{res.example_id} (`{res.source_id}`): the model predicts **{res.prediction}**"
-        f" (on {res.device}){'; ' + res.note if res.note else ''}{hidden}.")
+        f"Added live example #{res.example_id} (`{res.source_id}`): "
+        + ("the model gives no prediction" if res.prediction is None else f"the model predicts **{res.prediction}**")
+        + f" (on {res.device}){'; ' + res.note if res.note else ''}{hidden}.")
     st.rerun()
 
 
@@ -144,8 +158,9 @@ else:
     a.info("This example's image is not in the lake.")
 b.markdown(f"> {ex['text']}")
 mark = "" if pd.isna(ex["correct"]) else "✅" if ex["correct"] else "❌"
-b.markdown(f"answer **{ex['answer']}** · prediction **{ex['prediction']}** {mark} · split {ex['split']} · "
-           f"source id `{ex['source_id']}`")
+answer = "no answer given" if pd.isna(ex["answer"]) or not str(ex["answer"]).strip() else f"answer **{ex['answer']}**"
+prediction = "no prediction" if pd.isna(ex["prediction"]) else f"prediction **{ex['prediction']}** {mark}"
+b.markdown(f"{answer} · {prediction} · split {ex['split']} · source id `{ex['source_id']}`")
 meta = parse_json(ex.get("meta"))
 if meta:
     b.markdown(" · ".join(f"{k} **{v}**" for k, v in meta.items()))

@@ -94,6 +94,7 @@ def test_upload_adds_and_selects_the_example(server, browser, vilt_lake):
     body = page.inner_text("body")
     assert page.locator('[data-testid="stException"]').count() == 0, body[:2000]
     assert "Selected: #6" in body and "live-6" in body and "the model predicts" in body
+    assert "no answer given" in body and "answer None" not in body  # uploaded without an answer
     assert "ex=6" in page.url, page.url
     assert "of 7 examples" in body
     # the table lists it (read from the grid's accessible cells: the grid itself is drawn on a canvas)
@@ -104,3 +105,44 @@ def test_upload_adds_and_selects_the_example(server, browser, vilt_lake):
     assert (vilt_lake / "_state" / "tiny" / "chunk-000001.done").exists()
     assert not errors, errors
     page.close()
+
+
+def test_a_long_paste_is_kept_and_said_to_be_too_long(server, browser, vilt_lake):
+    """3,000 characters pasted from the clipboard (Ctrl+V) stay in the field, a warning says at once that
+    they are over the 2,000-character limit, and running says so too: never "the text is empty". The
+    uploader states the app's own 20 MB limit. Nothing is written."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1400},
+                                  permissions=["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server}/?run=tiny&ex=1")
+    _settle(page)
+    before = _files(vilt_lake)
+    _open_form(page)
+    limits = page.locator('[data-testid="stFileUploaderDropzoneInstructions"]').first.inner_text()
+    assert "20MB per file" in limits and "200MB" not in limits, limits
+    long = ("what color is the square " * 200)[:2999] + "?"
+    page.evaluate("text => navigator.clipboard.writeText(text)", long)
+    box = page.get_by_label("Question or text")
+    box.click()
+    box.press("Control+V")
+    box.press("Enter")
+    _settle(page)
+    assert len(box.input_value()) == 3000  # the paste is kept whole
+    page.wait_for_selector('text=/3,000 characters, more than the limit of 2,000/', timeout=30_000)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(
+        files=[{"name": "scene.png", "mimeType": "image/png", "buffer": _png(7)}])
+    page.wait_for_selector('text="scene.png"', timeout=30_000)
+    page.get_by_role("button", name="Run the model and add the example").click()
+    time.sleep(1)
+    _settle(page)
+    page.wait_for_selector('[data-testid="stAlertContentError"]', timeout=60_000)
+    said = page.locator('[data-testid="stAlertContentError"]').first.inner_text()
+    assert said.strip() == "The text has 3000 characters, more than the limit of 2000.", said
+    body = page.inner_text("body")
+    assert "empty" not in body.lower() and "Traceback" not in body
+    assert len(page.get_by_label("Question or text").input_value()) == 3000
+    assert _files(vilt_lake) == before
+    assert not errors, errors
+    context.close()

@@ -288,6 +288,7 @@ def test_bad_inputs_raise_one_line_and_change_nothing(built, tmp_path, monkeypat
         (png(Image.new("RGB", (1, 1))), TEXT, "2 px"),  # the extraction's own image check
         (png(noise_image((64, 64)))[:200], TEXT, "truncated or corrupt"),
         ("a path", TEXT, "bytes of an image file"),
+        (png(Image.new("RGB", (420, 20))), TEXT, "aspect ratio"),  # the extraction's own image check
     ]
     before = listing(lake)
     for image, text, words in cases:
@@ -295,6 +296,9 @@ def test_bad_inputs_raise_one_line_and_change_nothing(built, tmp_path, monkeypat
             live.add_example(lake, RUN, image, text)
         msg = str(e.value)
         assert words in msg and "\n" not in msg and "vlatlas-live" not in msg, msg
+        # a clause about the upload, never "the upload cannot be used: image the upload is …"
+        assert msg.startswith(("the uploaded ", "the text ", "the image ")), msg
+        assert "cannot be used" not in msg and "image the upload" not in msg and "file the upload" not in msg, msg
         assert listing(lake) == before, words
     monkeypatch.setattr(live, "MAX_UPLOAD_PIXELS", 4000)
     with pytest.raises(live.LiveError, match="megapixels"):
@@ -430,3 +434,95 @@ def test_examples_page_says_why_live_examples_are_unavailable(built, tmp_path, m
     info = " ".join(str(i.value) for i in at.info)
     assert "Live examples are not available" in info and "is not on this machine" in info
     assert not at.file_uploader and not [b for b in at.button if b.key == "live_add"]
+
+
+# -- the Examples page's messages and limits (issue 24) ------------------------------------------------
+def _errors(at) -> list[str]:
+    return [str(e.value) for e in at.error]
+
+
+@pytest.mark.parametrize("name, data, text, want", [
+    ("fake.png", b"not an image at all", TEXT,
+     "The uploaded file is not an image (or not a format PIL can open: PNG, JPEG, WebP …)."),
+    ("tiny.png", png(Image.new("RGB", (1, 1))), TEXT, "The uploaded image is 1x1; both sides must be at least 2 px."),
+    ("long.png", png(Image.new("RGB", (420, 20))), TEXT,
+     "The uploaded image is 420x20, an aspect ratio above the limit of 20:1."),
+    ("cut.png", png(noise_image((64, 64)))[:200], TEXT,
+     "The uploaded image is truncated or corrupt and cannot be decoded: "),
+    ("scene.png", png(noise_image((64, 64))), "  ", "The text is empty: type a question or a text about the image."),
+], ids=["not-an-image", "too-small", "elongated", "truncated", "empty-text"])
+def test_examples_page_says_each_bad_upload_in_a_sentence(built, tmp_path, monkeypatch, name, data, text, want):
+    lake = fresh_lake(built, tmp_path)
+    at = _app(lake, monkeypatch, run=RUN, ex=1)
+    before = listing(lake)
+    _widget(at.file_uploader, "Image").set_value((name, data, "image/png"))
+    _widget(at.text_input, "Question or text").set_value(text)
+    at.button(key="live_add").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    errors = _errors(at)
+    assert len(errors) == 1 and errors[0].startswith(want) and errors[0].endswith("."), errors
+    assert "the upload" not in errors[0].replace("the uploaded", "") and "Traceback" not in errors[0]
+    assert listing(lake) == before
+
+
+def test_examples_page_keeps_a_long_text_and_says_it_is_too_long(built, tmp_path, monkeypatch):
+    """3,000 characters: kept in the field as typed, said to be too long at once and on the button, and
+    nothing written (the widget has no ``max_chars``, which drops a longer paste in the browser)."""
+    lake = fresh_lake(built, tmp_path)
+    at = _app(lake, monkeypatch, run=RUN, ex=1)
+    long = ("what color is the square " * 200)[:2999] + "?"
+    box = _widget(at.text_input, "Question or text")
+    assert box.proto.max_chars == 0  # no limit in the browser
+    box.set_value(long).run()
+    assert _widget(at.text_input, "Question or text").value == long
+    warnings = [str(w.value) for w in at.warning]
+    assert any("3,000 characters, more than the limit of 2,000" in w and "what you typed is kept" in w
+               for w in warnings), warnings
+    before = listing(lake)
+    _widget(at.file_uploader, "Image").set_value(("scene.png", png(noise_image((64, 64))), "image/png"))
+    at.button(key="live_add").click().run()
+    assert _errors(at) == [f"The text has 3000 characters, more than the limit of {live.MAX_TEXT_CHARS}."]
+    assert not any("empty" in e for e in _errors(at))
+    assert _widget(at.text_input, "Question or text").value == long
+    assert listing(lake) == before
+
+
+def test_examples_page_uploader_states_the_apps_limit(built, monkeypatch):
+    at = _app(built["lake"], monkeypatch, run=RUN, ex=1)
+    up = _widget(at.file_uploader, "Image")
+    assert up.proto.max_upload_size_mb == 20 == live.MAX_UPLOAD_BYTES // 2**20  # "20MB per file" in the browser
+    assert any("Up to 20 MB and 50 megapixels" in str(c.value) for c in at.caption)
+
+
+def test_an_example_without_an_answer_says_so(added, monkeypatch):
+    r1, r2, _ = added["results"]
+    at = _app(added["lake"], monkeypatch, run=RUN, ex=r1.example_id)
+    shown = " ".join(str(m.value) for m in at.markdown)
+    assert "no answer given · prediction **" in shown and "None" not in shown, shown
+    at = _app(added["lake"], monkeypatch, run=RUN, ex=r2.example_id)
+    assert "answer **yes** · prediction **" in " ".join(str(m.value) for m in at.markdown)
+
+
+def test_a_live_example_opens_on_the_content_word_that_looks_at_the_image(added, monkeypatch, raw_df):
+    """A live example has no boxes: the Attention page opens on the content word ("color" or "square",
+    never "what" or "is") whose row puts the most mass on the patches at the first view's head, as the
+    lake's Parquet files have it."""
+    r1 = added["results"][0]
+    at = _app(added["lake"], monkeypatch, run=RUN, ex=r1.example_id)
+    at.switch_page("app_pages/attention.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    layer, head = at.session_state["layer"], at.session_state["head"]
+    tok = raw_df(added["lake"], "SELECT * FROM {tokens} WHERE run = ? AND example_id = ? ORDER BY token_idx",
+                 [RUN, r1.example_id])
+    att = raw_df(added["lake"], "SELECT query_idx, key_idx, CAST(weight AS DOUBLE) AS weight FROM {attention} "
+                                "WHERE run = ? AND example_id = ? AND layer = ? AND head = ?",
+                 [RUN, r1.example_id, int(layer), int(head)])
+    patches = set(tok[tok.role == "patch"].token_idx)
+    words = tok[tok.token.isin(["color", "square"])]
+    mass = {int(w.text_pos): att[(att.query_idx == w.token_idx) & att.key_idx.isin(patches)].weight.sum()
+            for w in words.itertuples()}
+    assert len(mass) == 2
+    want = max(mass, key=lambda p: (mass[p], -p))
+    assert at.session_state["tokens"] == [want], (at.session_state["tokens"], mass)
+    cap = next(str(c.value) for c in at.caption if str(c.value).startswith("**text → image**"))
+    assert f"text → image mass {mass[want]:.4f}**" in cap
