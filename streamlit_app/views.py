@@ -398,3 +398,16 @@ def examples_table(rows: pd.DataFrame, thumbs: dict[str, str]) -> pd.DataFrame:
         t[f"meta.{key}"] = [None if m.get(key) is None else m[key] if isinstance(m[key], str) else json.dumps(m[key])
                             for m in metas]
     return t
+
+
+def answer_line(answer) -> str:
+    """An example's answer as the pages show it: ``answer **X**``, or "no answer given" for a
+    missing or blank one (never "answer None")."""
+    missing = answer is None or (not isinstance(answer, str) and pd.isna(answer)) or not str(answer).strip()
+    return "no answer given" if missing else f"answer **{answer}**"
+
+
+def prediction_line(prediction, label: str = "prediction") -> str:
+    """A prediction as the pages show it: ``prediction **X**``, or "no prediction"."""
+    missing = prediction is None or (not isinstance(prediction, str) and pd.isna(prediction))
+    return f"no {label}" if missing else f"{label} **{prediction}**"

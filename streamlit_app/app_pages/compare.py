@@ -7,7 +7,7 @@ import streamlit as st
 from lake import queries
 from lake import compare as cmp
 from lake.queries import ExampleFilter
-from streamlit_app import charts, export, filters, state
+from streamlit_app import charts, export, filters, state, views
 
 TOP = 5  # driving examples listed per group
 ATTENTION = "app_pages/attention.py"
@@ -286,8 +286,8 @@ def _line(r) -> str:
     if e is None:
         return f"#{int(r.example_id)}"
     mark = "" if pd.isna(e.correct) else " (correct)" if e.correct else " (wrong)"
-    pred = f"prediction in A ({c.run})" if paired else "prediction"
-    return f"#{int(r.example_id)} · {e.text} · answer **{e.answer}** · {pred} **{e.prediction}**{mark}"
+    pred = views.prediction_line(e.prediction, f"prediction in A ({c.run})" if paired else "prediction")
+    return f"#{int(r.example_id)} · {e.text} · {views.answer_line(e.answer)} · {pred}{mark}"
 
 
 def _share(x: float) -> str:

@@ -5,7 +5,7 @@ import streamlit as st
 
 from lake import queries
 from lake.queries import parse_json
-from streamlit_app import filters, state
+from streamlit_app import filters, state, views
 
 PAGE = 50
 
@@ -158,8 +158,8 @@ else:
     a.info("This example's image is not in the lake.")
 b.markdown(f"> {ex['text']}")
 mark = "" if pd.isna(ex["correct"]) else "✅" if ex["correct"] else "❌"
-answer = "no answer given" if pd.isna(ex["answer"]) or not str(ex["answer"]).strip() else f"answer **{ex['answer']}**"
-prediction = "no prediction" if pd.isna(ex["prediction"]) else f"prediction **{ex['prediction']}** {mark}"
+answer = views.answer_line(ex["answer"])
+prediction = views.prediction_line(ex["prediction"]) + ("" if pd.isna(ex["prediction"]) else f" {mark}")
 b.markdown(f"{answer} · {prediction} · split {ex['split']} · source id `{ex['source_id']}`")
 meta = parse_json(ex.get("meta"))
 if meta:

@@ -56,7 +56,7 @@ P1 = {(0, 0): [2, 4, 3, 7, 100], (0, 1): [2, 2, 2, 2, 2], (1, 0): [1, 2, 3, 5, 1
 
 
 def _ex(i: int, split: str, correct: bool) -> dict:
-    return dict(example_id=i, split=split, text=f"question {i}", answer="yes",
+    return dict(example_id=i, split=split, text=f"question {i}", answer=None if i == 6 else "yes",  # 6: none given
                 prediction="yes" if correct else "no", correct=correct, meta=json.dumps({"qtype": "q" + split}))
 
 
@@ -269,6 +269,7 @@ def test_page_independent_map_list_and_drill(hand_lake, monkeypatch):
     assert sorted(vals.value) == sorted(IND_A[(1, 0)] + IND_B[(1, 0)])
     drivers = " ".join(md.value for md in at.markdown)
     assert "#6 · question 6" in drivers and "share 67%" in drivers  # (4 − 2) / (4 · 0.75)
+    assert "#6 · question 6 · no answer given · prediction **yes**" in drivers and "None" not in drivers
     assert "#0 · question 0" in drivers and "share 78%" in drivers  # (2.75 − 1) / (3 · 0.75)
     at.button(key="cmp_open_B_6").click().run()
     assert not at.exception
