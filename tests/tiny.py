@@ -170,3 +170,18 @@ def noise_scene_rows(scenes, box=None) -> list[dict]:
     if box is not None:
         rows[0]["boxes"] = [{"label": "circle", "box": list(box)}]
     return rows
+
+
+def png(img: Image.Image) -> bytes:
+    """An image as the bytes of a PNG file (what an upload carries)."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (a lake): size and modification time, to tell that nothing changed."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}

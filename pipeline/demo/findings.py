@@ -93,8 +93,8 @@ uniformly random patch) is {f['pointing_chance']:.2f}. The best heads, averaged 
 {heads}
 
 Open the Head summary page with statistic `pointing`, click layer {f['best_head']['layer']} head
-{f['best_head']['head']}, then on the Attention page pick the word "circle" (or any boxed word): the
-heatmap sits on the object.
+{f['best_head']['head']} (the click opens it on the Attention page), then pick the word "circle" (or any
+boxed word): the heatmap sits on the object.
 
 **Through the layers** (mean over heads and examples):
 

@@ -12,3 +12,16 @@ def browser():
     """A headless Chromium (Debian's) for the module's browser tests, closed after them."""
     with chromium() as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def methods_lake(tmp_path_factory):
+    """A tiny ViLT with a sink token, run ``ex`` of three scenes with every weight kept and
+    ``--explain relevancy,rollout,value``: the lake the explanation methods' pages are read on
+    (read only: the tests that share it never write to it)."""
+    from tests.pipeline.test_explain import explained_run
+    from tests.tiny import make_sink_vilt
+
+    _, _, root = explained_run(make_sink_vilt, tmp_path_factory.mktemp("methods"), "ex", 3,
+                               "relevancy,rollout,value", keep_attention="all", batch_size=3)
+    return root

@@ -20,13 +20,8 @@ RUN, EX = "ex", 1
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory):
-    from tests.pipeline.test_explain import explained_run
-    from tests.tiny import make_sink_vilt
-
-    _, _, root = explained_run(make_sink_vilt, tmp_path_factory.mktemp("browser_methods"), RUN, 3,
-                               "relevancy,rollout,value", keep_attention="all", batch_size=3)
-    return root
+def lake(methods_lake):
+    return methods_lake  # run "ex" (RUN)
 
 
 @pytest.fixture(scope="module")

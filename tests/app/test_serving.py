@@ -9,7 +9,6 @@ Streamlit configuration) serves the browser checks."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -22,29 +21,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from lake.catalog import Catalog
 from lake.commit import done_chunks, read_run_row
 from lake.store import LockTimeout, open_store
 from pipeline.cli import LOCAL_DEFAULTS, streamlit_command
 from tests.browser import ROOT, require_chromium, settle, tiny_vilt_lake
-from tests.tiny import noise_image
+from tests.objstore import moto_s3
+from tests.tiny import listing, noise_image, png
 
 RUN = "tiny"
 PAGES = ("", "head_summary", "attention", "hidden_states", "compare", "sql")
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def listing(root: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def user_env(home: Path) -> dict[str, str]:
@@ -319,24 +307,9 @@ def test_a_disk_lock_is_held_until_let_go(tmp_path):
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on loopback (it honours If-None-Match: * on a put), with the AWS settings every
-    process here inherits."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "vlatlas", "AWS_SECRET_ACCESS_KEY": "vlatlas-secret", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vlatlas")
-        try:
-            yield {"uri": "s3://vlatlas", "env": env}
-        finally:
-            server.stop()
+    """moto's S3 server on loopback, with the AWS settings every process here inherits."""
+    with moto_s3() as s:
+        yield s
 
 
 def test_an_s3_lock_is_a_create_only_object(s3):

@@ -28,6 +28,7 @@ from lake.catalog import Catalog
 from lake.schema import TABLES
 from lake.writer import LakeWriter
 from pipeline.extraction.run import extract
+from tests.objstore import moto_s3
 from tests.tiny import free_port, make_manifest
 
 pytestmark = pytest.mark.slow
@@ -41,22 +42,8 @@ N = 20
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on loopback, with the AWS settings every process here inherits."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "vlatlas", "AWS_SECRET_ACCESS_KEY": "vlatlas-secret", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vlatlas")
-        try:
-            yield "s3://vlatlas"
-        finally:
-            server.stop()
+    with moto_s3() as s:
+        yield s["uri"]
 
 
 @pytest.fixture(scope="module")

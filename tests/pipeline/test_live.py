@@ -8,7 +8,6 @@ tests/models/test_vilt.py), from the runs row, and from the lake as it was befor
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -24,24 +23,12 @@ from lake.commit import read_run_row
 from lake.writer import LakeWriter
 from pipeline import live
 from pipeline.extraction.run import extract
-from tests.tiny import make_manifest, make_tiny_vilt, noise_image
+from tests.tiny import listing, make_manifest, make_tiny_vilt, noise_image, png
 
 RUN, TOPK = "tiny", "topk"
 TEXT = "what color is the square ?"
 LAYERS, HEADS = 2, 2  # make_tiny_vilt's defaults
 TABLES = ("examples", "tokens", "head_stats", "attention", "hidden_states", "relevancy")
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under the lake: size and modification time."""
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
