@@ -175,3 +175,37 @@ def test_explain_worked_examples_are_offered_only_where_the_run_has_their_rows(e
     n = parquet(explain_lake, "SELECT count(*) AS n FROM {sinks} WHERE run = 'sinky'").n[0]
     assert n > 0 and int(got.tokens.sum()) == int(n)
     assert set(got.role) == {"cls"}  # the sink the model was built with
+
+
+# -- the same, in a browser ------------------------------------------------------------------------------
+@pytest.mark.browser
+def test_the_notes_reach_the_browser(explain_lake, browser):
+    """What a user opening these pages by their links sees: each note, and no worked example that would
+    return no rows (one server, one tab)."""
+    from tests.browser import require_chromium, serve, settle
+
+    require_chromium()
+    with serve(explain_lake) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        def body(path: str) -> str:
+            page.goto(f"{url}/{path}")
+            settle(page)
+            assert page.locator('[data-testid="stException"]').count() == 0, path
+            return page.inner_text('[data-testid="stMainBlockContainer"]')
+
+        assert Z_RUN in body("head_summary?run=plain&scope=filtered&norm=z_dataset")
+        text = body("head_summary?run=ex&scope=filtered&stat=sink_mass")
+        assert "No sink tokens were found" in text and "sink_mass is 0 for every head" in text
+        text = body("hidden_states?run=plain&ex=1")
+        assert "Logit lens" in text and "no lm stream" in text
+        text = body("sql?run=plain")
+        assert "Not offered, as they would return no rows" in text
+        buttons = {b.strip() for b in page.locator('[data-testid="stButton"] button').all_inner_texts()}
+        assert not buttons & set(NEEDS) and set(EXAMPLE_SQL) - set(NEEDS) <= buttons, buttons
+        body("sql?run=ex")
+        buttons = {b.strip() for b in page.locator('[data-testid="stButton"] button').all_inner_texts()}
+        assert set(EXAMPLE_SQL) - {"Sink tokens (--explain sinks)"} <= buttons, buttons
+        assert not errors, errors
