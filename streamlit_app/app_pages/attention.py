@@ -124,6 +124,12 @@ def mass_text(mass: float) -> tuple[str, str]:
     return f"{mass:.4f}", ""
 
 
+def panel_mass(mass: float, what: str) -> tuple[str, str, str]:
+    """A panel's scale note (:func:`scale_note`, ``what`` its keys) and its mass as shown
+    (:func:`mass_text`): ``(note, mass, rounding)``."""
+    return (scale_note(mass, what), *mass_text(mass))
+
+
 def scale_note(mass: float, what: str) -> str:
     """The caption's words on the colour scale, and a warning when the panel's mass is negligible."""
     if method == "relevancy":
@@ -304,8 +310,7 @@ def query_tokens_view() -> None:
     export.show_chart(image_chart(qi, "query-image"), f"{view_name}-query-image", key="ti_chart",
                       width="content", context=f"Query tokens → image · {about} · query tokens "
                       f"{', '.join(f'q{p}' for p in chosen)}")
-    note = scale_note(float(qi.weight.sum()), "the image patches")
-    qi_mass, rounding = mass_text(float(qi.weight.sum()))
+    note, qi_mass, rounding = panel_mass(float(qi.weight.sum()), "the image patches")
     st.caption(f"**query tokens → image**: the Q-Former's {METHOD_NOUN[method].replace('attention', 'cross-attention')} "
                f"from the selected learned query token(s) (query) to each image patch (key), averaged over the "
                f"{len(sel)} selected: **mass {qi_mass}**{rounding} (the rest goes to the vision [CLS]), largest patch "
@@ -339,8 +344,7 @@ with left:
                           f"tokens {', '.join(labels.get(p, str(p)) for p in state.get('tokens') or [])}")
         if png is None:
             st.info("This example's image is not in the lake: the heatmap is drawn on a grey canvas.")
-        note = scale_note(float(ti.weight.sum()), "the image patches")
-        ti_mass, rounding = mass_text(float(ti.weight.sum()))
+        note, ti_mass, rounding = panel_mass(float(ti.weight.sum()), "the image patches")
         st.caption(f"**text → image**: {METHOD_NOUN[method]} from the selected text token(s) (query) to each image "
                    f"patch (key), averaged over the {len(sel_text)} selected queries: **text → image mass "
                    f"{ti_mass}**{rounding}, largest patch {ti.weight.max():.4f}. Patch values sit at their (row, "
@@ -392,8 +396,7 @@ with right:
                           key="ii_chart", width="content", on_select=_pick_patches,
                           selection_mode=["patch", "box"], context=f"Image → image · "
                           f"{about} · query patches {', '.join(state.get('patches'))}")
-        note = scale_note(float(ii.weight.sum()), "the image patches")
-        ii_mass, rounding = mass_text(float(ii.weight.sum()))
+        note, ii_mass, rounding = panel_mass(float(ii.weight.sum()), "the image patches")
         st.caption(f"**image → image**: {METHOD_NOUN[method]} from the selected patch(es) "
                    f"{', '.join(state.get('patches'))} (query, outlined) to every patch (key): **image → image mass "
                    f"{ii_mass}**{rounding}; {note}. Click a patch to choose it, shift-click to add, or drag a box."
@@ -441,8 +444,7 @@ else:
     rows = tt[tt.query_idx.isin(block.query_idx)] if method == "relevancy" else tt
     row_sums = rows.groupby("query_idx").weight.sum()
     tt_mass = float(row_sums.mean()) if len(row_sums) else 0.0
-    note = scale_note(tt_mass, "the text (Text → text, every text query)")
-    shown_mass, rounding = mass_text(tt_mass)
+    note, shown_mass, rounding = panel_mass(tt_mass, "the text (Text → text, every text query)")
     rest = [w for w, on in (("image keys", bool((kt.modality == "image").any())),
                             ("the weights that were not stored", pruned)) if on]
     values = {"attention": "weights", "value": "value-weighted shares"}.get(method, "values")

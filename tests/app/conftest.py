@@ -25,3 +25,30 @@ def methods_lake(tmp_path_factory):
     _, _, root = explained_run(make_sink_vilt, tmp_path_factory.mktemp("methods"), "ex", 3,
                                "relevancy,rollout,value", keep_attention="all", batch_size=3)
     return root
+
+
+class Downloads(dict):
+    """``{download button key: the data it was given}`` of the latest run, and ``names``: the file
+    name each was offered under."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: dict[str, str] = {}
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> Downloads:
+    """What each of the app's download buttons was handed, filled as pages run."""
+    from streamlit.elements.widgets.button import ButtonMixin
+
+    got = Downloads()
+    original = ButtonMixin.download_button
+
+    def recording(self, label, data, *args, **kwargs):
+        if kwargs.get("key") is not None:
+            got[kwargs["key"]] = data
+            got.names[kwargs["key"]] = kwargs.get("file_name")
+        return original(self, label, data, *args, **kwargs)
+
+    monkeypatch.setattr(ButtonMixin, "download_button", recording)
+    return got

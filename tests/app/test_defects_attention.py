@@ -90,25 +90,8 @@ def _legend_title(at, description: str) -> str:
     return found[0]
 
 
-@pytest.fixture
-def saved(monkeypatch) -> dict:
-    """``{download button key: (file name, data)}`` of the latest run: what each button was handed."""
-    from streamlit.elements.widgets.button import ButtonMixin
-
-    got: dict = {}
-    original = ButtonMixin.download_button
-
-    def recording(self, label, data, *args, **kwargs):
-        if kwargs.get("key") is not None:
-            got[kwargs["key"]] = (kwargs.get("file_name"), data)
-        return original(self, label, data, *args, **kwargs)
-
-    monkeypatch.setattr(ButtonMixin, "download_button", recording)
-    return got
-
-
-def _svg_text(saved, chart_key: str) -> str:
-    _, data = saved[f"dl_svg_{chart_key}"]
+def _svg_text(downloads, chart_key: str) -> str:
+    data = downloads[f"dl_svg_{chart_key}"]
     svg = data() if callable(data) else data
     root = ET.fromstring(svg.encode() if isinstance(svg, str) else svg)
     return " ".join(" ".join(t.itertext()) for t in root.iter() if t.tag.split("}")[-1] == "text")
@@ -197,7 +180,7 @@ def test_a_mass_over_one_from_float16_rounding_shows_as_one(lake, lake_np, raw_d
 
 
 # -- rollout and relevancy: what they combine, and notes that point at the panels' real titles ------------------
-def test_rollout_says_what_it_combines(lake, monkeypatch, saved, raw_df):
+def test_rollout_says_what_it_combines(lake, monkeypatch, downloads, raw_df):
     tok = raw_df(lake, "SELECT * FROM {tokens} WHERE run = ? AND example_id = ?", [RUN, EX])
     at = open_app(lake, monkeypatch, PAGE, run=RUN, ex=EX, layer=1, head=1, method="rollout",
                   tokens=int(_first_word(tok).text_pos))
@@ -209,12 +192,12 @@ def test_rollout_says_what_it_combines(lake, monkeypatch, saved, raw_df):
     assert "**rollout through layer 1** of 2 (the 2 heads combined, layers 0 to 1)" in header
     assert "head 1" not in header and "`A[query, key]`" not in header
     assert _legend_title(at, "text-image") == "rollout"
-    title = _svg_text(saved, "ti_chart")
+    title = _svg_text(downloads, "ti_chart")
     assert "rollout through layer 1 (heads combined)" in title and "head 1" not in title, title
-    assert saved["dl_png_ti_chart"][0] == f"rollout-{RUN}-ex{EX}-self-L1-text-image.png"
+    assert downloads.names["dl_png_ti_chart"] == f"rollout-{RUN}-ex{EX}-self-L1-text-image.png"
 
 
-def test_relevancy_notes_point_at_the_prediction_panels(lake, monkeypatch, saved):
+def test_relevancy_notes_point_at_the_prediction_panels(lake, monkeypatch, downloads):
     at = open_app(lake, monkeypatch, PAGE, run=RUN, ex=EX, layer=1, head=1, method="relevancy")
     heads = [s.value for s in at.subheader]
     assert "Prediction → image" in heads and "Prediction → text" in heads
@@ -226,25 +209,26 @@ def test_relevancy_notes_point_at_the_prediction_panels(lake, monkeypatch, saved
     header = _caption(at, "Example **#")
     assert "**relevancy** over all 2 layers and 2 heads" in header and "head 1" not in header
     for key in ("ti_chart", "it_chart"):
-        title = _svg_text(saved, key)
+        title = _svg_text(downloads, key)
         assert "relevancy (all layers and heads)" in title and "layer 1" not in title and "head 1" not in title
-    assert saved["dl_png_ti_chart"][0] == f"relevancy-{RUN}-ex{EX}-self-prediction-image.png"
-    assert saved["dl_png_it_chart"][0] == f"relevancy-{RUN}-ex{EX}-self-prediction-text.png"
+    assert downloads.names["dl_png_ti_chart"] == f"relevancy-{RUN}-ex{EX}-self-prediction-image.png"
+    assert downloads.names["dl_png_it_chart"] == f"relevancy-{RUN}-ex{EX}-self-prediction-text.png"
 
 
 # -- exports: the method is in the file name -------------------------------------------------------------
-def test_each_method_downloads_under_its_own_name(lake, monkeypatch, saved, raw_df):
+def test_each_method_downloads_under_its_own_name(lake, monkeypatch, downloads, raw_df):
     tok = raw_df(lake, "SELECT * FROM {tokens} WHERE run = ? AND example_id = ?", [RUN, EX])
     names = {}
     for method in ("attention", "value", "rollout", "relevancy"):
         at = open_app(lake, monkeypatch, PAGE, run=RUN, ex=EX, layer=1, head=1, method=method,
                       tokens=int(_first_word(tok).text_pos))
         assert at.session_state["method"] == method
-        files = {k: v[0] for k, v in saved.items()}
+        files = dict(downloads.names)
         for kind, ext in (("png", "png"), ("svg", "svg"), ("csv", "csv")):
             assert files[f"dl_{kind}_ti_chart"].endswith(f".{ext}")
         names[method] = files["dl_png_ti_chart"]
-        saved.clear()
+        downloads.clear()
+        downloads.names.clear()
     assert len(set(names.values())) == 4, names
     assert names["attention"] == f"attention-{RUN}-ex{EX}-self-L1-H1-text-image.png"
     assert names["value"] == f"value-weighted-{RUN}-ex{EX}-self-L1-H1-text-image.png"
@@ -284,7 +268,7 @@ def test_legends_of_tiny_values_read_as_numbers():
             assert lb == f"{float(lb):.3g}".replace("e-0", "e-"), lb
 
 
-def test_page_legends_use_three_significant_digits(lake, lake_np, monkeypatch, saved):
+def test_page_legends_use_three_significant_digits(lake, lake_np, monkeypatch, downloads):
     """On the page, stretched: every legend label of every panel is its value to 3 significant digits
     (d3's ``.3~g``), so the text → text panel of layer 1, head 1, whose largest weight is about 1e-4,
     reads "0 … 0.0001" or "5e-5", never "0.00000 0.00005"."""
@@ -295,7 +279,7 @@ def test_page_legends_use_three_significant_digits(lake, lake_np, monkeypatch, s
                   tokens=int(_first_word(tok).text_pos), patches=_patch(tok, int(patches_of(tok)[0])))
     assert at.session_state["stretch"] is True
     for key in ("ti_chart", "ii_chart", "it_chart", "tt_chart"):
-        _, data = saved[f"dl_svg_{key}"]
+        data = downloads[f"dl_svg_{key}"]
         labels = _legend_labels(data() if callable(data) else data)
         assert len(labels) >= 2, (key, labels)
         for lb in labels:

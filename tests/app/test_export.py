@@ -38,23 +38,6 @@ HEAD_SQL = ("SELECT layer, head, avg(value) AS t2i, count(*) AS n FROM head_stat
 
 
 # -- helpers ------------------------------------------------------------------------------------
-@pytest.fixture
-def downloads(monkeypatch) -> dict:
-    """``{download button key: the data it was given}`` (the latest run's), filled as pages run."""
-    from streamlit.elements.widgets.button import ButtonMixin
-
-    got: dict = {}
-    original = ButtonMixin.download_button
-
-    def recording(self, label, data, *args, **kwargs):
-        if kwargs.get("key") is not None:
-            got[kwargs["key"]] = data
-        return original(self, label, data, *args, **kwargs)
-
-    monkeypatch.setattr(ButtonMixin, "download_button", recording)
-    return got
-
-
 def materialise(data) -> bytes:
     data = data() if callable(data) else data
     return data.encode("utf-8") if isinstance(data, str) else bytes(data)
