@@ -194,15 +194,16 @@ class Store:
         and refuses the others, 412), deleted on release by its holder; one older than
         :data:`STALE_LOCK_S` is taken as left by a dead holder and removed. Other object stores have
         no such write here: NotImplementedError."""
-        if self.local:
-            with self._file_lock(rel, wait_s):
-                yield
-        elif self.scheme == "s3":
-            with self._s3_lock(rel, wait_s):
-                yield
-        else:
+        if not self.lockable:
             raise NotImplementedError(f"a {self.scheme}:// lake offers no lock across processes here "
                                       "(a folder or an s3:// lake does)")
+        with (self._file_lock if self.local else self._s3_lock)(rel, wait_s):
+            yield
+
+    @property
+    def lockable(self) -> bool:
+        """Whether :meth:`lock` works here: on a disk, and on S3 (a conditional put)."""
+        return self.local or self.scheme == "s3"
 
     @contextlib.contextmanager
     def _file_lock(self, rel: str, wait_s: float) -> Iterator[None]:

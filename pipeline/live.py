@@ -135,7 +135,7 @@ def unavailable(lake, run: str) -> str | None:
         store = open_store(lake)
     except Exception as e:  # noqa: BLE001 - an unreachable lake is a reason, not a traceback
         return f"the lake cannot be opened: {_first_line(e)}"
-    if not store.local and store.scheme != "s3":
+    if not store.lockable:
         return (f"on a {store.scheme}:// lake two app servers' live examples could not be kept apart "
                 "(a folder or an s3:// lake has a lock for them)")
     try:
@@ -331,18 +331,15 @@ def add_live_example(lake, run: str, image, text: str, answer: str | None = None
 @contextlib.contextmanager
 def _run_locked(store: Store, run: str):
     """Hold ``run``'s live-example lock (a LiveError when it cannot be had)."""
-    lock = store.lock(run_lock(run), LOCK_WAIT_S)
-    try:
-        lock.__enter__()
-    except LockTimeout:
-        raise LiveError(f"another app is still adding a live example to run {run!r} after "
-                        f"{LOCK_WAIT_S / 60:g} minutes; try again later") from None
-    except NotImplementedError as e:
-        raise LiveError(f"live examples are not available on this lake: {e}") from None
-    try:
+    with contextlib.ExitStack() as held:
+        try:  # only taking the lock is translated, not what the block raises
+            held.enter_context(store.lock(run_lock(run), LOCK_WAIT_S))
+        except LockTimeout:
+            raise LiveError(f"another app is still adding a live example to run {run!r} after "
+                            f"{LOCK_WAIT_S / 60:g} minutes; try again later") from None
+        except NotImplementedError as e:
+            raise LiveError(f"live examples are not available on this lake: {e}") from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def add_example(lake, run: str, image, text: str, answer: str | None = None, **kwargs) -> int:

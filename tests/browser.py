@@ -63,11 +63,16 @@ def serve(lake, env: dict | None = None):
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 10)
+
+
+def stop(proc: subprocess.Popen, wait_s: float) -> None:
+    """Stop a server the test started: SIGTERM, then SIGKILL after ``wait_s`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @contextlib.contextmanager
@@ -102,3 +107,26 @@ def settle(page, timeout_ms: int = 60_000) -> None:
             return
         last = text
         time.sleep(0.5)
+
+
+def open_page(browser, url: str, *, charts: bool = True, layout_s: float = 1.0, console: bool = False,
+              **page_options):
+    """A new tab on ``url``, its script run settled and no exception on the page: ``(page, problems)``,
+    ``problems`` collecting the page's JavaScript errors (and, with ``console``, its console errors but
+    for resources the sandboxed browser cannot fetch). With ``charts``, it also waits for a chart to be
+    drawn and ``layout_s`` seconds more for vega to lay every chart out. ``page_options``: Playwright's
+    ``new_page`` options (``viewport``, ``accept_downloads`` …)."""
+    page = browser.new_page(**page_options)
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    if console:
+        page.on("console", lambda m: problems.append(m.text)
+                if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    page.goto(url)
+    settle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
+    if charts:
+        page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
+                               timeout=30_000)
+        time.sleep(layout_s)
+    return page, problems

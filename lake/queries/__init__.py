@@ -67,6 +67,7 @@ from lake.queries.groups import (
 )
 from lake.queries.sql_examples import (
     EXAMPLE_SQL,
+    EXPLAIN_ROWS,
     NEEDS,
     explain_rows,
     sql_literal,
@@ -135,6 +136,7 @@ __all__ = [
     "paired_moments",
     "paired_values",
     "EXAMPLE_SQL",
+    "EXPLAIN_ROWS",
     "NEEDS",
     "explain_rows",
     "sql_literal",

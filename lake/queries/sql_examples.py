@@ -127,6 +127,14 @@ NEEDS: dict[str, str] = {
 }
 
 
+# Each of those rows: what its worked example shows, and the ``--explain`` method that writes it.
+EXPLAIN_ROWS: dict[str, tuple[str, str]] = {
+    "value_norms": ("contribution norms", "value"),
+    "rollout": ("rollout", "rollout"),
+    "sinks": ("sink tokens", "sinks"),
+}
+
+
 def explain_rows(cat, run: str) -> set[str]:
     """Which of the ``--explain`` rows the worked examples read a run has: a subset of ``value_norms``,
     ``rollout`` (rows of ``relevancy`` with method ``rollout``) and ``sinks`` (a run extracted with
@@ -134,7 +142,7 @@ def explain_rows(cat, run: str) -> set[str]:
     d = cat.df("SELECT EXISTS (SELECT 1 FROM value_norms WHERE run = $run) AS value_norms, "
                "EXISTS (SELECT 1 FROM relevancy WHERE run = $run AND method = 'rollout') AS rollout, "
                "EXISTS (SELECT 1 FROM sinks WHERE run = $run) AS sinks", {"run": run})
-    return {k for k in ("value_norms", "rollout", "sinks") if bool(d[k].iloc[0])}
+    return {k for k in EXPLAIN_ROWS if bool(d[k].iloc[0])}
 
 
 def sql_literal(text: str) -> str:

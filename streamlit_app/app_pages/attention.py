@@ -147,10 +147,10 @@ if method == "rollout":
 elif method == "relevancy":
     where = f"**relevancy** over all {n_layers} layers and {n_heads} heads · read target → token"
 else:
-    cell = "weight = A[query, key]" if method == "attention" else "V[query, key] = A[query, key]·‖f(key)‖ / Σₖ A[query, k]·‖f(k)‖"
+    cell = "`weight = A[query, key]`" if method == "attention" else METHOD_CELL[method]
     letter = "A" if method == "attention" else "V"
     where = (f"layer **{layer}** of {n_layers} · **{head_text}** of {n_heads} · {METHOD_NOUN[method]} read query → key, "
-             f"`{cell}`" + (f"; mean over heads = Σₕ {letter}ₕ[query, key] / heads, pruned weights counting as 0"
+             f"{cell}" + (f"; mean over heads = Σₕ {letter}ₕ[query, key] / heads, pruned weights counting as 0"
                             if head == "mean" else ""))
 st.caption(f"Example **#{ex_id}** — “{ex['text']}” · stream `{stream}` · {where}"
            + (f" · stored weights pruned (`{keep}`): missing weights show as 0" if pruned else ""))
@@ -363,11 +363,10 @@ with right:
                                              description="text-queries"),
                           f"{view_name}-text-queries", key="tq_chart", width="content",
                           context=f"Text → query tokens · {about}")
+        tq_mass, rounding = mass_text(float(to_queries.weight.sum()))
         st.caption(f"**text → query tokens**: the LM's attention from the selected token(s) to each learned query "
                    f"token `qₖ` (the image tokens the LM reads; they have no patch), the first factor of the composed "
-                   f"view: **mass {mass_text(float(to_queries.weight.sum()))[0]}**"
-                   f"{mass_text(float(to_queries.weight.sum()))[1]}. Stream `qformer_cross` shows where each query "
-                   "looks.")
+                   f"view: **mass {tq_mass}**{rounding}. Stream `qformer_cross` shows where each query looks.")
     elif not_here("image-image"):
         sel_patch = []
     elif patch_q.empty or patch_k.empty:
@@ -417,13 +416,12 @@ with right:
         st.info(f"Stream `{stream}` has no image queries or no text keys.")
     else:
         it = views.mean_rows(block, sel_patch, text_k)
-        note = scale_note(float(it.weight.sum()), "the text")
+        note, it_mass, rounding = panel_mass(float(it.weight.sum()), "the text")
         export.show_chart(charts.token_strip(it, weight_title=METHOD_QUANTITY[method], width=DISPLAY_W, vmax=VMAX,
                                              description="image-text"),
                           f"{view_name}-image-text", key="it_chart", width="content",
                           context=f"Image → text · {about} · query patches "
                                   f"{', '.join(state.get('patches') or [])}")
-        it_mass, rounding = mass_text(float(it.weight.sum()))
         st.caption(f"**image → text**: each text token (key) coloured by the {METHOD_NOUN[method]} the selected "
                    f"patch(es) (query) put on it: **image → text mass {it_mass}**{rounding}; {note}.")
 

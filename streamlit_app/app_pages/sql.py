@@ -59,9 +59,7 @@ offered = [(i, t, sql) for i, (t, sql) in enumerate(worked.items())
 cols = st.columns(4)
 for n, (i, title, sql) in enumerate(offered):
     cols[n % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
-# what each left-out example shows, and the --explain method that writes its rows
-WHAT = {"value_norms": ("contribution norms", "value"), "rollout": ("rollout", "rollout"),
-        "sinks": ("sink tokens", "sinks")}
+WHAT = queries.EXPLAIN_ROWS  # what each left-out example shows, and the --explain method that writes its rows
 missing = [queries.NEEDS[t] for t in worked if t in queries.NEEDS and queries.NEEDS[t] not in has]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import require_chromium, serve, settle, tiny_vilt_lake
+from tests.browser import open_page, require_chromium, serve, settle, tiny_vilt_lake
 
 PAGES = {"": "Examples", "head_summary": "Head summary", "attention": "Attention"}
 
@@ -77,15 +77,7 @@ def test_shared_url_restores_the_view(server, browser):
 
 
 def _open(browser, url: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 1400})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    _settle(page)
-    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
-    page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
-                           timeout=30_000)
-    return page, errors
+    return open_page(browser, url, layout_s=0, viewport={"width": 1400, "height": 1400})
 
 
 def _selectbox_value(page, label: str) -> str:

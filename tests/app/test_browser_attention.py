@@ -7,11 +7,10 @@ tests/app/test_defects_attention.py."""
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
-from tests.browser import require_chromium, serve, settle
+from tests.browser import open_page, require_chromium, serve
 
 pytestmark = pytest.mark.browser
 require_chromium()
@@ -31,16 +30,7 @@ def server(lake):
 
 
 def _open(browser, url: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 1400}, accept_downloads=True)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    settle(page)
-    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
-    page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
-                           timeout=30_000)
-    time.sleep(1.0)  # let vega finish laying out every chart
-    return page, errors
+    return open_page(browser, url, viewport={"width": 1400, "height": 1400}, accept_downloads=True)
 
 
 def _saved_name(page) -> str:

@@ -19,7 +19,7 @@ import urllib.parse
 import pyarrow.dataset as ds
 import pytest
 
-from tests.browser import require_chromium, serve, settle
+from tests.browser import open_page, require_chromium, serve, settle
 
 pytestmark = pytest.mark.browser
 require_chromium()
@@ -34,23 +34,6 @@ def server(small_demo_lake):
         yield url
 
 
-def _open(browser, url: str, charts: bool = True):
-    page = browser.new_page(viewport=VIEWPORT)
-    problems: list[str] = []
-    page.on("pageerror", lambda e: problems.append(str(e)))
-    # errors in the console, except resources the sandboxed browser cannot fetch (no network here)
-    page.on("console", lambda m: problems.append(m.text)
-            if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
-    page.goto(url)
-    settle(page)
-    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
-    if charts:
-        page.wait_for_selector('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
-                               timeout=30_000)
-        time.sleep(1.0)  # let vega finish laying out every chart
-    return page, problems
-
-
 # For every drawn chart: its drawing's box (legends are drawn inside it) and the box of the column
 # (or the main block) that holds it.
 CHART_BOXES = """() => Array.from(document.querySelectorAll('[data-testid="stVegaLiteChart"]')).map(el => {
@@ -60,6 +43,10 @@ CHART_BOXES = """() => Array.from(document.querySelectorAll('[data-testid="stVeg
   return {drawn: drawn ? b(drawn.getBoundingClientRect()) : null, col: b(col.getBoundingClientRect()),
           label: (el.closest('[data-testid="stVerticalBlock"]') || el).innerText.slice(0, 60)};
 })"""
+
+
+def _open(browser, url: str, charts: bool = True):
+    return open_page(browser, url, charts=charts, console=True, viewport=VIEWPORT)
 
 
 def _overlap(a, b) -> bool:

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from pipeline.cli import streamlit_command
+from tests.browser import stop
 from tests.tiny import free_port
 
 
@@ -99,8 +100,4 @@ def test_the_startup_message_names_the_port_the_server_took(tiny_lake, tmp_path)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5).read() == b"ok"
     finally:
         held.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 30)

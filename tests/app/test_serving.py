@@ -26,7 +26,7 @@ from lake.catalog import Catalog
 from lake.commit import done_chunks, read_run_row
 from lake.store import LockTimeout, open_store
 from pipeline.cli import LOCAL_DEFAULTS, streamlit_command
-from tests.browser import ROOT, require_chromium, settle, tiny_vilt_lake
+from tests.browser import ROOT, require_chromium, settle, stop, tiny_vilt_lake
 from tests.objstore import moto_s3
 from tests.tiny import listing, noise_image, png
 
@@ -110,11 +110,7 @@ def app_server(vilt, tmp_path_factory):
         url = re.search(r"serving .* at (http://\S+)", "".join(lines)).group(1)
         yield {"proc": proc, "url": url, "lines": lines}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 30)
 
 
 def _listening(port: int) -> list[str]:
