@@ -12,7 +12,9 @@ reads), nor DDL on the in-memory views; the parser layer does.
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 
 import duckdb
 
@@ -23,12 +25,65 @@ from lake.views import literal
 ALLOWED = "only read-only SELECT queries over the lake's views are allowed"
 
 
+class PositionalFile(io.RawIOBase):
+    """A read-only object-store file whose position belongs to the thread that moved it.
+
+    DuckDB shares one open file among its threads and reads at an offset as ``seek`` then
+    ``read``; the GIL is released between the two (and inside pyarrow's I/O), so on a file with
+    one shared position another thread's ``seek`` can land in between and the read comes back
+    short ("only 0 bytes returned"). Here each thread has its own position and every read is
+    pyarrow's ``read_at``, which is safe from many threads at once.
+    """
+
+    def __init__(self, native):
+        super().__init__()
+        self._native = native
+        self._size = native.size()
+        self._at = threading.local()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return getattr(self._at, "pos", 0)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self._size}[whence]
+        self._at.pos = max(0, base + offset)
+        return self._at.pos
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self.tell()
+        n = self._size - pos if n is None or n < 0 else min(n, self._size - pos)
+        data = self._native.read_at(n, pos) if n > 0 else b""
+        self._at.pos = pos + len(data)
+        return data
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._native.close()
+        super().close()
+
+
 def _fsspec_view(store: Store):
     """``store``'s pyarrow filesystem as an fsspec filesystem DuckDB can register for its scheme."""
     from fsspec.implementations.arrow import ArrowFSWrapper
 
     class _Wrapped(ArrowFSWrapper):
         protocol = store.scheme
+
+        def _open(self, path, mode="rb", block_size=None, seekable=True, **kwargs):
+            if mode == "rb" and seekable:
+                return PositionalFile(self.fs.open_input_file(path))
+            return super()._open(path, mode, block_size, seekable, **kwargs)
 
     return _Wrapped(store.fs)
 
