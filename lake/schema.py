@@ -69,6 +69,7 @@ PARTITION_TYPES: dict[str, pa.DataType] = {
     "run": pa.string(),
     "stream": pa.string(),
     "layer": pa.int32(),
+    "module": pa.string(),  # a module's name as the model names it (activations)
 }
 
 RUNS = Table(
@@ -301,10 +302,54 @@ LENS = Table(
     "state at every layer, its top vocabulary items (the next token each layer would predict).",
 )
 
+ACTIVATIONS = Table(
+    "activations",
+    pa.schema(
+        [
+            ("example_id", pa.int64()),
+            ("token_idx", pa.int32()),
+            ("layer", pa.int32()),  # the stream's block holding the module (attention's layer); null outside the blocks
+            ("norm", pa.float32()),  # L2 norm of the float32 vector
+            ("vec", pa.list_(pa.float32())),  # rounded to float16 precision; null outside the --keep-hidden sample
+        ]
+    ),
+    ("run", "stream", "module"),
+    "--capture-modules: the output of each captured module (named as the model names it; a tuple output's "
+    "first tensor) at each token of its stream, laid out like hidden_states.",
+)
+
+PROBES = Table(
+    "probes",
+    pa.schema(
+        [
+            ("probe", pa.string()),  # "<target> <selector> <source>": one probe's rows; running it again replaces them
+            ("stream", pa.string()),
+            ("layer", pa.int32()),  # hidden-state layer (source hidden) or the module's layer
+            ("source", pa.string()),  # "hidden" or a module name
+            ("target", pa.string()),  # "answer" or a manifest column (examples.meta)
+            ("selector", pa.string()),  # image-in-box, word, last, mean-image
+            ("metric", pa.string()),  # "accuracy" (a categorical target) or "r2" (a number)
+            ("value", pa.float64()),  # the metric, k-fold cross-validated, folds grouped by example
+            ("control", pa.float64()),  # the same probe on labels permuted across examples (mean over permutations)
+            ("selectivity", pa.float64()),  # value - control
+            ("p_value", pa.float64()),  # permutation test: (1 + #{permuted >= value}) / (1 + permutations)
+            ("permutations", pa.int32()),
+            ("folds", pa.int16()),
+            ("n", pa.int32()),  # examples
+            ("n_vectors", pa.int32()),  # feature vectors (a selector may take several tokens of one example)
+            ("confusion", pa.string()),  # JSON {"labels": [...], "counts": [[true x predicted]]}, out of fold; null for r2
+            ("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    ),
+    ("run",),
+    "vlatlas probe: a linear probe's cross-validated score at each stream and layer, beside a control "
+    "task on permuted labels, with its selectivity and permutation p-value.",
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (RUNS, EXAMPLES, TOKENS, ATTENTION, HEAD_STATS, HIDDEN_STATES, EMBEDDINGS, IMAGES, ERRORS,
-              RELEVANCY, VALUE_NORMS, SINKS, LENS)
+              RELEVANCY, VALUE_NORMS, SINKS, LENS, ACTIVATIONS, PROBES)
 }
 
 # Head statistics (docs/DESIGN.md). The formulas live in pipeline/stats.py.

@@ -23,6 +23,9 @@ EXPECTED = {
     "value_norms": (["run", "stream", "layer"], "example_id head token_idx norm"),
     "sinks": (["run", "stream", "layer"], "example_id token_idx dim ratio"),
     "lens": (["run", "stream"], "example_id layer token_idx rank vocab_id piece prob"),
+    "activations": (["run", "stream", "module"], "example_id token_idx layer norm vec"),
+    "probes": (["run"], "probe stream layer source target selector metric value control selectivity p_value "
+                        "permutations folds n n_vectors confusion created_at"),
 }
 
 
