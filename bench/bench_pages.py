@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.browser import chromium, serve, settle  # noqa: E402
 
-PAGES = ("Examples", "Head summary", "Attention", "Hidden states", "Compare", "SQL")
+PAGES = ("Examples", "Head summary", "Attention", "Hidden states", "Compare", "SQL", "Probes")
 SHOTS = {"Examples": "examples", "Head summary": "head_summary", "Attention": "attention",
-         "Hidden states": "hidden_states", "Compare": "compare", "SQL": "sql"}
+         "Hidden states": "hidden_states", "Compare": "compare", "SQL": "sql", "Probes": "probes"}
 SETTLE_WAIT = 0.5  # settle() waits this long to see that the run has ended
 
 

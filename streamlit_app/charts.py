@@ -549,3 +549,65 @@ def layer_profile(d: pd.DataFrame, *, value: str, value_title: str, color: str =
         layers.insert(0, alt.Chart(pd.DataFrame({"layer": [int(layer)]})).mark_rule(
             color="grey", strokeDash=[3, 3]).encode(x="layer:O"))
     return alt.layer(*layers).properties(width=width, height=height, description=description, autosize=PAD)
+
+
+# -- probes ---------------------------------------------------------------------------------
+PROBE_COLORS = {"probe": "#4c78a8", "control": "#9d9d9d"}
+
+
+def probe_curve(rows: pd.DataFrame, *, metric: str, significant: float, description: str = "probe-curve") -> alt.Chart:
+    """A probe's score by layer, one panel per stream: the probe and its control task (permuted labels)
+    as two lines; layers whose permutation p-value is under ``significant`` are filled points, the others
+    hollow.
+
+    ``rows``: the probes table's stream, layer, value, control, selectivity, p_value, n, n_vectors.
+    """
+    d = rows.copy()
+    d["significant"] = np.where(d.p_value < significant, f"p < {significant:g}", f"p ≥ {significant:g}")
+    long = pd.concat([
+        d.assign(series="probe", score=d.value),
+        d.assign(series="control", score=d.control),
+    ], ignore_index=True)
+    color = alt.Color("series:N", title=None, scale=alt.Scale(domain=list(PROBE_COLORS),
+                                                              range=list(PROBE_COLORS.values())))
+    base = alt.Chart(long).encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("score:Q", title=metric, scale=alt.Scale(zero=False)),
+        color=color,
+        tooltip=[alt.Tooltip("stream:N"), alt.Tooltip("layer:O"), alt.Tooltip("series:N"),
+                 alt.Tooltip("score:Q", format=".3f", title=metric), alt.Tooltip("selectivity:Q", format=".3f"),
+                 alt.Tooltip("p_value:Q", format=".3g", title="p"), alt.Tooltip("n:Q", title="examples"),
+                 alt.Tooltip("n_vectors:Q", title="vectors")],
+    )
+    lines = base.mark_line().encode(strokeDash=alt.StrokeDash(
+        "series:N", legend=None, scale=alt.Scale(domain=["probe", "control"], range=[[1, 0], [4, 3]])))
+    points = base.transform_filter("datum.series == 'probe'").mark_point(size=70, strokeWidth=2).encode(
+        fill=alt.condition(f"datum.p_value < {significant}", alt.value(PROBE_COLORS["probe"]), alt.value("white")),
+        shape=alt.Shape("significant:N", title="permutation test",
+                        scale=alt.Scale(domain=[f"p < {significant:g}", f"p ≥ {significant:g}"],
+                                        range=["circle", "circle"])))
+    return alt.layer(lines, points).properties(width=420, height=220).facet(
+        row=alt.Row("stream:N", title="stream")).properties(description=description)
+
+
+def confusion_heatmap(labels: list[str], counts: list[list[int]], *, cell: int = 34,
+                      description: str = "probe-confusion") -> alt.Chart:
+    """A confusion matrix (rows: the true label, columns: the probe's out-of-fold prediction); colour:
+    the share of the true label's vectors, text: the count."""
+    rows = []
+    for i, t in enumerate(labels):
+        total = sum(counts[i]) or 1
+        for j, p in enumerate(labels):
+            rows.append({"true": t, "predicted": p, "count": int(counts[i][j]), "share": counts[i][j] / total})
+    d = pd.DataFrame(rows)
+    base = alt.Chart(d).encode(
+        x=alt.X("predicted:N", sort=list(labels), title="predicted (out of fold)", axis=alt.Axis(labelAngle=0,
+                                                                                            orient="top")),
+        y=alt.Y("true:N", sort=list(labels), title="true label"))
+    rect = base.mark_rect(stroke="white").encode(
+        color=alt.Color("share:Q", scale=alt.Scale(scheme=SEQUENTIAL, domain=[0, 1]), title="share of the row"),
+        tooltip=["true:N", "predicted:N", "count:Q", alt.Tooltip("share:Q", format=".1%")])
+    text = base.mark_text(fontSize=11).encode(
+        text="count:Q", color=alt.condition("datum.share > 0.5", alt.value("black"), alt.value("white")))
+    return alt.layer(rect, text).properties(width=cell * len(labels), height=cell * len(labels),
+                                            description=description, autosize=PAD)

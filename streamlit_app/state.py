@@ -136,7 +136,9 @@ COMPARE = PageState("Compare", {
     "cmp_rank": _choice(("diff", "effect"))})
 # the query, the quick chart's x / y / colour columns and mark
 SQL = PageState("SQL", {"sql": None, "sql_x": None, "sql_y": None, "sql_color": None, "sql_mark": "auto"})
-PAGES = (SHARED, EXAMPLES, HEAD_SUMMARY, ATTENTION, HIDDEN_STATES, COMPARE, SQL)
+# the probe shown, and the stream and layer of its confusion matrix
+PROBES = PageState("Probes", {"probe": None, "pstream": None, "player": None}, {"player": int})
+PAGES = (SHARED, EXAMPLES, HEAD_SUMMARY, ATTENTION, HIDDEN_STATES, COMPARE, SQL, PROBES)
 
 DEFAULTS: dict[str, object] = {}
 PARSE: dict[str, object] = {}

@@ -19,9 +19,40 @@ DATA_SEED = 2_000_003  # neither the training seed nor the model card's evaluati
 MAP_TOKENS = 3000
 
 
+def demo_probes():
+    """The demo's probes: does a layer's hidden state at the image tokens inside the named object's box
+    encode the object's colour, and its shape (the manifest's ``box_color``, ``box_shape``)?"""
+    from pipeline.probe import ProbeSpec
+
+    return [ProbeSpec(target, "image-in-box", "hidden") for target in ("box_color", "box_shape")]
+
+
+def add_probes(lake: Path, progress: bool = True) -> None:
+    """Run :func:`demo_probes` on the demo run's stored vectors and write their rows to ``probes``."""
+    from lake.catalog import Catalog
+    from pipeline.probe import ProbeError, run_probe, write_probes
+
+    cat = Catalog(lake, timeout_s=120)
+    try:
+        for spec in demo_probes():
+            try:
+                rows = run_probe(cat, RUN, spec)
+            except ProbeError as e:  # e.g. a demo lake built before its manifest had box_color
+                print(f"vlatlas: no demo probe {spec.key}: {e} (`vlatlas demo --rebuild` makes the lake anew)",
+                      file=sys.stderr)
+                continue
+            write_probes(cat, RUN, rows)
+            if progress:
+                best = rows.loc[rows.value.idxmax()]
+                print(f"vlatlas: probe {spec.key}: best {best.metric} {best.value:.3f} at layer {int(best.layer)} "
+                      f"(control {best.control:.3f})", file=sys.stderr)
+    finally:
+        cat.close()
+
+
 def build_demo_lake(lake: Path, n: int = 1000, progress: bool = True, rebuild: bool = False,
                     model_dir: Path = MODEL_DIR, embed_maps: bool = True) -> Path:
-    """Generate ``n`` held-out scenes, extract them into ``lake`` (run ``demo``), add the maps."""
+    """Generate ``n`` held-out scenes, extract them into ``lake`` (run ``demo``), add the probes and the maps."""
     from pipeline.demo.shapes import write_dataset
     from pipeline.extraction.run import extract
 
@@ -29,6 +60,8 @@ def build_demo_lake(lake: Path, n: int = 1000, progress: bool = True, rebuild: b
     row = read_run_row(lake, RUN)
     if row and row["status"] == "complete" and not rebuild:
         print(f"vlatlas: reusing the demo lake in {lake} (pass --rebuild to make it anew)", file=sys.stderr)
+        if not (lake / "probes" / f"run={RUN}").is_dir():  # a lake built before the demo had probes
+            add_probes(lake, progress)
         return lake
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(
@@ -43,6 +76,7 @@ def build_demo_lake(lake: Path, n: int = 1000, progress: bool = True, rebuild: b
     s = extract(str(model_dir), manifest, lake, RUN, batch_size=32, chunk_size=128, overwrite=rebuild,
                 progress=progress, keep_hidden="all")
     print(s.line(), file=sys.stderr)
+    add_probes(lake, progress)
     if embed_maps:
         try:
             from pipeline.embed import embed

@@ -15,7 +15,9 @@ Questions, one type each (the manifest's ``meta.qtype``):
 - ``relation``: "is the circle left of the square ?" / "... above ..." (yes / no)
 
 Every word that refers to an object gets that object's box in ``boxes``
-(``{"label": word, "box": [x0, y0, x1, y1]}``, pixels, x right, y down).
+(``{"label": word, "box": [x0, y0, x1, y1]}``, pixels, x right, y down); the
+manifest's ``box_color`` and ``box_shape`` are the colour and shape of the object
+in the first box (null without one), the targets of the demo's probes.
 Generation is deterministic for a seed.
 """
 
@@ -164,9 +166,13 @@ def write_dataset(out: str | Path, n: int, seed: int) -> Path:
     for i, ex in enumerate(generate(n, seed)):
         name = f"images/{seed}-{i:06d}.png"
         draw(ex["objs"]).save(out / name)
+        # the object in the first box (the one the question names first): what a probe of the image
+        # tokens in that box is asked to read (`vlatlas probe --target box_color`)
+        first = next((o for o in ex["objs"] if ex["boxes"] and list(o.box) == ex["boxes"][0]["box"]), None)
         lines.append(json.dumps({
             "id": f"s{seed}-{i}", "image": name, "text": ex["question"], "answer": ex["answer"],
             "boxes": ex["boxes"], "qtype": ex["qtype"], "n_objects": len(ex["objs"]),
+            "box_color": first.color if first else None, "box_shape": first.shape if first else None,
             "split": "heldout",
         }))
     path = out / "manifest.jsonl"

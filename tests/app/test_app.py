@@ -91,13 +91,16 @@ def check_every_page(lake, monkeypatch, run: str, ex: int, att_streams: list[str
     ids and ``column``."""
     for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
                           ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
-                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams)):
+                          ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams),
+                          ("app_pages/probes.py", None)):
         at = open_app(lake, monkeypatch, page=page, run=run, ex=ex)
         assert not at.exception, (page, at.exception)
         if streams is not None:
             box = at.selectbox(key="w_stream")
             assert sorted(box.options) == streams and len(box.options) == len(streams), (page, box.options)
             assert not box.disabled
+        if page == "app_pages/probes.py":  # no run here has probes yet: the page says how to make one
+            assert any(f"Run **{run}** has no probes yet" in i.value for i in at.info), [i.value for i in at.info]
         if page == "app_pages/examples.py":
             table = at.dataframe[0].value
             assert table.example_id.tolist() == examples.example_id.tolist()

@@ -67,3 +67,15 @@ def test_correct_versus_wrong_matches(fresh, committed):
 def test_wrong_answers_by_type_match(fresh, committed):
     for q, v in committed["wrong_share"].items():
         assert fresh["wrong_share"][q] == pytest.approx(v, abs=MARGIN), q
+
+
+def test_probes_match(fresh, committed):
+    for target, p in committed["probes"].items():
+        f = fresh["probes"][target]
+        assert (f["n"], f["n_vectors"], f["folds"], f["permutations"]) == (p["n"], p["n_vectors"], p["folds"],
+                                                                        p["permutations"]), target
+        assert f["first_layer"] == p["first_layer"], target
+        for a, b in zip(f["layers"], p["layers"]):
+            assert a["layer"] == b["layer"]
+            for k in ("value", "control"):
+                assert a[k] == pytest.approx(b[k], abs=MARGIN), (target, a["layer"], k)
