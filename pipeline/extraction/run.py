@@ -22,6 +22,7 @@ from lake.writer import LakeWriter
 from pipeline.data import read_manifest
 from pipeline.extraction.chunk import ChunkWork
 from pipeline.extraction.executor import Executor, executor_for
+from pipeline.extraction.modules import match_modules
 from pipeline.extraction.plan import default_workers, hidden_vector_examples, plan_run
 from pipeline.extraction.rows import runs_row
 from pipeline.extraction.spec import RunSpec
@@ -73,6 +74,8 @@ def check_model(spec: RunSpec, info: dict) -> None:
 
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
                          f"LVLM ({', '.join(families_with('lens'))}), and this model is a {info['family']}")
+    if spec.capture.modules:  # a pattern matching nothing: refused here, before any example is read
+        match_modules(info.get("modules", []), spec.capture.modules)
     layers = spec.capture.hidden.layers()
     top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
     if layers and max(layers) > top:
