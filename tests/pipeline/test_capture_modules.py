@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,49 +46,52 @@ def built(tmp_path_factory):
     return mdir, manifest, lake, images, [r["text"] for r in rows]
 
 
+NAMES = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp", TOWER_MLP, PROJECTOR, ATTN]
+
+
+def hooked(model, proc, lake, ex: int, image, text) -> dict[str, np.ndarray]:
+    """The modules' own outputs on example ``ex`` alone: forward hooks on the model, teacher-forced on
+    the lake's stored tokens (the prompt and the generated answer), ``[seq, dim]`` each."""
+    mods = dict(model.named_modules())
+    enc = proc(images=[image], text=[f"<image> {text}"], return_tensors="pt")
+    ids = Catalog(lake).df("SELECT seq_pos, token FROM tokens WHERE run = 'cap' AND example_id = ? AND stream = 'lm' "
+                           "ORDER BY seq_pos", [ex])
+    gen = [proc.tokenizer.convert_tokens_to_ids(t) for t in ids.token.iloc[enc["input_ids"].shape[1]:]]
+    got: dict[str, np.ndarray] = {}
+
+    def keep(name):
+        def fn(module, args, output):
+            t = output[0] if isinstance(output, tuple) else output
+            got[name] = t[0].detach().float().numpy()  # batch of one
+        return fn
+
+    handles = [mods[n].register_forward_hook(keep(n)) for n in NAMES]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.cat([enc["input_ids"], torch.tensor([gen], dtype=torch.long)], 1),
+                  pixel_values=enc["pixel_values"])
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 @pytest.fixture(scope="module")
 def own(built):
-    """The modules' own outputs, per example: forward hooks on the model alone, one example at a time,
-    teacher-forced on the lake's stored tokens (the prompt and the generated answer)."""
+    """Every example's modules' own outputs (:func:`hooked`)."""
     mdir, _, lake, images, texts = built
     model, proc = load(mdir)
-    cat = Catalog(lake)
-    names = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp", TOWER_MLP, PROJECTOR, ATTN]
-    mods = dict(model.named_modules())
-    out = []
-    for ex, (image, text) in enumerate(zip(images, texts)):
-        enc = proc(images=[image], text=[f"<image> {text}"], return_tensors="pt")
-        ids = cat.df("SELECT seq_pos, token FROM tokens WHERE run = 'cap' AND example_id = ? AND stream = 'lm' "
-                     "ORDER BY seq_pos", [ex])
-        n_prompt = enc["input_ids"].shape[1]
-        gen = [proc.tokenizer.convert_tokens_to_ids(t) for t in ids.token.iloc[n_prompt:]]
-        got: dict[str, np.ndarray] = {}
-
-        def keep(name):
-            def fn(module, args, output):
-                t = output[0] if isinstance(output, tuple) else output
-                got[name] = t[0].detach().float().numpy()  # [seq, dim], batch of one
-            return fn
-
-        handles = [mods[n].register_forward_hook(keep(n)) for n in names]
-        try:
-            with torch.no_grad():
-                model(input_ids=torch.cat([enc["input_ids"], torch.tensor([gen], dtype=torch.long)], 1),
-                      pixel_values=enc["pixel_values"], attention_mask=None)
-        finally:
-            for h in handles:
-                h.remove()
-        out.append(got)
-    return out
+    return [hooked(model, proc, lake, ex, image, text) for ex, (image, text) in enumerate(zip(images, texts))]
 
 
-def stored(lake, module: str):
+def stored(lake, module: str, ex: int | None = None):
     """One module's rows with each token's stream, modality and seq_pos (the views the app reads)."""
-    return Catalog(lake).df(
+    rows = Catalog(lake).df(
         "SELECT a.example_id, a.stream, a.layer, a.token_idx, a.norm, a.vec, t.stream AS tstream, t.seq_pos, "
         "t.modality, t.role FROM activations a JOIN tokens t ON t.run = a.run AND t.example_id = a.example_id "
         "AND t.token_idx = a.token_idx WHERE a.run = 'cap' AND a.module = ? ORDER BY a.example_id, a.token_idx",
         [module])
+    return rows if ex is None else rows[rows.example_id == ex]
 
 
 def _check(rows, own, name: str, position) -> int:
@@ -215,3 +219,24 @@ def test_capture_json_records_the_patterns_and_old_json_still_loads():
     assert Capture.from_json(c.to_json()) == c
     with pytest.raises(ValueError, match="--capture-modules"):
         parse_modules("a,,b")
+
+
+def test_a_live_example_captures_the_runs_modules(built, tmp_path):
+    """A live example runs with the run's capture: its activations are the modules' own outputs too."""
+    import shutil
+
+    from pipeline import live
+
+    mdir, _, lake, images, texts = built
+    lake = Path(shutil.copytree(lake, tmp_path / "lake"))
+    image, text = images[3], "what color is the circle ?"
+    r = live.add_live_example(lake, "cap", image, text)
+    model, proc = load(mdir)
+    own = {r.example_id: hooked(model, proc, lake, r.example_id, image, text)}
+    for name in NAMES:
+        rows = stored(lake, name, r.example_id)
+        assert len(rows), name
+        at = (lambda x: x.rank) if name == PROJECTOR else (lambda x: x.seq_pos)
+        if name == PROJECTOR:
+            rows = rows.assign(rank=np.arange(len(rows)))  # lm's image tokens, in order
+        assert _check(rows, own, name, at) == len(rows)  # a live example keeps its vectors
