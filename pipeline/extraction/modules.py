@@ -26,6 +26,10 @@ from pipeline.models.hooks import layer_slots
 NEAREST = 3  # names a refusal offers
 
 
+class ModuleOutputError(ValueError):
+    """A captured module's output is not one vector per token of the batch's examples (one line)."""
+
+
 def matches(pattern: str, name: str) -> bool:
     """Whether module ``name`` matches ``pattern`` (``*`` one segment, ``**`` any number)."""
     return _match(pattern.split("."), name.split("."))

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lake.schema import ACTIVATIONS, ATTENTION, HEAD_STATS, HIDDEN_STATES, LENS, RELEVANCY, SINKS, STATS, VALUE_NORMS, Table
+from lake.schema import (ACTIVATIONS, ATTENTION, HEAD_STATS, HIDDEN_STATES, LENS, RELEVANCY, SINKS, STATS, VALUE_NORMS,
+                         Table)
 
 
 @dataclass

@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from lake.schema import (ACTIVATIONS, ATTENTION, ERRORS, EXAMPLES, HEAD_STATS, HIDDEN_STATES, IMAGES, LENS, RELEVANCY, SINKS,
-                         TABLES, VALUE_NORMS, Table)
-from pipeline.extraction.outputs import (ActivationOut, BatchRows, HiddenOut, Kept, KeptOut, LensOut, Out, RelevancyOut, SinksOut,
-                                         StatsOut, ValueOut)
+from lake.schema import (ACTIVATIONS, ATTENTION, ERRORS, EXAMPLES, HEAD_STATS, HIDDEN_STATES, IMAGES, LENS, RELEVANCY,
+                         SINKS, TABLES, VALUE_NORMS, Table)
+from pipeline.extraction.outputs import (ActivationOut, BatchRows, HiddenOut, Kept, KeptOut, LensOut, Out, RelevancyOut,
+                                         SinksOut, StatsOut, ValueOut)
 
 Rows = tuple[dict, pa.Table]  # (partition values without run, rows)
 

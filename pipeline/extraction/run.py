@@ -22,7 +22,7 @@ from lake.writer import LakeWriter
 from pipeline.data import read_manifest
 from pipeline.extraction.chunk import ChunkWork
 from pipeline.extraction.executor import Executor, executor_for
-from pipeline.extraction.modules import match_modules
+from pipeline.extraction.modules import ModuleOutputError, match_modules
 from pipeline.extraction.plan import default_workers, hidden_vector_examples, plan_run
 from pipeline.extraction.rows import runs_row
 from pipeline.extraction.spec import RunSpec
@@ -124,6 +124,10 @@ def _run(spec: RunSpec, ex: Executor, info: dict, manifest: tuple, summary: Summ
                disable=not spec.progress, dynamic_ncols=True)
     try:
         ex.run(work, plan.todo, bar, summary)
+    except ModuleOutputError:
+        if not previous and not writer.done_chunks():  # refused on the first batch: leave no run behind
+            writer.delete_run()
+        raise
     finally:
         bar.close()
     n_examples = writer.count_examples()

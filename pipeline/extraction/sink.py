@@ -21,8 +21,9 @@ from pipeline.capture import HookPoint
 from pipeline.capture_config import Budget, Capture, KeepNone
 from pipeline.explain import lens_topk, norm_weighted, relevancy_cross, relevancy_self, rollout_step, sinks, value_norms
 from pipeline.extraction.keep import SeqLayout, row_mean_mass, select, select_budget_seq, seq_in_box, seq_layout
-from pipeline.extraction.outputs import (ActivationOut, HiddenOut, KeptOut, LensOut, Out, RelevancyOut, SinksOut, StatsOut,
-                                         ValueOut)
+from pipeline.extraction.modules import ModuleOutputError
+from pipeline.extraction.outputs import (ActivationOut, HiddenOut, KeptOut, LensOut, Out, RelevancyOut, SinksOut,
+                                         StatsOut, ValueOut)
 from pipeline.models.base import BatchLayout, StreamLayout
 from pipeline.stats import TokenMasks, head_stats
 
@@ -200,10 +201,10 @@ class BatchSink:
                     break
         if found is None:
             where = " or ".join(f"{s} ({self._seq_len.get(s, '?')} positions)" for s in site.streams)
-            raise ValueError(f"--capture-modules: module {point.name} outputs shape {list(t.shape)}, which is not one "
-                             f"vector per token of the batch's {B} examples over the {where} stream's sequence or "
-                             "image tokens (a tower run crop by crop, a packed batch or a pooled output cannot be "
-                             "stored)")
+            raise ModuleOutputError(f"--capture-modules: module {point.name} outputs shape {list(t.shape)}, which is "
+                                    f"not one vector per token of the batch's {B} examples over the {where} stream's "
+                                    "sequence or image tokens (a tower run crop by crop, a packed batch or a pooled "
+                                    "output cannot be stored)")
         stream, index, mask = found
         h = t.gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))  # [batch, token, dim]
         norm = h.float().norm(dim=-1)

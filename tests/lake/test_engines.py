@@ -72,7 +72,8 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
     "sinks": (["run", "stream", "layer", "dim"], [("sum", "ratio"), ("sum", "token_idx")]),
     "lens": (["run", "stream", "layer", "rank"], [("sum", "prob"), ("sum", "vocab_id"), ("nonnull", "piece")]),
     "activations": (["run", "stream", "module"],  # layer is null outside the blocks: a measure, not a key
-                    [("sum", "layer"), ("nonnull", "layer"), ("sum", "norm"), ("vsum", "vec"), ("vlen", "vec"), ("nonnull", "vec"), ("sum", "token_idx")]),
+                    [("sum", "layer"), ("nonnull", "layer"), ("sum", "norm"), ("vsum", "vec"), ("vlen", "vec"),
+                     ("nonnull", "vec"), ("sum", "token_idx")]),
 }
 STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage",
                "module"}

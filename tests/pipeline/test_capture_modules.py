@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from lake.catalog import Catalog
+from lake.commit import read_run_row
+from lake.store import Store
 from pipeline.capture_config import Capture, parse_modules
 from pipeline.extraction.modules import match_modules, matches
 from pipeline.extraction.run import extract
@@ -207,6 +209,7 @@ def test_an_output_that_is_not_per_token_is_refused(built, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "module model.vision_tower.post_layernorm outputs shape [2, 32]" in msg
     assert "not one vector per token" in msg
+    assert read_run_row(Store(tmp_path / "lake"), "pooled") is None  # no half-made run is left behind
 
 
 def test_capture_json_records_the_patterns_and_old_json_still_loads():
