@@ -210,13 +210,18 @@ def build_lake(mdir: Path, manifest: Path, lake: Path, case: FamilyCase, **more)
 
 def last_blocks(mdir: Path) -> dict[str, str]:
     """``{stream: the module name of its last layer's block}``, as the family declares it (the adapter's
-    stream paths); streams whose blocks no path names are left out."""
+    stream paths); streams whose blocks no path names are left out. Read once per model."""
     from pipeline.models import load_adapter
     from pipeline.models.hooks import layer_slots
 
-    a = load_adapter(str(mdir))
-    return {s: p["hidden"].format(layer=layer_slots(a.configs[s])[-1]) for s, p in a.paths.items()
-            if "{layer}" in p.get("hidden", "")}
+    if Path(mdir) not in _BLOCKS:
+        a = load_adapter(str(mdir))
+        _BLOCKS[Path(mdir)] = {s: p["hidden"].format(layer=layer_slots(a.configs[s])[-1]) for s, p in a.paths.items()
+                               if "{layer}" in p.get("hidden", "")}
+    return _BLOCKS[Path(mdir)]
+
+
+_BLOCKS: dict[Path, dict[str, str]] = {}
 
 
 def subject(case: FamilyCase, tmp_path_factory) -> Subject:
