@@ -71,9 +71,19 @@ def _within(name: str, path: str) -> bool:
 
 
 def _root(paths: dict[str, str]) -> str | None:
-    """The module holding a stream's blocks (``model.language_model`` of ``model.language_model.layers``)."""
-    layers = paths.get("layers") or paths.get("hidden", "").split(".{layer}")[0]
-    return layers.rpartition(".")[0] or None
+    """The module holding all of a stream's declared modules (``model.vision_tower`` of its embeddings
+    and its ``encoder.layers``; the parent of the layer list when only the blocks are declared:
+    ``model.language_model``), None when they share no prefix."""
+    split = [p.split(".{layer}")[0].split("#")[0].split(".") for p in paths.values()]
+    common = []
+    for parts in zip(*split):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    root = ".".join(common)
+    if root == paths.get("layers", paths.get("hidden", "").split(".{layer}")[0]):
+        root = root.rpartition(".")[0]
+    return root or None
 
 
 def site(adapter, name: str) -> Site:

@@ -243,3 +243,18 @@ def test_a_live_example_captures_the_runs_modules(built, tmp_path):
         if name == PROJECTOR:
             rows = rows.assign(rank=np.arange(len(rows)))  # lm's image tokens, in order
         assert _check(rows, own, name, at) == len(rows)  # a live example keeps its vectors
+
+
+def test_modules_are_placed_by_the_familys_declared_paths(built):
+    from pipeline.extraction.modules import site
+    from pipeline.models import load_adapter
+
+    a = load_adapter(str(built[0]))
+    assert (site(a, "model.language_model.layers.1.mlp.up_proj").stream, site(a, LM_MLP.replace("*", "1")).layer) == \
+        ("lm", 1)
+    assert (site(a, TOWER_MLP).stream, site(a, TOWER_MLP).layer) == ("vision", 1)
+    for name, stream in (("model.language_model.embed_tokens", "lm"), ("model.vision_tower.post_layernorm", "vision")):
+        s = site(a, name)  # among a stream's modules, outside its blocks: that stream, no layer
+        assert (s.stream, s.layer, s.streams) == (stream, None, (stream,)), name
+    s = site(a, PROJECTOR)  # between the two: its output's length decides (test_projector_has_one_row_per_image_token)
+    assert s.stream is None and s.layer is None and set(s.streams) == {"lm", "vision"}
