@@ -95,6 +95,7 @@ class BatchSink:
         self.sites = sites or {}
         self._seq_len: dict[str, int] = {}  # each stream's sequence length in this batch, from its attention
         self._pending: list[tuple[HookPoint, torch.Tensor]] = []  # module outputs seen before their stream's length
+        self._modules_seen: set[str] = set()
         self.out: list[Out] = []
 
     def stream(self, name: str) -> StreamLayout:
@@ -174,6 +175,11 @@ class BatchSink:
     def _module(self, point: HookPoint, tensor: torch.Tensor) -> None:
         """A --capture-modules module's output: laid over its stream's tokens now, or once the streams it
         may belong to have run their attention (a clone: the model may reuse the tensor)."""
+        if point.name in self._modules_seen:  # a module the pass runs twice would store its tokens twice
+            raise ModuleOutputError(f"--capture-modules: module {point.name} runs more than once in the model's "
+                                    "forward pass, so its output is not one vector per token; capture a module "
+                                    "that runs once")
+        self._modules_seen.add(point.name)
         if all(s in self._seq_len for s in self.sites[point.name].streams):
             self.out.append(self._activation(point, tensor))
         else:

@@ -258,3 +258,18 @@ def test_modules_are_placed_by_the_familys_declared_paths(built):
         assert (s.stream, s.layer, s.streams) == (stream, None, (stream,)), name
     s = site(a, PROJECTOR)  # between the two: its output's length decides (test_projector_has_one_row_per_image_token)
     assert s.stream is None and s.layer is None and set(s.streams) == {"lm", "vision"}
+
+
+def test_a_module_run_twice_in_one_pass_is_refused():
+    """Its tokens would be stored twice: the second call is refused with one line."""
+    from pipeline.capture import HookPoint
+    from pipeline.extraction.modules import ModuleOutputError, Site
+    from pipeline.extraction.sink import BatchSink, SinkBatch
+
+    sink = BatchSink(None, SinkBatch({}, [], [], [0], np.ones(1, bool)), Capture(), "cpu",
+                     sites={"m": Site("m", "lm", 0, ("lm",))})
+    point = HookPoint("lm", 0, "module", torch.nn.Identity(), name="m")
+    sink(point, torch.zeros(1, 3, 4))
+    with pytest.raises(ModuleOutputError, match="module m runs more than once") as e:
+        sink(point, torch.zeros(1, 3, 4))
+    assert "\n" not in str(e.value)
