@@ -24,6 +24,10 @@ class NoAttentionError(RuntimeError):
     """The model ran but returned no attention weights."""
 
 
+class ModuleOutputError(ValueError):
+    """A ``--capture-modules`` module's output is not one vector per token of the batch's examples (one line)."""
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """One tensor to capture.
@@ -69,8 +73,8 @@ def _hook(point: HookPoint, callback: Callback):
             seq = seq if isinstance(seq, (tuple, list)) else (seq,)
             tensor = next((x for x in seq if isinstance(x, torch.Tensor)), None)
             if tensor is None:
-                raise ValueError(f"--capture-modules: module {point.name} returned no tensor "
-                                 f"({type(output).__name__}), so it has no activations to store")
+                raise ModuleOutputError(f"--capture-modules: module {point.name} returned no tensor "
+                                        f"({type(output).__name__}), so it has no activations to store")
             callback(point, tensor.detach())
             return None
         seq = output if isinstance(output, (tuple, list)) else (output,)

@@ -20,14 +20,10 @@ import difflib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from pipeline.capture import HookPoint
+from pipeline.capture import HookPoint, ModuleOutputError  # noqa: F401 - the sink's refusals, raised here too
 from pipeline.models.hooks import layer_slots
 
 NEAREST = 3  # names a refusal offers
-
-
-class ModuleOutputError(ValueError):
-    """A captured module's output is not one vector per token of the batch's examples (one line)."""
 
 
 def matches(pattern: str, name: str) -> bool:
