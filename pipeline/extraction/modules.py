@@ -20,7 +20,7 @@ import difflib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from pipeline.capture import HookPoint, ModuleOutputError  # noqa: F401 - the sink's refusals, raised here too
+from pipeline.capture import HookPoint
 from pipeline.models.hooks import layer_slots
 
 NEAREST = 3  # names a refusal offers

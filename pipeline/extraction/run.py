@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from lake.store import Store
 from lake.writer import LakeWriter
+from pipeline.capture import ModuleOutputError
 from pipeline.data import read_manifest
 from pipeline.extraction.chunk import ChunkWork
 from pipeline.extraction.executor import Executor, executor_for
-from pipeline.extraction.modules import ModuleOutputError, match_modules
+from pipeline.extraction.modules import match_modules
 from pipeline.extraction.plan import default_workers, hidden_vector_examples, plan_run
 from pipeline.extraction.rows import runs_row
 from pipeline.extraction.spec import RunSpec

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from lake.schema import EXPLAIN_STATS, STATS
-from pipeline.capture import HookPoint
+from pipeline.capture import HookPoint, ModuleOutputError
 from pipeline.capture_config import Budget, Capture, KeepNone
 from pipeline.explain import lens_topk, norm_weighted, relevancy_cross, relevancy_self, rollout_step, sinks, value_norms
 from pipeline.extraction.keep import SeqLayout, row_mean_mass, select, select_budget_seq, seq_in_box, seq_layout
-from pipeline.extraction.modules import ModuleOutputError
 from pipeline.extraction.outputs import (ActivationOut, HiddenOut, KeptOut, LensOut, Out, RelevancyOut, SinksOut,
                                          StatsOut, ValueOut)
 from pipeline.models.base import BatchLayout, StreamLayout

@@ -262,8 +262,8 @@ def test_modules_are_placed_by_the_familys_declared_paths(built):
 
 def test_a_module_run_twice_in_one_pass_is_refused():
     """Its tokens would be stored twice: the second call is refused with one line."""
-    from pipeline.capture import HookPoint
-    from pipeline.extraction.modules import ModuleOutputError, Site
+    from pipeline.capture import HookPoint, ModuleOutputError
+    from pipeline.extraction.modules import Site
     from pipeline.extraction.sink import BatchSink, SinkBatch
 
     sink = BatchSink(None, SinkBatch({}, [], [], [0], np.ones(1, bool)), Capture(), "cpu",
