@@ -97,6 +97,10 @@ ENCODINGS: dict[str, dict] = {
         "use_dictionary": ["example_id", "token_idx"],
         "column_encoding": {"norm": "BYTE_STREAM_SPLIT", "vec.list.element": "BYTE_STREAM_SPLIT"},
     },
+    "activations": {  # laid out like hidden_states (a module's output at each token)
+        "use_dictionary": ["example_id", "token_idx", "layer"],
+        "column_encoding": {"norm": "BYTE_STREAM_SPLIT", "vec.list.element": "BYTE_STREAM_SPLIT"},
+    },
 }
 
 

@@ -24,6 +24,10 @@ class NoAttentionError(RuntimeError):
     """The model ran but returned no attention weights."""
 
 
+class ModuleOutputError(ValueError):
+    """A ``--capture-modules`` module's output is not one vector per token of the batch's examples (one line)."""
+
+
 @dataclass(frozen=True)
 class HookPoint:
     """One tensor to capture.
@@ -31,7 +35,8 @@ class HookPoint:
     Parameters
     ----------
     stream, layer : the canonical name of the tensor (docs/DESIGN.md).
-    kind : ``attention`` or ``hidden``.
+    kind : ``attention``, ``hidden``, ``value`` or ``module`` (``--capture-modules``: the module's output,
+        a tuple's first tensor).
     module : the module whose forward output carries the tensor.
     index : position of the tensor in the module's output tuple.
     drop : for attention, replace the weights in the output by ``None`` once
@@ -41,6 +46,7 @@ class HookPoint:
     out, heads, kv_heads, part : for ``value`` points (``--explain value``): the attention's output
         projection, its query and value heads, and ``(i, n)`` when the value is part ``i`` of ``n``
         of a fused projection's output.
+    name : for ``module`` points, the module's name as ``named_modules()`` gives it.
     """
 
     stream: str
@@ -54,6 +60,7 @@ class HookPoint:
     heads: int = 0
     kv_heads: int = 0
     part: tuple[int, int] | None = None
+    name: str = ""
 
 
 Callback = Callable[[HookPoint, torch.Tensor], None]
@@ -61,6 +68,15 @@ Callback = Callable[[HookPoint, torch.Tensor], None]
 
 def _hook(point: HookPoint, callback: Callback):
     def fn(module, args, output):
+        if point.kind == "module":  # a tuple's (or a ModelOutput's) first tensor
+            seq = output.to_tuple() if hasattr(output, "to_tuple") else output
+            seq = seq if isinstance(seq, (tuple, list)) else (seq,)
+            tensor = next((x for x in seq if isinstance(x, torch.Tensor)), None)
+            if tensor is None:
+                raise ModuleOutputError(f"--capture-modules: module {point.name} returned no tensor "
+                                        f"({type(output).__name__}), so it has no activations to store")
+            callback(point, tensor.detach())
+            return None
         seq = output if isinstance(output, (tuple, list)) else (output,)
         tensor = seq[point.index] if len(seq) > point.index else None
         if tensor is None:

@@ -278,27 +278,48 @@ class Capture:
     explain: ExplainSet = field(default_factory=ExplainSet)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     random_weights: bool = False
+    modules: tuple[str, ...] = ()  # --capture-modules name patterns (pipeline/extraction/modules.py)
 
     @staticmethod
     def from_options(keep_attention: str | None = None, keep_hidden: str | None = None,
-                     explain: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Capture":
+                     explain: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     capture_modules: str | None = None) -> "Capture":
         """From the command line's text (None: the defaults); ValueError with one sentence."""
         return Capture(AttentionPolicy.parse(keep_attention or DEFAULT_KEEP_ATTENTION),
-                       HiddenPolicy.parse(keep_hidden or DEFAULT_KEEP_HIDDEN), ExplainSet.parse(explain), chunk_size)
+                       HiddenPolicy.parse(keep_hidden or DEFAULT_KEEP_HIDDEN), ExplainSet.parse(explain), chunk_size,
+                       modules=parse_modules(capture_modules))
 
     @staticmethod
     def from_json(text: str | dict) -> "Capture":
         """From ``runs.capture``; ValueError (or TypeError) when it cannot be read back."""
         d = json.loads(text) if isinstance(text, str) else dict(text)
-        extra = set(d) - {"keep_attention", "keep_hidden", "explain", "chunk_size", "random_weights"}
+        extra = set(d) - {"keep_attention", "keep_hidden", "explain", "chunk_size", "random_weights",
+                          "capture_modules"}
         if extra:
             raise TypeError(f"unknown capture field(s) {', '.join(sorted(extra))}")
         return Capture(AttentionPolicy.parse(d.get("keep_attention", DEFAULT_KEEP_ATTENTION)),
                        HiddenPolicy.parse(d.get("keep_hidden", DEFAULT_KEEP_HIDDEN)),
                        ExplainSet.parse(d.get("explain", "")), int(d.get("chunk_size", DEFAULT_CHUNK_SIZE)),
-                       bool(d.get("random_weights", False)))
+                       bool(d.get("random_weights", False)), parse_modules(d.get("capture_modules")))
 
     def to_json(self) -> str:
-        return json.dumps({"chunk_size": self.chunk_size, "explain": str(self.explain),
-                           "keep_attention": str(self.attention), "keep_hidden": str(self.hidden),
-                           "random_weights": self.random_weights}, sort_keys=True)
+        d = {"chunk_size": self.chunk_size, "explain": str(self.explain), "keep_attention": str(self.attention),
+             "keep_hidden": str(self.hidden), "random_weights": self.random_weights}
+        if self.modules:  # only when asked: a run without it records (and resumes against) the same JSON as before
+            d["capture_modules"] = ",".join(self.modules)
+        return json.dumps(d, sort_keys=True)
+
+
+def parse_modules(text: str | None) -> tuple[str, ...]:
+    """``--capture-modules PATTERN[,PATTERN]`` -> the patterns, in order, each once; ValueError for an
+    empty pattern such as ``a,,b`` or ``a..b``."""
+    if not text:
+        return ()
+    out: list[str] = []
+    for p in (x.strip() for x in text.split(",")):
+        if not p or "" in p.split("."):
+            raise ValueError(f"--capture-modules {text!r}: give module name patterns separated by commas, such as "
+                             "model.language_model.layers.*.mlp (an empty name or segment is not a pattern)")
+        if p not in out:
+            out.append(p)
+    return tuple(out)

@@ -33,7 +33,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
                                 dtype=a.dtype, limit=a.limit, keep_attention=a.keep_attention,
                                 keep_hidden=a.keep_hidden, chunk_size=a.chunk_size, overwrite=a.overwrite,
                                 progress=not a.quiet, revision=a.revision, workers=a.workers, ray=a.ray,
-                                ray_actors=a.ray_actors, ray_cpus=a.ray_cpus, explain=a.explain)
+                                ray_actors=a.ray_actors, ray_cpus=a.ray_cpus, explain=a.explain,
+                                capture_modules=a.capture_modules)
     try:
         s = run_spec(spec)
     except KeyboardInterrupt:
@@ -326,6 +327,10 @@ def parser() -> argparse.ArgumentParser:
                         "attention rollout (relevancy table), value-weighted attention (value_norms table, *_norm statistics), "
                         "attention sinks (sinks table, sink_mass and *_nosink statistics), the logit lens of a "
                         "decoder LVLM (lens table)")
+    e.add_argument("--capture-modules", default=None, metavar="PATTERN[,PATTERN]",
+                   help="also store the outputs of the modules whose names (as model.named_modules() names them) "
+                        "match, e.g. model.language_model.layers.*.mlp (* one dotted segment, ** any number), in the "
+                        "activations table: norms of every token, vectors as --keep-hidden samples them")
     e.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the chunks on a Ray cluster: ADDRESS (HOST:PORT, ray://HOST:10001, auto), or none for "
                         "$RAY_ADDRESS or a cluster running on this machine (else a private local one); the lake must "

@@ -30,6 +30,7 @@ from pipeline.capture import capture
 from pipeline.capture_config import Capture
 from pipeline.data import Row
 from pipeline.extraction.inputs import InputBatches, identity, to_device, worker_init
+from pipeline.extraction.modules import module_points
 from pipeline.extraction.outputs import BatchRows, LensOut
 from pipeline.extraction.plan import Job, plan_jobs
 from pipeline.extraction.rows import ChunkRows, errors_table, example_rows
@@ -72,6 +73,7 @@ def describe(adapter) -> dict:
         "relevancy": (getattr(adapter, "relevancy_unavailable", None) if hasattr(adapter, "relevancy_targets")
                       else f"--explain relevancy is not available for {adapter.family}"),
         "version": pipeline.__version__,
+        "modules": [n for n, _ in adapter.model.named_modules() if n],  # what --capture-modules may name
     }
 
 
@@ -84,8 +86,9 @@ def run_chunks(adapter, work: ChunkWork, chunks: dict[int, list[Row]], bar, summ
     ok = False
     try:
         points = adapter.hook_points(work.capture.hidden.layers(), explain=work.capture.explain.methods)
+        modules, sites = module_points(adapter, work.capture.modules)
         jobs = plan_jobs(chunks, work.batch_size, work.first_chunk)
-        _run_jobs(adapter, _Pass(work, points, jobs, stage), bar, summary)
+        _run_jobs(adapter, _Pass(work, points + modules, jobs, stage, sites), bar, summary)
         ok = True
     finally:
         stage.close(abandon=not ok)
@@ -99,6 +102,7 @@ class _Pass:
     points: list
     jobs: list[Job]
     stage: "WriteStage"
+    sites: dict  # --capture-modules: module name -> pipeline.extraction.modules.Site
 
 
 def _run_jobs(adapter, p: _Pass, bar, summary: Summary) -> None:
@@ -155,7 +159,7 @@ def _run_batch(adapter, item: dict, p: _Pass, seen_images: set[str]) -> BatchRow
     inputs = map_inputs(item["inputs"], lambda v: to_device(v, work.device))
     inputs = adapter.prepare(inputs)  # e.g. a decoder LVLM generates its answer first, uncaptured
     with_vec = np.array([work.vec_ids is None or i in work.vec_ids for i in ids], dtype=bool)
-    sink = BatchSink(adapter, SinkBatch(inputs, pics, boxes, ids, with_vec), work.capture, work.device)
+    sink = BatchSink(adapter, SinkBatch(inputs, pics, boxes, ids, with_vec), work.capture, work.device, p.sites)
     with capture(p.points, sink):
         outputs = adapter.forward(inputs, example_ids=ids)
     layout = sink.layout or adapter.layout(inputs, pics, boxes)

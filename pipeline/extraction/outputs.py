@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from lake.schema import ATTENTION, HEAD_STATS, HIDDEN_STATES, LENS, RELEVANCY, SINKS, STATS, VALUE_NORMS, Table
+from lake.schema import (ACTIVATIONS, ATTENTION, HEAD_STATS, HIDDEN_STATES, LENS, RELEVANCY, SINKS, STATS, VALUE_NORMS,
+                         Table)
 
 
 @dataclass
@@ -79,6 +80,17 @@ class HiddenOut(Out):
     table: ClassVar[Table] = HIDDEN_STATES
     norm: object = None  # [batch, token] L2 norms
     vectors: object = None  # [n with vectors, token, dim] float16
+
+
+@dataclass
+class ActivationOut(Out):
+    """A ``--capture-modules`` module's output over its stream's tokens (``layer`` -1: in no block)."""
+
+    table: ClassVar[Table] = ACTIVATIONS
+    module: str = ""
+    norm: object = None  # [batch, token] L2 norms
+    vectors: object = None  # [n with vectors, token, dim] float16
+    mask: object = None  # [batch, token] bool: the tokens the output has a row for
 
 
 @dataclass

@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from lake.schema import (ATTENTION, ERRORS, EXAMPLES, HEAD_STATS, HIDDEN_STATES, IMAGES, LENS, RELEVANCY, SINKS,
-                         TABLES, VALUE_NORMS, Table)
-from pipeline.extraction.outputs import (BatchRows, HiddenOut, Kept, KeptOut, LensOut, Out, RelevancyOut, SinksOut,
-                                         StatsOut, ValueOut)
+from lake.schema import (ACTIVATIONS, ATTENTION, ERRORS, EXAMPLES, HEAD_STATS, HIDDEN_STATES, IMAGES, LENS, RELEVANCY,
+                         SINKS, TABLES, VALUE_NORMS, Table)
+from pipeline.extraction.outputs import (ActivationOut, BatchRows, HiddenOut, Kept, KeptOut, LensOut, Out, RelevancyOut,
+                                         SinksOut, StatsOut, ValueOut)
 
 Rows = tuple[dict, pa.Table]  # (partition values without run, rows)
 
@@ -104,10 +104,15 @@ def hidden_arrow(o: HiddenOut, b: BatchRows) -> pa.Table:
     ``o.vectors`` ``[n, token, dim]`` float16 vectors of the examples flagged in ``b.with_vec``
     (``[batch]`` bool, in batch order), or None when none has them; the other rows' ``vec`` is null.
     """
-    bi, t = np.nonzero(b.valid[o.stream])
-    off = np.asarray(b.offsets[o.stream], np.int64)
+    return pa.table(_token_vectors(o.norm, o.vectors, b.valid[o.stream], o.stream, b), schema=HIDDEN_STATES.schema)
+
+
+def _token_vectors(norm, vectors, mask, stream: str, b: BatchRows) -> dict:
+    """The columns example_id, token_idx, norm, vec of the tokens in ``mask`` ``[batch, token]``
+    (see :func:`hidden_arrow`)."""
+    bi, t = np.nonzero(mask)
+    off = np.asarray(b.offsets[stream], np.int64)
     has = b.with_vec[bi]
-    vectors = o.vectors
     if vectors is not None and has.any():
         slot = np.cumsum(b.with_vec) - 1  # batch index -> row of ``vectors``
         flat = vectors[slot[bi[has]], t[has]].reshape(-1)
@@ -120,15 +125,22 @@ def hidden_arrow(o: HiddenOut, b: BatchRows) -> pa.Table:
     flat = flat.astype(np.float16).astype(np.float32)
     vecs = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.float32()),
                                     mask=pa.array(~has))
-    return pa.table(
-        {
-            "example_id": pa.array(np.asarray(b.example_ids, np.int64)[bi], pa.int64()),
-            "token_idx": pa.array((t + off[bi]).astype(np.int32), pa.int32()),
-            "norm": pa.array(o.norm[bi, t].astype(np.float32), pa.float32()),
-            "vec": vecs,
-        },
-        schema=HIDDEN_STATES.schema,
-    )
+    return {
+        "example_id": pa.array(np.asarray(b.example_ids, np.int64)[bi], pa.int64()),
+        "token_idx": pa.array((t + off[bi]).astype(np.int32), pa.int32()),
+        "norm": pa.array(norm[bi, t].astype(np.float32), pa.float32()),
+        "vec": vecs,
+    }
+
+
+def activation_arrow(o: ActivationOut, b: BatchRows) -> pa.Table:
+    """Rows of ``activations`` for one module: as :func:`hidden_arrow`, over the tokens the module's
+    output covers (``o.mask``), with the module's layer (null outside the blocks)."""
+    cols = _token_vectors(o.norm, o.vectors, o.mask, o.stream, b)
+    n = len(cols["norm"])
+    layer = pa.nulls(n, pa.int32()) if o.layer < 0 else pa.array(np.full(n, o.layer, np.int32))
+    return pa.table({"example_id": cols["example_id"], "token_idx": cols["token_idx"], "layer": layer,
+                     "norm": cols["norm"], "vec": cols["vec"]}, schema=ACTIVATIONS.schema)
 
 
 def hidden_table(hidden, valid, example_ids: list[int], token_offset: list[int] | None = None) -> pa.Table:
@@ -216,6 +228,7 @@ BUILDERS: dict[str, Callable[[Out, BatchRows], pa.Table | None]] = {
     SINKS.name: _sinks,
     LENS.name: _lens,
     RELEVANCY.name: _relevancy,
+    ACTIVATIONS.name: activation_arrow,
 }
 
 
@@ -286,7 +299,7 @@ class ChunkRows:
         """A device result's rows, by its table's builder."""
         rows = BUILDERS[o.table.name](o, b)
         if rows is not None:
-            self.add(o.table, {"stream": o.stream, "layer": o.layer}, rows)
+            self.add(o.table, {"stream": o.stream, "layer": o.layer, "module": getattr(o, "module", None)}, rows)
 
     def add_batch(self, b: BatchRows) -> None:
         if b.examples:

@@ -19,9 +19,11 @@ from tqdm import tqdm
 
 from lake.store import Store
 from lake.writer import LakeWriter
+from pipeline.capture import ModuleOutputError
 from pipeline.data import read_manifest
 from pipeline.extraction.chunk import ChunkWork
 from pipeline.extraction.executor import Executor, executor_for
+from pipeline.extraction.modules import match_modules
 from pipeline.extraction.plan import default_workers, hidden_vector_examples, plan_run
 from pipeline.extraction.rows import runs_row
 from pipeline.extraction.spec import RunSpec
@@ -73,6 +75,8 @@ def check_model(spec: RunSpec, info: dict) -> None:
 
         raise ValueError(f"--explain lens reads hidden states through a language model's head: it needs a decoder "
                          f"LVLM ({', '.join(families_with('lens'))}), and this model is a {info['family']}")
+    if spec.capture.modules:  # a pattern matching nothing: refused here, before any example is read
+        match_modules(info.get("modules", []), spec.capture.modules)
     layers = spec.capture.hidden.layers()
     top = max(s["layers"] for s in info["streams"].values())  # hidden states run 0..layers
     if layers and max(layers) > top:
@@ -121,6 +125,10 @@ def _run(spec: RunSpec, ex: Executor, info: dict, manifest: tuple, summary: Summ
                disable=not spec.progress, dynamic_ncols=True)
     try:
         ex.run(work, plan.todo, bar, summary)
+    except ModuleOutputError:
+        if not previous and not writer.done_chunks():  # refused on the first batch: leave no run behind
+            writer.delete_run()
+        raise
     finally:
         bar.close()
     n_examples = writer.count_examples()

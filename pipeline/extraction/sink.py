@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from lake.schema import EXPLAIN_STATS, STATS
-from pipeline.capture import HookPoint
+from pipeline.capture import HookPoint, ModuleOutputError
 from pipeline.capture_config import Budget, Capture, KeepNone
 from pipeline.explain import lens_topk, norm_weighted, relevancy_cross, relevancy_self, rollout_step, sinks, value_norms
 from pipeline.extraction.keep import SeqLayout, row_mean_mass, select, select_budget_seq, seq_in_box, seq_layout
-from pipeline.extraction.outputs import (HiddenOut, KeptOut, LensOut, Out, RelevancyOut, SinksOut, StatsOut,
-                                         ValueOut)
+from pipeline.extraction.outputs import (ActivationOut, HiddenOut, KeptOut, LensOut, Out, RelevancyOut, SinksOut,
+                                         StatsOut, ValueOut)
 from pipeline.models.base import BatchLayout, StreamLayout
 from pipeline.stats import TokenMasks, head_stats
 
@@ -75,8 +75,9 @@ def gather_tokens(attn: torch.Tensor, sl: StreamLayout, key_sl: StreamLayout | N
 class BatchSink:
     """Receives each layer's tensors during the forward pass; keeps every result on the device."""
 
-    def __init__(self, adapter, batch: SinkBatch, capture: Capture, device):
-        """``capture``: the run's policy, and the --explain methods computed in the same pass."""
+    def __init__(self, adapter, batch: SinkBatch, capture: Capture, device, sites: dict | None = None):
+        """``capture``: the run's policy, and the --explain methods computed in the same pass; ``sites``:
+        where each --capture-modules module sits (:func:`pipeline.extraction.modules.module_points`)."""
         self.adapter, self.inputs, self.images, self.boxes = adapter, batch.inputs, batch.images, batch.boxes
         self.example_ids = batch.example_ids
         self.policy = capture.attention
@@ -90,6 +91,10 @@ class BatchSink:
         self.layout: BatchLayout | None = None
         self._streams: dict[str, StreamLayout] = {}
         self._seq_cache: dict[tuple[str, int], SeqLayout] = {}
+        self.sites = sites or {}
+        self._seq_len: dict[str, int] = {}  # each stream's sequence length in this batch, from its attention
+        self._pending: list[tuple[HookPoint, torch.Tensor]] = []  # module outputs seen before their stream's length
+        self._modules_seen: set[str] = set()
         self.out: list[Out] = []
 
     def stream(self, name: str) -> StreamLayout:
@@ -107,7 +112,12 @@ class BatchSink:
         return self._seq_cache[key]
 
     def __call__(self, point: HookPoint, tensor: torch.Tensor) -> None:
+        if point.kind == "module":
+            self._module(point, tensor)
+            return
         sl = self.stream(point.stream)
+        if point.kind == "attention":
+            self._seq_len.setdefault(point.stream, tensor.shape[2])
         if point.kind == "value":
             self._value(point, tensor)
             return
@@ -161,6 +171,51 @@ class BatchSink:
             vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
             self.out.append(HiddenOut(point.stream, point.layer, norm=norm, vectors=vec))
 
+    def _module(self, point: HookPoint, tensor: torch.Tensor) -> None:
+        """A --capture-modules module's output: laid over its stream's tokens now, or once the streams it
+        may belong to have run their attention (a clone: the model may reuse the tensor)."""
+        if point.name in self._modules_seen:  # a module the pass runs twice would store its tokens twice
+            raise ModuleOutputError(f"--capture-modules: module {point.name} runs more than once in the model's "
+                                    "forward pass, so its output is not one vector per token; capture a module "
+                                    "that runs once")
+        self._modules_seen.add(point.name)
+        if all(s in self._seq_len for s in self.sites[point.name].streams):
+            self.out.append(self._activation(point, tensor))
+        else:
+            self._pending.append((point, tensor.clone()))
+
+    def _activation(self, point: HookPoint, t: torch.Tensor) -> ActivationOut:
+        """One vector per token of a stream: ``[batch, seq, dim]`` over the stream's sequence (gathered in
+        token order, as hidden states are), or ``[batch, n, dim]`` with one row per image token of a
+        stream (LLaVA's projector: the image's patch features, in order). Anything else (a tower's
+        batch of crops, a packed or pooled output) is refused with one line."""
+        site = self.sites[point.name]
+        B = len(self.example_ids)
+        found = None
+        if t.dim() == 3 and t.shape[0] == B:
+            for s in site.streams:  # the stream's own sequence
+                if self._seq_len.get(s) == t.shape[1]:
+                    sl = self.stream(s)
+                    found = s, sl.seq_index, sl.valid
+                    break
+            for s in site.streams if found is None else ():  # one row per image token, in order
+                sl = self.stream(s)
+                sel = sl.masks.image & sl.valid
+                if t.shape[1] and bool((sel.sum(1) == t.shape[1]).all()):
+                    found = s, (sel.long().cumsum(1) - 1).clamp(min=0), sel
+                    break
+        if found is None:
+            where = " or ".join(f"{s} ({self._seq_len.get(s, '?')} positions)" for s in site.streams)
+            raise ModuleOutputError(f"--capture-modules: module {point.name} outputs shape {list(t.shape)}, which is "
+                                    f"not one vector per token of the batch's {B} examples over the {where} stream's "
+                                    "sequence or image tokens (a tower run crop by crop, a packed batch or a pooled "
+                                    "output cannot be stored)")
+        stream, index, mask = found
+        h = t.gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))  # [batch, token, dim]
+        norm = h.float().norm(dim=-1)
+        vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
+        return ActivationOut(stream, point.layer, module=point.name, norm=norm, vectors=vec, mask=mask)
+
     def _value(self, point: HookPoint, tensor: torch.Tensor) -> None:
         """A value projection's output: every head's value norms, kept for the layer's attention."""
         if point.part is not None:
@@ -207,6 +262,8 @@ class BatchSink:
 
     def finish(self) -> list[Out]:
         """Bring every layer's results to the host in one go (one synchronisation)."""
+        self.out += [self._activation(p, t) for p, t in self._pending]
+        self._pending = []
         moved = [o.to_host() for o in self.out]
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize()

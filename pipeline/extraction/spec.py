@@ -45,7 +45,7 @@ class RunSpec:
     ray: RaySpec | None = None  # None: in this process
 
     OPTIONS = ("batch_size", "device", "dtype", "limit", "keep_attention", "keep_hidden", "chunk_size", "overwrite",
-               "progress", "revision", "workers", "ray", "ray_actors", "ray_cpus", "explain")
+               "progress", "revision", "workers", "ray", "ray_actors", "ray_cpus", "explain", "capture_modules")
 
     @staticmethod
     def from_options(model: str, data, lake, run: str, **options) -> "RunSpec":
@@ -62,7 +62,7 @@ class RunSpec:
         if o.get("workers") is not None and o["workers"] < 0:
             raise ValueError("--workers must be 0 (read and encode in the main process) or more")
         capture = Capture.from_options(o.pop("keep_attention", None), o.pop("keep_hidden", None),
-                                       o.pop("explain", None), chunk_size)
+                                       o.pop("explain", None), chunk_size, o.pop("capture_modules", None))
         address, actors, cpus = o.pop("ray", None), o.pop("ray_actors", None), o.pop("ray_cpus", None)
         ray = None if address is None else RaySpec(address, actors, 1.0 if cpus is None else cpus)
         return RunSpec(model, Path(data).resolve(), str(lake), run, capture, ray=ray, **o)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SECTION = "### Reading the lake from Spark, polars, pyarrow and DuckDB"
 RUN_ALL, RUN_DEFAULT, RUN_SAMPLE = "e5", "v001", "x1e5"  # everything kept / default capture / 2 vectors
 RUN_EXPLAIN = "w512"  # --explain rollout,value,sinks on a model with a sink token
-RUN_LENS = "llava-lens"  # a tiny LLaVA with --explain lens
+RUN_LENS = "llava-lens"  # a tiny LLaVA with --explain lens and --capture-modules
 RUNS = (RUN_ALL, RUN_DEFAULT, RUN_SAMPLE, RUN_EXPLAIN, RUN_LENS)
 N_EXAMPLES = 6  # good rows of the manifest (and one with a missing image)
 REL = 1e-6  # float sums: same values, another summation order
@@ -71,8 +71,12 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
     "value_norms": (["run", "stream", "layer", "head"], [("sum", "norm"), ("sum", "token_idx")]),
     "sinks": (["run", "stream", "layer", "dim"], [("sum", "ratio"), ("sum", "token_idx")]),
     "lens": (["run", "stream", "layer", "rank"], [("sum", "prob"), ("sum", "vocab_id"), ("nonnull", "piece")]),
+    "activations": (["run", "stream", "module"],  # layer is null outside the blocks: a measure, not a key
+                    [("sum", "layer"), ("nonnull", "layer"), ("sum", "norm"), ("vsum", "vec"), ("vlen", "vec"),
+                     ("nonnull", "vec"), ("sum", "token_idx")]),
 }
-STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage"}
+STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage",
+               "module"}
 
 
 def test_spec_covers_every_table():
@@ -108,7 +112,8 @@ def lake(tiny_vilt, tmp_path_factory) -> Path:
             **common)
     from tests.models.test_llava import make_tiny_llava
 
-    extract(str(make_tiny_llava(tmp / "llava")), manifest, root, RUN_LENS, explain="lens", **common)
+    extract(str(make_tiny_llava(tmp / "llava")), manifest, root, RUN_LENS, explain="lens",  # and activations
+            capture_modules="model.language_model.layers.*.mlp,model.multi_modal_projector", **common)
     embed(root, RUN_ALL, n_tokens=60, progress=False,
           config=TSNEConfig(early_exaggeration_iter=50, n_iter=50, n_iter_aligned=30))
     return root
@@ -307,6 +312,12 @@ def test_duckdb_reference_matches_the_extraction(lake, duck):
         assert got.run.tolist() == [RUN_EXPLAIN] and got.n[0] > 0, table
     got = q(f"SELECT run, count(*) AS n FROM read_parquet('{glob(lake, 'lens')}', hive_partitioning = true) GROUP BY run")
     assert got.run.tolist() == [RUN_LENS] and got.n[0] > 0
+    act = q(f"SELECT run, stream, module, min(layer) AS layer, count(*) AS n, count(vec) AS v FROM "
+            f"read_parquet('{glob(lake, 'activations')}', hive_partitioning = true) GROUP BY ALL ORDER BY module")
+    assert set(act.run) == {RUN_LENS} and set(act.stream) == {"lm"} and (act.v == act.n).all()
+    assert act.module.tolist() == ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp",
+                                   "model.multi_modal_projector"]
+    assert act.layer.iloc[:2].tolist() == [0, 1] and pd.isna(act.layer.iloc[2])  # the projector is in no block
     # the stored values are float16-rounded, in float32
     w = q(f"SELECT weight FROM read_parquet('{glob(lake, 'attention')}', hive_partitioning = true)").weight.to_numpy()
     assert w.dtype == np.float32 and np.array_equal(w, w.astype(np.float16).astype(np.float32))
@@ -410,7 +421,8 @@ def test_no_float16_column_in_any_file(lake):
 def test_the_lake_uses_the_writers_encodings(lake):
     """So that the engine tests above read the encodings the writer chooses (BYTE_STREAM_SPLIT)."""
     want = ENCODINGS["hidden_states"]["column_encoding"]
-    for path in sorted((lake / "hidden_states").rglob("*.parquet")):
+    assert ENCODINGS["activations"]["column_encoding"] == want  # laid out alike
+    for path in sorted([*(lake / "hidden_states").rglob("*.parquet"), *(lake / "activations").rglob("*.parquet")]):
         md = pq.ParquetFile(path).metadata
         for rg in range(md.num_row_groups):
             for i in range(md.num_columns):

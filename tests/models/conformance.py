@@ -14,7 +14,12 @@ apply to every family live here and run over every family from ``tests/models/te
 - :func:`check_answer`: the stored prediction against the model's own answer (``model.generate``,
   greedy, for the generating families);
 - :func:`check_pages`: every app page under Streamlit's ``AppTest`` with no exception
-  (``tests.app.test_app.check_every_page``).
+  (``tests.app.test_app.check_every_page``);
+- :func:`check_modules`: ``--capture-modules`` on the block of each stream's last layer (the path the
+  family declares): the stored ``activations`` against a forward hook this suite registers on the model
+  alone while it runs the case's ``reference``; a stream whose block is refused by design (a tower run
+  crop by crop or packed: its batch is not the examples) is named in ``FamilyCase.refused`` and its
+  refusal checked.
 
 A family joins the suite in a few lines. Its test file defines a :class:`FamilyCase` per variant and
 lists them in a module-level ``CASES``; ``tests/models/test_conformance.py`` names the module in
@@ -74,7 +79,7 @@ import pandas as pd
 
 from pipeline.extraction.run import extract  # the one extraction entry point the suite uses
 
-CHECKS = ("token_table", "attention", "statistic", "answer", "pages")
+CHECKS = ("token_table", "attention", "statistic", "answer", "pages", "modules")
 EMBEDDED = -1  # Reference.ids at a position that holds an image embedding, not a token id
 
 
@@ -147,6 +152,10 @@ class FamilyCase:
         tokens of two other streams (Mllama's ``lm_cross``: lm tokens over vision tokens). When given, every
         stored row's query and key are checked to be tokens of those streams (of the stream itself for the
         others), and the statistic of a cross stream reads its queries and keys from them.
+    refused : streams whose blocks ``--capture-modules`` refuses by design (their output's batch is not the
+        examples); the other streams' last blocks are captured in the case's lake (:func:`check_modules`).
+    positions : ``(subject, ex, seq_pos) -> the model's sequence positions`` of those tokens, where the model
+        does not keep the token table's order (ViLT draws its patch order); None: ``seq_pos`` itself.
     skip : checks that do not apply to this case.
     """
 
@@ -168,6 +177,8 @@ class FamilyCase:
     row_atol: float = 1e-3
     key_streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cross: tuple[tuple[str, str, str], ...] = ()
+    refused: tuple[str, ...] = ()
+    positions: Callable[[Subject, int, np.ndarray], np.ndarray] | None = None
     skip: frozenset[str] = frozenset()
 
     def applies(self, check: str) -> bool:
@@ -186,10 +197,31 @@ def built(lake: Path) -> Subject:
     return next(s for s in _SUBJECTS.values() if s.lake == Path(lake))
 
 
-def build_lake(mdir: Path, manifest: Path, lake: Path, case: FamilyCase) -> Path:
-    """Run the extraction of ``case`` into ``lake`` (the one place the suite calls the pipeline)."""
-    extract(str(mdir), manifest, lake, case.run, progress=False, **case.extract)
+def build_lake(mdir: Path, manifest: Path, lake: Path, case: FamilyCase, **more) -> Path:
+    """Run the extraction of ``case`` into ``lake`` (the one place the suite calls the pipeline), capturing
+    the last block of each stream not refused (:func:`check_modules`); ``more``: other options."""
+    opts = {**case.extract, **more}
+    if "capture_modules" not in opts:
+        blocks = last_blocks(mdir)
+        opts["capture_modules"] = ",".join(m for st, m in blocks.items() if st not in case.refused) or None
+    extract(str(mdir), manifest, lake, case.run, progress=False, **opts)
     return lake
+
+
+def last_blocks(mdir: Path) -> dict[str, str]:
+    """``{stream: the module name of its last layer's block}``, as the family declares it (the adapter's
+    stream paths); streams whose blocks no path names are left out. Read once per model."""
+    from pipeline.models import load_adapter
+    from pipeline.models.hooks import layer_slots
+
+    if Path(mdir) not in _BLOCKS:
+        a = load_adapter(str(mdir))
+        _BLOCKS[Path(mdir)] = {s: p["hidden"].format(layer=layer_slots(a.configs[s])[-1]) for s, p in a.paths.items()
+                               if "{layer}" in p.get("hidden", "")}
+    return _BLOCKS[Path(mdir)]
+
+
+_BLOCKS: dict[Path, dict[str, str]] = {}
 
 
 def subject(case: FamilyCase, tmp_path_factory) -> Subject:
@@ -217,7 +249,7 @@ def raw(root: Path, sql: str, params=None):
     become ``read_parquet(...)``), not through the app's catalog or queries."""
     import duckdb
 
-    tables = ("runs", "examples", "tokens", "attention", "head_stats", "hidden_states")
+    tables = ("runs", "examples", "tokens", "attention", "head_stats", "hidden_states", "activations")
     files = {t: f"read_parquet('{(Path(root) / t).as_posix()}/**/*.parquet', hive_partitioning = true)"
              for t in tables}
     con = duckdb.connect()
@@ -417,3 +449,76 @@ def check_pages(s: Subject, monkeypatch) -> None:
     examples = raw(s.lake, f"SELECT example_id, text, {s.case.page_column} FROM {{examples}} WHERE run = $run "
                    "ORDER BY example_id", {"run": run})
     check_every_page(s.lake, monkeypatch, run, s.case.page_example, att, hid, examples, column=s.case.page_column)
+
+
+def _hooked_reference(s: Subject, ex: int, lengths: dict[str, int]) -> dict[str, np.ndarray]:
+    """Each module's own output while the case's ``reference`` runs example ``ex`` again (the memoised
+    helpers set aside, so the model really runs), as ``[seq, dim]``: of its calls with one sequence, the
+    first of the example's length (``lengths[module]``: its stream's tokens in the lake), which is the
+    example's teacher-forced (or only) pass -- a reference that runs every example runs ``ex`` = 0 first;
+    a generation's first step, when it has that length, holds the same prompt."""
+    import torch
+
+    mods = dict(s.model.named_modules())
+    calls: dict[str, list] = {n: [] for n in lengths}
+
+    def keep(name):
+        def fn(module, args, output):
+            t = output[0] if isinstance(output, (tuple, list)) else output
+            if torch.is_tensor(t) and t.dim() == 3 and t.shape[0] == 1:
+                calls[name].append(t[0].detach().float().numpy())
+        return fn
+
+    handles = [mods[n].register_forward_hook(keep(n)) for n in lengths]
+    saved = dict(_MEMO)
+    _MEMO.clear()
+    try:
+        s.case.reference(s, ex)
+    finally:
+        _MEMO.clear()
+        _MEMO.update(saved)
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, c in calls.items():
+        fit = [x for x in c if x.shape[0] == lengths[n]]
+        assert fit, f"{s.case.id}: the reference never ran {n} on example {ex} alone ({[x.shape for x in c]})"
+        out[n] = fit[0]
+    return out
+
+
+def check_modules(s: Subject) -> None:
+    """The activations of each stream's last block (captured in the case's lake) = the block's own output
+    in the reference pass, at every token of example 0 of that stream (norms; vectors to float16
+    precision), with the block's stream and layer; a refused stream's block is refused with one line."""
+    case = s.case
+    blocks = last_blocks(s.mdir)
+    kept = {st: m for st, m in blocks.items() if st not in case.refused}
+    assert set(case.refused) <= set(blocks), case.refused
+    got = raw(s.lake, "SELECT a.stream, a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream AS ts "
+              "FROM {activations} a JOIN {tokens} t ON t.run = a.run AND t.example_id = a.example_id "
+              "AND t.token_idx = a.token_idx WHERE a.run = $run AND a.example_id = 0", {"run": case.run})
+    assert sorted(set(got.module)) == sorted(kept.values()), case.id
+    t0 = tokens(s, 0)
+    own = _hooked_reference(s, 0, {m: int((t0.stream == st).sum()) for st, m in kept.items()})
+    layers = json.loads(raw(s.lake, "SELECT streams FROM {runs} WHERE run = $run", {"run": case.run}).streams.iloc[0])
+    for stream, name in kept.items():
+        rows = got[got.module == name]
+        n_tokens = (t0.stream == stream).sum()
+        assert len(rows) == n_tokens and set(rows.stream) == {stream} and set(rows.ts) == {stream}, (case.id, name)
+        assert set(rows.layer) == {layers[stream]["layers"] - 1}, (case.id, name)
+        at = rows.seq_pos.to_numpy() if case.positions is None else case.positions(s, 0, rows.seq_pos.to_numpy())
+        want = own[name][at]  # [token, dim]
+        np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=5e-3, atol=5e-3,
+                                   err_msg=f"{case.id} {name}")
+        vec = [np.asarray(v, np.float32) for v in rows.vec if isinstance(v, (list, np.ndarray))]
+        assert len(vec) == len(rows), (case.id, name)  # keep_hidden all: every vector
+        np.testing.assert_allclose(np.stack(vec), want, rtol=5e-3, atol=5e-3, err_msg=f"{case.id} {name}")
+    for stream in case.refused:  # refused before a row is written, with one line naming the module
+        import pytest
+
+        name = blocks[stream]
+        with pytest.raises(ValueError) as e:
+            build_lake(s.mdir, s.data / "manifest.jsonl", s.lake.parent / f"refused-{stream}", case,
+                       capture_modules=name, limit=2, keep_attention="none", keep_hidden="none", explain=None)
+        assert f"module {name} outputs shape" in str(e.value) and "\n" not in str(e.value), str(e.value)

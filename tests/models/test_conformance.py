@@ -49,3 +49,8 @@ def test_answer_is_the_models_own(subject):
 def test_every_page(subject, monkeypatch):
     _applies(subject, "pages")
     conf.check_pages(subject, monkeypatch)
+
+
+def test_captured_module_is_the_models_own_output(subject):
+    _applies(subject, "modules")
+    conf.check_modules(subject)

@@ -278,9 +278,19 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
                           prediction=s.model.config.id2label[int(out.logits[0].argmax())])
 
 
+def model_positions(s: conf.Subject, ex: int, seq_pos: np.ndarray) -> np.ndarray:
+    """The model's sequence position of example ``ex``'s tokens at ``seq_pos`` (text, then the image's
+    [CLS], then the patches where ``visual_embed`` drew them), as :func:`conformance_reference` places them."""
+    enc, _, seq_of = ref_forward(s.model, s.proc, [s.images[ex]], [s.texts[ex]])
+    T = enc["input_ids"].shape[1]
+    t = conf.tokens(s, ex).set_index("seq_pos")
+    return np.array([p if t.modality[p] == "text" else T if t.role[p] == "image_cls" else
+                     seq_of[0][(int(t.patch_row[p]), int(t.patch_col[p]))] for p in seq_pos])
+
+
 CASES = [conf.FamilyCase(id="vilt", family="vilt", run="b1", make_model=make_tiny_vilt,
                          rows=lambda mdir: _scenes(*load(mdir))["rows"], load=load, reference=conformance_reference,
-                         text_stream="self", streams=("self",), image_token=conf.EMBEDDED,
+                         text_stream="self", streams=("self",), image_token=conf.EMBEDDED, positions=model_positions,
                          statistic=("self", 1, 1, "t2i"),
                          extract=dict(batch_size=1, keep_attention="all", keep_hidden="all"),
                          # one stream (its selector disabled): tests/app/test_app.py runs every page on a ViLT lake

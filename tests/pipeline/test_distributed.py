@@ -184,6 +184,21 @@ def test_ray_run_equals_single_process(ray_cluster, tiny_vilt, manifest, single,
     no_duplicates(cat, "viaray")
 
 
+def test_ray_run_carries_the_capture_modules(ray_cluster, tiny_vilt, manifest, tmp_path):
+    """The actors capture the run's --capture-modules as one process does: the same activations rows."""
+    lake, pattern = tmp_path / "lake", "vilt.encoder.layer.*.output"
+    extract(str(tiny_vilt), manifest, lake, "one", chunk_size=4, batch_size=3, workers=0, progress=False,
+            capture_modules=pattern)
+    r = cli(*extract_args(tiny_vilt, manifest, lake, "many", "--ray", ray_cluster, "--ray-actors", "2",
+                          "--capture-modules", pattern))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cat = Catalog(lake)
+    a, b = rows(cat, "activations", "many"), rows(cat, "activations", "one")
+    assert len(a) == len(b) > 0 and set(a.module) == {"vilt.encoder.layer.0.output", "vilt.encoder.layer.1.output"}
+    pd.testing.assert_frame_equal(a, b, check_exact=True, obj="activations")
+    assert queries.run_info(cat, "many").capture.iloc[0] == queries.run_info(cat, "one").capture.iloc[0]
+
+
 def test_killed_actor_is_retried_without_duplicates(ray_cluster, tiny_vilt, manifest, single, tmp_path):
     """SIGKILL an actor process while it runs a chunk: Ray restarts it and runs the chunk again."""
     lake = tmp_path / "lake"
