@@ -8,7 +8,7 @@ chosen by Python code, never from user input.
 
 One module per subject: ``runs``, ``examples`` (with tokens and images), ``stats`` (head
 statistics), ``attention`` (one example's weights and the explanation methods), ``hidden``
-(hidden states and maps), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
+(hidden states and maps), ``probes`` (what ``vlatlas probe`` reads, and its table), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
 page's worked examples) and ``filters`` (the example filter they share). Everything public is
 importable from ``lake.queries`` itself.
 
@@ -96,6 +96,10 @@ from lake.queries.hidden import (
     hidden_norms,
     text_image_cosine,
 )
+from lake.queries.probes import (
+    probe_rows,
+    probe_keys,
+)
 
 __all__ = [
     "ExampleFilter",
@@ -160,4 +164,6 @@ __all__ = [
     "map_vectors",
     "hidden_norms",
     "text_image_cosine",
+    "probe_rows",
+    "probe_keys",
 ]
