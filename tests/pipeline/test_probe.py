@@ -124,7 +124,7 @@ def _hand_permutation_test(x: np.ndarray, y: np.ndarray, groups: np.ndarray, fol
     from sklearn.preprocessing import StandardScaler
 
     def accuracy(labels):
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+        model = make_pipeline(StandardScaler(), LogisticRegression(solver="newton-cg", max_iter=1000))
         pred = cross_val_predict(model, x, labels, cv=PredefinedSplit(fold))
         return float(np.mean(pred == labels))
 
@@ -159,7 +159,7 @@ def test_planted_signal_found_at_its_layer_not_at_noise(lake):
         keys = [(e, k) for (e, k, lay) in vecs if lay == layer and e < N - 1
                 and _in_box(next(t for t in _tokens(e) if t["token_idx"] == k), _box(e))]
         keys.sort()
-        x = np.stack([vecs[(e, k, layer)] for e, k in keys]).astype(np.float64)
+        x = np.stack([vecs[(e, k, layer)] for e, k in keys])  # float32, as stored
         groups = np.array([e for e, _ in keys])
         y = np.array([COLORS[e % 3] for e in groups])
         fold = fits[("self", layer, "hidden")].fold
