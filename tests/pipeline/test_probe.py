@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from lake.catalog import Catalog
-from lake.schema import EXAMPLES, HIDDEN_STATES, PROBES, TOKENS
+from lake.schema import ACTIVATIONS, EXAMPLES, HIDDEN_STATES, PROBES, TOKENS
 from lake.writer import LakeWriter
 from pipeline.probe import (SELECTORS, ProbeError, ProbeSpec, probe_file, probe_targets, run_probe, select_tokens,
                             write_probes)
@@ -193,6 +193,33 @@ def test_grouping_keeps_every_example_in_one_fold(lake):
     for fit in fits.values():
         groups = np.repeat(np.arange(N), 2)
         assert all(len(set(fit.fold[groups == e].tolist())) == 1 for e in range(N))
+
+
+# -- a module source -----------------------------------------------------------------------------
+
+
+def test_module_source_probes_the_matching_captured_modules(tmp_path):
+    root = tmp_path / "lake"
+    vecs = write_probe_lake(root, n=30)
+    # activations of two MLPs (the signal layer's vectors in layers.1's) and a projector outside the blocks
+    mods = {"enc.layers.0.mlp": (0, NOISE), "enc.layers.1.mlp": (1, SIGNAL), "proj": (None, NOISE)}
+    w = LakeWriter(root, RUN)
+    w.write_chunk(1, {"activations": [({"stream": "self", "module": m}, pa.Table.from_pylist(
+        [dict(example_id=e, token_idx=k, layer=layer, norm=1.0, vec=v.tolist())
+         for (e, k, lay), v in vecs.items() if lay == src], schema=ACTIVATIONS.schema))
+        for m, (layer, src) in mods.items()]})
+    rows = run_probe(root, RUN, ProbeSpec(target="color", source="enc.layers.*.mlp", folds=3, permutations=4))
+    assert rows.source.tolist() == ["enc.layers.0.mlp", "enc.layers.1.mlp"] and rows.layer.tolist() == [0, 1]
+    assert (rows.probe == "color image-in-box enc.layers.*.mlp").all()
+    # the modules hold the hidden vectors of layers SIGNAL and NOISE: the same scores, row for row
+    hidden = run_probe(root, RUN, ProbeSpec(target="color", folds=3, permutations=4)).set_index("layer")
+    for col in ("value", "control", "p_value", "n_vectors"):
+        assert rows[col].tolist() == [hidden.loc[NOISE, col], hidden.loc[SIGNAL, col]], col
+    assert rows.value.iloc[1] > 0.8 > 0.5 > rows.value.iloc[0]
+    proj = run_probe(root, RUN, ProbeSpec(target="color", source="proj", folds=3, permutations=2))
+    assert proj.source.tolist() == ["proj"] and proj.layer.isna().all()
+    with pytest.raises(ProbeError, match=r"matches no module stored .*: enc.layers.0.mlp, enc.layers.1.mlp, proj$"):
+        run_probe(root, RUN, ProbeSpec(target="color", source="enc.layers.*"))
 
 
 # -- refusals -----------------------------------------------------------------------------------
