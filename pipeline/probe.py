@@ -550,7 +550,7 @@ def run_probe(lake, run: str, spec: ProbeSpec, progress: Progress | None = None,
                 ))
                 done += 1
                 if progress is not None:
-                    progress(done, total, f"{stream} layer {layer}" + (f" {module}" if module else ""))
+                    progress(done, total, f"{stream} {module}" if module else f"{stream} layer {layer}")
         out = pd.DataFrame(rows, columns=COLUMNS)
         return out.astype({"layer": "Int32", "permutations": np.int32, "folds": np.int16, "n": np.int32,
                            "n_vectors": np.int32})
