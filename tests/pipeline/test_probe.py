@@ -222,6 +222,29 @@ def test_module_source_probes_the_matching_captured_modules(tmp_path):
         run_probe(root, RUN, ProbeSpec(target="color", source="enc.layers.*"))
 
 
+def test_a_stream_without_selected_tokens_is_skipped(tmp_path):
+    """A text tower (a dual encoder's) has no image token for image-in-box: its stream gives no rows,
+    and asked for by name it is refused in one sentence."""
+    root = tmp_path / "lake"
+    write_probe_lake(root, n=30)
+    rng = np.random.default_rng(1)
+    text = [dict(t, stream="text", token_idx=t["token_idx"] + 100) for e in range(30) for t in _tokens(e)
+            if t["modality"] == "text"]
+    LakeWriter(root, RUN).write_chunk(1, {
+        "tokens": [({}, pa.Table.from_pylist([{k: r[k] for k in TOKENS.schema.names} for r in text],
+                                             schema=TOKENS.schema))],
+        "hidden_states": [({"stream": "text", "layer": 0}, pa.Table.from_pylist(
+            [dict(example_id=t["example_id"], token_idx=t["token_idx"], norm=1.0,
+                  vec=rng.normal(size=DIM).astype(np.float16).astype(np.float32).tolist()) for t in text],
+            schema=HIDDEN_STATES.schema))]})
+    rows = run_probe(root, RUN, ProbeSpec(target="color", folds=3, permutations=2))
+    assert set(rows.stream) == {"self"} and len(rows) == len(LAYERS)
+    last = run_probe(root, RUN, ProbeSpec(target="color", selector="last", folds=3, permutations=2))
+    assert sorted(set(last.stream)) == ["self", "text"]
+    with pytest.raises(ProbeError, match=r"^the image-in-box selector picks no token .* in stream 'text'"):
+        run_probe(root, RUN, ProbeSpec(target="color", folds=3, permutations=2, streams=("text",)))
+
+
 # -- refusals -----------------------------------------------------------------------------------
 
 
