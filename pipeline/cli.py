@@ -274,7 +274,8 @@ def cmd_probe(a: argparse.Namespace) -> int:
                      permutations=a.permutations, seed=a.seed, streams=tuple(a.stream) if a.stream else None)
     summary = probe(a.lake, a.run, spec, progress=not a.quiet)
     print(summary.table())
-    print(f"probe {spec.key!r} of run {a.run!r}: {len(summary.rows)} rows in {summary.seconds:.1f} s -> {summary.path}")
+    print(f"probe {spec.key!r} of run {a.run!r}: {len(summary.rows)} rows in {summary.seconds:.1f} s "
+          f"-> {summary.path}")
     return 0
 
 
@@ -365,8 +366,8 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--lake", required=True)
     pr.add_argument("--run", required=True)
     pr.add_argument("--target", required=True, metavar="COLUMN",
-                    help="answer, or a manifest column (a key of examples.meta); numeric -> ridge regression (r2), "
-                         "else logistic regression (accuracy)")
+                    help="answer, or a manifest column (a key of examples.meta); numeric -> ridge regression "
+                         "(r2), else logistic regression (accuracy)")
     pr.add_argument("--tokens", default="image-in-box", metavar="SELECTOR",
                     help="image-in-box (image tokens in the first box), word (the text token naming the box), "
                          "last (the last prompt token) or mean-image (the mean of the image tokens); "

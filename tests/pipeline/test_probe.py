@@ -172,7 +172,8 @@ def test_planted_signal_found_at_its_layer_not_at_noise(lake):
     conf = json.loads(r.loc[SIGNAL, "confusion"])
     assert conf["labels"] == sorted(COLORS)
     counts = np.array(conf["counts"])
-    assert counts.sum() == 2 * (N - 1) and counts.sum(1).tolist() == [2 * 19, 2 * 20, 2 * 20]  # rows = truth: blue (59 has none), green, red
+    # rows = truth: blue (example 59 has no colour), green, red
+    assert counts.sum() == 2 * (N - 1) and counts.sum(1).tolist() == [2 * 19, 2 * 20, 2 * 20]
     assert np.trace(counts) / counts.sum() == pytest.approx(r.loc[SIGNAL, "value"])
 
 
