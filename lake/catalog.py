@@ -97,11 +97,11 @@ class Catalog:
     def _state(self) -> tuple:
         """What, when it changes, changes what the views must read: the runs' files (a run added,
         completed, replaced or deleted), the done markers of runs still running (a chunk
-        committed) and the maps of ``vlatlas embed``."""
+        committed), the maps of ``vlatlas embed`` and the probes of ``vlatlas probe``."""
         return (tuple(self.store.list_info(RUNS.name, recursive=False)),
                 tuple(tuple(self.store.list(state_rel(r), recursive=False))
                       for r, status in sorted(self._runs.items()) if status != "complete"),
-                tuple(self.store.list_info("embeddings")))
+                tuple(self.store.list_info("embeddings")), tuple(self.store.list_info("probes")))
 
     def refresh(self) -> None:
         """Recreate every view from the lake's committed chunks."""

@@ -185,9 +185,10 @@ class LakeWriter:
         Image files are content-addressed and may be referenced by other runs
         (which skip images already in the lake), so they are never deleted;
         redoing a chunk rewrites its image file under the same name. The
-        ``embeddings`` table is left out too: extraction never writes it, and its
-        maps (``vlatlas embed``, one ``part-tsne.parquet`` per run) are not chunk
-        files, so a resumed extraction must not take them for leftovers.
+        ``embeddings`` and ``probes`` tables are left out too: extraction never writes
+        them, and their files (``vlatlas embed``'s ``part-tsne.parquet``, ``vlatlas
+        probe``'s ``probe-<hash>.parquet``) are not chunk files, so a resumed extraction
+        must not take them for leftovers.
         """
         for t in TABLES.values():
             if t.partition and t.name not in NOT_CHUNKED:

@@ -1,4 +1,4 @@
-"""The ``vlatlas`` command: extract, embed, sql, app, demo.
+"""The ``vlatlas`` command: extract, embed, probe, sql, app, demo.
 
 Every failure a user can cause (a bad manifest, an unknown model family, a
 refused query, a lake that isn't one) ends in one sentence on stderr and a
@@ -268,6 +268,18 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(a: argparse.Namespace) -> int:
+    from pipeline.probe import ProbeSpec, probe
+
+    spec = ProbeSpec(target=a.target, selector=a.tokens, source=a.source, folds=a.folds,
+                     permutations=a.permutations, seed=a.seed, streams=tuple(a.stream) if a.stream else None)
+    summary = probe(a.lake, a.run, spec, progress=not a.quiet)
+    print(summary.table())
+    print(f"probe {spec.key!r} of run {a.run!r}: {len(summary.rows)} rows in {summary.seconds:.1f} s "
+          f"-> {summary.path}")
+    return 0
+
+
 def _port(s: str) -> int:
     try:
         port = int(s)
@@ -354,6 +366,28 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of fitting: place these examples' tokens (e.g. 3,17) on the finished maps "
                         "of every layer and print them as CSV")
     m.set_defaults(fn=cmd_embed)
+
+    pr = sub.add_parser("probe", help="train linear probes with a control task on a run's stored vectors")
+    pr.add_argument("--lake", required=True)
+    pr.add_argument("--run", required=True)
+    pr.add_argument("--target", required=True, metavar="COLUMN",
+                    help="answer, or a manifest column (a key of examples.meta); numeric -> ridge regression "
+                         "(r2), else logistic regression (accuracy)")
+    pr.add_argument("--tokens", default="image-in-box", metavar="SELECTOR",
+                    help="image-in-box (image tokens in the first box), word (the text token naming the box), "
+                         "last (the last prompt token) or mean-image (the mean of the image tokens); "
+                         "default image-in-box")
+    pr.add_argument("--source", default="hidden", metavar="hidden|MODULE",
+                    help="hidden (hidden_states) or a captured module's name or pattern (`*` one dotted segment) "
+                         "in activations; default hidden")
+    pr.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation grouped by example")
+    pr.add_argument("--permutations", type=int, default=20,
+                    help="control task: permutations of the labels across examples (p-value resolution 1/(1+P))")
+    pr.add_argument("--seed", type=int, default=0, help="seeds the folds and the permutations")
+    pr.add_argument("--stream", action="append", default=None, metavar="S",
+                    help="only this stream (repeatable; default every stream with vectors)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(fn=cmd_probe)
 
     q = sub.add_parser("sql", help="run a read-only SQL query over the lake's views")
     q.add_argument("--lake", required=True)

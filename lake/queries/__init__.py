@@ -8,7 +8,7 @@ chosen by Python code, never from user input.
 
 One module per subject: ``runs``, ``examples`` (with tokens and images), ``stats`` (head
 statistics), ``attention`` (one example's weights and the explanation methods), ``hidden``
-(hidden states and maps), ``probes`` (probes and captured modules), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
+(hidden states and maps), ``probes`` (what ``vlatlas probe`` reads, and its table), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
 page's worked examples) and ``filters`` (the example filter they share). Everything public is
 importable from ``lake.queries`` itself.
 
@@ -98,9 +98,9 @@ from lake.queries.hidden import (
 )
 from lake.queries.probes import (
     SIGNIFICANT,
-    probe_list,
     probe_rows,
-    captured_modules,
+    probe_keys,
+    stored_modules,
 )
 
 __all__ = [
@@ -167,7 +167,7 @@ __all__ = [
     "hidden_norms",
     "text_image_cosine",
     "SIGNIFICANT",
-    "probe_list",
     "probe_rows",
-    "captured_modules",
+    "probe_keys",
+    "stored_modules",
 ]

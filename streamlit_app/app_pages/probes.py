@@ -21,7 +21,7 @@ st.caption("Does a layer *encode* a property? A linear probe is trained on the s
            "permuted across examples (the control task) says how much a probe finds with no signal at all. "
            "**Selectivity** = score − control; **p** = the permutation test's p-value.")
 
-probes = state.q(queries.probe_list, c.run)
+probes = state.q(queries.probe_keys, c.run)
 if probes.empty:
     st.info(f"Run **{c.run}** has no probes yet. Run one below, or with "
             f"`vlatlas probe --lake {c.lake} --run {c.run} --target COLUMN`.")
@@ -109,8 +109,8 @@ except ProbeError as e:
     targets = []
     st.info(str(e))
 if targets:
-    modules = state.q(queries.captured_modules, c.run)
-    sources = ["hidden"] + sorted(set(modules.module[modules.n_vectors > 0])) if len(modules) else ["hidden"]
+    modules = state.q(queries.stored_modules, c.run)
+    sources = ["hidden", *modules.module.tolist()]
     with st.form("new_probe"):
         f1, f2, f3 = st.columns(3)
         target = f1.selectbox("Target", targets, help="`answer`, or a column of the manifest (the examples' meta)")

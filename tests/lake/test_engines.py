@@ -2,7 +2,7 @@
 
 The lake is written by the real extractor (a tiny random ViLT, tests/tiny.py) with everything kept,
 then again with the default capture and with a small hidden-vector sample (so some vectors are
-null), plus ``vlatlas embed`` maps: every table of :data:`lake.schema.TABLES` has rows. Each engine
+null), plus ``vlatlas embed`` maps and ``vlatlas probe`` rows: every table of :data:`lake.schema.TABLES` has rows. Each engine
 reads each table straight from the files (hive partitioning, not the project's DuckDB views), and
 its row counts, ``run`` values and aggregates must equal those of DuckDB's ``read_parquet``, itself
 checked against what was extracted. The run names look like values (``e5``, ``v001``, ``x1e5``) but
@@ -74,6 +74,8 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
     "activations": (["run", "stream", "module"],  # layer is null outside the blocks: a measure, not a key
                     [("sum", "layer"), ("nonnull", "layer"), ("sum", "norm"), ("vsum", "vec"), ("vlen", "vec"),
                      ("nonnull", "vec"), ("sum", "token_idx")]),
+    "probes": (["run", "stream", "layer"], [("sum", "value"), ("sum", "control"), ("sum", "p_value"), ("sum", "n"),
+                                            ("sum", "n_vectors"), ("nonnull", "confusion")]),
 }
 STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage",
                "module"}
@@ -116,6 +118,10 @@ def lake(tiny_vilt, tmp_path_factory) -> Path:
             capture_modules="model.language_model.layers.*.mlp,model.multi_modal_projector", **common)
     embed(root, RUN_ALL, n_tokens=60, progress=False,
           config=TSNEConfig(early_exaggeration_iter=50, n_iter=50, n_iter_aligned=30))
+    from pipeline.probe import ProbeSpec, run_probe, write_probes
+
+    probe = ProbeSpec(target="answer", selector="mean-image", folds=2, permutations=2)  # 2 examples per colour
+    write_probes(root, RUN_ALL, run_probe(root, RUN_ALL, probe))
     return root
 
 
@@ -288,6 +294,9 @@ def test_duckdb_reference_matches_the_extraction(lake, duck):
         assert got.run.tolist() == sorted(RUNS), table
     assert q(f"SELECT DISTINCT run FROM read_parquet('{glob(lake, 'embeddings')}', "
              "hive_partitioning = true)").run.tolist() == [RUN_ALL]
+    pr = q(f"SELECT run, count(*) AS n, count(DISTINCT layer) AS layers, min(n) AS ex "
+           f"FROM read_parquet('{glob(lake, 'probes')}', hive_partitioning = true) GROUP BY run")
+    assert pr.run.tolist() == [RUN_ALL] and pr.n[0] == pr.layers[0] > 1 and pr.ex[0] == N_EXAMPLES
     ex = q(f"SELECT run, count(*) AS n FROM read_parquet('{glob(lake, 'examples')}', hive_partitioning = true) "
            "GROUP BY ALL")
     assert ex.n.tolist() == [N_EXAMPLES] * len(RUNS)
