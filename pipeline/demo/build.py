@@ -21,10 +21,12 @@ MAP_TOKENS = 3000
 
 def demo_probes():
     """The demo's probes: does a layer's hidden state at the image tokens inside the named object's box
-    encode the object's colour, and its shape (the manifest's ``box_color``, ``box_shape``)?"""
+    encode the object's colour, and its shape (the manifest's ``box_color``, ``box_shape``)? And does the
+    hidden state of the word naming the object come to hold the object's colour (read from the image)?"""
     from pipeline.probe import ProbeSpec
 
-    return [ProbeSpec(target, "image-in-box", "hidden") for target in ("box_color", "box_shape")]
+    return [ProbeSpec("box_color", "image-in-box", "hidden"), ProbeSpec("box_shape", "image-in-box", "hidden"),
+            ProbeSpec("box_color", "word", "hidden")]
 
 
 def add_probes(lake: Path, progress: bool = True) -> None:

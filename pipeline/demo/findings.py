@@ -43,7 +43,7 @@ def compute(lake: str | Path, run: str = RUN) -> dict:
     for spec in demo_probes():
         r = queries.probe_rows(cat, run, spec.key)
         above = r[(r.p_value < queries.SIGNIFICANT) & (r.selectivity > 0)]
-        probes[spec.target] = {
+        probes[f"{spec.target} {spec.selector}"] = {
             "key": spec.key, "first_layer": int(above.layer.iloc[0]) if len(above) else None,
             "folds": int(r.folds.iloc[0]), "permutations": int(r.permutations.iloc[0]), "n": int(r.n.max()),
             "n_vectors": int(r.n_vectors.max()),
@@ -82,10 +82,13 @@ def render(f: dict) -> str:
     layers = "\n".join(f"| {x['layer']} | {x['t2i']:.2f} | {x['grounding']:.2f} | {x['pointing']:.2f} | "
                        f"{x['boxed_img_mass']:.2f} |" for x in f["layers"])
     g, t = f["grounding_correct_vs_wrong"], f["t2i_correct_vs_wrong_mean"]
-    pc, ps = f["probes"]["box_color"], f["probes"]["box_shape"]
-    probe_rows = "\n".join(f"| {a['layer']} | {a['value']:.2f} | {a['control']:.2f} | {a['p_value']:.3f} | "
-                           f"{b['value']:.2f} | {b['control']:.2f} | {b['p_value']:.3f} |"
-                           for a, b in zip(pc["layers"], ps["layers"]))
+    pc, ps = f["probes"]["box_color image-in-box"], f["probes"]["box_shape image-in-box"]
+    pw = f["probes"]["box_color word"]
+    probe_rows = "\n".join(f"| {a['layer']} | {a['value']:.2f} ({a['control']:.2f}) | {b['value']:.2f} "
+                           f"({b['control']:.2f}) | {w['value']:.2f} ({w['control']:.2f}) | "
+                           f"{max(a['p_value'], b['p_value'], w['p_value']):.3f} |"
+                           for a, b, w in zip(pc["layers"], ps["layers"], pw["layers"]))
+    w0, wl = pw["layers"][0], pw["layers"][-1]
 
     def first(p: dict) -> str:
         return "at no layer" if p["first_layer"] is None else f"from layer {p['first_layer']}"
@@ -128,21 +131,27 @@ attention on the image in correctly answered questions and {t['wrong']:.2f} in w
 difference is the question type: on the Compare page, restrict both groups to one type
 (metadata `qtype`) to separate the two.
 
-**What the image tokens in the box encode.** A linear probe (logistic regression, {pc['folds']}-fold
-cross-validated with each example's tokens in one fold) reads the named object's colour and shape
-from the hidden states of the image tokens whose patch centre lies in the object's box, at every
-layer; the control task is the same probe on labels permuted across examples ({pc['permutations']}
-permutations; p is the permutation test's). Colour is read above its control {first(pc)}, shape
-{first(ps)} ({pc['n_vectors']:,} vectors of {pc['n']:,} examples with a box):
+**What the image tokens in the box encode, and what the object's word learns.** A linear probe
+(logistic regression, {pc['folds']}-fold cross-validated with each example's tokens in one fold) is
+trained at every layer on stored hidden states to predict the colour (`box_color`) or shape
+(`box_shape`) of the object in the example's first box; the control task is the same probe on
+labels permuted across examples ({pc['permutations']} permutations; p is the permutation test's, and
+{1 / (1 + pc['permutations']):.3f} is the smallest it can be). On the image tokens whose patch centre
+lies in the box ({pc['n_vectors']:,} vectors of {pc['n']:,} examples), colour is read above its control
+{first(pc)} and shape {first(ps)}: the patch embedding is a linear map of the patch's pixels, so both
+are there from the start. The telling curve is the word's: on the hidden state of the text token
+naming the object ({pw['n_vectors']:,} words), the object's colour is read with accuracy
+{w0['value']:.2f} at layer 0 and {wl['value']:.2f} at layer {wl['layer']} (control about
+{wl['control']:.2f}). At layer 0 the word is only its embedding, and it is above chance there
+because in `exist` and `shape` questions the boxed word is the colour word itself; the rise through
+the layers is the colour the word takes from the image. Accuracy per layer (control in brackets):
 
-| layer | colour accuracy | control | p | shape accuracy | control | p |
-| --- | --- | --- | --- | --- | --- | --- |
+| layer | colour, image tokens in the box | shape, image tokens in the box | colour, the object's word | largest p |
+| --- | --- | --- | --- | --- |
 {probe_rows}
 
-Layer 0 is the patch embedding: a linear map of the patch's pixels, which is why colour is there
-from the start. The Probes page draws both curves and the confusion matrix at any layer;
-`vlatlas probe --lake demo_lake --run demo --target box_shape --tokens word` asks the same of the
-object's word instead.
+The Probes page draws these curves and the confusion matrix at any layer
+(`vlatlas probe --lake demo_lake --run demo --target box_color --tokens word` makes the third again).
 {END}"""
 
 

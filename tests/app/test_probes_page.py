@@ -31,7 +31,8 @@ def test_the_page_says_what_the_stored_rows_say(lake, monkeypatch):
     assert set(rows.target) == {"box_color", "box_shape"}  # `vlatlas demo` probes both
     at = open_app(lake, monkeypatch, PAGE)
     box = at.selectbox(key="w_probe")
-    assert sorted(box.options) == sorted(rows.probe.unique())
+    labels = {f"{t} · tokens {sel} · {src}" for t, sel, src in zip(rows.target, rows.selector, rows.source)}
+    assert sorted(box.options) == sorted(labels) and box.value in set(rows.probe)
     for key in sorted(rows.probe.unique()):
         at = open_app(lake, monkeypatch, PAGE, probe=key)
         mine = rows[rows.probe == key].sort_values("layer")
