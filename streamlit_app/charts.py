@@ -563,13 +563,14 @@ def probe_curve(rows: pd.DataFrame, *, metric: str, significant: float, descript
     ``rows``: the probes table's stream, layer, value, control, selectivity, p_value, n, n_vectors.
     """
     d = rows.copy()
-    d["significant"] = np.where(d.p_value < significant, f"p < {significant:g}", f"p ≥ {significant:g}")
     long = pd.concat([
         d.assign(series="probe", score=d.value),
         d.assign(series="control", score=d.control),
     ], ignore_index=True)
     color = alt.Color("series:N", title=None, scale=alt.Scale(domain=list(PROBE_COLORS),
-                                                              range=list(PROBE_COLORS.values())))
+                                                              range=list(PROBE_COLORS.values())),
+                      legend=alt.Legend(orient="right", labelExpr="datum.label == 'probe' ? 'probe (filled: "
+                                        f"p < {significant:g})' : 'control (permuted labels)'"))
     base = alt.Chart(long).encode(
         x=alt.X("layer:O", title="layer"),
         y=alt.Y("score:Q", title=metric, scale=alt.Scale(zero=False)),
@@ -582,10 +583,7 @@ def probe_curve(rows: pd.DataFrame, *, metric: str, significant: float, descript
     lines = base.mark_line().encode(strokeDash=alt.StrokeDash(
         "series:N", legend=None, scale=alt.Scale(domain=["probe", "control"], range=[[1, 0], [4, 3]])))
     points = base.transform_filter("datum.series == 'probe'").mark_point(size=70, strokeWidth=2).encode(
-        fill=alt.condition(f"datum.p_value < {significant}", alt.value(PROBE_COLORS["probe"]), alt.value("white")),
-        shape=alt.Shape("significant:N", title="permutation test",
-                        scale=alt.Scale(domain=[f"p < {significant:g}", f"p ≥ {significant:g}"],
-                                        range=["circle", "circle"])))
+        fill=alt.condition(f"datum.p_value < {significant}", alt.value(PROBE_COLORS["probe"]), alt.value("white")))
     return alt.layer(lines, points).properties(width=420, height=220).facet(
         row=alt.Row("stream:N", title="stream")).properties(description=description)
 
