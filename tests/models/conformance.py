@@ -522,3 +522,45 @@ def check_modules(s: Subject) -> None:
             build_lake(s.mdir, s.data / "manifest.jsonl", s.lake.parent / f"refused-{stream}", case,
                        capture_modules=name, limit=2, keep_attention="none", keep_hidden="none", explain=None)
         assert f"module {name} outputs shape" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def check_probe_tokens(s: Subject) -> None:
+    """`vlatlas probe` reads every family's lake: in each stream with stored vectors, the ``last`` selector
+    picks one token per example, and in a decoder's stream it is the prompt's last position by the model's
+    own input ids (the token before the first generated one); ``mean-image`` picks the stream's image tokens;
+    and the vectors a probe reads there are the stored ones."""
+    from lake.catalog import Catalog
+    from lake.queries import probes as pq
+    from pipeline.probe import features, select_tokens
+
+    run = s.case.run
+    cat = Catalog(s.lake)
+    try:
+        ex = pq.probe_examples(cat, run)
+        streams = sorted(set(pq.hidden_vector_layers(cat, run).stream))
+        assert streams, s.case.id
+        for stream in streams:
+            tok = pq.probe_tokens(cat, run, stream)
+            t0 = tok[tok.example_id == 0]
+            last = select_tokens(tok, ex, "last")
+            if (t0.modality == "text").any():
+                picked = last[last.example_id == 0]
+                assert len(picked) == 1, (s.case.id, stream)
+                seq = int(t0.set_index("token_idx").seq_pos[int(picked.token_idx.iloc[0])])
+                if (t0.role == "generated").any():  # a decoder: the prompt is the model's own input ids
+                    assert seq == len(s.ref(0).ids) - 1, (s.case.id, stream, seq)
+                    assert seq + 1 == int(t0[t0.role == "generated"].seq_pos.min()), (s.case.id, stream)
+            image = select_tokens(tok, ex, "mean-image")
+            assert sorted(image[image.example_id == 0].token_idx) == sorted(t0[t0.modality == "image"].token_idx)
+            if len(last):  # the vectors at the picked tokens are the stored ones, one per example
+                layer = int(pq.hidden_vector_layers(cat, run).query("stream == @stream").layer.max())
+                vecs = pq.selected_vectors(cat, run, "hidden_states", stream,
+                                           (last.example_id.tolist(), last.token_idx.tolist()), layer=layer)
+                x, groups = features(vecs, "last")
+                stored = raw(s.lake, "SELECT example_id, token_idx, vec FROM {hidden_states} WHERE run = $run AND "
+                             "stream = $stream AND layer = $layer", {"run": run, "stream": stream, "layer": layer})
+                want = stored.merge(last, on=["example_id", "token_idx"]).sort_values("example_id")
+                assert list(groups) == want.example_id.tolist(), (s.case.id, stream)
+                np.testing.assert_allclose(x, np.stack([np.asarray(v, np.float32) for v in want.vec]), rtol=1e-6)
+    finally:
+        cat.close()

@@ -54,3 +54,8 @@ def test_every_page(subject, monkeypatch):
 def test_captured_module_is_the_models_own_output(subject):
     _applies(subject, "modules")
     conf.check_modules(subject)
+
+
+def test_probe_reads_the_lake(subject):
+    _applies(subject, "probe")
+    conf.check_probe_tokens(subject)
