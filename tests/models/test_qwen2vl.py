@@ -203,7 +203,7 @@ CASES = [conf.FamilyCase(id=family, family=family, run="qwen",
                          make_model=lambda out, family=family: make_tiny_qwen(out, family), rows=scene_rows,
                          load=loader(family), reference=conformance_reference, image_token=IMAGE_ID,
                          extract=dict(batch_size=2, keep_attention="all", keep_hidden="all", workers=0),
-                         row_atol=5e-3, page_example=1, refused=("vision",))  # a packed tower: [patches, dim]
+                         row_atol=5e-3, page_example=1, crops=("vision",))  # a packed tower: [patches, dim]
          for family in FAMILIES if _available(family)]
 
 
