@@ -501,31 +501,37 @@ def _hooked_reference(s: Subject, ex: int, lengths: dict[str, int], flat: frozen
 def check_modules(s: Subject) -> None:
     """The activations of each stream's last block (captured in the case's lake) = the block's own output
     in the reference pass, at every token of example 0 of that stream (norms; vectors to float16
-    precision), with the block's stream and layer; a refused stream's block is refused with one line."""
+    precision), with the block's stream and layer; a tower's (``FamilyCase.crops``) at every example
+    too, each cut from the batch's crops or packed sequence where the others' come before it; a refused
+    stream's block is refused with one line."""
     case = s.case
     blocks = last_blocks(s.mdir)
     kept = {st: m for st, m in blocks.items() if st not in case.refused}
     assert set(case.refused) <= set(blocks), case.refused
     got = raw(s.lake, "SELECT a.stream, a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream AS ts "
               "FROM {activations} a JOIN {tokens} t ON t.run = a.run AND t.example_id = a.example_id "
-              "AND t.token_idx = a.token_idx WHERE a.run = $run AND a.example_id = 0", {"run": case.run})
-    assert sorted(set(got.module)) == sorted(kept.values()), case.id
-    t0 = tokens(s, 0)
-    own = _hooked_reference(s, 0, {m: int((t0.stream == st).sum()) for st, m in kept.items()},
-                            frozenset(m for st, m in kept.items() if st in case.crops))
+              "AND t.token_idx = a.token_idx WHERE a.run = $run", {"run": case.run})
+    assert sorted(set(got[got.example_id == 0].module)) == sorted(kept.values()), case.id
     layers = json.loads(raw(s.lake, "SELECT streams FROM {runs} WHERE run = $run", {"run": case.run}).streams.iloc[0])
-    for stream, name in kept.items():
-        rows = got[got.module == name]
-        n_tokens = (t0.stream == stream).sum()
-        assert len(rows) == n_tokens and set(rows.stream) == {stream} and set(rows.ts) == {stream}, (case.id, name)
-        assert set(rows.layer) == {layers[stream]["layers"] - 1}, (case.id, name)
-        at = rows.seq_pos.to_numpy() if case.positions is None else case.positions(s, 0, rows.seq_pos.to_numpy())
-        want = own[name][at]  # [token, dim]
-        np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=5e-3, atol=5e-3,
-                                   err_msg=f"{case.id} {name}")
-        vec = [np.asarray(v, np.float32) for v in rows.vec if isinstance(v, (list, np.ndarray))]
-        assert len(vec) == len(rows), (case.id, name)  # keep_hidden all: every vector
-        np.testing.assert_allclose(np.stack(vec), want, rtol=5e-3, atol=5e-3, err_msg=f"{case.id} {name}")
+    towers = {st: m for st, m in kept.items() if st in case.crops}
+    for ex in range(len(s.rows) if towers else 1):
+        streams = kept if ex == 0 else towers
+        t = tokens(s, ex)
+        own = _hooked_reference(s, ex, {m: int((t.stream == st).sum()) for st, m in streams.items()},
+                                frozenset(towers.values()))
+        for stream, name in streams.items():
+            rows = got[(got.module == name) & (got.example_id == ex)]
+            n_tokens = (t.stream == stream).sum()
+            assert len(rows) == n_tokens and set(rows.stream) == {stream} and set(rows.ts) == {stream}, \
+                (case.id, ex, name)
+            assert set(rows.layer) == {layers[stream]["layers"] - 1}, (case.id, name)
+            at = rows.seq_pos.to_numpy() if case.positions is None else case.positions(s, ex, rows.seq_pos.to_numpy())
+            want = own[name][at]  # [token, dim]
+            np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=5e-3,
+                                       atol=5e-3, err_msg=f"{case.id} ex {ex} {name}")
+            vec = [np.asarray(v, np.float32) for v in rows.vec if isinstance(v, (list, np.ndarray))]
+            assert len(vec) == len(rows), (case.id, ex, name)  # keep_hidden all: every vector
+            np.testing.assert_allclose(np.stack(vec), want, rtol=5e-3, atol=5e-3, err_msg=f"{case.id} ex {ex} {name}")
     for stream in case.refused:  # refused before a row is written, with one line naming the module
         import pytest
 
