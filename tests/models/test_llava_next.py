@@ -386,6 +386,22 @@ def test_vision_hidden_states_are_the_towers_own(anyres, lake_df):
         np.testing.assert_allclose(got, exp, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("anyres", ["llava_next"], indirect=True)
+def test_a_pooled_tower_module_is_refused(anyres, tmp_path):
+    """CLIP's post-layernorm runs on each crop's [CLS] (``[crop, dim]`` over the batch's crops): not a
+    vector per crop token, so not regrouped per example but refused with one line (the tower's blocks
+    are captured: the conformance suite)."""
+    family, mdir, lake, model, proc, images, texts = anyres
+    s = conf.built(lake)
+    crops = sum(len(expected_image_tokens(family, *images[ex].size)[1]) for ex in (0, 1))  # the first batch
+    with pytest.raises(ValueError) as e:
+        conf.build_lake(mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case,
+                        capture_modules="model.vision_tower.post_layernorm", limit=2, keep_attention="none",
+                        keep_hidden="none", explain=None)
+    msg = str(e.value)
+    assert "\n" not in msg and f"module model.vision_tower.post_layernorm outputs shape [{crops}, 32]" in msg, msg
+
+
 def test_head_stats_by_hand(anyres, lake_df):
     family, mdir, lake, model, proc, images, texts = anyres
     ex, layer, head = 0, 1, 1

@@ -276,6 +276,22 @@ def test_sdpa_is_refused(qwen):
 
 
 @pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
+def test_a_tower_module_of_fewer_tokens_is_refused(qwen, tmp_path):
+    """The merger folds each 2 x 2 block of patches into one row (``[patches / 4, dim]`` over the batch):
+    it is not the packed tower's sequence, so it is not regrouped per image but refused with one line
+    (the tower's blocks are captured: the conformance suite)."""
+    s = conf.built(qwen.lake)
+    rows = sum(int(qwen.ip(images=[qwen.images[ex]], return_tensors="pt")["image_grid_thw"][0].prod()) // (M * M)
+               for ex in (0, 1))  # the first batch: examples 0 and 1
+    with pytest.raises(ValueError) as e:
+        conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case, capture_modules="model.visual.merger",
+                        limit=2, keep_attention="none", keep_hidden="none", explain=None)
+    msg = str(e.value)
+    assert "\n" not in msg and f"module model.visual.merger outputs shape [{rows}, " in msg, msg
+    assert "not one vector per token" in msg
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
 def test_processor_is_transformers_own(qwen, monkeypatch):
     """The assembled processor gives exactly what ``Qwen2VLProcessor`` gives for the same prompts and
     images (built here without its video processor, which needs torchvision), and the adapter takes
