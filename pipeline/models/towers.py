@@ -15,7 +15,9 @@ six tower kinds of ``family.TOWER_KINDS``:
   image of the batch in ONE tower sequence, cut per image into ``[image, head, n, n]`` (padded to the
   batch's largest ``n``) and ``[image, n, dim]``.
 
-No tower offers ``--explain value`` but the plain one: the others' batch is not the examples.
+No tower offers ``--explain value`` but the plain one: the others' batch is not the examples. A
+``--capture-modules`` module inside a probed tower is regrouped by the tower itself
+(:meth:`ProbedTower.regroup`), as its hidden states are.
 """
 
 from __future__ import annotations
