@@ -276,6 +276,38 @@ def test_sdpa_is_refused(qwen):
 
 
 @pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
+def test_a_packed_tower_mlp_is_its_own_output(qwen, tmp_path):
+    """A tower MLP ([patches, dim] over every image of the batch, packed) captured with batches of 2: at
+    every example, each vision token's row is the MLP's own output on that image alone, at its
+    ``seq_pos`` (the second image of a batch cut after the first's patches)."""
+    from lake.catalog import Catalog
+
+    name = "model.visual.blocks.0.mlp"
+    s = conf.built(qwen.lake)
+    out = conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case, capture_modules=name,
+                          keep_attention="none", keep_hidden="all", explain=None)
+    got = Catalog(out).df("SELECT a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream FROM activations a "
+                          "JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = 'qwen' AND a.module = ?", [name])
+    assert set(got.stream) == {"vision"} and set(got.layer) == {0}
+    visual = qwen.model.model.visual
+    for ex in range(len(qwen.images)):
+        enc = qwen.inputs(ex)
+        own = []
+        h = visual.blocks[0].mlp.register_forward_hook(lambda mod, a, o: own.append(o))
+        try:
+            with torch.no_grad():
+                visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
+        finally:
+            h.remove()
+        rows = got[got.example_id == ex].sort_values("seq_pos")
+        n = int(enc["image_grid_thw"][0].prod())
+        assert own[0].shape[0] == n and list(rows.seq_pos) == list(range(n)), ex  # every patch, once
+        want = own[0].numpy()[rows.seq_pos.to_numpy()]
+        np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(np.stack(rows.vec.to_list()).astype(np.float32), want, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
 def test_a_tower_module_of_fewer_tokens_is_refused(qwen, tmp_path):
     """The merger folds each 2 x 2 block of patches into one row (``[patches / 4, dim]`` over the batch):
     it is not the packed tower's sequence, so it is not regrouped per image but refused with one line
