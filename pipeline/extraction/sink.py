@@ -94,7 +94,8 @@ class BatchSink:
         self._seq_cache: dict[tuple[str, int], SeqLayout] = {}
         self.sites = sites or {}
         self._seq_len: dict[str, int] = {}  # each stream's sequence length in this batch, from its attention
-        self._pending: list[tuple[HookPoint, torch.Tensor, list[int]]] = []  # module outputs seen before their stream's length
+        # module outputs seen before their stream's length, with their own shapes
+        self._pending: list[tuple[HookPoint, torch.Tensor, list[int]]] = []
         self._modules_seen: set[str] = set()
         self.out: list[Out] = []
 

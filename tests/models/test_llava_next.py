@@ -402,10 +402,11 @@ def test_tower_modules_are_their_own_output_crop_by_crop(anyres, tmp_path):
     out = conf.build_lake(mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case,
                           capture_modules=",".join(TOWER_MODULES), keep_attention="none", keep_hidden="all",
                           explain=None)
-    got = Catalog(out).df("SELECT a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream FROM activations a "
-                          "JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = ?", [RUN])
+    got = Catalog(out).df("SELECT a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream "
+                          "FROM activations a JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = ?", [RUN])
     assert set(got.module) == set(TOWER_MODULES) and set(got.stream) == {"vision"}
-    assert set(got[got.module == TOWER_MODULES[1]].layer) == {0} and got[got.module == TOWER_MODULES[0]].layer.isna().all()
+    assert set(got[got.module == TOWER_MODULES[1]].layer) == {0}
+    assert got[got.module == TOWER_MODULES[0]].layer.isna().all()
     n = S * S + 1  # CLIP: [CLS] + 4 x 4 patches a crop
     mods = dict(model.named_modules())
     for ex in range(len(images)):

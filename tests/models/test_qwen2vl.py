@@ -287,7 +287,8 @@ def test_a_packed_tower_mlp_is_its_own_output(qwen, tmp_path):
     out = conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case, capture_modules=name,
                           keep_attention="none", keep_hidden="all", explain=None)
     got = Catalog(out).df("SELECT a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream FROM activations a "
-                          "JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = 'qwen' AND a.module = ?", [name])
+                          "JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = 'qwen' AND a.module = ?",
+                          [name])
     assert set(got.stream) == {"vision"} and set(got.layer) == {0}
     visual = qwen.model.model.visual
     for ex in range(len(qwen.images)):
@@ -316,8 +317,8 @@ def test_a_tower_module_of_fewer_tokens_is_refused(qwen, tmp_path):
     rows = sum(int(qwen.ip(images=[qwen.images[ex]], return_tensors="pt")["image_grid_thw"][0].prod()) // (M * M)
                for ex in (0, 1))  # the first batch: examples 0 and 1
     with pytest.raises(ValueError) as e:
-        conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case, capture_modules="model.visual.merger",
-                        limit=2, keep_attention="none", keep_hidden="none", explain=None)
+        conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case,
+                        capture_modules="model.visual.merger", limit=2, keep_attention="none", keep_hidden="none", explain=None)
     msg = str(e.value)
     assert "\n" not in msg and f"module model.visual.merger outputs shape [{rows}, " in msg, msg
     assert "not one vector per token" in msg
