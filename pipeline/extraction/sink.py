@@ -24,6 +24,7 @@ from pipeline.extraction.keep import SeqLayout, row_mean_mass, select, select_bu
 from pipeline.extraction.outputs import (ActivationOut, HiddenOut, KeptOut, LensOut, Out, RelevancyOut, SinksOut,
                                          StatsOut, ValueOut)
 from pipeline.models.base import BatchLayout, StreamLayout
+from pipeline.models.towers import STREAM, ProbedTower
 from pipeline.stats import TokenMasks, head_stats
 
 
@@ -93,7 +94,8 @@ class BatchSink:
         self._seq_cache: dict[tuple[str, int], SeqLayout] = {}
         self.sites = sites or {}
         self._seq_len: dict[str, int] = {}  # each stream's sequence length in this batch, from its attention
-        self._pending: list[tuple[HookPoint, torch.Tensor]] = []  # module outputs seen before their stream's length
+        # module outputs seen before their stream's length, with their own shapes
+        self._pending: list[tuple[HookPoint, torch.Tensor, list[int]]] = []
         self._modules_seen: set[str] = set()
         self.out: list[Out] = []
 
@@ -179,16 +181,24 @@ class BatchSink:
                                     "forward pass, so its output is not one vector per token; capture a module "
                                     "that runs once")
         self._modules_seen.add(point.name)
+        shape = list(tensor.shape)
+        tower = getattr(self.adapter, "tower", None)
+        if self.sites[point.name].stream == STREAM and isinstance(tower, ProbedTower):
+            # a tower whose batch is crops or one packed sequence: regrouped now, while it knows the
+            # batch's make-up, as its own hooks regroup its hidden states (the vision stream's order)
+            per = tower.regroup(tensor)
+            tensor = tensor if per is None else per
         if all(s in self._seq_len for s in self.sites[point.name].streams):
-            self.out.append(self._activation(point, tensor))
+            self.out.append(self._activation(point, tensor, shape))
         else:
-            self._pending.append((point, tensor.clone()))
+            self._pending.append((point, tensor.clone(), shape))
 
-    def _activation(self, point: HookPoint, t: torch.Tensor) -> ActivationOut:
+    def _activation(self, point: HookPoint, t: torch.Tensor, shape: list[int]) -> ActivationOut:
         """One vector per token of a stream: ``[batch, seq, dim]`` over the stream's sequence (gathered in
-        token order, as hidden states are), or ``[batch, n, dim]`` with one row per image token of a
-        stream (LLaVA's projector: the image's patch features, in order). Anything else (a tower's
-        batch of crops, a packed or pooled output) is refused with one line."""
+        token order, as hidden states are; a crop-by-crop or packed tower's output regrouped per example
+        first, :meth:`_module`), or ``[batch, n, dim]`` with one row per image token of a stream (LLaVA's
+        projector: the image's patch features, in order). Anything else (a pooled output, a tower
+        output of another token count) is refused with one line naming the module's own ``shape``."""
         site = self.sites[point.name]
         B = len(self.example_ids)
         found = None
@@ -206,10 +216,10 @@ class BatchSink:
                     break
         if found is None:
             where = " or ".join(f"{s} ({self._seq_len.get(s, '?')} positions)" for s in site.streams)
-            raise ModuleOutputError(f"--capture-modules: module {point.name} outputs shape {list(t.shape)}, which is "
+            raise ModuleOutputError(f"--capture-modules: module {point.name} outputs shape {shape}, which is "
                                     f"not one vector per token of the batch's {B} examples over the {where} stream's "
-                                    "sequence or image tokens (a tower run crop by crop, a packed batch or a pooled "
-                                    "output cannot be stored)")
+                                    "sequence or image tokens (a pooled output, or a tower's of another token count, "
+                                    "cannot be stored)")
         stream, index, mask = found
         h = t.gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))  # [batch, token, dim]
         norm = h.float().norm(dim=-1)
@@ -262,7 +272,7 @@ class BatchSink:
 
     def finish(self) -> list[Out]:
         """Bring every layer's results to the host in one go (one synchronisation)."""
-        self.out += [self._activation(p, t) for p, t in self._pending]
+        self.out += [self._activation(p, t, shape) for p, t, shape in self._pending]
         self._pending = []
         moved = [o.to_host() for o in self.out]
         if str(self.device).startswith("cuda"):

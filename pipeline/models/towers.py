@@ -15,7 +15,9 @@ six tower kinds of ``family.TOWER_KINDS``:
   image of the batch in ONE tower sequence, cut per image into ``[image, head, n, n]`` (padded to the
   batch's largest ``n``) and ``[image, n, dim]``.
 
-No tower offers ``--explain value`` but the plain one: the others' batch is not the examples.
+No tower offers ``--explain value`` but the plain one: the others' batch is not the examples. A
+``--capture-modules`` module inside a probed tower is regrouped by the tower itself
+(:meth:`ProbedTower.regroup`), as its hidden states are.
 """
 
 from __future__ import annotations
@@ -154,6 +156,18 @@ class ProbedTower:
     def per_example(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def fits(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is laid out as the tower's batch (its hidden states' shape, any width)."""
+        raise NotImplementedError
+
+    def regroup(self, t: torch.Tensor) -> torch.Tensor | None:
+        """A ``--capture-modules`` module's output inside the tower, per example exactly as the hidden
+        states are (:meth:`per_example`), so it lies over the ``vision`` stream's tokens; None outside the
+        captured pass or where its shape is not the tower's batch (a pooled output, another token count)."""
+        if self.sizes is None or not self.fits(t):
+            return None
+        return self.per_example(t)
+
 
 class CropTower(ProbedTower):
     """The tower's batch is crops (``sizes``: crops per example, the base image included)."""
@@ -191,6 +205,10 @@ class CropTower(ProbedTower):
         """``[crop, n, dim]`` -> ``[example, C n, dim]`` (each example's crops one after the other)."""
         parts = [p.reshape(-1, h.shape[-1]) for p in torch.split(h, self.sizes, dim=0)]
         return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
+
+    def fits(self, t: torch.Tensor) -> bool:
+        """``[crop, n, dim]`` over the batch's crops."""
+        return t.dim() == 3 and t.shape[0] == sum(self.sizes)
 
 
 class PackedTower(ProbedTower):
@@ -233,6 +251,12 @@ class PackedTower(ProbedTower):
         """``[(1,) patches of all images, dim]`` -> ``[image, max patches, dim]`` (zero padded)."""
         parts = torch.split(h[0] if h.dim() == 3 else h, self.sizes, dim=0)
         return torch.nn.utils.rnn.pad_sequence(list(parts), batch_first=True)
+
+    def fits(self, t: torch.Tensor) -> bool:
+        """``[patches, dim]`` or ``[1, patches, dim]`` over every image's patches (a merger's fewer
+        tokens do not fit)."""
+        n = sum(self.sizes)
+        return (t.dim() == 2 and t.shape[0] == n) or (t.dim() == 3 and t.shape[0] == 1 and t.shape[1] == n)
 
     def _hidden_0(self, module, args):
         if self._feeds(self.hidden[0]):

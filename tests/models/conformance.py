@@ -17,9 +17,10 @@ apply to every family live here and run over every family from ``tests/models/te
   (``tests.app.test_app.check_every_page``);
 - :func:`check_modules`: ``--capture-modules`` on the block of each stream's last layer (the path the
   family declares): the stored ``activations`` against a forward hook this suite registers on the model
-  alone while it runs the case's ``reference``; a stream whose block is refused by design (a tower run
-  crop by crop or packed: its batch is not the examples) is named in ``FamilyCase.refused`` and its
-  refusal checked.
+  alone while it runs the case's ``reference`` (a tower run crop by crop or packed, named in
+  ``FamilyCase.crops``: its output for the example alone, crops or packed patches laid one after another
+  here); a stream whose block is refused by design is named in ``FamilyCase.refused`` and its refusal
+  checked.
 
 A family joins the suite in a few lines. Its test file defines a :class:`FamilyCase` per variant and
 lists them in a module-level ``CASES``; ``tests/models/test_conformance.py`` names the module in
@@ -152,8 +153,12 @@ class FamilyCase:
         tokens of two other streams (Mllama's ``lm_cross``: lm tokens over vision tokens). When given, every
         stored row's query and key are checked to be tokens of those streams (of the stream itself for the
         others), and the statistic of a cross stream reads its queries and keys from them.
-    refused : streams whose blocks ``--capture-modules`` refuses by design (their output's batch is not the
-        examples); the other streams' last blocks are captured in the case's lake (:func:`check_modules`).
+    refused : streams whose blocks ``--capture-modules`` refuses by design; the other streams' last blocks
+        are captured in the case's lake (:func:`check_modules`).
+    crops : streams of a tower whose batch is not the examples: run on one example, its modules output
+        that example's crops ``[crop, n, dim]`` or its packed patches ``[(1,) patches, dim]``, which
+        :func:`check_modules` lays one after another (``seq_pos = crop * n + patch``, as
+        :func:`block_diagonal` lays the attention).
     positions : ``(subject, ex, seq_pos) -> the model's sequence positions`` of those tokens, where the model
         does not keep the token table's order (ViLT draws its patch order); None: ``seq_pos`` itself.
     skip : checks that do not apply to this case.
@@ -178,6 +183,7 @@ class FamilyCase:
     key_streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cross: tuple[tuple[str, str, str], ...] = ()
     refused: tuple[str, ...] = ()
+    crops: tuple[str, ...] = ()
     positions: Callable[[Subject, int, np.ndarray], np.ndarray] | None = None
     skip: frozenset[str] = frozenset()
 
@@ -451,12 +457,15 @@ def check_pages(s: Subject, monkeypatch) -> None:
     check_every_page(s.lake, monkeypatch, run, s.case.page_example, att, hid, examples, column=s.case.page_column)
 
 
-def _hooked_reference(s: Subject, ex: int, lengths: dict[str, int]) -> dict[str, np.ndarray]:
+def _hooked_reference(s: Subject, ex: int, lengths: dict[str, int], flat: frozenset[str] = frozenset()
+                      ) -> dict[str, np.ndarray]:
     """Each module's own output while the case's ``reference`` runs example ``ex`` again (the memoised
     helpers set aside, so the model really runs), as ``[seq, dim]``: of its calls with one sequence, the
     first of the example's length (``lengths[module]``: its stream's tokens in the lake), which is the
     example's teacher-forced (or only) pass -- a reference that runs every example runs ``ex`` = 0 first;
-    a generation's first step, when it has that length, holds the same prompt."""
+    a generation's first step, when it has that length, holds the same prompt. A module in ``flat`` (a
+    tower run crop by crop or packed) has every call's rows one after another: the example's crops
+    ``[crop, n, dim]`` become ``[crop * n, dim]``, its packed patches ``[(1,) patches, dim]`` stay."""
     import torch
 
     mods = dict(s.model.named_modules())
@@ -465,7 +474,9 @@ def _hooked_reference(s: Subject, ex: int, lengths: dict[str, int]) -> dict[str,
     def keep(name):
         def fn(module, args, output):
             t = output[0] if isinstance(output, (tuple, list)) else output
-            if torch.is_tensor(t) and t.dim() == 3 and t.shape[0] == 1:
+            if name in flat and torch.is_tensor(t) and t.dim() in (2, 3):
+                calls[name].append(t.detach().float().reshape(-1, t.shape[-1]).numpy())
+            elif torch.is_tensor(t) and t.dim() == 3 and t.shape[0] == 1:
                 calls[name].append(t[0].detach().float().numpy())
         return fn
 
@@ -490,30 +501,37 @@ def _hooked_reference(s: Subject, ex: int, lengths: dict[str, int]) -> dict[str,
 def check_modules(s: Subject) -> None:
     """The activations of each stream's last block (captured in the case's lake) = the block's own output
     in the reference pass, at every token of example 0 of that stream (norms; vectors to float16
-    precision), with the block's stream and layer; a refused stream's block is refused with one line."""
+    precision), with the block's stream and layer; a tower's (``FamilyCase.crops``) at every example
+    too, each cut from the batch's crops or packed sequence where the others' come before it; a refused
+    stream's block is refused with one line."""
     case = s.case
     blocks = last_blocks(s.mdir)
     kept = {st: m for st, m in blocks.items() if st not in case.refused}
     assert set(case.refused) <= set(blocks), case.refused
     got = raw(s.lake, "SELECT a.stream, a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream AS ts "
               "FROM {activations} a JOIN {tokens} t ON t.run = a.run AND t.example_id = a.example_id "
-              "AND t.token_idx = a.token_idx WHERE a.run = $run AND a.example_id = 0", {"run": case.run})
-    assert sorted(set(got.module)) == sorted(kept.values()), case.id
-    t0 = tokens(s, 0)
-    own = _hooked_reference(s, 0, {m: int((t0.stream == st).sum()) for st, m in kept.items()})
+              "AND t.token_idx = a.token_idx WHERE a.run = $run", {"run": case.run})
+    assert sorted(set(got[got.example_id == 0].module)) == sorted(kept.values()), case.id
     layers = json.loads(raw(s.lake, "SELECT streams FROM {runs} WHERE run = $run", {"run": case.run}).streams.iloc[0])
-    for stream, name in kept.items():
-        rows = got[got.module == name]
-        n_tokens = (t0.stream == stream).sum()
-        assert len(rows) == n_tokens and set(rows.stream) == {stream} and set(rows.ts) == {stream}, (case.id, name)
-        assert set(rows.layer) == {layers[stream]["layers"] - 1}, (case.id, name)
-        at = rows.seq_pos.to_numpy() if case.positions is None else case.positions(s, 0, rows.seq_pos.to_numpy())
-        want = own[name][at]  # [token, dim]
-        np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=5e-3, atol=5e-3,
-                                   err_msg=f"{case.id} {name}")
-        vec = [np.asarray(v, np.float32) for v in rows.vec if isinstance(v, (list, np.ndarray))]
-        assert len(vec) == len(rows), (case.id, name)  # keep_hidden all: every vector
-        np.testing.assert_allclose(np.stack(vec), want, rtol=5e-3, atol=5e-3, err_msg=f"{case.id} {name}")
+    towers = {st: m for st, m in kept.items() if st in case.crops}
+    for ex in range(len(s.rows) if towers else 1):
+        streams = kept if ex == 0 else towers
+        t = tokens(s, ex)
+        own = _hooked_reference(s, ex, {m: int((t.stream == st).sum()) for st, m in streams.items()},
+                                frozenset(towers.values()))
+        for stream, name in streams.items():
+            rows = got[(got.module == name) & (got.example_id == ex)]
+            n_tokens = (t.stream == stream).sum()
+            assert len(rows) == n_tokens and set(rows.stream) == {stream} and set(rows.ts) == {stream}, \
+                (case.id, ex, name)
+            assert set(rows.layer) == {layers[stream]["layers"] - 1}, (case.id, name)
+            at = rows.seq_pos.to_numpy() if case.positions is None else case.positions(s, ex, rows.seq_pos.to_numpy())
+            want = own[name][at]  # [token, dim]
+            np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=5e-3,
+                                       atol=5e-3, err_msg=f"{case.id} ex {ex} {name}")
+            vec = [np.asarray(v, np.float32) for v in rows.vec if isinstance(v, (list, np.ndarray))]
+            assert len(vec) == len(rows), (case.id, ex, name)  # keep_hidden all: every vector
+            np.testing.assert_allclose(np.stack(vec), want, rtol=5e-3, atol=5e-3, err_msg=f"{case.id} ex {ex} {name}")
     for stream in case.refused:  # refused before a row is written, with one line naming the module
         import pytest
 

@@ -82,7 +82,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
 
 CASES = [conf.FamilyCase(id="aya_vision", family="aya_vision", run=RUN, make_model=make_tiny, rows=scene_rows,
                          load=load, reference=conformance_reference, image_token=IMAGE_ID, page_example=0,
-                         refused=("vision",))]  # the tower runs crop by crop
+                         crops=("vision",))]  # the tower runs crop by crop
 
 
 @pytest.fixture(scope="module")

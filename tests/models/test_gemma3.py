@@ -332,7 +332,7 @@ CASES = [
                     make_model=lambda out: make_tiny_gemma3(out, **PAS), rows=pas_rows, load=load,
                     reference=lambda s, ex: conformance_reference(s, ex, **PAS), image_token=IMAGE_ID,
                     extract=dict(batch_size=3, keep_attention="all", keep_hidden="all"),  # one batch: 3, 2, 0 crops
-                    page_example=0, refused=("vision",)),  # a wide image cut into crops: the tower runs them
+                    page_example=0, crops=("vision",)),  # a wide image cut into crops: the tower runs them
 ]
 
 

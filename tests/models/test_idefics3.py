@@ -97,7 +97,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
 
 CASES = [conf.FamilyCase(id=family, family=family, run=RUN, make_model=lambda out, family=family: make_tiny(out, family),
                          rows=scene_rows, load=loader(family), reference=conformance_reference, image_token=IMAGE_ID,
-                         page_example=0, refused=("vision",))  # the tower runs crop by crop
+                         page_example=0, crops=("vision",))  # the tower runs crop by crop
          for family in ("idefics3", "smolvlm")]
 
 

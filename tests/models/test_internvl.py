@@ -108,7 +108,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
 
 CASES = [conf.FamilyCase(id="internvl", family="internvl", run=RUN, make_model=make_tiny, rows=scene_rows, load=load,
                          reference=conformance_reference, image_token=CTX, page_example=2,
-                         refused=("vision",))]  # the tower runs crop by crop
+                         crops=("vision",))]  # the tower runs crop by crop
 
 
 @pytest.fixture(scope="module")

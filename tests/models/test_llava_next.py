@@ -142,7 +142,7 @@ def conformance_reference(s: conf.Subject, ex: int) -> conf.Reference:
 
 CASES = [conf.FamilyCase(id=family, family=family, run=RUN, make_model=lambda out, family=family: make_tiny(out, family),
                          rows=scene_rows, load=loader(family), reference=conformance_reference, image_token=IMAGE_ID,
-                         page_example=2, refused=("vision",))  # the tower runs crop by crop
+                         page_example=2, crops=("vision",))  # the tower runs crop by crop
          for family in FAMILIES]
 
 
@@ -384,6 +384,65 @@ def test_vision_hidden_states_are_the_towers_own(anyres, lake_df):
         if layer == 0 and family == "llava_next":
             exp = model.model.vision_tower.pre_layrnorm(o.hidden_states[0]).reshape(-1, 32).detach().numpy()
         np.testing.assert_allclose(got, exp, atol=2e-2, rtol=2e-2)
+
+
+TOWER_MODULES = ("model.vision_tower.pre_layrnorm", "model.vision_tower.encoder.layers.0.mlp")
+
+
+@pytest.mark.parametrize("anyres", ["llava_next"], indirect=True)
+def test_tower_modules_are_their_own_output_crop_by_crop(anyres, tmp_path):
+    """A tower MLP (layer 0) and the pre-layernorm (no layer; it runs before the stream's first attention,
+    so it is laid out at the batch's end) captured over a batch of crops: at every example, each vision
+    token's row is the module's own output on that example's crops alone, at its crop and patch
+    (``seq_pos = crop * n + patch``), examples 2 and 3 batched (5 and 2 crops: example 3 padded)."""
+    from lake.catalog import Catalog
+
+    family, mdir, lake, model, proc, images, texts = anyres
+    s = conf.built(lake)
+    out = conf.build_lake(mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case,
+                          capture_modules=",".join(TOWER_MODULES), keep_attention="none", keep_hidden="all",
+                          explain=None)
+    got = Catalog(out).df("SELECT a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream "
+                          "FROM activations a JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = ?", [RUN])
+    assert set(got.module) == set(TOWER_MODULES) and set(got.stream) == {"vision"}
+    assert set(got[got.module == TOWER_MODULES[1]].layer) == {0}
+    assert got[got.module == TOWER_MODULES[0]].layer.isna().all()
+    n = S * S + 1  # CLIP: [CLS] + 4 x 4 patches a crop
+    mods = dict(model.named_modules())
+    for ex in range(len(images)):
+        enc = proc(images=[images[ex]], text=[f"<image> {texts[ex]}"], return_tensors="pt")
+        own = {}
+        handles = [mods[m].register_forward_hook(lambda mod, a, o, m=m: own.__setitem__(m, o)) for m in TOWER_MODULES]
+        try:
+            with torch.no_grad():
+                model.model.vision_tower(enc["pixel_values"][0])
+        finally:
+            for h in handles:
+                h.remove()
+        crops = len(enc["pixel_values"][0])
+        for m in TOWER_MODULES:
+            rows = got[(got.module == m) & (got.example_id == ex)].sort_values("seq_pos")
+            assert list(rows.seq_pos) == list(range(crops * n)), (m, ex)  # every token of every crop, once
+            want = own[m].numpy()[rows.seq_pos.to_numpy() // n, rows.seq_pos.to_numpy() % n]  # [token, dim]
+            np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=1e-3,
+                                       atol=1e-3, err_msg=f"{m} ex {ex}")
+            np.testing.assert_allclose(np.stack(rows.vec.to_list()).astype(np.float32), want, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("anyres", ["llava_next"], indirect=True)
+def test_a_pooled_tower_module_is_refused(anyres, tmp_path):
+    """CLIP's post-layernorm runs on each crop's [CLS] (``[crop, dim]`` over the batch's crops): not a
+    vector per crop token, so not regrouped per example but refused with one line (the tower's blocks
+    are captured: the conformance suite)."""
+    family, mdir, lake, model, proc, images, texts = anyres
+    s = conf.built(lake)
+    crops = sum(len(expected_image_tokens(family, *images[ex].size)[1]) for ex in (0, 1))  # the first batch
+    with pytest.raises(ValueError) as e:
+        conf.build_lake(mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case,
+                        capture_modules="model.vision_tower.post_layernorm", limit=2, keep_attention="none",
+                        keep_hidden="none", explain=None)
+    msg = str(e.value)
+    assert "\n" not in msg and f"module model.vision_tower.post_layernorm outputs shape [{crops}, 32]" in msg, msg
 
 
 def test_head_stats_by_hand(anyres, lake_df):

@@ -156,7 +156,7 @@ CASES = [conf.FamilyCase(id="mistral3", family="mistral3", run="m3", make_model=
                          reference=conformance_reference, image_token=IMG, row_atol=5e-3, page_example=1,
                          page_column="text", statistic=("lm", 1, 1, "t2i"),
                          extract=dict(batch_size=2, keep_attention="all", keep_hidden="all", workers=0),
-                         refused=("vision",))  # Pixtral packs every image of a batch in one sequence
+                         crops=("vision",))  # Pixtral packs every image of a batch in one sequence
          ] if _available() else []  # the family fixture says so when it skips
 
 

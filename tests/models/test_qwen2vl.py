@@ -203,7 +203,7 @@ CASES = [conf.FamilyCase(id=family, family=family, run="qwen",
                          make_model=lambda out, family=family: make_tiny_qwen(out, family), rows=scene_rows,
                          load=loader(family), reference=conformance_reference, image_token=IMAGE_ID,
                          extract=dict(batch_size=2, keep_attention="all", keep_hidden="all", workers=0),
-                         row_atol=5e-3, page_example=1, refused=("vision",))  # a packed tower: [patches, dim]
+                         row_atol=5e-3, page_example=1, crops=("vision",))  # a packed tower: [patches, dim]
          for family in FAMILIES if _available(family)]
 
 
@@ -273,6 +273,55 @@ def test_sdpa_is_refused(qwen):
     model = getattr(tf, CLASSES[qwen.family]).from_pretrained(qwen.mdir, attn_implementation="sdpa")
     with pytest.raises(NotImplementedError, match="eager"):
         QwenVLAdapter(model, load_processor(str(qwen.mdir)))
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
+def test_a_packed_tower_mlp_is_its_own_output(qwen, tmp_path):
+    """A tower MLP ([patches, dim] over every image of the batch, packed) captured with batches of 2: at
+    every example, each vision token's row is the MLP's own output on that image alone, at its
+    ``seq_pos`` (the second image of a batch cut after the first's patches)."""
+    from lake.catalog import Catalog
+
+    name = "model.visual.blocks.0.mlp"
+    s = conf.built(qwen.lake)
+    out = conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case, capture_modules=name,
+                          keep_attention="none", keep_hidden="all", explain=None)
+    got = Catalog(out).df("SELECT a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream FROM activations a "
+                          "JOIN tokens t USING (run, example_id, token_idx) WHERE a.run = 'qwen' AND a.module = ?",
+                          [name])
+    assert set(got.stream) == {"vision"} and set(got.layer) == {0}
+    visual = qwen.model.model.visual
+    for ex in range(len(qwen.images)):
+        enc = qwen.inputs(ex)
+        own = []
+        h = visual.blocks[0].mlp.register_forward_hook(lambda mod, a, o: own.append(o))
+        try:
+            with torch.no_grad():
+                visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
+        finally:
+            h.remove()
+        rows = got[got.example_id == ex].sort_values("seq_pos")
+        n = int(enc["image_grid_thw"][0].prod())
+        assert own[0].shape[0] == n and list(rows.seq_pos) == list(range(n)), ex  # every patch, once
+        want = own[0].numpy()[rows.seq_pos.to_numpy()]
+        np.testing.assert_allclose(rows.norm.to_numpy(np.float64), np.linalg.norm(want, axis=1), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(np.stack(rows.vec.to_list()).astype(np.float32), want, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
+def test_a_tower_module_of_fewer_tokens_is_refused(qwen, tmp_path):
+    """The merger folds each 2 x 2 block of patches into one row (``[patches / 4, dim]`` over the batch):
+    it is not the packed tower's sequence, so it is not regrouped per image but refused with one line
+    (the tower's blocks are captured: the conformance suite)."""
+    s = conf.built(qwen.lake)
+    rows = sum(int(qwen.ip(images=[qwen.images[ex]], return_tensors="pt")["image_grid_thw"][0].prod()) // (M * M)
+               for ex in (0, 1))  # the first batch: examples 0 and 1
+    with pytest.raises(ValueError) as e:
+        conf.build_lake(s.mdir, s.data / "manifest.jsonl", tmp_path / "lake", s.case,
+                        capture_modules="model.visual.merger", limit=2, keep_attention="none", keep_hidden="none", explain=None)
+    msg = str(e.value)
+    assert "\n" not in msg and f"module model.visual.merger outputs shape [{rows}, " in msg, msg
+    assert "not one vector per token" in msg
 
 
 @pytest.mark.parametrize("qwen", ["qwen2_vl"], indirect=True)
