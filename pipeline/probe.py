@@ -124,16 +124,6 @@ class ProbeFit:
 
 
 # -- targets ----------------------------------------------------------------------------------
-def _meta(raw) -> dict:
-    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
-        return {}
-    try:
-        d = json.loads(raw)
-    except (TypeError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
@@ -165,7 +155,7 @@ def target_values(examples: pd.DataFrame, target: str) -> tuple[pd.Series, bool]
     if target == "answer":
         raw = dict(zip(examples.example_id.astype(int), examples.answer))
     else:
-        raw = {int(e): _meta(m).get(target) for e, m in zip(examples.example_id, examples.meta)}
+        raw = {int(e): queries.parse_json(m).get(target) for e, m in zip(examples.example_id, examples.meta)}
     raw = {e: v for e, v in raw.items() if not _missing(v)}
     nums = {e: _number(v) for e, v in raw.items()}
     numeric = bool(raw) and all(x is not None for x in nums.values())
@@ -179,7 +169,7 @@ def meta_columns(examples: pd.DataFrame) -> list[str]:
     """The keys of ``examples.meta`` (the manifest's extra columns), sorted."""
     keys: set[str] = set()
     for m in examples.meta:
-        keys.update(_meta(m))
+        keys.update(queries.parse_json(m))
     return sorted(keys)
 
 
