@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import ClassVar, Iterator
 
 DEFAULT_KEEP_ATTENTION = "budget:8:0.9:2"
@@ -323,3 +324,18 @@ def parse_modules(text: str | None) -> tuple[str, ...]:
         if p not in out:
             out.append(p)
     return tuple(out)
+
+
+def module_matches(pattern: str, name: str) -> bool:
+    """Whether module ``name`` matches a ``--capture-modules`` (or ``vlatlas probe --source``) pattern:
+    ``*`` (and any ``fnmatch`` wildcard) stays within one dotted segment, ``**`` spans any number of
+    segments, none included."""
+    return _match(pattern.split("."), name.split("."))
+
+
+def _match(pat: list[str], segs: list[str]) -> bool:
+    if not pat:
+        return not segs
+    if pat[0] == "**":
+        return any(_match(pat[1:], segs[i:]) for i in range(len(segs) + 1))
+    return bool(segs) and fnmatchcase(segs[0], pat[0]) and _match(pat[1:], segs[1:])

@@ -378,8 +378,8 @@ def parser() -> argparse.ArgumentParser:
                          "last (the last prompt token) or mean-image (the mean of the image tokens); "
                          "default image-in-box")
     pr.add_argument("--source", default="hidden", metavar="hidden|MODULE",
-                    help="hidden (hidden_states) or a captured module's name or pattern (`*` one dotted segment) "
-                         "in activations; default hidden")
+                    help="hidden (hidden_states) or a captured module's name or pattern (as --capture-modules: * one "
+                         "dotted segment, ** any number) in activations; default hidden")
     pr.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation grouped by example")
     pr.add_argument("--permutations", type=int, default=20,
                     help="control task: permutations of the labels across examples (p-value resolution 1/(1+P))")

@@ -45,7 +45,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from lake.commit import partition_rel
 from lake.queries import probes as pq
 from lake.schema import PROBES
 from lake.writer import check_run_name, write_table
+from pipeline.capture_config import module_matches
 
 SELECTORS = ("image-in-box", "word", "last", "mean-image")
 # Newton-CG rather than lbfgs: the same objective (multinomial, L2, C = 1), but on the control task's
@@ -86,7 +86,7 @@ class ProbeSpec:
 
     target: str  # "answer" or a key of examples.meta (the manifest's extra columns)
     selector: str = "image-in-box"
-    source: str = "hidden"  # "hidden", or a module name / pattern (`*` one dotted segment) in activations
+    source: str = "hidden"  # "hidden", or a module name / pattern (as --capture-modules) in activations
     folds: int = 5
     permutations: int = 20  # control task permutations (p-value resolution 1/(1+permutations))
     seed: int = 0
@@ -371,11 +371,6 @@ def _catalog(lake) -> tuple[Catalog, bool]:
     return Catalog(lake, timeout_s=QUERY_TIMEOUT_S, memory_limit="4GB"), True
 
 
-def module_pattern(pattern: str) -> re.Pattern:
-    """A module name pattern as a regular expression: ``*`` stands for one dotted segment."""
-    return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
-
-
 def _check_run(cat: Catalog, run: str) -> None:
     check_run_name(run)
     if queries.run_info(cat, run).empty:
@@ -401,23 +396,21 @@ def _units(cat: Catalog, run: str, source: str) -> dict[str, list[tuple[int | No
     if mods.empty:
         raise ProbeError(f"run {run!r} stores no module activations to probe with --source {source}: extract it "
                          "with --capture-modules PATTERN and --keep-hidden all (or sample:N), or use --source hidden")
-    rx = module_pattern(source)
-    hit = mods[mods.module.map(lambda m: bool(rx.match(m)))]
+    hit = mods[mods.module.map(lambda m: module_matches(source, m))]
     if hit.empty:
         names = sorted(set(mods.module))
         shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
         raise ProbeError(f"--source {source!r} matches no module stored for run {run!r} (`*` stands for one dotted "
-                         f"segment); its modules are: {shown}")
+                         f"segment, `**` any number); its modules are: {shown}")
     return {s: [(None if pd.isna(lay) else int(lay), str(m)) for lay, m in zip(g.layer, g.module)]
             for s, g in hit.groupby("stream", sort=True)}
 
 
 def _vector_examples(cat: Catalog, run: str) -> set[int]:
-    """Examples with a stored hidden vector in any stream (read at each stream's lowest vector layer)."""
+    """Examples with a stored hidden vector in any stream (:func:`lake.queries.hidden_vector_examples`)."""
     out: set[int] = set()
-    layers = pq.hidden_vector_layers(cat, run)
-    for s, g in layers.groupby("stream"):
-        out |= set(pq.vector_examples(cat, run, "hidden_states", s, layer=int(g.layer.min())).example_id.astype(int))
+    for s in sorted(set(pq.hidden_vector_layers(cat, run).stream)):
+        out |= set(queries.hidden_vector_examples(cat, run, s).example_id.astype(int))
     return out
 
 

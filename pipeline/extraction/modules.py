@@ -18,25 +18,12 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from pipeline.capture import HookPoint
+from pipeline.capture_config import module_matches as matches
 from pipeline.models.hooks import layer_slots
 
 NEAREST = 3  # names a refusal offers
-
-
-def matches(pattern: str, name: str) -> bool:
-    """Whether module ``name`` matches ``pattern`` (``*`` one segment, ``**`` any number)."""
-    return _match(pattern.split("."), name.split("."))
-
-
-def _match(pat: list[str], segs: list[str]) -> bool:
-    if not pat:
-        return not segs
-    if pat[0] == "**":
-        return any(_match(pat[1:], segs[i:]) for i in range(len(segs) + 1))
-    return bool(segs) and fnmatchcase(segs[0], pat[0]) and _match(pat[1:], segs[1:])
 
 
 def match_modules(names: list[str], patterns: tuple[str, ...]) -> list[str]:
