@@ -169,9 +169,15 @@ class BatchSink:
                                         ids=ids.reshape(*tok.shape, k), mask=sl.valid))
             if not point.store:
                 return
-            norm = h.float().norm(dim=-1)  # [batch, token]
-            vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
+            norm, vec = self._stored(h)
             self.out.append(HiddenOut(point.stream, point.layer, norm=norm, vectors=vec))
+
+    def _stored(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``hidden_states`` and ``activations`` keep of ``h`` ``[batch, token, dim]``: every token's
+        norm, and the vectors (float16) of the examples whose vectors are stored (None when none is)."""
+        norm = h.float().norm(dim=-1)  # [batch, token]
+        vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
+        return norm, vec
 
     def _module(self, point: HookPoint, tensor: torch.Tensor) -> None:
         """A --capture-modules module's output: laid over its stream's tokens now, or once the streams it
@@ -221,9 +227,7 @@ class BatchSink:
                                     "sequence or image tokens (a pooled output, or a tower's of another token count, "
                                     "cannot be stored)")
         stream, index, mask = found
-        h = t.gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))  # [batch, token, dim]
-        norm = h.float().norm(dim=-1)
-        vec = h[self._vec_rows.to(h.device)].to(torch.float16) if len(self._vec_rows) else None
+        norm, vec = self._stored(t.gather(1, index[:, :, None].expand(-1, -1, t.shape[-1])))  # [batch, token, dim]
         return ActivationOut(stream, point.layer, module=point.name, norm=norm, vectors=vec, mask=mask)
 
     def _value(self, point: HookPoint, tensor: torch.Tensor) -> None:
