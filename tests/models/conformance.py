@@ -19,8 +19,7 @@ apply to every family live here and run over every family from ``tests/models/te
   family declares): the stored ``activations`` against a forward hook this suite registers on the model
   alone while it runs the case's ``reference`` (a tower run crop by crop or packed, named in
   ``FamilyCase.crops``: its output for the example alone, crops or packed patches laid one after another
-  here); a stream whose block is refused by design is named in ``FamilyCase.refused`` and its refusal
-  checked.
+  here).
 
 A family joins the suite in a few lines. Its test file defines a :class:`FamilyCase` per variant and
 lists them in a module-level ``CASES``; ``tests/models/test_conformance.py`` names the module in
@@ -153,8 +152,6 @@ class FamilyCase:
         tokens of two other streams (Mllama's ``lm_cross``: lm tokens over vision tokens). When given, every
         stored row's query and key are checked to be tokens of those streams (of the stream itself for the
         others), and the statistic of a cross stream reads its queries and keys from them.
-    refused : streams whose blocks ``--capture-modules`` refuses by design; the other streams' last blocks
-        are captured in the case's lake (:func:`check_modules`).
     crops : streams of a tower whose batch is not the examples: run on one example, its modules output
         that example's crops ``[crop, n, dim]`` or its packed patches ``[(1,) patches, dim]``, which
         :func:`check_modules` lays one after another (``seq_pos = crop * n + patch``, as
@@ -182,7 +179,6 @@ class FamilyCase:
     row_atol: float = 1e-3
     key_streams: dict[str, tuple[str, ...]] = field(default_factory=dict)
     cross: tuple[tuple[str, str, str], ...] = ()
-    refused: tuple[str, ...] = ()
     crops: tuple[str, ...] = ()
     positions: Callable[[Subject, int, np.ndarray], np.ndarray] | None = None
     skip: frozenset[str] = frozenset()
@@ -205,11 +201,11 @@ def built(lake: Path) -> Subject:
 
 def build_lake(mdir: Path, manifest: Path, lake: Path, case: FamilyCase, **more) -> Path:
     """Run the extraction of ``case`` into ``lake`` (the one place the suite calls the pipeline), capturing
-    the last block of each stream not refused (:func:`check_modules`); ``more``: other options."""
+    the last block of each stream (:func:`check_modules`); ``more``: other options."""
     opts = {**case.extract, **more}
     if "capture_modules" not in opts:
         blocks = last_blocks(mdir)
-        opts["capture_modules"] = ",".join(m for st, m in blocks.items() if st not in case.refused) or None
+        opts["capture_modules"] = ",".join(blocks.values()) or None
     extract(str(mdir), manifest, lake, case.run, progress=False, **opts)
     return lake
 
@@ -502,12 +498,9 @@ def check_modules(s: Subject) -> None:
     """The activations of each stream's last block (captured in the case's lake) = the block's own output
     in the reference pass, at every token of example 0 of that stream (norms; vectors to float16
     precision), with the block's stream and layer; a tower's (``FamilyCase.crops``) at every example
-    too, each cut from the batch's crops or packed sequence where the others' come before it; a refused
-    stream's block is refused with one line."""
+    too, each cut from the batch's crops or packed sequence where the others' come before it."""
     case = s.case
-    blocks = last_blocks(s.mdir)
-    kept = {st: m for st, m in blocks.items() if st not in case.refused}
-    assert set(case.refused) <= set(blocks), case.refused
+    kept = last_blocks(s.mdir)
     got = raw(s.lake, "SELECT a.stream, a.module, a.layer, a.example_id, a.norm, a.vec, t.seq_pos, t.stream AS ts "
               "FROM {activations} a JOIN {tokens} t ON t.run = a.run AND t.example_id = a.example_id "
               "AND t.token_idx = a.token_idx WHERE a.run = $run", {"run": case.run})
@@ -532,14 +525,6 @@ def check_modules(s: Subject) -> None:
             vec = [np.asarray(v, np.float32) for v in rows.vec if isinstance(v, (list, np.ndarray))]
             assert len(vec) == len(rows), (case.id, ex, name)  # keep_hidden all: every vector
             np.testing.assert_allclose(np.stack(vec), want, rtol=5e-3, atol=5e-3, err_msg=f"{case.id} ex {ex} {name}")
-    for stream in case.refused:  # refused before a row is written, with one line naming the module
-        import pytest
-
-        name = blocks[stream]
-        with pytest.raises(ValueError) as e:
-            build_lake(s.mdir, s.data / "manifest.jsonl", s.lake.parent / f"refused-{stream}", case,
-                       capture_modules=name, limit=2, keep_attention="none", keep_hidden="none", explain=None)
-        assert f"module {name} outputs shape" in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def check_probe_tokens(s: Subject) -> None:
@@ -555,7 +540,8 @@ def check_probe_tokens(s: Subject) -> None:
     cat = Catalog(s.lake)
     try:
         ex = pq.probe_examples(cat, run)
-        streams = sorted(set(pq.hidden_vector_layers(cat, run).stream))
+        layers = pq.hidden_vector_layers(cat, run)
+        streams = sorted(set(layers.stream))
         assert streams, s.case.id
         for stream in streams:
             tok = pq.probe_tokens(cat, run, stream)
@@ -571,7 +557,7 @@ def check_probe_tokens(s: Subject) -> None:
             image = select_tokens(tok, ex, "mean-image")
             assert sorted(image[image.example_id == 0].token_idx) == sorted(t0[t0.modality == "image"].token_idx)
             if len(last):  # the vectors at the picked tokens are the stored ones, one per example
-                layer = int(pq.hidden_vector_layers(cat, run).query("stream == @stream").layer.max())
+                layer = int(layers[layers.stream == stream].layer.max())
                 vecs = pq.selected_vectors(cat, run, "hidden_states", stream,
                                            (last.example_id.tolist(), last.token_idx.tolist()), layer=layer)
                 x, groups = features(vecs, "last")
