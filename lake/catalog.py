@@ -27,7 +27,7 @@ import duckdb
 import pandas as pd
 
 from lake import sandbox
-from lake.commit import chunk_committed, chunk_rel, run_statuses, state_rel
+from lake.commit import NOT_CHUNKED, chunk_committed, chunk_rel, run_statuses, state_rel
 from lake.errors import LakeError, QueryError, first_line
 from lake.schema import RUNS, TABLES
 from lake.store import Store, open_store
@@ -97,11 +97,12 @@ class Catalog:
     def _state(self) -> tuple:
         """What, when it changes, changes what the views must read: the runs' files (a run added,
         completed, replaced or deleted), the done markers of runs still running (a chunk
-        committed), the maps of ``vlatlas embed`` and the probes of ``vlatlas probe``."""
+        committed), and the files of the tables later steps write (``lake.commit.NOT_CHUNKED``: maps,
+        probes, interventions)."""
         return (tuple(self.store.list_info(RUNS.name, recursive=False)),
                 tuple(tuple(self.store.list(state_rel(r), recursive=False))
                       for r, status in sorted(self._runs.items()) if status != "complete"),
-                tuple(self.store.list_info("embeddings")), tuple(self.store.list_info("probes")))
+                *(tuple(self.store.list_info(name)) for name in NOT_CHUNKED))
 
     def refresh(self) -> None:
         """Recreate every view from the lake's committed chunks."""

@@ -31,7 +31,8 @@ from lake.schema import IMAGES, RUNS, Table
 from lake.store import Store, open_store
 
 STATE_DIR = "_state"
-NOT_CHUNKED = ("embeddings", "probes")  # tables written whole by later steps (embed, probe), never by a chunk
+NOT_CHUNKED = ("embeddings", "probes", "interventions")  # tables written by later steps (embed, probe, intervene),
+# each file whole and committed by appearing, never by an extraction chunk's marker
 CHUNK_FILE = re.compile(r"^part-(\d{6})\.parquet$")
 IMAGE_FILE = re.compile(r"^part-(.+)-(\d{6})\.parquet$")
 MARKER_FILE = re.compile(r"^chunk-(\d{6})\.done$")

@@ -346,10 +346,36 @@ PROBES = Table(
     "task on permuted labels, with its selectivity and permutation p-value.",
 )
 
+INTERVENTIONS = Table(
+    "interventions",
+    pa.schema(
+        [
+            ("intervention", pa.string()),  # the key of one `vlatlas intervene` (kind and options); rerunning it resumes
+            ("example_id", pa.int64()),
+            ("kind", pa.string()),  # heads, knockout, regions
+            ("method", pa.string()),  # heads: mean/zero; knockout: "text->image" ...; regions: box or an explanation
+            ("stream", pa.string()),  # null where it does not apply (regions)
+            ("layer", pa.int32()),  # heads: the head's layer; knockout: the window's first layer
+            ("head", pa.int32()),
+            ("spec", pa.string()),  # JSON: the token sets, layer window, region or fraction, curve
+            ("fraction", pa.float64()),  # regions: share of the image tokens removed (deletion) or kept (insertion)
+            ("metric", pa.string()),  # what metric_* measure: logprob, class_logit, match_logit, rank_logit, similarity
+            ("metric_before", pa.float64()),  # the model's own score of its original answer
+            ("metric_after", pa.float64()),  # the same score under the intervention (estimated: first-order)
+            ("answer_after", pa.string()),  # greedy answer or class under the intervention; null for a bare score
+            ("changed", pa.bool_()),  # answer_after differs from the original answer; null for a bare score
+            ("estimated", pa.bool_()),  # attribution patching (--estimate): metric_after is a first-order estimate
+        ]
+    ),
+    ("run",),
+    "vlatlas intervene: the model's score of its own answer before and after an intervention (a head "
+    "ablated, attention edges knocked out in a window of layers, image regions removed), per example.",
+)
+
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (RUNS, EXAMPLES, TOKENS, ATTENTION, HEAD_STATS, HIDDEN_STATES, EMBEDDINGS, IMAGES, ERRORS,
-              RELEVANCY, VALUE_NORMS, SINKS, LENS, ACTIVATIONS, PROBES)
+              RELEVANCY, VALUE_NORMS, SINKS, LENS, ACTIVATIONS, PROBES, INTERVENTIONS)
 }
 
 # Head statistics (docs/DESIGN.md). The formulas live in pipeline/stats.py.

@@ -125,8 +125,11 @@ class Store:
             return pq.ParquetFile(f).metadata.num_rows
 
     def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read().decode()
+            return f.read()
 
     # -- writing ----------------------------------------------------------------------------
     def _atomic(self, rel: str, write: Callable[[object], None]) -> None:

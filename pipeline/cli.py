@@ -1,4 +1,4 @@
-"""The ``vlatlas`` command: extract, embed, probe, sql, app, demo.
+"""The ``vlatlas`` command: extract, embed, probe, intervene, sql, app, demo.
 
 Every failure a user can cause (a bad manifest, an unknown model family, a
 refused query, a lake that isn't one) ends in one sentence on stderr and a
@@ -280,6 +280,25 @@ def cmd_probe(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_intervene(a: argparse.Namespace) -> int:
+    from pipeline.extraction.executor import RayError
+    from pipeline.intervene.run import intervene
+
+    try:
+        s = intervene(a.lake, a.run, a.kind, device=a.device, batch_size=a.batch_size, overwrite=a.overwrite,
+                      progress=not a.quiet, ray=a.ray, ray_actors=a.ray_actors, ray_cpus=a.ray_cpus,
+                      ablate=a.ablate, streams=a.streams, layers=a.layers, heads=a.heads, estimate=a.estimate,
+                      window=a.window, sets=a.sets, regions=a.regions, methods=a.methods, fractions=a.fractions,
+                      replace=a.replace, limit=a.limit)
+    except KeyboardInterrupt:
+        print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RayError as e:
+        return _fail(str(e))
+    print(s.line())
+    return 0
+
+
 def _port(s: str) -> int:
     try:
         port = int(s)
@@ -388,6 +407,43 @@ def parser() -> argparse.ArgumentParser:
                     help="only this stream (repeatable; default every stream with vectors)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(fn=cmd_probe)
+
+    iv = sub.add_parser("intervene", help="causal tests over a run's examples: ablate heads, knock out attention "
+                                          "edges, remove image regions")
+    iv.add_argument("--lake", required=True)
+    iv.add_argument("--run", required=True)
+    iv.add_argument("--kind", required=True, help="heads, knockout or regions")
+    iv.add_argument("--ablate", default=None, help="heads: mean (each head's mean output over the examples; "
+                                                  "default) or zero")
+    iv.add_argument("--streams", default=None, metavar="S[,S]", help="the streams intervened on (default: every "
+                                                                    "stream the kind applies to)")
+    iv.add_argument("--layers", default=None, metavar="0,2-3", help="heads: these layers' heads (default all)")
+    iv.add_argument("--heads", default=None, metavar="L.H[,L.H]", help="heads: only these heads (exactly, also "
+                                                                       "with --estimate)")
+    iv.add_argument("--estimate", action="store_true", help="heads: attribution patching, every head of every "
+                                                            "example from one forward and one backward pass")
+    iv.add_argument("--window", type=int, default=None, help="knockout: layers blocked at once, sliding over the "
+                                                             "depth (default 1)")
+    iv.add_argument("--sets", default=None, metavar="A->B[,..]", help="knockout: text->image (default), "
+                    "generated->image, image->text, last->image")
+    iv.add_argument("--regions", default=None, help="regions: ranked (the top p%% of image tokens by each "
+                                                    "explanation; default) or boxes (each ground-truth box)")
+    iv.add_argument("--methods", default=None, metavar="M[,M]", help="regions ranked: attention, rollout, "
+                    "relevancy, value, random (default: every one the run holds, and random)")
+    iv.add_argument("--fractions", default=None, metavar="0,0.1,..", help="regions ranked: the fractions of "
+                                                                          "the curves (default 0, 0.1, ... 1)")
+    iv.add_argument("--replace", default=None, help="regions: pixels (the image's mean colour; default) or "
+                                                    "embedding (the mean image-token embedding)")
+    iv.add_argument("--limit", type=int, default=None, help="only the examples with example_id below this")
+    iv.add_argument("--batch-size", type=int, default=16, help="variants of one example per forward pass")
+    iv.add_argument("--device", default="cpu")
+    iv.add_argument("--overwrite", action="store_true", help="start this intervention anew")
+    iv.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run the chunks on a Ray cluster, as vlatlas extract --ray")
+    iv.add_argument("--ray-actors", type=int, default=None)
+    iv.add_argument("--ray-cpus", type=float, default=None)
+    iv.add_argument("--quiet", action="store_true", help="no progress bar")
+    iv.set_defaults(fn=cmd_intervene)
 
     q = sub.add_parser("sql", help="run a read-only SQL query over the lake's views")
     q.add_argument("--lake", required=True)

@@ -71,9 +71,19 @@ class LocalExecutor:
     def describe(self) -> dict:
         return describe(self.adapter)
 
-    def run(self, work: ChunkWork, chunks: dict[int, list], bar, summary: Summary) -> None:
+    def run(self, work, chunks: dict[int, list], bar, summary: Summary) -> None:
+        if not isinstance(work, ChunkWork):  # another step's chunks (vlatlas intervene): work.run_on
+            for c in sorted(chunks):
+                res = work.run_on(self.adapter, self.adapter.device, c, chunks[c], bar)
+                summary.add(Summary(summary.run, "", res["extracted"], res["skipped"], res["truncated"],
+                                    errors=res["errors"]))
+            return
         summary.workers = work.workers
         run_chunks(self.adapter, work, chunks, bar, summary)
+
+    def call(self, fn, *args):
+        """``fn(adapter, *args)`` with the model this executor holds."""
+        return fn(self.adapter, *args)
 
     def close(self) -> None:
         pass
@@ -108,9 +118,18 @@ class ChunkWorker:
     def describe(self) -> dict:
         return describe(self.adapter)
 
-    def run_chunk(self, work: ChunkWork, chunk: int, rows: list, progress) -> dict:
-        """Run one chunk into the lake; return its counts for the driver's summary."""
+    def call(self, fn, *args):
+        """``fn(adapter, *args)`` with the actor's model (a step's checks and passes that need the model)."""
+        return fn(self.adapter, *args)
+
+    def run_chunk(self, work, chunk: int, rows: list, progress) -> dict:
+        """Run one chunk into the lake; return its counts for the driver's summary. ``work``: a
+        :class:`ChunkWork`, or another step's (``vlatlas intervene``), which runs itself: ``work.run_on``."""
         from lake.writer import LakeWriter
+
+        if not isinstance(work, ChunkWork):
+            res = work.run_on(self.adapter, self.device, chunk, rows, _ProgressReporter(progress, chunk))
+            return {**res, "pid": os.getpid()}
 
         writer = LakeWriter(work.lake, work.run, work.metadata)
         if chunk not in writer.done_chunks():
@@ -223,7 +242,17 @@ class RayExecutor:
                            "install the same version on every node")
         return info
 
-    def run(self, work: ChunkWork, chunks: dict[int, list], bar, summary: Summary) -> None:
+    def call(self, fn, *args):
+        """``fn(adapter, *args)`` on the first actor (its result comes back by value)."""
+        try:
+            return self.ray.get(self.actors[0].call.remote(fn, *args))
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ValueError):  # a refusal (one sentence), raised here as it was there
+                raise cause from None
+            raise RayError(f"the Ray actor failed: {_last_line(cause or e)}") from None
+
+    def run(self, work, chunks: dict[int, list], bar, summary: Summary) -> None:
         """Run every chunk on the actors, updating ``bar`` and ``summary`` as they finish."""
         ray = self.ray
         summary.ray_actors = self.size

@@ -26,6 +26,8 @@ EXPECTED = {
     "activations": (["run", "stream", "module"], "example_id token_idx layer norm vec"),
     "probes": (["run"], "probe stream layer source target selector metric value control selectivity p_value "
                         "permutations folds n n_vectors confusion created_at"),
+    "interventions": (["run"], "intervention example_id kind method stream layer head spec fraction metric "
+                               "metric_before metric_after answer_after changed estimated"),
 }
 
 
