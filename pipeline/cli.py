@@ -291,7 +291,7 @@ def cmd_intervene(a: argparse.Namespace) -> int:
                       window=a.window, sets=a.sets, regions=a.regions, methods=a.methods, fractions=a.fractions,
                       replace=a.replace, limit=a.limit)
     except KeyboardInterrupt:
-        print(f"\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume.", file=sys.stderr)
+        print("\nvlatlas: stopped. Finished chunks are saved; run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RayError as e:
         return _fail(str(e))

@@ -29,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from lake.schema import ROLES_SPECIAL
 from pipeline.intervene.spec import InterventionError
 from pipeline.models.base import GEN_START, Inputs
 from pipeline.models.hooks import layer_slots, module_at
