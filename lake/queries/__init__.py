@@ -8,7 +8,8 @@ chosen by Python code, never from user input.
 
 One module per subject: ``runs``, ``examples`` (with tokens and images), ``stats`` (head
 statistics), ``attention`` (one example's weights and the explanation methods), ``hidden``
-(hidden states and maps), ``probes`` (what ``vlatlas probe`` reads, and its table), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
+(hidden states and maps), ``probes`` (what ``vlatlas probe`` reads, and its table), ``interventions`` (what ``vlatlas intervene`` ranks
+image tokens by, and its table), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
 page's worked examples) and ``filters`` (the example filter they share). Everything public is
 importable from ``lake.queries`` itself.
 
@@ -102,6 +103,17 @@ from lake.queries.probes import (
     probe_keys,
     stored_modules,
 )
+from lake.queries.interventions import (
+    intervention_keys,
+    intervention_methods,
+    head_effects,
+    knockout_effects,
+    region_curves,
+    box_effects,
+    example_changes,
+    example_intervened,
+    has_interventions,
+)
 
 __all__ = [
     "ExampleFilter",
@@ -170,4 +182,13 @@ __all__ = [
     "probe_rows",
     "probe_keys",
     "stored_modules",
+    "intervention_keys",
+    "intervention_methods",
+    "head_effects",
+    "knockout_effects",
+    "region_curves",
+    "box_effects",
+    "example_changes",
+    "example_intervened",
+    "has_interventions",
 ]
