@@ -71,6 +71,7 @@ from lake.queries.sql_examples import (
     EXPLAIN_ROWS,
     NEEDS,
     explain_rows,
+    worked_rows,
     sql_literal,
     example_sql,
 )
@@ -157,6 +158,7 @@ __all__ = [
     "EXPLAIN_ROWS",
     "NEEDS",
     "explain_rows",
+    "worked_rows",
     "sql_literal",
     "example_sql",
     "n_heads",

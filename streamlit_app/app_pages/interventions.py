@@ -200,14 +200,14 @@ else:
         table = table.rename(columns={"deletion": "deletion area", "insertion": "insertion area"})
         st.markdown(f"**Area under each curve** (trapezoids over the fractions, of {title}): a good ranking "
                     "has a small deletion area (the score falls as its top tokens go) and a large insertion area.")
-        st.dataframe(table, hide_index=True, width="content", key="iv_auc")
+        st.dataframe(table, hide_index=True, width="content")
         st.caption("Deletion: the top fraction of the image tokens by each method removed; insertion: only the "
                    "top fraction kept. `random` is the baseline a ranking should beat.")
     if len(boxes):
         st.markdown("#### Ground-truth boxes removed")
         export.show_chart(charts.box_effects_bars(boxes, metric=metric, description="iv-boxes"),
                           f"interventions-boxes-{c.run}", boxes, context=context)
-        st.dataframe(boxes, hide_index=True, width="content", key="iv_boxes")
+        st.dataframe(boxes, hide_index=True, width="content")
 
 # -- one example ---------------------------------------------------------------------------------------
 st.markdown("---")
@@ -242,4 +242,4 @@ else:
     st.markdown(f"Original answer: **{c.example.get('prediction')}**. {len(shown)} interventions change it "
                 f"({', '.join(f'{n} {k}' for k, n in shown.kind.value_counts().sort_index().items())}); the largest "
                 "drop of the score first.")
-    st.dataframe(shown, hide_index=True, width="stretch", key="iv_changes")
+    st.dataframe(shown, hide_index=True, width="stretch")
