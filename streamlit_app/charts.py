@@ -667,7 +667,7 @@ def region_curves(d: pd.DataFrame, *, value: str, value_title: str,
            alt.Tooltip(f"{value}:Q", format=".4g", title=value_title),
            alt.Tooltip("changed:Q", format=".1%", title="answer changed"), alt.Tooltip("n:Q", title="examples")]
     return alt.Chart(d).mark_line(point=True).encode(
-        x=alt.X("fraction:Q", title="fraction of image tokens removed (deletion) / kept (insertion)",
+        x=alt.X("fraction:Q", title="fraction of the image tokens",
                 axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
         y=alt.Y(f"{value}:Q", title=value_title, scale=alt.Scale(zero=False)),
         color=alt.Color("method:N", title="ranked by", legend=alt.Legend(orient="right")),

@@ -106,19 +106,22 @@ if kind == "heads":
     with left:
         st.markdown(f"**Mean effect of ablating each head** ({ablate} ablation; {main_name})")
         export.show_chart(charts.head_heatmap(m, value_title=what, diverging=True, scale=charts.effect_scale(m.value),
-                                              description="iv-heads-effect"),
-                          f"interventions-heads-{c.run}-{stream}", m, context=f"{context} · stream {stream}")
+                                              cell=28, description="iv-heads-effect"),
+                          f"interventions-heads-{c.run}-{stream}", m, context=f"{context} · stream {stream}",
+                          width="content")
     means = state.q(queries.head_stat_dataset, c.run, stream, stat) if stat else pd.DataFrame()
     with right:
         if stat and len(means):
-            st.markdown(f"**{stat}** — {state.stat_help().get(stat, '')}")
+            st.markdown(f"**Mean {stat} of each head** over the run's examples")
             sm = means[["layer", "head", "mean", "n"]].rename(columns={"mean": "value"})
-            export.show_chart(charts.head_heatmap(sm, value_title=f"mean {stat}", diverging=False,
+            export.show_chart(charts.head_heatmap(sm, value_title=f"mean {stat}", diverging=False, cell=28,
                                                   description="iv-heads-stat"),
                               f"interventions-stat-{c.run}-{stream}-{stat}", sm,
-                              context=f"{context} · stream {stream} · {stat}")
+                              context=f"{context} · stream {stream} · {stat}", width="content")
         else:
             st.info(f"No head statistics are stored for stream `{stream}`.")
+        if stat:
+            st.caption(f"{stat}: {state.stat_help().get(stat, '')}")
     if stat and len(means):
         both = main[["stream", "layer", "head", "effect"]].merge(
             means[["layer", "head", "mean"]].rename(columns={"mean": "stat"}), on=["layer", "head"])
@@ -129,7 +132,7 @@ if kind == "heads":
         export.show_chart(charts.head_scatter(both, x="stat", y="effect", x_title=f"mean {stat}", y_title=what,
                                               description="iv-heads-scatter"),
                           f"interventions-scatter-{c.run}-{stream}-{stat}", both,
-                          context=f"{context} · stream {stream} · {stat} vs {what}")
+                          context=f"{context} · stream {stream} · {stat} vs {what}", width="content")
     worst = main.sort_values(["effect", "layer", "head"]).head(5)
     if len(worst):
         st.markdown("Heads whose ablation lowers the score most: " + ", ".join(
@@ -143,15 +146,17 @@ if kind == "heads":
         with e1:
             st.markdown("**Estimated mean effect** (gradient × the change of the head's output)")
             export.show_chart(charts.head_heatmap(em, value_title=f"estimated {what}", diverging=True,
-                                                  scale=charts.effect_scale(em.value), description="iv-heads-estimate"),
-                              f"interventions-estimate-{c.run}-{stream}", em, context=f"{context} · stream {stream}")
+                                                  scale=charts.effect_scale(em.value), cell=28,
+                                                  description="iv-heads-estimate"),
+                              f"interventions-estimate-{c.run}-{stream}", em,
+                              context=f"{context} · stream {stream}", width="content")
         with e2:
             rho_e = spearman(pair.estimate, pair.effect)
             st.markdown(f"Spearman rank correlation of the estimate and the exact effect: {rho_text(rho_e, len(pair))}.")
             export.show_chart(charts.head_scatter(pair, x="estimate", y="effect", x_title=f"estimated {what}",
                                                   y_title=f"exact {what}", description="iv-estimate-scatter"),
                               f"interventions-estimate-scatter-{c.run}-{stream}", pair,
-                              context=f"{context} · stream {stream} · estimate vs exact")
+                              context=f"{context} · stream {stream} · estimate vs exact", width="content")
     sources = [f"exact ablation from `{exact_key}`" if exact_key else None,
                f"estimates from `{est_key}`" if est_key else None]
     st.caption("Each cell: the mean over examples of the score after the head's output is replaced by "
@@ -164,7 +169,7 @@ elif kind == "knockout":
     st.markdown("**Attention knockout**: the edges from one token set to another blocked in a window of layers "
                 "(the rest of each row renormalised), the window sliding over the depth.")
     export.show_chart(charts.knockout_lines(d, metric=metric, description="iv-knockout"),
-                      f"interventions-knockout-{c.run}", d, context=context)
+                      f"interventions-knockout-{c.run}", d, context=context, width="content")
     lines = []
     for (pair, stream), g in d.groupby(["method", "stream"], sort=True):
         w = g.loc[g.effect.idxmin()]
@@ -189,7 +194,7 @@ else:
         value = state.get("ivnorm") if state.get("ivnorm") in ("score", "relative") else "score"
         title = f"mean {metric}" if value == "score" else f"mean {metric} after ÷ before"
         export.show_chart(charts.region_curves(curves, value=value, value_title=title, description="iv-curves"),
-                          f"interventions-curves-{c.run}", curves, context=f"{context} · {title}")
+                          f"interventions-curves-{c.run}", curves, context=f"{context} · {title}", width="content")
         auc = []
         for (meth, curve), g in curves.groupby(["method", "curve"], sort=True):
             g = g.sort_values("fraction")
@@ -206,7 +211,7 @@ else:
     if len(boxes):
         st.markdown("#### Ground-truth boxes removed")
         export.show_chart(charts.box_effects_bars(boxes, metric=metric, description="iv-boxes"),
-                          f"interventions-boxes-{c.run}", boxes, context=context)
+                          f"interventions-boxes-{c.run}", boxes, context=context, width="content")
         st.dataframe(boxes, hide_index=True, width="content")
 
 # -- one example ---------------------------------------------------------------------------------------
