@@ -167,7 +167,9 @@ def test_a_second_stream_and_a_statistic_picked(iv_lake, monkeypatch):
 def test_knockout_effect_by_window(iv_lake, monkeypatch):
     rows = stored(iv_lake)
     key = keys_of(rows, "knockout")
-    at = open_app(iv_lake, monkeypatch, PAGE, run=RUN, ex=0, intervention=key)
+    at = open_app(iv_lake, monkeypatch, PAGE, run=RUN, ex=0)
+    at.selectbox(key="w_intervention").select(key).run()  # picked on the page: the URL follows
+    assert not at.exception and at.query_params["intervention"] == key
     _, data = chart(at, "iv-knockout")
     d = data[0]
     k = rows[rows.intervention == key]
