@@ -266,3 +266,30 @@ def test_sql_worked_examples_on_the_table(iv_lake, monkeypatch):
     exact = rows[(rows.kind == "heads") & ~rows.estimated]
     eff = (exact.metric_after - exact.metric_before).groupby([exact.stream, exact.layer, exact["head"], exact.method]).mean()
     assert got.effect.iloc[0] == pytest.approx(eff.min())
+
+
+@pytest.mark.browser
+def test_every_kind_draws_in_the_browser(iv_lake, browser):
+    """Each kind's charts reach the browser and vega draws them, with no exception and no JavaScript
+    error (one server, one tab)."""
+    from urllib.parse import quote
+
+    from tests.browser import open_page, require_chromium, serve
+
+    require_chromium()
+    rows = stored(iv_lake)
+    want = {keys_of(rows, "heads", estimated=False, method="mean"): 5, keys_of(rows, "knockout"): 1,
+            keys_of(rows, "regions", method="random"): 1, keys_of(rows, "regions", method="box"): 1}
+    n_changed = int((rows.changed.fillna(False).astype(bool) & (rows.example_id == CHANGED_EX)).sum())
+    with serve(iv_lake) as url:
+        for key, n in want.items():
+            page, problems = open_page(browser, f"{url}/interventions?run={RUN}&ex={CHANGED_EX}&"
+                                                f"intervention={quote(key)}", viewport={"width": 1400, "height": 900})
+            drawn = page.locator('[data-testid="stVegaLiteChart"]')
+            assert drawn.count() == n, (key, drawn.count())
+            assert page.locator('[data-testid="stVegaLiteChart"] canvas, '
+                                '[data-testid="stVegaLiteChart"] svg').count() >= n
+            text = page.inner_text('[data-testid="stMainBlockContainer"]')
+            assert f"What changes the answer of example #{CHANGED_EX}" in text and f"{n_changed} interventions change it" in text
+            assert not problems, problems
+            page.close()
