@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from tests.browser import chromium, serve, settle  # noqa: E402
 
-PAGES = ("Examples", "Head summary", "Attention", "Hidden states", "Compare", "SQL", "Probes")
+PAGES = ("Examples", "Head summary", "Attention", "Hidden states", "Compare", "SQL", "Probes", "Interventions")
 SHOTS = {"Examples": "examples", "Head summary": "head_summary", "Attention": "attention",
-         "Hidden states": "hidden_states", "Compare": "compare", "SQL": "sql", "Probes": "probes"}
+         "Hidden states": "hidden_states", "Compare": "compare", "SQL": "sql", "Probes": "probes",
+         "Interventions": "interventions"}
 SETTLE_WAIT = 0.5  # settle() waits this long to see that the run has ended
 
 

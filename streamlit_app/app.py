@@ -42,6 +42,7 @@ page = st.navigation([
     st.Page(HERE / "app_pages" / "hidden_states.py", title="Hidden states", icon=":material/scatter_plot:"),
     st.Page(HERE / "app_pages" / "compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page(HERE / "app_pages" / "probes.py", title="Probes", icon=":material/psychology:"),
+    st.Page(HERE / "app_pages" / "interventions.py", title="Interventions", icon=":material/content_cut:"),
     st.Page(HERE / "app_pages" / "sql.py", title="SQL", icon=":material/database:"),
 ])
 

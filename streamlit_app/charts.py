@@ -62,7 +62,7 @@ def head_cells(m: pd.DataFrame) -> pd.DataFrame:
 
 def head_heatmap(m: pd.DataFrame, *, value_title: str, diverging: bool,
                  selected: tuple[int, int | str] | None = None, cell: int = 34,
-                 description: str = "head-summary") -> alt.Chart:
+                 description: str = "head-summary", scale: alt.Scale | None = None) -> alt.Chart:
     """Layers × heads heatmap of a statistic, with a layer-mean column; click a cell to select it.
 
     Parameters
@@ -72,6 +72,7 @@ def head_heatmap(m: pd.DataFrame, *, value_title: str, diverging: bool,
     diverging : z-scores (diverging scale around 0) instead of raw values.
     selected : ``(layer, head)`` to outline; head may be ``"mean"``.
     description : the spec's description, which names the chart (tests find charts by it).
+    scale : the colour scale, instead of :func:`value_scale`'s (e.g. :func:`effect_scale`).
     """
     d = head_cells(m)
     if selected is not None:
@@ -90,7 +91,7 @@ def head_heatmap(m: pd.DataFrame, *, value_title: str, diverging: bool,
         y=alt.Y("layer:O", sort="ascending", title="layer"),
     )
     rect = base.mark_rect(stroke="white", strokeWidth=0.5).encode(
-        color=alt.Color("value:Q", scale=value_scale(d.value, diverging), title=value_title,
+        color=alt.Color("value:Q", scale=scale or value_scale(d.value, diverging), title=value_title,
                         legend=alt.Legend(orient="right", gradientLength=max(60, cell * len(layers)))),
         tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("col:N", title="head"),
                  alt.Tooltip("value:Q", format=fmt, title=value_title), alt.Tooltip("raw:Q", format=fmt),
@@ -609,3 +610,80 @@ def confusion_heatmap(labels: list[str], counts: list[list[int]], *, cell: int =
         text="count:Q", color=alt.condition("datum.share > 0.5", alt.value("black"), alt.value("white")))
     return alt.layer(rect, text).properties(width=cell * len(labels), height=cell * len(labels),
                                             description=description, autosize=PAD)
+
+
+# -- interventions ------------------------------------------------------------------------------
+CURVE_DASH = {"deletion": [1, 0], "insertion": [5, 3]}
+
+
+def effect_scale(values: pd.Series) -> alt.Scale:
+    """A diverging scale symmetric around 0 at the values' largest magnitude, however small: an
+    ablation's effect on a score has its own units (no ±1 floor as for z-scores); blue is a drop."""
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    a = float(v.abs().max()) if len(v) else 0.0
+    a = a if a > 0 else 1.0
+    return alt.Scale(scheme=DIVERGING, reverse=True, domain=[-a, a], domainMid=0)
+
+
+def head_scatter(d: pd.DataFrame, *, x: str, y: str, x_title: str, y_title: str, color: str | None = None,
+                 width: int = 360, height: int = 260, description: str = "iv-scatter") -> alt.LayerChart:
+    """One point per head: ``x`` against ``y`` (``d`` has stream, layer, head and both columns), with a
+    dotted rule at y = 0; the tooltip names the head. ``color``: a column telling series apart."""
+    tip = [alt.Tooltip("stream:N"), alt.Tooltip("layer:Q"), alt.Tooltip("head:Q"),
+           alt.Tooltip(f"{x}:Q", format=".4g", title=x_title), alt.Tooltip(f"{y}:Q", format=".4g", title=y_title)]
+    enc = dict(x=alt.X(f"{x}:Q", title=x_title, scale=alt.Scale(zero=False)),
+               y=alt.Y(f"{y}:Q", title=y_title, scale=alt.Scale(zero=False)), tooltip=tip)
+    if color:
+        enc["color"] = alt.Color(f"{color}:N", title=None, legend=alt.Legend(orient="bottom"))
+    rule = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="grey", strokeDash=[2, 3]).encode(y="y:Q")
+    points = alt.Chart(d).mark_circle(size=60, opacity=0.8).encode(**enc)
+    return alt.layer(rule, points).properties(width=width, height=height, description=description, autosize=PAD)
+
+
+def knockout_lines(d: pd.DataFrame, *, metric: str, description: str = "iv-knockout") -> alt.Chart:
+    """Knockout: the mean effect by the window's first layer, one line per set pair (and stream), and
+    the share of examples whose answer changed below it."""
+    d = d.copy()
+    several = d["stream"].nunique() > 1
+    d["edges"] = d["method"] + (" · " + d["stream"].astype(str) if several else "")
+    x = alt.X("layer:O", title="first layer of the window", axis=alt.Axis(labelAngle=0))
+    color = alt.Color("edges:N", title="blocked", legend=alt.Legend(orient="right"))
+    tip = [alt.Tooltip("edges:N", title="blocked"), alt.Tooltip("window:N", title="layers"),
+           alt.Tooltip("effect:Q", format=".4g", title=f"mean Δ {metric}"),
+           alt.Tooltip("changed:Q", format=".1%", title="answer changed"), alt.Tooltip("n:Q", title="examples")]
+    effect = alt.Chart(d).mark_line(point=True).encode(
+        x=x, y=alt.Y("effect:Q", title=f"mean Δ {metric}"), color=color, tooltip=tip).properties(width=420, height=200)
+    changed = alt.Chart(d).mark_line(point=True).encode(
+        x=x, y=alt.Y("changed:Q", title="answer changed", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        color=color, tooltip=tip).properties(width=420, height=110)
+    return alt.vconcat(effect, changed).properties(description=description)
+
+
+def region_curves(d: pd.DataFrame, *, value: str, value_title: str,
+                  description: str = "iv-curves") -> alt.Chart:
+    """Deletion and insertion curves side by side: ``value`` against the fraction of image tokens
+    removed (deletion) or kept (insertion), one line per ranking method."""
+    tip = [alt.Tooltip("method:N"), alt.Tooltip("curve:N"), alt.Tooltip("fraction:Q", format=".0%"),
+           alt.Tooltip(f"{value}:Q", format=".4g", title=value_title),
+           alt.Tooltip("changed:Q", format=".1%", title="answer changed"), alt.Tooltip("n:Q", title="examples")]
+    return alt.Chart(d).mark_line(point=True).encode(
+        x=alt.X("fraction:Q", title="fraction of the image tokens",
+                axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y(f"{value}:Q", title=value_title, scale=alt.Scale(zero=False)),
+        color=alt.Color("method:N", title="ranked by", legend=alt.Legend(orient="right")),
+        tooltip=tip,
+    ).properties(width=330, height=230).facet(
+        column=alt.Column("curve:N", title=None, sort=list(CURVE_DASH))).properties(description=description)
+
+
+def box_effects_bars(d: pd.DataFrame, *, metric: str, description: str = "iv-boxes") -> alt.Chart:
+    """Box regions: the mean effect of removing a box's image tokens, one bar per box label."""
+    h = max(60, 22 * len(d))
+    return alt.Chart(d).mark_bar().encode(
+        y=alt.Y("label:N", sort=d["label"].tolist(), title="box label"),
+        x=alt.X("effect:Q", title=f"mean Δ {metric} with the box removed"),
+        color=alt.condition("datum.effect < 0", alt.value("#4c78a8"), alt.value("#e45756")),
+        tooltip=[alt.Tooltip("label:N"), alt.Tooltip("effect:Q", format=".4g", title=f"mean Δ {metric}"),
+                 alt.Tooltip("changed:Q", format=".1%", title="answer changed"), alt.Tooltip("boxes:Q"),
+                 alt.Tooltip("examples:Q"), alt.Tooltip("fraction:Q", format=".1%", title="share of the image tokens")],
+    ).properties(width=420, height=h, description=description, autosize=PAD)

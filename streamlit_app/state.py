@@ -37,6 +37,9 @@ also its URL query parameter, so a view can be shared by its URL:
 ``hlayer`` ``color`` ``tok`` ``nn``
             the Hidden states page: map layer (hidden-state layer, 0 = embeddings), point
             colour, selected token (token_idx in the selected example), neighbour scope
+``intervention`` ``ivstream`` ``ivstat`` ``ivnorm``
+            the Interventions page: the intervention shown (its key), the stream of its heads
+            heatmap, the attention statistic beside it, the curves' score (``score`` or ``relative``)
 ==========  =================================================================
 
 Each page declares its own keys, defaults and URL parsers in a :class:`PageState` (``ATTENTION``,
@@ -138,7 +141,11 @@ COMPARE = PageState("Compare", {
 SQL = PageState("SQL", {"sql": None, "sql_x": None, "sql_y": None, "sql_color": None, "sql_mark": "auto"})
 # the probe shown, and the stream and layer of its confusion matrix
 PROBES = PageState("Probes", {"probe": None, "pstream": None, "player": None}, {"player": int})
-PAGES = (SHARED, EXAMPLES, HEAD_SUMMARY, ATTENTION, HIDDEN_STATES, COMPARE, SQL, PROBES)
+# the intervention shown, its heads' stream, the attention statistic beside their effects, and the
+# regions curves' score: the mean score after, or relative to the score before
+INTERVENTIONS = PageState("Interventions", {"intervention": None, "ivstream": None, "ivstat": None,
+                                            "ivnorm": "score"}, {"ivnorm": _choice(("score", "relative"))})
+PAGES = (SHARED, EXAMPLES, HEAD_SUMMARY, ATTENTION, HIDDEN_STATES, COMPARE, SQL, PROBES, INTERVENTIONS)
 
 DEFAULTS: dict[str, object] = {}
 PARSE: dict[str, object] = {}

@@ -8,7 +8,8 @@ chosen by Python code, never from user input.
 
 One module per subject: ``runs``, ``examples`` (with tokens and images), ``stats`` (head
 statistics), ``attention`` (one example's weights and the explanation methods), ``hidden``
-(hidden states and maps), ``probes`` (what ``vlatlas probe`` reads, and its table), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
+(hidden states and maps), ``probes`` (what ``vlatlas probe`` reads, and its table), ``interventions`` (what ``vlatlas intervene`` ranks
+image tokens by, and its table), ``groups`` (the Compare page's two groups), ``sql_examples`` (the SQL
 page's worked examples) and ``filters`` (the example filter they share). Everything public is
 importable from ``lake.queries`` itself.
 
@@ -70,6 +71,7 @@ from lake.queries.sql_examples import (
     EXPLAIN_ROWS,
     NEEDS,
     explain_rows,
+    worked_rows,
     sql_literal,
     example_sql,
 )
@@ -101,6 +103,17 @@ from lake.queries.probes import (
     probe_rows,
     probe_keys,
     stored_modules,
+)
+from lake.queries.interventions import (
+    intervention_keys,
+    intervention_methods,
+    head_effects,
+    knockout_effects,
+    region_curves,
+    box_effects,
+    example_changes,
+    example_intervened,
+    has_interventions,
 )
 
 __all__ = [
@@ -145,6 +158,7 @@ __all__ = [
     "EXPLAIN_ROWS",
     "NEEDS",
     "explain_rows",
+    "worked_rows",
     "sql_literal",
     "example_sql",
     "n_heads",
@@ -170,4 +184,13 @@ __all__ = [
     "probe_rows",
     "probe_keys",
     "stored_modules",
+    "intervention_keys",
+    "intervention_methods",
+    "head_effects",
+    "knockout_effects",
+    "region_curves",
+    "box_effects",
+    "example_changes",
+    "example_intervened",
+    "has_interventions",
 ]

@@ -75,3 +75,81 @@ def intervention_keys(cat, run: str) -> pd.DataFrame:
                   "count(DISTINCT example_id) AS examples, count(*) AS rows, bool_or(estimated) AS estimated "
                   "FROM interventions WHERE run = $run GROUP BY intervention ORDER BY kind, intervention",
                   {"run": run})
+
+
+# -- what the Interventions page reads -------------------------------------------------------------
+def head_effects(cat, run: str, method: str) -> pd.DataFrame:
+    """intervention, stream, layer, head, estimated, effect (the mean of ``metric_after - metric_before``
+    over examples), n (examples), changed (the share of examples whose answer changed; null for
+    estimates) of every head ablated with ``method`` (``mean`` or ``zero``) in any heads intervention of
+    a run: the page pairs one intervention's exact rows with another's estimates."""
+    return cat.df("SELECT intervention, stream, layer, head, estimated, avg(metric_after - metric_before) AS effect, "
+                  "count(*) AS n, avg(CAST(changed AS DOUBLE)) AS changed FROM interventions "
+                  "WHERE run = $run AND kind = 'heads' AND method = $method "
+                  "GROUP BY ALL ORDER BY intervention, stream, layer, head, estimated",
+                  {"run": run, "method": method})
+
+
+def knockout_effects(cat, run: str, intervention: str) -> pd.DataFrame:
+    """method (the blocked set pair, e.g. ``text->image``), stream, layer (the window's first layer),
+    window (its layers, JSON), effect (mean of ``metric_after - metric_before``), changed (share of
+    examples whose answer changed), n (examples) of a knockout intervention."""
+    return cat.df("SELECT method, stream, layer, any_value(json_extract(spec, '$.layers')::VARCHAR) AS window, "
+                  "avg(metric_after - metric_before) AS effect, avg(CAST(changed AS DOUBLE)) AS changed, "
+                  "count(*) AS n FROM interventions WHERE run = $run AND intervention = $iv AND kind = 'knockout' "
+                  "GROUP BY method, stream, layer ORDER BY method, stream, layer",
+                  {"run": run, "iv": intervention})
+
+
+def region_curves(cat, run: str, intervention: str) -> pd.DataFrame:
+    """method, curve (``deletion``: the top fraction of image tokens removed; ``insertion``: only the
+    top fraction kept), fraction, score (mean ``metric_after``), relative (mean of ``metric_after /
+    metric_before``, over examples whose ``metric_before`` is not 0), changed (share of examples whose
+    answer changed), n (examples) of a ranked regions intervention, by method, curve, fraction."""
+    return cat.df("SELECT method, json_extract_string(spec, '$.curve') AS curve, fraction, "
+                  "avg(metric_after) AS score, avg(metric_after / nullif(metric_before, 0)) AS relative, "
+                  "avg(CAST(changed AS DOUBLE)) AS changed, count(*) AS n FROM interventions "
+                  "WHERE run = $run AND intervention = $iv AND kind = 'regions' AND method <> 'box' "
+                  "GROUP BY ALL ORDER BY method, curve, fraction", {"run": run, "iv": intervention})
+
+
+def box_effects(cat, run: str, intervention: str) -> pd.DataFrame:
+    """label (the box's), effect (mean of ``metric_after - metric_before`` over the boxes removed),
+    changed (share of those whose removal changed the answer), boxes, examples, fraction (mean share
+    of the image tokens removed) of a box regions intervention, by label."""
+    return cat.df("SELECT coalesce(json_extract_string(spec, '$.label'), '(no label)') AS label, "
+                  "avg(metric_after - metric_before) AS effect, avg(CAST(changed AS DOUBLE)) AS changed, "
+                  "count(*) AS boxes, count(DISTINCT example_id) AS examples, avg(fraction) AS fraction "
+                  "FROM interventions WHERE run = $run AND intervention = $iv AND kind = 'regions' "
+                  "AND method = 'box' GROUP BY label ORDER BY effect, label", {"run": run, "iv": intervention})
+
+
+def example_changes(cat, run: str, example_id: int) -> pd.DataFrame:
+    """Every intervention row of one example whose answer changed (``changed``): intervention, kind,
+    method, stream, layer, head, spec, fraction, metric, metric_before, metric_after, effect,
+    answer_after; the largest drop of the score first."""
+    return cat.df("SELECT intervention, kind, method, stream, layer, head, spec, fraction, metric, metric_before, "
+                  "metric_after, metric_after - metric_before AS effect, answer_after FROM interventions "
+                  "WHERE run = $run AND example_id = $ex AND changed "
+                  "ORDER BY effect, kind, intervention, method, stream, layer, head, fraction",
+                  {"run": run, "ex": int(example_id)})
+
+
+def example_intervened(cat, run: str, example_id: int) -> int:
+    """How many intervention rows with an answer (``changed`` not null) one example has."""
+    d = cat.df("SELECT count(changed) AS n FROM interventions WHERE run = $run AND example_id = $ex",
+               {"run": run, "ex": int(example_id)})
+    return int(d.n.iloc[0])
+
+
+def has_interventions(cat, run: str) -> bool:
+    """Whether the run has rows in ``interventions`` (the SQL page offers its worked examples then)."""
+    d = cat.df("SELECT EXISTS (SELECT 1 FROM interventions WHERE run = $run) AS has", {"run": run})
+    return bool(d.has.iloc[0])
+
+
+def intervention_methods(cat, run: str) -> pd.DataFrame:
+    """intervention, method, rows: the methods each intervention of a run holds (heads: ``mean`` or
+    ``zero``; knockout: the set pairs; regions: ``box`` or the explanations ranked), by intervention, method."""
+    return cat.df("SELECT intervention, method, count(*) AS rows FROM interventions WHERE run = $run "
+                  "GROUP BY ALL ORDER BY intervention, method", {"run": run})

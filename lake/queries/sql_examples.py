@@ -115,15 +115,67 @@ JOIN tokens t ON t.run = s.run AND t.example_id = s.example_id AND t.token_idx =
 WHERE s.run = {run}
 GROUP BY ALL
 ORDER BY tokens DESC""",
+    "Heads that matter (vlatlas intervene)": """\
+-- Heads whose exact ablation lowers the score of the model's own answer most (effect = score after - before,
+-- mean over examples), beside their mean {stat_name}: which heads look, and which heads matter;
+-- empty until `vlatlas intervene --kind heads` has run
+WITH a AS (
+  SELECT stream, layer, head, method AS ablation, avg(metric_after - metric_before) AS effect,
+         avg(CAST(changed AS DOUBLE)) AS answer_changed, count(*) AS examples
+  FROM interventions
+  WHERE run = {run} AND kind = 'heads' AND NOT estimated
+  GROUP BY ALL
+), s AS (
+  SELECT stream, layer, head, avg(value) AS {stat_ident}
+  FROM head_stats WHERE run = {run} AND stat = {stat}
+  GROUP BY ALL
+)
+SELECT a.*, s.{stat_ident}
+FROM a LEFT JOIN s USING (stream, layer, head)
+ORDER BY effect, stream, layer, head
+LIMIT 20""",
+    "Deletion and insertion areas (vlatlas intervene)": """\
+-- The area under each ranking's deletion and insertion curve: the mean score of the original answer at each
+-- fraction of image tokens removed (deletion) or kept (insertion), summed in trapezoids over the fractions;
+-- empty until `vlatlas intervene --kind regions` has run
+WITH c AS (
+  SELECT json_extract_string(spec, '$.replace') AS replace, method,
+         json_extract_string(spec, '$.curve') AS curve, fraction, avg(metric_after) AS score
+  FROM interventions
+  WHERE run = {run} AND kind = 'regions' AND method <> 'box'
+  GROUP BY ALL
+), t AS (
+  SELECT *, lag(fraction) OVER w AS prev_fraction, lag(score) OVER w AS prev_score
+  FROM c WINDOW w AS (PARTITION BY replace, method, curve ORDER BY fraction)
+)
+SELECT replace, method, curve, count(*) AS fractions,
+       sum((fraction - prev_fraction) * (score + prev_score) / 2) AS area
+FROM t
+GROUP BY ALL
+ORDER BY replace, curve, area, method""",
+    "What changes an answer (vlatlas intervene)": """\
+-- Every intervention that changes the answer of example {example_id} (a head ablated, edges knocked out in a
+-- window of layers, image regions removed), the largest drop of the score first;
+-- empty until `vlatlas intervene` has run
+SELECT kind, method, stream, layer, head, fraction, spec, metric, metric_before, metric_after,
+       metric_after - metric_before AS effect, answer_after
+FROM interventions
+WHERE run = {run} AND example_id = {example_id} AND changed
+ORDER BY effect, kind, method
+LIMIT 100""",
 }
 
 
-# The worked examples that read what only ``--explain`` writes, and the rows each needs (the names of
-# :func:`explain_rows`): on a run without them they return no rows, so the SQL page leaves them out.
+# The worked examples that read what only ``--explain`` or ``vlatlas intervene`` writes, and the rows each
+# needs (the names of :func:`worked_rows`): on a run without them they return no rows, so the SQL page
+# leaves them out.
 NEEDS: dict[str, str] = {
     "Contribution norms (--explain value)": "value_norms",
     "Rollout to the image (--explain rollout)": "rollout",
     "Sink tokens (--explain sinks)": "sinks",
+    "Heads that matter (vlatlas intervene)": "interventions",
+    "Deletion and insertion areas (vlatlas intervene)": "interventions",
+    "What changes an answer (vlatlas intervene)": "interventions",
 }
 
 
@@ -143,6 +195,14 @@ def explain_rows(cat, run: str) -> set[str]:
                "EXISTS (SELECT 1 FROM relevancy WHERE run = $run AND method = 'rollout') AS rollout, "
                "EXISTS (SELECT 1 FROM sinks WHERE run = $run) AS sinks", {"run": run})
     return {k for k in EXPLAIN_ROWS if bool(d[k].iloc[0])}
+
+
+def worked_rows(cat, run: str) -> set[str]:
+    """:func:`explain_rows`, and ``interventions`` when the run has rows there: what the worked examples
+    of :data:`NEEDS` need."""
+    from lake.queries.interventions import has_interventions
+
+    return explain_rows(cat, run) | ({"interventions"} if has_interventions(cat, run) else set())
 
 
 def sql_literal(text: str) -> str:

@@ -51,16 +51,17 @@ def _load(sql: str | None) -> None:
         state.set_value(k, None)
 
 
-# the examples over --explain tables only where the run has their rows (elsewhere they return none);
-# a button keeps its key (its place in EXAMPLE_SQL) whichever are offered
-has = state.q(queries.explain_rows, c.run)
+# the examples over --explain tables and interventions only where the run has their rows (elsewhere they
+# return none); a button keeps its key (its place in EXAMPLE_SQL) whichever are offered
+has = state.q(queries.worked_rows, c.run)
 offered = [(i, t, sql) for i, (t, sql) in enumerate(worked.items())
            if t not in queries.NEEDS or queries.NEEDS[t] in has]
 cols = st.columns(4)
 for n, (i, title, sql) in enumerate(offered):
     cols[n % 4].button(title, key=f"sql_example_{i}", on_click=_load, args=(sql,), width="stretch")
 WHAT = queries.EXPLAIN_ROWS  # what each left-out example shows, and the --explain method that writes its rows
-missing = [queries.NEEDS[t] for t in worked if t in queries.NEEDS and queries.NEEDS[t] not in has]
+missing = [queries.NEEDS[t] for t in worked if t in queries.NEEDS and queries.NEEDS[t] not in has
+           and queries.NEEDS[t] in WHAT]
 
 
 def _and(items: list[str]) -> str:
@@ -75,6 +76,9 @@ for found, why in ((False, "run `{run}` was extracted without {methods}"), (True
             run=c.run, methods=_and([f"`--explain {WHAT[k][1]}`" for k in keys])) + ")")
 if parts:
     st.caption("Not offered, as they would return no rows: the worked examples on " + "; ".join(parts) + ".")
+if "interventions" not in has:
+    st.caption(f"The worked examples on the `interventions` table appear once run `{c.run}` has some: "
+               f"`vlatlas intervene --lake {c.lake} --run {c.run} --kind heads` (or `knockout`, `regions`).")
 
 with st.expander("Views and columns"):
     st.markdown("\n".join(

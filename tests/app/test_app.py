@@ -92,7 +92,7 @@ def check_every_page(lake, monkeypatch, run: str, ex: int, att_streams: list[str
     for page, streams in (("app_pages/examples.py", None), ("app_pages/head_summary.py", att_streams),
                           ("app_pages/attention.py", att_streams), ("app_pages/hidden_states.py", hid_streams),
                           ("app_pages/sql.py", None), ("app_pages/compare.py", att_streams),
-                          ("app_pages/probes.py", None)):
+                          ("app_pages/probes.py", None), ("app_pages/interventions.py", None)):
         at = open_app(lake, monkeypatch, page=page, run=run, ex=ex)
         assert not at.exception, (page, at.exception)
         if streams is not None:
@@ -101,6 +101,9 @@ def check_every_page(lake, monkeypatch, run: str, ex: int, att_streams: list[str
             assert not box.disabled
         if page == "app_pages/probes.py":  # no run here has probes yet: the page says how to make one
             assert any(f"Run **{run}** has no probes yet" in i.value for i in at.info), [i.value for i in at.info]
+        if page == "app_pages/interventions.py":  # nor interventions: the page says how to make them
+            assert any(f"Run **{run}** has no interventions yet" in i.value and "vlatlas intervene" in i.value
+                       for i in at.info), [i.value for i in at.info]
         if page == "app_pages/examples.py":
             table = at.dataframe[0].value
             assert table.example_id.tolist() == examples.example_id.tolist()

@@ -145,7 +145,8 @@ def test_time_to_interactive_per_page(server, browser, capsys):
     has finished, printed as figures (the issue's target is 2 s on the demo lake; no assertion on time)."""
     page, _ = _open(browser, f"{server}/?ex={LONG}", charts=False)
     figures = {}
-    for name in ("Head summary", "Attention", "Hidden states", "Compare", "SQL", "Probes", "Examples"):
+    for name in ("Head summary", "Attention", "Hidden states", "Compare", "SQL", "Probes", "Interventions",
+                 "Examples"):
         t = time.perf_counter()
         page.locator('[data-testid="stSidebarNav"] a', has_text=name).first.click()
         time.sleep(0.2)

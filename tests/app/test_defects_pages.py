@@ -130,6 +130,11 @@ def test_map_points_at_the_edge_are_drawn_whole(tiny_lake, monkeypatch):
 
 
 # -- SQL ------------------------------------------------------------------------------------------------
+# the worked examples on the interventions table: offered only where the run has rows there
+# (tests/app/test_interventions_page.py), so never on this lake
+INTERVENTION_TITLES = {t for t, rows in NEEDS.items() if rows == "interventions"}
+
+
 def _offered(at) -> dict[str, object]:
     return {b.label: b for b in at.button if (b.key or "").startswith("sql_example_")}
 
@@ -146,7 +151,7 @@ def test_explain_worked_examples_are_offered_only_where_the_run_has_their_rows(e
     # --explain sinks,value,rollout on a model too narrow for sinks: contribution norms and rollout, no sinks
     at = open_app(explain_lake, monkeypatch, page=SQL, run="ex", ex=1, layer=1, head=0)
     offered = _offered(at)
-    assert set(offered) == set(EXAMPLE_SQL) - {"Sink tokens (--explain sinks)"}
+    assert set(offered) == set(EXAMPLE_SQL) - {"Sink tokens (--explain sinks)"} - INTERVENTION_TITLES
     assert next(str(c.value) for c in at.caption if "Not offered" in str(c.value)) == (
         "Not offered, as they would return no rows: the worked examples on sink tokens (`--explain sinks` found none "
         "in this run).")
@@ -207,5 +212,6 @@ def test_the_notes_reach_the_browser(explain_lake, browser):
         assert not buttons & set(NEEDS) and set(EXAMPLE_SQL) - set(NEEDS) <= buttons, buttons
         body("sql?run=ex")
         buttons = {b.strip() for b in page.locator('[data-testid="stButton"] button').all_inner_texts()}
-        assert set(EXAMPLE_SQL) - {"Sink tokens (--explain sinks)"} <= buttons, buttons
+        assert set(EXAMPLE_SQL) - {"Sink tokens (--explain sinks)"} - INTERVENTION_TITLES <= buttons, buttons
+        assert not buttons & INTERVENTION_TITLES, buttons  # no interventions in this lake
         assert not errors, errors
