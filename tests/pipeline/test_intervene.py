@@ -1,0 +1,609 @@
+"""``vlatlas intervene`` against independent computations, on tiny models of every family class.
+
+The families: ViLT (an encoder, VQA head), CLIP (a dual encoder), BLIP's matching head (a text
+encoder with cross-attention to the image) and LLaVA (a decoder). Each gets a lake built by the real
+pipeline over three scenes, and every expected number comes from transformers' own model run here
+with hooks and weights of the test's making (a copy of the model with a head's columns of its
+output projection zeroed; an attention mask built by hand; pixels painted by hand before the
+processor; gradients by ``torch.autograd.grad``), never from ``pipeline.intervene``.
+
+The random models' linear layers are redrawn at the scale ``1/sqrt(fan_in)`` (HF's init is 0.02):
+with it a head or an image region moves the score by far more than the tolerance, so a wrong
+head, edge or region would show.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from lake.catalog import Catalog
+from pipeline.extraction.run import extract
+from pipeline.intervene.run import intervene
+from pipeline.models.family import MAX_NEW_TOKENS
+from tests.tiny import make_manifest, make_tiny_vilt
+
+RTOL = ATOL = 1e-4
+SPECIAL = ("cls", "sep", "bos", "eos", "image_cls")
+LLAVA_IMAGE, LLAVA_EOS = 4, 2
+
+
+def close(stored, expected, what: str = "") -> None:
+    np.testing.assert_allclose(np.asarray(stored, float), np.asarray(expected, float), rtol=RTOL, atol=ATOL,
+                               err_msg=what)
+
+
+def rows_of(lake, key: str, where: str = "TRUE"):
+    cat = Catalog(lake)
+    try:
+        return cat.df(f"SELECT * FROM interventions WHERE intervention = ? AND {where} "
+                      "ORDER BY example_id, stream, layer, head, method, fraction, spec", [key])
+    finally:
+        cat.close()
+
+
+def lake_tokens(lake, run: str, ex: int):
+    cat = Catalog(lake)
+    try:
+        return cat.df("SELECT * FROM tokens WHERE run = ? AND example_id = ? ORDER BY token_idx", [run, ex])
+    finally:
+        cat.close()
+
+
+def rescale(model) -> None:
+    """Linear weights at ``1/sqrt(fan_in)`` (random biases on output projections too): heads and regions
+    that matter."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
+# -- the families: the model alone, its inputs and its score ------------------------------------------
+class Family:
+    """How a family's transformers model is run and scored here (no pipeline code)."""
+
+    name = run = ""
+    out_paths: dict[str, str] = {}  # stream -> the attention output projection of layer {l}
+
+    def __init__(self, mdir: Path, lake: Path, manifest: Path):
+        self.mdir, self.lake, self.manifest = mdir, lake, manifest
+        self.rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+        self.model, self.proc = self.load()
+
+    def image(self, ex: int) -> Image.Image:
+        return Image.open(self.manifest.parent / self.rows[ex]["image"]).convert("RGB")
+
+    def text(self, ex: int) -> str:
+        return self.rows[ex]["text"]
+
+    def out(self, model, stream: str, layer: int) -> torch.nn.Linear:
+        return model.get_submodule(self.out_paths[stream].format(l=layer))
+
+    # the scored pass: ``prep`` (inputs + what the score needs), ``score`` of a model on it
+    def prep(self, ex: int, image=None) -> dict:
+        raise NotImplementedError
+
+    def score(self, model, p: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def answer(self, model, p: dict):
+        return None
+
+
+class Vilt(Family):
+    name = run = "vilt"
+    out_paths = {"self": "vilt.encoder.layer.{l}.attention.output.dense"}
+
+    def load(self):
+        from transformers import ViltForQuestionAnswering, ViltProcessor
+
+        return ViltForQuestionAnswering.from_pretrained(self.mdir).eval(), ViltProcessor.from_pretrained(self.mdir)
+
+    def prep(self, ex, image=None):
+        enc = self.proc(images=[image or self.image(ex)], text=[self.text(ex)], return_tensors="pt")
+        with torch.no_grad():
+            cls = int(self.model(**enc).logits.argmax(-1)[0])
+        return {"enc": enc, "cls": cls, "T": enc["input_ids"].shape[1]}
+
+    def score(self, model, p):
+        return model(**p["enc"]).logits[0, p["cls"]]
+
+    def answer(self, model, p):
+        with torch.no_grad():
+            return model.config.id2label[int(model(**p["enc"]).logits.argmax(-1)[0])]
+
+
+class Clip(Family):
+    name = run = "clip"
+    out_paths = {"text": "text_model.encoder.layers.{l}.self_attn.out_proj",
+                 "vision": "vision_model.encoder.layers.{l}.self_attn.out_proj"}
+
+    def load(self):
+        from transformers import CLIPModel, CLIPProcessor
+
+        return (CLIPModel.from_pretrained(self.mdir, attn_implementation="eager").eval(),
+                CLIPProcessor.from_pretrained(self.mdir))
+
+    def prep(self, ex, image=None):
+        return {"enc": self.proc(images=[image or self.image(ex)], text=[self.text(ex)], return_tensors="pt",
+                                 padding=True)}
+
+    def score(self, model, p):
+        return model(**p["enc"]).logits_per_image[0, 0]
+
+
+class Blip(Family):
+    name = run = "blip"
+    out_paths = {"text": "text_encoder.encoder.layer.{l}.attention.output.dense",
+                 "cross": "text_encoder.encoder.layer.{l}.crossattention.output.dense",
+                 "vision": "vision_model.encoder.layers.{l}.self_attn.projection"}
+
+    def load(self):
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        return (BlipForImageTextRetrieval.from_pretrained(self.mdir, attn_implementation="eager").eval(),
+                BlipProcessor.from_pretrained(self.mdir))
+
+    def prep(self, ex, image=None):
+        return {"enc": self.proc(images=[image or self.image(ex)], text=[self.text(ex)], return_tensors="pt")}
+
+    def score(self, model, p):
+        return model(**p["enc"], use_itm_head=True).itm_score[0, 1]
+
+    def answer(self, model, p):
+        with torch.no_grad():
+            return "match" if int(model(**p["enc"], use_itm_head=True).itm_score.argmax(-1)[0]) == 1 else "no match"
+
+
+class Llava(Family):
+    name = run = "llava"
+    out_paths = {"lm": "model.language_model.layers.{l}.self_attn.o_proj",
+                 "vision": "model.vision_tower.encoder.layers.{l}.self_attn.out_proj"}
+
+    def load(self):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        return (LlavaForConditionalGeneration.from_pretrained(self.mdir, attn_implementation="eager").eval(),
+                AutoProcessor.from_pretrained(self.mdir))
+
+    def prompt(self, ex, image=None):
+        return self.proc(images=[image or self.image(ex)], text=[f"<image> {self.text(ex)}"], return_tensors="pt")
+
+    def generate(self, model, enc) -> list[int]:
+        with torch.no_grad():
+            seq = model.generate(**enc, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                 suppress_tokens=[LLAVA_IMAGE])[0, enc["input_ids"].shape[1]:].tolist()
+        return seq[:seq.index(LLAVA_EOS) + 1] if LLAVA_EOS in seq else seq
+
+    def prep(self, ex, image=None, answer=None):
+        """The scored pass: the prompt (on ``image``) with the original answer (generated on the
+        example's own image) appended."""
+        if answer is None:
+            answer = self.generate(self.model, self.prompt(ex))
+        enc = self.prompt(ex, image)
+        P = enc["input_ids"].shape[1]
+        ids = torch.cat([enc["input_ids"], torch.tensor([answer])], 1)
+        return {"enc": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": enc["pixel_values"]},
+                "prompt": enc, "answer": answer, "P": P}
+
+    def score(self, model, p):
+        logits = model(**p["enc"], use_cache=False).logits[0].float()
+        n, T = len(p["answer"]), p["enc"]["input_ids"].shape[1]
+        logp = logits[T - n - 1:T - 1].log_softmax(-1)
+        return logp[torch.arange(n), torch.tensor(p["answer"])].sum()
+
+    def answer(self, model, p):
+        ids = self.generate(model, p["prompt"])
+        return self.proc.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def build(cls, tmp: Path, make_model) -> Family:
+    mdir = make_model(tmp / "model")
+    manifest = make_manifest(tmp / "data", 3)
+    extract(str(mdir), manifest, tmp / "lake", cls.run, batch_size=3, progress=False,
+            explain="rollout,relevancy,value")
+    return cls(mdir, tmp / "lake", manifest)
+
+
+def _saved_rescaled(loader):
+    def make(out):
+        out = loader(out)
+        import transformers as tf
+
+        cfg = tf.AutoConfig.from_pretrained(out)
+        model = getattr(tf, cfg.architectures[0]).from_pretrained(out)
+        rescale(model)
+        model.save_pretrained(out)
+        return out
+    return make
+
+
+@pytest.fixture(scope="module")
+def vilt(tmp_path_factory):
+    return build(Vilt, tmp_path_factory.mktemp("iv_vilt"), _saved_rescaled(make_tiny_vilt))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from tests.models.test_dual import make_tiny_dual
+
+    return build(Clip, tmp_path_factory.mktemp("iv_clip"), _saved_rescaled(lambda o: make_tiny_dual(o, "clip")))
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    from tests.models.test_blip import make_tiny_blip
+
+    return build(Blip, tmp_path_factory.mktemp("iv_blip"),
+                 _saved_rescaled(lambda o: make_tiny_blip(o, "retrieval")))
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from tests.models.test_llava import make_tiny_llava
+
+    return build(Llava, tmp_path_factory.mktemp("iv_llava"), make_tiny_llava)
+
+
+FAMILIES = ["vilt", "clip", "blip", "llava"]
+
+
+@pytest.fixture(params=FAMILIES)
+def fam(request) -> Family:
+    return request.getfixturevalue(request.param)
+
+
+# -- independent pieces: a head's mean, an ablated copy --------------------------------------------------
+def head_inputs(f: Family, model, stream: str, layer: int, p: dict, grad: bool = False):
+    """The input of a layer's output projection on the scored pass ``p`` (and the score)."""
+    seen = {}
+
+    def hook(mod, args):
+        seen["x"] = args[0]
+
+    h = f.out(model, stream, layer).register_forward_pre_hook(hook)
+    try:
+        with torch.set_grad_enabled(grad):
+            s = f.score(model, p)
+    finally:
+        h.remove()
+    return seen["x"], s
+
+
+def heads_of(f: Family, stream: str) -> int:
+    m = f.model
+    cfg = {"self": m.config, "text": getattr(m.config, "text_config", None),
+           "cross": getattr(m.config, "text_config", None), "vision": getattr(m.config, "vision_config", None),
+           "lm": getattr(m.config, "text_config", None)}[stream]
+    return int(cfg.num_attention_heads)
+
+
+def head_mean(f: Family, stream: str, layer: int) -> torch.Tensor:
+    """Every position of every example's scored pass, pooled: ``[heads * d]``."""
+    xs = [head_inputs(f, f.model, stream, layer, f.prep(ex))[0].detach().reshape(-1, f.out(f.model, stream, layer).in_features)
+          for ex in range(len(f.rows))]
+    return torch.cat(xs).mean(0)
+
+
+def ablated(f: Family, stream: str, layer: int, head: int, mean: torch.Tensor | None):
+    """A copy of the model with head ``head``'s columns of the output projection zeroed (and, for the mean,
+    their projection of the head's mean added to the bias)."""
+    model = copy.deepcopy(f.model)
+    lin = f.out(model, stream, layer)
+    d = lin.in_features // heads_of(f, stream)
+    sl = slice(head * d, (head + 1) * d)
+    with torch.no_grad():
+        add = None if mean is None else lin.weight[:, sl] @ mean[sl]
+        lin.weight[:, sl] = 0
+        if add is not None:
+            if lin.bias is None:
+                lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features))
+            lin.bias += add
+    return model
+
+
+# sites ablated per family (stream, layer, head): BLIP's cross and text streams, LLaVA's language model
+SITES = {"vilt": [("self", 0, 1), ("self", 1, 0)], "clip": [("text", 1, 0), ("vision", 0, 1)],
+         "blip": [("cross", 0, 1), ("text", 1, 0)], "llava": [("lm", 0, 1), ("lm", 1, 0)]}
+
+
+def check_heads(f: Family, ablate: str) -> None:
+    heads = ",".join(f"{l}.{h}" for _, l, h in SITES[f.name])
+    streams = ",".join(sorted({s for s, _, _ in SITES[f.name]}))
+    s = intervene(f.lake, f.run, "heads", ablate=ablate, heads=heads, streams=streams, progress=False)
+    got = rows_of(f.lake, s.key)
+    # --heads names (layer, head) pairs, ablated in each stream asked
+    assert len(got) == len(f.rows) * len(SITES[f.name]) * len(streams.split(","))
+    effects = []
+    for stream, layer, head in SITES[f.name]:
+        mean = head_mean(f, stream, layer) if ablate == "mean" else None
+        model = ablated(f, stream, layer, head, mean)
+        for ex in range(len(f.rows)):
+            p = f.prep(ex)
+            r = got[(got.example_id == ex) & (got.stream == stream) & (got.layer == layer) & (got["head"] == head)]
+            assert len(r) == 1, (stream, layer, head, ex)
+            r = r.iloc[0]
+            with torch.no_grad():
+                before, after = float(f.score(f.model, p)), float(f.score(model, p))
+            close(r.metric_before, before, f"{f.name} before ex {ex}")
+            close(r.metric_after, after, f"{f.name} {stream} {layer}.{head} {ablate} ex {ex}")
+            effects.append(abs(after - before))
+            ans = f.answer(model, p)
+            if ans is not None:
+                assert r.answer_after == ans, (stream, layer, head, ex)
+                assert bool(r.changed) == (ans != f.answer(f.model, p))
+            else:
+                assert r.answer_after is None and pd.isna(r.changed)
+    assert max(effects) > 100 * ATOL  # the ablations matter: a wrong head would show
+
+
+# -- 1, 2: heads ------------------------------------------------------------------------------------------
+def test_zero_ablation_equals_zeroed_columns(fam):
+    check_heads(fam, "zero")
+
+
+@pytest.mark.parametrize("name", ["vilt", "llava", "blip"])
+def test_mean_ablation_equals_columns_zeroed_and_mean_in_bias(request, name):
+    check_heads(request.getfixturevalue(name), "mean")
+
+
+# -- 5: the estimate ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vilt", "llava"])
+def test_estimate_equals_gradient_formula(request, name):
+    f = request.getfixturevalue(name)
+    stream = {"vilt": "self", "llava": "lm"}[name]
+    s = intervene(f.lake, f.run, "heads", estimate=True, streams=stream, progress=False)
+    got = rows_of(f.lake, s.key)
+    H = heads_of(f, stream)
+    L = len(got.layer.unique())
+    assert len(got) == len(f.rows) * L * H and got.estimated.all() and got.answer_after.isna().all()
+    means = {layer: head_mean(f, stream, layer) for layer in range(L)}
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        xs = {}
+        hooks = [f.out(f.model, stream, layer).register_forward_pre_hook(
+            lambda mod, args, layer=layer: xs.__setitem__(layer, args[0])) for layer in range(L)]
+        try:
+            score = f.score(f.model, p)
+        finally:
+            for h in hooks:
+                h.remove()
+        grads = torch.autograd.grad(score, [xs[layer] for layer in range(L)])
+        for layer, g in enumerate(grads):
+            x = xs[layer].detach()
+            d = x.shape[-1] // H
+            for head in range(H):
+                sl = slice(head * d, (head + 1) * d)
+                e = float((g[..., sl] * (means[layer][sl] - x[..., sl])).sum())
+                r = got[(got.example_id == ex) & (got.layer == layer) & (got["head"] == head)].iloc[0]
+                close(r.metric_after - r.metric_before, e, f"{name} estimate {layer}.{head} ex {ex}")
+                close(r.metric_before, float(score))
+
+
+# -- 3: knockout ---------------------------------------------------------------------------------------------
+def mask_hooks(attn: torch.nn.Module, block: torch.Tensor, out: torch.nn.Module, positional: bool = False):
+    """Hooks of the test's own: ``block`` ([q, k] bool) added as -inf to the attention module's mask
+    argument, and a row with every key blocked given no weight (its NaN context zeroed before the
+    output projection)."""
+    def add(mask, q, k):
+        neg = torch.zeros(q, k).masked_fill(block, float("-inf"))
+        if mask is None:
+            return neg[None, None]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        return mask.expand(mask.shape[0], mask.shape[1], q, k) + neg[None, None]
+
+    def pre(mod, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        k = block.shape[1]
+        if positional:
+            return (args[0], add(args[1], x.shape[1], k)) + tuple(args[2:]), kwargs
+        key = "attention_mask"
+        return args, {**kwargs, key: add(kwargs.get(key), x.shape[1], k)}
+
+    def zero_nan(mod, args):
+        return (torch.nan_to_num(args[0], nan=0.0),) + tuple(args[1:])
+
+    return [attn.register_forward_pre_hook(pre, with_kwargs=True), out.register_forward_pre_hook(zero_nan)]
+
+
+def knocked(f: Family, p: dict, hooks: list) -> float:
+    try:
+        with torch.no_grad():
+            return float(f.score(f.model, p))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_knockout_vilt_equals_hand_built_mask(vilt):
+    f = vilt
+    s = intervene(f.lake, f.run, "knockout", sets="text->image,last->image", progress=False)
+    got = rows_of(f.lake, s.key)
+    assert set(got.method) == {"text->image", "last->image"} and set(got.stream) == {"self"}
+    effects = []
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        T = p["T"]  # ViLT: the text (its [CLS] and [SEP] too), then the image ([CLS] and patches)
+        with torch.no_grad():
+            S = f.model.vilt(**p["enc"]).last_hidden_state.shape[1]
+        for layer in (0, 1):
+            for method, rows in (("text->image", slice(0, T)), ("last->image", slice(0, 1))):
+                block = torch.zeros(S, S, dtype=torch.bool)
+                block[rows, T:] = True
+                blk = f.model.vilt.encoder.layer[layer].attention
+                want = knocked(f, p, mask_hooks(blk.attention, block, blk.output.dense, positional=True))
+                r = got[(got.example_id == ex) & (got.layer == layer) & (got.method == method)].iloc[0]
+                assert json.loads(r.spec)["layers"] == [layer]
+                close(r.metric_after, want, f"vilt {method} layer {layer} ex {ex}")
+                effects.append(abs(want - r.metric_before))
+    assert max(effects) > 100 * ATOL
+
+
+def test_knockout_llava_equals_hand_built_mask(llava):
+    f = llava
+    s = intervene(f.lake, f.run, "knockout", sets="text->image,generated->image", streams="lm", progress=False)
+    got = rows_of(f.lake, s.key)
+    assert set(got.method) == {"text->image", "generated->image"} and set(got.stream) == {"lm"}
+    effects = []
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        ids = p["enc"]["input_ids"][0]
+        P, T = p["P"], len(ids)
+        image = (ids == LLAVA_IMAGE)
+        text = ~image & (torch.arange(T) < P)
+        gen = torch.arange(T) >= P
+        for layer in (0, 1):
+            for method, q in (("text->image", text), ("generated->image", gen)):
+                block = q[:, None] & image[None, :]
+                attn = f.model.model.language_model.layers[layer].self_attn
+                want = knocked(f, p, mask_hooks(attn, block, attn.o_proj))
+                r = got[(got.example_id == ex) & (got.layer == layer) & (got.method == method)].iloc[0]
+                close(r.metric_after, want, f"llava {method} layer {layer} ex {ex}")
+                effects.append(abs(want - r.metric_before))
+    assert max(effects) > 100 * ATOL
+
+
+def test_knockout_blip_cross_text_rows_get_nothing(blip):
+    f = blip
+    s = intervene(f.lake, f.run, "knockout", sets="text->image", streams="cross", progress=False)
+    got = rows_of(f.lake, s.key)
+    assert set(got.stream) == {"cross"} and len(got) == 2 * len(f.rows)
+    effects = []
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        for layer in (0, 1):
+            # every key of every text row blocked: the cross-attention's output is zero there
+            h = f.model.text_encoder.encoder.layer[layer].crossattention.self.register_forward_hook(
+                lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+            want = knocked(f, p, [h])
+            r = got[(got.example_id == ex) & (got.layer == layer)].iloc[0]
+            close(r.metric_after, want, f"blip cross layer {layer} ex {ex}")
+            effects.append(abs(want - r.metric_before))
+    assert max(effects) > 100 * ATOL
+
+
+def test_knockout_clip_last_row_of_the_vision_tower(clip):
+    f = clip
+    s = intervene(f.lake, f.run, "knockout", sets="last->image", streams="vision", progress=False)
+    got = rows_of(f.lake, s.key)
+    assert set(got.stream) == {"vision"} and len(got) == 2 * len(f.rows)
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        S = 1 + (f.model.config.vision_config.image_size // f.model.config.vision_config.patch_size) ** 2
+        block = torch.zeros(S, S, dtype=torch.bool)
+        block[0, :] = True  # the [CLS] row: every image token, itself included
+        for layer in (0, 1):
+            attn = f.model.vision_model.encoder.layers[layer].self_attn
+            want = knocked(f, p, mask_hooks(attn, block, attn.out_proj))
+            r = got[(got.example_id == ex) & (got.layer == layer)].iloc[0]
+            close(r.metric_after, want, f"clip last->image layer {layer} ex {ex}")
+
+
+# -- 4: regions ---------------------------------------------------------------------------------------------
+def painted(image: Image.Image, boxes) -> Image.Image:
+    arr = np.asarray(image).copy()
+    colour = np.round(arr.reshape(-1, 3).mean(0)).astype(np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        arr[int(math.floor(y0)):int(math.ceil(y1)), int(math.floor(x0)):int(math.ceil(x1))] = colour
+    return Image.fromarray(arr)
+
+
+def region_score(f: Family, ex: int, image) -> float:
+    if isinstance(f, Llava):
+        p = f.prep(ex, image, answer=f.prep(ex)["answer"])  # the ORIGINAL answer, on the new image
+    else:
+        p = f.prep(ex, image)
+        if isinstance(f, Vilt):
+            p["cls"] = f.prep(ex)["cls"]  # the originally predicted class
+    with torch.no_grad():
+        return float(f.score(f.model, p))
+
+
+@pytest.mark.parametrize("name", ["vilt", "llava"])
+def test_region_ablation_equals_pixels_painted_by_hand(request, name):
+    f = request.getfixturevalue(name)
+    s = intervene(f.lake, f.run, "regions", regions="boxes", progress=False)
+    got = rows_of(f.lake, s.key)
+    assert len(got) == len(f.rows) and set(got.method) == {"box"}
+    effects = []
+    for _, r in got.iterrows():
+        spec = json.loads(r.spec)
+        t = lake_tokens(f.lake, f.run, int(r.example_id))
+        boxes = t.set_index("token_idx").loc[spec["tokens"], ["x0", "y0", "x1", "y1"]].to_numpy(float)
+        assert len(boxes) > 0
+        want = region_score(f, int(r.example_id), painted(f.image(int(r.example_id)), boxes))
+        close(r.metric_after, want, f"{name} box ex {r.example_id}")
+        effects.append(abs(want - r.metric_before))
+    # ranked: deleting every image token (and inserting none) paints every patch of the unit stream
+    s = intervene(f.lake, f.run, "regions", methods="random", fractions="0,0.5,1", progress=False)
+    got = rows_of(f.lake, s.key)
+    for ex in range(len(f.rows)):
+        g = got[got.example_id == ex]
+        spec = [json.loads(x) for x in g.spec]
+        stream = spec[0]["stream"]
+        t = lake_tokens(f.lake, f.run, ex)
+        units = t[(t.stream == stream) & (t.modality == "image") & ~t.role.isin(SPECIAL) & t.x0.notna()]
+        want = region_score(f, ex, painted(f.image(ex), units[["x0", "y0", "x1", "y1"]].to_numpy(float)))
+        for (curve, frac) in (("deletion", 1.0), ("insertion", 0.0)):
+            r = g[[x["curve"] == curve and x["fraction"] == frac for x in spec]].iloc[0]
+            assert json.loads(r.spec)["removed"] == len(units)
+            close(r.metric_after, want, f"{name} all removed ex {ex}")
+        # random at 0.5: the permutation seeded by the example, over the units in token order
+        order = np.random.default_rng(ex).permutation(len(units))
+        k = int(round(0.5 * len(units)))
+        half = units.iloc[np.sort(order[:k])][["x0", "y0", "x1", "y1"]].to_numpy(float)
+        r = g[[x["curve"] == "deletion" and x["fraction"] == 0.5 for x in spec]].iloc[0]
+        close(r.metric_after, region_score(f, ex, painted(f.image(ex), half)), f"{name} random half ex {ex}")
+        effects.append(abs(want - r.metric_before))
+    assert max(effects) > 100 * ATOL
+
+
+# -- 6: every kind on every family class ----------------------------------------------------------------------
+STREAMS = {"vilt": {"self"}, "clip": {"text", "vision"}, "blip": {"vision", "text", "cross"},
+           "llava": {"lm", "vision"}}
+KNOCK = {"vilt": {"text->image", "last->image", "image->text"}, "clip": {"last->image"},
+         "blip": {"text->image"}, "llava": {"text->image", "generated->image", "last->image", "image->text"}}
+
+
+def test_every_kind_on_every_family_class(fam):
+    f = fam
+    s = intervene(f.lake, f.run, "heads", ablate="zero", layers="0", progress=False)
+    got = rows_of(f.lake, s.key)
+    assert set(got.stream) == STREAMS[f.name] and set(got.layer) == {0} and set(got.kind) == {"heads"}
+    assert len(got) == len(f.rows) * sum(heads_of(f, st) for st in STREAMS[f.name])
+    s = intervene(f.lake, f.run, "knockout", sets=",".join(["text->image", "generated->image", "image->text",
+                                                             "last->image"]), progress=False)
+    got = rows_of(f.lake, s.key)
+    assert set(got.method) == KNOCK[f.name] and set(got.kind) == {"knockout"}
+    for kw in ({"regions": "boxes"}, {"fractions": "0,1"}, {"fractions": "0,1", "replace": "embedding"}):
+        s = intervene(f.lake, f.run, "regions", progress=False, **kw)
+        got = rows_of(f.lake, s.key)
+        assert len(got) and set(got.kind) == {"regions"} and got.metric_after.notna().all()
+        if "fractions" in kw:
+            assert "random" in set(got.method)
+            spec = [json.loads(x) for x in got.spec]
+            for curve, frac in (("deletion", 0.0), ("insertion", 1.0)):  # nothing removed: the clean score
+                r = got[[x["curve"] == curve and x["fraction"] == frac for x in spec]]
+                assert len(r) == len(f.rows) * len(set(got.method))
+                close(r.metric_after, r.metric_before, f"{f.name} {kw} {curve} {frac}")
+                assert not r.changed.fillna(False).any()
