@@ -595,15 +595,163 @@ def test_every_kind_on_every_family_class(fam):
                                                              "last->image"]), progress=False)
     got = rows_of(f.lake, s.key)
     assert set(got.method) == KNOCK[f.name] and set(got.kind) == {"knockout"}
-    for kw in ({"regions": "boxes"}, {"fractions": "0,1"}, {"fractions": "0,1", "replace": "embedding"}):
+    ranked = {"fractions": "0,1", "methods": "random,relevancy"}
+    for kw in ({"regions": "boxes"}, ranked, {**ranked, "replace": "embedding"}):
         s = intervene(f.lake, f.run, "regions", progress=False, **kw)
         got = rows_of(f.lake, s.key)
         assert len(got) and set(got.kind) == {"regions"} and got.metric_after.notna().all()
         if "fractions" in kw:
-            assert "random" in set(got.method)
+            assert set(got.method) == {"random", "relevancy"}
             spec = [json.loads(x) for x in got.spec]
             for curve, frac in (("deletion", 0.0), ("insertion", 1.0)):  # nothing removed: the clean score
                 r = got[[x["curve"] == curve and x["fraction"] == frac for x in spec]]
                 assert len(r) == len(f.rows) * len(set(got.method))
                 close(r.metric_after, r.metric_before, f"{f.name} {kw} {curve} {frac}")
                 assert not r.changed.fillna(False).any()
+
+
+# -- 7: resume after kill -9 ------------------------------------------------------------------------------------
+BIN = Path(sys.executable).parent
+
+
+def cli_args(lake, run, *more) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "intervene", "--lake", str(lake), "--run", run, "--quiet", *more]
+
+
+def all_rows(lake, run: str):
+    cat = Catalog(lake)
+    try:
+        df = cat.df("SELECT * EXCLUDE (run) FROM interventions WHERE run = ? ORDER BY ALL", [run])
+    finally:
+        cat.close()
+    return df
+
+
+def iv_files(lake, run: str) -> list[Path]:
+    return sorted((Path(lake) / "interventions" / f"run={run}").glob("iv-*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def chunked(vilt, tmp_path_factory):
+    """ViLT's run again with one example a chunk (three chunks), in a fresh lake."""
+    tmp = tmp_path_factory.mktemp("iv_chunked")
+    extract(str(vilt.mdir), vilt.manifest, tmp / "lake", "one", batch_size=1, chunk_size=1, progress=False,
+            explain="rollout,relevancy")
+    return tmp / "lake"
+
+
+def test_resume_after_kill_gives_the_rows_of_an_uninterrupted_run(chunked, tmp_path, capsys):
+    from pipeline.cli import main
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    shutil.copytree(chunked, killed)
+    shutil.copytree(chunked, whole)
+    # a variant a forward pass: slow enough to stop between chunks
+    args = ["--kind", "regions", "--methods", "random,relevancy", "--fractions", "0,0.3,0.7,1", "--batch-size", "1"]
+    proc = subprocess.Popen(cli_args(killed, "one", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not iv_files(killed, "one") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = iv_files(killed, "one")
+    assert 1 <= len(done) < 3, done  # killed between chunks: some written, not all
+    stamps = [p.stat().st_mtime_ns for p in done]
+    capsys.readouterr()
+    assert main(cli_args(killed, "one", *args)[3:]) == 0  # the same command again (here: no second torch start)
+    assert f"resumed after {len(done)} finished chunks" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in done] == stamps  # finished chunks are not redone
+    assert main(cli_args(whole, "one", *args)[3:]) == 0
+    a, b = all_rows(killed, "one"), all_rows(whole, "one")
+    assert len(a) == len(b) > 0 and len(iv_files(killed, "one")) == 3
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+# -- 8: bad specs -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_lakes(vilt, tmp_path_factory):
+    """ViLT runs in a lake of their own: ``noboxes`` (a manifest without boxes) and ``gone`` (its model
+    folder removed after extraction)."""
+    tmp = tmp_path_factory.mktemp("iv_bad")
+    rows = [{k: v for k, v in json.loads(line).items() if k != "boxes"} for line in vilt.manifest.read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(vilt.manifest.parent / r["image"])
+    (tmp / "noboxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extract(str(vilt.mdir), tmp / "noboxes.jsonl", tmp / "lake", "noboxes", batch_size=3, progress=False)
+    shutil.copytree(vilt.mdir, tmp / "model")
+    extract(str(tmp / "model"), vilt.manifest, tmp / "lake", "gone", batch_size=3, progress=False)
+    shutil.rmtree(tmp / "model")
+    return tmp / "lake"
+
+
+@pytest.mark.parametrize("run, args, says", [
+    ("noboxes", ["--kind", "bogus"], "--kind 'bogus'"),
+    ("noboxes", ["--kind", "heads", "--layers", "2"], "--layers 2"),
+    ("noboxes", ["--kind", "heads", "--heads", "0.5"], "--heads 0.5"),
+    ("noboxes", ["--kind", "regions", "--regions", "boxes"], "no boxes"),
+    ("gone", ["--kind", "heads"], "model"),
+    ("nope", ["--kind", "heads"], "no run 'nope'"),
+])
+def test_bad_spec_is_refused_in_one_line_and_nothing_written(bad_lakes, run, args, says, capfd):
+    if run == "gone":  # one through a process of its own, as a user runs it
+        r = subprocess.run(cli_args(bad_lakes, run, *args), capture_output=True, text=True, timeout=300)
+        code, stderr = r.returncode, r.stderr
+    else:  # the rest through the same entry point, in this process (no second start of torch)
+        from pipeline.cli import main
+
+        capfd.readouterr()
+        code = main(cli_args(bad_lakes, run, *args)[3:])
+        stderr = capfd.readouterr().err
+    err = [line for line in stderr.splitlines() if line.strip() and not line.startswith(
+        ("Loading weights", "[transformers]"))]
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith("vlatlas: error:") and says in err[0], stderr
+    assert "Traceback" not in stderr
+    assert not list((bad_lakes / "interventions").rglob("*.parquet"))
+    assert not list((bad_lakes / "_state").rglob("intervene-*"))
+
+
+# -- 9: Ray ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """``ray start --head`` on 127.0.0.1 with one CPU (as tests/pipeline/test_distributed.py starts one)."""
+    import tempfile
+    import uuid
+
+    from tests.tiny import free_port
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="vray")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in auth.items():
+            mp.setenv(k, v)
+        env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+               "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=180)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_gives_the_rows_of_a_local_run(chunked, ray_cluster, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    shutil.copytree(chunked, local)
+    shutil.copytree(chunked, remote)
+    args = ["--kind", "heads", "--layers", "0"]  # mean ablation: the means are taken on the actor too
+    r = subprocess.run(cli_args(local, "one", *args), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(cli_args(remote, "one", *args, "--ray", ray_cluster, "--ray-actors", "1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = all_rows(local, "one"), all_rows(remote, "one")
+    assert len(a) == 3 * 2 and len(b) == len(a)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
