@@ -640,6 +640,7 @@ def chunked(vilt, tmp_path_factory):
     return tmp / "lake"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_rows_of_an_uninterrupted_run(chunked, tmp_path, capsys):
     from pipeline.cli import main
 
@@ -746,12 +747,44 @@ def test_ray_gives_the_rows_of_a_local_run(chunked, ray_cluster, tmp_path):
     local, remote = tmp_path / "local", tmp_path / "remote"
     shutil.copytree(chunked, local)
     shutil.copytree(chunked, remote)
+    from pipeline.cli import main
+
     args = ["--kind", "heads", "--layers", "0"]  # mean ablation: the means are taken on the actor too
-    r = subprocess.run(cli_args(local, "one", *args), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(cli_args(local, "one", *args)[3:]) == 0
     r = subprocess.run(cli_args(remote, "one", *args, "--ray", ray_cluster, "--ray-actors", "1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = all_rows(local, "one"), all_rows(remote, "one")
     assert len(a) == 3 * 2 and len(b) == len(a)
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vilt", "llava"])
+def test_embedding_replacement_equals_a_hook_of_the_tests_own(request, name):
+    """``--replace embedding``, every image token removed: the first block's input at each image patch
+    replaced by the mean of the example's image patches (any patch order gives the same)."""
+    f = request.getfixturevalue(name)
+    s = intervene(f.lake, f.run, "regions", methods="random", fractions="1", replace="embedding", progress=False)
+    got = rows_of(f.lake, s.key, "spec LIKE '%deletion%'")
+    assert len(got) == len(f.rows)
+    effects = []
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        if name == "vilt":
+            block, T = f.model.vilt.encoder.layer[0], p["T"]
+            patches = lambda x: torch.arange(T + 1, x.shape[1])  # after the text and the image's [CLS]
+        else:
+            block = f.model.model.language_model.layers[0]
+            ids = p["enc"]["input_ids"][0]
+            patches = lambda x: torch.nonzero(ids == LLAVA_IMAGE)[:, 0]
+
+        def pre(mod, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).clone()
+            pos = patches(x)
+            x[:, pos] = x[:, pos].mean(1, keepdim=True)
+            return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        want = knocked(f, p, [block.register_forward_pre_hook(pre, with_kwargs=True)])
+        close(got[got.example_id == ex].metric_after, [want], f"{name} embedding ex {ex}")
+        effects.append(abs(want - got[got.example_id == ex].metric_before.iloc[0]))
+    assert max(effects) > 100 * ATOL
