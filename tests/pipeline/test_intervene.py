@@ -400,12 +400,15 @@ def test_estimate_equals_gradient_formula(request, name):
 
 
 # -- 3: knockout ---------------------------------------------------------------------------------------------
-def mask_hooks(attn: torch.nn.Module, block: torch.Tensor, out: torch.nn.Module, positional: bool = False):
-    """Hooks of the test's own: ``block`` ([q, k] bool) added as -inf to the attention module's mask
-    argument, and a row with every key blocked given no weight (its NaN context zeroed before the
+def mask_hooks(attn: torch.nn.Module, block, out: torch.nn.Module, positional: bool = False):
+    """Hooks of the test's own: ``block`` ([S, S] bool over positions; or a function of the query and key
+    counts giving the [q, k] block, for generation with a cache) added as -inf to the attention module's
+    mask argument, and a row with every key blocked given no weight (its NaN context zeroed before the
     output projection)."""
+    block_of = block if callable(block) else (lambda q, k: block[k - q:k, :k])
+
     def add(mask, q, k):
-        neg = torch.zeros(q, k).masked_fill(block, float("-inf"))
+        neg = torch.zeros(q, k).masked_fill(block_of(q, k), float("-inf"))
         if mask is None:
             return neg[None, None]
         if mask.dtype == torch.bool:
@@ -414,11 +417,11 @@ def mask_hooks(attn: torch.nn.Module, block: torch.Tensor, out: torch.nn.Module,
 
     def pre(mod, args, kwargs):
         x = kwargs.get("hidden_states", args[0] if args else None)
-        k = block.shape[1]
-        if positional:
-            return (args[0], add(args[1], x.shape[1], k)) + tuple(args[2:]), kwargs
-        key = "attention_mask"
-        return args, {**kwargs, key: add(kwargs.get(key), x.shape[1], k)}
+        if positional:  # ViLT: (hidden_states, attention_mask, ...), no cache
+            return (args[0], add(args[1], x.shape[1], x.shape[1])) + tuple(args[2:]), kwargs
+        mask = kwargs.get("attention_mask")  # eager LLaVA: [1, 1, q, k] always (k grows with the cache)
+        k = mask.shape[-1] if mask is not None else x.shape[1]
+        return args, {**kwargs, "attention_mask": add(mask, x.shape[1], k)}
 
     def zero_nan(mod, args):
         return (torch.nan_to_num(args[0], nan=0.0),) + tuple(args[1:])
@@ -480,6 +483,20 @@ def test_knockout_llava_equals_hand_built_mask(llava):
                 r = got[(got.example_id == ex) & (got.layer == layer) & (got.method == method)].iloc[0]
                 close(r.metric_after, want, f"llava {method} layer {layer} ex {ex}")
                 effects.append(abs(want - r.metric_before))
+
+                def growing(qn, kn, method=method):  # generation: its own tokens are the generated set
+                    img = torch.nonzero(image[:P])[:, 0]
+                    pos = torch.arange(kn - qn, kn)
+                    src = (pos >= P) if method == "generated->image" else (pos < P) & ~torch.isin(pos, img)
+                    return src[:, None] & torch.isin(torch.arange(kn), img)[None, :]
+
+                hooks = mask_hooks(attn, growing, attn.o_proj)
+                try:
+                    ans = f.answer(f.model, p)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                assert r.answer_after == ans, (method, layer, ex)
     assert max(effects) > 100 * ATOL
 
 
