@@ -81,8 +81,8 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
                       [("sum", "metric_before"), ("sum", "metric_after"), ("sum", "layer"), ("sum", "head"),
                        ("sum", "example_id"), ("true", "changed"), ("nonnull", "answer_after"), ("true", "estimated")]),
 }
-STRING_KEYS = {"run", "kind", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage",
-               "module"}
+STRING_KEYS = {"run", "kind", "stream", "status", "model_family", "split", "modality", "role", "stat", "method",
+               "stage", "module"}
 
 
 def test_spec_covers_every_table():

@@ -302,8 +302,8 @@ def heads_of(f: Family, stream: str) -> int:
 
 def head_mean(f: Family, stream: str, layer: int) -> torch.Tensor:
     """Every position of every example's scored pass, pooled: ``[heads * d]``."""
-    xs = [head_inputs(f, f.model, stream, layer, f.prep(ex))[0].detach().reshape(-1, f.out(f.model, stream, layer).in_features)
-          for ex in range(len(f.rows))]
+    width = f.out(f.model, stream, layer).in_features
+    xs = [head_inputs(f, f.model, stream, layer, f.prep(ex))[0].detach().reshape(-1, width) for ex in range(len(f.rows))]
     return torch.cat(xs).mean(0)
 
 
@@ -699,7 +699,8 @@ def bad_lakes(vilt, tmp_path_factory):
     """ViLT runs in a lake of their own: ``noboxes`` (a manifest without boxes) and ``gone`` (its model
     folder removed after extraction)."""
     tmp = tmp_path_factory.mktemp("iv_bad")
-    rows = [{k: v for k, v in json.loads(line).items() if k != "boxes"} for line in vilt.manifest.read_text().splitlines()]
+    rows = [{k: v for k, v in json.loads(line).items() if k != "boxes"}
+            for line in vilt.manifest.read_text().splitlines()]
     for r in rows:
         r["image"] = str(vilt.manifest.parent / r["image"])
     (tmp / "noboxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
