@@ -303,7 +303,8 @@ def heads_of(f: Family, stream: str) -> int:
 def head_mean(f: Family, stream: str, layer: int) -> torch.Tensor:
     """Every position of every example's scored pass, pooled: ``[heads * d]``."""
     width = f.out(f.model, stream, layer).in_features
-    xs = [head_inputs(f, f.model, stream, layer, f.prep(ex))[0].detach().reshape(-1, width) for ex in range(len(f.rows))]
+    xs = [head_inputs(f, f.model, stream, layer, f.prep(ex))[0].detach().reshape(-1, width)
+          for ex in range(len(f.rows))]
     return torch.cat(xs).mean(0)
 
 
