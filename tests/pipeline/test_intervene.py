@@ -466,6 +466,23 @@ def test_knockout_vilt_equals_hand_built_mask(vilt):
                 close(r.metric_after, want, f"vilt {method} layer {layer} ex {ex}")
                 effects.append(abs(want - r.metric_before))
     assert max(effects) > 100 * ATOL
+    # a window of two layers: both blocked in one pass
+    s = intervene(f.lake, f.run, "knockout", sets="text->image", window=2, progress=False)
+    got = rows_of(f.lake, s.key)
+    assert len(got) == len(f.rows) and set(got.layer) == {0}
+    for ex in range(len(f.rows)):
+        p = f.prep(ex)
+        T = p["T"]
+        with torch.no_grad():
+            S = f.model.vilt(**p["enc"]).last_hidden_state.shape[1]
+        block = torch.zeros(S, S, dtype=torch.bool)
+        block[:T, T:] = True
+        hooks = []
+        for blk in (f.model.vilt.encoder.layer[0].attention, f.model.vilt.encoder.layer[1].attention):
+            hooks += mask_hooks(blk.attention, block, blk.output.dense, positional=True)
+        r = got[got.example_id == ex].iloc[0]
+        assert json.loads(r.spec)["layers"] == [0, 1]
+        close(r.metric_after, knocked(f, p, hooks), f"vilt window 2 ex {ex}")
 
 
 def test_knockout_llava_equals_hand_built_mask(llava):
