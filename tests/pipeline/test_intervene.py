@@ -595,10 +595,10 @@ def test_region_ablation_equals_pixels_painted_by_hand(request, name):
         close(r.metric_after, want, f"{name} box ex {r.example_id}")
         effects.append(abs(want - r.metric_before))
     # ranked: deleting every image token (and inserting none) paints every patch of the unit stream
-    s = intervene(f.lake, f.run, "regions", methods="random", fractions="0,0.5,1", progress=False)
+    s = intervene(f.lake, f.run, "regions", methods="random,relevancy", fractions="0,0.5,1", progress=False)
     got = rows_of(f.lake, s.key)
     for ex in range(len(f.rows)):
-        g = got[got.example_id == ex]
+        g = got[(got.example_id == ex) & (got.method == "random")]
         spec = [json.loads(x) for x in g.spec]
         stream = spec[0]["stream"]
         t = lake_tokens(f.lake, f.run, ex)
@@ -615,6 +615,21 @@ def test_region_ablation_equals_pixels_painted_by_hand(request, name):
         r = g[[x["curve"] == "deletion" and x["fraction"] == 0.5 for x in spec]].iloc[0]
         close(r.metric_after, region_score(f, ex, painted(f.image(ex), half)), f"{name} random half ex {ex}")
         effects.append(abs(want - r.metric_before))
+        # relevancy at 0.5: the half of the units with the largest stored relevancy (summed over what it
+        # explains and the streams; ties and unscored units by token order)
+        cat = Catalog(f.lake)
+        try:
+            rel = cat.df("SELECT token_idx, sum(value) AS score FROM relevancy WHERE run = ? AND example_id = ? "
+                         "AND method = 'relevancy' GROUP BY token_idx", [f.run, ex])
+        finally:
+            cat.close()
+        u = units.merge(rel, on="token_idx", how="left")
+        u["scored"] = u.score.notna()
+        u = u.sort_values(["scored", "score", "token_idx"], ascending=[False, False, True])
+        top = u.iloc[:k][["x0", "y0", "x1", "y1"]].to_numpy(float)
+        g = got[(got.example_id == ex) & (got.method == "relevancy")]
+        r = g[[json.loads(x)["curve"] == "deletion" and json.loads(x)["fraction"] == 0.5 for x in g.spec]].iloc[0]
+        close(r.metric_after, region_score(f, ex, painted(f.image(ex), top)), f"{name} relevancy half ex {ex}")
     assert max(effects) > 100 * ATOL
 
 
