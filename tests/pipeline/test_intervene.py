@@ -367,7 +367,7 @@ def test_zero_ablation_equals_zeroed_columns(fam):
     check_heads(fam, "zero")
 
 
-@pytest.mark.parametrize("name", ["vilt", "llava", "blip"])
+@pytest.mark.parametrize("name", ["vilt", "llava"])
 def test_mean_ablation_equals_columns_zeroed_and_mean_in_bias(request, name):
     check_heads(request.getfixturevalue(name), "mean")
 
@@ -641,18 +641,18 @@ KNOCK = {"vilt": {"text->image", "last->image", "image->text"}, "clip": {"last->
 
 
 def test_every_kind_on_every_family_class(fam):
-    f = fam
-    s = intervene(f.lake, f.run, "heads", ablate="zero", layers="0", progress=False)
+    f, n = fam, 2  # two examples (--limit 2) are enough here
+    s = intervene(f.lake, f.run, "heads", ablate="zero", layers="0", limit=2, progress=False)
     got = rows_of(f.lake, s.key)
     assert set(got.stream) == STREAMS[f.name] and set(got.layer) == {0} and set(got.kind) == {"heads"}
-    assert len(got) == len(f.rows) * sum(heads_of(f, st) for st in STREAMS[f.name])
+    assert len(got) == n * sum(heads_of(f, st) for st in STREAMS[f.name])
     s = intervene(f.lake, f.run, "knockout", sets=",".join(["text->image", "generated->image", "image->text",
-                                                             "last->image"]), progress=False)
+                                                             "last->image"]), limit=2, progress=False)
     got = rows_of(f.lake, s.key)
-    assert set(got.method) == KNOCK[f.name] and set(got.kind) == {"knockout"}
+    assert set(got.method) == KNOCK[f.name] and set(got.kind) == {"knockout"} and set(got.example_id) == {0, 1}
     ranked = {"fractions": "0,1", "methods": "random,relevancy"}
     for kw in ({"regions": "boxes"}, ranked, {**ranked, "replace": "embedding"}):
-        s = intervene(f.lake, f.run, "regions", progress=False, **kw)
+        s = intervene(f.lake, f.run, "regions", limit=2, progress=False, **kw)
         got = rows_of(f.lake, s.key)
         assert len(got) and set(got.kind) == {"regions"} and got.metric_after.notna().all()
         if "fractions" in kw:
@@ -660,7 +660,7 @@ def test_every_kind_on_every_family_class(fam):
             spec = [json.loads(x) for x in got.spec]
             for curve, frac in (("deletion", 0.0), ("insertion", 1.0)):  # nothing removed: the clean score
                 r = got[[x["curve"] == curve and x["fraction"] == frac for x in spec]]
-                assert len(r) == len(f.rows) * len(set(got.method))
+                assert len(r) == n * len(set(got.method))
                 close(r.metric_after, r.metric_before, f"{f.name} {kw} {curve} {frac}")
                 assert not r.changed.fillna(False).any()
 
