@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -720,7 +721,9 @@ def test_resume_after_kill_gives_the_rows_of_an_uninterrupted_run(chunked, tmp_p
     assert main(cli_args(killed, "one", *args)[3:]) == 0  # the same command again (here: no second torch start)
     assert f"resumed after {len(done)} finished chunks" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in done] == stamps  # finished chunks are not redone
-    assert main(cli_args(whole, "one", *args)[3:]) == 0
+    capsys.readouterr()
+    assert main([a for a in cli_args(whole, "one", *args)[3:] if a != "--quiet"]) == 0
+    assert re.search(r"intervene regions: 100%.*3/3", capsys.readouterr().err)  # the progress bar
     a, b = all_rows(killed, "one"), all_rows(whole, "one")
     assert len(a) == len(b) > 0 and len(iv_files(killed, "one")) == 3
     pd.testing.assert_frame_equal(a, b, check_exact=True)
