@@ -488,9 +488,11 @@ def test_knockout_vilt_equals_hand_built_mask(vilt):
 
 def test_knockout_llava_equals_hand_built_mask(llava):
     f = llava
-    s = intervene(f.lake, f.run, "knockout", sets="text->image,generated->image", streams="lm", progress=False)
+    s = intervene(f.lake, f.run, "knockout", sets="text->image,generated->image,last->image,image->text",
+                  streams="lm", progress=False)
     got = rows_of(f.lake, s.key)
-    assert set(got.method) == {"text->image", "generated->image"} and set(got.stream) == {"lm"}
+    assert set(got.method) == {"text->image", "generated->image", "last->image", "image->text"}
+    assert set(got.stream) == {"lm"}
     effects = []
     for ex in range(len(f.rows)):
         p = f.prep(ex)
@@ -500,9 +502,9 @@ def test_knockout_llava_equals_hand_built_mask(llava):
         text = ~image & (torch.arange(T) < P)
         gen = torch.arange(T) >= P
         for layer in (0, 1):
+            attn = f.model.model.language_model.layers[layer].self_attn
             for method, q in (("text->image", text), ("generated->image", gen)):
                 block = q[:, None] & image[None, :]
-                attn = f.model.model.language_model.layers[layer].self_attn
                 want = knocked(f, p, mask_hooks(attn, block, attn.o_proj))
                 r = got[(got.example_id == ex) & (got.layer == layer) & (got.method == method)].iloc[0]
                 close(r.metric_after, want, f"llava {method} layer {layer} ex {ex}")
@@ -521,6 +523,12 @@ def test_knockout_llava_equals_hand_built_mask(llava):
                     for h in hooks:
                         h.remove()
                 assert r.answer_after == ans, (method, layer, ex)
+            last = torch.arange(T) == P - 1  # the last prompt token
+            for method, block in (("last->image", last[:, None] & image[None, :]),
+                                  ("image->text", image[:, None] & text[None, :])):
+                want = knocked(f, p, mask_hooks(attn, block, attn.o_proj))
+                r = got[(got.example_id == ex) & (got.layer == layer) & (got.method == method)].iloc[0]
+                close(r.metric_after, want, f"llava {method} layer {layer} ex {ex}")
     assert max(effects) > 100 * ATOL
 
 
