@@ -447,9 +447,9 @@ def knocked(f: Family, p: dict, hooks: list) -> float:
 
 def test_knockout_vilt_equals_hand_built_mask(vilt):
     f = vilt
-    s = intervene(f.lake, f.run, "knockout", sets="text->image,last->image", progress=False)
+    s = intervene(f.lake, f.run, "knockout", sets="text->image,last->image,image->text", progress=False)
     got = rows_of(f.lake, s.key)
-    assert set(got.method) == {"text->image", "last->image"} and set(got.stream) == {"self"}
+    assert set(got.method) == {"text->image", "last->image", "image->text"} and set(got.stream) == {"self"}
     effects = []
     for ex in range(len(f.rows)):
         p = f.prep(ex)
@@ -457,9 +457,11 @@ def test_knockout_vilt_equals_hand_built_mask(vilt):
         with torch.no_grad():
             S = f.model.vilt(**p["enc"]).last_hidden_state.shape[1]
         for layer in (0, 1):
-            for method, rows in (("text->image", slice(0, T)), ("last->image", slice(0, 1))):
+            text, image = slice(0, T), slice(T, S)
+            for method, rows, keys in (("text->image", text, image), ("last->image", slice(0, 1), image),
+                                       ("image->text", image, text)):
                 block = torch.zeros(S, S, dtype=torch.bool)
-                block[rows, T:] = True
+                block[rows, keys] = True
                 blk = f.model.vilt.encoder.layer[layer].attention
                 want = knocked(f, p, mask_hooks(blk.attention, block, blk.output.dense, positional=True))
                 r = got[(got.example_id == ex) & (got.layer == layer) & (got.method == method)].iloc[0]
