@@ -249,8 +249,10 @@ def token_sets(scorer, base: Base) -> dict[str, TokenSets]:
         rows, seq = positions(stream)
         size = int(seq.max()) + 1 if len(seq) else 0
         role, mod = rows.role.to_numpy(), rows.modality.to_numpy()
+        # every image token, its [CLS] included: a knockout that left the image's summary token open
+        # would let the image through (regions, by contrast, remove only tokens with a box)
         named = {"text": (mod == "text") & ~np.isin(role, ["pad", "generated"]),
-                 "image": (mod == "image") & ~np.isin(role, ROLES_SPECIAL),
+                 "image": (mod == "image") & (role != "pad"),
                  "generated": role == "generated"}
         out = {}
         for name, m in named.items():

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 KINDS = ("heads", "knockout", "regions")
 ABLATIONS = ("mean", "zero")
 # knockout: attention edges from one token set (queries) to another (keys); ``last`` is the token the
-# answer is read from (a decoder's last prompt token; an encoder's [CLS] or pooled token)
+# answer is read from (a decoder's last prompt token; an encoder's [CLS] or pooled token); ``image`` holds
+# every image token, the image's [CLS] included
 SETS = ("text->image", "generated->image", "image->text", "last->image")
 REGIONS = ("ranked", "boxes")
 # how image tokens are ranked for the deletion and insertion curves (``random``: a seeded baseline)

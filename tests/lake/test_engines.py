@@ -2,7 +2,8 @@
 
 The lake is written by the real extractor (a tiny random ViLT, tests/tiny.py) with everything kept,
 then again with the default capture and with a small hidden-vector sample (so some vectors are
-null), plus ``vlatlas embed`` maps and ``vlatlas probe`` rows: every table of :data:`lake.schema.TABLES` has rows. Each engine
+null), plus ``vlatlas embed`` maps, ``vlatlas probe`` rows and ``vlatlas intervene`` rows: every table of
+:data:`lake.schema.TABLES` has rows. Each engine
 reads each table straight from the files (hive partitioning, not the project's DuckDB views), and
 its row counts, ``run`` values and aggregates must equal those of DuckDB's ``read_parquet``, itself
 checked against what was extracted. The run names look like values (``e5``, ``v001``, ``x1e5``) but
@@ -76,9 +77,12 @@ SPEC: dict[str, tuple[list[str], list[tuple[str, str]]]] = {
                      ("nonnull", "vec"), ("sum", "token_idx")]),
     "probes": (["run", "stream", "layer"], [("sum", "value"), ("sum", "control"), ("sum", "p_value"), ("sum", "n"),
                                             ("sum", "n_vectors"), ("nonnull", "confusion")]),
+    "interventions": (["run", "kind", "method", "stream"],
+                      [("sum", "metric_before"), ("sum", "metric_after"), ("sum", "layer"), ("sum", "head"),
+                       ("sum", "example_id"), ("true", "changed"), ("nonnull", "answer_after"), ("true", "estimated")]),
 }
-STRING_KEYS = {"run", "stream", "status", "model_family", "split", "modality", "role", "stat", "method", "stage",
-               "module"}
+STRING_KEYS = {"run", "kind", "stream", "status", "model_family", "split", "modality", "role", "stat", "method",
+               "stage", "module"}
 
 
 def test_spec_covers_every_table():
@@ -122,6 +126,9 @@ def lake(tiny_vilt, tmp_path_factory) -> Path:
 
     probe = ProbeSpec(target="answer", selector="mean-image", folds=2, permutations=2)  # 2 examples per colour
     write_probes(root, RUN_ALL, run_probe(root, RUN_ALL, probe))
+    from pipeline.intervene.run import intervene
+
+    intervene(root, RUN_ALL, "heads", layers="0", progress=False)  # every head of layer 0, mean-ablated
     return root
 
 
