@@ -97,6 +97,9 @@ def ablation(cat, run: str, best: tuple[int, int]) -> dict:
     est = cat.df("SELECT layer, head, avg(metric_after - metric_before) AS estimate FROM interventions "
                  "WHERE run = $run AND intervention = $key AND estimated AND stream = 'self' GROUP BY layer, head",
                  {**p, "key": k["estimate"]})
+    if not len(heads) or not len(est):
+        raise SystemExit(f"run {run!r} has no rows of the demo's head ablations; `vlatlas demo` adds them to a "
+                         "demo lake that lacks them")
     pair = heads.merge(est, on=["layer", "head"])
     b = heads.set_index(["layer", "head"]).loc[best]
     worst = heads.loc[heads.effect.idxmin()]
