@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 LAKE   ?= demo_lake
 PORT   ?= 8501
 
-.PHONY: install demo lake test browser java bench bench-extract bench-pages clean
+.PHONY: install demo lake test browser java bench bench-extract bench-pages bench-intervene clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-extract: $(VENV)/.test-installed
 # Each page's seconds to interactive on the demo lake in headless Chromium, and the docs' screenshots.
 bench-pages: $(VENV)/.test-installed
 	$(BIN)/python bench/bench_pages.py --lake $(LAKE) --screenshots docs/screenshots $(ARGS)
+
+# Heads ablated per second on the demo model, batched (a head a row of one forward) against a loop of single
+# hooked forwards, and how well attribution patching ranks heads against exact ablation (see the script;
+# e.g. ARGS="--n 128", ARGS="--device cuda").
+bench-intervene: install
+	nice -n 10 $(BIN)/python bench/bench_intervene.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LAKE) .pytest_cache

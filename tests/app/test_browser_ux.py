@@ -74,7 +74,8 @@ def test_charts_and_legends_stay_inside_their_column(server, browser, path):
 
 def test_query_token_pills_wrap_and_every_token_can_be_clicked(server, browser):
     page, problems = _open(browser, f"{server}/attention?ex={LONG}")
-    group = page.locator('[data-testid="stButtonGroup"]').first
+    # the query tokens' pills (the demo run holds rollout, so the Method control is a button group above them)
+    group = page.locator('[data-testid="stButtonGroup"]').filter(has_text="[SEP]").first
     g = group.bounding_box()
     pills = group.locator("button").all()
     assert len(pills) == 10  # [CLS] is the triangle left of the square ? [SEP]

@@ -128,3 +128,56 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert a["last_loss"] == b["last_loss"]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.skipif(not HAVE_MODEL, reason="the demo model has not been trained into pipeline/demo/model")
+def test_demo_lake_holds_its_interventions_and_a_reused_lake_completes_them(small_demo_lake, tmp_path):
+    """The demo lake carries every demo intervention, each over the run's first examples, with the rows a
+    variant each; a reused lake that lacks one (a build stopped in the interventions) gets it back, the
+    same rows, and the build leaves torch's thread count as it found it."""
+    import shutil
+
+    import pyarrow.dataset as ds
+
+    from pipeline.demo.build import build_demo_lake, demo_intervention_key, demo_interventions
+    from pipeline.intervene.spec import InterventionSpec
+
+    def rows(lake):
+        return ds.dataset(lake / "interventions", partitioning="hive").to_table().to_pandas()
+
+    iv = rows(small_demo_lake)
+    manifest = [json.loads(x) for x in (small_demo_lake / "_demo_data" / "manifest.jsonl").read_text().splitlines()]
+    n = len(manifest)
+    per_example = {"heads": 16, "knockout": 2 * 4, "regions": 3 * 2 * 11}
+    assert set(iv.intervention) == {demo_intervention_key(k, o) for k, o in demo_interventions()}
+    for kind, options in demo_interventions():
+        key = demo_intervention_key(kind, options)
+        r = iv[iv.intervention == key]
+        first = manifest[:options["limit"]]  # example_id: the row's position in the manifest
+        if options.get("regions") == "boxes":
+            assert len(r) == sum(len(m.get("boxes") or []) for m in first) > 0
+            continue
+        assert sorted(r.example_id.unique()) == list(range(min(n, options["limit"])))
+        assert (r.groupby("example_id").size() == per_example[kind]).all(), key
+        assert r.estimated.all() == bool(options.get("estimate")) == r.estimated.any(), key
+    if any(m.get("boxes") for m in manifest):
+        assert set(iv[iv.kind == "regions"].method) == {"attention", "rollout", "random", "box"}
+
+    lake = tmp_path / "lake"
+    shutil.copytree(small_demo_lake, lake)
+    kind, options = demo_interventions()[2]  # the knockout
+    digest = InterventionSpec.from_options(kind, **options).digest
+    gone = sorted((lake / "interventions" / "run=demo").glob(f"iv-{digest}-*.parquet"))
+    assert gone
+    for p in gone:
+        p.unlink()
+    threads = torch.get_num_threads()
+    build_demo_lake(lake, n=n, progress=False)
+    assert torch.get_num_threads() == threads
+    assert sorted((lake / "interventions" / "run=demo").glob(f"iv-{digest}-*.parquet")) == gone
+    cols = ["example_id", "method", "layer"]
+    key = demo_intervention_key(kind, options)
+    a = iv[iv.intervention == key].sort_values(cols).reset_index(drop=True)
+    b = rows(lake).query("intervention == @key").sort_values(cols).reset_index(drop=True)
+    assert (a[cols + ["answer_after", "changed"]] == b[cols + ["answer_after", "changed"]]).all().all()
+    np.testing.assert_allclose(a.metric_after, b.metric_after, rtol=1e-5, atol=1e-5)
