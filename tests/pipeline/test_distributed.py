@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from lake.schema import TABLES
 from lake.writer import LakeWriter
 from pipeline.extraction.run import extract
 from tests.objstore import moto_s3
+from tests.raycluster import ray_head
 from tests.tiny import free_port, make_manifest
 
 pytestmark = pytest.mark.slow
@@ -49,26 +49,8 @@ def s3():
 @pytest.fixture(scope="module")
 def ray_cluster(s3):
     """``ray start --head`` on 127.0.0.1 with two CPUs; its workers inherit the S3 settings."""
-    import uuid
-
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="vray")  # short: Ray's socket paths live under it
-    # Ray's token authentication, with a token of this cluster's own (the drivers started by the
-    # tests inherit it); a token left in ~/.ray by another cluster must not get in the way
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in auth.items():
-            mp.setenv(k, v)
-        env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-               "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stdout + r.stderr
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=180)
-            shutil.rmtree(temp, ignore_errors=True)
+    with ray_head(2) as address:
+        yield address
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from lake.catalog import Catalog
 from pipeline.extraction.run import extract
 from pipeline.intervene.run import intervene
 from pipeline.models.family import MAX_NEW_TOKENS
+from tests.raycluster import ray_head
 from tests.tiny import make_manifest, make_tiny_vilt
 
 RTOL = ATOL = 1e-4
@@ -788,27 +789,8 @@ def test_bad_spec_is_refused_in_one_line_and_nothing_written(bad_lakes, run, arg
 @pytest.fixture(scope="module")
 def ray_cluster():
     """``ray start --head`` on 127.0.0.1 with one CPU (as tests/pipeline/test_distributed.py starts one)."""
-    import tempfile
-    import uuid
-
-    from tests.tiny import free_port
-
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="vray")
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in auth.items():
-            mp.setenv(k, v)
-        env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-        cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-               "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stdout + r.stderr
-        try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=180)
-            shutil.rmtree(temp, ignore_errors=True)
+    with ray_head(1) as address:
+        yield address
 
 
 @pytest.mark.slow
