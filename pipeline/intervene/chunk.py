@@ -181,10 +181,9 @@ def head_means(adapter, examples: list[Row], sites: list[tuple[str, int]], devic
         item = prepare_batch(adapter, [row], set(), thumbnail=lambda li: b"")
         if item["rows"]:
             inputs = map_inputs(item["inputs"], lambda v: to_device(v, device))
-            base = scorer.base(inputs, item["images"][0], row.boxes, row.example_id)
             rec = HeadRecorder(adapter, sites)
-            with rec(), torch.no_grad():
-                scorer.forward(base.inputs, base.example_id, 1)
+            with rec():  # the scored pass is the base's last forward (a decoder generates its answer first)
+                scorer.base(inputs, item["images"][0], row.boxes, row.example_id)
             for site in sites:
                 x = rec.seen[site].detach().float()
                 flat = x.reshape(-1, x.shape[-1])

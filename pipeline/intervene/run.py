@@ -77,7 +77,8 @@ def intervene(lake, run: str, kind: str, *, device: str = "cpu", batch_size: int
             if overwrite:
                 for rel in _files(cat.store, folder, spec):
                     cat.store.delete(rel)
-                cat.store.delete(_means_rel(run, spec))
+                if spec.kind == "heads":
+                    cat.store.delete(_means_rel(run, spec, _sites(work)))
             done = {chunk_of_file(r.rsplit("/", 1)[-1], spec.digest) for r in _files(cat.store, folder, spec)}
             chunks: dict[int, list] = {}
             for r in rows:
@@ -152,8 +153,19 @@ def _files(store, folder: str, spec: InterventionSpec) -> list[str]:
             if chunk_of_file(r.rsplit("/", 1)[-1], spec.digest) is not None]
 
 
-def _means_rel(run: str, spec: InterventionSpec) -> str:
-    return f"{state_rel(run)}/intervene-{spec.digest}-means.npz"
+def _sites(work) -> list[tuple[str, int]]:
+    """The (stream, layer) whose heads a heads intervention ablates or estimates."""
+    return sorted({s[:2] for s in work.sites} | set(work.estimate_sites))
+
+
+def _means_rel(run: str, spec: InterventionSpec, sites: list) -> str:
+    """Where the heads' means of an intervention are saved: named by the sites and examples they cover
+    (not by the whole key), so an exact and an estimated ablation of the same heads share them."""
+    import hashlib
+    import json
+
+    what = json.dumps([sorted([list(x) for x in sites]), spec.streams, spec.limit])
+    return f"{state_rel(run)}/intervene-means-{hashlib.sha1(what.encode()).hexdigest()[:16]}.npz"
 
 
 def _means(store, run: str, spec: InterventionSpec, ex, work, rows: list, progress: bool) -> dict:
@@ -161,8 +173,8 @@ def _means(store, run: str, spec: InterventionSpec, ex, work, rows: list, progre
     them, else computed (one pass) and saved."""
     from tqdm import tqdm
 
-    sites = sorted({s[:2] for s in work.sites} | set(work.estimate_sites))
-    rel = _means_rel(run, spec)
+    sites = _sites(work)
+    rel = _means_rel(run, spec, sites)
     if store.is_file(rel):
         with np.load(io.BytesIO(store.read_bytes(rel))) as z:
             saved = {(k.split("|")[0], int(k.split("|")[1])): z[k] for k in z.files}

@@ -839,3 +839,19 @@ def test_embedding_replacement_equals_a_hook_of_the_tests_own(request, name):
         close(got[got.example_id == ex].metric_after, [want], f"{name} embedding ex {ex}")
         effects.append(abs(want - got[got.example_id == ex].metric_before.iloc[0]))
     assert max(effects) > 100 * ATOL
+
+
+def test_exact_and_estimated_ablation_share_the_heads_means(chunked, tmp_path):
+    """The means are taken once per set of heads and examples: an estimate after an exact ablation of the same
+    heads reads them back (the file is not rewritten), and a resumed or repeated run does too."""
+    lake = tmp_path / "lake"
+    shutil.copytree(chunked, lake)
+    intervene(lake, "one", "heads", layers="0", progress=False)
+    files = sorted((lake / "_state" / "one").glob("intervene-means-*.npz"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    intervene(lake, "one", "heads", layers="0", estimate=True, progress=False)
+    assert sorted((lake / "_state" / "one").glob("intervene-means-*.npz")) == files
+    assert files[0].stat().st_mtime_ns == stamp
+    intervene(lake, "one", "heads", layers="1", progress=False)  # other heads: their own means
+    assert len(list((lake / "_state" / "one").glob("intervene-means-*.npz"))) == 2
