@@ -32,6 +32,7 @@ import torch
 from pipeline.intervene.spec import InterventionError
 from pipeline.models.base import GEN_START, Inputs
 from pipeline.models.hooks import layer_slots, module_at
+from pipeline.models.towers import ModuleTower
 
 CROSS_QUERIES = {"cross": "text", "qformer_cross": "qformer", "lm_cross": "lm"}  # a cross stream's query stream
 
@@ -49,7 +50,7 @@ def plain_stream(adapter, stream: str) -> bool:
     """Whether a stream's modules run on the examples' batch (not a tower that crops or packs its images,
     whose batch is not the examples: the variants of an example could not be told apart there)."""
     tower = getattr(adapter, "tower", None)
-    if stream == "vision" and tower is not None and type(tower).__name__ != "ModuleTower":
+    if stream == "vision" and tower is not None and not isinstance(tower, ModuleTower):
         return False
     return stream in adapter.paths
 

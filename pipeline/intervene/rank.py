@@ -29,8 +29,9 @@ KEY_STREAM = {"cross": "vision", "qformer_cross": "vision", "lm_cross": "vision"
 QUERY_STREAM = {"cross": "text", "qformer_cross": "qformer", "lm_cross": "lm"}
 
 
-def unit_stream(cat, run: str) -> str:
-    head = IQ.best_grounding_head(cat, run)
+def unit_stream(cat, run: str, head: dict | None) -> str:
+    """``head``: the run's best grounding head (``lake.queries.interventions.best_grounding_head``), read once
+    by the caller for every function here."""
     if head is not None:
         return KEY_STREAM.get(head["stream"], head["stream"])
     streams = set(Q.run_streams(cat, run).stream)
@@ -40,9 +41,8 @@ def unit_stream(cat, run: str) -> str:
     raise InterventionError(f"regions: run {run!r} has no stream with image tokens")
 
 
-def held_methods(cat, run: str) -> list[str]:
+def held_methods(cat, run: str, head: dict | None) -> list[str]:
     """The ranking methods the run's tables support, in :data:`~pipeline.intervene.spec.METHODS` order."""
-    head = IQ.best_grounding_head(cat, run)
     held = set(IQ.relevancy_methods_held(cat, run)) | {"random"}
     if head is not None:
         held.add("attention")
@@ -51,8 +51,8 @@ def held_methods(cat, run: str) -> list[str]:
     return [m for m in METHODS if m in held]
 
 
-def choose_methods(cat, run: str, asked: tuple[str, ...]) -> list[str]:
-    held = held_methods(cat, run)
+def choose_methods(cat, run: str, asked: tuple[str, ...], head: dict | None) -> list[str]:
+    held = held_methods(cat, run, head)
     if not asked:
         return held
     missing = [m for m in asked if m not in held]
@@ -65,27 +65,34 @@ def choose_methods(cat, run: str, asked: tuple[str, ...]) -> list[str]:
     return list(asked)
 
 
-def rankings(cat, run: str, methods: list[str], example_ids: list[int]) -> dict[int, dict[str, list[int]]]:
+def rankings(cat, run: str, methods: list[str], example_ids: list[int],
+             head: dict | None) -> dict[int, dict[str, list[int]]]:
     """``{example_id: {method: [token_idx, best first]}}`` (``random`` is drawn by the chunk function)."""
     out: dict[int, dict[str, list[int]]] = {int(e): {} for e in example_ids}
     if not example_ids:
         return out
     first, last = int(min(example_ids)), int(max(example_ids))
+    query = None  # the head's query tokens, read once for attention and value
     for m in methods:
         if m in IQ.RELEVANCY_METHODS:
             _put(out, IQ.relevancy_scores(cat, run, m, first, last), m)
         elif m in ("attention", "value"):
-            _put(out, _head_scores(cat, run, first, last, value=(m == "value")), m)
+            query = _query_tokens(cat, run, head) if query is None else query
+            _put(out, _head_scores(cat, run, head, query, first, last, value=(m == "value")), m)
     return out
 
 
-def _head_scores(cat, run: str, first: int, last: int, value: bool) -> pd.DataFrame:
-    head = IQ.best_grounding_head(cat, run)
+def _query_tokens(cat, run: str, head: dict) -> pd.DataFrame:
+    """example_id, token_idx of each example's query token for the head: the word naming its first box,
+    else the last prompt token."""
     qstream = QUERY_STREAM.get(head["stream"], head["stream"])
     tokens, examples = probe_tokens(cat, run, qstream), probe_examples(cat, run)
     word = select_tokens(tokens, examples, "word")
     lastt = select_tokens(tokens, examples, "last")
-    query = pd.concat([word, lastt[~lastt.example_id.isin(word.example_id)]])
+    return pd.concat([word, lastt[~lastt.example_id.isin(word.example_id)]])
+
+
+def _head_scores(cat, run: str, head: dict, query: pd.DataFrame, first: int, last: int, value: bool) -> pd.DataFrame:
     w = IQ.head_key_weights(cat, run, head["stream"], head["layer"], head["head"], first, last, value=value)
     w = w.merge(query.rename(columns={"token_idx": "query_idx"}), on=["example_id", "query_idx"])
     return (w.groupby(["example_id", "key_idx"], as_index=False).weight.sum()

@@ -120,12 +120,13 @@ def _examples(cat, run: str, row: dict, spec: InterventionSpec) -> list:
 def _plan_regions(cat, run: str, spec: InterventionSpec, rows: list) -> dict:
     from pipeline.intervene.rank import choose_methods, rankings, unit_stream
 
-    stream = unit_stream(cat, run)
+    head = IQ.best_grounding_head(cat, run)  # a group-by over the run's head statistics: read once
+    stream = unit_stream(cat, run, head)
     if spec.regions == "boxes":
         return {"unit_stream": stream}
-    methods = choose_methods(cat, run, spec.methods)
+    methods = choose_methods(cat, run, spec.methods, head)
     return {"unit_stream": stream, "methods": tuple(methods),
-            "rankings": rankings(cat, run, [m for m in methods if m != "random"], [r.example_id for r in rows])}
+            "rankings": rankings(cat, run, [m for m in methods if m != "random"], [r.example_id for r in rows], head)}
 
 
 def _work(adapter, spec: InterventionSpec, run: str, plan: dict):
